@@ -1,0 +1,449 @@
+//! The `airllm` command: run, chat and inspect. Generated text goes to stdout; the plan, timings
+//! and errors go to stderr.
+
+mod report;
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use airllm::chat::{ChatTemplate, Message};
+use airllm::generate::{continue_batch, generate, GenerationParams, SamplingParams};
+use airllm::tokenizer::TextTokenizer;
+use airllm::util::{fmt_bytes, parse_size};
+use airllm::{Engine, EngineOptions, ModelInfo};
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "airllm",
+    version,
+    about = "Run language models larger than memory by streaming layers from disk"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate text from one or more prompts, batched in one sweep per token.
+    Run(RunArgs),
+    /// An interactive chat that keeps the conversation.
+    Chat(ChatArgs),
+    /// Describe a model and the plan a memory budget would give.
+    Inspect(InspectArgs),
+}
+
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// A model folder, or a repo id (org/name) in the Hugging Face cache.
+    #[arg(long, short = 'm')]
+    model: String,
+    /// Memory budget, e.g. 512MiB or 6GiB. Default: 90% of available memory.
+    #[arg(long)]
+    max_memory: Option<String>,
+    /// Tokens of context per sequence. Default: prompt plus --max-new-tokens for `run`,
+    /// min(4096, the model's maximum) for `chat`.
+    #[arg(long = "ctx-size", short = 'c')]
+    ctx_size: Option<usize>,
+    /// Most tokens one sweep carries; longer prompts are prefilled over several sweeps.
+    /// Bounds the activation memory, as llama.cpp's --batch-size does.
+    #[arg(long = "batch-size", short = 'b', default_value_t = 512)]
+    batch_size: usize,
+    /// Print per-layer read, wait and compute times.
+    #[arg(long)]
+    profile: bool,
+}
+
+#[derive(Args, Clone)]
+struct SampleArgs {
+    /// 0 is greedy decoding.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// 0 disables.
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    /// 1.0 disables.
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    /// 0 disables.
+    #[arg(long, default_value_t = 0.05)]
+    min_p: f32,
+    /// 1.0 disables.
+    #[arg(
+        long = "repeat-penalty",
+        alias = "repetition-penalty",
+        default_value_t = 1.0
+    )]
+    repeat_penalty: f32,
+    /// Random seed; runs with the same seed repeat exactly. Default: random (printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop when the output contains this text (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Continue past the end-of-sequence token.
+    #[arg(long)]
+    ignore_eos: bool,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt text; repeat for a batch.
+    #[arg(long, short = 'p', required = true)]
+    prompt: Vec<String>,
+    #[arg(long, short = 'n', default_value_t = 128)]
+    max_new_tokens: usize,
+    #[command(flatten)]
+    sample: SampleArgs,
+    /// Wrap each prompt in the model's chat template as a user message.
+    #[arg(long)]
+    chat: bool,
+    /// System message for --chat.
+    #[arg(long)]
+    system: Option<String>,
+    /// One JSON object per prompt on stdout, one per line.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, short = 'n', default_value_t = 512)]
+    max_new_tokens: usize,
+    #[command(flatten)]
+    sample: SampleArgs,
+    #[arg(long)]
+    system: Option<String>,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    #[arg(long, short = 'm')]
+    model: String,
+    #[arg(long)]
+    max_memory: Option<String>,
+    #[arg(long = "ctx-size", short = 'c', default_value_t = 2048)]
+    ctx_size: usize,
+    /// Sequences decoded together.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Most tokens per sweep (see `run --batch-size`).
+    #[arg(long = "batch-size", short = 'b', default_value_t = 512)]
+    batch_size: usize,
+}
+
+fn main() -> ExitCode {
+    tune_allocator();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("AIRLLM_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Run(a) => run(a),
+        Cmd::Chat(a) => chat(a),
+        Cmd::Inspect(a) => inspect(a),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Large buffers (layers, KV caches) are allocated and freed every token. A fixed mmap threshold
+/// makes glibc return them to the kernel at once instead of keeping them in its heap, so the
+/// process's resident size follows the engine's own accounting.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
+    }
+}
+
+fn budget(s: &Option<String>) -> Result<Option<u64>> {
+    s.as_deref()
+        .map(parse_size)
+        .transpose()
+        .context("--max-memory")
+}
+
+fn params(s: &SampleArgs, max_new_tokens: usize) -> GenerationParams {
+    let seed = s.seed.unwrap_or_else(|| {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        if s.temperature > 0.0 {
+            eprintln!("seed: {seed}");
+        }
+        seed
+    });
+    GenerationParams {
+        max_new_tokens,
+        sampling: SamplingParams {
+            temperature: s.temperature,
+            top_k: s.top_k,
+            top_p: s.top_p,
+            min_p: s.min_p,
+            repetition_penalty: s.repeat_penalty,
+            seed,
+        },
+        stop_strings: s.stop.clone(),
+        ignore_eos: s.ignore_eos,
+    }
+}
+
+fn open_model(m: &ModelArgs) -> Result<(ModelInfo, TextTokenizer)> {
+    let dir: PathBuf = airllm::hub::resolve_model(&m.model)?;
+    let info = ModelInfo::open(&dir)?;
+    let tok = TextTokenizer::from_dir(&dir)?;
+    Ok((info, tok))
+}
+
+fn start_engine(info: ModelInfo, m: &ModelArgs, opts: EngineOptions) -> Result<Engine> {
+    if m.max_memory.is_none() {
+        eprintln!(
+            "no --max-memory given: using 90% of available memory ({})",
+            fmt_bytes(airllm::engine::resolve_budget(None)?)
+        );
+    }
+    eprintln!(
+        "model: {} ({}, {} layers, {} on disk)",
+        info.dir.display(),
+        info.cfg.arch.hf_name(),
+        info.cfg.num_layers,
+        fmt_bytes(info.sizes.file_bytes)
+    );
+    let engine = Engine::from_info(info, opts)?;
+    eprintln!("{}", engine.plan());
+    Ok(engine)
+}
+
+fn chat_prompt(tok: &TextTokenizer, messages: &[Message]) -> Result<Vec<u32>> {
+    let src = tok
+        .chat_template
+        .as_deref()
+        .context("this model has no chat_template in tokenizer_config.json")?;
+    let t = ChatTemplate::new(src, tok.bos_token.as_deref(), tok.eos_token.as_deref())?;
+    Ok(tok.encode_special(&t.render(messages)?)?)
+}
+
+fn run(a: RunArgs) -> Result<()> {
+    let (info, tok) = open_model(&a.model)?;
+    let prompts: Vec<Vec<u32>> = a
+        .prompt
+        .iter()
+        .map(|p| {
+            if a.chat {
+                let mut msgs = Vec::new();
+                if let Some(s) = &a.system {
+                    msgs.push(Message::new("system", s));
+                }
+                msgs.push(Message::new("user", p));
+                chat_prompt(&tok, &msgs)
+            } else {
+                Ok(tok.encode(p)?)
+            }
+        })
+        .collect::<Result<_>>()?;
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let context = a.model.ctx_size.unwrap_or(longest + a.max_new_tokens + 1);
+    let opts = EngineOptions {
+        max_memory: budget(&a.model.max_memory)?,
+        context,
+        max_batch: prompts.len(),
+        max_step_tokens: prompts
+            .iter()
+            .map(Vec::len)
+            .sum::<usize>()
+            .min(a.model.batch_size)
+            .max(prompts.len()),
+        max_logit_rows: prompts.len(),
+        ..Default::default()
+    };
+    let mut engine = start_engine(info, &a.model, opts)?;
+    let gp = params(&a.sample, a.max_new_tokens);
+    let t = Instant::now();
+    let stream = !a.json;
+    let mut stdout = std::io::stdout();
+    let out = generate(&mut engine, &tok, &prompts, &gp, |i, piece| {
+        // The first prompt streams live; the others print when the batch is done.
+        if stream && i == 0 {
+            let _ = stdout.write_all(piece.as_bytes());
+            let _ = stdout.flush();
+        }
+    })?;
+    let elapsed = t.elapsed();
+    let mut stdout = std::io::stdout().lock();
+    for (i, (c, p)) in out.iter().zip(&a.prompt).enumerate() {
+        if a.json {
+            let obj = serde_json::json!({
+                "prompt": p,
+                "prompt_token_ids": c.prompt_ids,
+                "token_ids": c.token_ids,
+                "text": c.text,
+                "finish_reason": c.finish_reason.as_str(),
+            });
+            writeln!(stdout, "{obj}")?;
+        } else if i == 0 {
+            writeln!(stdout)?;
+        } else {
+            writeln!(stdout, "{}", c.text)?;
+        }
+    }
+    let generated: usize = out.iter().map(|c| c.token_ids.len()).sum();
+    report::summary(&engine, generated, elapsed);
+    if a.model.profile {
+        report::profile(&engine);
+    }
+    Ok(())
+}
+
+fn chat(a: ChatArgs) -> Result<()> {
+    let (info, tok) = open_model(&a.model)?;
+    if tok.chat_template.is_none() {
+        bail!("this model has no chat_template in tokenizer_config.json");
+    }
+    let context = a
+        .model
+        .ctx_size
+        .unwrap_or_else(|| info.cfg.max_position_embeddings.min(4096));
+    let opts = EngineOptions {
+        max_memory: budget(&a.model.max_memory)?,
+        context,
+        max_batch: 1,
+        max_step_tokens: a.model.batch_size.min(context).max(1),
+        max_logit_rows: 1,
+        ..Default::default()
+    };
+    let mut engine = start_engine(info, &a.model, opts)?;
+    let gp = params(&a.sample, a.max_new_tokens);
+    let mut messages: Vec<Message> = a.system.iter().map(|s| Message::new("system", s)).collect();
+    let mut seq = engine.new_sequence()?;
+    // The token ids whose keys and values are in `seq`, to reuse the shared prefix each turn.
+    let mut cached: Vec<u32> = Vec::new();
+    eprintln!("chat: type a message; /reset clears the conversation, /exit or Ctrl-D quits");
+    let stdin = std::io::stdin();
+    loop {
+        eprint!("> ");
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            break;
+        }
+        let line = line.trim_end_matches(['\n', '\r']);
+        match line.trim() {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                messages.retain(|m| m.role == "system");
+                continue;
+            }
+            _ => {}
+        }
+        messages.push(Message::new("user", line));
+        let prompt = chat_prompt(&tok, &messages)?;
+        let mut keep = cached
+            .iter()
+            .zip(&prompt)
+            .take_while(|(a, b)| a == b)
+            .count();
+        keep = keep.min(prompt.len() - 1);
+        seq.truncate(keep);
+        let feed = prompt[keep..].to_vec();
+        let mut stdout = std::io::stdout();
+        let t = Instant::now();
+        let mut out = continue_batch(
+            &mut engine,
+            &tok,
+            &mut [&mut seq],
+            vec![feed],
+            vec![prompt.clone()],
+            &gp,
+            |_, piece| {
+                let _ = stdout.write_all(piece.as_bytes());
+                let _ = stdout.flush();
+            },
+        );
+        if out.is_err() {
+            // A failed step leaves the cache half-written: start the next turn from scratch.
+            seq.truncate(0);
+            cached.clear();
+        }
+        let c = out.as_mut().map_err(|e| anyhow::anyhow!("{e}"))?.remove(0);
+        println!();
+        report::summary(&engine, c.token_ids.len(), t.elapsed());
+        cached = prompt;
+        cached.extend(&c.token_ids);
+        // The last sampled token was never fed through the model.
+        cached.pop();
+        messages.push(Message::new("assistant", &c.text));
+    }
+    if a.model.profile {
+        report::profile(&engine);
+    }
+    Ok(())
+}
+
+fn inspect(a: InspectArgs) -> Result<()> {
+    let dir = airllm::hub::resolve_model(&a.model)?;
+    let info = ModelInfo::open(&dir)?;
+    let c = &info.cfg;
+    let s = &info.sizes;
+    println!("model:        {}", dir.display());
+    println!("architecture: {}", c.arch.hf_name());
+    println!(
+        "parameters:   {} ({:.2} B)",
+        s.params,
+        s.params as f64 / 1e9
+    );
+    println!(
+        "dtype:        {} (declared: {})",
+        s.dtypes.join(", "),
+        c.declared_dtype.as_deref().unwrap_or("none")
+    );
+    println!("on disk:      {}", fmt_bytes(s.file_bytes));
+    println!(
+        "layers:       {} × {} on disk, {} as f32",
+        c.num_layers,
+        fmt_bytes(s.layer_file_bytes),
+        fmt_bytes(s.layer_params * 4)
+    );
+    println!(
+        "shape:        hidden {}, intermediate {}, heads {} (kv {}), head_dim {}, vocab {}",
+        c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size
+    );
+    let windows: Vec<String> = c
+        .layer_windows
+        .iter()
+        .map(|w| w.map_or("full".into(), |w| w.to_string()))
+        .collect();
+    println!("attention:    {}", windows.join(" "));
+    println!("rope:         {:?}", c.rope);
+    println!("tied head:    {}", c.tie_word_embeddings);
+    let opts = EngineOptions {
+        max_memory: budget(&a.max_memory)?,
+        context: a.ctx_size,
+        max_batch: a.batch,
+        max_step_tokens: a.batch_size.max(a.batch),
+        max_logit_rows: a.batch,
+        ..Default::default()
+    };
+    match info.plan(&opts) {
+        Ok(p) => println!("{p}"),
+        Err(e) => println!("plan: {e}"),
+    }
+    Ok(())
+}

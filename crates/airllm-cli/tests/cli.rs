@@ -1,0 +1,221 @@
+//! The `airllm` binary end to end on the fixture models: output contracts and bad input.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/hf")
+        .join(name)
+}
+
+fn airllm(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_airllm"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn reference(name: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture(name).join("reference.json")).unwrap())
+        .unwrap()
+}
+
+#[test]
+fn run_json_gives_one_object_per_prompt_matching_transformers() {
+    let name = "llama-gqa2-llama3rope";
+    let r = reference(name);
+    let m = fixture(name);
+    let p0 = r["prompts"][0].as_str().unwrap();
+    let p1 = r["prompts"][1].as_str().unwrap();
+    let out = airllm(&[
+        "run",
+        "--model",
+        m.to_str().unwrap(),
+        "--prompt",
+        p0,
+        "--prompt",
+        p1,
+        "--max-new-tokens",
+        "16",
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--json",
+        "--max-memory",
+        "8MiB",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("streamed"), "the plan is printed: {stderr}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    for (i, l) in lines.iter().enumerate() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert_eq!(v["prompt"], r["prompts"][i]);
+        assert_eq!(v["prompt_token_ids"], r["prompt_token_ids"][i]);
+        assert_eq!(v["token_ids"], r["greedy_token_ids"][i]);
+        assert_eq!(v["finish_reason"], "length");
+        assert!(v["text"].is_string());
+    }
+}
+
+#[test]
+fn run_streams_text_and_profile_goes_to_stderr() {
+    let m = fixture("qwen3-qknorm-headdim");
+    let out = airllm(&[
+        "run",
+        "-m",
+        m.to_str().unwrap(),
+        "-p",
+        "The quick brown fox",
+        "-n",
+        "6",
+        "--seed",
+        "3",
+        "--max-memory",
+        "4MiB",
+        "--profile",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("profile: decode") && stderr.contains("waited for I/O"),
+        "{stderr}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("profile"));
+    // Same seed, same output.
+    let again = airllm(&[
+        "run",
+        "-m",
+        m.to_str().unwrap(),
+        "-p",
+        "The quick brown fox",
+        "-n",
+        "6",
+        "--seed",
+        "3",
+        "--max-memory",
+        "4MiB",
+    ]);
+    assert_eq!(out.stdout, again.stdout);
+}
+
+#[test]
+fn budget_below_minimum_is_refused_with_the_minimum() {
+    let m = fixture("mistral-sliding-window");
+    let out = airllm(&[
+        "run",
+        "-m",
+        m.to_str().unwrap(),
+        "-p",
+        "hi",
+        "--max-memory",
+        "10KiB",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("below the minimum of"), "{stderr}");
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn inspect_describes_the_model_and_plan() {
+    let m = fixture("qwen2-bias-mha-sharded");
+    let out = airllm(&[
+        "inspect",
+        "-m",
+        m.to_str().unwrap(),
+        "--max-memory",
+        "4MiB",
+        "-c",
+        "64",
+    ]);
+    assert!(out.status.success());
+    let s = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "Qwen2ForCausalLM",
+        "parameters:",
+        "layers:",
+        "resident",
+        "bytes read per token",
+    ] {
+        assert!(s.contains(needle), "missing {needle}: {s}");
+    }
+}
+
+#[test]
+fn bad_inputs_exit_nonzero_with_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("nope");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "run".into(),
+                "-m".into(),
+                missing.display().to_string(),
+                "-p".into(),
+                "x".into(),
+            ],
+            "no such folder",
+        ),
+        (
+            vec![
+                "run".into(),
+                "-m".into(),
+                fixture("qwen3-qknorm-headdim").display().to_string(),
+                "-p".into(),
+                "x".into(),
+                "--max-memory".into(),
+                "lots".into(),
+            ],
+            "--max-memory",
+        ),
+    ];
+    for (args, needle) in cases {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = airllm(&a);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(needle), "{stderr}");
+        assert!(!stderr.contains("panicked"));
+    }
+}
+
+#[test]
+fn chat_keeps_the_conversation() {
+    use std::io::Write;
+    let m = fixture("qwen3-qknorm-headdim");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_airllm"))
+        .args([
+            "chat",
+            "-m",
+            m.to_str().unwrap(),
+            "-n",
+            "4",
+            "--temperature",
+            "0",
+            "--max-memory",
+            "64MiB",
+            "-c",
+            "256",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Hello there\nAnd again\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // One summary line per turn.
+    assert_eq!(stderr.matches("generated").count(), 2, "{stderr}");
+}

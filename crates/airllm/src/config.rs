@@ -1,0 +1,443 @@
+//! The model configuration, read from a Hugging Face `config.json` of either generation:
+//! transformers 4 (`rope_theta`, `rope_scaling`, `torch_dtype`) or transformers 5
+//! (`rope_parameters`, `dtype`). Architectures differ only in the options of [`BlockSpec`];
+//! there is one decoder block for all of them.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// Architectures this engine runs, as named in `config.json`'s `architectures`.
+pub const SUPPORTED_ARCHS: &[&str] = &[
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    Llama,
+    Mistral,
+    Qwen2,
+    Qwen3,
+}
+
+impl Arch {
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Arch::Llama => "LlamaForCausalLM",
+            Arch::Mistral => "MistralForCausalLM",
+            Arch::Qwen2 => "Qwen2ForCausalLM",
+            Arch::Qwen3 => "Qwen3ForCausalLM",
+        }
+    }
+}
+
+/// How rotary frequencies are rescaled for long context.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Position interpolation: every frequency divided by `factor`.
+    Linear {
+        factor: f32,
+    },
+    /// Llama 3.1: low frequencies divided by `factor`, high ones kept, a smooth ramp between.
+    Llama3 {
+        factor: f32,
+        low_freq_factor: f32,
+        high_freq_factor: f32,
+        original_max_position_embeddings: usize,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeConfig {
+    pub theta: f32,
+    pub scaling: RopeScaling,
+}
+
+/// Per-architecture options of the one generic decoder block.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockSpec {
+    /// Bias on the q, k and v projections (Qwen2, or Llama's `attention_bias`).
+    pub qkv_bias: bool,
+    /// Bias on the output projection (Llama's `attention_bias`).
+    pub o_bias: bool,
+    /// Bias on gate/up/down (Llama's `mlp_bias`).
+    pub mlp_bias: bool,
+    /// RMSNorm over each head of q and k before RoPE (Qwen3).
+    pub qk_norm: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub path: PathBuf,
+    pub arch: Arch,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub rms_norm_eps: f64,
+    pub rope: RopeConfig,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    /// Window size for each layer, `None` for full attention.
+    pub layer_windows: Vec<Option<usize>>,
+    pub block: BlockSpec,
+    /// The dtype the checkpoint declares (`dtype` or `torch_dtype`), informational.
+    pub declared_dtype: Option<String>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+fn get<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
+    v.get(key).filter(|x| !x.is_null())
+}
+
+struct Reader<'a> {
+    path: &'a Path,
+    v: &'a Value,
+}
+
+impl Reader<'_> {
+    fn usize_req(&self, key: &str) -> Result<usize> {
+        match get(self.v, key) {
+            None => Err(Error::config(self.path, key, "required field is missing")),
+            Some(x) => x.as_u64().map(|n| n as usize).ok_or_else(|| {
+                Error::config(
+                    self.path,
+                    key,
+                    format!("expected a non-negative integer, got {x}"),
+                )
+            }),
+        }
+    }
+    fn usize_opt(&self, key: &str) -> Result<Option<usize>> {
+        match get(self.v, key) {
+            None => Ok(None),
+            Some(x) => x.as_u64().map(|n| Some(n as usize)).ok_or_else(|| {
+                Error::config(
+                    self.path,
+                    key,
+                    format!("expected a non-negative integer, got {x}"),
+                )
+            }),
+        }
+    }
+    fn f64_opt(&self, obj: &Value, key: &str) -> Result<Option<f64>> {
+        match get(obj, key) {
+            None => Ok(None),
+            Some(x) => x.as_f64().map(Some).ok_or_else(|| {
+                Error::config(self.path, key, format!("expected a number, got {x}"))
+            }),
+        }
+    }
+    fn bool_opt(&self, key: &str) -> Result<Option<bool>> {
+        match get(self.v, key) {
+            None => Ok(None),
+            Some(x) => x.as_bool().map(Some).ok_or_else(|| {
+                Error::config(self.path, key, format!("expected true or false, got {x}"))
+            }),
+        }
+    }
+}
+
+/// Reads token ids given as an integer or a list of integers.
+pub(crate) fn token_ids(v: Option<&Value>) -> Vec<u32> {
+    match v {
+        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64().map(|x| x as u32))
+            .collect(),
+        _ => vec![],
+    }
+}
+
+impl ModelConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::file(path, format!("invalid JSON: {e}")))?;
+        Self::from_value(path, &v)
+    }
+
+    pub fn from_value(path: &Path, v: &Value) -> Result<Self> {
+        if !v.is_object() {
+            return Err(Error::file(path, "expected a JSON object"));
+        }
+        let r = Reader { path, v };
+        let arch_name = match get(v, "architectures")
+            .and_then(|a| a.get(0))
+            .and_then(|a| a.as_str())
+        {
+            Some(a) => a.to_string(),
+            None => match get(v, "model_type").and_then(|m| m.as_str()) {
+                Some(m) => m.to_string(),
+                None => {
+                    return Err(Error::config(
+                        path,
+                        "architectures",
+                        "required field is missing",
+                    ))
+                }
+            },
+        };
+        let arch = match arch_name.as_str() {
+            "LlamaForCausalLM" | "llama" => Arch::Llama,
+            "MistralForCausalLM" | "mistral" => Arch::Mistral,
+            "Qwen2ForCausalLM" | "qwen2" => Arch::Qwen2,
+            "Qwen3ForCausalLM" | "qwen3" => Arch::Qwen3,
+            other => {
+                return Err(Error::UnknownArch {
+                    path: path.to_path_buf(),
+                    arch: other.to_string(),
+                    supported: SUPPORTED_ARCHS.join(", "),
+                })
+            }
+        };
+
+        let hidden_size = r.usize_req("hidden_size")?;
+        let intermediate_size = r.usize_req("intermediate_size")?;
+        let num_layers = r.usize_req("num_hidden_layers")?;
+        let num_heads = r.usize_req("num_attention_heads")?;
+        let vocab_size = r.usize_req("vocab_size")?;
+        let num_kv_heads = r.usize_opt("num_key_value_heads")?.unwrap_or(num_heads);
+        if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+            return Err(Error::config(
+                path,
+                "num_key_value_heads",
+                format!("{num_kv_heads} does not divide num_attention_heads {num_heads}"),
+            ));
+        }
+        let head_dim = match r.usize_opt("head_dim")? {
+            Some(d) => d,
+            None => {
+                if hidden_size % num_heads != 0 {
+                    return Err(Error::config(
+                        path,
+                        "head_dim",
+                        "missing, and hidden_size is not a multiple of num_attention_heads",
+                    ));
+                }
+                hidden_size / num_heads
+            }
+        };
+        let rms_norm_eps = r.f64_opt(v, "rms_norm_eps")?.unwrap_or(1e-6);
+        let max_position_embeddings = r.usize_opt("max_position_embeddings")?.unwrap_or(4096);
+        let rope = read_rope(&r)?;
+
+        // Sliding windows: an explicit `layer_types` list wins; otherwise Mistral slides on every
+        // layer and Qwen2/3 on the layers from `max_window_layers` when `use_sliding_window` is set.
+        let sliding_window = r.usize_opt("sliding_window")?;
+        let layer_windows = if let Some(types) = get(v, "layer_types") {
+            let arr = types
+                .as_array()
+                .ok_or_else(|| Error::config(path, "layer_types", "expected a list"))?;
+            if arr.len() != num_layers {
+                return Err(Error::config(
+                    path,
+                    "layer_types",
+                    format!("has {} entries for {num_layers} layers", arr.len()),
+                ));
+            }
+            arr.iter()
+                .map(|t| match t.as_str() {
+                    Some("full_attention") => Ok(None),
+                    Some("sliding_attention") => sliding_window.map(Some).ok_or_else(|| {
+                        Error::config(
+                            path,
+                            "sliding_window",
+                            "required by a sliding_attention layer",
+                        )
+                    }),
+                    _ => Err(Error::config(
+                        path,
+                        "layer_types",
+                        format!("unknown layer type {t}"),
+                    )),
+                })
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            match arch {
+                Arch::Mistral => vec![sliding_window; num_layers],
+                Arch::Qwen2 | Arch::Qwen3 if r.bool_opt("use_sliding_window")?.unwrap_or(false) => {
+                    let from = r.usize_opt("max_window_layers")?.unwrap_or(num_layers);
+                    (0..num_layers)
+                        .map(|i| if i >= from { sliding_window } else { None })
+                        .collect()
+                }
+                _ => vec![None; num_layers],
+            }
+        };
+
+        let attention_bias = r.bool_opt("attention_bias")?.unwrap_or(false);
+        let mlp_bias = r.bool_opt("mlp_bias")?.unwrap_or(false);
+        let block = match arch {
+            Arch::Llama | Arch::Mistral => BlockSpec {
+                qkv_bias: attention_bias,
+                o_bias: attention_bias,
+                mlp_bias,
+                qk_norm: false,
+            },
+            Arch::Qwen2 => BlockSpec {
+                qkv_bias: true,
+                o_bias: false,
+                mlp_bias: false,
+                qk_norm: false,
+            },
+            Arch::Qwen3 => BlockSpec {
+                qkv_bias: attention_bias,
+                o_bias: attention_bias,
+                mlp_bias: false,
+                qk_norm: true,
+            },
+        };
+        if let Some(act) = get(v, "hidden_act").and_then(|a| a.as_str()) {
+            if act != "silu" {
+                return Err(Error::config(
+                    path,
+                    "hidden_act",
+                    format!("`{act}` is not supported for {arch_name} (expected silu)"),
+                ));
+            }
+        }
+
+        let declared_dtype = get(v, "dtype")
+            .or_else(|| get(v, "torch_dtype"))
+            .and_then(|d| d.as_str())
+            .map(str::to_string);
+        Ok(ModelConfig {
+            path: path.to_path_buf(),
+            arch,
+            hidden_size,
+            intermediate_size,
+            num_layers,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            vocab_size,
+            rms_norm_eps,
+            rope,
+            max_position_embeddings,
+            tie_word_embeddings: r.bool_opt("tie_word_embeddings")?.unwrap_or(false),
+            layer_windows,
+            block,
+            declared_dtype,
+            bos_token_id: token_ids(get(v, "bos_token_id")).first().copied(),
+            eos_token_ids: token_ids(get(v, "eos_token_id")),
+        })
+    }
+}
+
+fn read_rope(r: &Reader) -> Result<RopeConfig> {
+    // transformers 5 keeps everything in `rope_parameters`; transformers 4 has `rope_theta` at the
+    // top level and optional `rope_scaling`.
+    let (params, field) = match get(r.v, "rope_parameters") {
+        Some(p) => (Some(p), "rope_parameters"),
+        None => (get(r.v, "rope_scaling"), "rope_scaling"),
+    };
+    let theta = match params.and_then(|p| get(p, "rope_theta")) {
+        Some(_) => r.f64_opt(params.unwrap(), "rope_theta")?.unwrap(),
+        None => r.f64_opt(r.v, "rope_theta")?.unwrap_or(10000.0),
+    } as f32;
+    let Some(p) = params else {
+        return Ok(RopeConfig {
+            theta,
+            scaling: RopeScaling::None,
+        });
+    };
+    let kind = get(p, "rope_type")
+        .or_else(|| get(p, "type"))
+        .and_then(|t| t.as_str())
+        .unwrap_or("default");
+    let need = |key: &str| -> Result<f64> {
+        r.f64_opt(p, key)?.ok_or_else(|| {
+            Error::config(
+                r.path,
+                &format!("{field}.{key}"),
+                "required field is missing",
+            )
+        })
+    };
+    let scaling = match kind {
+        "default" => RopeScaling::None,
+        "linear" => RopeScaling::Linear {
+            factor: need("factor")? as f32,
+        },
+        "llama3" => RopeScaling::Llama3 {
+            factor: need("factor")? as f32,
+            low_freq_factor: need("low_freq_factor")? as f32,
+            high_freq_factor: need("high_freq_factor")? as f32,
+            original_max_position_embeddings: need("original_max_position_embeddings")? as usize,
+        },
+        other => {
+            return Err(Error::config(
+                r.path,
+                &format!("{field}.rope_type"),
+                format!("`{other}` is not supported (supported: default, linear, llama3)"),
+            ))
+        }
+    };
+    Ok(RopeConfig { theta, scaling })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn base() -> Value {
+        json!({"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+               "vocab_size": 100})
+    }
+
+    #[test]
+    fn old_and_new_rope_keys_agree() {
+        let mut old = base();
+        old["rope_theta"] = json!(500000.0);
+        old["rope_scaling"] = json!({"type": "linear", "factor": 2.0});
+        let mut new = base();
+        new["rope_parameters"] =
+            json!({"rope_type": "linear", "rope_theta": 500000.0, "factor": 2.0});
+        let a = ModelConfig::from_value(Path::new("c.json"), &old).unwrap();
+        let b = ModelConfig::from_value(Path::new("c.json"), &new).unwrap();
+        assert_eq!(a.rope, b.rope);
+        assert_eq!(a.rope.scaling, RopeScaling::Linear { factor: 2.0 });
+        assert_eq!(a.head_dim, 16);
+    }
+
+    #[test]
+    fn missing_field_is_named() {
+        let mut v = base();
+        v.as_object_mut().unwrap().remove("hidden_size");
+        let e = ModelConfig::from_value(Path::new("m/config.json"), &v)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("m/config.json") && e.contains("hidden_size"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_arch_lists_supported() {
+        let mut v = base();
+        v["architectures"] = json!(["FooForCausalLM"]);
+        let e = ModelConfig::from_value(Path::new("c.json"), &v)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("FooForCausalLM") && e.contains("Qwen3ForCausalLM"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,593 @@
+//! The engine: a model opened for streaming under a budget, and the step-level API.
+//!
+//! [`Engine::step`] is one sweep over the layers for a set of sequences, each with its own KV
+//! cache and position, carrying any number of new tokens per sequence. Generation, batching and
+//! (later) serving and speculative decoding are built on it: sequences can join or leave
+//! between sweeps.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::model::block::{layer_tensors, validate_layers};
+use crate::model::{Block, LayerKv, LayerWeights, Rope, SeqRows};
+use crate::stream::reader::load_layer;
+use crate::stream::{Charge, Ledger, Plan, PlanInput, Prefetcher};
+use crate::weights::names::{hf_layer, HF_EMBED, HF_FINAL_NORM, HF_LM_HEAD};
+use crate::weights::{SafetensorsSource, WeightSource};
+
+/// How the engine is sized. The plan reserves memory for `max_batch` sequences of `context`
+/// tokens and steps of up to `max_step_tokens` new tokens.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// The budget in bytes; `None` takes 90% of the machine's available memory.
+    pub max_memory: Option<u64>,
+    /// Tokens each sequence can hold (prompt plus generated).
+    pub context: usize,
+    pub max_batch: usize,
+    /// Most new tokens in one step, over all sequences (the prefill of the whole batch).
+    pub max_step_tokens: usize,
+    /// Most rows of logits one step returns.
+    pub max_logit_rows: usize,
+    /// Cap on attention-score bytes; long prefills are split into query chunks to stay under it.
+    pub attention_scores_bytes: u64,
+    pub device: Device,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            max_memory: None,
+            context: 2048,
+            max_batch: 1,
+            max_step_tokens: 2048,
+            max_logit_rows: 1,
+            attention_scores_bytes: crate::model::block::ATTN_SCORES_BYTES,
+            device: Device::Cpu,
+        }
+    }
+}
+
+/// Which rows of logits a step returns for each sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsFor {
+    /// Only the last new token (what generation needs).
+    Last,
+    /// Every new token (for tests, perplexity and speculative verification).
+    All,
+}
+
+/// One sequence's state between steps: its KV cache and how many tokens it holds.
+pub struct Sequence {
+    kv: Vec<LayerKv>,
+    _charge: Charge,
+}
+
+impl Sequence {
+    /// Tokens already processed, which is also the position of the next token.
+    pub fn len(&self) -> usize {
+        self.kv.first().map_or(0, |k| k.len())
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Drops cached tokens from `len` on, so a shared prefix can be reused.
+    pub fn truncate(&mut self, len: usize) {
+        self.kv.iter_mut().for_each(|k| k.truncate(len));
+    }
+}
+
+/// Timings of one layer, summed over steps.
+#[derive(Debug, Clone, Default)]
+pub struct LayerTiming {
+    pub streamed: bool,
+    /// Time the reader spent reading and converting this layer.
+    pub read: Duration,
+    /// Time compute waited for this layer to arrive.
+    pub wait: Duration,
+    pub compute: Duration,
+}
+
+/// Where a phase's time went, for `--profile`.
+#[derive(Debug, Clone, Default)]
+pub struct Profile {
+    pub steps: usize,
+    pub layers: Vec<LayerTiming>,
+    pub embed: Duration,
+    pub head_read: Duration,
+    pub head_compute: Duration,
+    pub wall: Duration,
+}
+
+impl Profile {
+    fn new(n: usize) -> Self {
+        Profile {
+            layers: vec![LayerTiming::default(); n],
+            ..Default::default()
+        }
+    }
+    pub fn total_read(&self) -> Duration {
+        self.layers.iter().map(|l| l.read).sum::<Duration>() + self.head_read
+    }
+    pub fn total_wait(&self) -> Duration {
+        self.layers.iter().map(|l| l.wait).sum()
+    }
+    pub fn total_compute(&self) -> Duration {
+        self.layers.iter().map(|l| l.compute).sum::<Duration>() + self.head_compute + self.embed
+    }
+}
+
+pub struct Engine {
+    cfg: ModelConfig,
+    dir: PathBuf,
+    src: Arc<dyn WeightSource>,
+    device: Device,
+    opts: EngineOptions,
+    plan: Plan,
+    ledger: Arc<Ledger>,
+    block: Block,
+    rope: Rope,
+    final_norm: Tensor,
+    head_name: String,
+    head: Option<Tensor>,
+    resident: Vec<Option<LayerWeights>>,
+    streamed: Vec<usize>,
+    layer_bytes: u64,
+    transient: u64,
+    prefetch: Option<Prefetcher>,
+    _held: Vec<Charge>,
+    pub prefill_profile: Profile,
+    pub decode_profile: Profile,
+}
+
+/// Sizes of a model's parts, from the checkpoint's tensor table.
+#[derive(Debug, Clone)]
+pub struct ModelSizes {
+    pub params: u64,
+    pub file_bytes: u64,
+    pub layer_params: u64,
+    pub layer_file_bytes: u64,
+    pub largest_layer_tensor_file_bytes: u64,
+    pub head_file_bytes: u64,
+    pub dtypes: Vec<&'static str>,
+}
+
+impl ModelSizes {
+    pub fn of(cfg: &ModelConfig, src: &dyn WeightSource, head_name: &str) -> Result<Self> {
+        let mut s = ModelSizes {
+            params: 0,
+            file_bytes: 0,
+            layer_params: 0,
+            layer_file_bytes: 0,
+            largest_layer_tensor_file_bytes: 0,
+            head_file_bytes: 0,
+            dtypes: vec![],
+        };
+        let add = |name: &str, s: &mut ModelSizes| -> Result<crate::weights::TensorMeta> {
+            let m = src
+                .meta(name)
+                .ok_or_else(|| Error::tensor(src.path(), name, "missing from the checkpoint"))?;
+            s.params += m.numel() as u64;
+            s.file_bytes += m.file_bytes;
+            if !s.dtypes.contains(&m.dtype) {
+                s.dtypes.push(m.dtype);
+            }
+            Ok(m)
+        };
+        let mut first = true;
+        for layer in 0..cfg.num_layers {
+            for (role, _) in layer_tensors(cfg) {
+                let m = add(&hf_layer(layer, role), &mut s)?;
+                if first {
+                    s.layer_params += m.numel() as u64;
+                    s.layer_file_bytes += m.file_bytes;
+                    if m.dtype != "F32" {
+                        s.largest_layer_tensor_file_bytes =
+                            s.largest_layer_tensor_file_bytes.max(m.file_bytes);
+                    }
+                }
+            }
+            first = false;
+        }
+        add(HF_EMBED, &mut s)?;
+        add(HF_FINAL_NORM, &mut s)?;
+        if head_name != HF_EMBED {
+            add(head_name, &mut s)?;
+        }
+        s.head_file_bytes = src.meta(head_name).map_or(0, |m| m.file_bytes);
+        Ok(s)
+    }
+}
+
+/// Bytes of activations for the largest step the options allow, generously counted.
+fn work_bytes(cfg: &ModelConfig, o: &EngineOptions) -> u64 {
+    let rows = o.max_step_tokens as u64;
+    let qkv = ((2 * cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim) as u64;
+    let per_row = 6 * cfg.hidden_size as u64 + 2 * qkv + 3 * cfg.intermediate_size as u64;
+    let per_seq_new = rows.min(o.context as u64);
+    let scores = (3 * cfg.num_heads as u64 * per_seq_new * o.context as u64)
+        .min(o.attention_scores_bytes / 4);
+    let logits = 2 * o.max_logit_rows as u64 * cfg.vocab_size as u64;
+    4 * (rows * per_row + scores + logits)
+}
+
+/// Opens the config, checkpoint and sizes of a model folder, shared by the engine and `inspect`.
+pub struct ModelInfo {
+    pub dir: PathBuf,
+    pub cfg: ModelConfig,
+    pub src: Arc<dyn WeightSource>,
+    pub head_name: String,
+    pub sizes: ModelSizes,
+}
+
+impl ModelInfo {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+        let src: Arc<dyn WeightSource> = Arc::new(SafetensorsSource::open(dir)?);
+        validate_layers(&cfg, src.as_ref())?;
+        let check = |name: &str, shape: &[usize]| -> Result<()> {
+            let m = src
+                .meta(name)
+                .ok_or_else(|| Error::tensor(dir, name, "missing from the checkpoint"))?;
+            if m.shape != shape {
+                return Err(Error::tensor(
+                    dir,
+                    name,
+                    format!(
+                        "shape {:?} disagrees with config.json, which implies {shape:?}",
+                        m.shape
+                    ),
+                ));
+            }
+            Ok(())
+        };
+        check(HF_EMBED, &[cfg.vocab_size, cfg.hidden_size])?;
+        check(HF_FINAL_NORM, &[cfg.hidden_size])?;
+        let head_name = if cfg.tie_word_embeddings {
+            HF_EMBED.to_string()
+        } else {
+            check(HF_LM_HEAD, &[cfg.vocab_size, cfg.hidden_size])?;
+            HF_LM_HEAD.to_string()
+        };
+        let sizes = ModelSizes::of(&cfg, src.as_ref(), &head_name)?;
+        Ok(ModelInfo {
+            dir: dir.to_path_buf(),
+            cfg,
+            src,
+            head_name,
+            sizes,
+        })
+    }
+
+    /// The plan a budget would give, without loading anything.
+    pub fn plan(&self, opts: &EngineOptions) -> Result<Plan> {
+        let budget = resolve_budget(opts.max_memory)?;
+        Plan::new(&self.plan_input(opts), budget)
+    }
+
+    fn plan_input(&self, opts: &EngineOptions) -> PlanInput {
+        let c = &self.cfg;
+        let kv_per_seq = (2 * c.num_layers * c.num_kv_heads * c.head_dim * opts.context * 4) as u64;
+        let half = c.head_dim / 2;
+        PlanInput {
+            num_layers: c.num_layers,
+            layer_bytes: self.sizes.layer_params * 4,
+            layer_file_bytes: self.sizes.layer_file_bytes,
+            layer_transient_bytes: self.sizes.largest_layer_tensor_file_bytes,
+            vocab: c.vocab_size,
+            hidden: c.hidden_size,
+            head_file_bytes: self.sizes.head_file_bytes,
+            kv_bytes: kv_per_seq * opts.max_batch as u64,
+            work_bytes: work_bytes(c, opts),
+            fixed_bytes: (c.hidden_size * 4 + 2 * opts.max_step_tokens * half * 4) as u64,
+        }
+    }
+}
+
+/// The default budget: 90% of what the kernel says is available.
+pub fn resolve_budget(max_memory: Option<u64>) -> Result<u64> {
+    match max_memory {
+        Some(b) => Ok(b),
+        None => crate::util::available_memory()
+            .map(|a| a / 10 * 9)
+            .ok_or_else(|| {
+                Error::Invalid("cannot read available memory; pass --max-memory".into())
+            }),
+    }
+}
+
+impl Engine {
+    pub fn open(dir: &Path, opts: EngineOptions) -> Result<Self> {
+        Self::from_info(ModelInfo::open(dir)?, opts)
+    }
+
+    pub fn from_info(info: ModelInfo, opts: EngineOptions) -> Result<Self> {
+        if opts.max_batch == 0 || opts.context == 0 || opts.max_step_tokens == 0 {
+            return Err(Error::Invalid(
+                "batch, context and step size must be at least 1".into(),
+            ));
+        }
+        let plan = info.plan(&opts)?;
+        let ModelInfo {
+            dir,
+            cfg,
+            src,
+            head_name,
+            sizes,
+        } = info;
+        let device = opts.device.clone();
+        let ledger = Ledger::new(plan.budget);
+        let layer_bytes = sizes.layer_params * 4;
+        let transient = sizes.largest_layer_tensor_file_bytes;
+        // The working set and fixed tensors are held for the engine's life.
+        let mut held = vec![ledger.charge(plan.work_bytes + plan.fixed_bytes)];
+        let final_norm = src.load(HF_FINAL_NORM, &device)?;
+        let head = if plan.head_resident {
+            held.push(ledger.charge((cfg.vocab_size * cfg.hidden_size * 4) as u64));
+            Some(src.load(&head_name, &device)?)
+        } else {
+            None
+        };
+        let mut resident = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            if i < plan.resident_layers {
+                let (w, charge, _) = load_layer(
+                    &cfg,
+                    src.as_ref(),
+                    &ledger,
+                    layer_bytes,
+                    transient,
+                    i,
+                    &device,
+                )?;
+                held.push(charge);
+                resident.push(Some(w));
+            } else {
+                resident.push(None);
+            }
+        }
+        let streamed: Vec<usize> = (plan.resident_layers..cfg.num_layers).collect();
+        let mut engine = Engine {
+            block: Block {
+                scores_bytes: opts.attention_scores_bytes,
+                ..Block::new(&cfg)
+            },
+            rope: Rope::new(&cfg.rope, cfg.head_dim),
+            prefill_profile: Profile::new(cfg.num_layers),
+            decode_profile: Profile::new(cfg.num_layers),
+            cfg,
+            dir,
+            src,
+            device,
+            opts,
+            plan,
+            ledger,
+            final_norm,
+            head_name,
+            head,
+            resident,
+            streamed,
+            layer_bytes,
+            transient,
+            prefetch: None,
+            _held: held,
+        };
+        engine.start_reader();
+        Ok(engine)
+    }
+
+    /// (Re)starts the background reader at the first streamed layer.
+    fn start_reader(&mut self) {
+        self.prefetch = None;
+        if !self.streamed.is_empty() {
+            self.prefetch = Some(Prefetcher::spawn(
+                self.cfg.clone(),
+                self.src.clone(),
+                self.streamed.clone(),
+                self.ledger.clone(),
+                self.layer_bytes,
+                self.transient,
+                self.device.clone(),
+            ));
+        }
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+    pub fn ledger(&self) -> &Arc<Ledger> {
+        &self.ledger
+    }
+    pub fn options(&self) -> &EngineOptions {
+        &self.opts
+    }
+
+    /// A new, empty sequence. Its KV cache for the full context is allocated and charged now.
+    pub fn new_sequence(&self) -> Result<Sequence> {
+        let c = &self.cfg;
+        let bytes = (2 * c.num_layers * c.num_kv_heads * c.head_dim * self.opts.context * 4) as u64;
+        let charge = self.ledger.try_charge(bytes).ok_or_else(|| {
+            Error::Invalid(format!(
+                "no room in the budget for another sequence's KV cache (planned for {} sequences of {} tokens)",
+                self.opts.max_batch, self.opts.context
+            ))
+        })?;
+        let kv = (0..c.num_layers)
+            .map(|_| LayerKv::new(c.num_kv_heads, self.opts.context, c.head_dim, &self.device))
+            .collect::<Result<_>>()?;
+        Ok(Sequence {
+            kv,
+            _charge: charge,
+        })
+    }
+
+    /// One sweep over all layers for `batch`: each entry is a sequence and its new tokens.
+    /// Returns each sequence's logits `[rows, vocab]`, rows per `which`.
+    ///
+    /// On error the reader is restarted and the sequences in the batch must be discarded, since
+    /// some layers may have cached their tokens and others not.
+    pub fn step(
+        &mut self,
+        batch: &mut [(&mut Sequence, &[u32])],
+        which: LogitsFor,
+    ) -> Result<Vec<Tensor>> {
+        let r = self.sweep(batch, which);
+        if r.is_err() {
+            self.start_reader();
+        }
+        r
+    }
+
+    fn sweep(
+        &mut self,
+        batch: &mut [(&mut Sequence, &[u32])],
+        which: LogitsFor,
+    ) -> Result<Vec<Tensor>> {
+        let t0 = Instant::now();
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut seqs = Vec::with_capacity(batch.len());
+        for (seq, toks) in batch.iter() {
+            if toks.is_empty() {
+                return Err(Error::Invalid(
+                    "a sequence in the step has no new tokens".into(),
+                ));
+            }
+            let pos = seq.len();
+            seqs.push(SeqRows {
+                row: ids.len(),
+                len: toks.len(),
+                pos,
+            });
+            ids.extend_from_slice(toks);
+            positions.extend(pos..pos + toks.len());
+        }
+        let logit_rows = match which {
+            LogitsFor::Last => batch.len(),
+            LogitsFor::All => ids.len(),
+        };
+        if ids.len() > self.opts.max_step_tokens || logit_rows > self.opts.max_logit_rows {
+            return Err(Error::Invalid(format!(
+                "a step of {} tokens with {logit_rows} rows of logits exceeds what the plan reserved ({} tokens, {} rows)",
+                ids.len(),
+                self.opts.max_step_tokens,
+                self.opts.max_logit_rows
+            )));
+        }
+        let prefill = seqs.iter().any(|s| s.len > 1);
+        let mut prof = std::mem::take(if prefill {
+            &mut self.prefill_profile
+        } else {
+            &mut self.decode_profile
+        });
+
+        let t = Instant::now();
+        let mut x = self
+            .src
+            .load_rows(crate::weights::names::HF_EMBED, &ids, &self.device)?;
+        let (cos, sin) = self.rope.cos_sin(&positions, &self.device)?;
+        prof.embed += t.elapsed();
+
+        let result = (|| -> Result<Vec<Tensor>> {
+            for layer in 0..self.cfg.num_layers {
+                let window = self.cfg.layer_windows[layer];
+                let mut kv: Vec<&mut LayerKv> =
+                    batch.iter_mut().map(|(s, _)| &mut s.kv[layer]).collect();
+                let timing = &mut prof.layers[layer];
+                if let Some(w) = &self.resident[layer] {
+                    let t = Instant::now();
+                    x = self
+                        .block
+                        .forward(w, &x, &seqs, &mut kv, &cos, &sin, window)?;
+                    timing.compute += t.elapsed();
+                } else {
+                    let t = Instant::now();
+                    let loaded = self
+                        .prefetch
+                        .as_ref()
+                        .expect("streamed layers have a reader")
+                        .next(layer)?;
+                    timing.wait += t.elapsed();
+                    timing.read += loaded.read_time;
+                    timing.streamed = true;
+                    let t = Instant::now();
+                    x = self.block.forward(
+                        &loaded.weights,
+                        &x,
+                        &seqs,
+                        &mut kv,
+                        &cos,
+                        &sin,
+                        window,
+                    )?;
+                    timing.compute += t.elapsed();
+                    drop(loaded);
+                }
+            }
+            // Only the rows whose logits are wanted go through the norm and the head.
+            let h = match which {
+                LogitsFor::All => x.clone(),
+                LogitsFor::Last => {
+                    let rows: Vec<u32> = seqs.iter().map(|s| (s.row + s.len - 1) as u32).collect();
+                    x.index_select(&Tensor::new(rows, &self.device)?, 0)?
+                }
+            };
+            let h = crate::model::block::final_norm(&h, &self.final_norm, self.block.eps)?;
+            let logits = self.head_forward(&h, &mut prof)?;
+            let mut out = Vec::with_capacity(seqs.len());
+            let mut row = 0;
+            for s in &seqs {
+                let n = if which == LogitsFor::All { s.len } else { 1 };
+                out.push(logits.narrow(0, row, n)?);
+                row += n;
+            }
+            Ok(out)
+        })();
+        prof.steps += 1;
+        prof.wall += t0.elapsed();
+        *(if prefill {
+            &mut self.prefill_profile
+        } else {
+            &mut self.decode_profile
+        }) = prof;
+        result
+    }
+
+    /// The output head, whole when resident, else in vocabulary chunks read from disk.
+    fn head_forward(&self, h: &Tensor, prof: &mut Profile) -> Result<Tensor> {
+        if let Some(w) = &self.head {
+            let t = Instant::now();
+            let l = h.matmul(&w.t()?)?;
+            prof.head_compute += t.elapsed();
+            return Ok(l);
+        }
+        let vocab = self.cfg.vocab_size;
+        let chunk = self.plan.head_chunk_rows;
+        let mut parts = Vec::with_capacity(vocab.div_ceil(chunk));
+        let mut start = 0;
+        while start < vocab {
+            let n = chunk.min(vocab - start);
+            let t = Instant::now();
+            let _charge = self.ledger.charge((n * self.cfg.hidden_size * 4) as u64);
+            let w = self
+                .src
+                .load_row_range(&self.head_name, start, n, &self.device)?;
+            prof.head_read += t.elapsed();
+            let t = Instant::now();
+            parts.push(h.matmul(&w.t()?)?);
+            prof.head_compute += t.elapsed();
+            start += n;
+        }
+        Ok(Tensor::cat(&parts, 1)?)
+    }
+}

@@ -1,0 +1,85 @@
+//! One error type for the engine. Every variant renders as a single line that names the file or
+//! field at fault, because users see these messages directly from the CLI.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{}: {msg}", path.display())]
+    File { path: PathBuf, msg: String },
+
+    #[error("{}: field `{field}`: {msg}", path.display())]
+    Config {
+        path: PathBuf,
+        field: String,
+        msg: String,
+    },
+
+    #[error("{}: tensor `{tensor}`: {msg}", path.display())]
+    Tensor {
+        path: PathBuf,
+        tensor: String,
+        msg: String,
+    },
+
+    #[error("unsupported architecture `{arch}` in {}; supported: {supported}", path.display())]
+    UnknownArch {
+        path: PathBuf,
+        arch: String,
+        supported: String,
+    },
+
+    #[error("model `{0}` not found; looked in: {1}")]
+    ModelNotFound(String, String),
+
+    #[error(
+        "--max-memory {budget} is below the minimum of {minimum} ({detail})",
+        budget = crate::util::fmt_bytes(*.budget),
+        minimum = crate::util::fmt_bytes(*.minimum)
+    )]
+    BudgetTooSmall {
+        budget: u64,
+        minimum: u64,
+        detail: String,
+    },
+
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    #[error("chat template: {0}")]
+    Template(String),
+
+    #[error("weight reader stopped: {0}")]
+    Reader(String),
+
+    #[error("tensor op: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+impl Error {
+    pub fn file(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+        Error::File {
+            path: path.into(),
+            msg: msg.into(),
+        }
+    }
+    pub fn config(path: impl Into<PathBuf>, field: &str, msg: impl Into<String>) -> Self {
+        Error::Config {
+            path: path.into(),
+            field: field.to_string(),
+            msg: msg.into(),
+        }
+    }
+    pub fn tensor(path: impl Into<PathBuf>, tensor: &str, msg: impl Into<String>) -> Self {
+        Error::Tensor {
+            path: path.into(),
+            tensor: tensor.to_string(),
+            msg: msg.into(),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

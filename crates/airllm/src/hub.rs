@@ -1,0 +1,78 @@
+//! Finding a model: a local folder, or a repo id such as `Qwen/Qwen3-8B` in the Hugging Face
+//! cache. Nothing is downloaded here.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// Cache folders to search, in the order huggingface_hub uses: `HF_HUB_CACHE`, then
+/// `HF_HOME/hub`, then `~/.cache/huggingface/hub`.
+pub fn cache_dirs() -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    if let Ok(p) = std::env::var("HF_HUB_CACHE") {
+        dirs.push(PathBuf::from(p));
+    }
+    if let Ok(p) = std::env::var("HF_HOME") {
+        dirs.push(Path::new(&p).join("hub"));
+    }
+    if let Ok(h) = std::env::var("HOME") {
+        dirs.push(Path::new(&h).join(".cache/huggingface/hub"));
+    }
+    dirs.dedup();
+    dirs
+}
+
+fn looks_like_repo_id(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('/').collect();
+    parts.len() == 2
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                && *p != "."
+                && *p != ".."
+        })
+}
+
+/// Resolves a folder path or a cached repo id to the folder holding `config.json`.
+pub fn resolve_model(spec: &str) -> Result<PathBuf> {
+    let p = Path::new(spec);
+    if p.is_dir() {
+        return Ok(p.to_path_buf());
+    }
+    if p.exists() {
+        return Err(Error::file(
+            p,
+            "expected a model folder holding config.json",
+        ));
+    }
+    if !looks_like_repo_id(spec) {
+        return Err(Error::ModelNotFound(
+            spec.to_string(),
+            "no such folder".to_string(),
+        ));
+    }
+    let mut looked = Vec::new();
+    for dir in cache_dirs() {
+        let repo = hf_hub::Repo::model(spec.to_string());
+        let cache = hf_hub::Cache::new(dir.clone()).repo(repo);
+        if let Some(cfg) = cache.get("config.json") {
+            if let Some(parent) = cfg.parent() {
+                return Ok(parent.to_path_buf());
+            }
+        }
+        looked.push(
+            dir.join(format!("models--{}", spec.replace('/', "--")))
+                .join("snapshots")
+                .display()
+                .to_string(),
+        );
+    }
+    Err(Error::ModelNotFound(
+        spec.to_string(),
+        format!(
+            "{} (download it with `hf download {spec}` or pass a folder)",
+            looked.join(", ")
+        ),
+    ))
+}

@@ -1,0 +1,21 @@
+//! airllm: run language models larger than memory by streaming one decoder layer at a time.
+//!
+//! The pipeline reads left to right: [`weights`] (checkpoint formats) → [`stream`] (budget plan,
+//! background reader, residency) → [`model`] (the generic decoder block) → [`engine`] (one sweep
+//! over the layers for a batch of sequences) → [`generate`] (sampling and stop rules).
+
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod model;
+pub mod stream;
+pub mod util;
+pub mod weights;
+
+pub use config::{Arch, ModelConfig};
+pub use engine::{Engine, EngineOptions, LogitsFor, ModelInfo, Sequence};
+pub use error::{Error, Result};
+pub mod chat;
+pub mod generate;
+pub mod hub;
+pub mod tokenizer;

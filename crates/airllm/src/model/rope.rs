@@ -1,0 +1,67 @@
+//! Rotary position embeddings, with the frequency rescaling of Llama 3.1 and linear
+//! interpolation. Frequencies are computed in f32 the way transformers does, so positions far into
+//! the context still agree to the last bits.
+
+use candle_core::{Device, Tensor};
+
+use crate::config::{RopeConfig, RopeScaling};
+use crate::error::Result;
+
+pub struct Rope {
+    inv_freq: Vec<f32>,
+}
+
+impl Rope {
+    pub fn new(cfg: &RopeConfig, head_dim: usize) -> Self {
+        let half = head_dim / 2;
+        let mut inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / cfg.theta.powf((2 * i) as f32 / head_dim as f32))
+            .collect();
+        match cfg.scaling {
+            RopeScaling::None => {}
+            RopeScaling::Linear { factor } => inv_freq.iter_mut().for_each(|f| *f /= factor),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                let old_ctx = original_max_position_embeddings as f32;
+                let low_wavelen = old_ctx / low_freq_factor;
+                let high_wavelen = old_ctx / high_freq_factor;
+                for f in inv_freq.iter_mut() {
+                    let wavelen = 2.0 * std::f32::consts::PI / *f;
+                    if wavelen > low_wavelen {
+                        // Long wavelengths: interpolate fully.
+                        *f /= factor;
+                    } else if wavelen >= high_wavelen {
+                        // The band between: blend the scaled and unscaled frequency.
+                        let smooth = (old_ctx / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
+                        *f = (1.0 - smooth) * *f / factor + smooth * *f;
+                    }
+                }
+            }
+        }
+        Rope { inv_freq }
+    }
+
+    /// cos and sin tables `[positions.len(), head_dim / 2]` for the given absolute positions.
+    pub fn cos_sin(&self, positions: &[usize], device: &Device) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            for &f in &self.inv_freq {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        let n = positions.len();
+        Ok((
+            Tensor::from_vec(cos, (n, half), device)?,
+            Tensor::from_vec(sin, (n, half), device)?,
+        ))
+    }
+}

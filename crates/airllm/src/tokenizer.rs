@@ -1,0 +1,151 @@
+//! Text in and out: the model's `tokenizer.json`, the BOS rule from `tokenizer_config.json`, the
+//! EOS ids from `generation_config.json`, and the chat template.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::config::token_ids;
+use crate::error::{Error, Result};
+
+pub struct TextTokenizer {
+    tok: tokenizers::Tokenizer,
+    /// `add_bos_token` from tokenizer_config.json, where it applies.
+    add_bos: Option<bool>,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    pub bos_id: Option<u32>,
+    /// Ids that end generation.
+    pub eos_ids: Vec<u32>,
+    pub chat_template: Option<String>,
+}
+
+fn read_json(path: &Path) -> Result<Option<Value>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| Error::file(path, format!("invalid JSON: {e}")))
+}
+
+/// Special tokens are written as a string or as `{"content": ...}`.
+fn token_text(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o
+            .get("content")
+            .and_then(|c| c.as_str())
+            .map(str::to_string),
+        _ => None,
+    }
+}
+
+impl TextTokenizer {
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        if !path.exists() {
+            return Err(Error::file(
+                &path,
+                "missing (the model folder needs a tokenizer.json)",
+            ));
+        }
+        let tok = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| Error::file(&path, format!("cannot load tokenizer: {e}")))?;
+        let tc = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
+        let gen = read_json(&dir.join("generation_config.json"))?.unwrap_or(Value::Null);
+        let cfg = read_json(&dir.join("config.json"))?.unwrap_or(Value::Null);
+
+        let bos_token = token_text(tc.get("bos_token"));
+        let eos_token = token_text(tc.get("eos_token"));
+        let bos_id = token_ids(gen.get("bos_token_id"))
+            .first()
+            .copied()
+            .or_else(|| token_ids(cfg.get("bos_token_id")).first().copied())
+            .or_else(|| bos_token.as_deref().and_then(|t| tok.token_to_id(t)));
+        let mut eos_ids = token_ids(gen.get("eos_token_id"));
+        if eos_ids.is_empty() {
+            eos_ids = token_ids(cfg.get("eos_token_id"));
+        }
+        if eos_ids.is_empty() {
+            eos_ids.extend(eos_token.as_deref().and_then(|t| tok.token_to_id(t)));
+        }
+        // transformers 5 writes the template to its own file; older versions inline it, either
+        // as a string or as a list of named templates.
+        let jinja = dir.join("chat_template.jinja");
+        let chat_template = if jinja.exists() {
+            Some(
+                std::fs::read_to_string(&jinja)
+                    .map_err(|e| Error::file(&jinja, format!("cannot read: {e}")))?,
+            )
+        } else {
+            match tc.get("chat_template") {
+                Some(Value::String(s)) => Some(s.clone()),
+                Some(Value::Array(list)) => list
+                    .iter()
+                    .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                    .or(list.first())
+                    .and_then(|t| t.get("template"))
+                    .and_then(|t| t.as_str())
+                    .map(str::to_string),
+                _ => None,
+            }
+        };
+        // transformers 5 takes BOS from tokenizer.json's post-processor and ignores
+        // `add_bos_token` when one exists; with none, the flag decides, as it did in 4.x.
+        let add_bos = if tok.get_post_processor().is_none() {
+            tc.get("add_bos_token").and_then(|b| b.as_bool())
+        } else {
+            None
+        };
+        Ok(TextTokenizer {
+            tok,
+            add_bos,
+            bos_token,
+            eos_token,
+            bos_id,
+            eos_ids,
+            chat_template,
+        })
+    }
+
+    /// Tokenizes a plain prompt. The tokenizer's post-processor adds BOS where the model wants it;
+    /// `add_bos_token: true` in tokenizer_config.json adds it where tokenizer.json has none.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = self.encode_raw(text, true)?;
+        if self.add_bos == Some(true) {
+            if let Some(b) = self.bos_id {
+                if ids.first() != Some(&b) {
+                    ids.insert(0, b);
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Tokenizes text that already holds its special tokens (a rendered chat template).
+    pub fn encode_special(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode_raw(text, false)
+    }
+
+    fn encode_raw(&self, text: &str, special: bool) -> Result<Vec<u32>> {
+        Ok(self
+            .tok
+            .encode(text, special)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?
+            .get_ids()
+            .to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tok
+            .decode(ids, true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.tok.get_vocab_size(true)
+    }
+}

@@ -1,0 +1,157 @@
+//! Makes broken copies of fixture models for the bad-input tests.
+
+use std::path::{Path, PathBuf};
+
+pub fn copy_fixture(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let src = super::fixtures().join(name);
+    let tmp = tempfile::tempdir().unwrap();
+    let dst = tmp.path().join(name);
+    std::fs::create_dir_all(&dst).unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+    (tmp, dst)
+}
+
+pub fn edit_json(path: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+}
+
+/// Rewrites the JSON header of a safetensors file, keeping its data.
+pub fn edit_header(path: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    f(&mut header);
+    let mut h = serde_json::to_vec(&header).unwrap();
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend(h);
+    out.extend(&bytes[8 + n..]);
+    std::fs::write(path, out).unwrap();
+}
+
+/// The name of some tensor in a safetensors header.
+pub fn a_tensor(header: &serde_json::Value) -> String {
+    let mut names: Vec<&String> = header
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter(|k| *k != "__metadata__")
+        .collect();
+    names.sort();
+    names[0].clone()
+}
+
+/// Each way of breaking a model folder the engine must report, with a text the error must contain.
+pub fn cases() -> Vec<(&'static str, tempfile::TempDir, PathBuf, Vec<String>)> {
+    let mut out = Vec::new();
+
+    let (t, d) = copy_fixture("qwen2-bias-mha-sharded");
+    let shard = std::fs::read_dir(&d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("model-0000") && n.ends_with(".safetensors"))
+        .max()
+        .unwrap();
+    std::fs::remove_file(d.join(&shard)).unwrap();
+    out.push(("missing shard", t, d, vec![shard, "missing shard".into()]));
+
+    let (t, d) = copy_fixture("llama-gqa2-llama3rope");
+    let f = d.join("model.safetensors");
+    let len = std::fs::metadata(&f).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    out.push((
+        "truncated file",
+        t,
+        d,
+        vec!["model.safetensors".into(), "truncated".into()],
+    ));
+
+    let (t, d) = copy_fixture("llama-gqa2-llama3rope");
+    let f = d.join("model.safetensors");
+    let mut name = String::new();
+    edit_header(&f, |h| {
+        name = a_tensor(h);
+        let o = h[&name]["data_offsets"].as_array().unwrap();
+        let (b, e) = (o[0].as_u64().unwrap(), o[1].as_u64().unwrap());
+        h[&name]["data_offsets"] = serde_json::json!([b + (1 << 30), e + (1 << 30)]);
+    });
+    out.push((
+        "offsets past the end",
+        t,
+        d,
+        vec![
+            "model.safetensors".into(),
+            name.clone(),
+            "but the file has".into(),
+        ],
+    ));
+
+    let (t, d) = copy_fixture("llama-gqa2-llama3rope");
+    edit_json(&d.join("config.json"), |c| {
+        c["intermediate_size"] = serde_json::json!(100)
+    });
+    out.push((
+        "shape disagrees with config",
+        t,
+        d,
+        vec![
+            "mlp.gate_proj.weight".into(),
+            "disagrees with config.json".into(),
+        ],
+    ));
+
+    let (t, d) = copy_fixture("mistral-sliding-window");
+    edit_json(&d.join("config.json"), |c| {
+        c.as_object_mut().unwrap().remove("num_hidden_layers");
+    });
+    out.push((
+        "config missing a field",
+        t,
+        d,
+        vec!["config.json".into(), "num_hidden_layers".into()],
+    ));
+
+    let (t, d) = copy_fixture("llama-gqa2-llama3rope");
+    let f = d.join("model.safetensors");
+    let mut name = String::new();
+    edit_header(&f, |h| {
+        name = a_tensor(h);
+        h[&name]["dtype"] = serde_json::json!("F8_E4M3");
+    });
+    out.push((
+        "unknown dtype",
+        t,
+        d,
+        vec![
+            "model.safetensors".into(),
+            name,
+            "unsupported dtype `F8_E4M3`".into(),
+        ],
+    ));
+
+    let (t, d) = copy_fixture("qwen3-qknorm-headdim");
+    edit_json(&d.join("config.json"), |c| {
+        c["architectures"] = serde_json::json!(["GPTBigFooForCausalLM"])
+    });
+    out.push((
+        "unknown architecture",
+        t,
+        d,
+        vec!["GPTBigFooForCausalLM".into(), "LlamaForCausalLM".into()],
+    ));
+
+    out
+}

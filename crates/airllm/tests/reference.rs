@@ -1,0 +1,204 @@
+//! The engine against transformers on tiny random-weight models of every architecture
+//! (fixtures made by scripts/make_hf_fixtures.py).
+
+mod common;
+
+use airllm::chat::{ChatTemplate, Message};
+use airllm::generate::{generate, GenerationParams};
+use airllm::tokenizer::TextTokenizer;
+use airllm::{Engine, EngineOptions, LogitsFor, ModelInfo};
+use common::{fixtures, reference, MODELS};
+
+fn options(budget: Option<u64>, r: &common::Reference) -> EngineOptions {
+    let total: usize = r.prompt_ids.iter().map(Vec::len).sum();
+    EngineOptions {
+        max_memory: Some(budget.unwrap_or(1 << 30)),
+        context: 64,
+        max_batch: r.prompt_ids.len(),
+        max_step_tokens: total,
+        max_logit_rows: total,
+        ..Default::default()
+    }
+}
+
+/// The smallest budget the planner accepts for these options: about two layers plus the rest.
+fn minimum_budget(name: &str, r: &common::Reference) -> u64 {
+    let info = ModelInfo::open(&fixtures().join(name)).unwrap();
+    let e = info.plan(&options(Some(1), r)).unwrap_err();
+    match e {
+        airllm::Error::BudgetTooSmall { minimum, .. } => minimum,
+        other => panic!("expected BudgetTooSmall, got {other}"),
+    }
+}
+
+/// Logits for both prompts, computed in one batched step.
+fn batched_logits(engine: &mut Engine, r: &common::Reference) -> Vec<Vec<Vec<f32>>> {
+    let mut seqs: Vec<_> = r
+        .prompt_ids
+        .iter()
+        .map(|_| engine.new_sequence().unwrap())
+        .collect();
+    let mut batch: Vec<_> = seqs
+        .iter_mut()
+        .zip(&r.prompt_ids)
+        .map(|(s, p)| (s, p.as_slice()))
+        .collect();
+    engine
+        .step(&mut batch, LogitsFor::All)
+        .unwrap()
+        .into_iter()
+        .map(|t| t.to_vec2::<f32>().unwrap())
+        .collect()
+}
+
+fn max_abs_diff(a: &[Vec<Vec<f32>>], b: &[Vec<Vec<f32>>]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let mut m = 0f32;
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(x.len(), y.len());
+        for (u, v) in x.iter().zip(y) {
+            assert_eq!(u.len(), v.len());
+            for (p, q) in u.iter().zip(v) {
+                m = m.max((p - q).abs());
+            }
+        }
+    }
+    m
+}
+
+#[test]
+fn tokenizer_matches_transformers() {
+    for name in MODELS {
+        let r = reference(name);
+        let tok = TextTokenizer::from_dir(&fixtures().join(name)).unwrap();
+        for (p, ids) in r.prompts.iter().zip(&r.prompt_ids) {
+            assert_eq!(&tok.encode(p).unwrap(), ids, "{name}: token ids of {p:?}");
+        }
+    }
+}
+
+#[test]
+fn logits_match_transformers_resident_and_streamed() {
+    for name in MODELS {
+        let r = reference(name);
+        let dir = fixtures().join(name);
+        let mut resident = Engine::open(&dir, options(None, &r)).unwrap();
+        assert_eq!(resident.plan().streamed_layers, 0);
+        let got = batched_logits(&mut resident, &r);
+        let diff = max_abs_diff(&got, &r.logits);
+        // f32 math on both sides; bf16 checkpoints are compared against transformers running
+        // the same bf16 weights widened to f32, so the same bound holds.
+        assert!(diff <= 1e-4, "{name}: max abs logit diff {diff}");
+
+        let budget = minimum_budget(name, &r);
+        let mut streamed = Engine::open(&dir, options(Some(budget), &r)).unwrap();
+        assert!(
+            streamed.plan().streamed_layers >= 3,
+            "{name}: {}",
+            streamed.plan()
+        );
+        assert!(!streamed.plan().head_resident);
+        // Two sweeps, so the reader wraps around to the first layer.
+        for _ in 0..2 {
+            let s = batched_logits(&mut streamed, &r);
+            assert_eq!(s, got, "{name}: streamed run differs from resident run");
+        }
+        assert!(
+            streamed.ledger().peak() <= budget,
+            "{name}: ledger peak {} > budget {budget}",
+            streamed.ledger().peak()
+        );
+    }
+}
+
+#[test]
+fn greedy_tokens_match_transformers() {
+    for name in MODELS {
+        let r = reference(name);
+        let dir = fixtures().join(name);
+        let tok = TextTokenizer::from_dir(&dir).unwrap();
+        let params = GenerationParams {
+            max_new_tokens: 16,
+            ignore_eos: true,
+            ..Default::default()
+        };
+        // Resident; streamed at the minimum budget; and with the prefill split over several
+        // sweeps and attention over several query chunks.
+        let split = |mut o: EngineOptions| {
+            o.max_step_tokens = 7;
+            o.attention_scores_bytes = 3 * 4 * 64 * 5;
+            o
+        };
+        let configs = [
+            options(None, &r),
+            options(Some(minimum_budget(name, &r)), &r),
+            split(options(None, &r)),
+        ];
+        for opts in configs {
+            let budget = opts.max_memory;
+            let mut engine = Engine::open(&dir, opts).unwrap();
+            let out = generate(&mut engine, &tok, &r.prompt_ids, &params, |_, _| {}).unwrap();
+            for (c, want) in out.iter().zip(&r.greedy) {
+                assert_eq!(&c.token_ids, want, "{name} (budget {budget:?})");
+            }
+        }
+    }
+}
+
+#[test]
+fn chat_template_matches_transformers() {
+    let name = "qwen3-qknorm-headdim";
+    let r = reference(name);
+    let tok = TextTokenizer::from_dir(&fixtures().join(name)).unwrap();
+    let msgs: Vec<Message> = r.json["chat_messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| Message::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
+        .collect();
+    let t = ChatTemplate::new(
+        tok.chat_template.as_deref().unwrap(),
+        tok.bos_token.as_deref(),
+        tok.eos_token.as_deref(),
+    )
+    .unwrap();
+    let ids = tok.encode_special(&t.render(&msgs).unwrap()).unwrap();
+    let want: Vec<u32> = r.json["chat_token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(ids, want);
+}
+
+#[test]
+fn ledger_never_exceeds_a_two_layer_budget() {
+    let name = "llama-gqa2-llama3rope";
+    let r = reference(name);
+    let dir = fixtures().join(name);
+    let budget = minimum_budget(name, &r);
+    let info = ModelInfo::open(&dir).unwrap();
+    let layer = info.sizes.layer_params * 4;
+    let mut engine = Engine::open(&dir, options(Some(budget), &r)).unwrap();
+    let p = engine.plan().clone();
+    assert_eq!(p.resident_layers, 0, "{p}");
+    assert!(
+        budget < 3 * layer + p.kv_bytes + p.work_bytes + p.fixed_bytes + p.head_chunk_bytes,
+        "budget should fit about two layers"
+    );
+    let tok = TextTokenizer::from_dir(&dir).unwrap();
+    let params = GenerationParams {
+        max_new_tokens: 8,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    generate(&mut engine, &tok, &r.prompt_ids, &params, |_, _| {}).unwrap();
+    let peak = engine.ledger().peak();
+    assert!(peak <= budget, "peak {peak} > budget {budget}");
+    // The account is real: streaming two layers at once must show up in it.
+    assert!(
+        peak >= 2 * layer,
+        "peak {peak} does not cover two layers of {layer}"
+    );
+}

@@ -1,0 +1,265 @@
+#!/usr/bin/env python3
+"""Builds the tiny random-weight Hugging Face model folders under tests/fixtures/hf/ and records
+transformers' outputs on them, which the Rust tests compare against.
+
+Each folder holds config.json, safetensors weights, tokenizer.json, tokenizer_config.json,
+generation_config.json, and:
+  reference.json         prompts, their token ids (transformers' tokenizer), 16 greedy tokens each
+  reference.safetensors  logits_0, logits_1: transformers' logits for every prompt token, computed
+                         for both prompts in one right-padded batch
+
+Reference math is float32. For the bf16 checkpoint the reference is the bf16 weights widened to
+float32, which is exactly what the engine computes with on CPU.
+
+Versions are pinned in scripts/requirements-fixtures.txt. Run:
+    python3 -m venv .venv-fixtures && .venv-fixtures/bin/pip install -r scripts/requirements-fixtures.txt
+    .venv-fixtures/bin/python scripts/make_hf_fixtures.py
+"""
+import json
+import os
+import shutil
+import sys
+
+import torch
+import transformers
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "hf")
+
+CORPUS = """The quick brown fox jumps over the lazy dog. A layer is read from disk, computed for the
+whole batch, and dropped while the next one is already being read. Streaming lets a small machine run
+a model far larger than its memory. Once upon a time there was a little model that wanted to talk.
+It read one page at a time, and every page taught it something new about the world. Numbers like
+12, 345 and 6789 appear too, as do tabs\tand new lines.
+Café, naïve, résumé; 東京 and 😊 are rare but possible.
+""" * 4
+
+SPECIALS = ["<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>", "<|end|>"]
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] | trim }}<|end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+PROMPTS = [
+    "Once upon a time there was a little model that wanted to read every page of the world",
+    "The quick brown fox",
+]
+
+
+def build_tokenizer(bos_post_processor: bool) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([CORPUS], trainer)
+    if bos_post_processor:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+        )
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tok
+
+
+def randomize(model, std=0.15, embed_std=0.5):
+    g = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            elif "embed_tokens" in name or name.startswith("lm_head"):
+                p.copy_(embed_std * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(std * torch.randn(p.shape, generator=g))
+
+
+def to_old_keys(cfg: dict) -> dict:
+    """Rewrites a transformers-5 config.json in the transformers-4 style."""
+    out = dict(cfg)
+    rp = out.pop("rope_parameters", None)
+    if rp:
+        rp = dict(rp)
+        out["rope_theta"] = rp.pop("rope_theta")
+        kind = rp.get("rope_type", "default")
+        if kind == "default":
+            out["rope_scaling"] = None
+        else:
+            # transformers 4 wrote `type` for older scalings; keep both spellings covered.
+            if kind == "linear":
+                rp["type"] = rp.pop("rope_type")
+            out["rope_scaling"] = rp
+    if "dtype" in out:
+        out["torch_dtype"] = out.pop("dtype")
+    return out
+
+
+def make(name, arch, extra, *, tie, bos_post, add_bos, dtype=torch.float32, shard=None, old_keys=False, chat=False):
+    out = os.path.join(ROOT, name)
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    tok = build_tokenizer(bos_post)
+    tok.save(os.path.join(out, "tokenizer.json"))
+    tc = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "pad_token": "<pad>",
+        "add_bos_token": add_bos,
+        "model_max_length": 4096,
+    }
+    if chat:
+        tc["chat_template"] = CHAT_TEMPLATE
+    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+        json.dump(tc, f, indent=2)
+
+    cfg_cls = transformers.AutoConfig.for_model
+    base = dict(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        bos_token_id=tok.token_to_id("<s>"),
+        eos_token_id=tok.token_to_id("</s>"),
+        pad_token_id=tok.token_to_id("<pad>"),
+        tie_word_embeddings=tie,
+    )
+    base.update(extra)
+    config = cfg_cls(arch, **base)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").float()
+    randomize(model)
+    if tie:
+        model.tie_weights()
+    model.eval()
+
+    # Save in the checkpoint dtype, then compute the reference from exactly the saved weights.
+    model.to(dtype).save_pretrained(out, max_shard_size=shard or "5GB")
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=dtype, attn_implementation="eager").float().eval()
+    if old_keys:
+        p = os.path.join(out, "config.json")
+        with open(p) as f:
+            cfg = json.load(f)
+        with open(p, "w") as f:
+            json.dump(to_old_keys(cfg), f, indent=2)
+
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    ids = [hf_tok(p)["input_ids"] for p in PROMPTS]
+    lens = [len(i) for i in ids]
+    width = max(lens)
+    pad = tok.token_to_id("<pad>")
+    batch = torch.tensor([i + [pad] * (width - len(i)) for i in ids])
+    mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])
+    with torch.no_grad():
+        logits = model(input_ids=batch, attention_mask=mask).logits
+        tensors = {f"logits_{b}": logits[b, : lens[b]].contiguous() for b in range(len(ids))}
+        greedy = []
+        margins = []
+        for i in ids:
+            seq = list(i)
+            for _ in range(16):
+                last = model(input_ids=torch.tensor([seq])).logits[0, -1]
+                top = torch.topk(last, 2).values
+                margins.append(float(top[0] - top[1]))
+                seq.append(int(last.argmax()))
+            greedy.append(seq[len(i):])
+    save_file(tensors, os.path.join(out, "reference.safetensors"))
+    ref = {
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "prompts": PROMPTS,
+        "prompt_token_ids": ids,
+        "greedy_token_ids": greedy,
+        "min_greedy_margin": min(margins),
+    }
+    if chat:
+        msgs = [{"role": "user", "content": "Hello there"}]
+        ref["chat_messages"] = msgs
+        ref["chat_token_ids"] = hf_tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        if not isinstance(ref["chat_token_ids"], list):
+            ref["chat_token_ids"] = list(ref["chat_token_ids"]["input_ids"])
+    with open(os.path.join(out, "reference.json"), "w") as f:
+        json.dump(ref, f, indent=1)
+    print(f"{name}: prompt lengths {lens}, min greedy margin {min(margins):.4f}", file=sys.stderr)
+
+
+def main():
+    make(
+        "llama-gqa2-llama3rope",
+        "llama",
+        dict(
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=10000.0,
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=32,
+            )
+        ),
+        tie=False,
+        bos_post=True,
+        add_bos=True,
+    )
+    make(
+        "llama-mqa-tied-linear-bf16",
+        "llama",
+        dict(
+            num_key_value_heads=1,
+            attention_bias=True,
+            rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=2.0),
+        ),
+        tie=True,
+        bos_post=False,
+        add_bos=True,
+        dtype=torch.bfloat16,
+        old_keys=True,
+    )
+    make(
+        "mistral-sliding-window",
+        "mistral",
+        dict(sliding_window=5, rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+        tie=False,
+        bos_post=True,
+        add_bos=True,
+    )
+    make(
+        "qwen2-bias-mha-sharded",
+        "qwen2",
+        dict(num_key_value_heads=4, rope_parameters=dict(rope_type="default", rope_theta=1000000.0)),
+        tie=True,
+        bos_post=False,
+        add_bos=False,
+        shard="60KB",
+        old_keys=True,
+    )
+    make(
+        "qwen3-qknorm-headdim",
+        "qwen3",
+        dict(
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            head_dim=32,
+            rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
+        ),
+        tie=False,
+        bos_post=False,
+        add_bos=False,
+        chat=True,
+    )
+
+
+if __name__ == "__main__":
+    main()
