@@ -262,7 +262,7 @@ impl Block {
         s: &SeqRows,
         window: Option<usize>,
     ) -> Result<Tensor> {
-        let (nh, hd, n) = (self.num_heads, self.head_dim, s.len);
+        let (nh, n) = (self.num_heads, s.len);
         let total = k.dim(1)?;
         let v = v.contiguous()?;
         let chunk = query_chunk(self.scores_bytes, nh, total).min(n);
