@@ -35,6 +35,39 @@ enum Cmd {
     Chat(ChatArgs),
     /// Describe a model and the plan a memory budget would give.
     Inspect(InspectArgs),
+    /// Write a random-weight model of a named or explicit shape (for memory and speed tests).
+    Synth(SynthArgs),
+}
+
+#[derive(Args)]
+struct SynthArgs {
+    /// A named shape: llama-7b, llama-13b, mistral-7b, qwen2-7b, llama-70b, tiny.
+    #[arg(long, default_value = "tiny")]
+    shape: String,
+    /// Override the number of layers (e.g. a 70B shape with fewer layers).
+    #[arg(long)]
+    layers: Option<usize>,
+    #[arg(long)]
+    hidden: Option<usize>,
+    #[arg(long)]
+    intermediate: Option<usize>,
+    #[arg(long)]
+    heads: Option<usize>,
+    #[arg(long)]
+    kv_heads: Option<usize>,
+    #[arg(long)]
+    vocab: Option<usize>,
+    /// bf16, f16 or f32.
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+    /// Shard size, like the hub's 5GB.
+    #[arg(long, default_value = "5GB")]
+    shard_size: String,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output folder (must not exist).
+    #[arg(long, short = 'o')]
+    out: PathBuf,
 }
 
 #[derive(Args, Clone)]
@@ -154,6 +187,7 @@ fn main() -> ExitCode {
         Cmd::Run(a) => run(a),
         Cmd::Chat(a) => chat(a),
         Cmd::Inspect(a) => inspect(a),
+        Cmd::Synth(a) => synth(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -445,5 +479,37 @@ fn inspect(a: InspectArgs) -> Result<()> {
         Ok(p) => println!("{p}"),
         Err(e) => println!("plan: {e}"),
     }
+    Ok(())
+}
+
+fn synth(a: SynthArgs) -> Result<()> {
+    use airllm::synth::{preset, write_hf, PRESETS};
+    use airllm::weights::safetensors::DType;
+    let mut shape = preset(&a.shape)
+        .with_context(|| format!("--shape `{}` is not one of {}", a.shape, PRESETS.join(", ")))?;
+    shape.layers = a.layers.unwrap_or(shape.layers);
+    shape.hidden = a.hidden.unwrap_or(shape.hidden);
+    shape.intermediate = a.intermediate.unwrap_or(shape.intermediate);
+    shape.heads = a.heads.unwrap_or(shape.heads);
+    shape.kv_heads = a.kv_heads.unwrap_or(shape.kv_heads);
+    shape.vocab = a.vocab.unwrap_or(shape.vocab);
+    let dtype = match a.dtype.to_ascii_lowercase().as_str() {
+        "bf16" | "bfloat16" => DType::BF16,
+        "f16" | "float16" => DType::F16,
+        "f32" | "float32" => DType::F32,
+        other => bail!("--dtype `{other}`: expected bf16, f16 or f32"),
+    };
+    let shard = parse_size(&a.shard_size).context("--shard-size")?;
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}")
+            .expect("static template"),
+    );
+    write_hf(&shape, dtype, a.seed, shard, &a.out, |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    })?;
+    bar.finish_and_clear();
+    eprintln!("wrote {} ({shape:?}, {})", a.out.display(), dtype.name());
     Ok(())
 }

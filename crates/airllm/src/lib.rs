@@ -9,6 +9,7 @@ pub mod engine;
 pub mod error;
 pub mod model;
 pub mod stream;
+pub mod synth;
 pub mod util;
 pub mod weights;
 

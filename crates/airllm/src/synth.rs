@@ -1,0 +1,326 @@
+//! Synthetic models: random weights in the exact layout of a Hugging Face checkpoint, so memory
+//! and speed can be measured on 7B–70B shapes without downloading anything.
+//!
+//! Values are a pure function of the seed and the tensor's name, so a model is reproducible
+//! whatever order or sharding it is written in. Output goes to a temporary folder that is renamed
+//! into place only when complete.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use serde_json::json;
+
+use crate::config::Arch;
+use crate::error::{Error, Result};
+use crate::weights::safetensors::DType;
+
+#[derive(Debug, Clone)]
+pub struct SynthShape {
+    pub arch: Arch,
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub vocab: usize,
+    pub rope_theta: f64,
+    pub tie: bool,
+}
+
+/// Named shapes of well-known models.
+pub fn preset(name: &str) -> Option<SynthShape> {
+    let s = |arch, hidden, intermediate, layers, heads, kv_heads, vocab, rope_theta| SynthShape {
+        arch,
+        hidden,
+        intermediate,
+        layers,
+        heads,
+        kv_heads,
+        vocab,
+        rope_theta,
+        tie: false,
+    };
+    Some(match name {
+        "llama-7b" => s(Arch::Llama, 4096, 11008, 32, 32, 32, 32000, 10000.0),
+        "llama-13b" => s(Arch::Llama, 5120, 13824, 40, 40, 40, 32000, 10000.0),
+        "mistral-7b" => s(Arch::Mistral, 4096, 14336, 32, 32, 8, 32000, 1e6),
+        "qwen2-7b" => s(Arch::Qwen2, 3584, 18944, 28, 28, 4, 152064, 1e6),
+        "llama-70b" => s(Arch::Llama, 8192, 28672, 80, 64, 8, 128256, 500000.0),
+        "tiny" => s(Arch::Llama, 256, 688, 8, 8, 4, 512, 10000.0),
+        _ => return None,
+    })
+}
+
+pub const PRESETS: &[&str] = &["llama-7b", "llama-13b", "mistral-7b", "qwen2-7b", "llama-70b", "tiny"];
+
+impl SynthShape {
+    /// Every tensor of the checkpoint in execution order, with its shape.
+    pub fn tensors(&self) -> Vec<(String, Vec<usize>)> {
+        let hd = self.hidden / self.heads;
+        let (h, im) = (self.hidden, self.intermediate);
+        let mut t = vec![("model.embed_tokens.weight".to_string(), vec![self.vocab, h])];
+        for i in 0..self.layers {
+            let p = format!("model.layers.{i}");
+            t.push((format!("{p}.input_layernorm.weight"), vec![h]));
+            t.push((format!("{p}.self_attn.q_proj.weight"), vec![self.heads * hd, h]));
+            t.push((format!("{p}.self_attn.k_proj.weight"), vec![self.kv_heads * hd, h]));
+            t.push((format!("{p}.self_attn.v_proj.weight"), vec![self.kv_heads * hd, h]));
+            if self.arch == Arch::Qwen2 {
+                t.push((format!("{p}.self_attn.q_proj.bias"), vec![self.heads * hd]));
+                t.push((format!("{p}.self_attn.k_proj.bias"), vec![self.kv_heads * hd]));
+                t.push((format!("{p}.self_attn.v_proj.bias"), vec![self.kv_heads * hd]));
+            }
+            t.push((format!("{p}.self_attn.o_proj.weight"), vec![h, self.heads * hd]));
+            t.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+            t.push((format!("{p}.mlp.gate_proj.weight"), vec![im, h]));
+            t.push((format!("{p}.mlp.up_proj.weight"), vec![im, h]));
+            t.push((format!("{p}.mlp.down_proj.weight"), vec![h, im]));
+        }
+        t.push(("model.norm.weight".to_string(), vec![h]));
+        if !self.tie {
+            t.push(("lm_head.weight".to_string(), vec![self.vocab, h]));
+        }
+        t
+    }
+
+    fn config(&self, dtype: DType) -> serde_json::Value {
+        json!({
+            "architectures": [self.arch.hf_name()],
+            "model_type": match self.arch { Arch::Llama => "llama", Arch::Mistral => "mistral", Arch::Qwen2 => "qwen2", Arch::Qwen3 => "qwen3" },
+            "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "vocab_size": self.vocab,
+            "max_position_embeddings": 4096,
+            "rms_norm_eps": 1e-5,
+            "hidden_act": "silu",
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "tie_word_embeddings": self.tie,
+            "bos_token_id": 256,
+            "eos_token_id": 257,
+            "dtype": match dtype { DType::F32 => "float32", DType::F16 => "float16", DType::BF16 => "bfloat16" },
+        })
+    }
+}
+
+/// A fast deterministic generator (splitmix64), seeded per tensor.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+fn name_seed(seed: u64, name: &str) -> u64 {
+    // FNV-1a of the name, mixed with the seed.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    h ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+/// Writes `numel` values of tensor `name`: norms are 1, everything else uniform with std 0.02.
+fn write_values(w: &mut impl Write, name: &str, numel: usize, dtype: DType, seed: u64) -> std::io::Result<()> {
+    let is_norm = name.ends_with("norm.weight");
+    let mut rng = Rng(name_seed(seed, name));
+    let amp = 0.02f32 * 3f32.sqrt();
+    let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
+    let mut left = numel;
+    while left > 0 {
+        let n = left.min(1 << 18);
+        buf.clear();
+        for _ in 0..n {
+            let x = if is_norm {
+                1.0
+            } else {
+                ((rng.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp
+            };
+            match dtype {
+                DType::F32 => buf.extend_from_slice(&x.to_le_bytes()),
+                DType::F16 => buf.extend_from_slice(&half::f16::from_f32(x).to_le_bytes()),
+                DType::BF16 => buf.extend_from_slice(&half::bf16::from_f32(x).to_le_bytes()),
+            }
+        }
+        w.write_all(&buf)?;
+        left -= n;
+    }
+    Ok(())
+}
+
+/// A byte-level BPE tokenizer with no merges: every byte is a token, plus `<s>` and `</s>`.
+/// Enough for every command to run on a synthetic model.
+pub fn byte_tokenizer_json() -> serde_json::Value {
+    let mut vocab = serde_json::Map::new();
+    let mut extra = 0u32;
+    for b in 0u32..256 {
+        let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        let c = if printable {
+            char::from_u32(b).unwrap()
+        } else {
+            extra += 1;
+            char::from_u32(255 + extra).unwrap()
+        };
+        vocab.insert(c.to_string(), json!(b));
+    }
+    let special = |id: u32, s: &str| json!({"id": id, "content": s, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true});
+    json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [special(256, "<s>"), special(257, "</s>")],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "post_processor": {"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {"<s>": {"id": "<s>", "ids": [256], "tokens": ["<s>"]}}},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab, "merges": []}
+    })
+}
+
+/// Writes a synthetic Hugging Face folder to `out`. `progress(done, total)` is called with bytes.
+pub fn write_hf(
+    shape: &SynthShape,
+    dtype: DType,
+    seed: u64,
+    shard_bytes: u64,
+    out: &Path,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<()> {
+    if shape.heads == 0 || shape.kv_heads == 0 || shape.hidden % shape.heads != 0 || shape.heads % shape.kv_heads != 0 {
+        return Err(Error::Invalid(format!(
+            "shape: hidden {} must divide by heads {}, which must divide by kv heads {}",
+            shape.hidden, shape.heads, shape.kv_heads
+        )));
+    }
+    if out.exists() {
+        return Err(Error::file(out, "already exists; remove it or choose another --out"));
+    }
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !parent.is_dir() {
+        return Err(Error::file(parent, "folder does not exist"));
+    }
+    let tmp: PathBuf = parent.join(format!(
+        ".{}.partial",
+        out.file_name().and_then(|n| n.to_str()).unwrap_or("synth")
+    ));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::file(&tmp, format!("cannot create: {e}")))?;
+    let r = write_into(shape, dtype, seed, shard_bytes, &tmp, &mut progress);
+    if let Err(e) = r {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, out).map_err(|e| Error::file(out, format!("cannot rename into place: {e}")))
+}
+
+fn write_into(
+    shape: &SynthShape,
+    dtype: DType,
+    seed: u64,
+    shard_bytes: u64,
+    dir: &Path,
+    progress: &mut impl FnMut(u64, u64),
+) -> Result<()> {
+    let tensors = shape.tensors();
+    let es = dtype.size() as u64;
+    let total: u64 = tensors.iter().map(|(_, s)| s.iter().product::<usize>() as u64 * es).sum();
+    // Group tensors into shards of about `shard_bytes`, as transformers' save_pretrained does.
+    let mut shards: Vec<Vec<usize>> = vec![vec![]];
+    let mut cur = 0u64;
+    for (i, (_, s)) in tensors.iter().enumerate() {
+        let b = s.iter().product::<usize>() as u64 * es;
+        if cur > 0 && cur + b > shard_bytes {
+            shards.push(vec![]);
+            cur = 0;
+        }
+        shards.last_mut().unwrap().push(i);
+        cur += b;
+    }
+    let n = shards.len();
+    let io = |p: &Path, e: std::io::Error| Error::file(p, format!("write failed: {e}"));
+    let mut weight_map = serde_json::Map::new();
+    let mut done = 0u64;
+    for (k, members) in shards.iter().enumerate() {
+        let fname = if n == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", k + 1, n)
+        };
+        let path = dir.join(&fname);
+        let mut header = serde_json::Map::new();
+        let mut off = 0u64;
+        for &i in members {
+            let (name, s) = &tensors[i];
+            let b = s.iter().product::<usize>() as u64 * es;
+            header.insert(name.clone(), json!({"dtype": dtype.name(), "shape": s, "data_offsets": [off, off + b]}));
+            off += b;
+            weight_map.insert(name.clone(), json!(fname));
+        }
+        let mut h = serde_json::to_vec(&header).map_err(|e| Error::Invalid(e.to_string()))?;
+        while !h.len().is_multiple_of(8) {
+            h.push(b' ');
+        }
+        let f = File::create(&path).map_err(|e| io(&path, e))?;
+        let mut w = BufWriter::with_capacity(4 << 20, f);
+        w.write_all(&(h.len() as u64).to_le_bytes()).map_err(|e| io(&path, e))?;
+        w.write_all(&h).map_err(|e| io(&path, e))?;
+        for &i in members {
+            let (name, s) = &tensors[i];
+            let numel = s.iter().product::<usize>();
+            write_values(&mut w, name, numel, dtype, seed).map_err(|e| io(&path, e))?;
+            done += numel as u64 * es;
+            progress(done, total);
+        }
+        w.flush().map_err(|e| io(&path, e))?;
+    }
+    let write_json = |name: &str, v: &serde_json::Value| -> Result<()> {
+        let p = dir.join(name);
+        std::fs::write(&p, serde_json::to_string_pretty(v).unwrap()).map_err(|e| io(&p, e))
+    };
+    if n > 1 {
+        write_json(
+            "model.safetensors.index.json",
+            &json!({"metadata": {"total_size": total}, "weight_map": weight_map}),
+        )?;
+    }
+    write_json("config.json", &shape.config(dtype))?;
+    write_json("generation_config.json", &json!({"bos_token_id": 256, "eos_token_id": 257}))?;
+    write_json("tokenizer.json", &byte_tokenizer_json())?;
+    write_json(
+        "tokenizer_config.json",
+        &json!({"bos_token": "<s>", "eos_token": "</s>", "model_max_length": 4096,
+                "chat_template": "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"}),
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_tokenizer_round_trips() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("tokenizer.json");
+        std::fs::write(&p, byte_tokenizer_json().to_string()).unwrap();
+        let t = tokenizers::Tokenizer::from_file(&p).unwrap();
+        let text = "Héllo, wörld!\n\t東京 😊";
+        let ids = t.encode(text, true).unwrap().get_ids().to_vec();
+        assert_eq!(ids[0], 256);
+        assert_eq!(ids.len(), 1 + text.len());
+        assert_eq!(t.decode(&ids, true).unwrap(), text);
+    }
+}
