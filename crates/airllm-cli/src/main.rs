@@ -16,6 +16,9 @@ use airllm::{Engine, EngineOptions, ModelInfo};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
+#[global_allocator]
+static ALLOC: airllm::alloc::LargePageAlloc = airllm::alloc::LargePageAlloc;
+
 #[derive(Parser)]
 #[command(
     name = "airllm",
@@ -174,7 +177,6 @@ struct InspectArgs {
 }
 
 fn main() -> ExitCode {
-    tune_allocator();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -195,16 +197,6 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// Large buffers (layers, KV caches) are allocated and freed every token. A fixed mmap threshold
-/// makes glibc return them to the kernel at once instead of keeping them in its heap, so the
-/// process's resident size follows the engine's own accounting.
-fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
     }
 }
 
@@ -502,8 +494,10 @@ fn synth(a: SynthArgs) -> Result<()> {
     let shard = parse_size(&a.shard_size).context("--shard-size")?;
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}")
-            .expect("static template"),
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+        )
+        .expect("static template"),
     );
     write_hf(&shape, dtype, a.seed, shard, &a.out, |done, total| {
         bar.set_length(total);

@@ -18,6 +18,7 @@ use crate::model::{Block, LayerKv, LayerWeights, Rope, SeqRows};
 use crate::stream::reader::load_layer;
 use crate::stream::{Charge, Ledger, Plan, PlanInput, Prefetcher};
 use crate::weights::names::{hf_layer, HF_EMBED, HF_FINAL_NORM, HF_LM_HEAD};
+use crate::weights::safetensors::STAGING_ELEMS;
 use crate::weights::{SafetensorsSource, WeightSource};
 
 /// How the engine is sized. The plan reserves memory for `max_batch` sequences of `context`
@@ -137,7 +138,6 @@ pub struct Engine {
     resident: Vec<Option<LayerWeights>>,
     streamed: Vec<usize>,
     layer_bytes: u64,
-    transient: u64,
     prefetch: Option<Prefetcher>,
     _held: Vec<Charge>,
     pub prefill_profile: Profile,
@@ -151,7 +151,8 @@ pub struct ModelSizes {
     pub file_bytes: u64,
     pub layer_params: u64,
     pub layer_file_bytes: u64,
-    pub largest_layer_tensor_file_bytes: u64,
+    /// Bytes of the staging buffer each reading thread keeps for 16-bit tensors.
+    pub staging_bytes: u64,
     pub head_file_bytes: u64,
     pub dtypes: Vec<&'static str>,
 }
@@ -163,7 +164,7 @@ impl ModelSizes {
             file_bytes: 0,
             layer_params: 0,
             layer_file_bytes: 0,
-            largest_layer_tensor_file_bytes: 0,
+            staging_bytes: 0,
             head_file_bytes: 0,
             dtypes: vec![],
         };
@@ -186,8 +187,8 @@ impl ModelSizes {
                     s.layer_params += m.numel() as u64;
                     s.layer_file_bytes += m.file_bytes;
                     if m.dtype != "F32" {
-                        s.largest_layer_tensor_file_bytes =
-                            s.largest_layer_tensor_file_bytes.max(m.file_bytes);
+                        let staging = m.file_bytes.min(2 * STAGING_ELEMS as u64);
+                        s.staging_bytes = s.staging_bytes.max(staging);
                     }
                 }
             }
@@ -277,13 +278,14 @@ impl ModelInfo {
             num_layers: c.num_layers,
             layer_bytes: self.sizes.layer_params * 4,
             layer_file_bytes: self.sizes.layer_file_bytes,
-            layer_transient_bytes: self.sizes.largest_layer_tensor_file_bytes,
             vocab: c.vocab_size,
             hidden: c.hidden_size,
             head_file_bytes: self.sizes.head_file_bytes,
             kv_bytes: kv_per_seq * opts.max_batch as u64,
             work_bytes: work_bytes(c, opts),
-            fixed_bytes: (c.hidden_size * 4 + 2 * opts.max_step_tokens * half * 4) as u64,
+            // The final norm, rope tables, and a staging buffer on the compute and reader threads.
+            fixed_bytes: (c.hidden_size * 4 + 2 * opts.max_step_tokens * half * 4) as u64
+                + 2 * self.sizes.staging_bytes,
         }
     }
 }
@@ -322,7 +324,6 @@ impl Engine {
         let device = opts.device.clone();
         let ledger = Ledger::new(plan.budget);
         let layer_bytes = sizes.layer_params * 4;
-        let transient = sizes.largest_layer_tensor_file_bytes;
         // The working set and fixed tensors are held for the engine's life.
         let mut held = vec![ledger.charge(plan.work_bytes + plan.fixed_bytes)];
         let final_norm = src.load(HF_FINAL_NORM, &device)?;
@@ -335,15 +336,8 @@ impl Engine {
         let mut resident = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             if i < plan.resident_layers {
-                let (w, charge, _) = load_layer(
-                    &cfg,
-                    src.as_ref(),
-                    &ledger,
-                    layer_bytes,
-                    transient,
-                    i,
-                    &device,
-                )?;
+                let (w, charge, _) =
+                    load_layer(&cfg, src.as_ref(), &ledger, layer_bytes, i, &device)?;
                 held.push(charge);
                 resident.push(Some(w));
             } else {
@@ -372,7 +366,6 @@ impl Engine {
             resident,
             streamed,
             layer_bytes,
-            transient,
             prefetch: None,
             _held: held,
         };
@@ -390,7 +383,6 @@ impl Engine {
                 self.streamed.clone(),
                 self.ledger.clone(),
                 self.layer_bytes,
-                self.transient,
                 self.device.clone(),
             ));
         }

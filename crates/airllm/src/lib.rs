@@ -16,6 +16,7 @@ pub mod weights;
 pub use config::{Arch, ModelConfig};
 pub use engine::{Engine, EngineOptions, LogitsFor, ModelInfo, Sequence};
 pub use error::{Error, Result};
+pub mod alloc;
 pub mod chat;
 pub mod generate;
 pub mod hub;

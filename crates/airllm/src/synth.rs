@@ -52,7 +52,14 @@ pub fn preset(name: &str) -> Option<SynthShape> {
     })
 }
 
-pub const PRESETS: &[&str] = &["llama-7b", "llama-13b", "mistral-7b", "qwen2-7b", "llama-70b", "tiny"];
+pub const PRESETS: &[&str] = &[
+    "llama-7b",
+    "llama-13b",
+    "mistral-7b",
+    "qwen2-7b",
+    "llama-70b",
+    "tiny",
+];
 
 impl SynthShape {
     /// Every tensor of the checkpoint in execution order, with its shape.
@@ -63,15 +70,33 @@ impl SynthShape {
         for i in 0..self.layers {
             let p = format!("model.layers.{i}");
             t.push((format!("{p}.input_layernorm.weight"), vec![h]));
-            t.push((format!("{p}.self_attn.q_proj.weight"), vec![self.heads * hd, h]));
-            t.push((format!("{p}.self_attn.k_proj.weight"), vec![self.kv_heads * hd, h]));
-            t.push((format!("{p}.self_attn.v_proj.weight"), vec![self.kv_heads * hd, h]));
+            t.push((
+                format!("{p}.self_attn.q_proj.weight"),
+                vec![self.heads * hd, h],
+            ));
+            t.push((
+                format!("{p}.self_attn.k_proj.weight"),
+                vec![self.kv_heads * hd, h],
+            ));
+            t.push((
+                format!("{p}.self_attn.v_proj.weight"),
+                vec![self.kv_heads * hd, h],
+            ));
             if self.arch == Arch::Qwen2 {
                 t.push((format!("{p}.self_attn.q_proj.bias"), vec![self.heads * hd]));
-                t.push((format!("{p}.self_attn.k_proj.bias"), vec![self.kv_heads * hd]));
-                t.push((format!("{p}.self_attn.v_proj.bias"), vec![self.kv_heads * hd]));
+                t.push((
+                    format!("{p}.self_attn.k_proj.bias"),
+                    vec![self.kv_heads * hd],
+                ));
+                t.push((
+                    format!("{p}.self_attn.v_proj.bias"),
+                    vec![self.kv_heads * hd],
+                ));
             }
-            t.push((format!("{p}.self_attn.o_proj.weight"), vec![h, self.heads * hd]));
+            t.push((
+                format!("{p}.self_attn.o_proj.weight"),
+                vec![h, self.heads * hd],
+            ));
             t.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
             t.push((format!("{p}.mlp.gate_proj.weight"), vec![im, h]));
             t.push((format!("{p}.mlp.up_proj.weight"), vec![im, h]));
@@ -129,7 +154,13 @@ fn name_seed(seed: u64, name: &str) -> u64 {
 }
 
 /// Writes `numel` values of tensor `name`: norms are 1, everything else uniform with std 0.02.
-fn write_values(w: &mut impl Write, name: &str, numel: usize, dtype: DType, seed: u64) -> std::io::Result<()> {
+fn write_values(
+    w: &mut impl Write,
+    name: &str,
+    numel: usize,
+    dtype: DType,
+    seed: u64,
+) -> std::io::Result<()> {
     let is_norm = name.ends_with("norm.weight");
     let mut rng = Rng(name_seed(seed, name));
     let amp = 0.02f32 * 3f32.sqrt();
@@ -162,7 +193,8 @@ pub fn byte_tokenizer_json() -> serde_json::Value {
     let mut vocab = serde_json::Map::new();
     let mut extra = 0u32;
     for b in 0u32..256 {
-        let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        let printable =
+            (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
         let c = if printable {
             char::from_u32(b).unwrap()
         } else {
@@ -199,16 +231,26 @@ pub fn write_hf(
     out: &Path,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<()> {
-    if shape.heads == 0 || shape.kv_heads == 0 || shape.hidden % shape.heads != 0 || shape.heads % shape.kv_heads != 0 {
+    if shape.heads == 0
+        || shape.kv_heads == 0
+        || !shape.hidden.is_multiple_of(shape.heads)
+        || !shape.heads.is_multiple_of(shape.kv_heads)
+    {
         return Err(Error::Invalid(format!(
             "shape: hidden {} must divide by heads {}, which must divide by kv heads {}",
             shape.hidden, shape.heads, shape.kv_heads
         )));
     }
     if out.exists() {
-        return Err(Error::file(out, "already exists; remove it or choose another --out"));
+        return Err(Error::file(
+            out,
+            "already exists; remove it or choose another --out",
+        ));
     }
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     if !parent.is_dir() {
         return Err(Error::file(parent, "folder does not exist"));
     }
@@ -223,7 +265,8 @@ pub fn write_hf(
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
-    std::fs::rename(&tmp, out).map_err(|e| Error::file(out, format!("cannot rename into place: {e}")))
+    std::fs::rename(&tmp, out)
+        .map_err(|e| Error::file(out, format!("cannot rename into place: {e}")))
 }
 
 fn write_into(
@@ -236,7 +279,10 @@ fn write_into(
 ) -> Result<()> {
     let tensors = shape.tensors();
     let es = dtype.size() as u64;
-    let total: u64 = tensors.iter().map(|(_, s)| s.iter().product::<usize>() as u64 * es).sum();
+    let total: u64 = tensors
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>() as u64 * es)
+        .sum();
     // Group tensors into shards of about `shard_bytes`, as transformers' save_pretrained does.
     let mut shards: Vec<Vec<usize>> = vec![vec![]];
     let mut cur = 0u64;
@@ -265,7 +311,10 @@ fn write_into(
         for &i in members {
             let (name, s) = &tensors[i];
             let b = s.iter().product::<usize>() as u64 * es;
-            header.insert(name.clone(), json!({"dtype": dtype.name(), "shape": s, "data_offsets": [off, off + b]}));
+            header.insert(
+                name.clone(),
+                json!({"dtype": dtype.name(), "shape": s, "data_offsets": [off, off + b]}),
+            );
             off += b;
             weight_map.insert(name.clone(), json!(fname));
         }
@@ -275,7 +324,8 @@ fn write_into(
         }
         let f = File::create(&path).map_err(|e| io(&path, e))?;
         let mut w = BufWriter::with_capacity(4 << 20, f);
-        w.write_all(&(h.len() as u64).to_le_bytes()).map_err(|e| io(&path, e))?;
+        w.write_all(&(h.len() as u64).to_le_bytes())
+            .map_err(|e| io(&path, e))?;
         w.write_all(&h).map_err(|e| io(&path, e))?;
         for &i in members {
             let (name, s) = &tensors[i];
@@ -297,7 +347,10 @@ fn write_into(
         )?;
     }
     write_json("config.json", &shape.config(dtype))?;
-    write_json("generation_config.json", &json!({"bos_token_id": 256, "eos_token_id": 257}))?;
+    write_json(
+        "generation_config.json",
+        &json!({"bos_token_id": 256, "eos_token_id": 257}),
+    )?;
     write_json("tokenizer.json", &byte_tokenizer_json())?;
     write_json(
         "tokenizer_config.json",

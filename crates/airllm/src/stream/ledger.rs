@@ -79,15 +79,6 @@ impl Charge {
     pub fn bytes(&self) -> u64 {
         self.bytes
     }
-
-    /// Releases part of the charge, for buffers that were only needed while loading.
-    pub fn shrink_to(&mut self, bytes: u64) {
-        let bytes = bytes.min(self.bytes);
-        self.ledger
-            .held
-            .fetch_sub(self.bytes - bytes, Ordering::SeqCst);
-        self.bytes = bytes;
-    }
 }
 
 impl Drop for Charge {

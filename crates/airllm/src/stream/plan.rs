@@ -12,8 +12,6 @@ pub struct PlanInput {
     pub num_layers: usize,
     pub layer_bytes: u64,
     pub layer_file_bytes: u64,
-    /// Extra bytes held while a layer is being converted (the largest raw tensor).
-    pub layer_transient_bytes: u64,
     pub vocab: usize,
     pub hidden: usize,
     pub head_file_bytes: u64,
@@ -52,7 +50,6 @@ impl Plan {
             .clamp(1, inp.vocab as u64) as usize;
         let head_chunk_bytes = (chunk_rows * inp.hidden * 4) as u64;
         let base = inp.kv_bytes + inp.work_bytes + inp.fixed_bytes;
-        let per_inflight = inp.layer_bytes + inp.layer_transient_bytes;
         let all_resident = inp.num_layers as u64 * inp.layer_bytes + head_bytes + base;
         let make = |resident: usize, head_resident: bool, inflight: u64, minimum: u64| {
             let streamed = inp.num_layers - resident;
@@ -78,7 +75,7 @@ impl Plan {
             }
         };
         // Streaming needs the layer being computed and the one being read, plus a head chunk.
-        let inflight = 2 * per_inflight;
+        let inflight = 2 * inp.layer_bytes;
         let minimum = (inflight + base + head_chunk_bytes).min(all_resident);
         if all_resident <= budget {
             return Ok(make(inp.num_layers, true, 0, minimum));
@@ -176,7 +173,6 @@ mod tests {
             num_layers: 10,
             layer_bytes: 1000,
             layer_file_bytes: 500,
-            layer_transient_bytes: 100,
             vocab: 100,
             hidden: 10,
             head_file_bytes: 2000,

@@ -35,16 +35,13 @@ pub fn load_layer(
     src: &dyn WeightSource,
     ledger: &Arc<Ledger>,
     layer_bytes: u64,
-    transient: u64,
     index: usize,
     device: &Device,
 ) -> Result<(LayerWeights, Charge, Duration)> {
-    let mut charge = ledger.charge(layer_bytes + transient);
+    let charge = ledger.charge(layer_bytes);
     let t = Instant::now();
     let weights = LayerWeights::load(cfg, src, index, device)?;
-    let read_time = t.elapsed();
-    charge.shrink_to(layer_bytes);
-    Ok((weights, charge, read_time))
+    Ok((weights, charge, t.elapsed()))
 }
 
 impl Prefetcher {
@@ -54,7 +51,6 @@ impl Prefetcher {
         order: Vec<usize>,
         ledger: Arc<Ledger>,
         layer_bytes: u64,
-        transient: u64,
         device: Device,
     ) -> Self {
         let (tx, rx) = sync_channel::<Result<LoadedLayer>>(0);
@@ -62,20 +58,13 @@ impl Prefetcher {
             .name("airllm-reader".into())
             .spawn(move || loop {
                 for &i in &order {
-                    let msg = load_layer(
-                        &cfg,
-                        src.as_ref(),
-                        &ledger,
-                        layer_bytes,
-                        transient,
-                        i,
-                        &device,
-                    )
-                    .map(|(weights, charge, read_time)| LoadedLayer {
-                        weights,
-                        read_time,
-                        _charge: charge,
-                    });
+                    let msg = load_layer(&cfg, src.as_ref(), &ledger, layer_bytes, i, &device).map(
+                        |(weights, charge, read_time)| LoadedLayer {
+                            weights,
+                            read_time,
+                            _charge: charge,
+                        },
+                    );
                     let failed = msg.is_err();
                     // The receiver is gone when the engine is dropped or restarts the reader.
                     if tx.send(msg).is_err() || failed {

@@ -193,37 +193,59 @@ pub fn read_f32(
             Ok(out)
         }
         DType::F16 | DType::BF16 => {
-            let mut raw = vec![0u16; count];
-            shard
-                .file
-                .read_exact_at(bytemuck::cast_slice_mut(&mut raw), at)
-                .map_err(io_err)?;
-            Ok(widen_16(&raw, info.dtype))
+            // Read through a small reused staging buffer and widen straight into the output, so
+            // the raw 16-bit copy of a tensor never exists whole.
+            let mut out: Vec<f32> = Vec::with_capacity(count);
+            STAGING.with(|st| -> Result<()> {
+                let mut st = st.borrow_mut();
+                let mut done = 0;
+                while done < count {
+                    let n = (count - done).min(STAGING_ELEMS);
+                    let want = n.max(st.len());
+                    st.resize(want, 0);
+                    let raw = &mut st[..n];
+                    shard
+                        .file
+                        .read_exact_at(bytemuck::cast_slice_mut(raw), at + (done * es) as u64)
+                        .map_err(io_err)?;
+                    widen_16(raw, &mut out.spare_capacity_mut()[..n], info.dtype);
+                    // SAFETY: widen_16 initialised the n elements after the current length.
+                    unsafe { out.set_len(done + n) };
+                    done += n;
+                }
+                Ok(())
+            })?;
+            Ok(out)
         }
     }
 }
 
+/// Elements of the per-thread staging buffer for 16-bit reads (8 MiB).
+pub const STAGING_ELEMS: usize = 4 << 20;
+
+thread_local! {
+    static STAGING: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Widens 16-bit floats to f32 in parallel chunks: on a 7B layer this is ~200M elements a
 /// token, so it must not run on one core.
-fn widen_16(raw: &[u16], dtype: DType) -> Vec<f32> {
+fn widen_16(raw: &[u16], out: &mut [std::mem::MaybeUninit<f32>], dtype: DType) {
     use rayon::prelude::*;
-    let mut out = vec![0f32; raw.len()];
     const CHUNK: usize = 1 << 16;
     out.par_chunks_mut(CHUNK)
         .zip(raw.par_chunks(CHUNK))
         .for_each(|(o, r)| match dtype {
             DType::BF16 => {
                 for (o, &r) in o.iter_mut().zip(r) {
-                    *o = f32::from_bits((r as u32) << 16);
+                    o.write(f32::from_bits((r as u32) << 16));
                 }
             }
             _ => {
                 for (o, &r) in o.iter_mut().zip(r) {
-                    *o = half::f16::from_bits(r).to_f32();
+                    o.write(half::f16::from_bits(r).to_f32());
                 }
             }
         });
-    out
 }
 
 /// All tensors of a checkpoint, by name, across its shards.
