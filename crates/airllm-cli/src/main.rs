@@ -207,17 +207,29 @@ fn budget(s: &Option<String>) -> Result<Option<u64>> {
         .context("--max-memory")
 }
 
-fn params(s: &SampleArgs, max_new_tokens: usize) -> GenerationParams {
+fn params(s: &SampleArgs, max_new_tokens: usize) -> Result<GenerationParams> {
+    if !(s.temperature.is_finite() && s.temperature >= 0.0) {
+        bail!("--temperature {} must be a number >= 0", s.temperature);
+    }
+    if !(s.top_p > 0.0 && s.top_p <= 1.0) {
+        bail!("--top-p {} must be in (0, 1]", s.top_p);
+    }
+    if !(0.0..=1.0).contains(&s.min_p) {
+        bail!("--min-p {} must be in [0, 1]", s.min_p);
+    }
+    if !(s.repeat_penalty.is_finite() && s.repeat_penalty > 0.0) {
+        bail!("--repeat-penalty {} must be a number > 0", s.repeat_penalty);
+    }
+    if s.stop.iter().any(String::is_empty) {
+        bail!("--stop: a stop string must not be empty");
+    }
     let seed = s.seed.unwrap_or_else(|| {
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
-        if s.temperature > 0.0 {
-            eprintln!("seed: {seed}");
-        }
         seed
     });
-    GenerationParams {
+    Ok(GenerationParams {
         max_new_tokens,
         sampling: SamplingParams {
             temperature: s.temperature,
@@ -229,7 +241,7 @@ fn params(s: &SampleArgs, max_new_tokens: usize) -> GenerationParams {
         },
         stop_strings: s.stop.clone(),
         ignore_eos: s.ignore_eos,
-    }
+    })
 }
 
 fn open_model(m: &ModelArgs) -> Result<(ModelInfo, TextTokenizer)> {
@@ -286,7 +298,11 @@ fn run(a: RunArgs) -> Result<()> {
         })
         .collect::<Result<_>>()?;
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let context = a.model.ctx_size.unwrap_or(longest + a.max_new_tokens + 1);
+    let gp = params(&a.sample, a.max_new_tokens)?;
+    let context = a
+        .model
+        .ctx_size
+        .unwrap_or(longest.saturating_add(a.max_new_tokens).saturating_add(1));
     let opts = EngineOptions {
         max_memory: budget(&a.model.max_memory)?,
         context,
@@ -301,7 +317,12 @@ fn run(a: RunArgs) -> Result<()> {
         ..Default::default()
     };
     let mut engine = start_engine(info, &a.model, opts)?;
-    let gp = params(&a.sample, a.max_new_tokens);
+    if a.sample.seed.is_none() && gp.sampling.temperature > 0.0 {
+        eprintln!(
+            "seed: {} (pass --seed to repeat this run)",
+            gp.sampling.seed
+        );
+    }
     let t = Instant::now();
     let stream = !a.json;
     let mut stdout = std::io::stdout();
@@ -343,6 +364,7 @@ fn chat(a: ChatArgs) -> Result<()> {
     if tok.chat_template.is_none() {
         bail!("this model has no chat_template in tokenizer_config.json");
     }
+    let gp = params(&a.sample, a.max_new_tokens)?;
     let context = a
         .model
         .ctx_size
@@ -356,7 +378,12 @@ fn chat(a: ChatArgs) -> Result<()> {
         ..Default::default()
     };
     let mut engine = start_engine(info, &a.model, opts)?;
-    let gp = params(&a.sample, a.max_new_tokens);
+    if a.sample.seed.is_none() && gp.sampling.temperature > 0.0 {
+        eprintln!(
+            "seed: {} (pass --seed to repeat this run)",
+            gp.sampling.seed
+        );
+    }
     let mut messages: Vec<Message> = a.system.iter().map(|s| Message::new("system", s)).collect();
     let mut seq = engine.new_sequence()?;
     // The token ids whose keys and values are in `seq`, to reuse the shared prefix each turn.
@@ -403,12 +430,18 @@ fn chat(a: ChatArgs) -> Result<()> {
                 let _ = stdout.flush();
             },
         );
-        if out.is_err() {
-            // A failed step leaves the cache half-written: start the next turn from scratch.
-            seq.truncate(0);
-            cached.clear();
-        }
-        let c = out.as_mut().map_err(|e| anyhow::anyhow!("{e}"))?.remove(0);
+        let c = match out.as_mut() {
+            Ok(list) => list.remove(0),
+            Err(e) => {
+                // A failed step leaves the cache half-written: drop this turn, start the next
+                // from an empty cache, and keep the REPL alive.
+                eprintln!("error: {e}");
+                messages.pop();
+                seq.truncate(0);
+                cached.clear();
+                continue;
+            }
+        };
         println!();
         report::summary(&engine, c.token_ids.len(), t.elapsed());
         cached = prompt;
@@ -467,10 +500,7 @@ fn inspect(a: InspectArgs) -> Result<()> {
         max_logit_rows: a.batch,
         ..Default::default()
     };
-    match info.plan(&opts) {
-        Ok(p) => println!("{p}"),
-        Err(e) => println!("plan: {e}"),
-    }
+    println!("{}", info.plan(&opts)?);
     Ok(())
 }
 

@@ -3,6 +3,9 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+#[path = "../../../tests/support/broken.rs"]
+mod broken;
+
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/fixtures/hf")
@@ -218,4 +221,106 @@ fn chat_keeps_the_conversation() {
     assert!(out.status.success(), "{stderr}");
     // One summary line per turn.
     assert_eq!(stderr.matches("generated").count(), 2, "{stderr}");
+}
+
+#[test]
+fn broken_models_exit_nonzero_with_a_one_line_error() {
+    for (what, _tmp, dir, needles) in broken::cases() {
+        for cmd in ["run", "inspect"] {
+            let mut args = vec![cmd, "-m", dir.to_str().unwrap(), "--max-memory", "64MiB"];
+            if cmd == "run" {
+                args.extend(["-p", "hello", "-n", "2"]);
+            }
+            let out = airllm(&args);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{what} ({cmd}): {stderr}");
+            assert!(!stderr.contains("panicked"), "{what} ({cmd}): {stderr}");
+            let last = stderr.trim_end().lines().last().unwrap_or("");
+            assert!(last.starts_with("error: "), "{what} ({cmd}): {stderr}");
+            for n in &needles {
+                assert!(
+                    last.contains(n.as_str()),
+                    "{what} ({cmd}): `{last}` lacks `{n}`"
+                );
+            }
+            if cmd == "run" {
+                assert!(out.stdout.is_empty(), "{what}: output on stdout");
+            }
+        }
+    }
+}
+
+#[test]
+fn stop_strings_and_eos_finish_with_stop() {
+    let name = "llama-gqa2-llama3rope";
+    let r = reference(name);
+    let m = fixture(name);
+    let p0 = r["prompts"][0].as_str().unwrap();
+    // The greedy continuation is known; stop on a piece of its text.
+    let full = airllm(&[
+        "run",
+        "-m",
+        m.to_str().unwrap(),
+        "-p",
+        p0,
+        "-n",
+        "16",
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--json",
+        "--max-memory",
+        "64MiB",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&full.stdout).unwrap();
+    let text = v["text"].as_str().unwrap().to_string();
+    let cut = text
+        .char_indices()
+        .nth(text.chars().count() / 2)
+        .map(|(i, _)| i)
+        .unwrap();
+    let stop: String = text[cut..].chars().take(3).collect();
+    assert!(!stop.is_empty());
+    let out = airllm(&[
+        "run",
+        "-m",
+        m.to_str().unwrap(),
+        "-p",
+        p0,
+        "-n",
+        "16",
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--json",
+        "--stop",
+        &stop,
+        "--max-memory",
+        "64MiB",
+    ]);
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s["finish_reason"], "stop");
+    let want = &text[..text.find(&stop).unwrap()];
+    assert_eq!(s["text"].as_str().unwrap(), want);
+    // Streaming (without --json) prints the same text, never the stop string.
+    let plain = airllm(&[
+        "run",
+        "-m",
+        m.to_str().unwrap(),
+        "-p",
+        p0,
+        "-n",
+        "16",
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--stop",
+        &stop,
+        "--max-memory",
+        "64MiB",
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&plain.stdout).trim_end_matches('\n'),
+        want
+    );
 }

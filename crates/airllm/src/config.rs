@@ -204,11 +204,17 @@ impl ModelConfig {
             }
         };
 
-        let hidden_size = r.usize_req("hidden_size")?;
-        let intermediate_size = r.usize_req("intermediate_size")?;
-        let num_layers = r.usize_req("num_hidden_layers")?;
-        let num_heads = r.usize_req("num_attention_heads")?;
-        let vocab_size = r.usize_req("vocab_size")?;
+        let positive = |key: &str| -> Result<usize> {
+            match r.usize_req(key)? {
+                0 => Err(Error::config(path, key, "must be at least 1")),
+                n => Ok(n),
+            }
+        };
+        let hidden_size = positive("hidden_size")?;
+        let intermediate_size = positive("intermediate_size")?;
+        let num_layers = positive("num_hidden_layers")?;
+        let num_heads = positive("num_attention_heads")?;
+        let vocab_size = positive("vocab_size")?;
         let num_kv_heads = r.usize_opt("num_key_value_heads")?.unwrap_or(num_heads);
         if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
             return Err(Error::config(
@@ -218,6 +224,13 @@ impl ModelConfig {
             ));
         }
         let head_dim = match r.usize_opt("head_dim")? {
+            Some(d) if d == 0 || d % 2 == 1 => {
+                return Err(Error::config(
+                    path,
+                    "head_dim",
+                    format!("{d} must be even and positive (RoPE rotates pairs)"),
+                ))
+            }
             Some(d) => d,
             None => {
                 if hidden_size % num_heads != 0 {
@@ -237,6 +250,13 @@ impl ModelConfig {
         // Sliding windows: an explicit `layer_types` list wins; otherwise Mistral slides on every
         // layer and Qwen2/3 on the layers from `max_window_layers` when `use_sliding_window` is set.
         let sliding_window = r.usize_opt("sliding_window")?;
+        if sliding_window == Some(0) {
+            return Err(Error::config(
+                path,
+                "sliding_window",
+                "must be at least 1 (or null for none)",
+            ));
+        }
         let layer_windows = if let Some(types) = get(v, "layer_types") {
             let arr = types
                 .as_array()
@@ -269,7 +289,8 @@ impl ModelConfig {
             match arch {
                 Arch::Mistral => vec![sliding_window; num_layers],
                 Arch::Qwen2 | Arch::Qwen3 if r.bool_opt("use_sliding_window")?.unwrap_or(false) => {
-                    let from = r.usize_opt("max_window_layers")?.unwrap_or(num_layers);
+                    // transformers' default for max_window_layers is 28.
+                    let from = r.usize_opt("max_window_layers")?.unwrap_or(28);
                     (0..num_layers)
                         .map(|i| if i >= from { sliding_window } else { None })
                         .collect()

@@ -60,6 +60,9 @@ pub enum LogitsFor {
     Last,
     /// Every new token (for tests, perplexity and speculative verification).
     All,
+    /// None: the step only fills KV caches (a prefill chunk before the prompt's end), so the
+    /// output head is skipped.
+    None,
 }
 
 /// One sequence's state between steps: its KV cache and how many tokens it holds.
@@ -114,8 +117,10 @@ impl Profile {
     pub fn total_read(&self) -> Duration {
         self.layers.iter().map(|l| l.read).sum::<Duration>() + self.head_read
     }
+    /// Time compute spent blocked on I/O: waiting for streamed layers, and reading head
+    /// chunks, which happens on the compute thread.
     pub fn total_wait(&self) -> Duration {
-        self.layers.iter().map(|l| l.wait).sum()
+        self.layers.iter().map(|l| l.wait).sum::<Duration>() + self.head_read
     }
     pub fn total_compute(&self) -> Duration {
         self.layers.iter().map(|l| l.compute).sum::<Duration>() + self.head_compute + self.embed
@@ -210,7 +215,7 @@ fn work_bytes(cfg: &ModelConfig, o: &EngineOptions) -> u64 {
     let qkv = ((2 * cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim) as u64;
     let per_row = 6 * cfg.hidden_size as u64 + 2 * qkv + 3 * cfg.intermediate_size as u64;
     let per_seq_new = rows.min(o.context as u64);
-    let scores = (3 * cfg.num_heads as u64 * per_seq_new * o.context as u64)
+    let scores = (4 * cfg.num_heads as u64 * per_seq_new * o.context as u64)
         .min(o.attention_scores_bytes / 4);
     let logits = 2 * o.max_logit_rows as u64 * cfg.vocab_size as u64;
     4 * (rows * per_row + scores + logits)
@@ -266,6 +271,7 @@ impl ModelInfo {
 
     /// The plan a budget would give, without loading anything.
     pub fn plan(&self, opts: &EngineOptions) -> Result<Plan> {
+        validate_options(opts)?;
         let budget = resolve_budget(opts.max_memory)?;
         Plan::new(&self.plan_input(opts), budget)
     }
@@ -290,6 +296,25 @@ impl ModelInfo {
     }
 }
 
+fn validate_options(o: &EngineOptions) -> Result<()> {
+    // The upper bound is far beyond any model's context; it keeps the plan's byte arithmetic
+    // from overflowing.
+    const MAX: usize = 1 << 24;
+    for (name, v) in [
+        ("context size", o.context),
+        ("batch", o.max_batch),
+        ("tokens per step", o.max_step_tokens),
+        ("logit rows", o.max_logit_rows),
+    ] {
+        if v == 0 || v > MAX {
+            return Err(Error::Invalid(format!(
+                "{name} {v} is out of range (1 to {MAX})"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The default budget: 90% of what the kernel says is available.
 pub fn resolve_budget(max_memory: Option<u64>) -> Result<u64> {
     match max_memory {
@@ -308,11 +333,6 @@ impl Engine {
     }
 
     pub fn from_info(info: ModelInfo, opts: EngineOptions) -> Result<Self> {
-        if opts.max_batch == 0 || opts.context == 0 || opts.max_step_tokens == 0 {
-            return Err(Error::Invalid(
-                "batch, context and step size must be at least 1".into(),
-            ));
-        }
         let plan = info.plan(&opts)?;
         let ModelInfo {
             dir,
@@ -467,6 +487,7 @@ impl Engine {
         let logit_rows = match which {
             LogitsFor::Last => batch.len(),
             LogitsFor::All => ids.len(),
+            LogitsFor::None => 0,
         };
         if ids.len() > self.opts.max_step_tokens || logit_rows > self.opts.max_logit_rows {
             return Err(Error::Invalid(format!(
@@ -483,14 +504,13 @@ impl Engine {
             &mut self.decode_profile
         });
 
-        let t = Instant::now();
-        let mut x = self
-            .src
-            .load_rows(crate::weights::names::HF_EMBED, &ids, &self.device)?;
-        let (cos, sin) = self.rope.cos_sin(&positions, &self.device)?;
-        prof.embed += t.elapsed();
-
         let result = (|| -> Result<Vec<Tensor>> {
+            let t = Instant::now();
+            let mut x = self
+                .src
+                .load_rows(crate::weights::names::HF_EMBED, &ids, &self.device)?;
+            let (cos, sin) = self.rope.cos_sin(&positions, &self.device)?;
+            prof.embed += t.elapsed();
             for layer in 0..self.cfg.num_layers {
                 let window = self.cfg.layer_windows[layer];
                 let mut kv: Vec<&mut LayerKv> =
@@ -528,6 +548,7 @@ impl Engine {
             }
             // Only the rows whose logits are wanted go through the norm and the head.
             let h = match which {
+                LogitsFor::None => return Ok(vec![]),
                 LogitsFor::All => x.clone(),
                 LogitsFor::Last => {
                     let rows: Vec<u32> = seqs.iter().map(|s| (s.row + s.len - 1) as u32).collect();

@@ -61,12 +61,21 @@ pub fn resolve_model(spec: &str) -> Result<PathBuf> {
                 return Ok(parent.to_path_buf());
             }
         }
-        looked.push(
-            dir.join(format!("models--{}", spec.replace('/', "--")))
-                .join("snapshots")
-                .display()
-                .to_string(),
-        );
+        // Without refs/main (a copied or partial cache), take the newest snapshot with a config.
+        let snapshots = dir
+            .join(format!("models--{}", spec.replace('/', "--")))
+            .join("snapshots");
+        if let Ok(entries) = std::fs::read_dir(&snapshots) {
+            let newest = entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.join("config.json").exists())
+                .max_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
+            if let Some(p) = newest {
+                return Ok(p);
+            }
+        }
+        looked.push(snapshots.display().to_string());
     }
     Err(Error::ModelNotFound(
         spec.to_string(),

@@ -84,7 +84,7 @@ impl Output {
             for s in stops {
                 for k in (1..s.len()).rev() {
                     if s.is_char_boundary(k) && text[..safe].ends_with(&s[..k]) {
-                        safe = safe.min(text.len() - k);
+                        safe -= k;
                         break;
                     }
                 }
@@ -196,13 +196,22 @@ pub fn continue_batch(
                     }
                 }
             }
-            engine.step(&mut batch, LogitsFor::Last)?
+            // Skip the output head when every sequence in this step is mid-prefill.
+            let which = if parts.iter().any(|&(i, n)| n == pending[i].len()) {
+                LogitsFor::Last
+            } else {
+                LogitsFor::None
+            };
+            engine.step(&mut batch, which)?
         };
-        for (&(i, n), l) in parts.iter().zip(logits) {
+        let mut logits = logits.into_iter();
+        for &(i, n) in &parts {
+            let l = logits.next();
             pending[i].drain(..n);
             if !pending[i].is_empty() {
                 continue; // mid-prefill: these logits are not the prompt's last
             }
+            let l = l.ok_or_else(|| Error::Invalid("step returned no logits".into()))?;
             let row: Vec<f32> = l.squeeze(0)?.to_vec1()?;
             let o = &mut outs[i];
             let history: Vec<u32> = o.prompt_ids.iter().chain(&o.ids).copied().collect();

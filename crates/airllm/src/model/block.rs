@@ -264,17 +264,16 @@ impl Block {
     ) -> Result<Tensor> {
         let (nh, n) = (self.num_heads, s.len);
         let total = k.dim(1)?;
-        let v = v.contiguous()?;
         let chunk = query_chunk(self.scores_bytes, nh, total).min(n);
         if chunk == n {
-            return self.attend_rows(q, k, &v, s.pos, window);
+            return self.attend_rows(q, k, v, s.pos, window);
         }
         let mut outs = Vec::with_capacity(n.div_ceil(chunk));
         let mut i = 0;
         while i < n {
             let c = chunk.min(n - i);
             let qc = q.narrow(1, i, c)?.contiguous()?;
-            outs.push(self.attend_rows(&qc, k, &v, s.pos + i, window)?);
+            outs.push(self.attend_rows(&qc, k, v, s.pos + i, window)?);
             i += c;
         }
         Ok(Tensor::cat(&outs, 0)?)
@@ -330,9 +329,11 @@ impl Block {
 /// query chunk may hold.
 pub const ATTN_SCORES_BYTES: u64 = 48 << 20;
 
-/// Query rows per attention chunk for `nh` heads over `total` keys.
+/// Query rows per attention chunk for `nh` heads over `total` keys. Four copies of the scores
+/// can be alive at once (scaled, masked, softmaxed, and the mask's broadcast), so the cap covers
+/// four. One row is the floor, so a single row over a huge context can pass the cap.
 pub fn query_chunk(scores_bytes: u64, nh: usize, total: usize) -> usize {
-    ((scores_bytes / (3 * 4 * (nh * total).max(1) as u64)) as usize).max(1)
+    ((scores_bytes / (4 * 4 * (nh * total).max(1) as u64)) as usize).max(1)
 }
 
 /// The final RMSNorm, applied before the output head.

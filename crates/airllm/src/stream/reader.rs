@@ -41,6 +41,13 @@ pub fn load_layer(
     let charge = ledger.charge(layer_bytes);
     let t = Instant::now();
     let weights = LayerWeights::load(cfg, src, index, device)?;
+    // The plan's size must be what was really allocated, or the ledger would be fiction.
+    if weights.bytes() != layer_bytes {
+        return Err(Error::Reader(format!(
+            "layer {index} holds {} bytes but the plan counted {layer_bytes}",
+            weights.bytes()
+        )));
+    }
     Ok((weights, charge, t.elapsed()))
 }
 

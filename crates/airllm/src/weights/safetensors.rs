@@ -145,11 +145,12 @@ pub fn open_shard(path: &Path, shard_idx: usize) -> Result<(Shard, Vec<(String, 
                 expected.map_or("too many".to_string(), |e| e.to_string())
             )));
         }
-        if data_start + end > len {
-            return Err(bad(format!(
+        match data_start.checked_add(end) {
+            Some(stop) if stop <= len => {}
+            _ => return Err(bad(format!(
                 "data ends at byte {} but the file has {len} bytes (truncated file or bad offsets)",
-                data_start + end
-            )));
+                data_start as u128 + end as u128
+            ))),
         }
         out.push((
             name.clone(),

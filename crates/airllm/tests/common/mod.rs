@@ -1,6 +1,7 @@
 #![allow(dead_code)]
 //! Shared helpers for the fixture tests.
 
+#[path = "../../../../tests/support/broken.rs"]
 pub mod broken;
 
 use std::path::PathBuf;

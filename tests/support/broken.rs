@@ -1,9 +1,16 @@
-//! Makes broken copies of fixture models for the bad-input tests.
+//! Makes broken copies of fixture models for the bad-input tests. Shared by the library's and
+//! the CLI's tests with `#[path]`, so each bad input is checked both as an error value and as the
+//! binary's exit status and message.
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/hf")
+}
+
 pub fn copy_fixture(name: &str) -> (tempfile::TempDir, PathBuf) {
-    let src = super::fixtures().join(name);
+    let src = fixtures().join(name);
     let tmp = tempfile::tempdir().unwrap();
     let dst = tmp.path().join(name);
     std::fs::create_dir_all(&dst).unwrap();
