@@ -224,10 +224,9 @@ fn params(s: &SampleArgs, max_new_tokens: usize) -> Result<GenerationParams> {
         bail!("--stop: a stop string must not be empty");
     }
     let seed = s.seed.unwrap_or_else(|| {
-        let seed = std::time::SystemTime::now()
+        std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
-        seed
+            .map_or(0, |d| d.as_nanos() as u64)
     });
     Ok(GenerationParams {
         max_new_tokens,

@@ -147,10 +147,12 @@ pub fn open_shard(path: &Path, shard_idx: usize) -> Result<(Shard, Vec<(String, 
         }
         match data_start.checked_add(end) {
             Some(stop) if stop <= len => {}
-            _ => return Err(bad(format!(
+            _ => {
+                return Err(bad(format!(
                 "data ends at byte {} but the file has {len} bytes (truncated file or bad offsets)",
                 data_start as u128 + end as u128
-            ))),
+            )))
+            }
         }
         out.push((
             name.clone(),
