@@ -246,7 +246,7 @@ fn params(s: &SampleArgs, max_new_tokens: usize) -> Result<GenerationParams> {
 fn open_model(m: &ModelArgs) -> Result<(ModelInfo, TextTokenizer)> {
     let dir: PathBuf = airllm::hub::resolve_model(&m.model)?;
     let info = ModelInfo::open(&dir)?;
-    let tok = TextTokenizer::from_dir(&dir)?;
+    let tok = TextTokenizer::open(&dir)?;
     Ok((info, tok))
 }
 
@@ -474,10 +474,10 @@ fn inspect(a: InspectArgs) -> Result<()> {
     );
     println!("on disk:      {}", fmt_bytes(s.file_bytes));
     println!(
-        "layers:       {} × {} on disk, {} as f32",
+        "layers:       {} × {} on disk, {} in compute form",
         c.num_layers,
         fmt_bytes(s.layer_file_bytes),
-        fmt_bytes(s.layer_params * 4)
+        fmt_bytes(s.layer_bytes)
     );
     println!(
         "shape:        hidden {}, intermediate {}, heads {} (kv {}), head_dim {}, vocab {}",

@@ -15,6 +15,7 @@ pub const SUPPORTED_ARCHS: &[&str] = &[
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
+    "Gemma3ForCausalLM",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +24,7 @@ pub enum Arch {
     Mistral,
     Qwen2,
     Qwen3,
+    Gemma3,
 }
 
 impl Arch {
@@ -32,6 +34,16 @@ impl Arch {
             Arch::Mistral => "MistralForCausalLM",
             Arch::Qwen2 => "Qwen2ForCausalLM",
             Arch::Qwen3 => "Qwen3ForCausalLM",
+            Arch::Gemma3 => "Gemma3ForCausalLM",
+        }
+    }
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Mistral => "mistral",
+            Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
+            Arch::Gemma3 => "gemma3_text",
         }
     }
 }
@@ -68,8 +80,25 @@ pub struct BlockSpec {
     pub o_bias: bool,
     /// Bias on gate/up/down (Llama's `mlp_bias`).
     pub mlp_bias: bool,
-    /// RMSNorm over each head of q and k before RoPE (Qwen3).
+    /// RMSNorm over each head of q and k before RoPE (Qwen3, Gemma 3).
     pub qk_norm: bool,
+    /// Added to every norm weight at load: Gemma's RMSNorm scales by (1 + w). llama.cpp's
+    /// converter already adds it, so GGUF files use 0.
+    pub norm_offset: f32,
+    /// Norms after attention and after the MLP as well as before (Gemma 3's "sandwich").
+    pub sandwich_norms: bool,
+    pub act: Activation,
+    /// RoPE rotates adjacent pairs (llama.cpp's layout for Llama GGUF files, whose q/k rows the
+    /// converter permuted) instead of the two halves (transformers' layout).
+    pub rope_interleaved: bool,
+}
+
+/// The MLP's gate activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    /// GELU with the tanh approximation (`gelu_pytorch_tanh`).
+    GeluTanh,
 }
 
 #[derive(Debug, Clone)]
@@ -94,6 +123,21 @@ pub struct ModelConfig {
     pub declared_dtype: Option<String>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    /// Multiplier of q·k: 1/sqrt(head_dim), or Gemma's 1/sqrt(query_pre_attn_scalar).
+    pub attn_scale: f64,
+    /// Multiplier of the token embeddings (Gemma: sqrt(hidden)).
+    pub embed_scale: Option<f64>,
+    /// RoPE for sliding-window layers when it differs from `rope` (Gemma 3's local base).
+    pub rope_local: Option<RopeConfig>,
+    /// Final logits become cap·tanh(logits/cap).
+    pub final_logit_softcap: Option<f64>,
+}
+
+impl ModelConfig {
+    /// The RoPE a layer uses: 0 for `rope`, 1 for `rope_local`.
+    pub fn layer_rope(&self, layer: usize) -> usize {
+        usize::from(self.rope_local.is_some() && self.layer_windows[layer].is_some())
+    }
 }
 
 fn get<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
@@ -195,6 +239,7 @@ impl ModelConfig {
             "MistralForCausalLM" | "mistral" => Arch::Mistral,
             "Qwen2ForCausalLM" | "qwen2" => Arch::Qwen2,
             "Qwen3ForCausalLM" | "qwen3" => Arch::Qwen3,
+            "Gemma3ForCausalLM" | "gemma3_text" => Arch::Gemma3,
             other => {
                 return Err(Error::UnknownArch {
                     path: path.to_path_buf(),
@@ -245,7 +290,11 @@ impl ModelConfig {
         };
         let rms_norm_eps = r.f64_opt(v, "rms_norm_eps")?.unwrap_or(1e-6);
         let max_position_embeddings = r.usize_opt("max_position_embeddings")?.unwrap_or(4096);
-        let rope = read_rope(&r)?;
+        let (rope, rope_local) = if arch == Arch::Gemma3 {
+            read_gemma3_rope(&r)?
+        } else {
+            (read_rope(&r, None)?, None)
+        };
 
         // Sliding windows: an explicit `layer_types` list wins; otherwise Mistral slides on every
         // layer and Qwen2/3 on the layers from `max_window_layers` when `use_sliding_window` is set.
@@ -288,6 +337,13 @@ impl ModelConfig {
         } else {
             match arch {
                 Arch::Mistral => vec![sliding_window; num_layers],
+                Arch::Gemma3 => {
+                    // Older Gemma 3 configs give a pattern: every n-th layer is global.
+                    let n = r.usize_opt("sliding_window_pattern")?.unwrap_or(6).max(1);
+                    (0..num_layers)
+                        .map(|i| if (i + 1) % n == 0 { None } else { sliding_window })
+                        .collect()
+                }
                 Arch::Qwen2 | Arch::Qwen3 if r.bool_opt("use_sliding_window")?.unwrap_or(false) => {
                     // transformers' default for max_window_layers is 28.
                     let from = r.usize_opt("max_window_layers")?.unwrap_or(28);
@@ -301,34 +357,56 @@ impl ModelConfig {
 
         let attention_bias = r.bool_opt("attention_bias")?.unwrap_or(false);
         let mlp_bias = r.bool_opt("mlp_bias")?.unwrap_or(false);
-        let block = match arch {
-            Arch::Llama | Arch::Mistral => BlockSpec {
-                qkv_bias: attention_bias,
-                o_bias: attention_bias,
-                mlp_bias,
-                qk_norm: false,
-            },
-            Arch::Qwen2 => BlockSpec {
-                qkv_bias: true,
-                o_bias: false,
-                mlp_bias: false,
-                qk_norm: false,
-            },
-            Arch::Qwen3 => BlockSpec {
-                qkv_bias: attention_bias,
-                o_bias: attention_bias,
-                mlp_bias: false,
-                qk_norm: true,
-            },
+        let mut block = BlockSpec::plain();
+        match arch {
+            Arch::Llama | Arch::Mistral => {
+                block.qkv_bias = attention_bias;
+                block.o_bias = attention_bias;
+                block.mlp_bias = mlp_bias;
+            }
+            Arch::Qwen2 => block.qkv_bias = true,
+            Arch::Qwen3 => {
+                block.qkv_bias = attention_bias;
+                block.o_bias = attention_bias;
+                block.qk_norm = true;
+            }
+            Arch::Gemma3 => {
+                block.qkv_bias = attention_bias;
+                block.o_bias = attention_bias;
+                block.qk_norm = true;
+                block.norm_offset = 1.0;
+                block.sandwich_norms = true;
+            }
+        }
+        let act_key = if get(v, "hidden_activation").is_some() {
+            "hidden_activation"
+        } else {
+            "hidden_act"
         };
-        if let Some(act) = get(v, "hidden_act").and_then(|a| a.as_str()) {
-            if act != "silu" {
+        block.act = match get(v, act_key).and_then(|a| a.as_str()) {
+            None => {
+                if arch == Arch::Gemma3 {
+                    Activation::GeluTanh
+                } else {
+                    Activation::Silu
+                }
+            }
+            Some("silu") | Some("swish") => Activation::Silu,
+            Some("gelu_pytorch_tanh") | Some("gelu_tanh") => Activation::GeluTanh,
+            Some(other) => {
                 return Err(Error::config(
                     path,
-                    "hidden_act",
-                    format!("`{act}` is not supported for {arch_name} (expected silu)"),
-                ));
+                    act_key,
+                    format!("`{other}` is not supported (supported: silu, gelu_pytorch_tanh)"),
+                ))
             }
+        };
+        let attn_scale = match (arch, r.f64_opt(v, "query_pre_attn_scalar")?) {
+            (Arch::Gemma3, Some(s)) if s > 0.0 => 1.0 / s.sqrt(),
+            _ => 1.0 / (head_dim as f64).sqrt(),
+        };
+        if r.f64_opt(v, "attn_logit_softcapping")?.is_some() {
+            return Err(Error::config(path, "attn_logit_softcapping", "attention soft-capping is not supported"));
         }
 
         let declared_dtype = get(v, "dtype")
@@ -348,22 +426,70 @@ impl ModelConfig {
             rms_norm_eps,
             rope,
             max_position_embeddings,
-            tie_word_embeddings: r.bool_opt("tie_word_embeddings")?.unwrap_or(false),
+            // Gemma ties its head to the embedding unless told otherwise.
+            tie_word_embeddings: r.bool_opt("tie_word_embeddings")?.unwrap_or(arch == Arch::Gemma3),
             layer_windows,
             block,
             declared_dtype,
             bos_token_id: token_ids(get(v, "bos_token_id")).first().copied(),
             eos_token_ids: token_ids(get(v, "eos_token_id")),
+            attn_scale,
+            embed_scale: (arch == Arch::Gemma3).then(|| (hidden_size as f64).sqrt()),
+            rope_local,
+            final_logit_softcap: r.f64_opt(v, "final_logit_softcapping")?,
         })
     }
 }
 
-fn read_rope(r: &Reader) -> Result<RopeConfig> {
+impl BlockSpec {
+    /// Llama's block: no biases, no q/k norm, SiLU, pre-norms only.
+    pub fn plain() -> Self {
+        BlockSpec {
+            qkv_bias: false,
+            o_bias: false,
+            mlp_bias: false,
+            qk_norm: false,
+            norm_offset: 0.0,
+            sandwich_norms: false,
+            act: Activation::Silu,
+            rope_interleaved: false,
+        }
+    }
+}
+
+/// Gemma 3's two RoPEs: transformers 5 nests them in `rope_parameters` by layer type;
+/// transformers 4 has `rope_theta`/`rope_scaling` for global layers and `rope_local_base_freq`.
+fn read_gemma3_rope(r: &Reader) -> Result<(RopeConfig, Option<RopeConfig>)> {
+    if let Some(p) = get(r.v, "rope_parameters") {
+        if let Some(full) = get(p, "full_attention") {
+            let global = read_rope(r, Some((full, "rope_parameters.full_attention")))?;
+            let local = match get(p, "sliding_attention") {
+                Some(s) => read_rope(r, Some((s, "rope_parameters.sliding_attention")))?,
+                None => RopeConfig {
+                    theta: 10000.0,
+                    scaling: RopeScaling::None,
+                },
+            };
+            return Ok((global, Some(local)));
+        }
+    }
+    let global = read_rope(r, None)?;
+    let local = RopeConfig {
+        theta: r.f64_opt(r.v, "rope_local_base_freq")?.unwrap_or(10000.0) as f32,
+        scaling: RopeScaling::None,
+    };
+    Ok((global, Some(local)))
+}
+
+fn read_rope(r: &Reader, nested: Option<(&Value, &str)>) -> Result<RopeConfig> {
     // transformers 5 keeps everything in `rope_parameters`; transformers 4 has `rope_theta` at the
     // top level and optional `rope_scaling`.
-    let (params, field) = match get(r.v, "rope_parameters") {
-        Some(p) => (Some(p), "rope_parameters"),
-        None => (get(r.v, "rope_scaling"), "rope_scaling"),
+    let (params, field) = match nested {
+        Some((p, f)) => (Some(p), f),
+        None => match get(r.v, "rope_parameters") {
+            Some(p) => (Some(p), "rope_parameters"),
+            None => (get(r.v, "rope_scaling"), "rope_scaling"),
+        },
     };
     let theta = match params.and_then(|p| get(p, "rope_theta")) {
         Some(_) => r.f64_opt(params.unwrap(), "rope_theta")?.unwrap(),
@@ -408,6 +534,145 @@ fn read_rope(r: &Reader) -> Result<RopeConfig> {
         }
     };
     Ok(RopeConfig { theta, scaling })
+}
+
+/// GGUF architectures and the metadata prefix they use.
+pub const SUPPORTED_GGUF_ARCHS: &[&str] = &["llama", "qwen2", "qwen3", "gemma3"];
+
+impl ModelConfig {
+    /// The config of a GGUF file, from its `{arch}.*` metadata, mapped onto the same fields as
+    /// a Hugging Face config so the same block runs it. Mistral files use the `llama` keys.
+    pub fn from_gguf(g: &crate::weights::gguf::GgufFile) -> Result<Self> {
+        use crate::weights::gguf::Value as V;
+        let path = g.path.as_path();
+        let a = g.arch()?.to_string();
+        let arch = match a.as_str() {
+            "llama" => Arch::Llama,
+            "qwen2" => Arch::Qwen2,
+            "qwen3" => Arch::Qwen3,
+            "gemma3" => Arch::Gemma3,
+            other => {
+                return Err(Error::UnknownArch {
+                    path: path.to_path_buf(),
+                    arch: other.to_string(),
+                    supported: SUPPORTED_GGUF_ARCHS.join(", "),
+                })
+            }
+        };
+        let key = |k: &str| format!("{a}.{k}");
+        let req = |k: &str| -> Result<usize> {
+            let full = key(k);
+            match g.get(&full).and_then(V::as_u64) {
+                Some(0) => Err(Error::config(path, &full, "must be at least 1")),
+                Some(n) => Ok(n as usize),
+                None => Err(Error::config(path, &full, "required metadata is missing or not an integer")),
+            }
+        };
+        let opt_u = |k: &str| g.get(&key(k)).and_then(V::as_u64).map(|n| n as usize);
+        let opt_f = |k: &str| g.get(&key(k)).and_then(V::as_f64);
+        let hidden_size = req("embedding_length")?;
+        let num_layers = req("block_count")?;
+        let intermediate_size = req("feed_forward_length")?;
+        let num_heads = req("attention.head_count")?;
+        let num_kv_heads = opt_u("attention.head_count_kv").unwrap_or(num_heads);
+        if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+            return Err(Error::config(path, &key("attention.head_count_kv"), format!("{num_kv_heads} does not divide head_count {num_heads}")));
+        }
+        let head_dim = opt_u("attention.key_length").unwrap_or(hidden_size / num_heads);
+        if head_dim == 0 || head_dim % 2 == 1 {
+            return Err(Error::config(path, &key("attention.key_length"), format!("{head_dim} must be even and positive")));
+        }
+        let vocab_size = match g.get("tokenizer.ggml.tokens").and_then(V::as_array) {
+            Some(t) => t.len(),
+            None => match opt_u("vocab_size") {
+                Some(n) => n,
+                None => match g.tensors.get("token_embd.weight") {
+                    Some(t) => t.shape[0],
+                    None => return Err(Error::config(path, "tokenizer.ggml.tokens", "required metadata is missing")),
+                },
+            },
+        };
+        let rms_norm_eps = opt_f("attention.layer_norm_rms_epsilon").ok_or_else(|| {
+            Error::config(path, &key("attention.layer_norm_rms_epsilon"), "required metadata is missing")
+        })?;
+        let theta = opt_f("rope.freq_base").unwrap_or(10000.0) as f32;
+        let scaling = match g.get(&key("rope.scaling.type")).and_then(V::as_str) {
+            None | Some("none") => RopeScaling::None,
+            Some("linear") => RopeScaling::Linear {
+                factor: opt_f("rope.scaling.factor").unwrap_or(1.0) as f32,
+            },
+            Some(other) => {
+                return Err(Error::config(path, &key("rope.scaling.type"), format!("`{other}` is not supported")))
+            }
+        };
+        let rope = RopeConfig { theta, scaling };
+        let mut block = BlockSpec::plain();
+        let window = opt_u("attention.sliding_window").filter(|&w| w > 0);
+        let mut layer_windows = vec![None; num_layers];
+        let mut rope_local = None;
+        let mut attn_scale = 1.0 / (head_dim as f64).sqrt();
+        match arch {
+            Arch::Llama | Arch::Mistral => {
+                // llama.cpp's converter permutes q/k so that RoPE rotates adjacent pairs.
+                block.rope_interleaved = true;
+                layer_windows = vec![window; num_layers];
+            }
+            Arch::Qwen2 => block.qkv_bias = true,
+            Arch::Qwen3 => block.qk_norm = true,
+            Arch::Gemma3 => {
+                block.qk_norm = true;
+                block.sandwich_norms = true;
+                block.act = Activation::GeluTanh;
+                if let Some(w) = window {
+                    // As llama.cpp: a pattern array, or every n-th layer global (default 6).
+                    let pattern = g.get(&key("attention.sliding_window_pattern"));
+                    layer_windows = match pattern {
+                        Some(V::Array(flags)) if flags.len() == num_layers => {
+                            flags.iter().map(|f| f.as_bool().unwrap_or(false).then_some(w)).collect()
+                        }
+                        other => {
+                            let n = other.and_then(V::as_u64).unwrap_or(6) as usize;
+                            (0..num_layers).map(|i| (n == 0 || i % n < n - 1).then_some(w)).collect()
+                        }
+                    };
+                    rope_local = Some(RopeConfig {
+                        theta: opt_f("rope.freq_base_swa").unwrap_or(10000.0) as f32,
+                        scaling: RopeScaling::None,
+                    });
+                }
+                // llama.cpp scales queries by 1/sqrt(head_dim), except for the 27B model
+                // (62 layers), which uses hidden/heads.
+                if num_layers == 62 {
+                    attn_scale = 1.0 / ((hidden_size / num_heads) as f64).sqrt();
+                }
+            }
+        }
+        let tokens = |k: &str| g.get(k).and_then(V::as_u64).map(|n| n as u32);
+        Ok(ModelConfig {
+            path: path.to_path_buf(),
+            arch,
+            hidden_size,
+            intermediate_size,
+            num_layers,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            vocab_size,
+            rms_norm_eps,
+            rope,
+            max_position_embeddings: opt_u("context_length").unwrap_or(4096),
+            tie_word_embeddings: !g.tensors.contains_key("output.weight"),
+            layer_windows,
+            block,
+            declared_dtype: g.get("general.file_type").and_then(V::as_u64).map(|t| format!("gguf file_type {t}")),
+            bos_token_id: tokens("tokenizer.ggml.bos_token_id"),
+            eos_token_ids: tokens("tokenizer.ggml.eos_token_id").into_iter().collect(),
+            attn_scale,
+            embed_scale: (arch == Arch::Gemma3).then(|| (hidden_size as f64).sqrt()),
+            rope_local,
+            final_logit_softcap: opt_f("final_logit_softcapping").filter(|&c| c > 0.0),
+        })
+    }
 }
 
 #[cfg(test)]

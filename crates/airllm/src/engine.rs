@@ -17,9 +17,9 @@ use crate::model::block::{layer_tensors, validate_layers};
 use crate::model::{Block, LayerKv, LayerWeights, Rope, SeqRows};
 use crate::stream::reader::load_layer;
 use crate::stream::{Charge, Ledger, Plan, PlanInput, Prefetcher};
-use crate::weights::names::{hf_layer, HF_EMBED, HF_FINAL_NORM, HF_LM_HEAD};
+use crate::weights::names::Naming;
 use crate::weights::safetensors::STAGING_ELEMS;
-use crate::weights::{SafetensorsSource, WeightSource};
+use crate::weights::{GgufSource, SafetensorsSource, Weight, WeightSource};
 
 /// How the engine is sized. The plan reserves memory for `max_batch` sequences of `context`
 /// tokens and steps of up to `max_step_tokens` new tokens.
@@ -136,10 +136,11 @@ pub struct Engine {
     plan: Plan,
     ledger: Arc<Ledger>,
     block: Block,
-    rope: Rope,
+    /// The global RoPE, and the local one where sliding-window layers use another base.
+    ropes: Vec<Rope>,
     final_norm: Tensor,
     head_name: String,
-    head: Option<Tensor>,
+    head: Option<Weight>,
     resident: Vec<Option<LayerWeights>>,
     streamed: Vec<usize>,
     layer_bytes: u64,
@@ -154,11 +155,14 @@ pub struct Engine {
 pub struct ModelSizes {
     pub params: u64,
     pub file_bytes: u64,
-    pub layer_params: u64,
     pub layer_file_bytes: u64,
-    /// Bytes of the staging buffer each reading thread keeps for 16-bit tensors.
+    /// One layer's bytes in compute form (f32, or quantized blocks).
+    pub layer_bytes: u64,
+    /// Transient bytes a reading thread holds while converting one tensor: the 16-bit staging
+    /// buffer for safetensors, or a tensor's raw blocks for GGUF.
     pub staging_bytes: u64,
     pub head_file_bytes: u64,
+    pub head_bytes: u64,
     pub dtypes: Vec<&'static str>,
 }
 
@@ -167,12 +171,14 @@ impl ModelSizes {
         let mut s = ModelSizes {
             params: 0,
             file_bytes: 0,
-            layer_params: 0,
             layer_file_bytes: 0,
+            layer_bytes: 0,
             staging_bytes: 0,
             head_file_bytes: 0,
+            head_bytes: 0,
             dtypes: vec![],
         };
+        let gguf = src.naming() == Naming::Gguf;
         let add = |name: &str, s: &mut ModelSizes| -> Result<crate::weights::TensorMeta> {
             let m = src
                 .meta(name)
@@ -184,27 +190,37 @@ impl ModelSizes {
             }
             Ok(m)
         };
-        let mut first = true;
+        let naming = src.naming();
+        let mut sizes_per_layer = Vec::with_capacity(cfg.num_layers);
         for layer in 0..cfg.num_layers {
+            let (mut compute, mut file) = (0, 0);
             for (role, _) in layer_tensors(cfg) {
-                let m = add(&hf_layer(layer, role), &mut s)?;
-                if first {
-                    s.layer_params += m.numel() as u64;
-                    s.layer_file_bytes += m.file_bytes;
-                    if m.dtype != "F32" {
-                        let staging = m.file_bytes.min(2 * STAGING_ELEMS as u64);
-                        s.staging_bytes = s.staging_bytes.max(staging);
-                    }
-                }
+                let m = add(&naming.layer(layer, role, cfg.block.sandwich_norms), &mut s)?;
+                compute += m.compute_bytes;
+                file += m.file_bytes;
+                let staging = if gguf {
+                    m.file_bytes
+                } else if m.dtype != "F32" {
+                    m.file_bytes.min(2 * STAGING_ELEMS as u64)
+                } else {
+                    0
+                };
+                s.staging_bytes = s.staging_bytes.max(staging);
             }
-            first = false;
+            sizes_per_layer.push((compute, file));
         }
-        add(HF_EMBED, &mut s)?;
-        add(HF_FINAL_NORM, &mut s)?;
-        if head_name != HF_EMBED {
+        // Quantized files may mix types across layers; plan for the largest layer.
+        s.layer_bytes = sizes_per_layer.iter().map(|x| x.0).max().unwrap_or(0);
+        s.layer_file_bytes = sizes_per_layer.iter().map(|x| x.1).max().unwrap_or(0);
+        add(naming.embed(), &mut s)?;
+        add(naming.final_norm(), &mut s)?;
+        if head_name != naming.embed() {
             add(head_name, &mut s)?;
         }
-        s.head_file_bytes = src.meta(head_name).map_or(0, |m| m.file_bytes);
+        if let Some(m) = src.meta(head_name) {
+            s.head_file_bytes = m.file_bytes;
+            s.head_bytes = m.compute_bytes;
+        }
         Ok(s)
     }
 }
@@ -221,8 +237,9 @@ fn work_bytes(cfg: &ModelConfig, o: &EngineOptions) -> u64 {
     4 * (rows * per_row + scores + logits)
 }
 
-/// Opens the config, checkpoint and sizes of a model folder, shared by the engine and `inspect`.
+/// Opens the config, checkpoint and sizes of a model, shared by the engine and `inspect`.
 pub struct ModelInfo {
+    /// The model folder or GGUF file.
     pub dir: PathBuf,
     pub cfg: ModelConfig,
     pub src: Arc<dyn WeightSource>,
@@ -231,37 +248,41 @@ pub struct ModelInfo {
 }
 
 impl ModelInfo {
-    pub fn open(dir: &Path) -> Result<Self> {
-        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
-        let src: Arc<dyn WeightSource> = Arc::new(SafetensorsSource::open(dir)?);
+    /// Opens a Hugging Face folder or a `.gguf` file.
+    pub fn open(path: &Path) -> Result<Self> {
+        let (cfg, src): (ModelConfig, Arc<dyn WeightSource>) = if crate::weights::is_gguf(path) {
+            let g = GgufSource::open(path)?;
+            (ModelConfig::from_gguf(&g.file)?, Arc::new(g))
+        } else {
+            let cfg = ModelConfig::from_file(&path.join("config.json"))?;
+            (cfg, Arc::new(SafetensorsSource::open(path)?))
+        };
         validate_layers(&cfg, src.as_ref())?;
+        let naming = src.naming();
         let check = |name: &str, shape: &[usize]| -> Result<()> {
             let m = src
                 .meta(name)
-                .ok_or_else(|| Error::tensor(dir, name, "missing from the checkpoint"))?;
+                .ok_or_else(|| Error::tensor(path, name, "missing from the checkpoint"))?;
             if m.shape != shape {
                 return Err(Error::tensor(
-                    dir,
+                    path,
                     name,
-                    format!(
-                        "shape {:?} disagrees with config.json, which implies {shape:?}",
-                        m.shape
-                    ),
+                    format!("shape {:?} disagrees with the config, which implies {shape:?}", m.shape),
                 ));
             }
             Ok(())
         };
-        check(HF_EMBED, &[cfg.vocab_size, cfg.hidden_size])?;
-        check(HF_FINAL_NORM, &[cfg.hidden_size])?;
+        check(naming.embed(), &[cfg.vocab_size, cfg.hidden_size])?;
+        check(naming.final_norm(), &[cfg.hidden_size])?;
         let head_name = if cfg.tie_word_embeddings {
-            HF_EMBED.to_string()
+            naming.embed().to_string()
         } else {
-            check(HF_LM_HEAD, &[cfg.vocab_size, cfg.hidden_size])?;
-            HF_LM_HEAD.to_string()
+            check(naming.head(), &[cfg.vocab_size, cfg.hidden_size])?;
+            naming.head().to_string()
         };
         let sizes = ModelSizes::of(&cfg, src.as_ref(), &head_name)?;
         Ok(ModelInfo {
-            dir: dir.to_path_buf(),
+            dir: path.to_path_buf(),
             cfg,
             src,
             head_name,
@@ -280,17 +301,21 @@ impl ModelInfo {
         let c = &self.cfg;
         let kv_per_seq = (2 * c.num_layers * c.num_kv_heads * c.head_dim * opts.context * 4) as u64;
         let half = c.head_dim / 2;
+        let vocab = c.vocab_size.max(1) as u64;
         PlanInput {
             num_layers: c.num_layers,
-            layer_bytes: self.sizes.layer_params * 4,
+            layer_bytes: self.sizes.layer_bytes,
             layer_file_bytes: self.sizes.layer_file_bytes,
             vocab: c.vocab_size,
-            hidden: c.hidden_size,
+            head_bytes: self.sizes.head_bytes,
+            // A chunk's rows are held in compute form and, while read, as file bytes.
+            head_row_bytes: (self.sizes.head_bytes + self.sizes.head_file_bytes).div_ceil(vocab),
             head_file_bytes: self.sizes.head_file_bytes,
             kv_bytes: kv_per_seq * opts.max_batch as u64,
             work_bytes: work_bytes(c, opts),
-            // The final norm, rope tables, and a staging buffer on the compute and reader threads.
-            fixed_bytes: (c.hidden_size * 4 + 2 * opts.max_step_tokens * half * 4) as u64
+            // The final norm, two rope tables, and transient read buffers on the compute and
+            // reader threads.
+            fixed_bytes: (c.hidden_size * 4 + 4 * opts.max_step_tokens * half * 4) as u64
                 + 2 * self.sizes.staging_bytes,
         }
     }
@@ -343,16 +368,29 @@ impl Engine {
         } = info;
         let device = opts.device.clone();
         let ledger = Ledger::new(plan.budget);
-        let layer_bytes = sizes.layer_params * 4;
+        let layer_bytes = sizes.layer_bytes;
         // The working set and fixed tensors are held for the engine's life.
         let mut held = vec![ledger.charge(plan.work_bytes + plan.fixed_bytes)];
-        let final_norm = src.load(HF_FINAL_NORM, &device)?;
+        let naming = src.naming();
+        let mut final_norm = src.load(naming.final_norm(), &device)?;
+        if cfg.block.norm_offset != 0.0 {
+            final_norm = (final_norm + cfg.block.norm_offset as f64)?;
+        }
         let head = if plan.head_resident {
-            held.push(ledger.charge((cfg.vocab_size * cfg.hidden_size * 4) as u64));
-            Some(src.load(&head_name, &device)?)
+            held.push(ledger.charge(sizes.head_bytes));
+            Some(src.load_weight(&head_name, &device)?)
         } else {
             None
         };
+        // llama.cpp stores Llama 3.1's rope scaling as per-frequency divisors.
+        let factors = match src.meta("rope_freqs.weight") {
+            Some(_) => Some(src.load("rope_freqs.weight", &device)?.to_vec1::<f32>()?),
+            None => None,
+        };
+        let mut ropes = vec![Rope::new(&cfg.rope, cfg.head_dim, factors.as_deref())];
+        if let Some(local) = &cfg.rope_local {
+            ropes.push(Rope::new(local, cfg.head_dim, None));
+        }
         let mut resident = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             if i < plan.resident_layers {
@@ -370,7 +408,7 @@ impl Engine {
                 scores_bytes: opts.attention_scores_bytes,
                 ..Block::new(&cfg)
             },
-            rope: Rope::new(&cfg.rope, cfg.head_dim),
+            ropes,
             prefill_profile: Profile::new(cfg.num_layers),
             decode_profile: Profile::new(cfg.num_layers),
             cfg,
@@ -506,13 +544,19 @@ impl Engine {
 
         let result = (|| -> Result<Vec<Tensor>> {
             let t = Instant::now();
-            let mut x = self
-                .src
-                .load_rows(crate::weights::names::HF_EMBED, &ids, &self.device)?;
-            let (cos, sin) = self.rope.cos_sin(&positions, &self.device)?;
+            let mut x = self.src.load_rows(self.src.naming().embed(), &ids, &self.device)?;
+            if let Some(scale) = self.cfg.embed_scale {
+                x = (x * scale)?;
+            }
+            let tables = self
+                .ropes
+                .iter()
+                .map(|r| r.cos_sin(&positions, &self.device))
+                .collect::<Result<Vec<_>>>()?;
             prof.embed += t.elapsed();
             for layer in 0..self.cfg.num_layers {
                 let window = self.cfg.layer_windows[layer];
+                let (cos, sin) = &tables[self.cfg.layer_rope(layer)];
                 let mut kv: Vec<&mut LayerKv> =
                     batch.iter_mut().map(|(s, _)| &mut s.kv[layer]).collect();
                 let timing = &mut prof.layers[layer];
@@ -520,7 +564,7 @@ impl Engine {
                     let t = Instant::now();
                     x = self
                         .block
-                        .forward(w, &x, &seqs, &mut kv, &cos, &sin, window)?;
+                        .forward(w, &x, &seqs, &mut kv, cos, sin, window)?;
                     timing.compute += t.elapsed();
                 } else {
                     let t = Instant::now();
@@ -538,8 +582,8 @@ impl Engine {
                         &x,
                         &seqs,
                         &mut kv,
-                        &cos,
-                        &sin,
+                        cos,
+                        sin,
                         window,
                     )?;
                     timing.compute += t.elapsed();
@@ -578,29 +622,34 @@ impl Engine {
 
     /// The output head, whole when resident, else in vocabulary chunks read from disk.
     fn head_forward(&self, h: &Tensor, prof: &mut Profile) -> Result<Tensor> {
-        if let Some(w) = &self.head {
+        let logits = if let Some(w) = &self.head {
             let t = Instant::now();
-            let l = h.matmul(&w.t()?)?;
+            let l = w.forward(h)?;
             prof.head_compute += t.elapsed();
-            return Ok(l);
-        }
-        let vocab = self.cfg.vocab_size;
-        let chunk = self.plan.head_chunk_rows;
-        let mut parts = Vec::with_capacity(vocab.div_ceil(chunk));
-        let mut start = 0;
-        while start < vocab {
-            let n = chunk.min(vocab - start);
-            let t = Instant::now();
-            let _charge = self.ledger.charge((n * self.cfg.hidden_size * 4) as u64);
-            let w = self
-                .src
-                .load_row_range(&self.head_name, start, n, &self.device)?;
-            prof.head_read += t.elapsed();
-            let t = Instant::now();
-            parts.push(h.matmul(&w.t()?)?);
-            prof.head_compute += t.elapsed();
-            start += n;
-        }
-        Ok(Tensor::cat(&parts, 1)?)
+            l
+        } else {
+            let vocab = self.cfg.vocab_size;
+            let chunk = self.plan.head_chunk_rows;
+            let mut parts = Vec::with_capacity(vocab.div_ceil(chunk));
+            let mut start = 0;
+            while start < vocab {
+                let n = chunk.min(vocab - start);
+                let t = Instant::now();
+                let _charge = self
+                    .ledger
+                    .charge(self.plan.head_chunk_bytes / self.plan.head_chunk_rows.max(1) as u64 * n as u64);
+                let w = self.src.load_row_range(&self.head_name, start, n, &self.device)?;
+                prof.head_read += t.elapsed();
+                let t = Instant::now();
+                parts.push(w.forward(h)?);
+                prof.head_compute += t.elapsed();
+                start += n;
+            }
+            Tensor::cat(&parts, 1)?
+        };
+        Ok(match self.cfg.final_logit_softcap {
+            Some(cap) => ((logits / cap)?.tanh()? * cap)?,
+            None => logits,
+        })
     }
 }

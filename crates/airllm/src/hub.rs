@@ -34,17 +34,14 @@ fn looks_like_repo_id(s: &str) -> bool {
         })
 }
 
-/// Resolves a folder path or a cached repo id to the folder holding `config.json`.
+/// Resolves a `.gguf` file, a folder, or a cached repo id to the model's path.
 pub fn resolve_model(spec: &str) -> Result<PathBuf> {
     let p = Path::new(spec);
     if p.is_dir() {
         return Ok(p.to_path_buf());
     }
-    if p.exists() {
-        return Err(Error::file(
-            p,
-            "expected a model folder holding config.json",
-        ));
+        if p.is_file() {
+        return Ok(p.to_path_buf()); // a GGUF file; its magic is checked when it is opened
     }
     if !looks_like_repo_id(spec) {
         return Err(Error::ModelNotFound(

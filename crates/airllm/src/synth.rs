@@ -112,7 +112,7 @@ impl SynthShape {
     fn config(&self, dtype: DType) -> serde_json::Value {
         json!({
             "architectures": [self.arch.hf_name()],
-            "model_type": match self.arch { Arch::Llama => "llama", Arch::Mistral => "mistral", Arch::Qwen2 => "qwen2", Arch::Qwen3 => "qwen3" },
+            "model_type": self.arch.model_type(),
             "hidden_size": self.hidden,
             "intermediate_size": self.intermediate,
             "num_hidden_layers": self.layers,

@@ -44,6 +44,36 @@ fn token_text(v: Option<&Value>) -> Option<String> {
 }
 
 impl TextTokenizer {
+    /// The tokenizer of a model folder or a GGUF file.
+    pub fn open(path: &Path) -> Result<Self> {
+        if crate::weights::is_gguf(path) {
+            Self::from_gguf(&crate::weights::gguf::GgufFile::open(path)?)
+        } else {
+            Self::from_dir(path)
+        }
+    }
+
+    /// Built from the file's `tokenizer.ggml.*` metadata; the template from
+    /// `tokenizer.chat_template`.
+    pub fn from_gguf(g: &crate::weights::gguf::GgufFile) -> Result<Self> {
+        use crate::weights::gguf::Value as V;
+        let tok = crate::weights::gguf_tokenizer::from_gguf(g)?;
+        let piece = |k: &str| {
+            g.get(k)
+                .and_then(V::as_u64)
+                .and_then(|id| tok.id_to_token(id as u32))
+        };
+        Ok(TextTokenizer {
+            bos_token: piece("tokenizer.ggml.bos_token_id"),
+            eos_token: piece("tokenizer.ggml.eos_token_id"),
+            bos_id: g.get("tokenizer.ggml.bos_token_id").and_then(V::as_u64).map(|v| v as u32),
+            eos_ids: crate::weights::gguf_tokenizer::stop_ids(g),
+            chat_template: g.get("tokenizer.chat_template").and_then(V::as_str).map(str::to_string),
+            add_bos: None,
+            tok,
+        })
+    }
+
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         if !path.exists() {

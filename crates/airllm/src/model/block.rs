@@ -7,27 +7,27 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::config::ModelConfig;
+use crate::config::{Activation, ModelConfig};
 use crate::error::{Error, Result};
 use crate::model::kv::LayerKv;
-use crate::weights::{names::hf_layer, Role, WeightSource};
+use crate::weights::{Role, Weight, WeightSource};
 
-/// A dense projection `y = x Wᵀ + b`, weights `[out, in]`.
+/// A projection `y = x Wᵀ + b`, weights `[out, in]`, dense or quantized.
 pub struct Linear {
-    w: Tensor,
+    w: Weight,
     b: Option<Tensor>,
 }
 
 impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.w.t()?)?;
+        let y = self.w.forward(x)?;
         Ok(match &self.b {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
     }
     fn bytes(&self) -> u64 {
-        tensor_bytes(&self.w) + self.b.as_ref().map_or(0, tensor_bytes)
+        self.w.bytes() + self.b.as_ref().map_or(0, tensor_bytes)
     }
 }
 
@@ -45,10 +45,20 @@ pub struct LayerWeights {
     o: Linear,
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
+    post_attn_norm: Option<Tensor>,
     mlp_norm: Tensor,
+    post_mlp_norm: Option<Tensor>,
     gate: Linear,
     up: Linear,
     down: Linear,
+}
+
+/// Roles that are norm weights (so Gemma's +1 offset applies to them).
+fn is_norm(role: Role) -> bool {
+    matches!(
+        role,
+        Role::AttnNorm | Role::MlpNorm | Role::QNorm | Role::KNorm | Role::PostAttnNorm | Role::PostMlpNorm
+    )
 }
 
 /// The tensors a layer needs and the shape the config implies for each.
@@ -92,6 +102,9 @@ pub fn layer_tensors(cfg: &ModelConfig) -> Vec<(Role, Vec<usize>)> {
     if b.qk_norm {
         t.extend([(Role::QNorm, vec![hd]), (Role::KNorm, vec![hd])]);
     }
+    if b.sandwich_norms {
+        t.extend([(Role::PostAttnNorm, vec![h]), (Role::PostMlpNorm, vec![h])]);
+    }
     t
 }
 
@@ -99,9 +112,10 @@ pub fn layer_tensors(cfg: &ModelConfig) -> Vec<(Role, Vec<usize>)> {
 /// bad checkpoint fails at open rather than midway through a generation.
 pub fn validate_layers(cfg: &ModelConfig, src: &dyn WeightSource) -> Result<()> {
     let spec = layer_tensors(cfg);
+    let naming = src.naming();
     for layer in 0..cfg.num_layers {
         for (role, shape) in &spec {
-            let name = hf_layer(layer, *role);
+            let name = naming.layer(layer, *role, cfg.block.sandwich_norms);
             let meta = src
                 .meta(&name)
                 .ok_or_else(|| Error::tensor(src.path(), &name, "missing from the checkpoint"))?;
@@ -109,10 +123,7 @@ pub fn validate_layers(cfg: &ModelConfig, src: &dyn WeightSource) -> Result<()> 
                 return Err(Error::tensor(
                     src.path(),
                     &name,
-                    format!(
-                        "shape {:?} disagrees with config.json, which implies {shape:?}",
-                        meta.shape
-                    ),
+                    format!("shape {:?} disagrees with the config, which implies {shape:?}", meta.shape),
                 ));
             }
         }
@@ -121,18 +132,22 @@ pub fn validate_layers(cfg: &ModelConfig, src: &dyn WeightSource) -> Result<()> 
 }
 
 impl LayerWeights {
-    pub fn load(
-        cfg: &ModelConfig,
-        src: &dyn WeightSource,
-        index: usize,
-        device: &Device,
-    ) -> Result<Self> {
-        let get = |role| src.load(&hf_layer(index, role), device);
-        let opt = |on: bool, role| if on { get(role).map(Some) } else { Ok(None) };
+    pub fn load(cfg: &ModelConfig, src: &dyn WeightSource, index: usize, device: &Device) -> Result<Self> {
         let b = &cfg.block;
+        let naming = src.naming();
+        let name = |role| naming.layer(index, role, b.sandwich_norms);
+        let get = |role: Role| -> Result<Tensor> {
+            let t = src.load(&name(role), device)?;
+            Ok(if is_norm(role) && b.norm_offset != 0.0 {
+                (t + b.norm_offset as f64)?
+            } else {
+                t
+            })
+        };
+        let opt = |on: bool, role| if on { get(role).map(Some) } else { Ok(None) };
         let lin = |w, bias: Option<Tensor>| -> Result<Linear> {
             Ok(Linear {
-                w: get(w)?,
+                w: src.load_weight(&name(w), device)?,
                 b: bias,
             })
         };
@@ -145,7 +160,9 @@ impl LayerWeights {
             o: lin(Role::O, opt(b.o_bias, Role::OBias)?)?,
             q_norm: opt(b.qk_norm, Role::QNorm)?,
             k_norm: opt(b.qk_norm, Role::KNorm)?,
+            post_attn_norm: opt(b.sandwich_norms, Role::PostAttnNorm)?,
             mlp_norm: get(Role::MlpNorm)?,
+            post_mlp_norm: opt(b.sandwich_norms, Role::PostMlpNorm)?,
             gate: lin(Role::Gate, opt(b.mlp_bias, Role::GateBias)?)?,
             up: lin(Role::Up, opt(b.mlp_bias, Role::UpBias)?)?,
             down: lin(Role::Down, opt(b.mlp_bias, Role::DownBias)?)?,
@@ -159,14 +176,14 @@ impl LayerWeights {
             Some(&self.mlp_norm),
             self.q_norm.as_ref(),
             self.k_norm.as_ref(),
+            self.post_attn_norm.as_ref(),
+            self.post_mlp_norm.as_ref(),
         ];
         norms.into_iter().flatten().map(tensor_bytes).sum::<u64>()
-            + [
-                &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
-            ]
-            .iter()
-            .map(|l| l.bytes())
-            .sum::<u64>()
+            + [&self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down]
+                .iter()
+                .map(|l| l.bytes())
+                .sum::<u64>()
     }
 }
 
@@ -190,6 +207,8 @@ pub struct Block {
     pub scale: f64,
     /// Cap on attention-score bytes per query chunk.
     pub scores_bytes: u64,
+    pub act: Activation,
+    pub rope_interleaved: bool,
 }
 
 impl Block {
@@ -199,8 +218,10 @@ impl Block {
             num_kv_heads: cfg.num_kv_heads,
             head_dim: cfg.head_dim,
             eps: cfg.rms_norm_eps as f32,
-            scale: 1.0 / (cfg.head_dim as f64).sqrt(),
+            scale: cfg.attn_scale,
             scores_bytes: ATTN_SCORES_BYTES,
+            act: cfg.block.act,
+            rope_interleaved: cfg.block.rope_interleaved,
         }
     }
 
@@ -229,8 +250,8 @@ impl Block {
             q = candle_nn::ops::rms_norm(&q, qn, self.eps)?;
             k = candle_nn::ops::rms_norm(&k, kn, self.eps)?;
         }
-        let q = candle_nn::rotary_emb::rope_thd(&q.contiguous()?, cos, sin)?.squeeze(0)?;
-        let k = candle_nn::rotary_emb::rope_thd(&k.contiguous()?, cos, sin)?.squeeze(0)?;
+        let q = self.rope(&q, cos, sin)?;
+        let k = self.rope(&k, cos, sin)?;
 
         let mut outs = Vec::with_capacity(seqs.len());
         for (s, cache) in seqs.iter().zip(kv.iter_mut()) {
@@ -241,13 +262,36 @@ impl Block {
             outs.push(self.attend(&qs, &kall, &vall, s, window)?);
         }
         let attn = Tensor::cat(&outs, 0)?; // [rows, nh*hd]
-        let x = (x + w.o.forward(&attn)?)?;
+        let mut a = w.o.forward(&attn)?;
+        if let Some(n) = &w.post_attn_norm {
+            a = candle_nn::ops::rms_norm(&a, n, self.eps)?;
+        }
+        let x = (x + a)?;
 
         // MLP.
         let h = candle_nn::ops::rms_norm(&x, &w.mlp_norm, self.eps)?;
-        let g = w.gate.forward(&h)?.silu()?;
-        let m = w.down.forward(&(g * w.up.forward(&h)?)?)?;
+        let g = w.gate.forward(&h)?;
+        let g = match self.act {
+            Activation::Silu => g.silu()?,
+            Activation::GeluTanh => g.gelu()?,
+        };
+        let mut m = w.down.forward(&(g * w.up.forward(&h)?)?)?;
+        if let Some(n) = &w.post_mlp_norm {
+            m = candle_nn::ops::rms_norm(&m, n, self.eps)?;
+        }
         Ok((x + m)?)
+    }
+
+    /// RoPE on `[1, rows, heads, hd]`, returning `[rows, heads, hd]`.
+    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        if self.rope_interleaved {
+            // candle's interleaved kernel wants `[b, heads, rows, hd]`.
+            let t = x.transpose(1, 2)?.contiguous()?;
+            let r = candle_nn::rotary_emb::rope_i(&t, cos, sin)?;
+            Ok(r.transpose(1, 2)?.squeeze(0)?)
+        } else {
+            Ok(candle_nn::rotary_emb::rope_thd(&x.contiguous()?, cos, sin)?.squeeze(0)?)
+        }
     }
 
     /// Scaled dot-product attention of one sequence, `q` `[nh, n, hd]`. Query heads that share a

@@ -12,7 +12,8 @@ pub struct Rope {
 }
 
 impl Rope {
-    pub fn new(cfg: &RopeConfig, head_dim: usize) -> Self {
+    /// `factors`, when given, divide each frequency (llama.cpp's `rope_freqs` tensor).
+    pub fn new(cfg: &RopeConfig, head_dim: usize, factors: Option<&[f32]>) -> Self {
         let half = head_dim / 2;
         let mut inv_freq: Vec<f32> = (0..half)
             .map(|i| 1.0 / cfg.theta.powf((2 * i) as f32 / head_dim as f32))
@@ -41,6 +42,11 @@ impl Rope {
                         *f = (1.0 - smooth) * *f / factor + smooth * *f;
                     }
                 }
+            }
+        }
+        if let Some(f) = factors {
+            for (x, d) in inv_freq.iter_mut().zip(f) {
+                *x /= d;
             }
         }
         Rope { inv_freq }

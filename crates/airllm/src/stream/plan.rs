@@ -13,7 +13,10 @@ pub struct PlanInput {
     pub layer_bytes: u64,
     pub layer_file_bytes: u64,
     pub vocab: usize,
-    pub hidden: usize,
+    /// The whole output head in compute form.
+    pub head_bytes: u64,
+    /// Bytes one vocabulary row of the head takes while a chunk is read and used.
+    pub head_row_bytes: u64,
     pub head_file_bytes: u64,
     /// KV caches of all sequences at full context.
     pub kv_bytes: u64,
@@ -44,11 +47,11 @@ pub struct Plan {
 
 impl Plan {
     pub fn new(inp: &PlanInput, budget: u64) -> Result<Plan> {
-        let head_bytes = (inp.vocab * inp.hidden * 4) as u64;
-        // A head chunk is about as large as a layer's biggest matrix, and never the whole head.
-        let chunk_rows = ((inp.layer_bytes / 4) / (inp.hidden as u64 * 4).max(1))
-            .clamp(1, inp.vocab as u64) as usize;
-        let head_chunk_bytes = (chunk_rows * inp.hidden * 4) as u64;
+        let head_bytes = inp.head_bytes;
+        // A head chunk is about a quarter of a layer, and never the whole head.
+        let chunk_rows = ((inp.layer_bytes / 4) / inp.head_row_bytes.max(1))
+            .clamp(1, inp.vocab.max(1) as u64) as usize;
+        let head_chunk_bytes = chunk_rows as u64 * inp.head_row_bytes;
         let base = inp.kv_bytes + inp.work_bytes + inp.fixed_bytes;
         let all_resident = inp.num_layers as u64 * inp.layer_bytes + head_bytes + base;
         let make = |resident: usize, head_resident: bool, inflight: u64, minimum: u64| {
@@ -174,7 +177,8 @@ mod tests {
             layer_bytes: 1000,
             layer_file_bytes: 500,
             vocab: 100,
-            hidden: 10,
+            head_bytes: 4000,
+            head_row_bytes: 40,
             head_file_bytes: 2000,
             kv_bytes: 300,
             work_bytes: 200,

@@ -1,16 +1,24 @@
 //! Weight sources: where tensors come from, independent of how they are held or computed.
-//! The engine asks a source for one tensor (or a few rows of one) at a time, widened to the
-//! compute dtype, so a layer is only ever as resident as the streamer decides.
+//! The engine asks a source for one tensor (or a few rows of one) at a time, in compute form,
+//! so a layer is only ever as resident as the streamer decides.
+//!
+//! Compute form is f32 for f32/f16/bf16 data (exact, and what the CPU multiplies fastest), and the
+//! file's own blocks for quantized GGUF data, multiplied with candle's quantized kernels.
 
+pub mod gguf;
+pub mod gguf_tokenizer;
 pub mod names;
 pub mod safetensors;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
+use candle_core::quantized::{GgmlDType, QMatMul};
+use candle_core::{Device, Module, Tensor};
 
 use crate::error::{Error, Result};
-pub use names::Role;
+use gguf::{GgufFile, GgufTensor};
+pub use names::{Naming, Role};
 use safetensors::{read_f32, SafetensorsSet, TensorInfo};
 
 /// What the planner needs to know about one stored tensor.
@@ -19,6 +27,8 @@ pub struct TensorMeta {
     pub shape: Vec<usize>,
     /// Bytes on disk.
     pub file_bytes: u64,
+    /// Bytes once loaded for compute.
+    pub compute_bytes: u64,
     pub dtype: &'static str,
 }
 
@@ -28,24 +38,57 @@ impl TensorMeta {
     }
 }
 
+/// A matrix ready to multiply: dense f32, or quantized blocks.
+pub enum Weight {
+    Dense(Tensor),
+    Quant(QMatMul, u64),
+}
+
+impl Weight {
+    /// `x Wᵀ` for `x` `[rows, in]` and `W` `[out, in]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Weight::Dense(w) => x.matmul(&w.t()?)?,
+            Weight::Quant(q, _) => q.forward(x)?,
+        })
+    }
+    pub fn bytes(&self) -> u64 {
+        match self {
+            Weight::Dense(w) => (w.elem_count() * w.dtype().size_in_bytes()) as u64,
+            Weight::Quant(_, b) => *b,
+        }
+    }
+}
+
 /// A checkpoint on disk that tensors can be read from by name. Implementations must be usable
 /// from the background reader thread.
 pub trait WeightSource: Send + Sync {
     /// The file or folder, for messages.
     fn path(&self) -> &Path;
+    fn naming(&self) -> Naming;
     fn meta(&self, name: &str) -> Option<TensorMeta>;
-    /// Reads a whole tensor as f32.
+    /// Reads a whole tensor as f32 (norms, biases).
     fn load(&self, name: &str, device: &Device) -> Result<Tensor>;
+    /// Reads a matrix in compute form.
+    fn load_weight(&self, name: &str, device: &Device) -> Result<Weight>;
     /// Reads rows `ids` of a 2-D tensor (embedding lookup) as f32 `[ids.len(), cols]`.
     fn load_rows(&self, name: &str, ids: &[u32], device: &Device) -> Result<Tensor>;
-    /// Reads rows `start..start+len` of a 2-D tensor as f32.
-    fn load_row_range(
-        &self,
-        name: &str,
-        start: usize,
-        len: usize,
-        device: &Device,
-    ) -> Result<Tensor>;
+    /// Reads rows `start..start+len` of a matrix in compute form (an output-head chunk).
+    fn load_row_range(&self, name: &str, start: usize, len: usize, device: &Device) -> Result<Weight>;
+}
+
+/// Opens a model: a `.gguf` file, or a Hugging Face folder of safetensors.
+pub fn open_source(path: &Path) -> Result<Arc<dyn WeightSource>> {
+    if is_gguf(path) {
+        Ok(Arc::new(GgufSource::open(path)?))
+    } else {
+        Ok(Arc::new(SafetensorsSource::open(path)?))
+    }
+}
+
+/// A file is taken as GGUF (its magic is checked on open); a folder as Hugging Face.
+pub fn is_gguf(path: &Path) -> bool {
+    path.is_file()
 }
 
 /// A Hugging Face folder of safetensors shards, read in place.
@@ -74,11 +117,7 @@ impl SafetensorsSource {
     fn cols(&self, name: &str, info: &TensorInfo, shard: &safetensors::Shard) -> Result<usize> {
         match info.shape.as_slice() {
             [_, c] => Ok(*c),
-            s => Err(Error::tensor(
-                &shard.path,
-                name,
-                format!("expected a 2-D tensor, got shape {s:?}"),
-            )),
+            s => Err(Error::tensor(&shard.path, name, format!("expected a 2-D tensor, got shape {s:?}"))),
         }
     }
 }
@@ -88,10 +127,15 @@ impl WeightSource for SafetensorsSource {
         &self.dir
     }
 
+    fn naming(&self) -> Naming {
+        Naming::Hf
+    }
+
     fn meta(&self, name: &str) -> Option<TensorMeta> {
         self.set.tensors.get(name).map(|i| TensorMeta {
             shape: i.shape.clone(),
             file_bytes: i.nbytes,
+            compute_bytes: i.numel() as u64 * 4,
             dtype: i.dtype.name(),
         })
     }
@@ -102,32 +146,121 @@ impl WeightSource for SafetensorsSource {
         Ok(Tensor::from_vec(data, info.shape.as_slice(), device)?)
     }
 
+    fn load_weight(&self, name: &str, device: &Device) -> Result<Weight> {
+        Ok(Weight::Dense(self.load(name, device)?))
+    }
+
     fn load_rows(&self, name: &str, ids: &[u32], device: &Device) -> Result<Tensor> {
         let (info, shard) = self.get(name)?;
         let cols = self.cols(name, info, shard)?;
         let mut out = Vec::with_capacity(ids.len() * cols);
         for &id in ids {
-            if id as usize >= info.shape[0] {
-                return Err(Error::Invalid(format!(
-                    "token id {id} is outside the embedding table of {} rows",
-                    info.shape[0]
-                )));
-            }
+            check_row(id, info.shape[0])?;
             out.extend(read_f32(shard, name, info, id as usize * cols, cols)?);
         }
         Ok(Tensor::from_vec(out, (ids.len(), cols), device)?)
     }
 
-    fn load_row_range(
-        &self,
-        name: &str,
-        start: usize,
-        len: usize,
-        device: &Device,
-    ) -> Result<Tensor> {
+    fn load_row_range(&self, name: &str, start: usize, len: usize, device: &Device) -> Result<Weight> {
         let (info, shard) = self.get(name)?;
         let cols = self.cols(name, info, shard)?;
         let data = read_f32(shard, name, info, start * cols, len * cols)?;
-        Ok(Tensor::from_vec(data, (len, cols), device)?)
+        Ok(Weight::Dense(Tensor::from_vec(data, (len, cols), device)?))
+    }
+}
+
+fn check_row(id: u32, rows: usize) -> Result<()> {
+    if id as usize >= rows {
+        return Err(Error::Invalid(format!(
+            "token id {id} is outside the embedding table of {rows} rows"
+        )));
+    }
+    Ok(())
+}
+
+/// A llama.cpp GGUF file, read in place. Quantized matrices stay quantized.
+pub struct GgufSource {
+    pub file: GgufFile,
+}
+
+fn is_float(t: GgmlDType) -> bool {
+    matches!(t, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+}
+
+impl GgufSource {
+    pub fn open(path: &Path) -> Result<Self> {
+        Ok(GgufSource {
+            file: GgufFile::open(path)?,
+        })
+    }
+
+    fn get(&self, name: &str) -> Result<&GgufTensor> {
+        self.file
+            .tensors
+            .get(name)
+            .ok_or_else(|| Error::tensor(&self.file.path, name, "missing from the file"))
+    }
+
+    /// Reads whole rows `start..start+len` of a tensor as a quantized tensor.
+    fn rows_q(&self, name: &str, t: &GgufTensor, start: usize, len: usize, device: &Device) -> Result<candle_core::quantized::QTensor> {
+        let rb = t.row_bytes();
+        let bytes = self.file.read(name, t.offset + (start * rb) as u64, len * rb)?;
+        let mut shape = t.shape.clone();
+        shape[0] = len;
+        let q = candle_core::quantized::ggml_file::qtensor_from_ggml(t.dtype, &bytes, shape, device)
+            .map_err(|e| Error::tensor(&self.file.path, name, e.to_string()))?;
+        Ok(q)
+    }
+}
+
+impl WeightSource for GgufSource {
+    fn path(&self) -> &Path {
+        &self.file.path
+    }
+
+    fn naming(&self) -> Naming {
+        Naming::Gguf
+    }
+
+    fn meta(&self, name: &str) -> Option<TensorMeta> {
+        self.file.tensors.get(name).map(|t| TensorMeta {
+            shape: t.shape.clone(),
+            file_bytes: t.nbytes,
+            compute_bytes: if is_float(t.dtype) { t.numel() as u64 * 4 } else { t.nbytes },
+            dtype: gguf::type_name(t.dtype),
+        })
+    }
+
+    fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
+        let t = self.get(name)?;
+        let bytes = self.file.read(name, t.offset, t.nbytes as usize)?;
+        let q = candle_core::quantized::ggml_file::qtensor_from_ggml(t.dtype, &bytes, t.shape.clone(), device)
+            .map_err(|e| Error::tensor(&self.file.path, name, e.to_string()))?;
+        Ok(q.dequantize(device)?)
+    }
+
+    fn load_weight(&self, name: &str, device: &Device) -> Result<Weight> {
+        let t = self.get(name)?;
+        self.load_row_range(name, 0, t.shape[0], device)
+    }
+
+    fn load_rows(&self, name: &str, ids: &[u32], device: &Device) -> Result<Tensor> {
+        let t = self.get(name)?;
+        let mut rows = Vec::with_capacity(ids.len());
+        for &id in ids {
+            check_row(id, t.shape[0])?;
+            rows.push(self.rows_q(name, t, id as usize, 1, device)?.dequantize(device)?);
+        }
+        Ok(Tensor::cat(&rows, 0)?)
+    }
+
+    fn load_row_range(&self, name: &str, start: usize, len: usize, device: &Device) -> Result<Weight> {
+        let t = self.get(name)?;
+        let q = self.rows_q(name, t, start, len, device)?;
+        if is_float(t.dtype) {
+            return Ok(Weight::Dense(q.dequantize(device)?));
+        }
+        let bytes = (len * t.row_bytes()) as u64;
+        Ok(Weight::Quant(QMatMul::from_qtensor(q)?, bytes))
     }
 }

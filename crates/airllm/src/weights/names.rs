@@ -15,7 +15,12 @@ pub enum Role {
     OBias,
     QNorm,
     KNorm,
+    /// Norm before the MLP.
     MlpNorm,
+    /// Gemma 3: norm of the attention output, before the residual add.
+    PostAttnNorm,
+    /// Gemma 3: norm of the MLP output, before the residual add.
+    PostMlpNorm,
     Gate,
     Up,
     Down,
@@ -24,8 +29,73 @@ pub enum Role {
     DownBias,
 }
 
+/// The two naming schemes tensors come in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Naming {
+    /// Hugging Face transformers (`model.layers.N.self_attn.q_proj.weight`).
+    Hf,
+    /// llama.cpp GGUF (`blk.N.attn_q.weight`).
+    Gguf,
+}
+
+impl Naming {
+    /// The name of a layer tensor. `sandwich` selects Gemma 3's norm names in HF checkpoints,
+    /// where `post_attention_layernorm` is the attention-output norm rather than the pre-MLP norm.
+    pub fn layer(self, layer: usize, role: Role, sandwich: bool) -> String {
+        match self {
+            Naming::Hf => hf_layer(layer, role, sandwich),
+            Naming::Gguf => gguf_layer(layer, role),
+        }
+    }
+    pub fn embed(self) -> &'static str {
+        match self {
+            Naming::Hf => HF_EMBED,
+            Naming::Gguf => "token_embd.weight",
+        }
+    }
+    pub fn final_norm(self) -> &'static str {
+        match self {
+            Naming::Hf => HF_FINAL_NORM,
+            Naming::Gguf => "output_norm.weight",
+        }
+    }
+    pub fn head(self) -> &'static str {
+        match self {
+            Naming::Hf => HF_LM_HEAD,
+            Naming::Gguf => "output.weight",
+        }
+    }
+}
+
+/// llama.cpp names.
+pub fn gguf_layer(layer: usize, role: Role) -> String {
+    let s = match role {
+        Role::AttnNorm => "attn_norm.weight",
+        Role::Q => "attn_q.weight",
+        Role::K => "attn_k.weight",
+        Role::V => "attn_v.weight",
+        Role::O => "attn_output.weight",
+        Role::QBias => "attn_q.bias",
+        Role::KBias => "attn_k.bias",
+        Role::VBias => "attn_v.bias",
+        Role::OBias => "attn_output.bias",
+        Role::QNorm => "attn_q_norm.weight",
+        Role::KNorm => "attn_k_norm.weight",
+        Role::MlpNorm => "ffn_norm.weight",
+        Role::PostAttnNorm => "post_attention_norm.weight",
+        Role::PostMlpNorm => "post_ffw_norm.weight",
+        Role::Gate => "ffn_gate.weight",
+        Role::Up => "ffn_up.weight",
+        Role::Down => "ffn_down.weight",
+        Role::GateBias => "ffn_gate.bias",
+        Role::UpBias => "ffn_up.bias",
+        Role::DownBias => "ffn_down.bias",
+    };
+    format!("blk.{layer}.{s}")
+}
+
 /// Hugging Face transformers names.
-pub fn hf_layer(layer: usize, role: Role) -> String {
+pub fn hf_layer(layer: usize, role: Role, sandwich: bool) -> String {
     let p = format!("model.layers.{layer}");
     let s = match role {
         Role::AttnNorm => "input_layernorm.weight",
@@ -39,7 +109,10 @@ pub fn hf_layer(layer: usize, role: Role) -> String {
         Role::OBias => "self_attn.o_proj.bias",
         Role::QNorm => "self_attn.q_norm.weight",
         Role::KNorm => "self_attn.k_norm.weight",
+        Role::MlpNorm if sandwich => "pre_feedforward_layernorm.weight",
         Role::MlpNorm => "post_attention_layernorm.weight",
+        Role::PostAttnNorm => "post_attention_layernorm.weight",
+        Role::PostMlpNorm => "post_feedforward_layernorm.weight",
         Role::Gate => "mlp.gate_proj.weight",
         Role::Up => "mlp.up_proj.weight",
         Role::Down => "mlp.down_proj.weight",
