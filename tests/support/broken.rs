@@ -116,7 +116,7 @@ pub fn cases() -> Vec<(&'static str, tempfile::TempDir, PathBuf, Vec<String>)> {
         d,
         vec![
             "mlp.gate_proj.weight".into(),
-            "disagrees with config.json".into(),
+            "disagrees with the config".into(),
         ],
     ));
 

@@ -179,7 +179,7 @@ fn ledger_never_exceeds_a_two_layer_budget() {
     let dir = fixtures().join(name);
     let budget = minimum_budget(name, &r);
     let info = ModelInfo::open(&dir).unwrap();
-    let layer = info.sizes.layer_params * 4;
+    let layer = info.sizes.layer_bytes;
     let mut engine = Engine::open(&dir, options(Some(budget), &r)).unwrap();
     let p = engine.plan().clone();
     assert_eq!(p.resident_layers, 0, "{p}");
