@@ -75,14 +75,15 @@ struct SynthArgs {
 
 #[derive(Args, Clone)]
 struct ModelArgs {
-    /// A model folder, or a repo id (org/name) in the Hugging Face cache.
+        /// A .gguf file, a model folder, or a repo id (org/name) in the Hugging Face cache.
+    /// Default: Gemma 3 270M, fetched by scripts/fetch_default_model.sh.
     #[arg(long, short = 'm')]
-    model: String,
+    model: Option<String>,
     /// Memory budget, e.g. 512MiB or 6GiB. Default: 90% of available memory.
     #[arg(long)]
     max_memory: Option<String>,
     /// Tokens of context per sequence. Default: prompt plus --max-new-tokens for `run`,
-    /// min(4096, the model's maximum) for `chat`.
+    /// min(2048, the model's maximum) for `chat`.
     #[arg(long = "ctx-size", short = 'c')]
     ctx_size: Option<usize>,
     /// Most tokens one sweep carries; longer prompts are prefilled over several sweeps.
@@ -162,8 +163,9 @@ struct ChatArgs {
 
 #[derive(Args)]
 struct InspectArgs {
+    /// A .gguf file, a model folder or a cached repo id. Default: the default model.
     #[arg(long, short = 'm')]
-    model: String,
+    model: Option<String>,
     #[arg(long)]
     max_memory: Option<String>,
     #[arg(long = "ctx-size", short = 'c', default_value_t = 2048)]
@@ -244,7 +246,10 @@ fn params(s: &SampleArgs, max_new_tokens: usize) -> Result<GenerationParams> {
 }
 
 fn open_model(m: &ModelArgs) -> Result<(ModelInfo, TextTokenizer)> {
-    let dir: PathBuf = airllm::hub::resolve_model(&m.model)?;
+        let dir: PathBuf = match &m.model {
+        Some(spec) => airllm::hub::resolve_model(spec)?,
+        None => airllm::hub::default_model()?,
+    };
     let info = ModelInfo::open(&dir)?;
     let tok = TextTokenizer::open(&dir)?;
     Ok((info, tok))
@@ -367,7 +372,7 @@ fn chat(a: ChatArgs) -> Result<()> {
     let context = a
         .model
         .ctx_size
-        .unwrap_or_else(|| info.cfg.max_position_embeddings.min(4096));
+        .unwrap_or_else(|| info.cfg.max_position_embeddings.min(2048));
     let opts = EngineOptions {
         max_memory: budget(&a.model.max_memory)?,
         context,
@@ -456,7 +461,10 @@ fn chat(a: ChatArgs) -> Result<()> {
 }
 
 fn inspect(a: InspectArgs) -> Result<()> {
-    let dir = airllm::hub::resolve_model(&a.model)?;
+        let dir = match &a.model {
+        Some(spec) => airllm::hub::resolve_model(spec)?,
+        None => airllm::hub::default_model()?,
+    };
     let info = ModelInfo::open(&dir)?;
     let c = &info.cfg;
     let s = &info.sizes;

@@ -5,7 +5,35 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
-/// Cache folders to search, in the order huggingface_hub uses: `HF_HUB_CACHE`, then
+/// File name of the default model, Gemma 3 270M in Q4_K_M.
+pub const DEFAULT_MODEL: &str = "gemma-3-270m-q4_k_m.gguf";
+
+/// Where `scripts/fetch_default_model.sh` stores models: `$AIRLLM_MODELS`, else
+/// `${XDG_CACHE_HOME:-~/.cache}/airllm/models`.
+pub fn models_dir() -> PathBuf {
+    if let Ok(p) = std::env::var("AIRLLM_MODELS") {
+        return PathBuf::from(p);
+    }
+    let cache = std::env::var("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(&std::env::var("HOME").unwrap_or_default()).join(".cache"));
+    cache.join("airllm/models")
+}
+
+/// The default model's path, if it has been fetched.
+pub fn default_model() -> Result<PathBuf> {
+    let p = models_dir().join(DEFAULT_MODEL);
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(Error::ModelNotFound(
+            DEFAULT_MODEL.to_string(),
+            format!("{} (fetch it with scripts/fetch_default_model.sh, or pass --model)", p.display()),
+        ))
+    }
+}
+
+/// Cache folders to search,, in the order huggingface_hub uses: `HF_HUB_CACHE`, then
 /// `HF_HOME/hub`, then `~/.cache/huggingface/hub`.
 pub fn cache_dirs() -> Vec<PathBuf> {
     let mut dirs = Vec::new();

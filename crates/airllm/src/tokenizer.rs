@@ -68,7 +68,11 @@ impl TextTokenizer {
             eos_token: piece("tokenizer.ggml.eos_token_id"),
             bos_id: g.get("tokenizer.ggml.bos_token_id").and_then(V::as_u64).map(|v| v as u32),
             eos_ids: crate::weights::gguf_tokenizer::stop_ids(g),
-            chat_template: g.get("tokenizer.chat_template").and_then(V::as_str).map(str::to_string),
+                        chat_template: g
+                .get("tokenizer.chat_template")
+                .and_then(V::as_str)
+                .map(str::to_string)
+                .or_else(|| builtin_template(g.arch().ok()?)),
             add_bos: None,
             tok,
         })
@@ -177,5 +181,19 @@ impl TextTokenizer {
 
     pub fn vocab_size(&self) -> usize {
         self.tok.get_vocab_size(true)
+    }
+}
+
+/// Templates for files that carry none, as llama.cpp has built in. Gemma has no system role, so a
+/// system message is sent as a user turn.
+fn builtin_template(arch: &str) -> Option<String> {
+    match arch {
+        "gemma3" => Some(
+            "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}{% set role = 'model' %}\
+             {% else %}{% set role = 'user' %}{% endif %}<start_of_turn>{{ role }}\n{{ m['content'] | trim }}\
+             <end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+                .to_string(),
+        ),
+        _ => None,
     }
 }

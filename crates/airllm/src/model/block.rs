@@ -371,7 +371,7 @@ impl Block {
 
 /// Default for the most bytes of attention scores (and their masked and softmaxed copies) one
 /// query chunk may hold.
-pub const ATTN_SCORES_BYTES: u64 = 48 << 20;
+pub const ATTN_SCORES_BYTES: u64 = 16 << 20;
 
 /// Query rows per attention chunk for `nh` heads over `total` keys. Four copies of the scores
 /// can be alive at once (scaled, masked, softmaxed, and the mask's broadcast), so the cap covers

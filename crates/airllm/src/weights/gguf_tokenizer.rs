@@ -70,8 +70,13 @@ pub fn from_gguf(g: &GgufFile) -> Result<tokenizers::Tokenizer> {
     let added: Vec<tokenizers::AddedToken> = tokens
         .iter()
         .enumerate()
-        .filter(|(i, _)| matches!(types.get(*i), Some(&CONTROL) | Some(&USER_DEFINED)))
-        .map(|(_, t)| tokenizers::AddedToken::from(t.to_string(), true))
+                .filter_map(|(i, t)| match types.get(i) {
+            // Control tokens are skipped when decoding; user-defined ones (Gemma's runs of
+            // newlines and tabs, say) are text.
+            Some(&CONTROL) => Some(tokenizers::AddedToken::from(t.to_string(), true)),
+            Some(&USER_DEFINED) => Some(tokenizers::AddedToken::from(t.to_string(), false)),
+            _ => None,
+        })
         .collect();
 
     let add_bos = flag("tokenizer.ggml.add_bos_token").unwrap_or(model == "llama");
@@ -196,7 +201,10 @@ pub fn from_gguf(g: &GgufFile) -> Result<tokenizers::Tokenizer> {
         .map_err(|e| Error::file(path, format!("cannot build the tokenizer from metadata: {e}")))?;
     tok.with_model(bpe);
     // Added after the model is in place, so each takes its vocabulary id.
-    tok.add_special_tokens(added)
+    let (special, plain): (Vec<_>, Vec<_>) = added.into_iter().partition(|t| t.special);
+    tok.add_tokens(plain)
+        .map_err(|e| Error::file(path, format!("cannot add tokens: {e}")))?;
+    tok.add_special_tokens(special)
         .map_err(|e| Error::file(path, format!("cannot add special tokens: {e}")))?;
     Ok(tok)
 }
