@@ -75,7 +75,7 @@ struct SynthArgs {
 
 #[derive(Args, Clone)]
 struct ModelArgs {
-        /// A .gguf file, a model folder, or a repo id (org/name) in the Hugging Face cache.
+    /// A .gguf file, a model folder, or a repo id (org/name) in the Hugging Face cache.
     /// Default: Gemma 3 270M, fetched by scripts/fetch_default_model.sh.
     #[arg(long, short = 'm')]
     model: Option<String>,
@@ -246,7 +246,7 @@ fn params(s: &SampleArgs, max_new_tokens: usize) -> Result<GenerationParams> {
 }
 
 fn open_model(m: &ModelArgs) -> Result<(ModelInfo, TextTokenizer)> {
-        let dir: PathBuf = match &m.model {
+    let dir: PathBuf = match &m.model {
         Some(spec) => airllm::hub::resolve_model(spec)?,
         None => airllm::hub::default_model()?,
     };
@@ -461,7 +461,7 @@ fn chat(a: ChatArgs) -> Result<()> {
 }
 
 fn inspect(a: InspectArgs) -> Result<()> {
-        let dir = match &a.model {
+    let dir = match &a.model {
         Some(spec) => airllm::hub::resolve_model(spec)?,
         None => airllm::hub::default_model()?,
     };

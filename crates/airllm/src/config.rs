@@ -99,6 +99,10 @@ pub enum Activation {
     Silu,
     /// GELU with the tanh approximation (`gelu_pytorch_tanh`).
     GeluTanh,
+    /// GELU as llama.cpp computes it on CPU: inputs in (-10, 10) rounded to f16 and looked up
+    /// in an f16 table. Used for GGUF files so they compute llama.cpp's function; it moves
+    /// logits by up to ~5e-3 from the exact GELU.
+    GeluTanhF16,
 }
 
 #[derive(Debug, Clone)]
@@ -341,7 +345,13 @@ impl ModelConfig {
                     // Older Gemma 3 configs give a pattern: every n-th layer is global.
                     let n = r.usize_opt("sliding_window_pattern")?.unwrap_or(6).max(1);
                     (0..num_layers)
-                        .map(|i| if (i + 1) % n == 0 { None } else { sliding_window })
+                        .map(|i| {
+                            if (i + 1) % n == 0 {
+                                None
+                            } else {
+                                sliding_window
+                            }
+                        })
                         .collect()
                 }
                 Arch::Qwen2 | Arch::Qwen3 if r.bool_opt("use_sliding_window")?.unwrap_or(false) => {
@@ -406,7 +416,11 @@ impl ModelConfig {
             _ => 1.0 / (head_dim as f64).sqrt(),
         };
         if r.f64_opt(v, "attn_logit_softcapping")?.is_some() {
-            return Err(Error::config(path, "attn_logit_softcapping", "attention soft-capping is not supported"));
+            return Err(Error::config(
+                path,
+                "attn_logit_softcapping",
+                "attention soft-capping is not supported",
+            ));
         }
 
         let declared_dtype = get(v, "dtype")
@@ -427,7 +441,9 @@ impl ModelConfig {
             rope,
             max_position_embeddings,
             // Gemma ties its head to the embedding unless told otherwise.
-            tie_word_embeddings: r.bool_opt("tie_word_embeddings")?.unwrap_or(arch == Arch::Gemma3),
+            tie_word_embeddings: r
+                .bool_opt("tie_word_embeddings")?
+                .unwrap_or(arch == Arch::Gemma3),
             layer_windows,
             block,
             declared_dtype,
@@ -565,7 +581,11 @@ impl ModelConfig {
             match g.get(&full).and_then(V::as_u64) {
                 Some(0) => Err(Error::config(path, &full, "must be at least 1")),
                 Some(n) => Ok(n as usize),
-                None => Err(Error::config(path, &full, "required metadata is missing or not an integer")),
+                None => Err(Error::config(
+                    path,
+                    &full,
+                    "required metadata is missing or not an integer",
+                )),
             }
         };
         let opt_u = |k: &str| g.get(&key(k)).and_then(V::as_u64).map(|n| n as usize);
@@ -576,11 +596,19 @@ impl ModelConfig {
         let num_heads = req("attention.head_count")?;
         let num_kv_heads = opt_u("attention.head_count_kv").unwrap_or(num_heads);
         if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
-            return Err(Error::config(path, &key("attention.head_count_kv"), format!("{num_kv_heads} does not divide head_count {num_heads}")));
+            return Err(Error::config(
+                path,
+                &key("attention.head_count_kv"),
+                format!("{num_kv_heads} does not divide head_count {num_heads}"),
+            ));
         }
         let head_dim = opt_u("attention.key_length").unwrap_or(hidden_size / num_heads);
         if head_dim == 0 || head_dim % 2 == 1 {
-            return Err(Error::config(path, &key("attention.key_length"), format!("{head_dim} must be even and positive")));
+            return Err(Error::config(
+                path,
+                &key("attention.key_length"),
+                format!("{head_dim} must be even and positive"),
+            ));
         }
         let vocab_size = match g.get("tokenizer.ggml.tokens").and_then(V::as_array) {
             Some(t) => t.len(),
@@ -588,12 +616,22 @@ impl ModelConfig {
                 Some(n) => n,
                 None => match g.tensors.get("token_embd.weight") {
                     Some(t) => t.shape[0],
-                    None => return Err(Error::config(path, "tokenizer.ggml.tokens", "required metadata is missing")),
+                    None => {
+                        return Err(Error::config(
+                            path,
+                            "tokenizer.ggml.tokens",
+                            "required metadata is missing",
+                        ))
+                    }
                 },
             },
         };
         let rms_norm_eps = opt_f("attention.layer_norm_rms_epsilon").ok_or_else(|| {
-            Error::config(path, &key("attention.layer_norm_rms_epsilon"), "required metadata is missing")
+            Error::config(
+                path,
+                &key("attention.layer_norm_rms_epsilon"),
+                "required metadata is missing",
+            )
         })?;
         let theta = opt_f("rope.freq_base").unwrap_or(10000.0) as f32;
         let scaling = match g.get(&key("rope.scaling.type")).and_then(V::as_str) {
@@ -602,7 +640,11 @@ impl ModelConfig {
                 factor: opt_f("rope.scaling.factor").unwrap_or(1.0) as f32,
             },
             Some(other) => {
-                return Err(Error::config(path, &key("rope.scaling.type"), format!("`{other}` is not supported")))
+                return Err(Error::config(
+                    path,
+                    &key("rope.scaling.type"),
+                    format!("`{other}` is not supported"),
+                ))
             }
         };
         let rope = RopeConfig { theta, scaling };
@@ -622,17 +664,20 @@ impl ModelConfig {
             Arch::Gemma3 => {
                 block.qk_norm = true;
                 block.sandwich_norms = true;
-                block.act = Activation::GeluTanh;
+                block.act = Activation::GeluTanhF16;
                 if let Some(w) = window {
                     // As llama.cpp: a pattern array, or every n-th layer global (default 6).
                     let pattern = g.get(&key("attention.sliding_window_pattern"));
                     layer_windows = match pattern {
-                        Some(V::Array(flags)) if flags.len() == num_layers => {
-                            flags.iter().map(|f| f.as_bool().unwrap_or(false).then_some(w)).collect()
-                        }
+                        Some(V::Array(flags)) if flags.len() == num_layers => flags
+                            .iter()
+                            .map(|f| f.as_bool().unwrap_or(false).then_some(w))
+                            .collect(),
                         other => {
                             let n = other.and_then(V::as_u64).unwrap_or(6) as usize;
-                            (0..num_layers).map(|i| (n == 0 || i % n < n - 1).then_some(w)).collect()
+                            (0..num_layers)
+                                .map(|i| (n == 0 || i % n < n - 1).then_some(w))
+                                .collect()
                         }
                     };
                     rope_local = Some(RopeConfig {
@@ -664,7 +709,10 @@ impl ModelConfig {
             tie_word_embeddings: !g.tensors.contains_key("output.weight"),
             layer_windows,
             block,
-            declared_dtype: g.get("general.file_type").and_then(V::as_u64).map(|t| format!("gguf file_type {t}")),
+            declared_dtype: g
+                .get("general.file_type")
+                .and_then(V::as_u64)
+                .map(|t| format!("gguf file_type {t}")),
             bos_token_id: tokens("tokenizer.ggml.bos_token_id"),
             eos_token_ids: tokens("tokenizer.ggml.eos_token_id").into_iter().collect(),
             attn_scale,

@@ -250,8 +250,15 @@ pub struct ModelInfo {
 impl ModelInfo {
     /// Opens a Hugging Face folder or a `.gguf` file.
     pub fn open(path: &Path) -> Result<Self> {
+        Self::open_with(path, false)
+    }
+
+    /// Like [`ModelInfo::open`]; `dequantize` widens a GGUF file's quantized matrices to f32
+    /// at load (see [`GgufSource::dequantize`]).
+    pub fn open_with(path: &Path, dequantize: bool) -> Result<Self> {
         let (cfg, src): (ModelConfig, Arc<dyn WeightSource>) = if crate::weights::is_gguf(path) {
-            let g = GgufSource::open(path)?;
+            let mut g = GgufSource::open(path)?;
+            g.dequantize = dequantize;
             (ModelConfig::from_gguf(&g.file)?, Arc::new(g))
         } else {
             let cfg = ModelConfig::from_file(&path.join("config.json"))?;
@@ -267,7 +274,10 @@ impl ModelInfo {
                 return Err(Error::tensor(
                     path,
                     name,
-                    format!("shape {:?} disagrees with the config, which implies {shape:?}", m.shape),
+                    format!(
+                        "shape {:?} disagrees with the config, which implies {shape:?}",
+                        m.shape
+                    ),
                 ));
             }
             Ok(())
@@ -544,7 +554,9 @@ impl Engine {
 
         let result = (|| -> Result<Vec<Tensor>> {
             let t = Instant::now();
-            let mut x = self.src.load_rows(self.src.naming().embed(), &ids, &self.device)?;
+            let mut x = self
+                .src
+                .load_rows(self.src.naming().embed(), &ids, &self.device)?;
             if let Some(scale) = self.cfg.embed_scale {
                 x = (x * scale)?;
             }
@@ -635,10 +647,12 @@ impl Engine {
             while start < vocab {
                 let n = chunk.min(vocab - start);
                 let t = Instant::now();
-                let _charge = self
-                    .ledger
-                    .charge(self.plan.head_chunk_bytes / self.plan.head_chunk_rows.max(1) as u64 * n as u64);
-                let w = self.src.load_row_range(&self.head_name, start, n, &self.device)?;
+                let _charge = self.ledger.charge(
+                    self.plan.head_chunk_bytes / self.plan.head_chunk_rows.max(1) as u64 * n as u64,
+                );
+                let w = self
+                    .src
+                    .load_row_range(&self.head_name, start, n, &self.device)?;
                 prof.head_read += t.elapsed();
                 let t = Instant::now();
                 parts.push(w.forward(h)?);

@@ -28,7 +28,10 @@ pub fn default_model() -> Result<PathBuf> {
     } else {
         Err(Error::ModelNotFound(
             DEFAULT_MODEL.to_string(),
-            format!("{} (fetch it with scripts/fetch_default_model.sh, or pass --model)", p.display()),
+            format!(
+                "{} (fetch it with scripts/fetch_default_model.sh, or pass --model)",
+                p.display()
+            ),
         ))
     }
 }
@@ -68,7 +71,7 @@ pub fn resolve_model(spec: &str) -> Result<PathBuf> {
     if p.is_dir() {
         return Ok(p.to_path_buf());
     }
-        if p.is_file() {
+    if p.is_file() {
         return Ok(p.to_path_buf()); // a GGUF file; its magic is checked when it is opened
     }
     if !looks_like_repo_id(spec) {

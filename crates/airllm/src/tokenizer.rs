@@ -66,9 +66,12 @@ impl TextTokenizer {
         Ok(TextTokenizer {
             bos_token: piece("tokenizer.ggml.bos_token_id"),
             eos_token: piece("tokenizer.ggml.eos_token_id"),
-            bos_id: g.get("tokenizer.ggml.bos_token_id").and_then(V::as_u64).map(|v| v as u32),
+            bos_id: g
+                .get("tokenizer.ggml.bos_token_id")
+                .and_then(V::as_u64)
+                .map(|v| v as u32),
             eos_ids: crate::weights::gguf_tokenizer::stop_ids(g),
-                        chat_template: g
+            chat_template: g
                 .get("tokenizer.chat_template")
                 .and_then(V::as_str)
                 .map(str::to_string)

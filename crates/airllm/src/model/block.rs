@@ -57,7 +57,12 @@ pub struct LayerWeights {
 fn is_norm(role: Role) -> bool {
     matches!(
         role,
-        Role::AttnNorm | Role::MlpNorm | Role::QNorm | Role::KNorm | Role::PostAttnNorm | Role::PostMlpNorm
+        Role::AttnNorm
+            | Role::MlpNorm
+            | Role::QNorm
+            | Role::KNorm
+            | Role::PostAttnNorm
+            | Role::PostMlpNorm
     )
 }
 
@@ -123,7 +128,10 @@ pub fn validate_layers(cfg: &ModelConfig, src: &dyn WeightSource) -> Result<()> 
                 return Err(Error::tensor(
                     src.path(),
                     &name,
-                    format!("shape {:?} disagrees with the config, which implies {shape:?}", meta.shape),
+                    format!(
+                        "shape {:?} disagrees with the config, which implies {shape:?}",
+                        meta.shape
+                    ),
                 ));
             }
         }
@@ -132,7 +140,12 @@ pub fn validate_layers(cfg: &ModelConfig, src: &dyn WeightSource) -> Result<()> 
 }
 
 impl LayerWeights {
-    pub fn load(cfg: &ModelConfig, src: &dyn WeightSource, index: usize, device: &Device) -> Result<Self> {
+    pub fn load(
+        cfg: &ModelConfig,
+        src: &dyn WeightSource,
+        index: usize,
+        device: &Device,
+    ) -> Result<Self> {
         let b = &cfg.block;
         let naming = src.naming();
         let name = |role| naming.layer(index, role, b.sandwich_norms);
@@ -180,10 +193,12 @@ impl LayerWeights {
             self.post_mlp_norm.as_ref(),
         ];
         norms.into_iter().flatten().map(tensor_bytes).sum::<u64>()
-            + [&self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down]
-                .iter()
-                .map(|l| l.bytes())
-                .sum::<u64>()
+            + [
+                &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
+            ]
+            .iter()
+            .map(|l| l.bytes())
+            .sum::<u64>()
     }
 }
 
@@ -274,6 +289,7 @@ impl Block {
         let g = match self.act {
             Activation::Silu => g.silu()?,
             Activation::GeluTanh => g.gelu()?,
+            Activation::GeluTanhF16 => gelu_f16_table(&g)?,
         };
         let mut m = w.down.forward(&(g * w.up.forward(&h)?)?)?;
         if let Some(n) = &w.post_mlp_norm {
@@ -378,6 +394,17 @@ pub const ATTN_SCORES_BYTES: u64 = 16 << 20;
 /// four. One row is the floor, so a single row over a huge context can pass the cap.
 pub fn query_chunk(scores_bytes: u64, nh: usize, total: usize) -> usize {
     ((scores_bytes / (4 * 4 * (nh * total).max(1) as u64)) as usize).max(1)
+}
+
+/// llama.cpp's CPU GELU: exact pass-through at and beyond ±10, otherwise the f16-rounded input
+/// mapped through an f16 table of GELU values.
+fn gelu_f16_table(x: &Tensor) -> Result<Tensor> {
+    let f16 = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F16)?.to_dtype(DType::F32)?) };
+    let table = f16(&f16(x)?.gelu()?)?;
+    let high = x.ge(10f32)?;
+    let low = x.le(-10f32)?;
+    let y = high.where_cond(x, &table)?;
+    Ok(low.where_cond(&x.zeros_like()?, &y)?)
 }
 
 /// The final RMSNorm, applied before the output head.

@@ -178,7 +178,11 @@ impl Cursor<'_> {
                     2 | 3 => 2,
                     4..=6 => 4,
                     8..=12 => 8,
-                    _ => return Err(self.err(format!("metadata `{key}`: unknown array element type {ity}"))),
+                    _ => {
+                        return Err(self.err(format!(
+                            "metadata `{key}`: unknown array element type {ity}"
+                        )))
+                    }
                 };
                 if n.saturating_mul(min) > self.len.saturating_sub(self.pos) {
                     return Err(self.err(format!(
@@ -213,13 +217,21 @@ impl GgufFile {
             len,
             path,
         };
-        let magic = c.bytes(4, "magic").map_err(|_| Error::file(path, format!("not a GGUF file: only {len} bytes")))?;
+        let magic = c
+            .bytes(4, "magic")
+            .map_err(|_| Error::file(path, format!("not a GGUF file: only {len} bytes")))?;
         if magic != b"GGUF" {
-            return Err(Error::file(path, format!("not a GGUF file: magic {magic:02x?} is not \"GGUF\"")));
+            return Err(Error::file(
+                path,
+                format!("not a GGUF file: magic {magic:02x?} is not \"GGUF\""),
+            ));
         }
         let version = c.u32("version")?;
         if !(2..=3).contains(&version) {
-            return Err(Error::file(path, format!("unsupported GGUF version {version} (supported: 2, 3)")));
+            return Err(Error::file(
+                path,
+                format!("unsupported GGUF version {version} (supported: 2, 3)"),
+            ));
         }
         let n_tensors = c.u64("tensor count")?;
         let n_kv = c.u64("metadata count")?;
@@ -242,7 +254,11 @@ impl GgufFile {
             let name = c.string("tensor name")?;
             let nd = c.u32(&name)?;
             if nd == 0 || nd > 4 {
-                return Err(Error::tensor(path, &name, format!("{nd} dimensions (expected 1 to 4)")));
+                return Err(Error::tensor(
+                    path,
+                    &name,
+                    format!("{nd} dimensions (expected 1 to 4)"),
+                ));
             }
             let mut dims = Vec::with_capacity(nd as usize);
             for _ in 0..nd {
@@ -252,25 +268,45 @@ impl GgufFile {
             let off = c.u64(&name)?;
             infos.push((name, dims, ty, off));
         }
-        let align = metadata.get("general.alignment").and_then(Value::as_u64).unwrap_or(32);
+        let align = metadata
+            .get("general.alignment")
+            .and_then(Value::as_u64)
+            .unwrap_or(32);
         if align == 0 || !align.is_power_of_two() {
-            return Err(Error::config(path, "general.alignment", format!("{align} is not a power of two")));
+            return Err(Error::config(
+                path,
+                "general.alignment",
+                format!("{align} is not a power of two"),
+            ));
         }
         let data_start = c.pos.next_multiple_of(align);
         let mut tensors = HashMap::new();
         let mut order = Vec::new();
         for (name, dims, ty, off) in infos {
-            let (dtype, tname) =
-                ggml_type(ty).ok_or_else(|| Error::tensor(path, &name, format!("unknown or unsupported quantization type {ty}")))?;
+            let (dtype, tname) = ggml_type(ty).ok_or_else(|| {
+                Error::tensor(
+                    path,
+                    &name,
+                    format!("unknown or unsupported quantization type {ty}"),
+                )
+            })?;
             let numel = dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
             let bs = dtype.block_size() as u64;
             let inner = dims[0];
             if inner % bs != 0 {
-                return Err(Error::tensor(path, &name, format!("row of {inner} elements is not a multiple of the {tname} block of {bs}")));
+                return Err(Error::tensor(
+                    path,
+                    &name,
+                    format!(
+                        "row of {inner} elements is not a multiple of the {tname} block of {bs}"
+                    ),
+                ));
             }
             let nbytes = numel
                 .and_then(|n| (n / bs).checked_mul(dtype.type_size() as u64))
-                .ok_or_else(|| Error::tensor(path, &name, format!("shape {dims:?} is too large")))?;
+                .ok_or_else(|| {
+                    Error::tensor(path, &name, format!("shape {dims:?} is too large"))
+                })?;
             let start = data_start.checked_add(off);
             match start.and_then(|s| s.checked_add(nbytes)) {
                 Some(end) if end <= len => {}
@@ -324,6 +360,12 @@ impl GgufFile {
     pub fn arch(&self) -> Result<&str> {
         self.get("general.architecture")
             .and_then(Value::as_str)
-            .ok_or_else(|| Error::config(&self.path, "general.architecture", "required metadata is missing"))
+            .ok_or_else(|| {
+                Error::config(
+                    &self.path,
+                    "general.architecture",
+                    "required metadata is missing",
+                )
+            })
     }
 }

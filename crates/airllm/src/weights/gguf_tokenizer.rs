@@ -40,7 +40,13 @@ fn gpt2_regex(pre: &str) -> Option<&'static str> {
 /// Builds the tokenizer, and returns it with the BOS and EOS/EOT ids llama.cpp would use.
 pub fn from_gguf(g: &GgufFile) -> Result<tokenizers::Tokenizer> {
     let path = &g.path;
-    let field = |k: &str| Error::config(path, k, "required tokenizer metadata is missing or malformed");
+    let field = |k: &str| {
+        Error::config(
+            path,
+            k,
+            "required tokenizer metadata is missing or malformed",
+        )
+    };
     let model = g
         .get("tokenizer.ggml.model")
         .and_then(Value::as_str)
@@ -70,7 +76,7 @@ pub fn from_gguf(g: &GgufFile) -> Result<tokenizers::Tokenizer> {
     let added: Vec<tokenizers::AddedToken> = tokens
         .iter()
         .enumerate()
-                .filter_map(|(i, t)| match types.get(i) {
+        .filter_map(|(i, t)| match types.get(i) {
             // Control tokens are skipped when decoding; user-defined ones (Gemma's runs of
             // newlines and tabs, say) are text.
             Some(&CONTROL) => Some(tokenizers::AddedToken::from(t.to_string(), true)),
@@ -87,104 +93,137 @@ pub fn from_gguf(g: &GgufFile) -> Result<tokenizers::Tokenizer> {
     let mut special_tokens = serde_json::Map::new();
     if let (true, Some(b)) = (add_bos, bos) {
         single.push(json!({"SpecialToken": {"id": tokens[b], "type_id": 0}}));
-        special_tokens.insert(tokens[b].to_string(), json!({"id": tokens[b], "ids": [b], "tokens": [tokens[b]]}));
+        special_tokens.insert(
+            tokens[b].to_string(),
+            json!({"id": tokens[b], "ids": [b], "tokens": [tokens[b]]}),
+        );
     }
     single.push(json!({"Sequence": {"id": "A", "type_id": 0}}));
     if let (true, Some(e)) = (add_eos, eos) {
         single.push(json!({"SpecialToken": {"id": tokens[e], "type_id": 0}}));
-        special_tokens.insert(tokens[e].to_string(), json!({"id": tokens[e], "ids": [e], "tokens": [tokens[e]]}));
+        special_tokens.insert(
+            tokens[e].to_string(),
+            json!({"id": tokens[e], "ids": [e], "tokens": [tokens[e]]}),
+        );
     }
     let post = json!({"type": "TemplateProcessing", "single": single, "pair": single, "special_tokens": special_tokens});
 
-    let (spec, merges, unk, byte_fallback): (J, Vec<(String, String)>, Option<String>, bool) = match model {
-        "llama" => {
-            let scores: Vec<f64> = match g.get("tokenizer.ggml.scores").and_then(Value::as_array) {
-                Some(a) => a.iter().map(|s| s.as_f64().unwrap_or(0.0)).collect(),
-                None => return Err(field("tokenizer.ggml.scores")),
-            };
-            let index: HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (*t, i)).collect();
-            let mut merges: Vec<(f64, usize, &str, &str)> = Vec::new();
-            for (i, piece) in tokens.iter().enumerate() {
-                if types.get(i) != Some(&NORMAL) {
-                    continue;
-                }
-                for (k, _) in piece.char_indices().skip(1) {
-                    let (l, r) = piece.split_at(k);
-                    if index.contains_key(l) && index.contains_key(r) {
-                        merges.push((scores.get(i).copied().unwrap_or(0.0), k, l, r));
+    let (spec, merges, unk, byte_fallback): (J, Vec<(String, String)>, Option<String>, bool) =
+        match model {
+            "llama" => {
+                let scores: Vec<f64> =
+                    match g.get("tokenizer.ggml.scores").and_then(Value::as_array) {
+                        Some(a) => a.iter().map(|s| s.as_f64().unwrap_or(0.0)).collect(),
+                        None => return Err(field("tokenizer.ggml.scores")),
+                    };
+                let index: HashMap<&str, usize> =
+                    tokens.iter().enumerate().map(|(i, t)| (*t, i)).collect();
+                let mut merges: Vec<(f64, usize, &str, &str)> = Vec::new();
+                for (i, piece) in tokens.iter().enumerate() {
+                    if types.get(i) != Some(&NORMAL) {
+                        continue;
+                    }
+                    for (k, _) in piece.char_indices().skip(1) {
+                        let (l, r) = piece.split_at(k);
+                        if index.contains_key(l) && index.contains_key(r) {
+                            merges.push((scores.get(i).copied().unwrap_or(0.0), k, l, r));
+                        }
                     }
                 }
+                // Higher score merges first; for the same merged piece, the split llama.cpp would
+                // reach first (the left piece longest) goes first.
+                merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)));
+                let merges: Vec<(String, String)> = merges
+                    .iter()
+                    .map(|m| (m.2.to_string(), m.3.to_string()))
+                    .collect();
+                let space_prefix = flag("tokenizer.ggml.add_space_prefix").unwrap_or(true);
+                let mut norm = vec![];
+                if space_prefix {
+                    norm.push(json!({"type": "Prepend", "prepend": "▁"}));
+                }
+                norm.push(json!({"type": "Replace", "pattern": {"String": " "}, "content": "▁"}));
+                let mut dec = vec![
+                    json!({"type": "Replace", "pattern": {"String": "▁"}, "content": " "}),
+                    json!({"type": "ByteFallback"}),
+                    json!({"type": "Fuse"}),
+                ];
+                if space_prefix {
+                    dec.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+                }
+                let unk = id_of("tokenizer.ggml.unknown_token_id")
+                    .and_then(|u| tokens.get(u))
+                    .map(|s| s.to_string());
+                (
+                    json!({
+                        "version": "1.0", "truncation": null, "padding": null,
+                        "added_tokens": [],
+                        "normalizer": {"type": "Sequence", "normalizers": norm},
+                        "pre_tokenizer": null,
+                        "post_processor": post,
+                        "decoder": {"type": "Sequence", "decoders": dec},
+                        "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+                                  "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
+                                  "ignore_merges": false, "vocab": {}, "merges": []}
+                    }),
+                    merges,
+                    unk,
+                    true,
+                )
             }
-            // Higher score merges first; for the same merged piece, the split llama.cpp would
-            // reach first (the left piece longest) goes first.
-            merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)));
-            let merges: Vec<(String, String)> = merges.iter().map(|m| (m.2.to_string(), m.3.to_string())).collect();
-            let space_prefix = flag("tokenizer.ggml.add_space_prefix").unwrap_or(true);
-            let mut norm = vec![];
-            if space_prefix {
-                norm.push(json!({"type": "Prepend", "prepend": "▁"}));
+            "gpt2" => {
+                let pre = g
+                    .get("tokenizer.ggml.pre")
+                    .and_then(Value::as_str)
+                    .unwrap_or("default");
+                let regex = gpt2_regex(pre).ok_or_else(|| {
+                    Error::config(
+                        path,
+                        "tokenizer.ggml.pre",
+                        format!(
+                            "`{pre}` is not supported (supported: gpt2, default, qwen2, llama-bpe)"
+                        ),
+                    )
+                })?;
+                let merges: Vec<(String, String)> = g
+                    .get("tokenizer.ggml.merges")
+                    .and_then(Value::as_array)
+                    .ok_or_else(|| field("tokenizer.ggml.merges"))?
+                    .iter()
+                    .map(|m| {
+                        let m = m.as_str().unwrap_or("");
+                        let (a, b) = m.split_once(' ').unwrap_or((m, ""));
+                        (a.to_string(), b.to_string())
+                    })
+                    .collect();
+                (
+                    json!({
+                        "version": "1.0", "truncation": null, "padding": null,
+                        "added_tokens": [],
+                        "normalizer": null,
+                        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                            {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
+                            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}
+                        ]},
+                        "post_processor": post,
+                        "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false},
+                        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                                  "ignore_merges": false, "vocab": {}, "merges": []}
+                    }),
+                    merges,
+                    None,
+                    false,
+                )
             }
-            norm.push(json!({"type": "Replace", "pattern": {"String": " "}, "content": "▁"}));
-            let mut dec = vec![
-                json!({"type": "Replace", "pattern": {"String": "▁"}, "content": " "}),
-                json!({"type": "ByteFallback"}),
-                json!({"type": "Fuse"}),
-            ];
-            if space_prefix {
-                dec.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+            other => {
+                return Err(Error::config(
+                    path,
+                    "tokenizer.ggml.model",
+                    format!("`{other}` is not supported (supported: llama, gpt2)"),
+                ))
             }
-            let unk = id_of("tokenizer.ggml.unknown_token_id").and_then(|u| tokens.get(u)).map(|s| s.to_string());
-            (json!({
-                "version": "1.0", "truncation": null, "padding": null,
-                "added_tokens": [],
-                "normalizer": {"type": "Sequence", "normalizers": norm},
-                "pre_tokenizer": null,
-                "post_processor": post,
-                "decoder": {"type": "Sequence", "decoders": dec},
-                "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
-                          "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
-                          "ignore_merges": false, "vocab": {}, "merges": []}
-            }), merges, unk, true)
-        }
-        "gpt2" => {
-            let pre = g.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
-            let regex = gpt2_regex(pre).ok_or_else(|| {
-                Error::config(path, "tokenizer.ggml.pre", format!("`{pre}` is not supported (supported: gpt2, default, qwen2, llama-bpe)"))
-            })?;
-            let merges: Vec<(String, String)> = g
-                .get("tokenizer.ggml.merges")
-                .and_then(Value::as_array)
-                .ok_or_else(|| field("tokenizer.ggml.merges"))?
-                .iter()
-                .map(|m| {
-                    let m = m.as_str().unwrap_or("");
-                    let (a, b) = m.split_once(' ').unwrap_or((m, ""));
-                    (a.to_string(), b.to_string())
-                })
-                .collect();
-            (json!({
-                "version": "1.0", "truncation": null, "padding": null,
-                "added_tokens": [],
-                "normalizer": null,
-                "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-                    {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
-                    {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}
-                ]},
-                "post_processor": post,
-                "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false},
-                "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                          "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-                          "ignore_merges": false, "vocab": {}, "merges": []}
-            }), merges, None, false)
-        }
-        other => {
-            return Err(Error::config(
-                path,
-                "tokenizer.ggml.model",
-                format!("`{other}` is not supported (supported: llama, gpt2)"),
-            ))
-        }
-    };
+        };
     let mut builder = tokenizers::models::bpe::BPE::builder()
         .vocab_and_merges(vocab, merges)
         .byte_fallback(byte_fallback)
@@ -192,13 +231,19 @@ pub fn from_gguf(g: &GgufFile) -> Result<tokenizers::Tokenizer> {
     if let Some(u) = unk {
         builder = builder.unk_token(u);
     }
-    let bpe = builder
-        .build()
-        .map_err(|e| Error::file(path, format!("cannot build the tokenizer from metadata: {e}")))?;
+    let bpe = builder.build().map_err(|e| {
+        Error::file(
+            path,
+            format!("cannot build the tokenizer from metadata: {e}"),
+        )
+    })?;
     let text = serde_json::to_string(&spec).map_err(|e| Error::Tokenizer(e.to_string()))?;
-    let mut tok = text
-        .parse::<tokenizers::Tokenizer>()
-        .map_err(|e| Error::file(path, format!("cannot build the tokenizer from metadata: {e}")))?;
+    let mut tok = text.parse::<tokenizers::Tokenizer>().map_err(|e| {
+        Error::file(
+            path,
+            format!("cannot build the tokenizer from metadata: {e}"),
+        )
+    })?;
     tok.with_model(bpe);
     // Added after the model is in place, so each takes its vocabulary id.
     let (special, plain): (Vec<_>, Vec<_>) = added.into_iter().partition(|t| t.special);
@@ -217,7 +262,10 @@ pub fn stop_ids(g: &GgufFile) -> Vec<u32> {
         .collect();
     if let Some(tokens) = g.get("tokenizer.ggml.tokens").and_then(Value::as_array) {
         for (i, t) in tokens.iter().enumerate() {
-            if let Some("<end_of_turn>" | "<|eot_id|>" | "<|im_end|>" | "<|endoftext|>" | "<|end|>") = t.as_str() {
+            if let Some(
+                "<end_of_turn>" | "<|eot_id|>" | "<|im_end|>" | "<|endoftext|>" | "<|end|>",
+            ) = t.as_str()
+            {
                 ids.push(i as u32);
             }
         }
@@ -226,4 +274,3 @@ pub fn stop_ids(g: &GgufFile) -> Vec<u32> {
     ids.dedup();
     ids
 }
-

@@ -74,7 +74,13 @@ pub trait WeightSource: Send + Sync {
     /// Reads rows `ids` of a 2-D tensor (embedding lookup) as f32 `[ids.len(), cols]`.
     fn load_rows(&self, name: &str, ids: &[u32], device: &Device) -> Result<Tensor>;
     /// Reads rows `start..start+len` of a matrix in compute form (an output-head chunk).
-    fn load_row_range(&self, name: &str, start: usize, len: usize, device: &Device) -> Result<Weight>;
+    fn load_row_range(
+        &self,
+        name: &str,
+        start: usize,
+        len: usize,
+        device: &Device,
+    ) -> Result<Weight>;
 }
 
 /// Opens a model: a `.gguf` file, or a Hugging Face folder of safetensors.
@@ -117,7 +123,11 @@ impl SafetensorsSource {
     fn cols(&self, name: &str, info: &TensorInfo, shard: &safetensors::Shard) -> Result<usize> {
         match info.shape.as_slice() {
             [_, c] => Ok(*c),
-            s => Err(Error::tensor(&shard.path, name, format!("expected a 2-D tensor, got shape {s:?}"))),
+            s => Err(Error::tensor(
+                &shard.path,
+                name,
+                format!("expected a 2-D tensor, got shape {s:?}"),
+            )),
         }
     }
 }
@@ -161,7 +171,13 @@ impl WeightSource for SafetensorsSource {
         Ok(Tensor::from_vec(out, (ids.len(), cols), device)?)
     }
 
-    fn load_row_range(&self, name: &str, start: usize, len: usize, device: &Device) -> Result<Weight> {
+    fn load_row_range(
+        &self,
+        name: &str,
+        start: usize,
+        len: usize,
+        device: &Device,
+    ) -> Result<Weight> {
         let (info, shard) = self.get(name)?;
         let cols = self.cols(name, info, shard)?;
         let data = read_f32(shard, name, info, start * cols, len * cols)?;
@@ -181,6 +197,9 @@ fn check_row(id: u32, rows: usize) -> Result<()> {
 /// A llama.cpp GGUF file, read in place. Quantized matrices stay quantized.
 pub struct GgufSource {
     pub file: GgufFile,
+    /// Widen quantized matrices to f32 at load: the exact function of the file computed in
+    /// f32, as llama.cpp computes a dequantized copy. For reference checks; slower and larger.
+    pub dequantize: bool,
 }
 
 fn is_float(t: GgmlDType) -> bool {
@@ -191,6 +210,7 @@ impl GgufSource {
     pub fn open(path: &Path) -> Result<Self> {
         Ok(GgufSource {
             file: GgufFile::open(path)?,
+            dequantize: false,
         })
     }
 
@@ -202,13 +222,23 @@ impl GgufSource {
     }
 
     /// Reads whole rows `start..start+len` of a tensor as a quantized tensor.
-    fn rows_q(&self, name: &str, t: &GgufTensor, start: usize, len: usize, device: &Device) -> Result<candle_core::quantized::QTensor> {
+    fn rows_q(
+        &self,
+        name: &str,
+        t: &GgufTensor,
+        start: usize,
+        len: usize,
+        device: &Device,
+    ) -> Result<candle_core::quantized::QTensor> {
         let rb = t.row_bytes();
-        let bytes = self.file.read(name, t.offset + (start * rb) as u64, len * rb)?;
+        let bytes = self
+            .file
+            .read(name, t.offset + (start * rb) as u64, len * rb)?;
         let mut shape = t.shape.clone();
         shape[0] = len;
-        let q = candle_core::quantized::ggml_file::qtensor_from_ggml(t.dtype, &bytes, shape, device)
-            .map_err(|e| Error::tensor(&self.file.path, name, e.to_string()))?;
+        let q =
+            candle_core::quantized::ggml_file::qtensor_from_ggml(t.dtype, &bytes, shape, device)
+                .map_err(|e| Error::tensor(&self.file.path, name, e.to_string()))?;
         Ok(q)
     }
 }
@@ -226,7 +256,11 @@ impl WeightSource for GgufSource {
         self.file.tensors.get(name).map(|t| TensorMeta {
             shape: t.shape.clone(),
             file_bytes: t.nbytes,
-            compute_bytes: if is_float(t.dtype) { t.numel() as u64 * 4 } else { t.nbytes },
+            compute_bytes: if is_float(t.dtype) || self.dequantize {
+                t.numel() as u64 * 4
+            } else {
+                t.nbytes
+            },
             dtype: gguf::type_name(t.dtype),
         })
     }
@@ -234,8 +268,13 @@ impl WeightSource for GgufSource {
     fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
         let t = self.get(name)?;
         let bytes = self.file.read(name, t.offset, t.nbytes as usize)?;
-        let q = candle_core::quantized::ggml_file::qtensor_from_ggml(t.dtype, &bytes, t.shape.clone(), device)
-            .map_err(|e| Error::tensor(&self.file.path, name, e.to_string()))?;
+        let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+            t.dtype,
+            &bytes,
+            t.shape.clone(),
+            device,
+        )
+        .map_err(|e| Error::tensor(&self.file.path, name, e.to_string()))?;
         Ok(q.dequantize(device)?)
     }
 
@@ -249,15 +288,24 @@ impl WeightSource for GgufSource {
         let mut rows = Vec::with_capacity(ids.len());
         for &id in ids {
             check_row(id, t.shape[0])?;
-            rows.push(self.rows_q(name, t, id as usize, 1, device)?.dequantize(device)?);
+            rows.push(
+                self.rows_q(name, t, id as usize, 1, device)?
+                    .dequantize(device)?,
+            );
         }
         Ok(Tensor::cat(&rows, 0)?)
     }
 
-    fn load_row_range(&self, name: &str, start: usize, len: usize, device: &Device) -> Result<Weight> {
+    fn load_row_range(
+        &self,
+        name: &str,
+        start: usize,
+        len: usize,
+        device: &Device,
+    ) -> Result<Weight> {
         let t = self.get(name)?;
         let q = self.rows_q(name, t, start, len, device)?;
-        if is_float(t.dtype) {
+        if is_float(t.dtype) || self.dequantize {
             return Ok(Weight::Dense(q.dequantize(device)?));
         }
         let bytes = (len * t.row_bytes()) as u64;
