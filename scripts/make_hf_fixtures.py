@@ -196,6 +196,14 @@ def make(name, arch, extra, *, tie, bos_post, add_bos, dtype=torch.float32, shar
 
 
 def main():
+    only = set(sys.argv[1:])
+    global make
+    full_make = make
+
+    def make(name, *a, **k):  # noqa: F811 - filter by the names given on the command line
+        if not only or name in only:
+            full_make(name, *a, **k)
+
     make(
         "llama-gqa2-llama3rope",
         "llama",
@@ -258,6 +266,28 @@ def main():
         bos_post=False,
         add_bos=False,
         chat=True,
+    )
+
+
+    make(
+        "gemma3-sliding-global",
+        "gemma3_text",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            sliding_window=5,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={
+                "full_attention": dict(rope_type="linear", rope_theta=1000000.0, factor=2.0),
+                "sliding_attention": dict(rope_type="default", rope_theta=10000.0),
+            },
+            hidden_activation="gelu_pytorch_tanh",
+        ),
+        tie=True,
+        bos_post=True,
+        add_bos=True,
     )
 
 

@@ -152,7 +152,19 @@ fn inspect_describes_the_model_and_plan() {
 fn bad_inputs_exit_nonzero_with_one_line() {
     let tmp = tempfile::tempdir().unwrap();
     let missing = tmp.path().join("nope");
+    let junk = tmp.path().join("junk.gguf");
+    std::fs::write(&junk, b"this is not a model").unwrap();
     let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "run".into(),
+                "-m".into(),
+                junk.display().to_string(),
+                "-p".into(),
+                "x".into(),
+            ],
+            "not a GGUF file",
+        ),
         (
             vec![
                 "run".into(),

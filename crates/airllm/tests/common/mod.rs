@@ -16,6 +16,7 @@ pub const MODELS: &[&str] = &[
     "mistral-sliding-window",
     "qwen2-bias-mha-sharded",
     "qwen3-qknorm-headdim",
+    "gemma3-sliding-global",
 ];
 
 pub struct Reference {
