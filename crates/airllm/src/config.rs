@@ -610,8 +610,14 @@ impl ModelConfig {
                 format!("{head_dim} must be even and positive"),
             ));
         }
-        let vocab_size = match g.get("tokenizer.ggml.tokens").and_then(V::as_array) {
-            Some(t) => t.len(),
+        let count = g.get("tokenizer.ggml.tokens.count").and_then(V::as_u64);
+        let vocab_size = match g
+            .get("tokenizer.ggml.tokens")
+            .and_then(V::as_array)
+            .map(|t| t.len() as u64)
+            .or(count)
+        {
+            Some(t) => t as usize,
             None => match opt_u("vocab_size") {
                 Some(n) => n,
                 None => match g.tensors.get("token_embd.weight") {

@@ -259,6 +259,22 @@ impl ModelInfo {
         let (cfg, src): (ModelConfig, Arc<dyn WeightSource>) = if crate::weights::is_gguf(path) {
             let mut g = GgufSource::open(path)?;
             g.dequantize = dequantize;
+            // The vocabulary arrays are only for the tokenizer, which reads them separately;
+            // the engine would otherwise hold them (~30 MB for a 262k vocabulary) for its life.
+            let vocab = g
+                .file
+                .get("tokenizer.ggml.tokens")
+                .and_then(|t| t.as_array())
+                .map(|t| t.len() as u64);
+            g.file
+                .metadata
+                .retain(|k, v| !(k.starts_with("tokenizer.ggml.") && v.as_array().is_some()));
+            if let Some(n) = vocab {
+                g.file.metadata.insert(
+                    "tokenizer.ggml.tokens.count".into(),
+                    crate::weights::gguf::Value::U(n),
+                );
+            }
             (ModelConfig::from_gguf(&g.file)?, Arc::new(g))
         } else {
             let cfg = ModelConfig::from_file(&path.join("config.json"))?;
