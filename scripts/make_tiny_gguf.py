@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""Converts the tiny transformers fixtures to GGUF with llama.cpp's own converter, in F32 and
+Q8_0, and records llama.cpp's outputs on each into tests/fixtures/gguf/tiny/.
+
+Needs the llama.cpp source that llama-cpp-python 0.3.36 vendors (for convert_hf_to_gguf.py and
+its gguf-py), given as LLAMA_CPP_DIR, e.g. the `vendor/llama.cpp` folder of the unpacked
+llama_cpp_python-0.3.36.tar.gz sdist from PyPI; plus the packages in
+scripts/requirements-llamacpp.txt and scripts/requirements-fixtures.txt, and sentencepiece==0.2.3.
+
+Our fixtures use a small byte-level BPE tokenizer the converter does not know by hash; it is
+declared as llama.cpp's `gpt-2` pre-tokenizer, which is the regex it was trained with.
+"""
+import json
+import os
+import runpy
+import subprocess
+import sys
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+HF = os.path.join(HERE, "..", "tests", "fixtures", "hf")
+OUT = os.path.join(HERE, "..", "tests", "fixtures", "gguf", "tiny")
+
+# (gguf name, transformers fixture). Mistral is stored as llama, as llama.cpp's converter does.
+MODELS = [
+    ("llama", "llama-gqa2-llama3rope"),
+    ("mistral-as-llama", "mistral-sliding-window"),
+    ("qwen3", "qwen3-qknorm-headdim"),
+    ("gemma3", "gemma3-sliding-global"),
+]
+
+TOKENIZE = [
+    "Hello world",
+    "  two leading spaces and\ttabs\nnew lines",
+    "digits 0123456789, punctuation!? (brackets)",
+    "Café naïve 東京 😊",
+]
+
+CONVERT = """
+import runpy, sys
+L = sys.argv[1]
+sys.path[:0] = [L + "/gguf-py", L]
+import conversion.base as b
+b.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+sys.argv = [L + "/convert_hf_to_gguf.py"] + sys.argv[2:]
+runpy.run_path(L + "/convert_hf_to_gguf.py", run_name="__main__")
+"""
+
+
+def convert(src, dst, outtype):
+    lcpp = os.environ["LLAMA_CPP_DIR"]
+    subprocess.run(
+        [sys.executable, "-c", CONVERT, lcpp, src, "--outtype", outtype, "--outfile", dst],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def main():
+    from llama_cpp import Llama
+
+    os.makedirs(OUT, exist_ok=True)
+    for name, fixture in MODELS:
+        src = os.path.join(HF, fixture)
+        prompts = json.load(open(os.path.join(src, "reference.json")))["prompts"]
+        for outtype in ["f32", "q8_0"]:
+            path = os.path.join(OUT, f"{name}-{outtype}.gguf")
+            convert(src, path, outtype)
+            llm = Llama(model_path=path, n_ctx=256, n_batch=256, n_threads=2, logits_all=True,
+                        flash_attn=False, type_k=0, type_v=0, verbose=False)
+            ref = {"tokenize": [], "prompts": prompts, "prompt_token_ids": [], "logits": [],
+                   "greedy": [], "margins": []}
+            for s in TOKENIZE:
+                ref["tokenize"].append({"text": s, "ids": llm.tokenize(s.encode(), add_bos=True, special=True)})
+            for p in prompts:
+                ids = llm.tokenize(p.encode(), add_bos=True, special=True)
+                ref["prompt_token_ids"].append(ids)
+                llm.reset()
+                llm.eval(ids)
+                ref["logits"].append([float(x) for x in llm.scores[len(ids) - 1]])
+                out, margins = [], []
+                for _ in range(32):
+                    row = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float64)
+                    top = np.argsort(-row, kind="stable")[:2]
+                    margins.append(float(row[top[0]] - row[top[1]]))
+                    out.append(int(top[0]))
+                    llm.eval([int(top[0])])
+                ref["greedy"].append(out)
+                ref["margins"].append(margins)
+            del llm
+            with open(path[:-5] + ".json", "w") as f:
+                json.dump(ref, f)
+            print(f"{name} {outtype}: min greedy margin {min(min(m) for m in ref['margins']):.4f}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
