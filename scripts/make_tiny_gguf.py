@@ -26,6 +26,7 @@ OUT = os.path.join(HERE, "..", "tests", "fixtures", "gguf", "tiny")
 MODELS = [
     ("llama", "llama-gqa2-llama3rope"),
     ("mistral-as-llama", "mistral-sliding-window"),
+    ("qwen2", "qwen2-bias-mha-sharded"),
     ("qwen3", "qwen3-qknorm-headdim"),
     ("gemma3", "gemma3-sliding-global"),
 ]
@@ -43,6 +44,12 @@ L = sys.argv[1]
 sys.path[:0] = [L + "/gguf-py", L]
 import conversion.base as b
 b.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+# transformers 5 picks Qwen2Tokenizer for a qwen2 folder, which adds tokens of its own; the
+# fixture's tokenizer.json is the whole truth.
+import os, transformers
+transformers.AutoTokenizer.from_pretrained = staticmethod(
+    lambda d, **k: transformers.PreTrainedTokenizerFast(
+        tokenizer_file=os.path.join(d, "tokenizer.json"), bos_token="<s>", eos_token="</s>", pad_token="<pad>"))
 sys.argv = [L + "/convert_hf_to_gguf.py"] + sys.argv[2:]
 runpy.run_path(L + "/convert_hf_to_gguf.py", run_name="__main__")
 """

@@ -8,7 +8,7 @@ use airllm::tokenizer::TextTokenizer;
 use airllm::{Engine, EngineOptions, LogitsFor, ModelInfo};
 use serde_json::Value;
 
-const MODELS: &[&str] = &["llama", "mistral-as-llama", "qwen3", "gemma3"];
+const MODELS: &[&str] = &["llama", "mistral-as-llama", "qwen2", "qwen3", "gemma3"];
 
 fn dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/gguf/tiny")
