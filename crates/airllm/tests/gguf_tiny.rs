@@ -15,11 +15,19 @@ fn dir() -> PathBuf {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn floats(v: &Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
 }
 
 struct Case {
@@ -32,8 +40,15 @@ struct Case {
 /// Opens a fixture streamed at its minimum budget, so every layer and the head are read from disk.
 fn open(name: &str, ty: &str) -> Case {
     let path = dir().join(format!("{name}-{ty}.gguf"));
-    let r: Value = serde_json::from_str(&std::fs::read_to_string(path.with_extension("json")).unwrap()).unwrap();
-    let prompts: Vec<Vec<u32>> = r["prompt_token_ids"].as_array().unwrap().iter().map(ids).collect();
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(path.with_extension("json")).unwrap())
+            .unwrap();
+    let prompts: Vec<Vec<u32>> = r["prompt_token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(ids)
+        .collect();
     let total: usize = prompts.iter().map(Vec::len).sum();
     let mut opts = EngineOptions {
         max_memory: Some(1),
@@ -46,10 +61,18 @@ fn open(name: &str, ty: &str) -> Case {
     let info = ModelInfo::open(&path).unwrap();
     opts.max_memory = Some(match info.plan(&opts) {
         Err(airllm::Error::BudgetTooSmall { minimum, .. }) => minimum,
-        other => panic!("{name}: expected a minimum, got {:?}", other.map(|p| p.budget)),
+        other => panic!(
+            "{name}: expected a minimum, got {:?}",
+            other.map(|p| p.budget)
+        ),
     });
     let engine = Engine::from_info(info, opts).unwrap();
-    assert_eq!(engine.plan().resident_layers, 0, "{name}: {}", engine.plan());
+    assert_eq!(
+        engine.plan().resident_layers,
+        0,
+        "{name}: {}",
+        engine.plan()
+    );
     Case {
         engine,
         tok: TextTokenizer::open(&path).unwrap(),
@@ -60,7 +83,11 @@ fn open(name: &str, ty: &str) -> Case {
 
 fn last_logits(e: &mut Engine, prompts: &[Vec<u32>]) -> Vec<Vec<f32>> {
     let mut seqs: Vec<_> = prompts.iter().map(|_| e.new_sequence().unwrap()).collect();
-    let mut batch: Vec<_> = seqs.iter_mut().zip(prompts).map(|(s, p)| (s, p.as_slice())).collect();
+    let mut batch: Vec<_> = seqs
+        .iter_mut()
+        .zip(prompts)
+        .map(|(s, p)| (s, p.as_slice()))
+        .collect();
     e.step(&mut batch, LogitsFor::Last)
         .unwrap()
         .into_iter()
@@ -87,7 +114,11 @@ fn tokenization_matches_llama_cpp() {
         let c = open(name, "f32");
         for case in c.r["tokenize"].as_array().unwrap() {
             let text = case["text"].as_str().unwrap();
-            assert_eq!(c.tok.encode(text).unwrap(), ids(&case["ids"]), "{name}: {text:?}");
+            assert_eq!(
+                c.tok.encode(text).unwrap(),
+                ids(&case["ids"]),
+                "{name}: {text:?}"
+            );
         }
         for (p, want) in c.r["prompts"].as_array().unwrap().iter().zip(&c.prompts) {
             assert_eq!(&c.tok.encode(p.as_str().unwrap()).unwrap(), want, "{name}");
@@ -102,7 +133,11 @@ fn f32_files_give_llama_cpp_logits_and_greedy_tokens() {
         let ours = last_logits(&mut c.engine, &c.prompts);
         for (i, want) in c.r["logits"].as_array().unwrap().iter().enumerate() {
             let want = floats(want);
-            let d = ours[i].iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let d = ours[i]
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
             assert!(d <= 1e-3, "{name}: prompt {i}: max abs logit diff {d}");
         }
         let got = greedy(&mut c);
@@ -127,9 +162,17 @@ fn q8_0_files_agree_on_every_clear_top_1() {
         }
         let got = greedy(&mut c);
         let margins = c.r["margins"].as_array().unwrap();
-        for (i, (g, want)) in got.iter().zip(c.r["greedy"].as_array().unwrap()).enumerate() {
+        for (i, (g, want)) in got
+            .iter()
+            .zip(c.r["greedy"].as_array().unwrap())
+            .enumerate()
+        {
             let stable = floats(&margins[i]).iter().take_while(|&&m| m > 0.5).count();
-            assert_eq!(g[..stable], ids(want)[..stable], "{name}: prompt {i}: greedy tokens before the first margin under 0.5");
+            assert_eq!(
+                g[..stable],
+                ids(want)[..stable],
+                "{name}: prompt {i}: greedy tokens before the first margin under 0.5"
+            );
         }
     }
 }

@@ -10,10 +10,11 @@ pub mod gguf_tokenizer;
 pub mod names;
 pub mod safetensors;
 
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QMatMul};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 
 use crate::error::{Error, Result};
@@ -229,17 +230,87 @@ impl GgufSource {
         start: usize,
         len: usize,
         device: &Device,
-    ) -> Result<candle_core::quantized::QTensor> {
+    ) -> Result<QTensor> {
         let rb = t.row_bytes();
-        let bytes = self
-            .file
-            .read(name, t.offset + (start * rb) as u64, len * rb)?;
         let mut shape = t.shape.clone();
         shape[0] = len;
-        let q =
-            candle_core::quantized::ggml_file::qtensor_from_ggml(t.dtype, &bytes, shape, device)
-                .map_err(|e| Error::tensor(&self.file.path, name, e.to_string()))?;
-        Ok(q)
+        self.read_q(
+            name,
+            t.dtype,
+            t.offset + (start * rb) as u64,
+            len * rb,
+            shape,
+            device,
+        )
+    }
+
+    /// Reads `nbytes` of blocks at `at`. On the CPU the blocks are read straight into the
+    /// tensor's storage, so a tensor never exists twice in memory while loading.
+    fn read_q(
+        &self,
+        name: &str,
+        dtype: GgmlDType,
+        at: u64,
+        nbytes: usize,
+        shape: Vec<usize>,
+        device: &Device,
+    ) -> Result<QTensor> {
+        use candle_core::quantized::k_quants::*;
+        use candle_core::quantized::QStorage;
+        fn blocks<T: GgmlType + Send + Sync + 'static>(
+            f: &GgufFile,
+            name: &str,
+            at: u64,
+            nbytes: usize,
+        ) -> Result<QStorage> {
+            let n = nbytes / std::mem::size_of::<T>();
+            let mut v: Vec<T> = vec![T::zeros(); n];
+            // SAFETY: block types are plain old data (integers and f16s, `repr(C)`) with no
+            // invalid bit patterns, and the slice covers exactly the vector's initialised bytes.
+            let bytes = unsafe {
+                std::slice::from_raw_parts_mut(
+                    v.as_mut_ptr() as *mut u8,
+                    n * std::mem::size_of::<T>(),
+                )
+            };
+            f.file
+                .read_exact_at(bytes, at)
+                .map_err(|e| Error::tensor(&f.path, name, format!("read failed: {e}")))?;
+            Ok(QStorage::Cpu(Box::new(v)))
+        }
+        let f = &self.file;
+        if !device.is_cpu() {
+            return self.read_q_copy(name, dtype, at, nbytes, shape, device);
+        }
+        let storage = match dtype {
+            GgmlDType::Q4_0 => blocks::<BlockQ4_0>(f, name, at, nbytes)?,
+            GgmlDType::Q4_1 => blocks::<BlockQ4_1>(f, name, at, nbytes)?,
+            GgmlDType::Q5_0 => blocks::<BlockQ5_0>(f, name, at, nbytes)?,
+            GgmlDType::Q5_1 => blocks::<BlockQ5_1>(f, name, at, nbytes)?,
+            GgmlDType::Q8_0 => blocks::<BlockQ8_0>(f, name, at, nbytes)?,
+            GgmlDType::Q2K => blocks::<BlockQ2K>(f, name, at, nbytes)?,
+            GgmlDType::Q3K => blocks::<BlockQ3K>(f, name, at, nbytes)?,
+            GgmlDType::Q4K => blocks::<BlockQ4K>(f, name, at, nbytes)?,
+            GgmlDType::Q5K => blocks::<BlockQ5K>(f, name, at, nbytes)?,
+            GgmlDType::Q6K => blocks::<BlockQ6K>(f, name, at, nbytes)?,
+            _ => return self.read_q_copy(name, dtype, at, nbytes, shape, device),
+        };
+        QTensor::new(storage, shape).map_err(|e| Error::tensor(&f.path, name, e.to_string()))
+    }
+
+    /// Float tensors and other devices: read the bytes, then let candle build the tensor.
+    fn read_q_copy(
+        &self,
+        name: &str,
+        dtype: GgmlDType,
+        at: u64,
+        nbytes: usize,
+        shape: Vec<usize>,
+        device: &Device,
+    ) -> Result<QTensor> {
+        let bytes = self.file.read(name, at, nbytes)?;
+        candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, &bytes, shape, device)
+            .map_err(|e| Error::tensor(&self.file.path, name, e.to_string()))
     }
 }
 
@@ -267,14 +338,14 @@ impl WeightSource for GgufSource {
 
     fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
         let t = self.get(name)?;
-        let bytes = self.file.read(name, t.offset, t.nbytes as usize)?;
-        let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+        let q = self.read_q(
+            name,
             t.dtype,
-            &bytes,
+            t.offset,
+            t.nbytes as usize,
             t.shape.clone(),
             device,
-        )
-        .map_err(|e| Error::tensor(&self.file.path, name, e.to_string()))?;
+        )?;
         Ok(q.dequantize(device)?)
     }
 
