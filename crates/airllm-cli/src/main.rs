@@ -40,6 +40,33 @@ enum Cmd {
     Inspect(InspectArgs),
     /// Write a random-weight model of a named or explicit shape (for memory and speed tests).
     Synth(SynthArgs),
+    /// Measure prefill and decode speed, bytes read, I/O wait and peak memory under a budget,
+    /// with the disk's raw read bandwidth measured on the model's files in the same run.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt tokens per sequence (random ids, fixed seed).
+    #[arg(long, default_value_t = 32)]
+    prompt_len: usize,
+    /// Decode steps.
+    #[arg(long, default_value_t = 8)]
+    gen: usize,
+    /// Sequences decoded together.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Keep streamed weights in the page cache instead of dropping them after each read.
+    #[arg(long)]
+    keep_page_cache: bool,
+    /// Most bytes read for the raw bandwidth measurement. Default: the model's size, up to 2 GiB.
+    #[arg(long)]
+    raw_bytes: Option<String>,
+    /// One JSON object on stdout instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -192,6 +219,7 @@ fn main() -> ExitCode {
         Cmd::Chat(a) => chat(a),
         Cmd::Inspect(a) => inspect(a),
         Cmd::Synth(a) => synth(a),
+        Cmd::Bench(a) => bench(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -542,5 +570,164 @@ fn synth(a: SynthArgs) -> Result<()> {
     })?;
     bar.finish_and_clear();
     eprintln!("wrote {} ({shape:?}, {})", a.out.display(), dtype.name());
+    Ok(())
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    use airllm::LogitsFor;
+    if a.prompt_len == 0 || a.gen == 0 || a.batch == 0 {
+        bail!("--prompt-len, --gen and --batch must be at least 1");
+    }
+    let dir: PathBuf = match &a.model.model {
+        Some(spec) => airllm::hub::resolve_model(spec)?,
+        None => airllm::hub::default_model()?,
+    };
+    let info = ModelInfo::open(&dir)?;
+    let vocab = info.cfg.vocab_size as u64;
+    let model_bytes = info.sizes.file_bytes;
+    let raw_cap = match &a.raw_bytes {
+        Some(s) => parse_size(s).context("--raw-bytes")?,
+        None => model_bytes.min(2 << 30),
+    };
+    let files = info.src.files();
+    let (raw_n, raw_t, direct) = airllm::bench::raw_read_bandwidth(&files, raw_cap)?;
+    let raw_bw = raw_n as f64 / raw_t.as_secs_f64().max(1e-9);
+    let opts = EngineOptions {
+        max_memory: budget(&a.model.max_memory)?,
+        context: a.prompt_len + a.gen + 1,
+        max_batch: a.batch,
+        max_step_tokens: (a.prompt_len * a.batch).min(a.model.batch_size.max(a.batch)),
+        max_logit_rows: a.batch,
+        keep_page_cache: a.keep_page_cache,
+        ..Default::default()
+    };
+    let mut engine = start_engine(info, &a.model, opts)?;
+    let mut seqs: Vec<_> = (0..a.batch)
+        .map(|_| engine.new_sequence())
+        .collect::<airllm::Result<_>>()?;
+    // Deterministic pseudo-random prompts.
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x % vocab) as u32
+    };
+    let prompts: Vec<Vec<u32>> = (0..a.batch)
+        .map(|_| (0..a.prompt_len).map(|_| next()).collect())
+        .collect();
+    // Prefill, in chunks of at most --batch-size tokens per sweep.
+    let step = engine.options().max_step_tokens;
+    let t = Instant::now();
+    let mut last = vec![0u32; a.batch];
+    let mut fed = vec![0usize; a.batch];
+    while fed.iter().any(|&f| f < a.prompt_len) {
+        let mut room = step;
+        let mut batch = Vec::new();
+        let mut who = Vec::new();
+        for (i, s) in seqs.iter_mut().enumerate() {
+            let n = (a.prompt_len - fed[i]).min(room);
+            if n > 0 {
+                batch.push((s, &prompts[i][fed[i]..fed[i] + n]));
+                who.push((i, n));
+                room -= n;
+            }
+        }
+        let logits = engine.step(&mut batch, LogitsFor::Last)?;
+        for ((i, n), l) in who.into_iter().zip(logits) {
+            fed[i] += n;
+            last[i] = airllm::generate::argmax(&l.squeeze(0)?.to_vec1::<f32>()?);
+        }
+    }
+    let prefill = t.elapsed();
+    // Decode.
+    let read0 = engine.bytes_read();
+    let t = Instant::now();
+    for _ in 0..a.gen {
+        let toks: Vec<[u32; 1]> = last.iter().map(|&t| [t]).collect();
+        let mut batch: Vec<_> = seqs
+            .iter_mut()
+            .zip(&toks)
+            .map(|(s, t)| (s, &t[..]))
+            .collect();
+        let logits = engine.step(&mut batch, LogitsFor::Last)?;
+        for (i, l) in logits.into_iter().enumerate() {
+            last[i] = airllm::generate::argmax(&l.squeeze(0)?.to_vec1::<f32>()?);
+        }
+    }
+    let decode = t.elapsed();
+    let read = engine.bytes_read() - read0;
+    let d = &engine.decode_profile;
+    let per_step = decode.as_secs_f64() / a.gen as f64;
+    let eff_bw = read as f64 / decode.as_secs_f64().max(1e-9);
+    let report = serde_json::json!({
+        "model": dir.display().to_string(),
+        "model_bytes": model_bytes,
+        "budget_bytes": engine.plan().budget,
+        "resident_layers": engine.plan().resident_layers,
+        "streamed_layers": engine.plan().streamed_layers,
+        "batch": a.batch,
+        "prompt_len": a.prompt_len,
+        "gen": a.gen,
+        "prefill_tokens_per_s": (a.prompt_len * a.batch) as f64 / prefill.as_secs_f64().max(1e-9),
+        "decode_s_per_token": per_step,
+        "decode_tokens_per_s": (a.gen * a.batch) as f64 / decode.as_secs_f64().max(1e-9),
+        "bytes_read_per_token": read / a.gen as u64,
+        "planned_bytes_read_per_token": engine.plan().bytes_read_per_token,
+        "effective_read_bandwidth": eff_bw,
+        "io_wait_share": d.total_wait().as_secs_f64() / d.wall.as_secs_f64().max(1e-9),
+        "peak_rss_bytes": airllm::util::peak_rss().unwrap_or(0),
+        "ledger_peak_bytes": engine.ledger().peak(),
+        "raw_read_bandwidth": raw_bw,
+        "raw_read_bytes": raw_n,
+        "raw_read_direct_io": direct,
+        "utilization": eff_bw / raw_bw.max(1e-9),
+        "page_cache": if a.keep_page_cache { "kept" } else { "dropped after reads" },
+    });
+    if a.json {
+        println!("{report}");
+    } else {
+        let gb = |b: f64| format!("{:.2} GB/s", b / 1e9);
+        println!("| metric | value |");
+        println!("|---|---|");
+        println!(
+            "| prefill | {:.1} tokens/s |",
+            report["prefill_tokens_per_s"].as_f64().unwrap_or(0.0)
+        );
+        println!(
+            "| decode | {per_step:.3} s/step ({:.2} tokens/s at batch {}) |",
+            report["decode_tokens_per_s"].as_f64().unwrap_or(0.0),
+            a.batch
+        );
+        println!(
+            "| bytes read per token | {} |",
+            fmt_bytes(read / a.gen as u64)
+        );
+        println!("| effective read bandwidth | {} |", gb(eff_bw));
+        println!(
+            "| compute waiting for I/O | {:.0}% |",
+            100.0 * report["io_wait_share"].as_f64().unwrap_or(0.0)
+        );
+        println!(
+            "| peak RSS (VmHWM) | {} |",
+            fmt_bytes(report["peak_rss_bytes"].as_u64().unwrap_or(0))
+        );
+        println!(
+            "| raw sequential read ({}) | {} |",
+            if direct {
+                "O_DIRECT"
+            } else {
+                "buffered, cache dropped"
+            },
+            gb(raw_bw)
+        );
+        println!(
+            "| utilization (effective / raw) | {:.0}% |",
+            100.0 * eff_bw / raw_bw.max(1e-9)
+        );
+    }
+    if a.model.profile {
+        report::profile(&engine);
+    }
     Ok(())
 }

@@ -336,3 +336,85 @@ fn stop_strings_and_eos_finish_with_stop() {
         want
     );
 }
+
+#[test]
+fn synth_then_bench_reports_every_field_within_budget() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("synth");
+    let out = airllm(&[
+        "synth",
+        "--shape",
+        "tiny",
+        "--layers",
+        "6",
+        "--dtype",
+        "bf16",
+        "--out",
+        model.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The same seed gives the same bytes.
+    let again = tmp.path().join("again");
+    assert!(airllm(&[
+        "synth",
+        "--shape",
+        "tiny",
+        "--layers",
+        "6",
+        "--out",
+        again.to_str().unwrap()
+    ])
+    .status
+    .success());
+    assert_eq!(
+        std::fs::read(model.join("model.safetensors")).unwrap(),
+        std::fs::read(again.join("model.safetensors")).unwrap()
+    );
+
+    let budget: u64 = 12 << 20;
+    let out = airllm(&[
+        "bench",
+        "-m",
+        model.to_str().unwrap(),
+        "--max-memory",
+        "12MiB",
+        "--prompt-len",
+        "8",
+        "--gen",
+        "3",
+        "--batch",
+        "2",
+        "--json",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for f in [
+        "prefill_tokens_per_s",
+        "decode_s_per_token",
+        "bytes_read_per_token",
+        "effective_read_bandwidth",
+        "io_wait_share",
+        "peak_rss_bytes",
+        "raw_read_bandwidth",
+        "utilization",
+    ] {
+        let x = v[f].as_f64().unwrap_or_else(|| panic!("{f} missing: {v}"));
+        assert!(x.is_finite() && x >= 0.0, "{f} = {x}");
+    }
+    assert!(
+        v["streamed_layers"].as_u64().unwrap() > 0,
+        "the budget should force streaming: {v}"
+    );
+    assert!(v["bytes_read_per_token"].as_u64().unwrap() > 0);
+    let rss = v["peak_rss_bytes"].as_u64().unwrap();
+    assert!(
+        rss > 0 && rss <= budget + (64 << 20),
+        "peak RSS {rss} over budget + 64 MiB"
+    );
+    assert!(v["ledger_peak_bytes"].as_u64().unwrap() <= budget);
+}

@@ -36,6 +36,9 @@ pub struct EngineOptions {
     pub max_logit_rows: usize,
     /// Cap on attention-score bytes; long prefills are split into query chunks to stay under it.
     pub attention_scores_bytes: u64,
+    /// Keep streamed weights in the page cache. By default, when anything is streamed, pages
+    /// are dropped after each read so the cache does not grow past the budget.
+    pub keep_page_cache: bool,
     pub device: Device,
 }
 
@@ -48,6 +51,7 @@ impl Default for EngineOptions {
             max_step_tokens: 2048,
             max_logit_rows: 1,
             attention_scores_bytes: crate::model::block::ATTN_SCORES_BYTES,
+            keep_page_cache: false,
             device: Device::Cpu,
         }
     }
@@ -394,6 +398,8 @@ impl Engine {
         } = info;
         let device = opts.device.clone();
         let ledger = Ledger::new(plan.budget);
+        let streaming = plan.streamed_layers > 0 || !plan.head_resident;
+        src.io().set_drop_cache(streaming && !opts.keep_page_cache);
         let layer_bytes = sizes.layer_bytes;
         // The working set and fixed tensors are held for the engine's life.
         let mut held = vec![ledger.charge(plan.work_bytes + plan.fixed_bytes)];
@@ -486,6 +492,14 @@ impl Engine {
     }
     pub fn options(&self) -> &EngineOptions {
         &self.opts
+    }
+    /// Bytes read from the checkpoint so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.src.io().bytes_read()
+    }
+    /// The checkpoint's files.
+    pub fn files(&self) -> Vec<PathBuf> {
+        self.src.files()
     }
 
     /// A new, empty sequence. Its KV cache for the full context is allocated and charged now.

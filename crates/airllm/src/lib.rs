@@ -17,6 +17,7 @@ pub use config::{Arch, ModelConfig};
 pub use engine::{Engine, EngineOptions, LogitsFor, ModelInfo, Sequence};
 pub use error::{Error, Result};
 pub mod alloc;
+pub mod bench;
 pub mod chat;
 pub mod generate;
 pub mod hub;

@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufReader, Read};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::GgmlDType;
@@ -90,6 +89,7 @@ pub struct GgufFile {
     pub tensors: HashMap<String, GgufTensor>,
     /// Tensor names in file order.
     pub order: Vec<String>,
+    pub io: super::io::Io,
 }
 
 /// GGML type ids we can compute with, and their names for messages.
@@ -340,6 +340,7 @@ impl GgufFile {
             metadata,
             tensors,
             order,
+            io: super::io::Io::default(),
         })
     }
 
@@ -350,8 +351,8 @@ impl GgufFile {
     /// Reads `len` bytes of tensor data at `at` (absolute).
     pub fn read(&self, name: &str, at: u64, len: usize) -> Result<Vec<u8>> {
         let mut b = vec![0u8; len];
-        self.file
-            .read_exact_at(&mut b, at)
+        self.io
+            .read_at(&self.file, &mut b, at)
             .map_err(|e| Error::tensor(&self.path, name, format!("read failed: {e}")))?;
         Ok(b)
     }

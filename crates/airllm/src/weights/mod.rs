@@ -7,10 +7,10 @@
 
 pub mod gguf;
 pub mod gguf_tokenizer;
+pub mod io;
 pub mod names;
 pub mod safetensors;
 
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -82,6 +82,10 @@ pub trait WeightSource: Send + Sync {
         len: usize,
         device: &Device,
     ) -> Result<Weight>;
+    /// Read accounting and page-cache policy.
+    fn io(&self) -> &io::Io;
+    /// The files the weights live in, for measuring raw read bandwidth.
+    fn files(&self) -> Vec<PathBuf>;
 }
 
 /// Opens a model: a `.gguf` file, or a Hugging Face folder of safetensors.
@@ -102,6 +106,7 @@ pub fn is_gguf(path: &Path) -> bool {
 pub struct SafetensorsSource {
     dir: PathBuf,
     set: SafetensorsSet,
+    io: io::Io,
 }
 
 impl SafetensorsSource {
@@ -109,6 +114,7 @@ impl SafetensorsSource {
         Ok(SafetensorsSource {
             dir: dir.to_path_buf(),
             set: SafetensorsSet::open_dir(dir)?,
+            io: io::Io::default(),
         })
     }
 
@@ -142,6 +148,14 @@ impl WeightSource for SafetensorsSource {
         Naming::Hf
     }
 
+    fn io(&self) -> &io::Io {
+        &self.io
+    }
+
+    fn files(&self) -> Vec<PathBuf> {
+        self.set.shards.iter().map(|s| s.path.clone()).collect()
+    }
+
     fn meta(&self, name: &str) -> Option<TensorMeta> {
         self.set.tensors.get(name).map(|i| TensorMeta {
             shape: i.shape.clone(),
@@ -153,7 +167,7 @@ impl WeightSource for SafetensorsSource {
 
     fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
         let (info, shard) = self.get(name)?;
-        let data = read_f32(shard, name, info, 0, info.numel())?;
+        let data = read_f32(&self.io, shard, name, info, 0, info.numel())?;
         Ok(Tensor::from_vec(data, info.shape.as_slice(), device)?)
     }
 
@@ -167,7 +181,14 @@ impl WeightSource for SafetensorsSource {
         let mut out = Vec::with_capacity(ids.len() * cols);
         for &id in ids {
             check_row(id, info.shape[0])?;
-            out.extend(read_f32(shard, name, info, id as usize * cols, cols)?);
+            out.extend(read_f32(
+                &self.io,
+                shard,
+                name,
+                info,
+                id as usize * cols,
+                cols,
+            )?);
         }
         Ok(Tensor::from_vec(out, (ids.len(), cols), device)?)
     }
@@ -181,7 +202,7 @@ impl WeightSource for SafetensorsSource {
     ) -> Result<Weight> {
         let (info, shard) = self.get(name)?;
         let cols = self.cols(name, info, shard)?;
-        let data = read_f32(shard, name, info, start * cols, len * cols)?;
+        let data = read_f32(&self.io, shard, name, info, start * cols, len * cols)?;
         Ok(Weight::Dense(Tensor::from_vec(data, (len, cols), device)?))
     }
 }
@@ -273,8 +294,7 @@ impl GgufSource {
                     n * std::mem::size_of::<T>(),
                 )
             };
-            f.file
-                .read_exact_at(bytes, at)
+            f.io.read_at(&f.file, bytes, at)
                 .map_err(|e| Error::tensor(&f.path, name, format!("read failed: {e}")))?;
             Ok(QStorage::Cpu(Box::new(v)))
         }
@@ -321,6 +341,14 @@ impl WeightSource for GgufSource {
 
     fn naming(&self) -> Naming {
         Naming::Gguf
+    }
+
+    fn io(&self) -> &io::Io {
+        &self.file.io
+    }
+
+    fn files(&self) -> Vec<PathBuf> {
+        vec![self.file.path.clone()]
     }
 
     fn meta(&self, name: &str) -> Option<TensorMeta> {

@@ -177,6 +177,7 @@ pub fn open_shard(path: &Path, shard_idx: usize) -> Result<(Shard, Vec<(String, 
 
 /// Reads `count` elements starting `elem_offset` elements into the tensor and widens them to f32.
 pub fn read_f32(
+    io: &super::io::Io,
     shard: &Shard,
     name: &str,
     info: &TensorInfo,
@@ -189,9 +190,7 @@ pub fn read_f32(
     match info.dtype {
         DType::F32 => {
             let mut out = vec![0f32; count];
-            shard
-                .file
-                .read_exact_at(bytemuck::cast_slice_mut(&mut out), at)
+            io.read_at(&shard.file, bytemuck::cast_slice_mut(&mut out), at)
                 .map_err(io_err)?;
             Ok(out)
         }
@@ -207,10 +206,12 @@ pub fn read_f32(
                     let want = n.max(st.len());
                     st.resize(want, 0);
                     let raw = &mut st[..n];
-                    shard
-                        .file
-                        .read_exact_at(bytemuck::cast_slice_mut(raw), at + (done * es) as u64)
-                        .map_err(io_err)?;
+                    io.read_at(
+                        &shard.file,
+                        bytemuck::cast_slice_mut(raw),
+                        at + (done * es) as u64,
+                    )
+                    .map_err(io_err)?;
                     widen_16(raw, &mut out.spare_capacity_mut()[..n], info.dtype);
                     // SAFETY: widen_16 initialised the n elements after the current length.
                     unsafe { out.set_len(done + n) };

@@ -1,0 +1,73 @@
+//! Measurements for `airllm bench`: the disk's raw sequential read bandwidth on the model's own
+//! files, taken in the same run as the engine's figures so the two can be compared.
+
+use std::alloc::{alloc, dealloc, Layout};
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+
+/// Reads up to `max_bytes` of `files` sequentially in 16 MiB requests and returns the bytes read
+/// and the time taken. Uses O_DIRECT, so the page cache neither helps nor is filled; where the
+/// filesystem refuses O_DIRECT it drops the files' cached pages first and reads buffered.
+/// Returns whether O_DIRECT was used.
+pub fn raw_read_bandwidth(files: &[PathBuf], max_bytes: u64) -> Result<(u64, Duration, bool)> {
+    const CHUNK: usize = 16 << 20;
+    let layout = Layout::from_size_align(CHUNK, 4096).expect("valid layout");
+    // SAFETY: the layout is non-zero; the buffer is freed below on every path.
+    let ptr = unsafe { alloc(layout) };
+    if ptr.is_null() {
+        return Err(Error::Invalid("cannot allocate the read buffer".into()));
+    }
+    // SAFETY: `ptr` points to CHUNK writable bytes owned by this function.
+    let buf = unsafe { std::slice::from_raw_parts_mut(ptr, CHUNK) };
+    let mut total = 0u64;
+    let mut direct = true;
+    let t = Instant::now();
+    let r = (|| -> Result<()> {
+        for f in files {
+            if total >= max_bytes {
+                break;
+            }
+            let mut file = match OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(f)
+            {
+                Ok(file) => file,
+                Err(_) => {
+                    direct = false;
+                    let file =
+                        File::open(f).map_err(|e| Error::file(f, format!("cannot open: {e}")))?;
+                    #[cfg(target_os = "linux")]
+                    unsafe {
+                        use std::os::unix::io::AsRawFd;
+                        libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+                    }
+                    file
+                }
+            };
+            loop {
+                let want = (max_bytes - total).min(CHUNK as u64) as usize;
+                if want == 0 {
+                    break;
+                }
+                // O_DIRECT needs whole aligned blocks; read a full chunk and count what came.
+                let n = match file.read(&mut buf[..want.next_multiple_of(4096).min(CHUNK)]) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) => return Err(Error::file(f, format!("read failed: {e}"))),
+                };
+                total += n as u64;
+            }
+        }
+        Ok(())
+    })();
+    let elapsed = t.elapsed();
+    // SAFETY: allocated above with the same layout.
+    unsafe { dealloc(ptr, layout) };
+    r.map(|_| (total, elapsed, direct))
+}
