@@ -184,72 +184,57 @@ pub fn read_f32(
     elem_offset: usize,
     count: usize,
 ) -> Result<Vec<f32>> {
+    use rayon::prelude::*;
     let es = info.dtype.size();
     let at = info.offset + (elem_offset * es) as u64;
     let io_err = |e: std::io::Error| Error::tensor(&shard.path, name, format!("read failed: {e}"));
-    match info.dtype {
-        DType::F32 => {
-            let mut out = vec![0f32; count];
-            io.read_at(&shard.file, bytemuck::cast_slice_mut(&mut out), at)
-                .map_err(io_err)?;
-            Ok(out)
-        }
-        DType::F16 | DType::BF16 => {
-            // Read through a small reused staging buffer and widen straight into the output, so
-            // the raw 16-bit copy of a tensor never exists whole.
-            let mut out: Vec<f32> = Vec::with_capacity(count);
-            STAGING.with(|st| -> Result<()> {
-                let mut st = st.borrow_mut();
-                let mut done = 0;
-                while done < count {
-                    let n = (count - done).min(STAGING_ELEMS);
-                    let want = n.max(st.len());
+    // Zeroed memory from a fresh mapping costs nothing to initialise.
+    let mut out = vec![0f32; count];
+    // The tensor is read in chunks on the rayon pool, so one chunk's read overlaps another's
+    // conversion and several reads are in flight at once.
+    out.par_chunks_mut(STAGING_ELEMS)
+        .enumerate()
+        .try_for_each(|(i, dst)| -> Result<()> {
+            let off = at + (i * STAGING_ELEMS * es) as u64;
+            match info.dtype {
+                DType::F32 => io.read_at(&shard.file, bytemuck::cast_slice_mut(dst), off).map_err(io_err),
+                DType::F16 | DType::BF16 => STAGING.with(|st| {
+                    // A small reused staging buffer per thread: the raw 16-bit copy of a tensor
+                    // never exists whole.
+                    let mut st = st.borrow_mut();
+                    let want = dst.len().max(st.len());
                     st.resize(want, 0);
-                    let raw = &mut st[..n];
-                    io.read_at(
-                        &shard.file,
-                        bytemuck::cast_slice_mut(raw),
-                        at + (done * es) as u64,
-                    )
-                    .map_err(io_err)?;
-                    widen_16(raw, &mut out.spare_capacity_mut()[..n], info.dtype);
-                    // SAFETY: widen_16 initialised the n elements after the current length.
-                    unsafe { out.set_len(done + n) };
-                    done += n;
-                }
-                Ok(())
-            })?;
-            Ok(out)
-        }
-    }
+                    let raw = &mut st[..dst.len()];
+                    io.read_at(&shard.file, bytemuck::cast_slice_mut(raw), off).map_err(io_err)?;
+                    widen_16(raw, dst, info.dtype);
+                    Ok(())
+                }),
+            }
+        })?;
+    Ok(out)
 }
 
-/// Elements of the per-thread staging buffer for 16-bit reads (8 MiB).
-pub const STAGING_ELEMS: usize = 4 << 20;
+/// Elements per read request, and of the per-thread staging buffer for 16-bit reads (2 MiB).
+pub const STAGING_ELEMS: usize = 1 << 20;
 
 thread_local! {
     static STAGING: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Widens 16-bit floats to f32 in parallel chunks: on a 7B layer this is ~200M elements a
-/// token, so it must not run on one core.
-fn widen_16(raw: &[u16], out: &mut [std::mem::MaybeUninit<f32>], dtype: DType) {
-    use rayon::prelude::*;
-    const CHUNK: usize = 1 << 16;
-    out.par_chunks_mut(CHUNK)
-        .zip(raw.par_chunks(CHUNK))
-        .for_each(|(o, r)| match dtype {
-            DType::BF16 => {
-                for (o, &r) in o.iter_mut().zip(r) {
-                    o.write(f32::from_bits((r as u32) << 16));
-                }
+/// Widens 16-bit floats to f32.
+fn widen_16(raw: &[u16], out: &mut [f32], dtype: DType) {
+    match dtype {
+        DType::BF16 => {
+            for (o, &r) in out.iter_mut().zip(raw) {
+                *o = f32::from_bits((r as u32) << 16);
             }
-            _ => {
-                for (o, &r) in o.iter_mut().zip(r) {
-                    o.write(half::f16::from_bits(r).to_f32());
-                }
+        }
+        _ => {
+            for (o, &r) in out.iter_mut().zip(raw) {
+                *o = half::f16::from_bits(r).to_f32();
             }
-        });
+        }
+    }
 }
 
 /// All tensors of a checkpoint, by name, across its shards.
