@@ -344,9 +344,9 @@ impl ModelInfo {
             kv_bytes: kv_per_seq * opts.max_batch as u64,
             work_bytes: work_bytes(c, opts),
             // The final norm, two rope tables, and the staging buffers of the threads that read
-            // (the rayon pool, the reader and the compute thread).
+            // (the I/O pool, the reader and the compute thread).
             fixed_bytes: (c.hidden_size * 4 + 4 * opts.max_step_tokens * half * 4) as u64
-                + (rayon::current_num_threads() as u64 + 2) * self.sizes.staging_bytes,
+                + (crate::weights::io::pool_threads() as u64 + 2) * self.sizes.staging_bytes,
         }
     }
 }

@@ -43,3 +43,27 @@ impl Io {
         self.drop_cache.store(on, Ordering::Relaxed);
     }
 }
+
+/// Threads that read (and widen) tensor chunks. Reads block in the kernel, so more threads than
+/// cores could keep more requests in flight, but on the 2-core development machine 2 threads
+/// measured fastest (docs/benchmarks.md); `AIRLLM_IO_THREADS` overrides it.
+pub fn pool() -> &'static rayon::ThreadPool {
+    static POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        let n = std::env::var("AIRLLM_IO_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or(2);
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .thread_name(|i| format!("airllm-io-{i}"))
+            .build()
+            .expect("building the I/O thread pool")
+    })
+}
+
+/// Threads in the I/O pool, each with its own staging buffer.
+pub fn pool_threads() -> usize {
+    pool().current_num_threads()
+}

@@ -190,27 +190,32 @@ pub fn read_f32(
     let io_err = |e: std::io::Error| Error::tensor(&shard.path, name, format!("read failed: {e}"));
     // Zeroed memory from a fresh mapping costs nothing to initialise.
     let mut out = vec![0f32; count];
-    // The tensor is read in chunks on the rayon pool, so one chunk's read overlaps another's
+    // The tensor is read in chunks on the I/O pool, so one chunk's read overlaps another's
     // conversion and several reads are in flight at once.
-    out.par_chunks_mut(STAGING_ELEMS)
-        .enumerate()
-        .try_for_each(|(i, dst)| -> Result<()> {
-            let off = at + (i * STAGING_ELEMS * es) as u64;
-            match info.dtype {
-                DType::F32 => io.read_at(&shard.file, bytemuck::cast_slice_mut(dst), off).map_err(io_err),
-                DType::F16 | DType::BF16 => STAGING.with(|st| {
-                    // A small reused staging buffer per thread: the raw 16-bit copy of a tensor
-                    // never exists whole.
-                    let mut st = st.borrow_mut();
-                    let want = dst.len().max(st.len());
-                    st.resize(want, 0);
-                    let raw = &mut st[..dst.len()];
-                    io.read_at(&shard.file, bytemuck::cast_slice_mut(raw), off).map_err(io_err)?;
-                    widen_16(raw, dst, info.dtype);
-                    Ok(())
-                }),
-            }
-        })?;
+    super::io::pool().install(|| {
+        out.par_chunks_mut(STAGING_ELEMS)
+            .enumerate()
+            .try_for_each(|(i, dst)| -> Result<()> {
+                let off = at + (i * STAGING_ELEMS * es) as u64;
+                match info.dtype {
+                    DType::F32 => io
+                        .read_at(&shard.file, bytemuck::cast_slice_mut(dst), off)
+                        .map_err(io_err),
+                    DType::F16 | DType::BF16 => STAGING.with(|st| {
+                        // A small reused staging buffer per thread: the raw 16-bit copy of a tensor
+                        // never exists whole.
+                        let mut st = st.borrow_mut();
+                        let want = dst.len().max(st.len());
+                        st.resize(want, 0);
+                        let raw = &mut st[..dst.len()];
+                        io.read_at(&shard.file, bytemuck::cast_slice_mut(raw), off)
+                            .map_err(io_err)?;
+                        widen_16(raw, dst, info.dtype);
+                        Ok(())
+                    }),
+                }
+            })
+    })?;
     Ok(out)
 }
 
