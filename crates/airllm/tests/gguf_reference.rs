@@ -1,9 +1,11 @@
 //! The engine against llama.cpp on the default model, Gemma 3 270M Q4_K_M (fetched by
 //! scripts/fetch_default_model.sh; references made by scripts/make_gguf_reference.py).
 
-use airllm::generate::{generate, GenerationParams};
 use airllm::tokenizer::TextTokenizer;
-use airllm::{Engine, EngineOptions, LogitsFor, ModelInfo};
+use airllm::{Engine, EngineOptions, ModelInfo};
+use common::{float_list as floats, greedy, id_list as ids, last_logits};
+
+mod common;
 use serde_json::Value;
 
 fn model() -> std::path::PathBuf {
@@ -15,22 +17,6 @@ fn reference() -> Value {
     let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/fixtures/gguf/gemma3-270m-reference.json");
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
 }
 
 fn engine(dequantize: bool, budget: u64, prompts: &[Vec<u32>]) -> Engine {
@@ -51,32 +37,6 @@ fn engine(dequantize: bool, budget: u64, prompts: &[Vec<u32>]) -> Engine {
 }
 
 /// Last-position logits of every prompt, in one batched step.
-fn last_logits(e: &mut Engine, prompts: &[Vec<u32>]) -> Vec<Vec<f32>> {
-    let mut seqs: Vec<_> = prompts.iter().map(|_| e.new_sequence().unwrap()).collect();
-    let mut batch: Vec<_> = seqs
-        .iter_mut()
-        .zip(prompts)
-        .map(|(s, p)| (s, p.as_slice()))
-        .collect();
-    e.step(&mut batch, LogitsFor::Last)
-        .unwrap()
-        .into_iter()
-        .map(|t| t.squeeze(0).unwrap().to_vec1::<f32>().unwrap())
-        .collect()
-}
-
-fn greedy(e: &mut Engine, tok: &TextTokenizer, prompts: &[Vec<u32>], n: usize) -> Vec<Vec<u32>> {
-    let p = GenerationParams {
-        max_new_tokens: n,
-        ignore_eos: true,
-        ..Default::default()
-    };
-    generate(e, tok, prompts, &p, |_, _| {})
-        .unwrap()
-        .into_iter()
-        .map(|c| c.token_ids)
-        .collect()
-}
 
 #[test]
 fn tokenization_matches_llama_cpp() {

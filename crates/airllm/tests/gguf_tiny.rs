@@ -3,31 +3,18 @@
 
 use std::path::PathBuf;
 
-use airllm::generate::{argmax, generate, GenerationParams};
+use airllm::generate::argmax;
 use airllm::tokenizer::TextTokenizer;
-use airllm::{Engine, EngineOptions, LogitsFor, ModelInfo};
+use airllm::{Engine, EngineOptions, ModelInfo};
+use common::{float_list as floats, id_list as ids, last_logits};
+
+mod common;
 use serde_json::Value;
 
 const MODELS: &[&str] = &["llama", "mistral-as-llama", "qwen2", "qwen3", "gemma3"];
 
 fn dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/gguf/tiny")
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
 }
 
 struct Case {
@@ -81,31 +68,8 @@ fn open(name: &str, ty: &str) -> Case {
     }
 }
 
-fn last_logits(e: &mut Engine, prompts: &[Vec<u32>]) -> Vec<Vec<f32>> {
-    let mut seqs: Vec<_> = prompts.iter().map(|_| e.new_sequence().unwrap()).collect();
-    let mut batch: Vec<_> = seqs
-        .iter_mut()
-        .zip(prompts)
-        .map(|(s, p)| (s, p.as_slice()))
-        .collect();
-    e.step(&mut batch, LogitsFor::Last)
-        .unwrap()
-        .into_iter()
-        .map(|t| t.squeeze(0).unwrap().to_vec1::<f32>().unwrap())
-        .collect()
-}
-
-fn greedy(c: &mut Case) -> Vec<Vec<u32>> {
-    let p = GenerationParams {
-        max_new_tokens: 32,
-        ignore_eos: true,
-        ..Default::default()
-    };
-    generate(&mut c.engine, &c.tok, &c.prompts, &p, |_, _| {})
-        .unwrap()
-        .into_iter()
-        .map(|c| c.token_ids)
-        .collect()
+fn greedy_of(c: &mut Case) -> Vec<Vec<u32>> {
+    common::greedy(&mut c.engine, &c.tok, &c.prompts, 32)
 }
 
 #[test]
@@ -140,7 +104,7 @@ fn f32_files_give_llama_cpp_logits_and_greedy_tokens() {
                 .fold(0f32, f32::max);
             assert!(d <= 1e-3, "{name}: prompt {i}: max abs logit diff {d}");
         }
-        let got = greedy(&mut c);
+        let got = greedy_of(&mut c);
         for (g, want) in got.iter().zip(c.r["greedy"].as_array().unwrap()) {
             assert_eq!(g, &ids(want), "{name}: greedy tokens");
         }
@@ -160,7 +124,7 @@ fn q8_0_files_agree_on_every_clear_top_1() {
                 assert_eq!(argmax(&ours[i]), argmax(&want), "{name}: prompt {i}: top-1");
             }
         }
-        let got = greedy(&mut c);
+        let got = greedy_of(&mut c);
         let margins = c.r["margins"].as_array().unwrap();
         for (i, (g, want)) in got
             .iter()

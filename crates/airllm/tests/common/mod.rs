@@ -68,3 +68,55 @@ pub fn reference(name: &str) -> Reference {
         json,
     }
 }
+
+/// A JSON list of token ids.
+pub fn id_list(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// A JSON list of numbers.
+pub fn float_list(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+/// Last-position logits of every prompt, in one batched step.
+pub fn last_logits(e: &mut airllm::Engine, prompts: &[Vec<u32>]) -> Vec<Vec<f32>> {
+    let mut seqs: Vec<_> = prompts.iter().map(|_| e.new_sequence().unwrap()).collect();
+    let mut batch: Vec<_> = seqs
+        .iter_mut()
+        .zip(prompts)
+        .map(|(s, p)| (s, p.as_slice()))
+        .collect();
+    e.step(&mut batch, airllm::LogitsFor::Last)
+        .unwrap()
+        .into_iter()
+        .map(|t| t.squeeze(0).unwrap().to_vec1::<f32>().unwrap())
+        .collect()
+}
+
+/// `n` greedy tokens per prompt, past EOS, in one batch.
+pub fn greedy(
+    e: &mut airllm::Engine,
+    tok: &airllm::tokenizer::TextTokenizer,
+    prompts: &[Vec<u32>],
+    n: usize,
+) -> Vec<Vec<u32>> {
+    let p = airllm::generate::GenerationParams {
+        max_new_tokens: n,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    airllm::generate::generate(e, tok, prompts, &p, |_, _| {})
+        .unwrap()
+        .into_iter()
+        .map(|c| c.token_ids)
+        .collect()
+}
