@@ -11,8 +11,6 @@
 //! Control and user-defined tokens become special added tokens, matched in the text as llama.cpp
 //! does when it parses special tokens.
 
-use std::collections::HashMap;
-
 use serde_json::{json, Value as J};
 
 use crate::error::{Error, Result};
@@ -116,27 +114,32 @@ pub fn from_gguf(g: &GgufFile) -> Result<tokenizers::Tokenizer> {
                         Some(a) => a.iter().map(|s| s.as_f64().unwrap_or(0.0)).collect(),
                         None => return Err(field("tokenizer.ggml.scores")),
                     };
-                let index: HashMap<&str, usize> =
-                    tokens.iter().enumerate().map(|(i, t)| (*t, i)).collect();
-                let mut merges: Vec<(f64, usize, &str, &str)> = Vec::new();
+                // Candidate merges as (score, piece, split point): 16 bytes each, since there
+                // are half a million of them for a 262k vocabulary.
+                let mut cand: Vec<(f64, u32, u32)> = Vec::new();
                 for (i, piece) in tokens.iter().enumerate() {
                     if types.get(i) != Some(&NORMAL) {
                         continue;
                     }
                     for (k, _) in piece.char_indices().skip(1) {
                         let (l, r) = piece.split_at(k);
-                        if index.contains_key(l) && index.contains_key(r) {
-                            merges.push((scores.get(i).copied().unwrap_or(0.0), k, l, r));
+                        if vocab.contains_key(l) && vocab.contains_key(r) {
+                            cand.push((scores.get(i).copied().unwrap_or(0.0), i as u32, k as u32));
                         }
                     }
                 }
+                drop(scores);
                 // Higher score merges first; for the same merged piece, the split llama.cpp would
                 // reach first (the left piece longest) goes first.
-                merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)));
-                let merges: Vec<(String, String)> = merges
+                cand.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.2.cmp(&a.2)));
+                let merges: Vec<(String, String)> = cand
                     .iter()
-                    .map(|m| (m.2.to_string(), m.3.to_string()))
+                    .map(|&(_, i, k)| {
+                        let (l, r) = tokens[i as usize].split_at(k as usize);
+                        (l.to_string(), r.to_string())
+                    })
                     .collect();
+                drop(cand);
                 let space_prefix = flag("tokenizer.ggml.add_space_prefix").unwrap_or(true);
                 let mut norm = vec![];
                 if space_prefix {
