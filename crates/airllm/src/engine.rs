@@ -204,10 +204,11 @@ impl ModelSizes {
                 file += m.file_bytes;
                 let staging = if gguf {
                     m.file_bytes
-                } else if m.dtype != "F32" {
-                    m.file_bytes.min(2 * STAGING_ELEMS as u64)
                 } else {
-                    0
+                    // The 16-bit staging buffer, or the aligned O_DIRECT buffer, per thread.
+                    let es = m.file_bytes / m.numel().max(1) as u64;
+                    m.file_bytes.min(es * STAGING_ELEMS as u64)
+                        + 2 * crate::weights::io::DIRECT_ALIGN as u64
                 };
                 s.staging_bytes = s.staging_bytes.max(staging);
             }

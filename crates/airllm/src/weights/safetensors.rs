@@ -59,6 +59,8 @@ impl TensorInfo {
 pub struct Shard {
     pub path: PathBuf,
     pub file: File,
+    /// The same file opened for O_DIRECT, used for bulk tensor reads when available.
+    pub direct: Option<File>,
     pub len: u64,
 }
 
@@ -168,6 +170,11 @@ pub fn open_shard(path: &Path, shard_idx: usize) -> Result<(Shard, Vec<(String, 
     Ok((
         Shard {
             path: path.to_path_buf(),
+            direct: if std::env::var_os("AIRLLM_NO_DIRECT_IO").is_some() {
+                None
+            } else {
+                super::io::open_direct(path)
+            },
             file,
             len,
         },
@@ -197,6 +204,16 @@ pub fn read_f32(
             .enumerate()
             .try_for_each(|(i, dst)| -> Result<()> {
                 let off = at + (i * STAGING_ELEMS * es) as u64;
+                if let Some(direct) = &shard.direct {
+                    return io
+                        .read_direct(direct, off, dst.len() * es, |bytes| match info.dtype {
+                            DType::F32 => {
+                                bytemuck::cast_slice_mut::<f32, u8>(dst).copy_from_slice(bytes)
+                            }
+                            _ => widen_16_bytes(bytes, dst, info.dtype),
+                        })
+                        .map_err(io_err);
+                }
                 match info.dtype {
                     DType::F32 => io
                         .read_at(&shard.file, bytemuck::cast_slice_mut(dst), off)
@@ -224,6 +241,20 @@ pub const STAGING_ELEMS: usize = 1 << 20;
 
 thread_local! {
     static STAGING: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Widens little-endian 16-bit floats given as bytes, which may sit at any alignment.
+fn widen_16_bytes(bytes: &[u8], out: &mut [f32], dtype: DType) {
+    match bytemuck::try_cast_slice::<u8, u16>(bytes) {
+        Ok(raw) => widen_16(raw, out, dtype),
+        Err(_) => {
+            let raw: Vec<u16> = bytes
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                .collect();
+            widen_16(&raw, out, dtype)
+        }
+    }
 }
 
 /// Widens 16-bit floats to f32.
