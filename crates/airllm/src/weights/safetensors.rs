@@ -205,14 +205,19 @@ pub fn read_f32(
             .try_for_each(|(i, dst)| -> Result<()> {
                 let off = at + (i * STAGING_ELEMS * es) as u64;
                 if let Some(direct) = &shard.direct {
-                    return io
-                        .read_direct(direct, off, dst.len() * es, |bytes| match info.dtype {
-                            DType::F32 => {
-                                bytemuck::cast_slice_mut::<f32, u8>(dst).copy_from_slice(bytes)
-                            }
-                            _ => widen_16_bytes(bytes, dst, info.dtype),
-                        })
-                        .map_err(io_err);
+                    let r = io.read_direct(direct, off, dst.len() * es, |bytes| match info.dtype {
+                        DType::F32 => {
+                            bytemuck::cast_slice_mut::<f32, u8>(dst).copy_from_slice(bytes)
+                        }
+                        _ => widen_16_bytes(bytes, dst, info.dtype),
+                    });
+                    match r {
+                        Ok(()) => return Ok(()),
+                        // Some filesystems accept O_DIRECT at open and refuse the reads: fall
+                        // back to buffered reads for this chunk.
+                        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                        Err(e) => return Err(io_err(e)),
+                    }
                 }
                 match info.dtype {
                     DType::F32 => io
