@@ -38,6 +38,18 @@ fn engine(dequantize: bool, budget: u64, prompts: &[Vec<u32>]) -> Engine {
 
 /// Last-position logits of every prompt, in one batched step.
 
+/// The reference, its prompts' token ids, and the model's tokenizer.
+fn setup() -> (Value, Vec<Vec<u32>>, TextTokenizer) {
+    let r = reference();
+    let prompts = r["prompt_token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(ids)
+        .collect();
+    (r, prompts, TextTokenizer::open(&model()).unwrap())
+}
+
 #[test]
 fn tokenization_matches_llama_cpp() {
     let r = reference();
@@ -54,14 +66,7 @@ fn tokenization_matches_llama_cpp() {
 
 #[test]
 fn dequantized_model_matches_llama_cpp_f32() {
-    let r = reference();
-    let prompts: Vec<Vec<u32>> = r["prompt_token_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(ids)
-        .collect();
-    let tok = TextTokenizer::open(&model()).unwrap();
+    let (r, prompts, tok) = setup();
     // Streamed: the budget holds a few layers, and the head is read in chunks.
     let mut e = engine(true, 400 << 20, &prompts);
     assert!(
@@ -97,14 +102,7 @@ fn dequantized_model_matches_llama_cpp_f32() {
 
 #[test]
 fn quantized_model_agrees_with_llama_cpp_within_its_own_noise() {
-    let r = reference();
-    let prompts: Vec<Vec<u32>> = r["prompt_token_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(ids)
-        .collect();
-    let tok = TextTokenizer::open(&model()).unwrap();
+    let (r, prompts, tok) = setup();
     let mut e = engine(false, 100 << 20, &prompts);
     assert!(!e.plan().head_resident, "{}", e.plan());
     let ours = last_logits(&mut e, &prompts);
