@@ -36,8 +36,6 @@ fn engine(dequantize: bool, budget: u64, prompts: &[Vec<u32>]) -> Engine {
     .unwrap()
 }
 
-/// Last-position logits of every prompt, in one batched step.
-
 /// The reference, its prompts' token ids, and the model's tokenizer.
 fn setup() -> (Value, Vec<Vec<u32>>, TextTokenizer) {
     let r = reference();
