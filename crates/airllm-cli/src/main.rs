@@ -43,6 +43,46 @@ enum Cmd {
     /// Measure prefill and decode speed, bytes read, I/O wait and peak memory under a budget,
     /// with the disk's raw read bandwidth measured on the model's files in the same run.
     Bench(BenchArgs),
+    /// Convert a Hugging Face folder to GGUF (full precision or quantized), or a GGUF file back
+    /// to an f32 Hugging Face folder with --dequantize.
+    Convert(ConvertArgs),
+    /// Perplexity of a text file, computed as llama.cpp's llama-perplexity does.
+    Perplexity(PerplexityArgs),
+}
+
+#[derive(Args)]
+struct ConvertArgs {
+    /// The source: a Hugging Face folder or repo id (or a .gguf with --dequantize).
+    #[arg(long, short = 'm')]
+    model: String,
+    /// Storage type of the matrices: q8_0, q4_k, q5_k, q6_k, q4_0, f16, bf16 or f32.
+    /// Norms, biases and other vectors stay f32.
+    #[arg(long, short = 'q', default_value = "f16")]
+    quantize: String,
+    /// Write an f32 Hugging Face folder from a GGUF file instead.
+    #[arg(long, conflicts_with = "quantize")]
+    dequantize: bool,
+    /// The output .gguf file (or folder, with --dequantize).
+    #[arg(long, short = 'o')]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct PerplexityArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The text to score.
+    #[arg(long, short = 'f')]
+    file: PathBuf,
+    /// Tokens per window; the second half of each window is scored.
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    /// Score at most this many windows (all by default).
+    #[arg(long)]
+    chunks: Option<usize>,
+    /// One JSON object on stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -120,6 +160,13 @@ struct ModelArgs {
     /// Print per-layer read, wait and compute times.
     #[arg(long)]
     profile: bool,
+    /// Run a Hugging Face model compressed to q8_0 or q4_k: converted to GGUF on first use,
+    /// cached, and reused while the source is unchanged.
+    #[arg(long)]
+    compress: Option<String>,
+    /// Where --compress keeps its conversions. Default: ~/.cache/airllm/compressed.
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -220,6 +267,8 @@ fn main() -> ExitCode {
         Cmd::Inspect(a) => inspect(a),
         Cmd::Synth(a) => synth(a),
         Cmd::Bench(a) => bench(a),
+        Cmd::Convert(a) => convert(a),
+        Cmd::Perplexity(a) => perplexity(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -273,13 +322,62 @@ fn params(s: &SampleArgs, max_new_tokens: usize) -> Result<GenerationParams> {
     })
 }
 
-fn open_model(m: &ModelArgs) -> Result<(ModelInfo, TextTokenizer)> {
+/// A progress bar counting bytes, on stderr.
+fn byte_bar() -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+        )
+        .expect("static template"),
+    );
+    bar
+}
+
+/// The weights to run and the model the tokenizer comes from: the model itself, or with
+/// --compress its cached GGUF conversion (the tokenizer stays the original's).
+fn model_paths(m: &ModelArgs) -> Result<(PathBuf, PathBuf)> {
     let dir: PathBuf = match &m.model {
         Some(spec) => airllm::hub::resolve_model(spec)?,
         None => airllm::hub::default_model()?,
     };
-    let info = ModelInfo::open(&dir)?;
-    let tok = TextTokenizer::open(&dir)?;
+    let Some(q) = &m.compress else {
+        return Ok((dir.clone(), dir));
+    };
+    let quant: airllm::convert::Quant = q.parse().context("--compress")?;
+    if !matches!(
+        quant,
+        airllm::convert::Quant::Q8_0 | airllm::convert::Quant::Q4K
+    ) {
+        bail!("--compress {q}: expected q8_0 or q4_k (use `airllm convert` for other types)");
+    }
+    let cache = m
+        .cache_dir
+        .clone()
+        .unwrap_or_else(airllm::convert::default_cache_dir);
+    let bar = byte_bar();
+    let (file, built) = airllm::convert::cached(&dir, quant, &cache, &mut |d, t| {
+        bar.set_length(t);
+        bar.set_position(d);
+    })?;
+    bar.finish_and_clear();
+    eprintln!(
+        "{} {} ({})",
+        if built {
+            "compressed into"
+        } else {
+            "using cached"
+        },
+        file.display(),
+        quant.name()
+    );
+    Ok((file, dir))
+}
+
+fn open_model(m: &ModelArgs) -> Result<(ModelInfo, TextTokenizer)> {
+    let (weights, tok_dir) = model_paths(m)?;
+    let info = ModelInfo::open(&weights)?;
+    let tok = TextTokenizer::open(&tok_dir)?;
     Ok((info, tok))
 }
 
@@ -557,13 +655,7 @@ fn synth(a: SynthArgs) -> Result<()> {
         other => bail!("--dtype `{other}`: expected bf16, f16 or f32"),
     };
     let shard = parse_size(&a.shard_size).context("--shard-size")?;
-    let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
-        )
-        .expect("static template"),
-    );
+    let bar = byte_bar();
     write_hf(&shape, dtype, a.seed, shard, &a.out, |done, total| {
         bar.set_length(total);
         bar.set_position(done);
@@ -578,10 +670,7 @@ fn bench(a: BenchArgs) -> Result<()> {
     if a.prompt_len == 0 || a.gen == 0 || a.batch == 0 {
         bail!("--prompt-len, --gen and --batch must be at least 1");
     }
-    let dir: PathBuf = match &a.model.model {
-        Some(spec) => airllm::hub::resolve_model(spec)?,
-        None => airllm::hub::default_model()?,
-    };
+    let (dir, _) = model_paths(&a.model)?;
     let info = ModelInfo::open(&dir)?;
     let vocab = info.cfg.vocab_size as u64;
     let model_bytes = info.sizes.file_bytes;
@@ -724,6 +813,78 @@ fn bench(a: BenchArgs) -> Result<()> {
         println!(
             "| utilization (effective / raw) | {:.0}% |",
             100.0 * eff_bw / raw_bw.max(1e-9)
+        );
+    }
+    if a.model.profile {
+        report::profile(&engine);
+    }
+    Ok(())
+}
+
+fn convert(a: ConvertArgs) -> Result<()> {
+    let src = airllm::hub::resolve_model(&a.model)?;
+    let bar = byte_bar();
+    let mut progress = |d: u64, t: u64| {
+        bar.set_length(t);
+        bar.set_position(d);
+    };
+    let t = Instant::now();
+    if a.dequantize {
+        airllm::convert::to_hf(&src, &a.out, &mut progress)?;
+    } else {
+        let quant: airllm::convert::Quant = a.quantize.parse()?;
+        airllm::convert::to_gguf(&src, quant, &a.out, &[], &mut progress)?;
+    }
+    bar.finish_and_clear();
+    eprintln!(
+        "wrote {} in {:.1} s",
+        a.out.display(),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn perplexity(a: PerplexityArgs) -> Result<()> {
+    let (info, tok) = open_model(&a.model)?;
+    let text = std::fs::read_to_string(&a.file)
+        .with_context(|| format!("{}: cannot read", a.file.display()))?;
+    let mut tokens = tok.encode(&text)?;
+    // As llama.cpp: BOS replaces each window's first token when the model adds BOS.
+    let bos = tok.bos_id.filter(|b| tokens.first() == Some(b));
+    if let Some(n) = a.chunks {
+        tokens.truncate(n * a.ctx);
+    }
+    let opts = EngineOptions {
+        max_memory: budget(&a.model.max_memory)?,
+        context: a.ctx,
+        max_batch: 1,
+        max_step_tokens: a.model.batch_size.min(a.ctx).max(1),
+        max_logit_rows: a.model.batch_size.min(a.ctx).max(1),
+        ..Default::default()
+    };
+    let mut engine = start_engine(info, &a.model, opts)?;
+    eprintln!(
+        "{} tokens, {} windows of {}",
+        tokens.len(),
+        tokens.len() / a.ctx,
+        a.ctx
+    );
+    let t = Instant::now();
+    let r =
+        airllm::generate::perplexity::perplexity(&mut engine, &tokens, a.ctx, bos, |i, n, p| {
+            eprint!("[{i}/{n}] {p:.4} ");
+        })?;
+    eprintln!();
+    let secs = t.elapsed().as_secs_f64();
+    if a.json {
+        let mut v = serde_json::to_value(&r)?;
+        v["seconds"] = serde_json::json!(secs);
+        v["tokens_per_s"] = serde_json::json!((r.windows * r.ctx) as f64 / secs.max(1e-9));
+        println!("{v}");
+    } else {
+        println!(
+            "perplexity {:.4} over {} windows of {} tokens ({} scored) in {:.1} s",
+            r.ppl, r.windows, r.ctx, r.scored, secs
         );
     }
     if a.model.profile {

@@ -558,10 +558,16 @@ pub const SUPPORTED_GGUF_ARCHS: &[&str] = &["llama", "qwen2", "qwen3", "gemma3"]
 impl ModelConfig {
     /// The config of a GGUF file, from its `{arch}.*` metadata, mapped onto the same fields as
     /// a Hugging Face config so the same block runs it. Mistral files use the `llama` keys.
-    pub fn from_gguf(g: &crate::weights::gguf::GgufFile) -> Result<Self> {
+    pub fn from_gguf(g: &dyn crate::weights::gguf::GgufMeta) -> Result<Self> {
         use crate::weights::gguf::Value as V;
-        let path = g.path.as_path();
-        let a = g.arch()?.to_string();
+        let path = g.path();
+        let a = g
+            .get("general.architecture")
+            .and_then(V::as_str)
+            .ok_or_else(|| {
+                Error::config(path, "general.architecture", "required metadata is missing")
+            })?
+            .to_string();
         let arch = match a.as_str() {
             "llama" => Arch::Llama,
             "qwen2" => Arch::Qwen2,
@@ -620,8 +626,8 @@ impl ModelConfig {
             Some(t) => t as usize,
             None => match opt_u("vocab_size") {
                 Some(n) => n,
-                None => match g.tensors.get("token_embd.weight") {
-                    Some(t) => t.shape[0],
+                None => match g.tensor_shape("token_embd.weight") {
+                    Some(t) => t[0],
                     None => {
                         return Err(Error::config(
                             path,
@@ -698,6 +704,16 @@ impl ModelConfig {
                 }
             }
         }
+        // An explicit scale (llama.cpp's `attention.scale`, written by our converter for models
+        // whose scale is not the architecture's default) wins.
+        if let Some(s) = opt_f("attention.scale").filter(|&s| s > 0.0) {
+            attn_scale = s;
+        }
+        // Biases are optional tensors in llama.cpp; their presence is the flag.
+        let has = |t: &str| g.tensor_shape(&format!("blk.0.{t}")).is_some();
+        block.qkv_bias |= has("attn_q.bias");
+        block.o_bias |= has("attn_output.bias");
+        block.mlp_bias |= has("ffn_up.bias");
         let tokens = |k: &str| g.get(k).and_then(V::as_u64).map(|n| n as u32);
         Ok(ModelConfig {
             path: path.to_path_buf(),
@@ -712,7 +728,7 @@ impl ModelConfig {
             rms_norm_eps,
             rope,
             max_position_embeddings: opt_u("context_length").unwrap_or(4096),
-            tie_word_embeddings: !g.tensors.contains_key("output.weight"),
+            tie_word_embeddings: g.tensor_shape("output.weight").is_none(),
             layer_windows,
             block,
             declared_dtype: g

@@ -5,6 +5,7 @@
 //! over the layers for a batch of sequences) → [`generate`] (sampling and stop rules).
 
 pub mod config;
+pub mod convert;
 pub mod engine;
 pub mod error;
 pub mod model;

@@ -188,6 +188,13 @@ impl TextTokenizer {
             .map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
+    /// Writes the tokenizer as a `tokenizer.json`.
+    pub fn save_json(&self, path: &Path) -> Result<()> {
+        self.tok
+            .save(path, false)
+            .map_err(|e| Error::file(path, format!("cannot write tokenizer: {e}")))
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.tok.get_vocab_size(true)
     }

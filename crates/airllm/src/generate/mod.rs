@@ -1,6 +1,7 @@
 //! Generation: batched prefill and decode over [`Engine::step`], with sampling and stop rules.
 //! Sequences that finish leave the batch; the rest go on in the next sweep.
 
+pub mod perplexity;
 pub mod sampling;
 
 use crate::engine::{Engine, LogitsFor, Sequence};

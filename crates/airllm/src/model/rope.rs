@@ -52,6 +52,11 @@ impl Rope {
         Rope { inv_freq }
     }
 
+    /// The rotation frequency of each pair of dimensions.
+    pub fn inv_freq(&self) -> &[f32] {
+        &self.inv_freq
+    }
+
     /// cos and sin tables `[positions.len(), head_dim / 2]` for the given absolute positions.
     pub fn cos_sin(&self, positions: &[usize], device: &Device) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();

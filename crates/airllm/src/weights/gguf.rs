@@ -92,6 +92,26 @@ pub struct GgufFile {
     pub io: super::io::Io,
 }
 
+/// What a config is read from: a GGUF file's metadata and tensor shapes. The converter checks
+/// its output header through the same reader before writing any data.
+pub trait GgufMeta {
+    fn path(&self) -> &Path;
+    fn get(&self, key: &str) -> Option<&Value>;
+    fn tensor_shape(&self, name: &str) -> Option<&[usize]>;
+}
+
+impl GgufMeta for GgufFile {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.metadata.get(key)
+    }
+    fn tensor_shape(&self, name: &str) -> Option<&[usize]> {
+        self.tensors.get(name).map(|t| t.shape.as_slice())
+    }
+}
+
 /// GGML type ids we can compute with, and their names for messages.
 pub fn ggml_type(id: u32) -> Option<(GgmlDType, &'static str)> {
     Some(match id {

@@ -7,6 +7,7 @@
 
 pub mod gguf;
 pub mod gguf_tokenizer;
+pub mod gguf_write;
 pub mod io;
 pub mod names;
 pub mod safetensors;

@@ -1,0 +1,962 @@
+//! Conversion between checkpoint formats.
+//!
+//! - [`to_gguf`]: a Hugging Face folder to a GGUF file llama.cpp loads, in full precision or
+//!   quantized. Each layer's tensors are contiguous and in execution order, so streaming a
+//!   layer is one sequential read.
+//! - [`to_hf`]: a GGUF file to a Hugging Face folder of f32 safetensors (dequantizing), so a
+//!   quantized model can be compared against its own full-precision form.
+//!
+//! Both stream: a tensor is read, transformed and encoded in row chunks, in parallel over the
+//! chunks, and written before the next is read.
+
+mod tokenizer;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Tensor};
+use rayon::prelude::*;
+
+use crate::config::{Arch, ModelConfig, RopeConfig, RopeScaling};
+use crate::engine::ModelInfo;
+use crate::error::{Error, Result};
+use crate::weights::gguf::Value;
+use crate::weights::gguf_write::{GgufPlan, OutFile, TensorPlan};
+use crate::weights::names::{gguf_layer, hf_layer, Role, HF_EMBED, HF_FINAL_NORM, HF_LM_HEAD};
+use crate::weights::{Weight, WeightSource};
+
+/// The storage type asked for on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quant {
+    F32,
+    F16,
+    BF16,
+    Q8_0,
+    Q4_0,
+    Q4K,
+    Q5K,
+    Q6K,
+}
+
+pub const QUANT_NAMES: &str = "q8_0, q4_k, q5_k, q6_k, q4_0, f16, bf16, f32";
+
+impl std::str::FromStr for Quant {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "f32" => Quant::F32,
+            "f16" => Quant::F16,
+            "bf16" => Quant::BF16,
+            "q8_0" => Quant::Q8_0,
+            "q4_0" => Quant::Q4_0,
+            "q4_k" => Quant::Q4K,
+            "q5_k" => Quant::Q5K,
+            "q6_k" => Quant::Q6K,
+            other => {
+                return Err(Error::Invalid(format!(
+                    "--quantize `{other}` is not supported (supported: {QUANT_NAMES})"
+                )))
+            }
+        })
+    }
+}
+
+impl Quant {
+    pub fn name(self) -> &'static str {
+        match self {
+            Quant::F32 => "f32",
+            Quant::F16 => "f16",
+            Quant::BF16 => "bf16",
+            Quant::Q8_0 => "q8_0",
+            Quant::Q4_0 => "q4_0",
+            Quant::Q4K => "q4_k",
+            Quant::Q5K => "q5_k",
+            Quant::Q6K => "q6_k",
+        }
+    }
+    fn ggml(self) -> GgmlDType {
+        match self {
+            Quant::F32 => GgmlDType::F32,
+            Quant::F16 => GgmlDType::F16,
+            Quant::BF16 => GgmlDType::BF16,
+            Quant::Q8_0 => GgmlDType::Q8_0,
+            Quant::Q4_0 => GgmlDType::Q4_0,
+            Quant::Q4K => GgmlDType::Q4K,
+            Quant::Q5K => GgmlDType::Q5K,
+            Quant::Q6K => GgmlDType::Q6K,
+        }
+    }
+    /// llama.cpp's `general.file_type` (`llama_ftype`).
+    fn file_type(self) -> u64 {
+        match self {
+            Quant::F32 => 0,
+            Quant::F16 => 1,
+            Quant::Q4_0 => 2,
+            Quant::Q8_0 => 7,
+            Quant::Q4K => 14, // Q4_K_S
+            Quant::Q5K => 16, // Q5_K_S
+            Quant::Q6K => 18,
+            Quant::BF16 => 32,
+        }
+    }
+}
+
+/// The type a matrix with rows of `cols` values is stored in. Rows that do not fill whole
+/// blocks fall back the way llama.cpp's quantizer does; the output head keeps more bits
+/// under the 4- and 5-bit k-quants, as llama.cpp's Q4_K/Q5_K mixes do.
+fn matrix_type(q: Quant, cols: usize, is_head: bool) -> GgmlDType {
+    let want = match q {
+        Quant::Q4K | Quant::Q5K if is_head => GgmlDType::Q6K,
+        _ => q.ggml(),
+    };
+    let fits = |t: GgmlDType| cols.is_multiple_of(t.block_size());
+    let chain: &[GgmlDType] = match want {
+        GgmlDType::Q4K => &[GgmlDType::Q4K, GgmlDType::Q5_0, GgmlDType::F16],
+        GgmlDType::Q5K => &[GgmlDType::Q5K, GgmlDType::Q5_1, GgmlDType::F16],
+        GgmlDType::Q6K => &[GgmlDType::Q6K, GgmlDType::Q8_0, GgmlDType::F16],
+        GgmlDType::Q8_0 => &[GgmlDType::Q8_0, GgmlDType::F16],
+        GgmlDType::Q4_0 => &[GgmlDType::Q4_0, GgmlDType::F16],
+        t => return t,
+    };
+    chain
+        .iter()
+        .copied()
+        .find(|&t| fits(t))
+        .unwrap_or(GgmlDType::F16)
+}
+
+/// How a tensor's values change between the formats.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Transform {
+    None,
+    /// Llama q/k rows: from transformers' half-split RoPE layout to llama.cpp's interleaved
+    /// pairs (`true`), or back (`false`), per head of `head_dim` rows.
+    Permute {
+        head_dim: usize,
+        to_gguf: bool,
+    },
+    /// Gemma norms: transformers stores w and computes (1 + w); llama.cpp stores 1 + w.
+    Add(f32),
+}
+
+/// Where a tensor's values come from.
+#[derive(Debug, Clone)]
+enum Data {
+    Source(String),
+    Values(Vec<f32>),
+}
+
+#[derive(Debug, Clone)]
+struct Item {
+    out: TensorPlan,
+    data: Data,
+    transform: Transform,
+}
+
+/// Layer tensors in the order the block uses them.
+const LAYER_ROLES: &[Role] = &[
+    Role::AttnNorm,
+    Role::Q,
+    Role::QBias,
+    Role::K,
+    Role::KBias,
+    Role::V,
+    Role::VBias,
+    Role::QNorm,
+    Role::KNorm,
+    Role::O,
+    Role::OBias,
+    Role::PostAttnNorm,
+    Role::MlpNorm,
+    Role::Gate,
+    Role::GateBias,
+    Role::Up,
+    Role::UpBias,
+    Role::Down,
+    Role::DownBias,
+    Role::PostMlpNorm,
+];
+
+/// The layer roles a block has: the sandwich norms only where the architecture uses them (in
+/// transformers' names, Llama's pre-MLP norm is called `post_attention_layernorm`).
+fn layer_roles(sandwich: bool) -> impl Iterator<Item = Role> {
+    LAYER_ROLES
+        .iter()
+        .copied()
+        .filter(move |r| sandwich || !matches!(r, Role::PostAttnNorm | Role::PostMlpNorm))
+}
+
+/// Values per chunk that one thread reads and encodes at a time (64 MiB of f32).
+const CHUNK_ELEMS: usize = 16 << 20;
+
+/// Converts the Hugging Face folder `src` to a GGUF file at `out`, with `extra` metadata.
+/// `progress(done, total)` counts output bytes.
+pub fn to_gguf(
+    src: &Path,
+    quant: Quant,
+    out: &Path,
+    extra: &[(String, Value)],
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<()> {
+    if crate::weights::is_gguf(src) {
+        return Err(Error::file(
+            src,
+            "is already a GGUF file; convert takes a Hugging Face model folder",
+        ));
+    }
+    let info = ModelInfo::open(src)?;
+    let (mut plan, items) = gguf_plan(&info, quant, out)?;
+    for (k, v) in extra {
+        plan.set(k.clone(), v.clone());
+    }
+    check_round_trip(&info.cfg, &plan)?;
+    write_gguf(&info, &plan, &items, progress)
+}
+
+fn gguf_arch(cfg: &ModelConfig) -> &'static str {
+    match cfg.arch {
+        Arch::Llama | Arch::Mistral => "llama",
+        Arch::Qwen2 => "qwen2",
+        Arch::Qwen3 => "qwen3",
+        Arch::Gemma3 => "gemma3",
+    }
+}
+
+fn gguf_plan(info: &ModelInfo, quant: Quant, out: &Path) -> Result<(GgufPlan, Vec<Item>)> {
+    let cfg = &info.cfg;
+    let src = info.src.as_ref();
+    let a = gguf_arch(cfg);
+    let mut plan = GgufPlan::new(out);
+    let u = |n: usize| Value::U(n as u64);
+    let name = info
+        .dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("model")
+        .to_string();
+    plan.set("general.architecture", Value::Str(a.into()));
+    plan.set("general.name", Value::Str(name));
+    plan.set("general.file_type", Value::U(quant.file_type()));
+    plan.set("general.quantization_version", Value::U(2));
+    plan.set(
+        format!("{a}.context_length"),
+        u(cfg.max_position_embeddings),
+    );
+    plan.set(format!("{a}.embedding_length"), u(cfg.hidden_size));
+    plan.set(format!("{a}.block_count"), u(cfg.num_layers));
+    plan.set(format!("{a}.feed_forward_length"), u(cfg.intermediate_size));
+    plan.set(format!("{a}.attention.head_count"), u(cfg.num_heads));
+    plan.set(format!("{a}.attention.head_count_kv"), u(cfg.num_kv_heads));
+    plan.set(format!("{a}.attention.key_length"), u(cfg.head_dim));
+    plan.set(format!("{a}.attention.value_length"), u(cfg.head_dim));
+    plan.set(format!("{a}.rope.dimension_count"), u(cfg.head_dim));
+    plan.set(format!("{a}.vocab_size"), u(cfg.vocab_size));
+    plan.set(
+        format!("{a}.attention.layer_norm_rms_epsilon"),
+        Value::F(cfg.rms_norm_eps),
+    );
+    plan.set(
+        format!("{a}.rope.freq_base"),
+        Value::F(cfg.rope.theta as f64),
+    );
+    let mut rope_freqs = None;
+    match cfg.rope.scaling {
+        RopeScaling::None => {}
+        RopeScaling::Linear { factor } => {
+            plan.set(
+                format!("{a}.rope.scaling.type"),
+                Value::Str("linear".into()),
+            );
+            plan.set(format!("{a}.rope.scaling.factor"), Value::F(factor as f64));
+        }
+        RopeScaling::Llama3 { .. } => {
+            // llama.cpp applies Llama 3.1's rescaling as per-frequency divisors.
+            let plain = RopeConfig {
+                theta: cfg.rope.theta,
+                scaling: RopeScaling::None,
+            };
+            let base = crate::model::rope::Rope::new(&plain, cfg.head_dim, None);
+            let scaled = crate::model::rope::Rope::new(&cfg.rope, cfg.head_dim, None);
+            rope_freqs = Some(
+                base.inv_freq()
+                    .iter()
+                    .zip(scaled.inv_freq())
+                    .map(|(b, s)| b / s)
+                    .collect::<Vec<f32>>(),
+            );
+        }
+    }
+    let windows: Vec<usize> = cfg.layer_windows.iter().flatten().copied().collect();
+    if let Some(&w) = windows.first() {
+        plan.set(format!("{a}.attention.sliding_window"), u(w));
+    }
+    if cfg.arch == Arch::Gemma3 {
+        let every_sixth =
+            (0..cfg.num_layers).all(|i| cfg.layer_windows[i].is_some() == (i % 6 < 5));
+        if !every_sixth {
+            plan.set(
+                format!("{a}.attention.sliding_window_pattern"),
+                Value::Array(
+                    cfg.layer_windows
+                        .iter()
+                        .map(|w| Value::Bool(w.is_some()))
+                        .collect(),
+                ),
+            );
+        }
+        if let Some(local) = &cfg.rope_local {
+            plan.set(
+                format!("{a}.rope.freq_base_swa"),
+                Value::F(local.theta as f64),
+            );
+        }
+    }
+    let default_scale = match (cfg.arch, cfg.num_layers) {
+        (Arch::Gemma3, 62) => 1.0 / ((cfg.hidden_size / cfg.num_heads) as f64).sqrt(),
+        _ => 1.0 / (cfg.head_dim as f64).sqrt(),
+    };
+    if (cfg.attn_scale - default_scale).abs() > 1e-9 {
+        plan.set(format!("{a}.attention.scale"), Value::F(cfg.attn_scale));
+    }
+    if let Some(c) = cfg.final_logit_softcap {
+        plan.set(format!("{a}.final_logit_softcapping"), Value::F(c));
+    }
+    for (k, v) in tokenizer::gguf_metadata(&info.dir, cfg)? {
+        plan.set(k, v);
+    }
+
+    // Tensors, in execution order.
+    let mut items = Vec::new();
+    let add = |plan: &mut GgufPlan,
+               items: &mut Vec<Item>,
+               out_name: String,
+               src_name: &str,
+               is_head: bool|
+     -> Result<bool> {
+        let Some(m) = src.meta(src_name) else {
+            return Ok(false);
+        };
+        let dtype = if m.shape.len() == 1 {
+            GgmlDType::F32
+        } else {
+            matrix_type(quant, *m.shape.last().unwrap(), is_head)
+        };
+        let transform = if cfg.arch == Arch::Gemma3 && src_name.ends_with("norm.weight") {
+            Transform::Add(1.0)
+        } else if matches!(cfg.arch, Arch::Llama | Arch::Mistral)
+            && (src_name.contains(".q_proj.") || src_name.contains(".k_proj."))
+        {
+            Transform::Permute {
+                head_dim: cfg.head_dim,
+                to_gguf: true,
+            }
+        } else {
+            Transform::None
+        };
+        let out = TensorPlan {
+            name: out_name,
+            shape: m.shape.clone(),
+            dtype,
+        };
+        plan.add_tensor(out.clone())?;
+        items.push(Item {
+            out,
+            data: Data::Source(src_name.to_string()),
+            transform,
+        });
+        Ok(true)
+    };
+    let tied = cfg.tie_word_embeddings;
+    add(
+        &mut plan,
+        &mut items,
+        "token_embd.weight".into(),
+        HF_EMBED,
+        tied,
+    )?;
+    if let Some(f) = rope_freqs {
+        let out = TensorPlan {
+            name: "rope_freqs.weight".into(),
+            shape: vec![f.len()],
+            dtype: GgmlDType::F32,
+        };
+        plan.add_tensor(out.clone())?;
+        items.push(Item {
+            out,
+            data: Data::Values(f),
+            transform: Transform::None,
+        });
+    }
+    let sandwich = cfg.block.sandwich_norms;
+    for l in 0..cfg.num_layers {
+        for role in layer_roles(sandwich) {
+            add(
+                &mut plan,
+                &mut items,
+                gguf_layer(l, role),
+                &hf_layer(l, role, sandwich),
+                false,
+            )?;
+        }
+    }
+    add(
+        &mut plan,
+        &mut items,
+        "output_norm.weight".into(),
+        HF_FINAL_NORM,
+        false,
+    )?;
+    if !tied {
+        add(
+            &mut plan,
+            &mut items,
+            "output.weight".into(),
+            HF_LM_HEAD,
+            true,
+        )?;
+    }
+    Ok((plan, items))
+}
+
+/// Reads the planned header back through the GGUF config reader and compares it with the
+/// source config, so a model the GGUF keys cannot describe fails before any data is written.
+fn check_round_trip(cfg: &ModelConfig, plan: &GgufPlan) -> Result<()> {
+    let g = ModelConfig::from_gguf(plan)?;
+    let mut diffs = Vec::new();
+    macro_rules! same {
+        ($($f:ident).+) => {
+            if g.$($f).+ != cfg.$($f).+ {
+                diffs.push(format!("{}: {:?} in the source, {:?} in GGUF", stringify!($($f).+), cfg.$($f).+, g.$($f).+));
+            }
+        };
+    }
+    same!(hidden_size);
+    same!(intermediate_size);
+    same!(num_layers);
+    same!(num_heads);
+    same!(num_kv_heads);
+    same!(head_dim);
+    same!(vocab_size);
+    same!(layer_windows);
+    same!(tie_word_embeddings);
+    same!(block.qkv_bias);
+    same!(block.o_bias);
+    same!(block.mlp_bias);
+    same!(block.qk_norm);
+    same!(block.sandwich_norms);
+    same!(final_logit_softcap);
+    if (g.rms_norm_eps - cfg.rms_norm_eps).abs() > 1e-6 * cfg.rms_norm_eps.max(1e-12) {
+        same!(rms_norm_eps);
+    }
+    if (g.attn_scale - cfg.attn_scale).abs() > 1e-6 * cfg.attn_scale {
+        same!(attn_scale);
+    }
+    // Llama 3.1 scaling travels as the rope_freqs tensor, so only the base is compared there.
+    if g.rope.theta != cfg.rope.theta {
+        same!(rope.theta);
+    }
+    if !matches!(cfg.rope.scaling, RopeScaling::Llama3 { .. }) {
+        same!(rope.scaling);
+    }
+    if cfg.rope_local.is_some() {
+        same!(rope_local);
+    }
+    if diffs.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::file(
+            &cfg.path,
+            format!(
+                "this model cannot be expressed in llama.cpp's GGUF keys: {}",
+                diffs.join("; ")
+            ),
+        ))
+    }
+}
+
+/// Rows of a matrix (or a whole vector) as f32, whatever its stored form.
+fn read_f32(
+    src: &dyn WeightSource,
+    name: &str,
+    shape: &[usize],
+    start: usize,
+    rows: usize,
+) -> Result<Vec<f32>> {
+    if shape.len() == 1 {
+        return Ok(src.load(name, &Device::Cpu)?.flatten_all()?.to_vec1()?);
+    }
+    let t = match src.load_row_range(name, start, rows, &Device::Cpu)? {
+        Weight::Dense(t) => t,
+        Weight::Quant(QMatMul::QTensor(q), _) => q.dequantize(&Device::Cpu)?,
+        Weight::Quant(QMatMul::Tensor(t), _) | Weight::Quant(QMatMul::TensorF16(t), _) => t,
+    };
+    Ok(t.to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1()?)
+}
+
+impl Transform {
+    fn apply(self, v: Vec<f32>, cols: usize) -> Vec<f32> {
+        match self {
+            Transform::None => v,
+            Transform::Add(d) => v.into_iter().map(|x| x + d).collect(),
+            Transform::Permute { head_dim, to_gguf } => {
+                let half = head_dim / 2;
+                let mut out = vec![0f32; v.len()];
+                for (src, dst) in v
+                    .chunks(head_dim * cols)
+                    .zip(out.chunks_mut(head_dim * cols))
+                {
+                    for part in 0..2 {
+                        for i in 0..half {
+                            // transformers row part*half + i is llama.cpp row 2i + part.
+                            let (hf, gg) = (part * half + i, 2 * i + part);
+                            let (from, to) = if to_gguf { (hf, gg) } else { (gg, hf) };
+                            dst[to * cols..(to + 1) * cols]
+                                .copy_from_slice(&src[from * cols..(from + 1) * cols]);
+                        }
+                    }
+                }
+                out
+            }
+        }
+    }
+}
+
+/// Encodes f32 rows in a GGUF tensor type.
+fn encode(v: Vec<f32>, rows: usize, cols: usize, t: GgmlDType) -> Result<Vec<u8>> {
+    Ok(match t {
+        GgmlDType::F32 => bytemuck::cast_slice(&v).to_vec(),
+        GgmlDType::F16 => v
+            .iter()
+            .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+            .collect(),
+        GgmlDType::BF16 => v
+            .iter()
+            .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+            .collect(),
+        q => {
+            let t = Tensor::from_vec(v, (rows, cols), &Device::Cpu)?;
+            QTensor::quantize(&t, q)?.data()?.into_owned()
+        }
+    })
+}
+
+/// Row ranges of about [`CHUNK_ELEMS`] values, a multiple of `align` rows each.
+fn row_chunks(rows: usize, cols: usize, align: usize) -> Vec<(usize, usize)> {
+    let per = (CHUNK_ELEMS / cols.max(1)).max(1);
+    let per = (per / align).max(1) * align;
+    (0..rows)
+        .step_by(per)
+        .map(|s| (s, per.min(rows - s)))
+        .collect()
+}
+
+/// Produces an item's bytes chunk by chunk, in parallel within each group of chunks, and hands
+/// each chunk to `sink` in order.
+fn produce(
+    src: &dyn WeightSource,
+    it: &Item,
+    sink: &mut dyn FnMut(&[u8]) -> Result<()>,
+) -> Result<()> {
+    let shape = &it.out.shape;
+    let (rows, cols) = match shape.as_slice() {
+        [n] => (1, *n),
+        [r, c] => (*r, *c),
+        s => {
+            return Err(Error::Invalid(format!(
+                "tensor {} has {} dimensions; only vectors and matrices are converted",
+                it.out.name,
+                s.len()
+            )))
+        }
+    };
+    if let Data::Values(v) = &it.data {
+        return sink(&encode(v.clone(), rows, cols, it.out.dtype)?);
+    }
+    let Data::Source(name) = &it.data else {
+        unreachable!()
+    };
+    let align = match it.transform {
+        Transform::Permute { head_dim, .. } => head_dim,
+        _ => 1,
+    };
+    // Vectors (norms, biases) are one chunk; a permutation moves their single values.
+    let matrix = shape.len() == 2;
+    let chunks = if matrix {
+        row_chunks(rows, cols, align)
+    } else {
+        vec![(0, 1)]
+    };
+    let group = rayon::current_num_threads().max(1);
+    for g in chunks.chunks(group) {
+        let parts: Vec<Result<Vec<u8>>> = g
+            .par_iter()
+            .map(|&(start, n)| {
+                let v = read_f32(src, name, shape, start, n)?;
+                let v = it.transform.apply(v, if matrix { cols } else { 1 });
+                encode(v, if matrix { n } else { 1 }, cols, it.out.dtype)
+            })
+            .collect();
+        for p in parts {
+            sink(&p?)?;
+        }
+    }
+    Ok(())
+}
+
+fn write_gguf(
+    info: &ModelInfo,
+    plan: &GgufPlan,
+    items: &[Item],
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<()> {
+    let total = plan.file_bytes();
+    let mut out = OutFile::create(&plan.path, total)?;
+    out.write(&plan.header())?;
+    for it in items {
+        let before = out.written();
+        produce(info.src.as_ref(), it, &mut |b| {
+            out.write(b)?;
+            progress(out.written(), total);
+            Ok(())
+        })?;
+        if out.written() - before != it.out.bytes() {
+            return Err(Error::tensor(
+                &plan.path,
+                &it.out.name,
+                format!(
+                    "internal error: encoded {} bytes, planned {}",
+                    out.written() - before,
+                    it.out.bytes()
+                ),
+            ));
+        }
+        out.pad()?;
+    }
+    out.commit()
+}
+
+/// Converts a GGUF file to a Hugging Face folder of f32 safetensors at `out`, with config,
+/// tokenizer and chat template, undoing llama.cpp's layout changes.
+pub fn to_hf(src: &Path, out: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
+    if !crate::weights::is_gguf(src) {
+        return Err(Error::file(
+            src,
+            "is not a GGUF file; --dequantize takes a .gguf",
+        ));
+    }
+    let info = ModelInfo::open_with(src, true)?;
+    if out.exists() {
+        return Err(Error::file(
+            out,
+            "already exists; remove it or choose another --out",
+        ));
+    }
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !parent.is_dir() {
+        return Err(Error::file(parent, "output folder does not exist"));
+    }
+    let tmp: PathBuf = parent.join(format!(
+        ".{}.partial",
+        out.file_name().and_then(|n| n.to_str()).unwrap_or("model")
+    ));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::file(&tmp, format!("cannot create: {e}")))?;
+    let r = write_hf(&info, &tmp, progress);
+    if let Err(e) = r {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, out)
+        .map_err(|e| Error::file(out, format!("cannot rename into place: {e}")))
+}
+
+fn write_hf(info: &ModelInfo, dir: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
+    let cfg = &info.cfg;
+    let src = info.src.as_ref();
+    let sandwich = cfg.block.sandwich_norms;
+    let mut items: Vec<(String, Item)> = Vec::new();
+    let mut push = |hf: String, gg: String| {
+        let Some(m) = src.meta(&gg) else { return };
+        let transform = if cfg.arch == Arch::Gemma3 && hf.ends_with("norm.weight") {
+            Transform::Add(-1.0)
+        } else if cfg.block.rope_interleaved && (hf.contains(".q_proj.") || hf.contains(".k_proj."))
+        {
+            Transform::Permute {
+                head_dim: cfg.head_dim,
+                to_gguf: false,
+            }
+        } else {
+            Transform::None
+        };
+        items.push((
+            hf.clone(),
+            Item {
+                out: TensorPlan {
+                    name: hf,
+                    shape: m.shape,
+                    dtype: GgmlDType::F32,
+                },
+                data: Data::Source(gg),
+                transform,
+            },
+        ));
+    };
+    push(HF_EMBED.into(), "token_embd.weight".into());
+    for l in 0..cfg.num_layers {
+        for role in layer_roles(sandwich) {
+            push(hf_layer(l, role, sandwich), gguf_layer(l, role));
+        }
+    }
+    push(HF_FINAL_NORM.into(), "output_norm.weight".into());
+    if !cfg.tie_word_embeddings {
+        push(HF_LM_HEAD.into(), "output.weight".into());
+    }
+    if src.meta("rope_freqs.weight").is_some() {
+        return Err(Error::file(
+            &info.dir,
+            "rope_freqs (Llama 3.1 rescaling) cannot be written back as a transformers config yet",
+        ));
+    }
+
+    // A single safetensors file: header, then each tensor's f32 data in order.
+    let mut header = serde_json::Map::new();
+    let mut off = 0u64;
+    for (name, it) in &items {
+        let b = it.out.bytes();
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": "F32", "shape": it.out.shape, "data_offsets": [off, off + b]}),
+        );
+        off += b;
+    }
+    let mut h = serde_json::to_vec(&header).map_err(|e| Error::Invalid(e.to_string()))?;
+    while !h.len().is_multiple_of(8) {
+        h.push(b' ');
+    }
+    let total = 8 + h.len() as u64 + off;
+    let mut out = OutFile::create(&dir.join("model.safetensors"), total)?;
+    out.write(&(h.len() as u64).to_le_bytes())?;
+    out.write(&h)?;
+    for (_, it) in &items {
+        produce(src, it, &mut |b| {
+            out.write(b)?;
+            progress(out.written(), total);
+            Ok(())
+        })?;
+    }
+    out.commit()?;
+    tokenizer::write_hf_files(&info.dir, cfg, dir)
+}
+
+/// Key under which a cached conversion records the source it was made from.
+const SOURCE_KEY: &str = "airllm.source";
+
+/// Where `--compress` keeps conversions when no `--cache-dir` is given.
+pub fn default_cache_dir() -> PathBuf {
+    match std::env::var_os("AIRLLM_CACHE_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache")
+            })
+            .join("airllm/compressed"),
+    }
+}
+
+/// A description of the source folder's files (name, size, modification time) that changes
+/// whenever a file is rewritten, replaced, added or removed.
+fn source_stamp(src: &Path) -> Result<String> {
+    let canon = src
+        .canonicalize()
+        .map_err(|e| Error::file(src, format!("cannot resolve: {e}")))?;
+    let rd =
+        std::fs::read_dir(&canon).map_err(|e| Error::file(&canon, format!("cannot list: {e}")))?;
+    let mut files = Vec::new();
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let keep = [".safetensors", ".json", ".jinja", ".model"]
+            .iter()
+            .any(|x| name.ends_with(x));
+        if !keep {
+            continue;
+        }
+        let m = e
+            .metadata()
+            .map_err(|err| Error::file(e.path(), format!("cannot stat: {err}")))?;
+        let mtime = m
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
+        files.push(serde_json::json!([name, m.len(), mtime.to_string()]));
+    }
+    files.sort_by_key(|f| f[0].as_str().unwrap_or("").to_string());
+    Ok(serde_json::json!({"path": canon, "files": files}).to_string())
+}
+
+/// The GGUF conversion of the Hugging Face folder `src` at `quant`, made on first use in
+/// `cache_dir` and reused while the source files are unchanged. Returns the file and whether
+/// it was (re)built.
+pub fn cached(
+    src: &Path,
+    quant: Quant,
+    cache_dir: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(PathBuf, bool)> {
+    if crate::weights::is_gguf(src) {
+        return Err(Error::file(
+            src,
+            "is already a GGUF file; --compress applies to Hugging Face folders",
+        ));
+    }
+    let stamp = source_stamp(src)?;
+    let canon = src.canonicalize().unwrap_or_else(|_| src.to_path_buf());
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in canon.to_string_lossy().bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    let name = canon
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("model");
+    let dir = cache_dir.join(format!("{name}-{h:016x}"));
+    let file = dir.join(format!("{}.gguf", quant.name()));
+    if file.exists() {
+        let fresh = crate::weights::gguf::GgufFile::open(&file)
+            .ok()
+            .and_then(|g| {
+                g.get(SOURCE_KEY)
+                    .and_then(Value::as_str)
+                    .map(|s| s == stamp)
+            })
+            .unwrap_or(false);
+        if fresh {
+            return Ok((file, false));
+        }
+        tracing::info!("{}: source changed, converting again", file.display());
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| Error::file(&dir, format!("cannot create: {e}")))?;
+    to_gguf(
+        src,
+        quant,
+        &file,
+        &[(SOURCE_KEY.to_string(), Value::Str(stamp))],
+        progress,
+    )?;
+    Ok((file, true))
+}
+
+/// The transformers `config.json` for a config.
+pub fn hf_config_json(cfg: &ModelConfig) -> serde_json::Value {
+    use serde_json::json;
+    let rope = |r: &RopeConfig| match r.scaling {
+        RopeScaling::None => json!({"rope_type": "default", "rope_theta": r.theta}),
+        RopeScaling::Linear { factor } => {
+            json!({"rope_type": "linear", "rope_theta": r.theta, "factor": factor})
+        }
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => json!({"rope_type": "llama3", "rope_theta": r.theta, "factor": factor,
+                    "low_freq_factor": low_freq_factor, "high_freq_factor": high_freq_factor,
+                    "original_max_position_embeddings": original_max_position_embeddings}),
+    };
+    let mut v = json!({
+        "architectures": [cfg.arch.hf_name()],
+        "model_type": cfg.arch.model_type(),
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab_size,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_ids,
+        "dtype": "float32",
+    });
+    let windows: Vec<usize> = cfg.layer_windows.iter().flatten().copied().collect();
+    match cfg.arch {
+        Arch::Gemma3 => {
+            v["hidden_activation"] = json!("gelu_pytorch_tanh");
+            let local = cfg.rope_local.clone().unwrap_or(RopeConfig {
+                theta: 10000.0,
+                scaling: RopeScaling::None,
+            });
+            v["rope_parameters"] =
+                json!({"full_attention": rope(&cfg.rope), "sliding_attention": rope(&local)});
+            v["query_pre_attn_scalar"] = json!(1.0 / (cfg.attn_scale * cfg.attn_scale));
+            v["final_logit_softcapping"] = json!(cfg.final_logit_softcap);
+        }
+        _ => {
+            v["hidden_act"] = json!("silu");
+            v["rope_parameters"] = rope(&cfg.rope);
+            v["attention_bias"] = json!(cfg.block.qkv_bias);
+        }
+    }
+    if let Some(&w) = windows.first() {
+        v["sliding_window"] = json!(w);
+        v["layer_types"] = json!(cfg
+            .layer_windows
+            .iter()
+            .map(|w| if w.is_some() {
+                "sliding_attention"
+            } else {
+                "full_attention"
+            })
+            .collect::<Vec<_>>());
+        if matches!(cfg.arch, Arch::Qwen2 | Arch::Qwen3) {
+            v["use_sliding_window"] = json!(true);
+        }
+    } else if cfg.arch == Arch::Gemma3 {
+        v["sliding_window"] = json!(cfg.max_position_embeddings);
+        v["layer_types"] = json!(vec!["full_attention"; cfg.num_layers]);
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permutation_round_trips() {
+        let (hd, cols) = (8, 3);
+        let v: Vec<f32> = (0..2 * hd * cols).map(|i| i as f32).collect();
+        let g = Transform::Permute {
+            head_dim: hd,
+            to_gguf: true,
+        }
+        .apply(v.clone(), cols);
+        // transformers row 1 (first half, i = 1) becomes llama.cpp row 2.
+        assert_eq!(&g[2 * cols..3 * cols], &v[cols..2 * cols]);
+        // transformers row hd/2 (second half, i = 0) becomes llama.cpp row 1.
+        assert_eq!(&g[cols..2 * cols], &v[hd / 2 * cols..(hd / 2 + 1) * cols]);
+        let back = Transform::Permute {
+            head_dim: hd,
+            to_gguf: false,
+        }
+        .apply(g, cols);
+        assert_eq!(back, v);
+    }
+
+    #[test]
+    fn unfit_rows_fall_back_like_llama_cpp() {
+        assert_eq!(matrix_type(Quant::Q4K, 640, false), GgmlDType::Q5_0);
+        assert_eq!(matrix_type(Quant::Q4K, 2048, false), GgmlDType::Q4K);
+        assert_eq!(matrix_type(Quant::Q4K, 2048, true), GgmlDType::Q6K);
+        assert_eq!(matrix_type(Quant::Q4K, 640, true), GgmlDType::Q8_0);
+        assert_eq!(matrix_type(Quant::Q8_0, 40, false), GgmlDType::F16);
+    }
+}

@@ -1,0 +1,168 @@
+//! `airllm convert` against transformers and llama.cpp:
+//! - a conversion to F32 GGUF computes the same logits as the transformers folder it came from;
+//! - a Q8_0 conversion is byte-identical to the one llama.cpp was run on
+//!   (scripts/make_convert_interop.py), and we produce llama.cpp's greedy tokens on it;
+//! - a GGUF dequantized back to a transformers folder computes what the GGUF does.
+
+use std::path::{Path, PathBuf};
+
+use airllm::convert::{to_gguf, to_hf, Quant};
+use airllm::tokenizer::TextTokenizer;
+use airllm::{Engine, EngineOptions};
+use common::{fixtures, id_list as ids, last_logits, MODELS};
+
+mod common;
+
+fn engine(path: &Path, prompts: &[Vec<u32>]) -> Engine {
+    let total: usize = prompts.iter().map(Vec::len).sum();
+    let opts = EngineOptions {
+        max_memory: Some(1 << 30),
+        context: 96,
+        max_batch: prompts.len(),
+        max_step_tokens: total,
+        max_logit_rows: prompts.len(),
+        ..Default::default()
+    };
+    Engine::open(path, opts).unwrap()
+}
+
+fn convert(name: &str, q: Quant, dir: &Path) -> PathBuf {
+    let out = dir.join(format!("{name}-{}.gguf", q.name()));
+    to_gguf(&fixtures().join(name), q, &out, &[], &mut |_, _| {}).unwrap();
+    out
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
+#[test]
+fn f32_conversion_computes_what_the_source_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in MODELS {
+        let r = common::reference(name);
+        let gguf = convert(name, Quant::F32, tmp.path());
+        let ours = last_logits(&mut engine(&gguf, &r.prompt_ids), &r.prompt_ids);
+        let src = last_logits(
+            &mut engine(&fixtures().join(name), &r.prompt_ids),
+            &r.prompt_ids,
+        );
+        for (i, (a, b)) in ours.iter().zip(&src).enumerate() {
+            let d = max_diff(a, b);
+            // Gemma's GGUF form runs llama.cpp's f16-table GELU, which moves logits ~1e-3.
+            let tol = if name.starts_with("gemma") {
+                2e-2
+            } else {
+                1e-4
+            };
+            assert!(d <= tol, "{name}: prompt {i}: max logit diff {d}");
+        }
+        // The converted tokenizer tokenizes as the original does.
+        let tok = TextTokenizer::open(&gguf).unwrap();
+        for (p, want) in r.prompts.iter().zip(&r.prompt_ids) {
+            assert_eq!(&tok.encode(p).unwrap(), want, "{name}: {p:?}");
+        }
+    }
+}
+
+fn fnv1a64(path: &Path) -> u64 {
+    std::fs::read(path)
+        .unwrap()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+        })
+}
+
+#[test]
+fn q8_0_conversion_gives_llama_cpp_greedy_tokens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let refs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/gguf/convert");
+    let mut checked = 0;
+    let mut total_clear = 0;
+    for entry in std::fs::read_dir(&refs).unwrap() {
+        let path = entry.unwrap().path();
+        let file = path.file_name().unwrap().to_str().unwrap().to_string();
+        let Some(name) = file.strip_suffix("-q8_0.json") else {
+            continue;
+        };
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let gguf = convert(name, Quant::Q8_0, tmp.path());
+        assert_eq!(
+            std::fs::metadata(&gguf).unwrap().len(),
+            r["bytes"].as_u64().unwrap(),
+            "{name}: size differs from the file llama.cpp was run on"
+        );
+        assert_eq!(
+            fnv1a64(&gguf).to_string(),
+            r["fnv1a64"].as_str().unwrap(),
+            "{name}: bytes differ from the file llama.cpp was run on"
+        );
+        let tok = TextTokenizer::open(&gguf).unwrap();
+        let prompts: Vec<Vec<u32>> = r["prompt_token_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(ids)
+            .collect();
+        for (p, want) in r["prompts"].as_array().unwrap().iter().zip(&prompts) {
+            assert_eq!(&tok.encode(p.as_str().unwrap()).unwrap(), want, "{name}");
+        }
+        let mut e = engine(&gguf, &prompts);
+        let got = common::greedy(&mut e, &tok, &prompts, 24);
+        for (i, g) in got.iter().enumerate() {
+            let want = ids(&r["greedy"][i]);
+            let margins = common::float_list(&r["margins"][i]);
+            // Both sides multiply the same Q8_0 blocks, but quantize activations and sum in
+            // their own ways, which moves these tiny models' logits by up to ~0.1 (the F32
+            // conversion matches llama.cpp exactly). Every token up to the first step where
+            // llama.cpp's top two are within 0.2 must agree.
+            let clear = margins.iter().take_while(|&&m| m > 0.2).count();
+            total_clear += clear;
+            assert_eq!(
+                g[..clear],
+                want[..clear],
+                "{name}: prompt {i}: greedy tokens (first {clear} steps)"
+            );
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 5, "expected five interop references");
+    assert!(total_clear >= 60, "only {total_clear} steps compared");
+}
+
+#[test]
+fn dequantized_folder_computes_what_the_gguf_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let name = "qwen3-qknorm-headdim";
+    let r = common::reference(name);
+    let gguf = convert(name, Quant::Q8_0, tmp.path());
+    let hf = tmp.path().join("back");
+    to_hf(&gguf, &hf, &mut |_, _| {}).unwrap();
+    // The GGUF with its blocks widened to f32 at load is the same function as the folder.
+    let total: usize = r.prompt_ids.iter().map(Vec::len).sum();
+    let opts = EngineOptions {
+        max_memory: Some(1 << 30),
+        context: 96,
+        max_batch: r.prompt_ids.len(),
+        max_step_tokens: total,
+        max_logit_rows: r.prompt_ids.len(),
+        ..Default::default()
+    };
+    let info = airllm::ModelInfo::open_with(&gguf, true).unwrap();
+    let mut widened = Engine::from_info(info, opts).unwrap();
+    let a = last_logits(&mut widened, &r.prompt_ids);
+    let b = last_logits(&mut engine(&hf, &r.prompt_ids), &r.prompt_ids);
+    for (x, y) in a.iter().zip(&b) {
+        let d = max_diff(x, y);
+        assert!(d <= 1e-4, "max logit diff {d}");
+    }
+    let tok = TextTokenizer::open(&hf).unwrap();
+    for (p, want) in r.prompts.iter().zip(&r.prompt_ids) {
+        assert_eq!(&tok.encode(p).unwrap(), want);
+    }
+}

@@ -1,0 +1,86 @@
+#!/usr/bin/env python3
+"""Records what llama.cpp does with the GGUF files `airllm convert` writes, for the interop
+test (crates/airllm-cli/tests/convert.rs).
+
+For each tiny transformers fixture, the test converts it to Q8_0 with `airllm convert`; this
+script runs llama.cpp (through llama-cpp-python, pinned in scripts/requirements-llamacpp.txt) on
+the same conversion and writes tests/fixtures/gguf/convert/<fixture>-q8_0.json with:
+  - the file's size and FNV-1a 64 hash, so the test knows llama.cpp saw the very bytes it made;
+  - llama.cpp's tokenization of the prompts, and 24 greedy tokens per prompt with the margin
+    between the top two logits at each step.
+
+Run after `cargo build --release`:
+    .venv-llamacpp/bin/python scripts/make_convert_interop.py
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+from llama_cpp import Llama
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.join(HERE, "..")
+HF = os.path.join(ROOT, "tests", "fixtures", "hf")
+OUT = os.path.join(ROOT, "tests", "fixtures", "gguf", "convert")
+BIN = os.environ.get("AIRLLM_BIN") or os.path.join(
+    os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target"), "release", "airllm")
+
+# mistral-sliding-window is left out: llama.cpp runs the `llama` architecture without a sliding
+# window, so past the window it computes a different function from transformers (and us).
+FIXTURES = [
+    "llama-gqa2-llama3rope",
+    "llama-mqa-tied-linear-bf16",
+    "qwen2-bias-mha-sharded",
+    "qwen3-qknorm-headdim",
+    "gemma3-sliding-global",
+]
+PROMPTS = ["Hello world, this is", "The quick brown fox jumps over"]
+STEPS = 24
+
+
+def fnv1a64(path):
+    h = 0xCBF29CE484222325
+    data = open(path, "rb").read()
+    # Vectorised FNV would be nicer; the files are a few hundred KB.
+    for b in data:
+        h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def main():
+    os.makedirs(OUT, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in FIXTURES:
+            path = os.path.join(tmp, f"{name}-q8_0.gguf")
+            subprocess.run([BIN, "convert", "-m", os.path.join(HF, name), "-q", "q8_0", "-o", path],
+                           check=True)
+            llm = Llama(model_path=path, n_ctx=256, n_batch=256, n_threads=2, logits_all=True,
+                        flash_attn=False, type_k=0, type_v=0, verbose=False)
+            ref = {"bytes": os.path.getsize(path), "fnv1a64": str(fnv1a64(path)),
+                   "prompts": PROMPTS, "prompt_token_ids": [], "greedy": [], "margins": []}
+            for p in PROMPTS:
+                ids = llm.tokenize(p.encode(), add_bos=True, special=True)
+                ref["prompt_token_ids"].append(ids)
+                llm.reset()
+                llm.eval(ids)
+                out, margins = [], []
+                for _ in range(STEPS):
+                    row = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float64)
+                    top = np.argsort(-row, kind="stable")[:2]
+                    margins.append(float(row[top[0]] - row[top[1]]))
+                    out.append(int(top[0]))
+                    llm.eval([int(top[0])])
+                ref["greedy"].append(out)
+                ref["margins"].append(margins)
+            del llm
+            with open(os.path.join(OUT, f"{name}-q8_0.json"), "w") as f:
+                json.dump(ref, f)
+            print(f"{name}: min greedy margin {min(min(m) for m in ref['margins']):.4f}",
+                  file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
