@@ -55,7 +55,7 @@ struct ConvertArgs {
     /// The source: a Hugging Face folder or repo id (or a .gguf with --dequantize).
     #[arg(long, short = 'm')]
     model: String,
-    /// Storage type of the matrices: q8_0, q4_k, q5_k, q6_k, q4_0, f16, bf16 or f32.
+    /// Storage type of the matrices: q8_0, q4_k, q4_k_m, q5_k, q6_k, q4_0, f16, bf16 or f32.
     /// Norms, biases and other vectors stay f32.
     #[arg(long, short = 'q', default_value = "f16")]
     quantize: String,
@@ -160,7 +160,7 @@ struct ModelArgs {
     /// Print per-layer read, wait and compute times.
     #[arg(long)]
     profile: bool,
-    /// Run a Hugging Face model compressed to q8_0 or q4_k: converted to GGUF on first use,
+    /// Run a Hugging Face model compressed to q8_0, q4_k or q4_k_m: converted to GGUF on first use,
     /// cached, and reused while the source is unchanged.
     #[arg(long)]
     compress: Option<String>,
@@ -347,9 +347,11 @@ fn model_paths(m: &ModelArgs) -> Result<(PathBuf, PathBuf)> {
     let quant: airllm::convert::Quant = q.parse().context("--compress")?;
     if !matches!(
         quant,
-        airllm::convert::Quant::Q8_0 | airllm::convert::Quant::Q4K
+        airllm::convert::Quant::Q8_0 | airllm::convert::Quant::Q4K | airllm::convert::Quant::Q4KM
     ) {
-        bail!("--compress {q}: expected q8_0 or q4_k (use `airllm convert` for other types)");
+        bail!(
+            "--compress {q}: expected q8_0, q4_k or q4_k_m (`airllm convert` writes other types)"
+        );
     }
     let cache = m
         .cache_dir

@@ -34,11 +34,14 @@ pub enum Quant {
     Q8_0,
     Q4_0,
     Q4K,
+    /// llama.cpp's Q4_K_M mix: Q4_K, with Q6_K for the value projection and the MLP's down
+    /// projection in the first and last eighth of the layers and every third between.
+    Q4KM,
     Q5K,
     Q6K,
 }
 
-pub const QUANT_NAMES: &str = "q8_0, q4_k, q5_k, q6_k, q4_0, f16, bf16, f32";
+pub const QUANT_NAMES: &str = "q8_0, q4_k, q4_k_m, q5_k, q6_k, q4_0, f16, bf16, f32";
 
 impl std::str::FromStr for Quant {
     type Err = Error;
@@ -49,7 +52,8 @@ impl std::str::FromStr for Quant {
             "bf16" => Quant::BF16,
             "q8_0" => Quant::Q8_0,
             "q4_0" => Quant::Q4_0,
-            "q4_k" => Quant::Q4K,
+            "q4_k" | "q4_k_s" => Quant::Q4K,
+            "q4_k_m" => Quant::Q4KM,
             "q5_k" => Quant::Q5K,
             "q6_k" => Quant::Q6K,
             other => {
@@ -70,6 +74,7 @@ impl Quant {
             Quant::Q8_0 => "q8_0",
             Quant::Q4_0 => "q4_0",
             Quant::Q4K => "q4_k",
+            Quant::Q4KM => "q4_k_m",
             Quant::Q5K => "q5_k",
             Quant::Q6K => "q6_k",
         }
@@ -81,7 +86,7 @@ impl Quant {
             Quant::BF16 => GgmlDType::BF16,
             Quant::Q8_0 => GgmlDType::Q8_0,
             Quant::Q4_0 => GgmlDType::Q4_0,
-            Quant::Q4K => GgmlDType::Q4K,
+            Quant::Q4K | Quant::Q4KM => GgmlDType::Q4K,
             Quant::Q5K => GgmlDType::Q5K,
             Quant::Q6K => GgmlDType::Q6K,
         }
@@ -94,6 +99,7 @@ impl Quant {
             Quant::Q4_0 => 2,
             Quant::Q8_0 => 7,
             Quant::Q4K => 14, // Q4_K_S
+            Quant::Q4KM => 15,
             Quant::Q5K => 16, // Q5_K_S
             Quant::Q6K => 18,
             Quant::BF16 => 32,
@@ -104,9 +110,10 @@ impl Quant {
 /// The type a matrix with rows of `cols` values is stored in. Rows that do not fill whole
 /// blocks fall back the way llama.cpp's quantizer does; the output head keeps more bits
 /// under the 4- and 5-bit k-quants, as llama.cpp's Q4_K/Q5_K mixes do.
-fn matrix_type(q: Quant, cols: usize, is_head: bool) -> GgmlDType {
+fn matrix_type(q: Quant, cols: usize, is_head: bool, more_bits: bool) -> GgmlDType {
     let want = match q {
-        Quant::Q4K | Quant::Q5K if is_head => GgmlDType::Q6K,
+        Quant::Q4K | Quant::Q4KM | Quant::Q5K if is_head => GgmlDType::Q6K,
+        Quant::Q4KM if more_bits => GgmlDType::Q6K,
         _ => q.ggml(),
     };
     let fits = |t: GgmlDType| cols.is_multiple_of(t.block_size());
@@ -325,6 +332,17 @@ fn gguf_plan(info: &ModelInfo, quant: Quant, out: &Path) -> Result<(GgufPlan, Ve
         plan.set(k, v);
     }
 
+    // Layers that Q4_K_M gives more bits (llama.cpp's `use_more_bits`).
+    let n = cfg.num_layers;
+    let more_bits = |name: &str| -> bool {
+        let Some(rest) = name.strip_prefix("blk.") else {
+            return false;
+        };
+        let (i, t) = rest.split_once('.').unwrap_or(("", ""));
+        let i: usize = i.parse().unwrap_or(0);
+        matches!(t, "attn_v.weight" | "ffn_down.weight")
+            && (i < n / 8 || i >= 7 * n / 8 || (i >= n / 8 && (i - n / 8) % 3 == 2))
+    };
     // Tensors, in execution order.
     let mut items = Vec::new();
     let add = |plan: &mut GgufPlan,
@@ -339,7 +357,12 @@ fn gguf_plan(info: &ModelInfo, quant: Quant, out: &Path) -> Result<(GgufPlan, Ve
         let dtype = if m.shape.len() == 1 {
             GgmlDType::F32
         } else {
-            matrix_type(quant, *m.shape.last().unwrap(), is_head)
+            matrix_type(
+                quant,
+                *m.shape.last().unwrap(),
+                is_head,
+                more_bits(&out_name),
+            )
         };
         let transform = if cfg.arch == Arch::Gemma3 && src_name.ends_with("norm.weight") {
             Transform::Add(1.0)
@@ -953,10 +976,12 @@ mod tests {
 
     #[test]
     fn unfit_rows_fall_back_like_llama_cpp() {
-        assert_eq!(matrix_type(Quant::Q4K, 640, false), GgmlDType::Q5_0);
-        assert_eq!(matrix_type(Quant::Q4K, 2048, false), GgmlDType::Q4K);
-        assert_eq!(matrix_type(Quant::Q4K, 2048, true), GgmlDType::Q6K);
-        assert_eq!(matrix_type(Quant::Q4K, 640, true), GgmlDType::Q8_0);
-        assert_eq!(matrix_type(Quant::Q8_0, 40, false), GgmlDType::F16);
+        assert_eq!(matrix_type(Quant::Q4K, 640, false, false), GgmlDType::Q5_0);
+        assert_eq!(matrix_type(Quant::Q4K, 2048, false, false), GgmlDType::Q4K);
+        assert_eq!(matrix_type(Quant::Q4K, 2048, true, false), GgmlDType::Q6K);
+        assert_eq!(matrix_type(Quant::Q4K, 640, true, false), GgmlDType::Q8_0);
+        assert_eq!(matrix_type(Quant::Q4K, 2048, false, true), GgmlDType::Q4K);
+        assert_eq!(matrix_type(Quant::Q4KM, 2048, false, true), GgmlDType::Q6K);
+        assert_eq!(matrix_type(Quant::Q8_0, 40, false, false), GgmlDType::F16);
     }
 }

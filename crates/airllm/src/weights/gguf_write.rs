@@ -259,10 +259,9 @@ impl OutFile {
         r.map_err(|e| {
             let hint = match e.raw_os_error() {
                 Some(libc::ENOSPC) | Some(libc::EFBIG) | Some(libc::EDQUOT) => format!(
-                    " (the output needs {} = {} bytes; {} were written)",
+                    " (the output needs {} = {} bytes)",
                     crate::util::fmt_bytes(self.total),
-                    self.total,
-                    self.written
+                    self.total
                 ),
                 _ => String::new(),
             };
