@@ -13,6 +13,7 @@ pub struct LargePageAlloc;
 
 const LARGE: usize = 1 << 20;
 const HUGE: usize = 2 << 20;
+const PAGE: usize = 4096;
 
 #[cfg(target_os = "linux")]
 unsafe fn map(size: usize) -> *mut u8 {
@@ -31,7 +32,9 @@ unsafe fn map(size: usize) -> *mut u8 {
     }
     let addr = p as usize;
     let start = addr.next_multiple_of(HUGE);
-    let end = start + size.next_multiple_of(HUGE);
+    // The mapping ends at the last 4 KiB page the buffer needs: only whole 2 MiB extents get
+    // huge pages, so a buffer never holds up to 2 MiB of untouched tail.
+    let end = start + size.next_multiple_of(PAGE);
     if start > addr {
         libc::munmap(p, start - addr);
     }
@@ -65,7 +68,7 @@ unsafe impl GlobalAlloc for LargePageAlloc {
         if layout.size() >= LARGE && layout.align() <= HUGE {
             libc::munmap(
                 ptr as *mut libc::c_void,
-                layout.size().next_multiple_of(HUGE),
+                layout.size().next_multiple_of(PAGE),
             );
             return;
         }

@@ -575,57 +575,128 @@ fn row_chunks(rows: usize, cols: usize, align: usize) -> Vec<(usize, usize)> {
         .collect()
 }
 
-/// Produces an item's bytes chunk by chunk, in parallel within each group of chunks, and hands
-/// each chunk to `sink` in order.
-fn produce(
+/// Rows and columns of an item, and whether it is a matrix.
+fn dims(it: &Item) -> Result<(usize, usize, bool)> {
+    match it.out.shape.as_slice() {
+        [n] => Ok((1, *n, false)),
+        [r, c] => Ok((*r, *c, true)),
+        s => Err(Error::Invalid(format!(
+            "tensor {} has {} dimensions; only vectors and matrices are converted",
+            it.out.name,
+            s.len()
+        ))),
+    }
+}
+
+/// A chunk of rows, read and transformed, waiting to be encoded.
+struct Raw {
+    item: usize,
+    rows: usize,
+    v: Vec<f32>,
+}
+
+/// Writes the items' data to `out` in order. A reader thread reads and transforms row chunks
+/// ahead (a few chunks, bounded) while the chunks already read are encoded in parallel, so
+/// the disk and the quantizer work at the same time. With `pad`, each tensor's data is padded to
+/// GGUF's alignment.
+fn stream_items(
     src: &dyn WeightSource,
-    it: &Item,
-    sink: &mut dyn FnMut(&[u8]) -> Result<()>,
+    items: &[Item],
+    pad: bool,
+    out: &mut OutFile,
+    progress: &mut dyn FnMut(u64, u64),
+    total: u64,
 ) -> Result<()> {
-    let shape = &it.out.shape;
-    let (rows, cols) = match shape.as_slice() {
-        [n] => (1, *n),
-        [r, c] => (*r, *c),
-        s => {
-            return Err(Error::Invalid(format!(
-                "tensor {} has {} dimensions; only vectors and matrices are converted",
-                it.out.name,
-                s.len()
-            )))
-        }
-    };
-    if let Data::Values(v) = &it.data {
-        return sink(&encode(v.clone(), rows, cols, it.out.dtype)?);
-    }
-    let Data::Source(name) = &it.data else {
-        unreachable!()
-    };
-    let align = match it.transform {
-        Transform::Permute { head_dim, .. } => head_dim,
-        _ => 1,
-    };
-    // Vectors (norms, biases) are one chunk; a permutation moves their single values.
-    let matrix = shape.len() == 2;
-    let chunks = if matrix {
-        row_chunks(rows, cols, align)
-    } else {
-        vec![(0, 1)]
-    };
+    let shapes: Vec<(usize, usize, bool)> = items.iter().map(dims).collect::<Result<_>>()?;
     let group = rayon::current_num_threads().max(1);
-    for g in chunks.chunks(group) {
-        let parts: Vec<Result<Vec<u8>>> = g
-            .par_iter()
-            .map(|&(start, n)| {
-                let v = read_f32(src, name, shape, start, n)?;
-                let v = it.transform.apply(v, if matrix { cols } else { 1 });
-                encode(v, if matrix { n } else { 1 }, cols, it.out.dtype)
-            })
-            .collect();
-        for p in parts {
-            sink(&p?)?;
+    std::thread::scope(|s| -> Result<()> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Raw>>(2 * group);
+        let shapes_r = &shapes;
+        s.spawn(move || {
+            for (i, it) in items.iter().enumerate() {
+                let (rows, cols, matrix) = shapes_r[i];
+                let align = match it.transform {
+                    Transform::Permute { head_dim, .. } => head_dim,
+                    _ => 1,
+                };
+                let chunks = if matrix {
+                    row_chunks(rows, cols, align)
+                } else {
+                    vec![(0, 1)]
+                };
+                for (start, n) in chunks {
+                    let r = (|| -> Result<Raw> {
+                        let v = match &it.data {
+                            Data::Values(v) => v.clone(),
+                            Data::Source(name) => read_f32(src, name, &it.out.shape, start, n)?,
+                        };
+                        // Vectors are permuted as columns of one value each.
+                        let v = it.transform.apply(v, if matrix { cols } else { 1 });
+                        Ok(Raw {
+                            item: i,
+                            rows: if matrix { n } else { 1 },
+                            v,
+                        })
+                    })();
+                    let failed = r.is_err();
+                    if tx.send(r).is_err() || failed {
+                        return;
+                    }
+                }
+            }
+        });
+        let mut cur = 0usize;
+        let mut item_start = out.written();
+        let finish = |out: &mut OutFile, i: usize, item_start: &mut u64| -> Result<()> {
+            let got = out.written() - *item_start;
+            if got != items[i].out.bytes() {
+                return Err(Error::Invalid(format!(
+                    "internal error: tensor {} encoded to {got} bytes, planned {}",
+                    items[i].out.name,
+                    items[i].out.bytes()
+                )));
+            }
+            if pad {
+                out.pad()?;
+            }
+            *item_start = out.written();
+            Ok(())
+        };
+        loop {
+            let mut batch = Vec::with_capacity(group);
+            while batch.len() < group {
+                match rx.recv() {
+                    Ok(r) => batch.push(r?),
+                    Err(_) => break,
+                }
+            }
+            if batch.is_empty() {
+                break;
+            }
+            let encoded: Vec<Result<(usize, Vec<u8>)>> = batch
+                .into_par_iter()
+                .map(|raw| {
+                    let it = &items[raw.item];
+                    let cols = shapes[raw.item].1;
+                    Ok((raw.item, encode(raw.v, raw.rows, cols, it.out.dtype)?))
+                })
+                .collect();
+            for e in encoded {
+                let (i, bytes) = e?;
+                while cur < i {
+                    finish(out, cur, &mut item_start)?;
+                    cur += 1;
+                }
+                out.write(&bytes)?;
+                progress(out.written(), total);
+            }
         }
-    }
-    Ok(())
+        while cur < items.len() {
+            finish(out, cur, &mut item_start)?;
+            cur += 1;
+        }
+        Ok(())
+    })
 }
 
 fn write_gguf(
@@ -637,26 +708,7 @@ fn write_gguf(
     let total = plan.file_bytes();
     let mut out = OutFile::create(&plan.path, total)?;
     out.write(&plan.header())?;
-    for it in items {
-        let before = out.written();
-        produce(info.src.as_ref(), it, &mut |b| {
-            out.write(b)?;
-            progress(out.written(), total);
-            Ok(())
-        })?;
-        if out.written() - before != it.out.bytes() {
-            return Err(Error::tensor(
-                &plan.path,
-                &it.out.name,
-                format!(
-                    "internal error: encoded {} bytes, planned {}",
-                    out.written() - before,
-                    it.out.bytes()
-                ),
-            ));
-        }
-        out.pad()?;
-    }
+    stream_items(info.src.as_ref(), items, true, &mut out, progress, total)?;
     out.commit()
 }
 
@@ -765,13 +817,8 @@ fn write_hf(info: &ModelInfo, dir: &Path, progress: &mut dyn FnMut(u64, u64)) ->
     let mut out = OutFile::create(&dir.join("model.safetensors"), total)?;
     out.write(&(h.len() as u64).to_le_bytes())?;
     out.write(&h)?;
-    for (_, it) in &items {
-        produce(src, it, &mut |b| {
-            out.write(b)?;
-            progress(out.written(), total);
-            Ok(())
-        })?;
-    }
+    let items: Vec<Item> = items.into_iter().map(|(_, it)| it).collect();
+    stream_items(src, &items, false, &mut out, progress, total)?;
     out.commit()?;
     tokenizer::write_hf_files(&info.dir, cfg, dir)
 }

@@ -51,6 +51,14 @@ impl Weight {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Weight::Dense(w) => x.matmul(&w.t()?)?,
+            Weight::Quant(QMatMul::QTensor(q), _)
+                if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 =>
+            {
+                match blocks_matmul(q, x)? {
+                    Some(y) => y,
+                    None => Module::forward(&QMatMul::QTensor(q.clone()), x)?,
+                }
+            }
             Weight::Quant(q, _) => q.forward(x)?,
         })
     }
@@ -60,6 +68,58 @@ impl Weight {
             Weight::Quant(_, b) => *b,
         }
     }
+}
+
+/// `x Wᵀ` on the CPU straight from the stored blocks, with candle's block kernels.
+///
+/// candle's `QMatMul` would repack Q4_K (and Q6_K for several rows) into a wider tile layout on
+/// first use and keep both copies: about 2.3× the weight's memory, outside our budget, and, for
+/// a streamed layer, a repacking pass on every token. Returns `None` for types without a kernel
+/// here, which go through `QMatMul`.
+fn blocks_matmul(q: &QTensor, x: &Tensor) -> Result<Option<Tensor>> {
+    use candle_core::quantized::k_quants::{self as kq, GgmlType};
+    fn go<T: GgmlType>(
+        mkn: (usize, usize, usize),
+        lhs: &[f32],
+        bytes: &[u8],
+        dst: &mut [f32],
+    ) -> Result<()> {
+        let size = std::mem::size_of::<T>();
+        assert!(
+            bytes.len().is_multiple_of(size)
+                && (bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>()),
+            "block storage is whole, aligned blocks"
+        );
+        // SAFETY: the bytes are the tensor's own block storage (a `Vec<T>` on the CPU), checked
+        // above to be whole and aligned; block types are plain data.
+        let blocks =
+            unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const T, bytes.len() / size) };
+        kq::matmul(mkn, lhs, blocks, dst)?;
+        Ok(())
+    }
+    let (n, k) = q.shape().dims2()?;
+    let x = x.contiguous()?;
+    let m = x.elem_count() / k;
+    let lhs = x.flatten_all()?.to_vec1::<f32>()?;
+    let data = q.data()?;
+    let mut dst = vec![0f32; m * n];
+    let mkn = (m, k, n);
+    match q.dtype() {
+        GgmlDType::Q4_0 => go::<kq::BlockQ4_0>(mkn, &lhs, &data, &mut dst)?,
+        GgmlDType::Q4_1 => go::<kq::BlockQ4_1>(mkn, &lhs, &data, &mut dst)?,
+        GgmlDType::Q5_0 => go::<kq::BlockQ5_0>(mkn, &lhs, &data, &mut dst)?,
+        GgmlDType::Q5_1 => go::<kq::BlockQ5_1>(mkn, &lhs, &data, &mut dst)?,
+        GgmlDType::Q8_0 => go::<kq::BlockQ8_0>(mkn, &lhs, &data, &mut dst)?,
+        GgmlDType::Q2K => go::<kq::BlockQ2K>(mkn, &lhs, &data, &mut dst)?,
+        GgmlDType::Q3K => go::<kq::BlockQ3K>(mkn, &lhs, &data, &mut dst)?,
+        GgmlDType::Q4K => go::<kq::BlockQ4K>(mkn, &lhs, &data, &mut dst)?,
+        GgmlDType::Q5K => go::<kq::BlockQ5K>(mkn, &lhs, &data, &mut dst)?,
+        GgmlDType::Q6K => go::<kq::BlockQ6K>(mkn, &lhs, &data, &mut dst)?,
+        _ => return Ok(None),
+    }
+    let mut dims = x.dims().to_vec();
+    *dims.last_mut().unwrap() = n;
+    Ok(Some(Tensor::from_vec(dst, dims, x.device())?))
 }
 
 /// A checkpoint on disk that tensors can be read from by name. Implementations must be usable
