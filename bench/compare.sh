@@ -33,7 +33,7 @@ PY=$VENV/bin/python
 mkdir -p "$WORK"
 MODEL=$WORK/model
 GGUF=$WORK/model-bf16.gguf
-[ -d "$MODEL" ] || "$BIN" synth --shape tiny --layers "$LAYERS" --hidden "$HIDDEN" \
+[ -d "$MODEL" ] || "$BIN" synth --shape tiny --layers "$LAYERS" --hidden "$HIDDEN" --gguf "$GGUF" \
   --intermediate "$INTERMEDIATE" --heads "$HEADS" --kv-heads "$HEADS" --vocab "$VOCAB" \
   --dtype bf16 --out "$MODEL"
 [ -f "$GGUF" ] || "$BIN" convert -m "$MODEL" -q bf16 -o "$GGUF"

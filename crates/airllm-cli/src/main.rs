@@ -138,6 +138,9 @@ struct SynthArgs {
     /// Output folder (must not exist).
     #[arg(long, short = 'o')]
     out: PathBuf,
+    /// Also write the same weights as a GGUF file (in --dtype), for llama.cpp and GGUF runs.
+    #[arg(long)]
+    gguf: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -664,6 +667,20 @@ fn synth(a: SynthArgs) -> Result<()> {
     })?;
     bar.finish_and_clear();
     eprintln!("wrote {} ({shape:?}, {})", a.out.display(), dtype.name());
+    if let Some(g) = &a.gguf {
+        let quant = match dtype {
+            DType::BF16 => airllm::convert::Quant::BF16,
+            DType::F16 => airllm::convert::Quant::F16,
+            DType::F32 => airllm::convert::Quant::F32,
+        };
+        let bar = byte_bar();
+        airllm::convert::to_gguf(&a.out, quant, g, &[], &mut |d, t| {
+            bar.set_length(t);
+            bar.set_position(d);
+        })?;
+        bar.finish_and_clear();
+        eprintln!("wrote {}", g.display());
+    }
     Ok(())
 }
 

@@ -341,7 +341,7 @@ fn gguf_plan(info: &ModelInfo, quant: Quant, out: &Path) -> Result<(GgufPlan, Ve
         let (i, t) = rest.split_once('.').unwrap_or(("", ""));
         let i: usize = i.parse().unwrap_or(0);
         matches!(t, "attn_v.weight" | "ffn_down.weight")
-            && (i < n / 8 || i >= 7 * n / 8 || (i >= n / 8 && (i - n / 8) % 3 == 2))
+            && (i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2)
     };
     // Tensors, in execution order.
     let mut items = Vec::new();
