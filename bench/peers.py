@@ -51,8 +51,9 @@ def run_llamacpp(a):
 
     t = time.time()
     # Default mmap; two threads, as the machine has two cores.
+    # logits_all keeps a row per position, so the last prompt position's logits can be read.
     llm = Llama(model_path=a.model, n_ctx=512, n_batch=512, n_threads=os.cpu_count() or 1,
-                verbose=False)
+                logits_all=True, verbose=False)
     setup = time.time() - t
     ids = llm.tokenize(a.prompt.encode(), add_bos=True, special=True)
     t = time.time()

@@ -341,6 +341,7 @@ fn stop_strings_and_eos_finish_with_stop() {
 fn synth_then_bench_reports_every_field_within_budget() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("synth");
+    let gguf = tmp.path().join("synth.gguf");
     let out = airllm(&[
         "synth",
         "--shape",
@@ -351,12 +352,34 @@ fn synth_then_bench_reports_every_field_within_budget() {
         "bf16",
         "--out",
         model.to_str().unwrap(),
+        "--gguf",
+        gguf.to_str().unwrap(),
     ]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The GGUF copy holds the same weights: both give the same greedy tokens.
+    let greedy = |m: &std::path::Path| {
+        let o = airllm(&[
+            "run",
+            "-m",
+            m.to_str().unwrap(),
+            "-p",
+            "Hello",
+            "-n",
+            "6",
+            "--temperature",
+            "0",
+            "--ignore-eos",
+            "--json",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["token_ids"].clone()
+    };
+    assert_eq!(greedy(&model), greedy(&gguf));
     // The same seed gives the same bytes.
     let again = tmp.path().join("again");
     assert!(airllm(&[
