@@ -50,9 +50,11 @@ pub fn perplexity(
         let mut seq = engine.new_sequence()?;
         let mut pos = 0;
         while pos < ctx {
-            let n = step.min(ctx - pos);
-            // Rows before `first` are not scored: skip the output head for chunks of only those.
-            let which = if pos + n <= first {
+            // Rows before `first` are not scored: they go in steps of their own, which skip the
+            // output head (for a large vocabulary, the costliest matmul of the window).
+            let end = if pos < first { first } else { ctx };
+            let n = step.min(end - pos);
+            let which = if pos < first {
                 LogitsFor::None
             } else {
                 LogitsFor::All
