@@ -56,7 +56,7 @@ def main():
             spt = r["decode_s_per_token"]
             prefill = r["prompt_len"] * r["batch"] / max(r["prefill_tokens_per_s"], 1e-9)
             rss = r["peak_rss_bytes"] / 2**20
-            note = (f"batch {r['batch']} ({r['batch']} tokens per sweep); "
+            note = (f"batch {r['batch']}; "
                     f"{r['resident_layers']} layers resident, {r['streamed_layers']} streamed; "
                     f"{r['bytes_read_per_token'] / 1e9:.2f} GB read per sweep, raw disk "
                     f"{r['raw_read_bandwidth'] / 1e9:.2f} GB/s")
