@@ -261,6 +261,12 @@ impl ModelInfo {
     /// Like [`ModelInfo::open`]; `dequantize` widens a GGUF file's quantized matrices to f32
     /// at load (see [`GgufSource::dequantize`]).
     pub fn open_with(path: &Path, dequantize: bool) -> Result<Self> {
+        Self::open_opts(path, dequantize, false)
+    }
+
+    /// Like [`ModelInfo::open_with`]; `f16` holds a Hugging Face checkpoint's matrices as f16
+    /// (see [`SafetensorsSource::f16`]). GGUF files keep their own types.
+    pub fn open_opts(path: &Path, dequantize: bool, f16: bool) -> Result<Self> {
         let (cfg, src): (ModelConfig, Arc<dyn WeightSource>) = if crate::weights::is_gguf(path) {
             let mut g = GgufSource::open(path)?;
             g.dequantize = dequantize;
@@ -283,7 +289,9 @@ impl ModelInfo {
             (ModelConfig::from_gguf(&g.file)?, Arc::new(g))
         } else {
             let cfg = ModelConfig::from_file(&path.join("config.json"))?;
-            (cfg, Arc::new(SafetensorsSource::open(path)?))
+            let mut st = SafetensorsSource::open(path)?;
+            st.f16 = f16;
+            (cfg, Arc::new(st))
         };
         validate_layers(&cfg, src.as_ref())?;
         let naming = src.naming();

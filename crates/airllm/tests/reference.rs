@@ -202,3 +202,26 @@ fn ledger_never_exceeds_a_two_layer_budget() {
         "peak {peak} does not cover two layers of {layer}"
     );
 }
+
+#[test]
+fn f16_form_stays_close_to_transformers_in_half_the_memory() {
+    for name in MODELS {
+        let r = reference(name);
+        let dir = fixtures().join(name);
+        let f32_info = ModelInfo::open(&dir).unwrap();
+        let f16_info = ModelInfo::open_opts(&dir, false, true).unwrap();
+        // Matrices planned at half their f32 size.
+        assert!(
+            f16_info.sizes.layer_bytes * 10 < f32_info.sizes.layer_bytes * 6,
+            "{name}: f16 layer {} vs f32 {}",
+            f16_info.sizes.layer_bytes,
+            f32_info.sizes.layer_bytes
+        );
+        let mut e = Engine::from_info(f16_info, options(None, &r)).unwrap();
+        let got = batched_logits(&mut e, &r);
+        // f16 rounding of weights and activations: close, not exact.
+        let diff = max_abs_diff(&got, &r.logits);
+        assert!(diff <= 0.1, "{name}: max abs logit diff {diff} in f16");
+        assert!(diff > 0.0, "{name}: f16 form should not be bit-exact");
+    }
+}

@@ -21,7 +21,7 @@ use candle_core::{Device, Module, Tensor};
 use crate::error::{Error, Result};
 use gguf::{GgufFile, GgufTensor};
 pub use names::{Naming, Role};
-use safetensors::{read_f32, SafetensorsSet, TensorInfo};
+use safetensors::{read_as, read_f32, SafetensorsSet, TensorInfo};
 
 /// What the planner needs to know about one stored tensor.
 #[derive(Debug, Clone)]
@@ -50,6 +50,12 @@ impl Weight {
     /// `x Wᵀ` for `x` `[rows, in]` and `W` `[out, in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
+            // f16 weights multiply in f16 (widening the weight per call costs more than
+            // candle's f16 kernel loses to f32 at prefill sizes).
+            Weight::Dense(w) if w.dtype() == candle_core::DType::F16 => x
+                .to_dtype(candle_core::DType::F16)?
+                .matmul(&w.t()?)?
+                .to_dtype(candle_core::DType::F32)?,
             Weight::Dense(w) => x.matmul(&w.t()?)?,
             Weight::Quant(QMatMul::QTensor(q), _)
                 if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 =>
@@ -168,6 +174,9 @@ pub struct SafetensorsSource {
     dir: PathBuf,
     set: SafetensorsSet,
     io: io::Io,
+    /// Hold matrices as f16 instead of f32: half the memory and, for one row, about 1.8× the
+    /// matmul speed on this class of CPU, at the cost of f16 rounding (opt-in, not exact).
+    pub f16: bool,
 }
 
 impl SafetensorsSource {
@@ -176,6 +185,28 @@ impl SafetensorsSource {
             dir: dir.to_path_buf(),
             set: SafetensorsSet::open_dir(dir)?,
             io: io::Io::default(),
+            f16: false,
+        })
+    }
+
+    /// Reads a span of a tensor in the matrix compute form.
+    fn read_matrix(
+        &self,
+        shard: &safetensors::Shard,
+        name: &str,
+        info: &TensorInfo,
+        elem_offset: usize,
+        rows: usize,
+        cols: usize,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let n = rows * cols;
+        Ok(if self.f16 {
+            let v: Vec<half::f16> = read_as(&self.io, shard, name, info, elem_offset, n)?;
+            Tensor::from_vec(v, (rows, cols), device)?
+        } else {
+            let v: Vec<f32> = read_as(&self.io, shard, name, info, elem_offset, n)?;
+            Tensor::from_vec(v, (rows, cols), device)?
         })
     }
 
@@ -221,7 +252,7 @@ impl WeightSource for SafetensorsSource {
         self.set.tensors.get(name).map(|i| TensorMeta {
             shape: i.shape.clone(),
             file_bytes: i.nbytes,
-            compute_bytes: i.numel() as u64 * 4,
+            compute_bytes: i.numel() as u64 * if self.f16 && i.shape.len() == 2 { 2 } else { 4 },
             dtype: i.dtype.name(),
         })
     }
@@ -233,7 +264,10 @@ impl WeightSource for SafetensorsSource {
     }
 
     fn load_weight(&self, name: &str, device: &Device) -> Result<Weight> {
-        Ok(Weight::Dense(self.load(name, device)?))
+        let (info, shard) = self.get(name)?;
+        let cols = self.cols(name, info, shard)?;
+        let t = self.read_matrix(shard, name, info, 0, info.shape[0], cols, device)?;
+        Ok(Weight::Dense(t))
     }
 
     fn load_rows(&self, name: &str, ids: &[u32], device: &Device) -> Result<Tensor> {
@@ -263,8 +297,8 @@ impl WeightSource for SafetensorsSource {
     ) -> Result<Weight> {
         let (info, shard) = self.get(name)?;
         let cols = self.cols(name, info, shard)?;
-        let data = read_f32(&self.io, shard, name, info, start * cols, len * cols)?;
-        Ok(Weight::Dense(Tensor::from_vec(data, (len, cols), device)?))
+        let t = self.read_matrix(shard, name, info, start * cols, len, cols, device)?;
+        Ok(Weight::Dense(t))
     }
 }
 

@@ -182,6 +182,41 @@ pub fn open_shard(path: &Path, shard_idx: usize) -> Result<(Shard, Vec<(String, 
     ))
 }
 
+/// An element type tensors are read into: f32 (exact for every stored dtype) or f16 (the
+/// opt-in half-size compute form).
+pub trait ReadElem: Copy + Default + Send + Sync + bytemuck::Pod {
+    /// Converts stored little-endian values of `dtype` (given as bytes, any alignment).
+    fn convert(bytes: &[u8], dst: &mut [Self], dtype: DType);
+}
+
+impl ReadElem for f32 {
+    fn convert(bytes: &[u8], dst: &mut [f32], dtype: DType) {
+        match dtype {
+            DType::F32 => bytemuck::cast_slice_mut::<f32, u8>(dst).copy_from_slice(bytes),
+            _ => widen_16_bytes(bytes, dst, dtype),
+        }
+    }
+}
+
+impl ReadElem for half::f16 {
+    fn convert(bytes: &[u8], dst: &mut [half::f16], dtype: DType) {
+        match dtype {
+            DType::F16 => bytemuck::cast_slice_mut::<half::f16, u8>(dst).copy_from_slice(bytes),
+            _ => {
+                // Through f32, a small piece at a time.
+                let mut tmp = [0f32; 1024];
+                let es = dtype.size();
+                for (d, b) in dst.chunks_mut(1024).zip(bytes.chunks(1024 * es)) {
+                    let t = &mut tmp[..d.len()];
+                    f32::convert(b, t, dtype);
+                    // The slice conversion uses F16C where the CPU has it.
+                    half::slice::HalfFloatSliceExt::convert_from_f32_slice(d, t);
+                }
+            }
+        }
+    }
+}
+
 /// Reads `count` elements starting `elem_offset` elements into the tensor and widens them to f32.
 pub fn read_f32(
     io: &super::io::Io,
@@ -191,12 +226,24 @@ pub fn read_f32(
     elem_offset: usize,
     count: usize,
 ) -> Result<Vec<f32>> {
+    read_as(io, shard, name, info, elem_offset, count)
+}
+
+/// Reads `count` elements starting `elem_offset` elements into the tensor, converted to `T`.
+pub fn read_as<T: ReadElem>(
+    io: &super::io::Io,
+    shard: &Shard,
+    name: &str,
+    info: &TensorInfo,
+    elem_offset: usize,
+    count: usize,
+) -> Result<Vec<T>> {
     use rayon::prelude::*;
     let es = info.dtype.size();
     let at = info.offset + (elem_offset * es) as u64;
     let io_err = |e: std::io::Error| Error::tensor(&shard.path, name, format!("read failed: {e}"));
     // Zeroed memory from a fresh mapping costs nothing to initialise.
-    let mut out = vec![0f32; count];
+    let mut out = vec![T::default(); count];
     // The tensor is read in chunks on the I/O pool, so one chunk's read overlaps another's
     // conversion and several reads are in flight at once.
     super::io::pool().install(|| {
@@ -205,11 +252,8 @@ pub fn read_f32(
             .try_for_each(|(i, dst)| -> Result<()> {
                 let off = at + (i * STAGING_ELEMS * es) as u64;
                 if let Some(direct) = &shard.direct {
-                    let r = io.read_direct(direct, off, dst.len() * es, |bytes| match info.dtype {
-                        DType::F32 => {
-                            bytemuck::cast_slice_mut::<f32, u8>(dst).copy_from_slice(bytes)
-                        }
-                        _ => widen_16_bytes(bytes, dst, info.dtype),
+                    let r = io.read_direct(direct, off, dst.len() * es, |bytes| {
+                        T::convert(bytes, dst, info.dtype)
                     });
                     match r {
                         Ok(()) => return Ok(()),
@@ -219,23 +263,18 @@ pub fn read_f32(
                         Err(e) => return Err(io_err(e)),
                     }
                 }
-                match info.dtype {
-                    DType::F32 => io
-                        .read_at(&shard.file, bytemuck::cast_slice_mut(dst), off)
-                        .map_err(io_err),
-                    DType::F16 | DType::BF16 => STAGING.with(|st| {
-                        // A small reused staging buffer per thread: the raw 16-bit copy of a tensor
-                        // never exists whole.
-                        let mut st = st.borrow_mut();
-                        let want = dst.len().max(st.len());
-                        st.resize(want, 0);
-                        let raw = &mut st[..dst.len()];
-                        io.read_at(&shard.file, bytemuck::cast_slice_mut(raw), off)
-                            .map_err(io_err)?;
-                        widen_16(raw, dst, info.dtype);
-                        Ok(())
-                    }),
-                }
+                STAGING.with(|st| {
+                    // A small reused staging buffer per thread: the raw copy of a tensor never
+                    // exists whole.
+                    let mut st = st.borrow_mut();
+                    let want = (dst.len() * es).div_ceil(2).max(st.len());
+                    st.resize(want, 0);
+                    let raw =
+                        &mut bytemuck::cast_slice_mut::<u16, u8>(&mut st[..])[..dst.len() * es];
+                    io.read_at(&shard.file, raw, off).map_err(io_err)?;
+                    T::convert(raw, dst, info.dtype);
+                    Ok(())
+                })
             })
     })?;
     Ok(out)
