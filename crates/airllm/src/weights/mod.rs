@@ -189,23 +189,22 @@ impl SafetensorsSource {
         })
     }
 
-    /// Reads a span of a tensor in the matrix compute form.
+    /// Reads rows `start..start+rows` of a matrix in the matrix compute form.
     fn read_matrix(
         &self,
-        shard: &safetensors::Shard,
         name: &str,
-        info: &TensorInfo,
-        elem_offset: usize,
+        start: usize,
         rows: usize,
-        cols: usize,
         device: &Device,
     ) -> Result<Tensor> {
-        let n = rows * cols;
+        let (info, shard) = self.get(name)?;
+        let cols = self.cols(name, info, shard)?;
+        let (at, n) = (start * cols, rows * cols);
         Ok(if self.f16 {
-            let v: Vec<half::f16> = read_as(&self.io, shard, name, info, elem_offset, n)?;
+            let v: Vec<half::f16> = read_as(&self.io, shard, name, info, at, n)?;
             Tensor::from_vec(v, (rows, cols), device)?
         } else {
-            let v: Vec<f32> = read_as(&self.io, shard, name, info, elem_offset, n)?;
+            let v: Vec<f32> = read_as(&self.io, shard, name, info, at, n)?;
             Tensor::from_vec(v, (rows, cols), device)?
         })
     }
@@ -264,10 +263,8 @@ impl WeightSource for SafetensorsSource {
     }
 
     fn load_weight(&self, name: &str, device: &Device) -> Result<Weight> {
-        let (info, shard) = self.get(name)?;
-        let cols = self.cols(name, info, shard)?;
-        let t = self.read_matrix(shard, name, info, 0, info.shape[0], cols, device)?;
-        Ok(Weight::Dense(t))
+        let rows = self.get(name)?.0.shape[0];
+        Ok(Weight::Dense(self.read_matrix(name, 0, rows, device)?))
     }
 
     fn load_rows(&self, name: &str, ids: &[u32], device: &Device) -> Result<Tensor> {
@@ -295,10 +292,7 @@ impl WeightSource for SafetensorsSource {
         len: usize,
         device: &Device,
     ) -> Result<Weight> {
-        let (info, shard) = self.get(name)?;
-        let cols = self.cols(name, info, shard)?;
-        let t = self.read_matrix(shard, name, info, start * cols, len, cols, device)?;
-        Ok(Weight::Dense(t))
+        Ok(Weight::Dense(self.read_matrix(name, start, len, device)?))
     }
 }
 
