@@ -83,12 +83,14 @@ PYEOF
 OURS=("$BIN" bench -m "$MODEL" --prompt-len "$PLEN" --gen "$GEN" --raw-bytes 2GiB --json)
 run "airllm-rs, batch 1" "$CAP_MIB" "${OURS[@]}" --max-memory "${OUR_BUDGET_MIB}MiB"
 run "airllm-rs, batch 8" "$CAP_MIB" "${OURS[@]}" --max-memory "${OUR_BUDGET_MIB}MiB" --batch 8
+run "airllm-rs --f16, batch 1" "$CAP_MIB" "${OURS[@]}" --max-memory "${OUR_BUDGET_MIB}MiB" --f16
 run "llama.cpp" "$CAP_MIB" "$PY" "$ROOT/bench/peers.py" llamacpp --model "$GGUF" --prompt "$PROMPT" --gen "$GEN"
 rm -rf "$WORK/airllm-shards"
 run "AirLLM" "$CAP_MIB" "$PY" "$ROOT/bench/peers.py" airllm --model "$MODEL" --prompt "$PROMPT" --gen "$GEN" --shards "$WORK/airllm-shards"
 rm -rf "$WORK/airllm-shards"
 # Fully resident, no cap: the compute speed on the same bf16 weights.
 run "airllm-rs, resident" none "${OURS[@]}" --max-memory 16GiB --keep-page-cache
+run "airllm-rs --f16, resident" none "${OURS[@]}" --max-memory 16GiB --keep-page-cache --f16
 run "llama.cpp, resident" none "$PY" "$ROOT/bench/peers.py" llamacpp --model "$GGUF" --prompt "$PROMPT" --gen "$GEN"
 
 "$PY" "$ROOT/bench/compare_report.py" "$RESULTS" "$ROOT/docs" \
