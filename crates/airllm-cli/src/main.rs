@@ -74,7 +74,7 @@ struct PerplexityArgs {
     /// The text to score.
     #[arg(long, short = 'f')]
     file: PathBuf,
-    /// Tokens per window; the second half of each window is scored.
+    /// Tokens per window; the second half of each window is scored. `-c/--ctx-size` sets it too.
     #[arg(long, default_value_t = 512)]
     ctx: usize,
     /// Score at most this many windows (all by default).
@@ -235,10 +235,12 @@ struct RunArgs {
 struct ChatArgs {
     #[command(flatten)]
     model: ModelArgs,
+    /// Most tokens per reply.
     #[arg(long, short = 'n', default_value_t = 512)]
     max_new_tokens: usize,
     #[command(flatten)]
     sample: SampleArgs,
+    /// A system message that opens the conversation.
     #[arg(long)]
     system: Option<String>,
 }
@@ -248,8 +250,10 @@ struct InspectArgs {
     /// A .gguf file, a model folder or a cached repo id. Default: the default model.
     #[arg(long, short = 'm')]
     model: Option<String>,
+    /// The budget to plan for, e.g. 2GiB. Default: 90% of available memory.
     #[arg(long)]
     max_memory: Option<String>,
+    /// Tokens of context per sequence to plan the KV cache for.
     #[arg(long = "ctx-size", short = 'c', default_value_t = 2048)]
     ctx_size: usize,
     /// Sequences decoded together.
@@ -869,6 +873,8 @@ fn convert(a: ConvertArgs) -> Result<()> {
 }
 
 fn perplexity(a: PerplexityArgs) -> Result<()> {
+    // `-c/--ctx-size` means the window here, as in llama-perplexity.
+    let ctx = a.model.ctx_size.unwrap_or(a.ctx);
     let (info, tok) = open_model(&a.model)?;
     let text = std::fs::read_to_string(&a.file)
         .with_context(|| format!("{}: cannot read", a.file.display()))?;
@@ -876,28 +882,27 @@ fn perplexity(a: PerplexityArgs) -> Result<()> {
     // As llama.cpp: BOS replaces each window's first token when the model adds BOS.
     let bos = tok.bos_id.filter(|b| tokens.first() == Some(b));
     if let Some(n) = a.chunks {
-        tokens.truncate(n * a.ctx);
+        tokens.truncate(n * ctx);
     }
     let opts = EngineOptions {
         max_memory: budget(&a.model.max_memory)?,
-        context: a.ctx,
+        context: ctx,
         max_batch: 1,
-        max_step_tokens: a.model.batch_size.min(a.ctx).max(1),
-        max_logit_rows: a.model.batch_size.min(a.ctx).max(1),
+        max_step_tokens: a.model.batch_size.min(ctx).max(1),
+        max_logit_rows: a.model.batch_size.min(ctx).max(1),
         ..Default::default()
     };
     let mut engine = start_engine(info, &a.model, opts)?;
     eprintln!(
         "{} tokens, {} windows of {}",
         tokens.len(),
-        tokens.len() / a.ctx,
-        a.ctx
+        tokens.len() / ctx,
+        ctx
     );
     let t = Instant::now();
-    let r =
-        airllm::generate::perplexity::perplexity(&mut engine, &tokens, a.ctx, bos, |i, n, p| {
-            eprint!("[{i}/{n}] {p:.4} ");
-        })?;
+    let r = airllm::generate::perplexity::perplexity(&mut engine, &tokens, ctx, bos, |i, n, p| {
+        eprint!("[{i}/{n}] {p:.4} ");
+    })?;
     eprintln!();
     let secs = t.elapsed().as_secs_f64();
     if a.json {
