@@ -7,7 +7,7 @@
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde_json::json;
 
@@ -146,11 +146,7 @@ impl Rng {
 
 fn name_seed(seed: u64, name: &str) -> u64 {
     // FNV-1a of the name, mixed with the seed.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in name.bytes() {
-        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
-    }
-    h ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    crate::util::fnv1a64(name.as_bytes()) ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
 /// Writes `numel` values of tensor `name`: norms are 1, everything else uniform with std 0.02.
@@ -241,32 +237,9 @@ pub fn write_hf(
             shape.hidden, shape.heads, shape.kv_heads
         )));
     }
-    if out.exists() {
-        return Err(Error::file(
-            out,
-            "already exists; remove it or choose another --out",
-        ));
-    }
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    if !parent.is_dir() {
-        return Err(Error::file(parent, "folder does not exist"));
-    }
-    let tmp: PathBuf = parent.join(format!(
-        ".{}.partial",
-        out.file_name().and_then(|n| n.to_str()).unwrap_or("synth")
-    ));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::file(&tmp, format!("cannot create: {e}")))?;
-    let r = write_into(shape, dtype, seed, shard_bytes, &tmp, &mut progress);
-    if let Err(e) = r {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    std::fs::rename(&tmp, out)
-        .map_err(|e| Error::file(out, format!("cannot rename into place: {e}")))
+    crate::util::write_folder(out, |tmp| {
+        write_into(shape, dtype, seed, shard_bytes, tmp, &mut progress)
+    })
 }
 
 fn write_into(

@@ -48,6 +48,52 @@ pub fn fmt_bytes(b: u64) -> String {
     }
 }
 
+/// FNV-1a, 64-bit: a fast, stable hash for names and paths (not for security).
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The folder an output path goes into, which must exist.
+pub fn output_parent(out: &std::path::Path) -> Result<&std::path::Path> {
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    if !parent.is_dir() {
+        return Err(Error::file(parent, "output folder does not exist"));
+    }
+    Ok(parent)
+}
+
+/// Creates the folder `out` by filling a hidden temporary folder beside it with `fill` and
+/// renaming it into place, so a failure or a kill never leaves a folder that looks complete.
+pub fn write_folder(
+    out: &std::path::Path,
+    fill: impl FnOnce(&std::path::Path) -> Result<()>,
+) -> Result<()> {
+    if out.exists() {
+        return Err(Error::file(
+            out,
+            "already exists; remove it or choose another --out",
+        ));
+    }
+    let parent = output_parent(out)?;
+    let tmp = parent.join(format!(
+        ".{}.partial",
+        out.file_name().and_then(|n| n.to_str()).unwrap_or("out")
+    ));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::file(&tmp, format!("cannot create: {e}")))?;
+    if let Err(e) = fill(&tmp) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, out)
+        .map_err(|e| Error::file(out, format!("cannot rename into place: {e}")))
+}
+
 /// `MemAvailable` from /proc/meminfo, the kernel's estimate of what can be allocated without
 /// swapping. `None` where it cannot be read (non-Linux).
 pub fn available_memory() -> Option<u64> {

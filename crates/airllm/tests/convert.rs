@@ -69,12 +69,7 @@ fn f32_conversion_computes_what_the_source_does() {
 }
 
 fn fnv1a64(path: &Path) -> u64 {
-    std::fs::read(path)
-        .unwrap()
-        .iter()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-            (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-        })
+    airllm::util::fnv1a64(&std::fs::read(path).unwrap())
 }
 
 #[test]

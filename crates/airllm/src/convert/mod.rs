@@ -722,32 +722,7 @@ pub fn to_hf(src: &Path, out: &Path, progress: &mut dyn FnMut(u64, u64)) -> Resu
         ));
     }
     let info = ModelInfo::open_with(src, true)?;
-    if out.exists() {
-        return Err(Error::file(
-            out,
-            "already exists; remove it or choose another --out",
-        ));
-    }
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    if !parent.is_dir() {
-        return Err(Error::file(parent, "output folder does not exist"));
-    }
-    let tmp: PathBuf = parent.join(format!(
-        ".{}.partial",
-        out.file_name().and_then(|n| n.to_str()).unwrap_or("model")
-    ));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::file(&tmp, format!("cannot create: {e}")))?;
-    let r = write_hf(&info, &tmp, progress);
-    if let Err(e) = r {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    std::fs::rename(&tmp, out)
-        .map_err(|e| Error::file(out, format!("cannot rename into place: {e}")))
+    crate::util::write_folder(out, |tmp| write_hf(&info, tmp, progress))
 }
 
 fn write_hf(info: &ModelInfo, dir: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
@@ -887,10 +862,7 @@ pub fn cached(
     }
     let stamp = source_stamp(src)?;
     let canon = src.canonicalize().unwrap_or_else(|_| src.to_path_buf());
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in canon.to_string_lossy().bytes() {
-        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
-    }
+    let h = crate::util::fnv1a64(canon.to_string_lossy().as_bytes());
     let name = canon
         .file_name()
         .and_then(|n| n.to_str())

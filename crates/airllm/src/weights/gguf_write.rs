@@ -192,13 +192,7 @@ pub struct OutFile {
 impl OutFile {
     /// Creates the file for `total` bytes at `path`, checking the folder and its free space.
     pub fn create(path: &Path, total: u64) -> Result<Self> {
-        let dir = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        if !dir.is_dir() {
-            return Err(Error::file(dir, "output folder does not exist"));
-        }
+        let dir = crate::util::output_parent(path)?;
         if path.is_dir() {
             return Err(Error::file(
                 path,

@@ -21,7 +21,7 @@ use candle_core::{Device, Module, Tensor};
 use crate::error::{Error, Result};
 use gguf::{GgufFile, GgufTensor};
 pub use names::{Naming, Role};
-use safetensors::{read_as, read_f32, SafetensorsSet, TensorInfo};
+use safetensors::{read_as, SafetensorsSet, TensorInfo};
 
 /// What the planner needs to know about one stored tensor.
 #[derive(Debug, Clone)]
@@ -106,23 +106,30 @@ fn blocks_matmul(q: &QTensor, x: &Tensor) -> Result<Option<Tensor>> {
     let (n, k) = q.shape().dims2()?;
     let x = x.contiguous()?;
     let m = x.elem_count() / k;
-    let lhs = x.flatten_all()?.to_vec1::<f32>()?;
+    // The activations are read in place, without a copy.
+    let (guard, layout) = x.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*guard else {
+        return Ok(None);
+    };
+    let off = layout.start_offset();
+    let lhs = &cpu.as_slice::<f32>()?[off..off + m * k];
     let data = q.data()?;
     let mut dst = vec![0f32; m * n];
     let mkn = (m, k, n);
     match q.dtype() {
-        GgmlDType::Q4_0 => go::<kq::BlockQ4_0>(mkn, &lhs, &data, &mut dst)?,
-        GgmlDType::Q4_1 => go::<kq::BlockQ4_1>(mkn, &lhs, &data, &mut dst)?,
-        GgmlDType::Q5_0 => go::<kq::BlockQ5_0>(mkn, &lhs, &data, &mut dst)?,
-        GgmlDType::Q5_1 => go::<kq::BlockQ5_1>(mkn, &lhs, &data, &mut dst)?,
-        GgmlDType::Q8_0 => go::<kq::BlockQ8_0>(mkn, &lhs, &data, &mut dst)?,
-        GgmlDType::Q2K => go::<kq::BlockQ2K>(mkn, &lhs, &data, &mut dst)?,
-        GgmlDType::Q3K => go::<kq::BlockQ3K>(mkn, &lhs, &data, &mut dst)?,
-        GgmlDType::Q4K => go::<kq::BlockQ4K>(mkn, &lhs, &data, &mut dst)?,
-        GgmlDType::Q5K => go::<kq::BlockQ5K>(mkn, &lhs, &data, &mut dst)?,
-        GgmlDType::Q6K => go::<kq::BlockQ6K>(mkn, &lhs, &data, &mut dst)?,
+        GgmlDType::Q4_0 => go::<kq::BlockQ4_0>(mkn, lhs, &data, &mut dst)?,
+        GgmlDType::Q4_1 => go::<kq::BlockQ4_1>(mkn, lhs, &data, &mut dst)?,
+        GgmlDType::Q5_0 => go::<kq::BlockQ5_0>(mkn, lhs, &data, &mut dst)?,
+        GgmlDType::Q5_1 => go::<kq::BlockQ5_1>(mkn, lhs, &data, &mut dst)?,
+        GgmlDType::Q8_0 => go::<kq::BlockQ8_0>(mkn, lhs, &data, &mut dst)?,
+        GgmlDType::Q2K => go::<kq::BlockQ2K>(mkn, lhs, &data, &mut dst)?,
+        GgmlDType::Q3K => go::<kq::BlockQ3K>(mkn, lhs, &data, &mut dst)?,
+        GgmlDType::Q4K => go::<kq::BlockQ4K>(mkn, lhs, &data, &mut dst)?,
+        GgmlDType::Q5K => go::<kq::BlockQ5K>(mkn, lhs, &data, &mut dst)?,
+        GgmlDType::Q6K => go::<kq::BlockQ6K>(mkn, lhs, &data, &mut dst)?,
         _ => return Ok(None),
     }
+    drop(guard);
     let mut dims = x.dims().to_vec();
     *dims.last_mut().unwrap() = n;
     Ok(Some(Tensor::from_vec(dst, dims, x.device())?))
@@ -258,7 +265,7 @@ impl WeightSource for SafetensorsSource {
 
     fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
         let (info, shard) = self.get(name)?;
-        let data = read_f32(&self.io, shard, name, info, 0, info.numel())?;
+        let data = read_as::<f32>(&self.io, shard, name, info, 0, info.numel())?;
         Ok(Tensor::from_vec(data, info.shape.as_slice(), device)?)
     }
 
@@ -273,7 +280,7 @@ impl WeightSource for SafetensorsSource {
         let mut out = Vec::with_capacity(ids.len() * cols);
         for &id in ids {
             check_row(id, info.shape[0])?;
-            out.extend(read_f32(
+            out.extend(read_as::<f32>(
                 &self.io,
                 shard,
                 name,

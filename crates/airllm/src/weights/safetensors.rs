@@ -217,18 +217,6 @@ impl ReadElem for half::f16 {
     }
 }
 
-/// Reads `count` elements starting `elem_offset` elements into the tensor and widens them to f32.
-pub fn read_f32(
-    io: &super::io::Io,
-    shard: &Shard,
-    name: &str,
-    info: &TensorInfo,
-    elem_offset: usize,
-    count: usize,
-) -> Result<Vec<f32>> {
-    read_as(io, shard, name, info, elem_offset, count)
-}
-
 /// Reads `count` elements starting `elem_offset` elements into the tensor, converted to `T`.
 pub fn read_as<T: ReadElem>(
     io: &super::io::Io,
