@@ -170,9 +170,10 @@ struct ModelArgs {
     /// Where --compress keeps its conversions. Default: ~/.cache/airllm/compressed.
     #[arg(long)]
     cache_dir: Option<PathBuf>,
-    /// Hold a Hugging Face model's matrices as f16 instead of f32: half the memory, and faster
-    /// decoding on CPUs with F16C, but activations are rounded to f16 (not exact against
-    /// transformers). GGUF files keep their own types.
+    /// Hold an f32 Hugging Face checkpoint's matrices as f16: half the memory and half the bytes
+    /// per token, with the weights rounded to f16 (not exact against transformers; math stays
+    /// f32). bf16 and f16 checkpoints are always held in their own form, so it changes nothing
+    /// for them; GGUF files keep their own types.
     #[arg(long)]
     f16: bool,
 }
@@ -247,21 +248,12 @@ struct ChatArgs {
 
 #[derive(Args)]
 struct InspectArgs {
-    /// A .gguf file, a model folder or a cached repo id. Default: the default model.
-    #[arg(long, short = 'm')]
-    model: Option<String>,
-    /// The budget to plan for, e.g. 2GiB. Default: 90% of available memory.
-    #[arg(long)]
-    max_memory: Option<String>,
-    /// Tokens of context per sequence to plan the KV cache for.
-    #[arg(long = "ctx-size", short = 'c', default_value_t = 2048)]
-    ctx_size: usize,
+    /// The model and the options that change the plan, as `run` takes them.
+    #[command(flatten)]
+    model: ModelArgs,
     /// Sequences decoded together.
     #[arg(long, default_value_t = 1)]
     batch: usize,
-    /// Most tokens per sweep (see `run --batch-size`).
-    #[arg(long = "batch-size", short = 'b', default_value_t = 512)]
-    batch_size: usize,
 }
 
 fn main() -> ExitCode {
@@ -388,14 +380,24 @@ fn model_paths(m: &ModelArgs) -> Result<(PathBuf, PathBuf)> {
     Ok((file, dir))
 }
 
-fn open_model(m: &ModelArgs) -> Result<(ModelInfo, TextTokenizer)> {
+/// Opens the model and its tokenizer, and measures what the tokenizer holds (for a 262k
+/// vocabulary, over 100 MiB), so the plan can count it against the budget.
+fn open_model(m: &ModelArgs) -> Result<(ModelInfo, TextTokenizer, u64)> {
     let (weights, tok_dir) = model_paths(m)?;
     let info = ModelInfo::open_opts(&weights, false, m.f16)?;
+    let before = airllm::util::rss().unwrap_or(0);
     let tok = TextTokenizer::open(&tok_dir)?;
-    Ok((info, tok))
+    let tok_bytes = airllm::util::rss().unwrap_or(0).saturating_sub(before);
+    Ok((info, tok, tok_bytes))
 }
 
-fn start_engine(info: ModelInfo, m: &ModelArgs, opts: EngineOptions) -> Result<Engine> {
+fn start_engine(
+    info: ModelInfo,
+    m: &ModelArgs,
+    mut opts: EngineOptions,
+    tok_bytes: u64,
+) -> Result<Engine> {
+    opts.reserved_bytes = tok_bytes;
     if m.max_memory.is_none() {
         eprintln!(
             "no --max-memory given: using 90% of available memory ({})",
@@ -424,7 +426,7 @@ fn chat_prompt(tok: &TextTokenizer, messages: &[Message]) -> Result<Vec<u32>> {
 }
 
 fn run(a: RunArgs) -> Result<()> {
-    let (info, tok) = open_model(&a.model)?;
+    let (info, tok, tok_bytes) = open_model(&a.model)?;
     let prompts: Vec<Vec<u32>> = a
         .prompt
         .iter()
@@ -460,7 +462,7 @@ fn run(a: RunArgs) -> Result<()> {
         max_logit_rows: prompts.len(),
         ..Default::default()
     };
-    let mut engine = start_engine(info, &a.model, opts)?;
+    let mut engine = start_engine(info, &a.model, opts, tok_bytes)?;
     if a.sample.seed.is_none() && gp.sampling.temperature > 0.0 {
         eprintln!(
             "seed: {} (pass --seed to repeat this run)",
@@ -504,7 +506,7 @@ fn run(a: RunArgs) -> Result<()> {
 }
 
 fn chat(a: ChatArgs) -> Result<()> {
-    let (info, tok) = open_model(&a.model)?;
+    let (info, tok, tok_bytes) = open_model(&a.model)?;
     if tok.chat_template.is_none() {
         bail!("this model has no chat_template in tokenizer_config.json");
     }
@@ -521,7 +523,7 @@ fn chat(a: ChatArgs) -> Result<()> {
         max_logit_rows: 1,
         ..Default::default()
     };
-    let mut engine = start_engine(info, &a.model, opts)?;
+    let mut engine = start_engine(info, &a.model, opts, tok_bytes)?;
     if a.sample.seed.is_none() && gp.sampling.temperature > 0.0 {
         eprintln!(
             "seed: {} (pass --seed to repeat this run)",
@@ -558,7 +560,7 @@ fn chat(a: ChatArgs) -> Result<()> {
             .take_while(|(a, b)| a == b)
             .count();
         keep = keep.min(prompt.len() - 1);
-        seq.truncate(keep);
+        let keep = seq.truncate(keep);
         let feed = prompt[keep..].to_vec();
         let mut stdout = std::io::stdout();
         let t = Instant::now();
@@ -601,11 +603,8 @@ fn chat(a: ChatArgs) -> Result<()> {
 }
 
 fn inspect(a: InspectArgs) -> Result<()> {
-    let dir = match &a.model {
-        Some(spec) => airllm::hub::resolve_model(spec)?,
-        None => airllm::hub::default_model()?,
-    };
-    let info = ModelInfo::open(&dir)?;
+    let (info, _tok, tok_bytes) = open_model(&a.model)?;
+    let dir = info.dir.clone();
     let c = &info.cfg;
     let s = &info.sizes;
     println!("model:        {}", dir.display());
@@ -640,11 +639,15 @@ fn inspect(a: InspectArgs) -> Result<()> {
     println!("rope:         {:?}", c.rope);
     println!("tied head:    {}", c.tie_word_embeddings);
     let opts = EngineOptions {
-        max_memory: budget(&a.max_memory)?,
-        context: a.ctx_size,
+        max_memory: budget(&a.model.max_memory)?,
+        context: a
+            .model
+            .ctx_size
+            .unwrap_or_else(|| c.max_position_embeddings.min(2048)),
         max_batch: a.batch,
-        max_step_tokens: a.batch_size.max(a.batch),
+        max_step_tokens: a.model.batch_size.max(a.batch),
         max_logit_rows: a.batch,
+        reserved_bytes: tok_bytes,
         ..Default::default()
     };
     println!("{}", info.plan(&opts)?);
@@ -718,7 +721,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         keep_page_cache: a.keep_page_cache,
         ..Default::default()
     };
-    let mut engine = start_engine(info, &a.model, opts)?;
+    let mut engine = start_engine(info, &a.model, opts, 0)?;
     let mut seqs: Vec<_> = (0..a.batch)
         .map(|_| engine.new_sequence())
         .collect::<airllm::Result<_>>()?;
@@ -875,7 +878,7 @@ fn convert(a: ConvertArgs) -> Result<()> {
 fn perplexity(a: PerplexityArgs) -> Result<()> {
     // `-c/--ctx-size` means the window here, as in llama-perplexity.
     let ctx = a.model.ctx_size.unwrap_or(a.ctx);
-    let (info, tok) = open_model(&a.model)?;
+    let (info, tok, tok_bytes) = open_model(&a.model)?;
     let text = std::fs::read_to_string(&a.file)
         .with_context(|| format!("{}: cannot read", a.file.display()))?;
     let mut tokens = tok.encode(&text)?;
@@ -892,7 +895,7 @@ fn perplexity(a: PerplexityArgs) -> Result<()> {
         max_logit_rows: a.model.batch_size.min(ctx).max(1),
         ..Default::default()
     };
-    let mut engine = start_engine(info, &a.model, opts)?;
+    let mut engine = start_engine(info, &a.model, opts, tok_bytes)?;
     eprintln!(
         "{} tokens, {} windows of {}",
         tokens.len(),

@@ -710,10 +710,11 @@ impl ModelConfig {
             attn_scale = s;
         }
         // Biases are optional tensors in llama.cpp; their presence is the flag.
-        let has = |t: &str| g.tensor_shape(&format!("blk.0.{t}")).is_some();
-        block.qkv_bias |= has("attn_q.bias");
-        block.o_bias |= has("attn_output.bias");
-        block.mlp_bias |= has("ffn_up.bias");
+        use crate::weights::schema::{gguf_name, Role};
+        let has = |r: Role| g.tensor_shape(&gguf_name(0, r)).is_some();
+        block.qkv_bias |= has(Role::QBias);
+        block.o_bias |= has(Role::OBias);
+        block.mlp_bias |= has(Role::UpBias);
         let tokens = |k: &str| g.get(k).and_then(V::as_u64).map(|n| n as u32);
         Ok(ModelConfig {
             path: path.to_path_buf(),

@@ -13,13 +13,16 @@ use candle_core::{Device, Tensor};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::model::block::{layer_tensors, validate_layers};
-use crate::model::{Block, LayerKv, LayerWeights, Rope, SeqRows};
-use crate::stream::reader::load_layer;
-use crate::stream::{Charge, Ledger, Plan, PlanInput, Prefetcher};
-use crate::weights::names::Naming;
-use crate::weights::safetensors::STAGING_ELEMS;
-use crate::weights::{GgufSource, SafetensorsSource, Weight, WeightSource};
+use crate::model::block::validate_layers;
+use crate::model::kv::kv_slots;
+use crate::model::matmul::{mat_tensor, ROW_TILE};
+use crate::model::{Block, LayerKv, Rope, SeqRows};
+use crate::stream::pool::Pool;
+use crate::stream::reader::{ReadSpec, StreamedMats, Target};
+use crate::stream::{Charge, HeldLayer, Ledger, Plan, PlanInput, Prefetcher};
+use crate::weights::mat::Mat;
+use crate::weights::schema::LayerSchema;
+use crate::weights::{GgufSource, SafetensorsSource, WeightSource};
 
 /// How the engine is sized. The plan reserves memory for `max_batch` sequences of `context`
 /// tokens and steps of up to `max_step_tokens` new tokens.
@@ -39,6 +42,8 @@ pub struct EngineOptions {
     /// Keep streamed weights in the page cache. By default, when anything is streamed, pages
     /// are dropped after each read so the cache does not grow past the budget.
     pub keep_page_cache: bool,
+    /// Bytes the caller holds outside the engine (its tokenizer), counted against the budget.
+    pub reserved_bytes: u64,
     pub device: Device,
 }
 
@@ -52,6 +57,7 @@ impl Default for EngineOptions {
             max_logit_rows: 1,
             attention_scores_bytes: crate::model::block::ATTN_SCORES_BYTES,
             keep_page_cache: false,
+            reserved_bytes: 0,
             device: Device::Cpu,
         }
     }
@@ -78,14 +84,20 @@ pub struct Sequence {
 impl Sequence {
     /// Tokens already processed, which is also the position of the next token.
     pub fn len(&self) -> usize {
-        self.kv.first().map_or(0, |k| k.len())
+        self.kv.first().map_or(0, |k| k.pos())
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// Drops cached tokens from `len` on, so a shared prefix can be reused.
-    pub fn truncate(&mut self, len: usize) {
-        self.kv.iter_mut().for_each(|k| k.truncate(len));
+    /// Drops cached tokens from `len` on, so a shared prefix can be reused. Returns the length
+    /// kept, which is shorter when a sliding-window layer has already dropped keys the next
+    /// token would need; the caller feeds the tokens from there again.
+    pub fn truncate(&mut self, len: usize) -> usize {
+        let keep = self.kv.iter_mut().map(|k| k.truncate(len)).min().unwrap_or(0);
+        self.kv.iter_mut().for_each(|k| {
+            k.truncate(keep);
+        });
+        keep
     }
 }
 
@@ -106,7 +118,10 @@ pub struct Profile {
     pub steps: usize,
     pub layers: Vec<LayerTiming>,
     pub embed: Duration,
+    /// Time the reader spent reading head slices.
     pub head_read: Duration,
+    /// Time compute waited for head slices.
+    pub head_wait: Duration,
     pub head_compute: Duration,
     pub wall: Duration,
 }
@@ -121,10 +136,9 @@ impl Profile {
     pub fn total_read(&self) -> Duration {
         self.layers.iter().map(|l| l.read).sum::<Duration>() + self.head_read
     }
-    /// Time compute spent blocked on I/O: waiting for streamed layers, and reading head
-    /// chunks, which happens on the compute thread.
+    /// Time compute spent blocked on I/O: waiting for streamed layers and head slices.
     pub fn total_wait(&self) -> Duration {
-        self.layers.iter().map(|l| l.wait).sum::<Duration>() + self.head_read
+        self.layers.iter().map(|l| l.wait).sum::<Duration>() + self.head_wait
     }
     pub fn total_compute(&self) -> Duration {
         self.layers.iter().map(|l| l.compute).sum::<Duration>() + self.head_compute + self.embed
@@ -135,6 +149,7 @@ pub struct Engine {
     cfg: ModelConfig,
     dir: PathBuf,
     src: Arc<dyn WeightSource>,
+    schema: LayerSchema,
     device: Device,
     opts: EngineOptions,
     plan: Plan,
@@ -144,27 +159,27 @@ pub struct Engine {
     ropes: Vec<Rope>,
     final_norm: Tensor,
     head_name: String,
-    head: Option<Weight>,
-    resident: Vec<Option<LayerWeights>>,
+    head: Option<Mat>,
+    resident: Vec<Option<HeldLayer>>,
     streamed: Vec<usize>,
-    layer_bytes: u64,
     prefetch: Option<Prefetcher>,
     _held: Vec<Charge>,
     pub prefill_profile: Profile,
     pub decode_profile: Profile,
 }
 
-/// Sizes of a model's parts, from the checkpoint's tensor table.
+/// Sizes of a model's parts, from the checkpoint's tensor table and the layer schema.
 #[derive(Debug, Clone)]
 pub struct ModelSizes {
     pub params: u64,
     pub file_bytes: u64,
     pub layer_file_bytes: u64,
-    /// One layer's bytes in compute form (f32, or quantized blocks).
+    /// The largest layer's bytes as held (the file's form, or f16 for `--f16`).
     pub layer_bytes: u64,
-    /// Transient bytes a reading thread holds while converting one tensor: the 16-bit staging
-    /// buffer for safetensors, or a tensor's raw blocks for GGUF.
-    pub staging_bytes: u64,
+    /// One layer's norms and biases (f32).
+    pub small_bytes: u64,
+    /// Bytes a read buffer needs per row of the widest streamed matrix (head included).
+    pub max_row_bytes: u64,
     pub head_file_bytes: u64,
     pub head_bytes: u64,
     pub dtypes: Vec<&'static str>,
@@ -177,12 +192,12 @@ impl ModelSizes {
             file_bytes: 0,
             layer_file_bytes: 0,
             layer_bytes: 0,
-            staging_bytes: 0,
+            small_bytes: 0,
+            max_row_bytes: 0,
             head_file_bytes: 0,
             head_bytes: 0,
             dtypes: vec![],
         };
-        let gguf = src.naming() == Naming::Gguf;
         let add = |name: &str, s: &mut ModelSizes| -> Result<crate::weights::TensorMeta> {
             let m = src
                 .meta(name)
@@ -195,28 +210,25 @@ impl ModelSizes {
             Ok(m)
         };
         let naming = src.naming();
-        let mut sizes_per_layer = Vec::with_capacity(cfg.num_layers);
+        let schema = LayerSchema::new(cfg);
         for layer in 0..cfg.num_layers {
-            let (mut compute, mut file) = (0, 0);
-            for (role, _) in layer_tensors(cfg) {
-                let m = add(&naming.layer(layer, role, cfg.block.sandwich_norms), &mut s)?;
-                compute += m.compute_bytes;
+            let (mut held, mut file, mut small) = (0, 0, 0);
+            for t in &schema.tensors {
+                let m = add(&t.name(naming, layer), &mut s)?;
                 file += m.file_bytes;
-                let staging = if gguf {
-                    m.file_bytes
+                if t.is_small() {
+                    small += m.compute_bytes;
+                    held += m.compute_bytes;
                 } else {
-                    // The 16-bit staging buffer, or the aligned O_DIRECT buffer, per thread.
-                    let es = m.file_bytes / m.numel().max(1) as u64;
-                    m.file_bytes.min(es * STAGING_ELEMS as u64)
-                        + 2 * crate::weights::io::DIRECT_ALIGN as u64
-                };
-                s.staging_bytes = s.staging_bytes.max(staging);
+                    held += m.buffer_bytes();
+                    s.max_row_bytes = s.max_row_bytes.max(m.buffer_row_bytes());
+                }
             }
-            sizes_per_layer.push((compute, file));
+            // Quantized files may mix types across layers; plan for the largest layer.
+            s.layer_bytes = s.layer_bytes.max(held);
+            s.layer_file_bytes = s.layer_file_bytes.max(file);
+            s.small_bytes = s.small_bytes.max(small);
         }
-        // Quantized files may mix types across layers; plan for the largest layer.
-        s.layer_bytes = sizes_per_layer.iter().map(|x| x.0).max().unwrap_or(0);
-        s.layer_file_bytes = sizes_per_layer.iter().map(|x| x.1).max().unwrap_or(0);
         add(naming.embed(), &mut s)?;
         add(naming.final_norm(), &mut s)?;
         if head_name != naming.embed() {
@@ -224,13 +236,15 @@ impl ModelSizes {
         }
         if let Some(m) = src.meta(head_name) {
             s.head_file_bytes = m.file_bytes;
-            s.head_bytes = m.compute_bytes;
+            s.head_bytes = m.buffer_bytes();
+            s.max_row_bytes = s.max_row_bytes.max(m.buffer_row_bytes());
         }
         Ok(s)
     }
 }
 
-/// Bytes of activations for the largest step the options allow, generously counted.
+/// Bytes of activations for the largest step the options allow, generously counted, and the
+/// matmul's scratch (a widened tile of rows per thread).
 fn work_bytes(cfg: &ModelConfig, o: &EngineOptions) -> u64 {
     let rows = o.max_step_tokens as u64;
     let qkv = ((2 * cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim) as u64;
@@ -239,7 +253,24 @@ fn work_bytes(cfg: &ModelConfig, o: &EngineOptions) -> u64 {
     let scores = (4 * cfg.num_heads as u64 * per_seq_new * o.context as u64)
         .min(o.attention_scores_bytes / 4);
     let logits = 2 * o.max_logit_rows as u64 * cfg.vocab_size as u64;
-    4 * (rows * per_row + scores + logits)
+    let widest = cfg.hidden_size.max(cfg.intermediate_size) as u64;
+    let scratch = if rows > crate::model::matmul::GEMV_MAX_ROWS as u64 {
+        rayon::current_num_threads() as u64 * ROW_TILE as u64 * widest
+    } else {
+        0
+    };
+    4 * (rows * per_row + scores + logits + scratch)
+}
+
+/// KV-cache bytes of one sequence: full layers hold the context, sliding ones their window.
+fn kv_bytes_per_seq(cfg: &ModelConfig, o: &EngineOptions) -> u64 {
+    cfg.layer_windows
+        .iter()
+        .map(|&w| {
+            (2 * cfg.num_kv_heads * cfg.head_dim * kv_slots(o.context, w, o.max_step_tokens) * 4)
+                as u64
+        })
+        .sum()
 }
 
 /// Opens the config, checkpoint and sizes of a model, shared by the engine and `inspect`.
@@ -338,24 +369,20 @@ impl ModelInfo {
 
     fn plan_input(&self, opts: &EngineOptions) -> PlanInput {
         let c = &self.cfg;
-        let kv_per_seq = (2 * c.num_layers * c.num_kv_heads * c.head_dim * opts.context * 4) as u64;
         let half = c.head_dim / 2;
-        let vocab = c.vocab_size.max(1) as u64;
         PlanInput {
             num_layers: c.num_layers,
             layer_bytes: self.sizes.layer_bytes,
             layer_file_bytes: self.sizes.layer_file_bytes,
-            vocab: c.vocab_size,
+            small_bytes: self.sizes.small_bytes,
             head_bytes: self.sizes.head_bytes,
-            // A chunk's rows are held in compute form and, while read, as file bytes.
-            head_row_bytes: (self.sizes.head_bytes + self.sizes.head_file_bytes).div_ceil(vocab),
             head_file_bytes: self.sizes.head_file_bytes,
-            kv_bytes: kv_per_seq * opts.max_batch as u64,
+            min_slice_bytes: ROW_TILE as u64 * self.sizes.max_row_bytes,
+            kv_bytes: kv_bytes_per_seq(c, opts) * opts.max_batch as u64,
             work_bytes: work_bytes(c, opts),
-            // The final norm, two rope tables, and the staging buffers of the threads that read
-            // (the I/O pool, the reader and the compute thread).
-            fixed_bytes: (c.hidden_size * 4 + 4 * opts.max_step_tokens * half * 4) as u64
-                + (crate::weights::io::pool_threads() as u64 + 2) * self.sizes.staging_bytes,
+            // The final norm and two rope tables.
+            fixed_bytes: (c.hidden_size * 4 + 4 * opts.max_step_tokens * half * 4) as u64,
+            reserved_bytes: opts.reserved_bytes,
         }
     }
 }
@@ -403,23 +430,25 @@ impl Engine {
             cfg,
             src,
             head_name,
-            sizes,
+            sizes: _,
         } = info;
         let device = opts.device.clone();
         let ledger = Ledger::new(plan.budget);
-        let streaming = plan.streamed_layers > 0 || !plan.head_resident;
-        src.io().set_drop_cache(streaming && !opts.keep_page_cache);
-        let layer_bytes = sizes.layer_bytes;
-        // The working set and fixed tensors are held for the engine's life.
-        let mut held = vec![ledger.charge(plan.work_bytes + plan.fixed_bytes)];
+        src.io()
+            .set_drop_cache(plan.streams() && !opts.keep_page_cache);
+        // The working set, fixed tensors and what the caller holds are charged for the
+        // engine's life.
+        let mut held =
+            vec![ledger.charge(plan.work_bytes + plan.fixed_bytes + plan.reserved_bytes)];
         let naming = src.naming();
+        let norm_offset = cfg.block.norm_offset;
         let mut final_norm = src.load(naming.final_norm(), &device)?;
-        if cfg.block.norm_offset != 0.0 {
-            final_norm = (final_norm + cfg.block.norm_offset as f64)?;
+        if norm_offset != 0.0 {
+            final_norm = (final_norm + norm_offset as f64)?;
         }
         let head = if plan.head_resident {
-            held.push(ledger.charge(sizes.head_bytes));
-            Some(src.load_weight(&head_name, &device)?)
+            held.push(ledger.charge(plan.head_bytes));
+            Some(src.load_mat(&head_name)?)
         } else {
             None
         };
@@ -432,13 +461,22 @@ impl Engine {
         if let Some(local) = &cfg.rope_local {
             ropes.push(Rope::new(local, cfg.head_dim, None));
         }
+        let schema = LayerSchema::new(&cfg);
         let mut resident = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             if i < plan.resident_layers {
-                let (w, charge, _) =
-                    load_layer(&cfg, src.as_ref(), &ledger, layer_bytes, i, &device)?;
-                held.push(charge);
-                resident.push(Some(w));
+                held.push(ledger.charge(plan.layer_bytes));
+                let l = HeldLayer::load(&schema, src.as_ref(), i, norm_offset, &device)?;
+                // The plan reserves the largest layer; a layer larger than that would make
+                // the ledger fiction.
+                if l.bytes() > plan.layer_bytes {
+                    return Err(Error::Reader(format!(
+                        "layer {i} holds {} bytes but the plan reserved {}",
+                        l.bytes(),
+                        plan.layer_bytes
+                    )));
+                }
+                resident.push(Some(l));
             } else {
                 resident.push(None);
             }
@@ -455,6 +493,7 @@ impl Engine {
             cfg,
             dir,
             src,
+            schema,
             device,
             opts,
             plan,
@@ -464,27 +503,36 @@ impl Engine {
             head,
             resident,
             streamed,
-            layer_bytes,
             prefetch: None,
             _held: held,
         };
-        engine.start_reader();
+        engine.start_reader()?;
         Ok(engine)
     }
 
-    /// (Re)starts the background reader at the first streamed layer.
-    fn start_reader(&mut self) {
+    /// (Re)starts the background reader at the first streamed layer, with a fresh pool of
+    /// read buffers charged to the budget.
+    fn start_reader(&mut self) -> Result<()> {
         self.prefetch = None;
-        if !self.streamed.is_empty() {
-            self.prefetch = Some(Prefetcher::spawn(
-                self.cfg.clone(),
-                self.src.clone(),
-                self.streamed.clone(),
-                self.ledger.clone(),
-                self.layer_bytes,
-                self.device.clone(),
-            ));
+        if !self.plan.streams() {
+            return Ok(());
         }
+        let pool = Arc::new(Pool::new(
+            self.plan.buffers,
+            crate::weights::io::read_capacity(self.plan.slice_bytes as usize),
+            self.ledger.charge(self.plan.inflight_bytes),
+        ));
+        let spec = ReadSpec {
+            schema: self.schema.clone(),
+            layers: self.streamed.clone(),
+            head: (!self.plan.head_resident)
+                .then(|| (self.head_name.clone(), self.cfg.vocab_size)),
+            slice_bytes: self.plan.slice_bytes,
+            norm_offset: self.cfg.block.norm_offset,
+            device: self.device.clone(),
+        };
+        self.prefetch = Some(Prefetcher::spawn(spec, self.src.clone(), pool)?);
+        Ok(())
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -511,18 +559,36 @@ impl Engine {
         self.src.files()
     }
 
-    /// A new, empty sequence. Its KV cache for the full context is allocated and charged now.
+    /// A new, empty sequence. Its KV cache for the full context (or window) is allocated and
+    /// charged now.
     pub fn new_sequence(&self) -> Result<Sequence> {
         let c = &self.cfg;
-        let bytes = (2 * c.num_layers * c.num_kv_heads * c.head_dim * self.opts.context * 4) as u64;
-        let charge = self.ledger.try_charge(bytes).ok_or_else(|| {
-            Error::Invalid(format!(
-                "no room in the budget for another sequence's KV cache (planned for {} sequences of {} tokens)",
-                self.opts.max_batch, self.opts.context
+        let o = &self.opts;
+        let charge = self
+            .ledger
+            .try_charge(kv_bytes_per_seq(c, o))
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                "no room in the budget for another sequence's KV cache of {} (planned for {} sequences of {} tokens; {} of {} held)",
+                crate::util::fmt_bytes(kv_bytes_per_seq(c, o)),
+                o.max_batch, o.context,
+                crate::util::fmt_bytes(self.ledger.held()),
+                crate::util::fmt_bytes(self.ledger.budget())
             ))
-        })?;
-        let kv = (0..c.num_layers)
-            .map(|_| LayerKv::new(c.num_kv_heads, self.opts.context, c.head_dim, &self.device))
+            })?;
+        let kv = c
+            .layer_windows
+            .iter()
+            .map(|&w| {
+                LayerKv::new(
+                    c.num_kv_heads,
+                    o.context,
+                    w,
+                    o.max_step_tokens,
+                    c.head_dim,
+                    &self.device,
+                )
+            })
             .collect::<Result<_>>()?;
         Ok(Sequence {
             kv,
@@ -542,7 +608,7 @@ impl Engine {
     ) -> Result<Vec<Tensor>> {
         let r = self.sweep(batch, which);
         if r.is_err() {
-            self.start_reader();
+            self.start_reader()?;
         }
         r
     }
@@ -584,6 +650,9 @@ impl Engine {
                 self.opts.max_logit_rows
             )));
         }
+        if let Some(p) = &self.prefetch {
+            p.begin_step(which != LogitsFor::None);
+        }
         let prefill = seqs.iter().any(|s| s.len > 1);
         let mut prof = std::mem::take(if prefill {
             &mut self.prefill_profile
@@ -611,34 +680,30 @@ impl Engine {
                 let mut kv: Vec<&mut LayerKv> =
                     batch.iter_mut().map(|(s, _)| &mut s.kv[layer]).collect();
                 let timing = &mut prof.layers[layer];
+                let t = Instant::now();
                 if let Some(w) = &self.resident[layer] {
-                    let t = Instant::now();
+                    let (small, mut mats) = w.parts();
                     x = self
                         .block
-                        .forward(w, &x, &seqs, &mut kv, cos, sin, window)?;
+                        .forward(small, &mut mats, &x, &seqs, &mut kv, cos, sin, window)?;
                     timing.compute += t.elapsed();
                 } else {
-                    let t = Instant::now();
-                    let loaded = self
-                        .prefetch
-                        .as_ref()
-                        .expect("streamed layers have a reader")
-                        .next(layer)?;
-                    timing.wait += t.elapsed();
-                    timing.read += loaded.read_time;
+                    let reader = self.prefetch.as_ref().expect("streamed layers have a reader");
+                    let (small, read, wait) = reader.small(layer)?;
+                    let mut mats = StreamedMats {
+                        reader,
+                        schema: &self.schema,
+                        layer,
+                        read,
+                        wait,
+                    };
+                    x = self
+                        .block
+                        .forward(&small, &mut mats, &x, &seqs, &mut kv, cos, sin, window)?;
                     timing.streamed = true;
-                    let t = Instant::now();
-                    x = self.block.forward(
-                        &loaded.weights,
-                        &x,
-                        &seqs,
-                        &mut kv,
-                        cos,
-                        sin,
-                        window,
-                    )?;
-                    timing.compute += t.elapsed();
-                    drop(loaded);
+                    timing.read += mats.read;
+                    timing.wait += mats.wait;
+                    timing.compute += t.elapsed().saturating_sub(mats.wait);
                 }
             }
             // Only the rows whose logits are wanted go through the norm and the head.
@@ -671,35 +736,21 @@ impl Engine {
         result
     }
 
-    /// The output head, whole when resident, else in vocabulary chunks read from disk.
+    /// The output head: held whole, or in slices from the reader.
     fn head_forward(&self, h: &Tensor, prof: &mut Profile) -> Result<Tensor> {
+        let t = Instant::now();
+        let mut waited = Duration::ZERO;
         let logits = if let Some(w) = &self.head {
-            let t = Instant::now();
-            let l = w.forward(h)?;
-            prof.head_compute += t.elapsed();
-            l
+            mat_tensor(h, w.view())?
         } else {
-            let vocab = self.cfg.vocab_size;
-            let chunk = self.plan.head_chunk_rows;
-            let mut parts = Vec::with_capacity(vocab.div_ceil(chunk));
-            let mut start = 0;
-            while start < vocab {
-                let n = chunk.min(vocab - start);
-                let t = Instant::now();
-                let _charge = self.ledger.charge(
-                    self.plan.head_chunk_bytes / self.plan.head_chunk_rows.max(1) as u64 * n as u64,
-                );
-                let w = self
-                    .src
-                    .load_row_range(&self.head_name, start, n, &self.device)?;
-                prof.head_read += t.elapsed();
-                let t = Instant::now();
-                parts.push(w.forward(h)?);
-                prof.head_compute += t.elapsed();
-                start += n;
-            }
-            Tensor::cat(&parts, 1)?
+            let reader = self.prefetch.as_ref().expect("a streamed head has a reader");
+            let (l, read, wait) = reader.matmul(Target::Head, self.cfg.vocab_size, h)?;
+            prof.head_read += read;
+            prof.head_wait += wait;
+            waited = wait;
+            l
         };
+        prof.head_compute += t.elapsed().saturating_sub(waited);
         Ok(match self.cfg.final_logit_softcap {
             Some(cap) => ((logits / cap)?.tanh()? * cap)?,
             None => logits,

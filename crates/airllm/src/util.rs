@@ -103,6 +103,14 @@ pub fn available_memory() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Resident set size of this process now (VmRSS), in bytes.
+pub fn rss() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = text.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 /// Peak resident set size of this process (VmHWM), in bytes.
 pub fn peak_rss() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/self/status").ok()?;

@@ -13,7 +13,7 @@ mod tokenizer;
 
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
@@ -22,8 +22,9 @@ use crate::engine::ModelInfo;
 use crate::error::{Error, Result};
 use crate::weights::gguf::Value;
 use crate::weights::gguf_write::{GgufPlan, OutFile, TensorPlan};
-use crate::weights::names::{gguf_layer, hf_layer, Role, HF_EMBED, HF_FINAL_NORM, HF_LM_HEAD};
-use crate::weights::{Weight, WeightSource};
+use crate::weights::mat::AlignedBuf;
+use crate::weights::schema::{self, LayerSchema, Naming, Role, HF_EMBED, HF_FINAL_NORM, HF_LM_HEAD};
+use crate::weights::WeightSource;
 
 /// The storage type asked for on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,37 +161,15 @@ struct Item {
     transform: Transform,
 }
 
-/// Layer tensors in the order the block uses them.
-const LAYER_ROLES: &[Role] = &[
-    Role::AttnNorm,
-    Role::Q,
-    Role::QBias,
-    Role::K,
-    Role::KBias,
-    Role::V,
-    Role::VBias,
-    Role::QNorm,
-    Role::KNorm,
-    Role::O,
-    Role::OBias,
-    Role::PostAttnNorm,
-    Role::MlpNorm,
-    Role::Gate,
-    Role::GateBias,
-    Role::Up,
-    Role::UpBias,
-    Role::Down,
-    Role::DownBias,
-    Role::PostMlpNorm,
-];
-
-/// The layer roles a block has: the sandwich norms only where the architecture uses them (in
-/// transformers' names, Llama's pre-MLP norm is called `post_attention_layernorm`).
-fn layer_roles(sandwich: bool) -> impl Iterator<Item = Role> {
-    LAYER_ROLES
-        .iter()
-        .copied()
-        .filter(move |r| sandwich || !matches!(r, Role::PostAttnNorm | Role::PostMlpNorm))
+impl Transform {
+    /// The schema's transform, applied in the direction of the conversion.
+    fn of(t: schema::Transform, to_gguf: bool) -> Transform {
+        match t {
+            schema::Transform::None => Transform::None,
+            schema::Transform::Permute { head_dim } => Transform::Permute { head_dim, to_gguf },
+            schema::Transform::AddOne => Transform::Add(if to_gguf { 1.0 } else { -1.0 }),
+        }
+    }
 }
 
 /// Values per chunk that one thread reads and encodes at a time (64 MiB of f32).
@@ -334,13 +313,9 @@ fn gguf_plan(info: &ModelInfo, quant: Quant, out: &Path) -> Result<(GgufPlan, Ve
 
     // Layers that Q4_K_M gives more bits (llama.cpp's `use_more_bits`).
     let n = cfg.num_layers;
-    let more_bits = |name: &str| -> bool {
-        let Some(rest) = name.strip_prefix("blk.") else {
-            return false;
-        };
-        let (i, t) = rest.split_once('.').unwrap_or(("", ""));
-        let i: usize = i.parse().unwrap_or(0);
-        matches!(t, "attn_v.weight" | "ffn_down.weight")
+    let more_bits = |at: Option<(usize, Role)>| -> bool {
+        let Some((i, role)) = at else { return false };
+        matches!(role, Role::V | Role::Down)
             && (i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2)
     };
     // Tensors, in execution order.
@@ -349,7 +324,9 @@ fn gguf_plan(info: &ModelInfo, quant: Quant, out: &Path) -> Result<(GgufPlan, Ve
                items: &mut Vec<Item>,
                out_name: String,
                src_name: &str,
-               is_head: bool|
+               is_head: bool,
+               at: Option<(usize, Role)>,
+               transform: Transform|
      -> Result<bool> {
         let Some(m) = src.meta(src_name) else {
             return Ok(false);
@@ -357,24 +334,7 @@ fn gguf_plan(info: &ModelInfo, quant: Quant, out: &Path) -> Result<(GgufPlan, Ve
         let dtype = if m.shape.len() == 1 {
             GgmlDType::F32
         } else {
-            matrix_type(
-                quant,
-                *m.shape.last().unwrap(),
-                is_head,
-                more_bits(&out_name),
-            )
-        };
-        let transform = if cfg.arch == Arch::Gemma3 && src_name.ends_with("norm.weight") {
-            Transform::Add(1.0)
-        } else if matches!(cfg.arch, Arch::Llama | Arch::Mistral)
-            && (src_name.contains(".q_proj.") || src_name.contains(".k_proj."))
-        {
-            Transform::Permute {
-                head_dim: cfg.head_dim,
-                to_gguf: true,
-            }
-        } else {
-            Transform::None
+            matrix_type(quant, *m.shape.last().unwrap(), is_head, more_bits(at))
         };
         let out = TensorPlan {
             name: out_name,
@@ -396,6 +356,8 @@ fn gguf_plan(info: &ModelInfo, quant: Quant, out: &Path) -> Result<(GgufPlan, Ve
         "token_embd.weight".into(),
         HF_EMBED,
         tied,
+        None,
+        Transform::None,
     )?;
     if let Some(f) = rope_freqs {
         let out = TensorPlan {
@@ -410,15 +372,17 @@ fn gguf_plan(info: &ModelInfo, quant: Quant, out: &Path) -> Result<(GgufPlan, Ve
             transform: Transform::None,
         });
     }
-    let sandwich = cfg.block.sandwich_norms;
+    let schema = LayerSchema::new(cfg);
     for l in 0..cfg.num_layers {
-        for role in layer_roles(sandwich) {
+        for t in &schema.tensors {
             add(
                 &mut plan,
                 &mut items,
-                gguf_layer(l, role),
-                &hf_layer(l, role, sandwich),
+                t.name(Naming::Gguf, l),
+                &t.name(Naming::Hf, l),
                 false,
+                Some((l, t.role)),
+                Transform::of(t.transform, true),
             )?;
         }
     }
@@ -428,6 +392,8 @@ fn gguf_plan(info: &ModelInfo, quant: Quant, out: &Path) -> Result<(GgufPlan, Ve
         "output_norm.weight".into(),
         HF_FINAL_NORM,
         false,
+        None,
+        final_norm_transform(cfg, true),
     )?;
     if !tied {
         add(
@@ -436,9 +402,21 @@ fn gguf_plan(info: &ModelInfo, quant: Quant, out: &Path) -> Result<(GgufPlan, Ve
             "output.weight".into(),
             HF_LM_HEAD,
             true,
+            None,
+            Transform::None,
         )?;
     }
     Ok((plan, items))
+}
+
+/// Gemma's final norm is stored as w by transformers and as 1 + w by llama.cpp, like its
+/// layer norms.
+fn final_norm_transform(cfg: &ModelConfig, to_gguf: bool) -> Transform {
+    if cfg.arch == Arch::Gemma3 {
+        Transform::of(schema::Transform::AddOne, to_gguf)
+    } else {
+        Transform::None
+    }
 }
 
 /// Reads the planned header back through the GGUF config reader and compares it with the
@@ -508,14 +486,9 @@ fn read_f32(
     if shape.len() == 1 {
         return Ok(src.load(name, &Device::Cpu)?.flatten_all()?.to_vec1()?);
     }
-    let t = match src.load_row_range(name, start, rows, &Device::Cpu)? {
-        Weight::Dense(t) => t,
-        Weight::Quant(QMatMul::QTensor(q), _) => q.dequantize(&Device::Cpu)?,
-        Weight::Quant(QMatMul::Tensor(t), _) | Weight::Quant(QMatMul::TensorF16(t), _) => t,
-    };
-    Ok(t.to_dtype(candle_core::DType::F32)?
-        .flatten_all()?
-        .to_vec1()?)
+    src.read_rows(name, start, rows, AlignedBuf::default())?
+        .view()
+        .to_f32()
 }
 
 impl Transform {
@@ -728,21 +701,9 @@ pub fn to_hf(src: &Path, out: &Path, progress: &mut dyn FnMut(u64, u64)) -> Resu
 fn write_hf(info: &ModelInfo, dir: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
     let cfg = &info.cfg;
     let src = info.src.as_ref();
-    let sandwich = cfg.block.sandwich_norms;
     let mut items: Vec<(String, Item)> = Vec::new();
-    let mut push = |hf: String, gg: String| {
+    let mut push = |hf: String, gg: String, transform: Transform| {
         let Some(m) = src.meta(&gg) else { return };
-        let transform = if cfg.arch == Arch::Gemma3 && hf.ends_with("norm.weight") {
-            Transform::Add(-1.0)
-        } else if cfg.block.rope_interleaved && (hf.contains(".q_proj.") || hf.contains(".k_proj."))
-        {
-            Transform::Permute {
-                head_dim: cfg.head_dim,
-                to_gguf: false,
-            }
-        } else {
-            Transform::None
-        };
         items.push((
             hf.clone(),
             Item {
@@ -756,15 +717,24 @@ fn write_hf(info: &ModelInfo, dir: &Path, progress: &mut dyn FnMut(u64, u64)) ->
             },
         ));
     };
-    push(HF_EMBED.into(), "token_embd.weight".into());
+    push(HF_EMBED.into(), "token_embd.weight".into(), Transform::None);
+    let schema = LayerSchema::new(cfg);
     for l in 0..cfg.num_layers {
-        for role in layer_roles(sandwich) {
-            push(hf_layer(l, role, sandwich), gguf_layer(l, role));
+        for t in &schema.tensors {
+            push(
+                t.name(Naming::Hf, l),
+                t.name(Naming::Gguf, l),
+                Transform::of(t.transform, false),
+            );
         }
     }
-    push(HF_FINAL_NORM.into(), "output_norm.weight".into());
+    push(
+        HF_FINAL_NORM.into(),
+        "output_norm.weight".into(),
+        final_norm_transform(cfg, false),
+    );
     if !cfg.tie_word_embeddings {
-        push(HF_LM_HEAD.into(), "output.weight".into());
+        push(HF_LM_HEAD.into(), "output.weight".into(), Transform::None);
     }
     if src.meta("rope_freqs.weight").is_some() {
         return Err(Error::file(

@@ -1,205 +1,95 @@
 //! The one decoder block. Every supported architecture is this block with different options
-//! ([`BlockSpec`]): pre-norm attention with GQA and RoPE, then a gated SiLU MLP.
+//! ([`crate::config::BlockSpec`]) and the tensors its [`LayerSchema`] lists: pre-norm attention
+//! with GQA and RoPE, then a gated MLP.
 //!
 //! The batch is packed: the rows of `x` are the new tokens of all sequences back to back, so the
 //! projections run as one matmul over the whole batch, and only attention is done per sequence,
-//! against that sequence's own KV cache.
+//! against that sequence's own KV cache. The block does not know where its matrices live: it
+//! asks a [`Matrices`] for each product, which multiplies a held matrix or the slices arriving
+//! from the reader.
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::{Activation, ModelConfig};
 use crate::error::{Error, Result};
 use crate::model::kv::LayerKv;
-use crate::weights::{Role, Weight, WeightSource};
+use crate::weights::schema::{Kind, LayerSchema, Role};
+use crate::weights::WeightSource;
 
-/// A projection `y = x Wᵀ + b`, weights `[out, in]`, dense or quantized.
-pub struct Linear {
-    w: Weight,
-    b: Option<Tensor>,
+/// A layer's norms and biases, f32, read whole (they are small).
+pub struct Small {
+    items: Vec<(Role, Tensor)>,
 }
 
-impl Linear {
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.w.forward(x)?;
-        Ok(match &self.b {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        })
+impl Small {
+    /// Reads layer `layer`'s small tensors; norms get `norm_offset` added (Gemma's 1 + w).
+    pub fn load(
+        schema: &LayerSchema,
+        src: &dyn WeightSource,
+        layer: usize,
+        norm_offset: f32,
+        device: &Device,
+    ) -> Result<Self> {
+        let naming = src.naming();
+        let items = schema
+            .small()
+            .map(|t| {
+                let v = src.load(&t.name(naming, layer), device)?;
+                let v = if t.kind == Kind::Norm && norm_offset != 0.0 {
+                    (v + norm_offset as f64)?
+                } else {
+                    v
+                };
+                Ok((t.role, v))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Small { items })
     }
-    fn bytes(&self) -> u64 {
-        self.w.bytes() + self.b.as_ref().map_or(0, tensor_bytes)
+
+    pub fn get(&self, role: Role) -> Option<&Tensor> {
+        self.items.iter().find(|(r, _)| *r == role).map(|(_, t)| t)
+    }
+
+    fn req(&self, role: Role) -> Result<&Tensor> {
+        self.get(role)
+            .ok_or_else(|| Error::Invalid(format!("internal error: the layer has no {role:?}")))
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.items.iter().map(|(_, t)| t.elem_count() as u64 * 4).sum()
     }
 }
 
-fn tensor_bytes(t: &Tensor) -> u64 {
-    (t.elem_count() * t.dtype().size_in_bytes()) as u64
-}
-
-/// The weights of one decoder layer, in compute form.
-pub struct LayerWeights {
-    pub index: usize,
-    attn_norm: Tensor,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    q_norm: Option<Tensor>,
-    k_norm: Option<Tensor>,
-    post_attn_norm: Option<Tensor>,
-    mlp_norm: Tensor,
-    post_mlp_norm: Option<Tensor>,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
-}
-
-/// Roles that are norm weights (so Gemma's +1 offset applies to them).
-fn is_norm(role: Role) -> bool {
-    matches!(
-        role,
-        Role::AttnNorm
-            | Role::MlpNorm
-            | Role::QNorm
-            | Role::KNorm
-            | Role::PostAttnNorm
-            | Role::PostMlpNorm
-    )
-}
-
-/// The tensors a layer needs and the shape the config implies for each.
-pub fn layer_tensors(cfg: &ModelConfig) -> Vec<(Role, Vec<usize>)> {
-    let (h, hd, nh, nkv, im) = (
-        cfg.hidden_size,
-        cfg.head_dim,
-        cfg.num_heads,
-        cfg.num_kv_heads,
-        cfg.intermediate_size,
-    );
-    let mut t = vec![
-        (Role::AttnNorm, vec![h]),
-        (Role::Q, vec![nh * hd, h]),
-        (Role::K, vec![nkv * hd, h]),
-        (Role::V, vec![nkv * hd, h]),
-        (Role::O, vec![h, nh * hd]),
-        (Role::MlpNorm, vec![h]),
-        (Role::Gate, vec![im, h]),
-        (Role::Up, vec![im, h]),
-        (Role::Down, vec![h, im]),
-    ];
-    let b = &cfg.block;
-    if b.qkv_bias {
-        t.extend([
-            (Role::QBias, vec![nh * hd]),
-            (Role::KBias, vec![nkv * hd]),
-            (Role::VBias, vec![nkv * hd]),
-        ]);
-    }
-    if b.o_bias {
-        t.push((Role::OBias, vec![h]));
-    }
-    if b.mlp_bias {
-        t.extend([
-            (Role::GateBias, vec![im]),
-            (Role::UpBias, vec![im]),
-            (Role::DownBias, vec![h]),
-        ]);
-    }
-    if b.qk_norm {
-        t.extend([(Role::QNorm, vec![hd]), (Role::KNorm, vec![hd])]);
-    }
-    if b.sandwich_norms {
-        t.extend([(Role::PostAttnNorm, vec![h]), (Role::PostMlpNorm, vec![h])]);
-    }
-    t
+/// Where the matrices of the layer being computed come from.
+pub trait Matrices {
+    /// `x Wᵀ` for the layer's matrix `role`, `x` `[rows, in]` f32.
+    fn matmul(&mut self, role: Role, x: &Tensor) -> Result<Tensor>;
 }
 
 /// Checks that every tensor of every layer is present with the shape the config implies, so a
 /// bad checkpoint fails at open rather than midway through a generation.
 pub fn validate_layers(cfg: &ModelConfig, src: &dyn WeightSource) -> Result<()> {
-    let spec = layer_tensors(cfg);
+    let schema = LayerSchema::new(cfg);
     let naming = src.naming();
     for layer in 0..cfg.num_layers {
-        for (role, shape) in &spec {
-            let name = naming.layer(layer, *role, cfg.block.sandwich_norms);
+        for t in &schema.tensors {
+            let name = t.name(naming, layer);
             let meta = src
                 .meta(&name)
                 .ok_or_else(|| Error::tensor(src.path(), &name, "missing from the checkpoint"))?;
-            if &meta.shape != shape {
+            if meta.shape != t.shape {
                 return Err(Error::tensor(
                     src.path(),
                     &name,
                     format!(
-                        "shape {:?} disagrees with the config, which implies {shape:?}",
-                        meta.shape
+                        "shape {:?} disagrees with the config, which implies {:?}",
+                        meta.shape, t.shape
                     ),
                 ));
             }
         }
     }
     Ok(())
-}
-
-impl LayerWeights {
-    pub fn load(
-        cfg: &ModelConfig,
-        src: &dyn WeightSource,
-        index: usize,
-        device: &Device,
-    ) -> Result<Self> {
-        let b = &cfg.block;
-        let naming = src.naming();
-        let name = |role| naming.layer(index, role, b.sandwich_norms);
-        let get = |role: Role| -> Result<Tensor> {
-            let t = src.load(&name(role), device)?;
-            Ok(if is_norm(role) && b.norm_offset != 0.0 {
-                (t + b.norm_offset as f64)?
-            } else {
-                t
-            })
-        };
-        let opt = |on: bool, role| if on { get(role).map(Some) } else { Ok(None) };
-        let lin = |w, bias: Option<Tensor>| -> Result<Linear> {
-            Ok(Linear {
-                w: src.load_weight(&name(w), device)?,
-                b: bias,
-            })
-        };
-        Ok(LayerWeights {
-            index,
-            attn_norm: get(Role::AttnNorm)?,
-            q: lin(Role::Q, opt(b.qkv_bias, Role::QBias)?)?,
-            k: lin(Role::K, opt(b.qkv_bias, Role::KBias)?)?,
-            v: lin(Role::V, opt(b.qkv_bias, Role::VBias)?)?,
-            o: lin(Role::O, opt(b.o_bias, Role::OBias)?)?,
-            q_norm: opt(b.qk_norm, Role::QNorm)?,
-            k_norm: opt(b.qk_norm, Role::KNorm)?,
-            post_attn_norm: opt(b.sandwich_norms, Role::PostAttnNorm)?,
-            mlp_norm: get(Role::MlpNorm)?,
-            post_mlp_norm: opt(b.sandwich_norms, Role::PostMlpNorm)?,
-            gate: lin(Role::Gate, opt(b.mlp_bias, Role::GateBias)?)?,
-            up: lin(Role::Up, opt(b.mlp_bias, Role::UpBias)?)?,
-            down: lin(Role::Down, opt(b.mlp_bias, Role::DownBias)?)?,
-        })
-    }
-
-    /// Bytes held in compute form.
-    pub fn bytes(&self) -> u64 {
-        let norms = [
-            Some(&self.attn_norm),
-            Some(&self.mlp_norm),
-            self.q_norm.as_ref(),
-            self.k_norm.as_ref(),
-            self.post_attn_norm.as_ref(),
-            self.post_mlp_norm.as_ref(),
-        ];
-        norms.into_iter().flatten().map(tensor_bytes).sum::<u64>()
-            + [
-                &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
-            ]
-            .iter()
-            .map(|l| l.bytes())
-            .sum::<u64>()
-    }
 }
 
 /// Where one sequence's new tokens sit in the packed batch.
@@ -240,12 +130,32 @@ impl Block {
         }
     }
 
+    /// `x Wᵀ (+ b)` for a projection and its optional bias.
+    fn linear(
+        small: &Small,
+        mats: &mut dyn Matrices,
+        w: Role,
+        b: Role,
+        x: &Tensor,
+    ) -> Result<Tensor> {
+        let y = mats.matmul(w, x)?;
+        Ok(match small.get(b) {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+
+    fn norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(x, w, self.eps)?)
+    }
+
     /// One layer over the packed batch `x` `[rows, hidden]`. `cos`/`sin` hold each row's
     /// rotary angles; `kv[i]` is sequence `i`'s cache for this layer.
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
-        w: &LayerWeights,
+        small: &Small,
+        mats: &mut dyn Matrices,
         x: &Tensor,
         seqs: &[SeqRows],
         kv: &mut [&mut LayerKv],
@@ -257,13 +167,13 @@ impl Block {
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
 
         // Attention.
-        let h = candle_nn::ops::rms_norm(x, &w.attn_norm, self.eps)?;
-        let mut q = w.q.forward(&h)?.reshape((1, rows, nh, hd))?;
-        let mut k = w.k.forward(&h)?.reshape((1, rows, nkv, hd))?;
-        let v = w.v.forward(&h)?.reshape((rows, nkv, hd))?;
-        if let (Some(qn), Some(kn)) = (&w.q_norm, &w.k_norm) {
-            q = candle_nn::ops::rms_norm(&q, qn, self.eps)?;
-            k = candle_nn::ops::rms_norm(&k, kn, self.eps)?;
+        let h = self.norm(x, small.req(Role::AttnNorm)?)?;
+        let mut q = Self::linear(small, mats, Role::Q, Role::QBias, &h)?.reshape((1, rows, nh, hd))?;
+        let mut k = Self::linear(small, mats, Role::K, Role::KBias, &h)?.reshape((1, rows, nkv, hd))?;
+        let v = Self::linear(small, mats, Role::V, Role::VBias, &h)?.reshape((rows, nkv, hd))?;
+        if let (Some(qn), Some(kn)) = (small.get(Role::QNorm), small.get(Role::KNorm)) {
+            q = self.norm(&q, qn)?;
+            k = self.norm(&k, kn)?;
         }
         let q = self.rope(&q, cos, sin)?;
         let k = self.rope(&k, cos, sin)?;
@@ -273,27 +183,28 @@ impl Block {
             let qs = q.narrow(0, s.row, s.len)?.transpose(0, 1)?.contiguous()?; // [nh, n, hd]
             let ks = k.narrow(0, s.row, s.len)?.transpose(0, 1)?; // [nkv, n, hd]
             let vs = v.narrow(0, s.row, s.len)?.transpose(0, 1)?;
-            let (kall, vall) = cache.append(&ks, &vs)?;
-            outs.push(self.attend(&qs, &kall, &vall, s, window)?);
+            let (kall, vall, k0) = cache.append(&ks, &vs)?;
+            outs.push(self.attend(&qs, &kall, &vall, k0, s, window)?);
         }
         let attn = Tensor::cat(&outs, 0)?; // [rows, nh*hd]
-        let mut a = w.o.forward(&attn)?;
-        if let Some(n) = &w.post_attn_norm {
-            a = candle_nn::ops::rms_norm(&a, n, self.eps)?;
+        let mut a = Self::linear(small, mats, Role::O, Role::OBias, &attn)?;
+        if let Some(n) = small.get(Role::PostAttnNorm) {
+            a = self.norm(&a, n)?;
         }
         let x = (x + a)?;
 
         // MLP.
-        let h = candle_nn::ops::rms_norm(&x, &w.mlp_norm, self.eps)?;
-        let g = w.gate.forward(&h)?;
+        let h = self.norm(&x, small.req(Role::MlpNorm)?)?;
+        let g = Self::linear(small, mats, Role::Gate, Role::GateBias, &h)?;
         let g = match self.act {
             Activation::Silu => g.silu()?,
             Activation::GeluTanh => g.gelu()?,
             Activation::GeluTanhF16 => gelu_f16_table(&g)?,
         };
-        let mut m = w.down.forward(&(g * w.up.forward(&h)?)?)?;
-        if let Some(n) = &w.post_mlp_norm {
-            m = candle_nn::ops::rms_norm(&m, n, self.eps)?;
+        let u = Self::linear(small, mats, Role::Up, Role::UpBias, &h)?;
+        let mut m = Self::linear(small, mats, Role::Down, Role::DownBias, &(g * u)?)?;
+        if let Some(n) = small.get(Role::PostMlpNorm) {
+            m = self.norm(&m, n)?;
         }
         Ok((x + m)?)
     }
@@ -319,6 +230,7 @@ impl Block {
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
+        k0: usize,
         s: &SeqRows,
         window: Option<usize>,
     ) -> Result<Tensor> {
@@ -326,33 +238,34 @@ impl Block {
         let total = k.dim(1)?;
         let chunk = query_chunk(self.scores_bytes, nh, total).min(n);
         if chunk == n {
-            return self.attend_rows(q, k, v, s.pos, window);
+            return self.attend_rows(q, k, v, k0, s.pos, window);
         }
         let mut outs = Vec::with_capacity(n.div_ceil(chunk));
         let mut i = 0;
         while i < n {
             let c = chunk.min(n - i);
             let qc = q.narrow(1, i, c)?.contiguous()?;
-            outs.push(self.attend_rows(&qc, k, v, s.pos + i, window)?);
+            outs.push(self.attend_rows(&qc, k, v, k0, s.pos + i, window)?);
             i += c;
         }
         Ok(Tensor::cat(&outs, 0)?)
     }
 
-    /// Attention for `n` query rows starting at absolute position `pos`, against the first
-    /// `pos + n` cached keys. Returns `[n, nh * hd]`.
+    /// Attention for `n` query rows starting at absolute position `pos`, against the cached
+    /// keys up to `pos + n`; key 0 is at absolute position `k0`. Returns `[n, nh * hd]`.
     fn attend_rows(
         &self,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
+        k0: usize,
         pos: usize,
         window: Option<usize>,
     ) -> Result<Tensor> {
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let n = q.dim(1)?;
         let groups = nh / nkv;
-        let total = pos + n;
+        let total = pos + n - k0;
         let k = k.narrow(1, 0, total)?;
         let v = v.narrow(1, 0, total)?;
         let q = q.reshape((nkv, groups * n, hd))?;
@@ -363,6 +276,7 @@ impl Block {
             for i in 0..n {
                 let p = pos + i;
                 for (j, slot) in m[i * total..(i + 1) * total].iter_mut().enumerate() {
+                    let j = j + k0;
                     let visible = j <= p && window.is_none_or(|w| p - j < w);
                     if !visible {
                         *slot = f32::NEG_INFINITY;

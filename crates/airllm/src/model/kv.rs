@@ -1,5 +1,9 @@
-//! The per-sequence KV cache. It is allocated once at the sequence's full context so that its
-//! bytes are known to the budget up front and appending never reallocates.
+//! The per-sequence KV cache of one layer. It is allocated once, so its bytes are known to the
+//! budget up front and appending never reallocates.
+//!
+//! A sliding-window layer keeps only what its window can still see: room for `window - 1` old
+//! tokens plus one step's new tokens. When a step would overflow it, the oldest tokens are
+//! dropped, so its size no longer grows with the context.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -8,28 +12,72 @@ use crate::error::{Error, Result};
 pub struct LayerKv {
     k: Tensor,
     v: Tensor,
+    /// Absolute position of the token in slot 0.
+    start: usize,
+    /// Slots in use.
     len: usize,
+    /// Tokens the sequence may hold in all.
+    context: usize,
+    window: Option<usize>,
+}
+
+/// Slots a layer's cache needs for `context` tokens and steps of up to `max_step` tokens.
+pub fn kv_slots(context: usize, window: Option<usize>, max_step: usize) -> usize {
+    match window {
+        Some(w) => context.min(w.saturating_sub(1) + max_step.max(1)),
+        None => context,
+    }
 }
 
 impl LayerKv {
-    pub fn new(kv_heads: usize, capacity: usize, head_dim: usize, device: &Device) -> Result<Self> {
-        let shape = (kv_heads, capacity, head_dim);
+    pub fn new(
+        kv_heads: usize,
+        context: usize,
+        window: Option<usize>,
+        max_step: usize,
+        head_dim: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let shape = (kv_heads, kv_slots(context, window, max_step), head_dim);
         Ok(LayerKv {
             k: Tensor::zeros(shape, DType::F32, device)?,
             v: Tensor::zeros(shape, DType::F32, device)?,
+            start: 0,
             len: 0,
+            context,
+            window,
         })
     }
 
-    /// Appends `[kv_heads, n, head_dim]` keys and values and returns views of everything cached.
-    pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// Appends `[kv_heads, n, head_dim]` keys and values and returns views of everything cached
+    /// and the absolute position of its first token.
+    pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor, usize)> {
         let n = k.dim(1)?;
         let cap = self.k.dim(1)?;
-        if self.len + n > cap {
+        if self.pos() + n > self.context {
             return Err(Error::Invalid(format!(
-                "context full: {} tokens cached + {n} new exceeds the context size of {cap}",
-                self.len
+                "context full: {} tokens cached + {n} new exceeds the context size of {}",
+                self.pos(),
+                self.context
             )));
+        }
+        if self.len + n > cap {
+            // Only a sliding layer can get here: keep the last window - 1 tokens.
+            let keep = self.window.map_or(self.len, |w| (w - 1).min(self.len));
+            let drop = self.len - keep;
+            if keep + n > cap {
+                return Err(Error::Invalid(format!(
+                    "a step of {n} tokens is more than the KV cache was sized for ({cap} slots)"
+                )));
+            }
+            if keep > 0 {
+                let k = self.k.narrow(1, drop, keep)?.contiguous()?;
+                let v = self.v.narrow(1, drop, keep)?.contiguous()?;
+                self.k.slice_set(&k, 1, 0)?;
+                self.v.slice_set(&v, 1, 0)?;
+            }
+            self.start += drop;
+            self.len = keep;
         }
         self.k.slice_set(&k.contiguous()?, 1, self.len)?;
         self.v.slice_set(&v.contiguous()?, 1, self.len)?;
@@ -37,19 +85,31 @@ impl LayerKv {
         Ok((
             self.k.narrow(1, 0, self.len)?,
             self.v.narrow(1, 0, self.len)?,
+            self.start,
         ))
     }
 
-    pub fn len(&self) -> usize {
-        self.len
+    /// Tokens processed, which is also the position of the next token.
+    pub fn pos(&self) -> usize {
+        self.start + self.len
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
+    /// Forgets everything from `len` on, keeping the allocation (for reusing a shared prefix),
+    /// and returns the length kept: less than `len` when a sliding layer has already dropped
+    /// keys that a token at `len` would see.
+    pub fn truncate(&mut self, len: usize) -> usize {
+        let need_from = self.window.map_or(0, |w| len.saturating_sub(w - 1));
+        if self.start > need_from {
+            self.start = 0;
+            self.len = 0;
+        } else {
+            self.len = self.len.min(len - self.start);
+        }
+        self.pos()
     }
 
-    /// Forgets everything from `len` on, keeping the allocation (for reusing a shared prefix).
-    pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
+    /// Bytes of keys and values held.
+    pub fn bytes(&self) -> u64 {
+        2 * (self.k.elem_count() * 4) as u64
     }
 }

@@ -1,9 +1,11 @@
-//! The model: one generic decoder block, RoPE, the KV cache, and the layer weights it computes on.
+//! The model: one generic decoder block, its matmul over weights in the file's form, RoPE and
+//! the KV cache.
 
 pub mod block;
 pub mod kv;
+pub mod matmul;
 pub mod rope;
 
-pub use block::{Block, LayerWeights, SeqRows};
+pub use block::{Block, Matrices, SeqRows, Small};
 pub use kv::LayerKv;
 pub use rope::Rope;

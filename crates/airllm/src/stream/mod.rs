@@ -1,9 +1,13 @@
-//! Streaming: the budget plan, the ledger that checks it, and the background layer reader.
+//! Streaming: the plan over memory tiers, the ledger that checks it, the buffer pool, the
+//! background reader of weight slices, and the layers kept resident.
 
 pub mod ledger;
 pub mod plan;
+pub mod pool;
 pub mod reader;
+pub mod resident;
 
 pub use ledger::{Charge, Ledger};
 pub use plan::{Plan, PlanInput};
 pub use reader::Prefetcher;
+pub use resident::HeldLayer;

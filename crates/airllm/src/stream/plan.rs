@@ -1,29 +1,36 @@
-//! The memory plan: from the budget and the model's sizes, how many layers stay resident, how
-//! many are streamed, and whether the output head fits whole.
+//! The memory plan: from the budget and the model's sizes, the slice size and number of read
+//! buffers for streaming, how many layers stay resident, and whether the output head does.
+//!
+//! The unit of streaming is a slice of one matrix (whole gemm tiles of rows), so the minimum
+//! budget is two slice buffers plus the KV cache and working set, whatever the size of a layer.
 
 use std::fmt;
 
 use crate::error::{Error, Result};
 use crate::util::fmt_bytes;
+use crate::weights::io::read_capacity;
 
-/// Sizes the plan is made from. All "bytes" are in compute form unless named `file`.
+/// Sizes the plan is made from. All "bytes" are in held form unless named `file`.
 #[derive(Debug, Clone)]
 pub struct PlanInput {
     pub num_layers: usize,
+    /// The largest layer.
     pub layer_bytes: u64,
     pub layer_file_bytes: u64,
-    pub vocab: usize,
-    /// The whole output head in compute form.
+    /// One layer's norms and biases (they travel with the slices).
+    pub small_bytes: u64,
     pub head_bytes: u64,
-    /// Bytes one vocabulary row of the head takes while a chunk is read and used.
-    pub head_row_bytes: u64,
     pub head_file_bytes: u64,
+    /// Bytes a read buffer needs for one whole gemm tile of rows of the widest matrix.
+    pub min_slice_bytes: u64,
     /// KV caches of all sequences at full context.
     pub kv_bytes: u64,
-    /// Activations and logits for the largest step.
+    /// Activations, logits and matmul scratch for the largest step.
     pub work_bytes: u64,
     /// Always-resident small tensors (final norm, rope tables).
     pub fixed_bytes: u64,
+    /// Memory the caller holds outside the engine (the tokenizer), counted against the budget.
+    pub reserved_bytes: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -32,95 +39,116 @@ pub struct Plan {
     pub resident_layers: usize,
     pub streamed_layers: usize,
     pub head_resident: bool,
-    /// Vocabulary rows per output-head chunk when the head is streamed.
-    pub head_chunk_rows: usize,
-    pub head_chunk_bytes: u64,
+    /// Most bytes one slice of a streamed matrix holds.
+    pub slice_bytes: u64,
+    /// Read buffers: one being filled, one being multiplied, the rest read ahead.
+    pub buffers: usize,
     pub layer_bytes: u64,
+    pub head_bytes: u64,
+    /// Read buffers and the small tensors in flight.
     pub inflight_bytes: u64,
     pub kv_bytes: u64,
     pub work_bytes: u64,
     pub fixed_bytes: u64,
+    pub reserved_bytes: u64,
     /// The smallest budget that can run this model at this batch and context.
     pub minimum: u64,
     pub bytes_read_per_token: u64,
 }
 
+/// Read-ahead is worth having up to about this many bytes in flight; beyond, budget is better
+/// spent keeping layers resident.
+const STREAM_TARGET: u64 = 256 << 20;
+/// Slices larger than this gain nothing (requests are 2 MiB each anyway) and lengthen the
+/// pipeline's start.
+const SLICE_TARGET: u64 = 32 << 20;
+
 impl Plan {
     pub fn new(inp: &PlanInput, budget: u64) -> Result<Plan> {
-        let head_bytes = inp.head_bytes;
-        // A head chunk is about a quarter of a layer, and never the whole head.
-        let chunk_rows = ((inp.layer_bytes / 4) / inp.head_row_bytes.max(1))
-            .clamp(1, inp.vocab.max(1) as u64) as usize;
-        let head_chunk_bytes = chunk_rows as u64 * inp.head_row_bytes;
-        let base = inp.kv_bytes + inp.work_bytes + inp.fixed_bytes;
-        let all_resident = inp.num_layers as u64 * inp.layer_bytes + head_bytes + base;
-        let make = |resident: usize, head_resident: bool, inflight: u64, minimum: u64| {
-            let streamed = inp.num_layers - resident;
-            Plan {
-                budget,
-                resident_layers: resident,
-                streamed_layers: streamed,
-                head_resident,
-                head_chunk_rows: if head_resident { inp.vocab } else { chunk_rows },
-                head_chunk_bytes: if head_resident { 0 } else { head_chunk_bytes },
-                layer_bytes: inp.layer_bytes,
-                inflight_bytes: inflight,
-                kv_bytes: inp.kv_bytes,
-                work_bytes: inp.work_bytes,
-                fixed_bytes: inp.fixed_bytes,
-                minimum,
-                bytes_read_per_token: streamed as u64 * inp.layer_file_bytes
-                    + if head_resident {
-                        0
-                    } else {
-                        inp.head_file_bytes
-                    },
-            }
+        let base = inp.kv_bytes + inp.work_bytes + inp.fixed_bytes + inp.reserved_bytes;
+        let all_resident = inp.num_layers as u64 * inp.layer_bytes + inp.head_bytes + base;
+        let buf = |slice: u64| read_capacity(slice as usize) as u64 + inp.small_bytes;
+        let min_slice = inp.min_slice_bytes.max(1);
+        let min_stream = 2 * buf(min_slice);
+        let minimum = (base + min_stream).min(all_resident);
+        let mut plan = Plan {
+            budget,
+            resident_layers: inp.num_layers,
+            streamed_layers: 0,
+            head_resident: true,
+            slice_bytes: 0,
+            buffers: 0,
+            layer_bytes: inp.layer_bytes,
+            head_bytes: inp.head_bytes,
+            inflight_bytes: 0,
+            kv_bytes: inp.kv_bytes,
+            work_bytes: inp.work_bytes,
+            fixed_bytes: inp.fixed_bytes,
+            reserved_bytes: inp.reserved_bytes,
+            minimum,
+            bytes_read_per_token: 0,
         };
-        // Streaming needs the layer being computed and the one being read, plus a head chunk.
-        let inflight = 2 * inp.layer_bytes;
-        let minimum = (inflight + base + head_chunk_bytes).min(all_resident);
         if all_resident <= budget {
-            return Ok(make(inp.num_layers, true, 0, minimum));
+            return Ok(plan);
         }
         if budget < minimum {
             return Err(Error::BudgetTooSmall {
                 budget,
                 minimum,
                 detail: format!(
-                    "2 layers in flight {} + KV cache {} + working set {} + head chunk {}",
-                    fmt_bytes(inflight),
+                    "2 slice buffers {} + KV cache {} + working set {}{}",
+                    fmt_bytes(min_stream),
                     fmt_bytes(inp.kv_bytes),
                     fmt_bytes(inp.work_bytes + inp.fixed_bytes),
-                    fmt_bytes(head_chunk_bytes)
+                    if inp.reserved_bytes > 0 {
+                        format!(" + tokenizer {}", fmt_bytes(inp.reserved_bytes))
+                    } else {
+                        String::new()
+                    }
                 ),
             });
         }
-        // Layers first: each resident byte saves one byte read per token whichever it holds,
-        // and layers are read from the start of the sweep, where prefetch cannot hide them.
-        let spare = budget - minimum;
-        let resident = ((spare / inp.layer_bytes.max(1)) as usize).min(inp.num_layers - 1);
-        let left = spare - resident as u64 * inp.layer_bytes;
-        let head_resident = left + head_chunk_bytes >= head_bytes;
-        let mut plan = make(resident, head_resident, inflight, minimum);
-        if head_resident {
-            plan.head_chunk_bytes = 0;
+        // A quarter of what is spare goes to read buffers, up to STREAM_TARGET; slices are
+        // about a quarter of that, so several are read ahead.
+        let spare = budget - base;
+        let stream = (spare / 4).clamp(min_stream, min_stream.max(STREAM_TARGET));
+        let mut slice = (stream / 4).clamp(min_slice, min_slice.max(SLICE_TARGET));
+        if 2 * buf(slice) > stream {
+            slice = min_slice;
         }
+        let buffers = ((stream / buf(slice)) as usize).max(2);
+        let inflight = buffers as u64 * buf(slice);
+        // Then layers, from the first: each resident byte saves one byte read per token, and
+        // the first layers are the ones prefetch cannot hide at the start of a sweep.
+        let mut left = spare.saturating_sub(inflight);
+        let resident = ((left / inp.layer_bytes.max(1)) as usize).min(inp.num_layers);
+        left -= resident as u64 * inp.layer_bytes;
+        let head_resident = left >= inp.head_bytes;
+        plan.resident_layers = resident;
+        plan.streamed_layers = inp.num_layers - resident;
+        plan.head_resident = head_resident;
+        plan.slice_bytes = slice;
+        plan.buffers = buffers;
+        plan.inflight_bytes = inflight;
+        plan.bytes_read_per_token = plan.streamed_layers as u64 * inp.layer_file_bytes
+            + if head_resident { 0 } else { inp.head_file_bytes };
         Ok(plan)
     }
 
     /// Bytes the plan holds at most.
-    pub fn total_bytes(&self, head_bytes: u64) -> u64 {
+    pub fn total_bytes(&self) -> u64 {
         self.resident_layers as u64 * self.layer_bytes
             + self.inflight_bytes
             + self.kv_bytes
             + self.work_bytes
             + self.fixed_bytes
-            + if self.head_resident {
-                head_bytes
-            } else {
-                self.head_chunk_bytes
-            }
+            + self.reserved_bytes
+            + if self.head_resident { self.head_bytes } else { 0 }
+    }
+
+    /// Whether anything is read from disk while generating.
+    pub fn streams(&self) -> bool {
+        self.streamed_layers > 0 || !self.head_resident
     }
 }
 
@@ -134,30 +162,41 @@ impl fmt::Display for Plan {
         )?;
         writeln!(
             f,
-            "  layers: {} resident, {} streamed ({} each in compute form)",
+            "  layers: {} resident, {} streamed ({} each, held in the file's form)",
             self.resident_layers,
             self.streamed_layers,
             fmt_bytes(self.layer_bytes)
         )?;
         writeln!(
             f,
-            "  output head: {}",
+            "  output head: {} ({})",
             if self.head_resident {
-                "resident".to_string()
+                "resident"
             } else {
-                format!(
-                    "streamed in chunks of {} rows ({})",
-                    self.head_chunk_rows,
-                    fmt_bytes(self.head_chunk_bytes)
-                )
-            }
+                "streamed"
+            },
+            fmt_bytes(self.head_bytes)
         )?;
+        if self.streams() {
+            writeln!(
+                f,
+                "  streaming: slices of up to {}, {} read buffers ({} read ahead), {} in flight",
+                fmt_bytes(self.slice_bytes),
+                self.buffers,
+                self.buffers - 1,
+                fmt_bytes(self.inflight_bytes)
+            )?;
+        }
         writeln!(
             f,
-            "  KV cache {}, working set {}, in-flight layer buffers {}",
+            "  KV cache {}, working set {}{}",
             fmt_bytes(self.kv_bytes),
             fmt_bytes(self.work_bytes + self.fixed_bytes),
-            fmt_bytes(self.inflight_bytes)
+            if self.reserved_bytes > 0 {
+                format!(", tokenizer {}", fmt_bytes(self.reserved_bytes))
+            } else {
+                String::new()
+            }
         )?;
         write!(
             f,
@@ -174,34 +213,50 @@ mod tests {
     fn input() -> PlanInput {
         PlanInput {
             num_layers: 10,
-            layer_bytes: 1000,
-            layer_file_bytes: 500,
-            vocab: 100,
-            head_bytes: 4000,
-            head_row_bytes: 40,
-            head_file_bytes: 2000,
-            kv_bytes: 300,
-            work_bytes: 200,
+            layer_bytes: 1 << 30,
+            layer_file_bytes: 1 << 30,
+            small_bytes: 1 << 10,
+            head_bytes: 2 << 30,
+            head_file_bytes: 2 << 30,
+            min_slice_bytes: 4 << 20,
+            kv_bytes: 64 << 20,
+            work_bytes: 32 << 20,
             fixed_bytes: 0,
+            reserved_bytes: 0,
         }
     }
 
     #[test]
     fn refuses_below_minimum_and_states_it() {
-        let e = Plan::new(&input(), 1000).unwrap_err().to_string();
+        let e = Plan::new(&input(), 100 << 20).unwrap_err().to_string();
         assert!(e.contains("minimum"), "{e}");
+    }
+
+    #[test]
+    fn minimum_does_not_grow_with_the_layer() {
+        let mut big = input();
+        big.layer_bytes *= 8;
+        let a = Plan::new(&input(), 1 << 30).unwrap();
+        let b = Plan::new(&big, 1 << 30).unwrap();
+        assert_eq!(a.minimum, b.minimum);
+        assert!(a.minimum < 120 << 20, "{}", a.minimum);
     }
 
     #[test]
     fn more_budget_more_resident() {
         let inp = input();
-        let small = Plan::new(&inp, 3000).unwrap();
-        let large = Plan::new(&inp, 8000).unwrap();
+        let small = Plan::new(&inp, 3 << 30).unwrap();
+        let large = Plan::new(&inp, 8 << 30).unwrap();
         assert!(small.resident_layers < large.resident_layers);
         assert_eq!(small.resident_layers + small.streamed_layers, 10);
         assert!(large.bytes_read_per_token < small.bytes_read_per_token);
-        assert!(small.total_bytes(4000) <= 3000 && large.total_bytes(4000) <= 8000);
-        let all = Plan::new(&inp, 100_000).unwrap();
+        assert!(small.total_bytes() <= 3 << 30 && large.total_bytes() <= 8 << 30);
+        assert!(small.buffers >= 2 && small.slice_bytes >= inp.min_slice_bytes);
+        // At the minimum, exactly two buffers of the smallest slice.
+        let min = Plan::new(&inp, small.minimum).unwrap();
+        assert_eq!((min.buffers, min.slice_bytes), (2, inp.min_slice_bytes));
+        assert!(min.total_bytes() <= min.budget);
+        let all = Plan::new(&inp, 100 << 30).unwrap();
         assert_eq!(
             (
                 all.streamed_layers,

@@ -1,114 +1,345 @@
-//! The background reader. It walks the streamed layers in order, forever, wrapping from the last
-//! layer to the first for the next step, and hands each loaded layer to the compute thread.
-//!
-//! The hand-off channel has no buffer: the reader can finish one layer ahead and then waits, so
-//! at most two streamed layers exist at once (the one computing and the one just read), which
-//! is what the plan reserved.
+//! The background reader. Each step it walks the streamed layers in order, reading each layer's
+//! small tensors and then its matrices in row slices sized by the plan, then (when the step
+//! wants logits and the head is not resident) the output head in slices. It runs ahead of
+//! compute as far as the buffer pool allows, across layer and step boundaries, so the prefetch
+//! depth is the number of buffers the plan could afford.
 
-use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 
-use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::model::LayerWeights;
-use crate::stream::ledger::{Charge, Ledger};
+use crate::model::block::{Matrices, Small};
+use crate::model::matmul::{matmul_into, with_rows, ROW_TILE};
+use crate::stream::pool::Pool;
+use crate::weights::mat::Mat;
+use crate::weights::schema::{LayerSchema, Role};
 use crate::weights::WeightSource;
 
-pub struct LoadedLayer {
-    pub weights: LayerWeights,
-    pub read_time: Duration,
-    _charge: Charge,
+/// Which matrix a slice belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Layer(usize, Role),
+    Head,
+}
+
+/// Rows `start..` of a matrix in a pool buffer, returned to the pool when dropped.
+pub struct Slice {
+    pub target: Target,
+    pub start: usize,
+    mat: Option<Mat>,
+    pool: Arc<Pool>,
+}
+
+impl Slice {
+    pub fn mat(&self) -> &Mat {
+        self.mat.as_ref().expect("present until drop")
+    }
+}
+
+impl Drop for Slice {
+    fn drop(&mut self) {
+        if let Some(m) = self.mat.take() {
+            self.pool.put(m.into_buf());
+        }
+    }
+}
+
+pub enum Piece {
+    /// A layer's norms and biases (they come before its first matrix).
+    Small(usize, Small),
+    Rows(Slice),
+}
+
+/// A piece and how long the reader took to read it.
+pub struct Delivered {
+    pub piece: Piece,
+    pub read: Duration,
+}
+
+/// One read the reader makes.
+#[derive(Debug, Clone)]
+enum Item {
+    Small(usize),
+    Rows {
+        target: Target,
+        name: String,
+        start: usize,
+        rows: usize,
+    },
+}
+
+/// Rows per slice of a matrix whose rows take `row_bytes` in a read buffer: whole gemm tiles,
+/// as many as fit in `slice_bytes`.
+pub fn slice_rows(slice_bytes: u64, row_bytes: u64, rows: usize) -> usize {
+    let tiles = (slice_bytes / (row_bytes.max(1) * ROW_TILE as u64)).max(1) as usize;
+    (tiles * ROW_TILE).min(rows.max(1))
+}
+
+/// What the reader reads each step.
+pub struct ReadSpec {
+    pub schema: LayerSchema,
+    pub layers: Vec<usize>,
+    /// The head's tensor name and rows, when the head is streamed.
+    pub head: Option<(String, usize)>,
+    pub slice_bytes: u64,
+    pub norm_offset: f32,
+    pub device: Device,
+}
+
+impl ReadSpec {
+    fn rows_items(
+        src: &dyn WeightSource,
+        target: Target,
+        name: String,
+        rows: usize,
+        slice_bytes: u64,
+    ) -> Result<Vec<Item>> {
+        let m = src
+            .meta(&name)
+            .ok_or_else(|| Error::tensor(src.path(), &name, "missing from the checkpoint"))?;
+        let per = slice_rows(slice_bytes, m.buffer_row_bytes(), rows);
+        Ok((0..rows)
+            .step_by(per)
+            .map(|start| Item::Rows {
+                target,
+                name: name.clone(),
+                start,
+                rows: per.min(rows - start),
+            })
+            .collect())
+    }
+
+    /// The reads of one step: the layers', and the head's.
+    fn items(&self, src: &dyn WeightSource) -> Result<(Vec<Item>, Vec<Item>)> {
+        let naming = src.naming();
+        let mut layers = Vec::new();
+        for &l in &self.layers {
+            layers.push(Item::Small(l));
+            for t in self.schema.matrices() {
+                layers.extend(Self::rows_items(
+                    src,
+                    Target::Layer(l, t.role),
+                    t.name(naming, l),
+                    t.shape[0],
+                    self.slice_bytes,
+                )?);
+            }
+        }
+        let head = match &self.head {
+            Some((name, rows)) => {
+                Self::rows_items(src, Target::Head, name.clone(), *rows, self.slice_bytes)?
+            }
+            None => vec![],
+        };
+        Ok((layers, head))
+    }
 }
 
 pub struct Prefetcher {
-    rx: Option<Receiver<Result<LoadedLayer>>>,
+    rx: Option<Receiver<Result<Delivered>>>,
+    /// One message per step: whether it reads the head.
+    cmd: Option<Sender<bool>>,
+    pool: Arc<Pool>,
     handle: Option<JoinHandle<()>>,
-}
-
-/// Reads one layer, charging the budget for it before the bytes exist.
-pub fn load_layer(
-    cfg: &ModelConfig,
-    src: &dyn WeightSource,
-    ledger: &Arc<Ledger>,
-    layer_bytes: u64,
-    index: usize,
-    device: &Device,
-) -> Result<(LayerWeights, Charge, Duration)> {
-    let charge = ledger.charge(layer_bytes);
-    let t = Instant::now();
-    let weights = LayerWeights::load(cfg, src, index, device)?;
-    // The plan reserves the largest layer; a layer larger than that would make the ledger
-    // fiction.
-    if weights.bytes() > layer_bytes {
-        return Err(Error::Reader(format!(
-            "layer {index} holds {} bytes but the plan reserved {layer_bytes}",
-            weights.bytes()
-        )));
-    }
-    Ok((weights, charge, t.elapsed()))
+    head_streamed: bool,
 }
 
 impl Prefetcher {
-    pub fn spawn(
-        cfg: ModelConfig,
-        src: Arc<dyn WeightSource>,
-        order: Vec<usize>,
-        ledger: Arc<Ledger>,
-        layer_bytes: u64,
-        device: Device,
-    ) -> Self {
-        let (tx, rx) = sync_channel::<Result<LoadedLayer>>(0);
+    pub fn spawn(spec: ReadSpec, src: Arc<dyn WeightSource>, pool: Arc<Pool>) -> Result<Self> {
+        let (layer_items, head_items) = spec.items(src.as_ref())?;
+        let head_streamed = !head_items.is_empty();
+        let (tx, rx) = channel::<Result<Delivered>>();
+        let (cmd_tx, cmd_rx) = channel::<bool>();
+        let pool2 = pool.clone();
         let handle = std::thread::Builder::new()
             .name("airllm-reader".into())
-            .spawn(move || loop {
-                for &i in &order {
-                    let msg = load_layer(&cfg, src.as_ref(), &ledger, layer_bytes, i, &device).map(
-                        |(weights, charge, read_time)| LoadedLayer {
-                            weights,
-                            read_time,
-                            _charge: charge,
-                        },
-                    );
-                    let failed = msg.is_err();
-                    // The receiver is gone when the engine is dropped or restarts the reader.
-                    if tx.send(msg).is_err() || failed {
-                        return;
+            .spawn(move || {
+                let read = |item: &Item| -> Option<Result<Delivered>> {
+                    let t = Instant::now();
+                    let piece = match item {
+                        Item::Small(l) => Small::load(
+                            &spec.schema,
+                            src.as_ref(),
+                            *l,
+                            spec.norm_offset,
+                            &spec.device,
+                        )
+                        .map(|s| Piece::Small(*l, s)),
+                        Item::Rows {
+                            target,
+                            name,
+                            start,
+                            rows,
+                        } => {
+                            let buf = pool2.get()?;
+                            src.read_rows(name, *start, *rows, buf).and_then(|mat| {
+                                if mat.bytes() > pool2.buf_bytes() as u64 {
+                                    return Err(Error::Reader(format!(
+                                        "{name}: a slice of {rows} rows took {} bytes, more than the planned buffer of {}",
+                                        mat.bytes(),
+                                        pool2.buf_bytes()
+                                    )));
+                                }
+                                Ok(Piece::Rows(Slice {
+                                    target: *target,
+                                    start: *start,
+                                    mat: Some(mat),
+                                    pool: pool2.clone(),
+                                }))
+                            })
+                        }
+                    };
+                    Some(piece.map(|piece| Delivered {
+                        piece,
+                        read: t.elapsed(),
+                    }))
+                };
+                loop {
+                    for item in &layer_items {
+                        let Some(msg) = read(item) else { return };
+                        let failed = msg.is_err();
+                        if tx.send(msg).is_err() || failed {
+                            return;
+                        }
+                    }
+                    if head_items.is_empty() {
+                        continue;
+                    }
+                    // The head is read only for steps that want logits; the engine says so at
+                    // the start of each step.
+                    match cmd_rx.recv() {
+                        Ok(true) => {}
+                        Ok(false) => continue,
+                        Err(_) => return,
+                    }
+                    for item in &head_items {
+                        let Some(msg) = read(item) else { return };
+                        let failed = msg.is_err();
+                        if tx.send(msg).is_err() || failed {
+                            return;
+                        }
                     }
                 }
             })
-            .expect("spawning the reader thread");
-        Prefetcher {
+            .map_err(|e| Error::Reader(format!("cannot start the reader thread: {e}")))?;
+        Ok(Prefetcher {
             rx: Some(rx),
+            cmd: Some(cmd_tx),
+            pool,
             handle: Some(handle),
+            head_streamed,
+        })
+    }
+
+    /// Tells the reader whether this step reads the head. Called once at the start of every
+    /// step.
+    pub fn begin_step(&self, wants_head: bool) {
+        if self.head_streamed {
+            if let Some(c) = &self.cmd {
+                let _ = c.send(wants_head);
+            }
         }
     }
 
-    /// Waits for the next layer, which must be `expected`.
-    pub fn next(&self, expected: usize) -> Result<LoadedLayer> {
+    /// The next piece, and how long compute waited for it.
+    pub fn next(&self) -> Result<(Delivered, Duration)> {
+        let t = Instant::now();
         let rx = self.rx.as_ref().expect("receiver lives until drop");
-        let layer = rx
+        let d = rx
             .recv()
             .map_err(|_| Error::Reader("the reader thread exited".into()))??;
-        if layer.weights.index != expected {
-            return Err(Error::Reader(format!(
-                "expected layer {expected}, got layer {}",
-                layer.weights.index
-            )));
+        Ok((d, t.elapsed()))
+    }
+
+    /// Waits for layer `layer`'s small tensors.
+    pub fn small(&self, layer: usize) -> Result<(Small, Duration, Duration)> {
+        let (d, wait) = self.next()?;
+        match d.piece {
+            Piece::Small(l, s) if l == layer => Ok((s, d.read, wait)),
+            Piece::Small(l, _) => Err(Error::Reader(format!(
+                "expected layer {layer}, got layer {l}"
+            ))),
+            Piece::Rows(s) => Err(Error::Reader(format!(
+                "expected layer {layer}'s norms, got a slice of {:?}",
+                s.target
+            ))),
         }
-        Ok(layer)
+    }
+
+    /// `x Wᵀ` for a streamed matrix of `rows` output rows, computed slice by slice as the
+    /// slices arrive. Returns the product and the read and wait times.
+    pub fn matmul(
+        &self,
+        target: Target,
+        rows: usize,
+        x: &Tensor,
+    ) -> Result<(Tensor, Duration, Duration)> {
+        let (mut read, mut wait) = (Duration::ZERO, Duration::ZERO);
+        let y = with_rows(x, rows, |xs, m, y| {
+            let mut done = 0;
+            while done < rows {
+                let (d, w) = self.next()?;
+                wait += w;
+                read += d.read;
+                let Piece::Rows(s) = d.piece else {
+                    return Err(Error::Reader(format!(
+                        "expected a slice of {target:?}, got a layer's norms"
+                    )));
+                };
+                if s.target != target || s.start != done {
+                    return Err(Error::Reader(format!(
+                        "expected rows from {done} of {target:?}, got rows from {} of {:?}",
+                        s.start, s.target
+                    )));
+                }
+                let v = s.mat().view();
+                matmul_into(xs, m, v, y, rows, done)?;
+                done += v.rows;
+            }
+            Ok(())
+        })?;
+        Ok((y, read, wait))
     }
 }
 
 impl Drop for Prefetcher {
     fn drop(&mut self) {
-        // Dropping the receiver makes the reader's pending send fail, so it exits.
+        // Closing the pool, the piece channel and the command channel wakes the reader
+        // wherever it waits, so it exits.
+        self.pool.close();
         self.rx.take();
+        self.cmd.take();
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
+    }
+}
+
+/// The matrices of a streamed layer: each product pulls its slices from the reader.
+pub struct StreamedMats<'a> {
+    pub reader: &'a Prefetcher,
+    pub schema: &'a LayerSchema,
+    pub layer: usize,
+    pub read: Duration,
+    pub wait: Duration,
+}
+
+impl Matrices for StreamedMats<'_> {
+    fn matmul(&mut self, role: Role, x: &Tensor) -> Result<Tensor> {
+        let rows = self
+            .schema
+            .get(role)
+            .map(|t| t.shape[0])
+            .ok_or_else(|| Error::Invalid(format!("internal error: the layer has no {role:?}")))?;
+        let (y, read, wait) = self
+            .reader
+            .matmul(Target::Layer(self.layer, role), rows, x)?;
+        self.read += read;
+        self.wait += wait;
+        Ok(y)
     }
 }

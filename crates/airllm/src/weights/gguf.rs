@@ -90,6 +90,8 @@ pub struct GgufFile {
     /// Tensor names in file order.
     pub order: Vec<String>,
     pub io: super::io::Io,
+    /// The same file opened for O_DIRECT, for tensor reads, where the filesystem allows it.
+    pub direct: Option<File>,
 }
 
 /// What a config is read from: a GGUF file's metadata and tensor shapes. The converter checks
@@ -361,6 +363,7 @@ impl GgufFile {
             tensors,
             order,
             io: super::io::Io::default(),
+            direct: super::io::open_direct(path),
         })
     }
 

@@ -64,103 +64,92 @@ pub fn pool() -> &'static rayon::ThreadPool {
     })
 }
 
-/// Threads in the I/O pool, each with its own staging buffer.
-pub fn pool_threads() -> usize {
-    pool().current_num_threads()
-}
-
 /// Alignment O_DIRECT needs for offsets, lengths and buffers.
-pub const DIRECT_ALIGN: usize = 4096;
+pub const DIRECT_ALIGN: usize = super::mat::BUF_ALIGN;
 
-/// A heap buffer aligned for O_DIRECT, kept per thread and grown on demand.
-struct AlignedBuf {
-    ptr: *mut u8,
-    cap: usize,
-}
+/// Bytes per read request: several are in flight at once on the I/O pool.
+const REQUEST: usize = 2 << 20;
 
-impl AlignedBuf {
-    fn ensure(&mut self, n: usize) -> &mut [u8] {
-        if n > self.cap {
-            self.free();
-            let layout =
-                std::alloc::Layout::from_size_align(n, DIRECT_ALIGN).expect("valid layout");
-            // SAFETY: n > 0 here; freed in `free` with the same layout.
-            self.ptr = unsafe { std::alloc::alloc(layout) };
-            if self.ptr.is_null() {
-                std::alloc::handle_alloc_error(layout);
-            }
-            self.cap = n;
-        }
-        // SAFETY: `ptr` owns `cap >= n` bytes; the bytes are only read after being filled by a
-        // read, and u8 has no invalid values.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, n) }
-    }
-    fn free(&mut self) {
-        if !self.ptr.is_null() {
-            let layout =
-                std::alloc::Layout::from_size_align(self.cap, DIRECT_ALIGN).expect("valid layout");
-            // SAFETY: allocated in `ensure` with this layout.
-            unsafe { std::alloc::dealloc(self.ptr, layout) };
-            self.ptr = std::ptr::null_mut();
-            self.cap = 0;
-        }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        self.free();
-    }
-}
-
-thread_local! {
-    static DIRECT_BUF: std::cell::RefCell<AlignedBuf> =
-        const { std::cell::RefCell::new(AlignedBuf { ptr: std::ptr::null_mut(), cap: 0 }) };
+/// Bytes [`Io::read_into`] needs in its buffer to read `len` bytes at any offset.
+pub fn read_capacity(len: usize) -> usize {
+    len + 2 * DIRECT_ALIGN
 }
 
 impl Io {
-    /// Reads `[at, at + len)` from a file opened with O_DIRECT, through an aligned per-thread
-    /// buffer, and hands the bytes to `f`. The kernel copies nothing into the page cache, so
-    /// there is nothing to drop afterwards.
-    pub fn read_direct<R>(
+    /// Reads `[at, at + len)` of a file straight into `buf` (grown when too small) and returns
+    /// where in `buf` byte `at` landed. With `direct` (the file opened with O_DIRECT) the read
+    /// covers the enclosing aligned range, so the kernel copies nothing and the page cache does
+    /// not grow; otherwise it is a buffered read at offset 0. The range is read in requests of
+    /// 2 MiB spread over the I/O pool, so several are in flight.
+    pub fn read_into(
         &self,
         file: &File,
+        direct: Option<&File>,
         at: u64,
         len: usize,
-        f: impl FnOnce(&[u8]) -> R,
-    ) -> std::io::Result<R> {
-        let a = DIRECT_ALIGN as u64;
-        let start = at / a * a;
-        let end = (at + len as u64).next_multiple_of(a);
-        let n = (end - start) as usize;
-        DIRECT_BUF.with(|b| {
-            let mut b = b.borrow_mut();
-            let buf = b.ensure(n);
-            let mut got = 0usize;
-            while got < n {
-                match file.read_at(&mut buf[got..n], start + got as u64) {
-                    Ok(0) => break, // the aligned end may lie past the end of the file
-                    Ok(r) => got += r,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
-                }
-            }
+        buf: &mut super::mat::AlignedBuf,
+    ) -> std::io::Result<usize> {
+        use rayon::prelude::*;
+        if let Some(d) = direct {
+            let a = DIRECT_ALIGN as u64;
+            let start = at / a * a;
+            let end = (at + len as u64).next_multiple_of(a);
+            let n = (end - start) as usize;
+            buf.ensure(n);
             let lo = (at - start) as usize;
-            if got < lo + len {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "file ended early",
-                ));
+            let r = pool().install(|| {
+                buf.bytes_mut(n)
+                    .par_chunks_mut(REQUEST)
+                    .enumerate()
+                    .try_for_each(|(i, chunk)| -> std::io::Result<()> {
+                        let off = start + (i * REQUEST) as u64;
+                        let mut got = 0usize;
+                        while got < chunk.len() {
+                            match d.read_at(&mut chunk[got..], off + got as u64) {
+                                Ok(0) => break, // the aligned end may lie past the end of the file
+                                Ok(r) => got += r,
+                                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                                Err(e) => return Err(e),
+                            }
+                        }
+                        let need = (lo + len).saturating_sub(i * REQUEST).min(chunk.len());
+                        if got < need {
+                            return Err(std::io::Error::new(
+                                std::io::ErrorKind::UnexpectedEof,
+                                "file ended early",
+                            ));
+                        }
+                        Ok(())
+                    })
+            });
+            match r {
+                Ok(()) => {
+                    self.bytes_read.fetch_add(len as u64, Ordering::Relaxed);
+                    return Ok(lo);
+                }
+                // Some filesystems accept O_DIRECT at open and refuse the reads: read buffered.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                Err(e) => return Err(e),
             }
-            self.bytes_read.fetch_add(len as u64, Ordering::Relaxed);
-            Ok(f(&buf[lo..lo + len]))
-        })
+        }
+        buf.ensure(len);
+        pool().install(|| {
+            buf.bytes_mut(len)
+                .par_chunks_mut(REQUEST)
+                .enumerate()
+                .try_for_each(|(i, chunk)| self.read_at(file, chunk, at + (i * REQUEST) as u64))
+        })?;
+        Ok(0)
     }
 }
 
-/// Opens `path` for O_DIRECT reads, or `None` where the filesystem does not support it.
+/// Opens `path` for O_DIRECT reads, or `None` where the filesystem does not support it or
+/// `AIRLLM_NO_DIRECT_IO` is set.
 pub fn open_direct(path: &std::path::Path) -> Option<File> {
     use std::os::unix::fs::OpenOptionsExt;
+    if std::env::var_os("AIRLLM_NO_DIRECT_IO").is_some() {
+        return None;
+    }
     std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_DIRECT)

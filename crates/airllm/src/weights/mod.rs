@@ -9,19 +9,21 @@ pub mod gguf;
 pub mod gguf_tokenizer;
 pub mod gguf_write;
 pub mod io;
-pub mod names;
+pub mod mat;
 pub mod safetensors;
+pub mod schema;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{Device, Module, Tensor};
+use candle_core::quantized::GgmlDType;
+use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
 use gguf::{GgufFile, GgufTensor};
-pub use names::{Naming, Role};
-use safetensors::{read_as, SafetensorsSet, TensorInfo};
+use mat::{AlignedBuf, Form, Mat, MatView};
+pub use schema::{LayerSchema, Naming, Role};
+use safetensors::{read_f32, SafetensorsSet, TensorInfo};
 
 /// What the planner needs to know about one stored tensor.
 #[derive(Debug, Clone)]
@@ -29,7 +31,7 @@ pub struct TensorMeta {
     pub shape: Vec<usize>,
     /// Bytes on disk.
     pub file_bytes: u64,
-    /// Bytes once loaded for compute.
+    /// Bytes once held for compute: a matrix in its held form, anything else as f32.
     pub compute_bytes: u64,
     pub dtype: &'static str,
 }
@@ -38,101 +40,17 @@ impl TensorMeta {
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
-}
-
-/// A matrix ready to multiply: dense f32, or quantized blocks.
-pub enum Weight {
-    Dense(Tensor),
-    Quant(QMatMul, u64),
-}
-
-impl Weight {
-    /// `x Wᵀ` for `x` `[rows, in]` and `W` `[out, in]`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(match self {
-            // f16 weights multiply in f16 (widening the weight per call costs more than
-            // candle's f16 kernel loses to f32 at prefill sizes).
-            Weight::Dense(w) if w.dtype() == candle_core::DType::F16 => x
-                .to_dtype(candle_core::DType::F16)?
-                .matmul(&w.t()?)?
-                .to_dtype(candle_core::DType::F32)?,
-            Weight::Dense(w) => x.matmul(&w.t()?)?,
-            Weight::Quant(QMatMul::QTensor(q), _)
-                if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 =>
-            {
-                match blocks_matmul(q, x)? {
-                    Some(y) => y,
-                    None => Module::forward(&QMatMul::QTensor(q.clone()), x)?,
-                }
-            }
-            Weight::Quant(q, _) => q.forward(x)?,
-        })
+    /// Bytes a matrix holds once read whole into a buffer of its own: the larger of its file
+    /// and held forms, and the slack of an O_DIRECT read.
+    pub fn buffer_bytes(&self) -> u64 {
+        io::read_capacity(self.file_bytes.max(self.compute_bytes) as usize) as u64
     }
-    pub fn bytes(&self) -> u64 {
-        match self {
-            Weight::Dense(w) => (w.elem_count() * w.dtype().size_in_bytes()) as u64,
-            Weight::Quant(_, b) => *b,
-        }
+    /// Bytes a read buffer needs per row of this matrix: its file bytes land there first, and
+    /// its held form (which may be larger, as for `dequantize`) replaces them.
+    pub fn buffer_row_bytes(&self) -> u64 {
+        let rows = self.shape.first().copied().unwrap_or(1).max(1) as u64;
+        self.file_bytes.max(self.compute_bytes).div_ceil(rows)
     }
-}
-
-/// `x Wᵀ` on the CPU straight from the stored blocks, with candle's block kernels.
-///
-/// candle's `QMatMul` would repack Q4_K (and Q6_K for several rows) into a wider tile layout on
-/// first use and keep both copies: about 2.3× the weight's memory, outside our budget, and, for
-/// a streamed layer, a repacking pass on every token. Returns `None` for types without a kernel
-/// here, which go through `QMatMul`.
-fn blocks_matmul(q: &QTensor, x: &Tensor) -> Result<Option<Tensor>> {
-    use candle_core::quantized::k_quants::{self as kq, GgmlType};
-    fn go<T: GgmlType>(
-        mkn: (usize, usize, usize),
-        lhs: &[f32],
-        bytes: &[u8],
-        dst: &mut [f32],
-    ) -> Result<()> {
-        let size = std::mem::size_of::<T>();
-        assert!(
-            bytes.len().is_multiple_of(size)
-                && (bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>()),
-            "block storage is whole, aligned blocks"
-        );
-        // SAFETY: the bytes are the tensor's own block storage (a `Vec<T>` on the CPU), checked
-        // above to be whole and aligned; block types are plain data.
-        let blocks =
-            unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const T, bytes.len() / size) };
-        kq::matmul(mkn, lhs, blocks, dst)?;
-        Ok(())
-    }
-    let (n, k) = q.shape().dims2()?;
-    let x = x.contiguous()?;
-    let m = x.elem_count() / k;
-    // The activations are read in place, without a copy.
-    let (guard, layout) = x.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*guard else {
-        return Ok(None);
-    };
-    let off = layout.start_offset();
-    let lhs = &cpu.as_slice::<f32>()?[off..off + m * k];
-    let data = q.data()?;
-    let mut dst = vec![0f32; m * n];
-    let mkn = (m, k, n);
-    match q.dtype() {
-        GgmlDType::Q4_0 => go::<kq::BlockQ4_0>(mkn, lhs, &data, &mut dst)?,
-        GgmlDType::Q4_1 => go::<kq::BlockQ4_1>(mkn, lhs, &data, &mut dst)?,
-        GgmlDType::Q5_0 => go::<kq::BlockQ5_0>(mkn, lhs, &data, &mut dst)?,
-        GgmlDType::Q5_1 => go::<kq::BlockQ5_1>(mkn, lhs, &data, &mut dst)?,
-        GgmlDType::Q8_0 => go::<kq::BlockQ8_0>(mkn, lhs, &data, &mut dst)?,
-        GgmlDType::Q2K => go::<kq::BlockQ2K>(mkn, lhs, &data, &mut dst)?,
-        GgmlDType::Q3K => go::<kq::BlockQ3K>(mkn, lhs, &data, &mut dst)?,
-        GgmlDType::Q4K => go::<kq::BlockQ4K>(mkn, lhs, &data, &mut dst)?,
-        GgmlDType::Q5K => go::<kq::BlockQ5K>(mkn, lhs, &data, &mut dst)?,
-        GgmlDType::Q6K => go::<kq::BlockQ6K>(mkn, lhs, &data, &mut dst)?,
-        _ => return Ok(None),
-    }
-    drop(guard);
-    let mut dims = x.dims().to_vec();
-    *dims.last_mut().unwrap() = n;
-    Ok(Some(Tensor::from_vec(dst, dims, x.device())?))
 }
 
 /// A checkpoint on disk that tensors can be read from by name. Implementations must be usable
@@ -142,24 +60,39 @@ pub trait WeightSource: Send + Sync {
     fn path(&self) -> &Path;
     fn naming(&self) -> Naming;
     fn meta(&self, name: &str) -> Option<TensorMeta>;
-    /// Reads a whole tensor as f32 (norms, biases).
+    /// Reads a whole small tensor (a norm, a bias) as f32.
     fn load(&self, name: &str, device: &Device) -> Result<Tensor>;
-    /// Reads a matrix in compute form.
-    fn load_weight(&self, name: &str, device: &Device) -> Result<Weight>;
     /// Reads rows `ids` of a 2-D tensor (embedding lookup) as f32 `[ids.len(), cols]`.
     fn load_rows(&self, name: &str, ids: &[u32], device: &Device) -> Result<Tensor>;
-    /// Reads rows `start..start+len` of a matrix in compute form (an output-head chunk).
-    fn load_row_range(
-        &self,
-        name: &str,
-        start: usize,
-        len: usize,
-        device: &Device,
-    ) -> Result<Weight>;
+    /// The form a matrix is held in.
+    fn form(&self, name: &str) -> Result<Form>;
+    /// Reads rows `start..start+len` of a matrix into `buf` (grown when too small), in the
+    /// held form, with no intermediate copy.
+    fn read_rows(&self, name: &str, start: usize, len: usize, buf: AlignedBuf) -> Result<Mat>;
     /// Read accounting and page-cache policy.
     fn io(&self) -> &io::Io;
     /// The files the weights live in, for measuring raw read bandwidth.
     fn files(&self) -> Vec<PathBuf>;
+
+    /// Reads a whole matrix into a buffer of its own.
+    fn load_mat(&self, name: &str) -> Result<Mat> {
+        let rows = self
+            .meta(name)
+            .ok_or_else(|| Error::tensor(self.path(), name, "missing from the checkpoint"))?
+            .shape[0];
+        self.read_rows(name, 0, rows, AlignedBuf::default())
+    }
+}
+
+fn check_range(path: &Path, name: &str, start: usize, len: usize, rows: usize) -> Result<()> {
+    if start.checked_add(len).is_none_or(|e| e > rows) {
+        return Err(Error::tensor(
+            path,
+            name,
+            format!("rows {start}..{} are outside its {rows} rows", start.saturating_add(len)),
+        ));
+    }
+    Ok(())
 }
 
 /// Opens a model: a `.gguf` file, or a Hugging Face folder of safetensors.
@@ -181,8 +114,8 @@ pub struct SafetensorsSource {
     dir: PathBuf,
     set: SafetensorsSet,
     io: io::Io,
-    /// Hold matrices as f16 instead of f32: half the memory and, for one row, about 1.8× the
-    /// matmul speed on this class of CPU, at the cost of f16 rounding (opt-in, not exact).
+    /// Hold f32 matrices as f16: half the memory, with weights rounded to f16 (opt-in, not
+    /// exact). 16-bit checkpoints are held in their own form either way.
     pub f16: bool,
 }
 
@@ -193,26 +126,6 @@ impl SafetensorsSource {
             set: SafetensorsSet::open_dir(dir)?,
             io: io::Io::default(),
             f16: false,
-        })
-    }
-
-    /// Reads rows `start..start+rows` of a matrix in the matrix compute form.
-    fn read_matrix(
-        &self,
-        name: &str,
-        start: usize,
-        rows: usize,
-        device: &Device,
-    ) -> Result<Tensor> {
-        let (info, shard) = self.get(name)?;
-        let cols = self.cols(name, info, shard)?;
-        let (at, n) = (start * cols, rows * cols);
-        Ok(if self.f16 {
-            let v: Vec<half::f16> = read_as(&self.io, shard, name, info, at, n)?;
-            Tensor::from_vec(v, (rows, cols), device)?
-        } else {
-            let v: Vec<f32> = read_as(&self.io, shard, name, info, at, n)?;
-            Tensor::from_vec(v, (rows, cols), device)?
         })
     }
 
@@ -234,6 +147,33 @@ impl SafetensorsSource {
                 format!("expected a 2-D tensor, got shape {s:?}"),
             )),
         }
+    }
+
+    fn held(&self, info: &TensorInfo) -> Form {
+        match info.dtype {
+            safetensors::DType::F32 if self.f16 => Form::F16,
+            safetensors::DType::F32 => Form::F32,
+            safetensors::DType::F16 => Form::F16,
+            safetensors::DType::BF16 => Form::BF16,
+        }
+    }
+}
+
+/// Rewrites `n` little-endian f32 values at the start of `b` as f16, in place (each write lands
+/// at or before the bytes already read).
+fn f32_to_f16_in_place(b: &mut [u8], n: usize) {
+    let mut tmp = [0f32; 1024];
+    let mut out = [half::f16::ZERO; 1024];
+    let mut i = 0;
+    while i < n {
+        let c = (n - i).min(1024);
+        for (j, t) in tmp[..c].iter_mut().enumerate() {
+            let p = 4 * (i + j);
+            *t = f32::from_le_bytes([b[p], b[p + 1], b[p + 2], b[p + 3]]);
+        }
+        half::slice::HalfFloatSliceExt::convert_from_f32_slice(&mut out[..c], &tmp[..c]);
+        b[2 * i..2 * (i + c)].copy_from_slice(bytemuck::cast_slice(&out[..c]));
+        i += c;
     }
 }
 
@@ -258,20 +198,18 @@ impl WeightSource for SafetensorsSource {
         self.set.tensors.get(name).map(|i| TensorMeta {
             shape: i.shape.clone(),
             file_bytes: i.nbytes,
-            compute_bytes: i.numel() as u64 * if self.f16 && i.shape.len() == 2 { 2 } else { 4 },
+            compute_bytes: match i.shape.as_slice() {
+                [r, c] => (self.held(i).row_bytes(*c) * r) as u64,
+                _ => i.numel() as u64 * 4,
+            },
             dtype: i.dtype.name(),
         })
     }
 
     fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
         let (info, shard) = self.get(name)?;
-        let data = read_as::<f32>(&self.io, shard, name, info, 0, info.numel())?;
+        let data = read_f32(&self.io, shard, name, info, 0, info.numel())?;
         Ok(Tensor::from_vec(data, info.shape.as_slice(), device)?)
-    }
-
-    fn load_weight(&self, name: &str, device: &Device) -> Result<Weight> {
-        let rows = self.get(name)?.0.shape[0];
-        Ok(Weight::Dense(self.read_matrix(name, 0, rows, device)?))
     }
 
     fn load_rows(&self, name: &str, ids: &[u32], device: &Device) -> Result<Tensor> {
@@ -280,7 +218,7 @@ impl WeightSource for SafetensorsSource {
         let mut out = Vec::with_capacity(ids.len() * cols);
         for &id in ids {
             check_row(id, info.shape[0])?;
-            out.extend(read_as::<f32>(
+            out.extend(read_f32(
                 &self.io,
                 shard,
                 name,
@@ -292,14 +230,26 @@ impl WeightSource for SafetensorsSource {
         Ok(Tensor::from_vec(out, (ids.len(), cols), device)?)
     }
 
-    fn load_row_range(
-        &self,
-        name: &str,
-        start: usize,
-        len: usize,
-        device: &Device,
-    ) -> Result<Weight> {
-        Ok(Weight::Dense(self.read_matrix(name, start, len, device)?))
+    fn form(&self, name: &str) -> Result<Form> {
+        Ok(self.held(self.get(name)?.0))
+    }
+
+    fn read_rows(&self, name: &str, start: usize, len: usize, mut buf: AlignedBuf) -> Result<Mat> {
+        let (info, shard) = self.get(name)?;
+        let cols = self.cols(name, info, shard)?;
+        check_range(&shard.path, name, start, len, info.shape[0])?;
+        let es = info.dtype.size();
+        let at = info.offset + (start * cols * es) as u64;
+        let off = self
+            .io
+            .read_into(&shard.file, shard.direct.as_ref(), at, len * cols * es, &mut buf)
+            .map_err(|e| Error::tensor(&shard.path, name, format!("read failed: {e}")))?;
+        let form = self.held(info);
+        if form == Form::F16 && info.dtype == safetensors::DType::F32 {
+            let n = len * cols;
+            f32_to_f16_in_place(&mut buf.bytes_mut(off + 4 * n)[off..], n);
+        }
+        Mat::new(form, len, cols, buf, off)
     }
 }
 
@@ -312,7 +262,7 @@ fn check_row(id: u32, rows: usize) -> Result<()> {
     Ok(())
 }
 
-/// A llama.cpp GGUF file, read in place. Quantized matrices stay quantized.
+/// A llama.cpp GGUF file, read in place. Every type is held as stored.
 pub struct GgufSource {
     pub file: GgufFile,
     /// Widen quantized matrices to f32 at load: the exact function of the file computed in
@@ -339,94 +289,28 @@ impl GgufSource {
             .ok_or_else(|| Error::tensor(&self.file.path, name, "missing from the file"))
     }
 
-    /// Reads whole rows `start..start+len` of a tensor as a quantized tensor.
-    fn rows_q(
-        &self,
-        name: &str,
-        t: &GgufTensor,
-        start: usize,
-        len: usize,
-        device: &Device,
-    ) -> Result<QTensor> {
+    fn held(&self, t: &GgufTensor) -> Form {
+        if self.dequantize && !is_float(t.dtype) {
+            Form::F32
+        } else {
+            Form::of_ggml(t.dtype)
+        }
+    }
+
+    /// `rows` whole rows of `t` starting at `start`, widened to f32.
+    fn rows_f32(&self, name: &str, t: &GgufTensor, start: usize, rows: usize) -> Result<Vec<f32>> {
         let rb = t.row_bytes();
-        let mut shape = t.shape.clone();
-        shape[0] = len;
-        self.read_q(
-            name,
-            t.dtype,
-            t.offset + (start * rb) as u64,
-            len * rb,
-            shape,
-            device,
-        )
-    }
-
-    /// Reads `nbytes` of blocks at `at`. On the CPU the blocks are read straight into the
-    /// tensor's storage, so a tensor never exists twice in memory while loading.
-    fn read_q(
-        &self,
-        name: &str,
-        dtype: GgmlDType,
-        at: u64,
-        nbytes: usize,
-        shape: Vec<usize>,
-        device: &Device,
-    ) -> Result<QTensor> {
-        use candle_core::quantized::k_quants::*;
-        use candle_core::quantized::QStorage;
-        fn blocks<T: GgmlType + Send + Sync + 'static>(
-            f: &GgufFile,
-            name: &str,
-            at: u64,
-            nbytes: usize,
-        ) -> Result<QStorage> {
-            let n = nbytes / std::mem::size_of::<T>();
-            let mut v: Vec<T> = vec![T::zeros(); n];
-            // SAFETY: block types are plain old data (integers and f16s, `repr(C)`) with no
-            // invalid bit patterns, and the slice covers exactly the vector's initialised bytes.
-            let bytes = unsafe {
-                std::slice::from_raw_parts_mut(
-                    v.as_mut_ptr() as *mut u8,
-                    n * std::mem::size_of::<T>(),
-                )
-            };
-            f.io.read_at(&f.file, bytes, at)
-                .map_err(|e| Error::tensor(&f.path, name, format!("read failed: {e}")))?;
-            Ok(QStorage::Cpu(Box::new(v)))
+        let bytes = self
+            .file
+            .read(name, t.offset + (start * rb) as u64, rows * rb)?;
+        MatView {
+            form: Form::of_ggml(t.dtype),
+            rows,
+            cols: *t.shape.last().unwrap_or(&1),
+            data: &bytes,
         }
-        let f = &self.file;
-        if !device.is_cpu() {
-            return self.read_q_copy(name, dtype, at, nbytes, shape, device);
-        }
-        let storage = match dtype {
-            GgmlDType::Q4_0 => blocks::<BlockQ4_0>(f, name, at, nbytes)?,
-            GgmlDType::Q4_1 => blocks::<BlockQ4_1>(f, name, at, nbytes)?,
-            GgmlDType::Q5_0 => blocks::<BlockQ5_0>(f, name, at, nbytes)?,
-            GgmlDType::Q5_1 => blocks::<BlockQ5_1>(f, name, at, nbytes)?,
-            GgmlDType::Q8_0 => blocks::<BlockQ8_0>(f, name, at, nbytes)?,
-            GgmlDType::Q2K => blocks::<BlockQ2K>(f, name, at, nbytes)?,
-            GgmlDType::Q3K => blocks::<BlockQ3K>(f, name, at, nbytes)?,
-            GgmlDType::Q4K => blocks::<BlockQ4K>(f, name, at, nbytes)?,
-            GgmlDType::Q5K => blocks::<BlockQ5K>(f, name, at, nbytes)?,
-            GgmlDType::Q6K => blocks::<BlockQ6K>(f, name, at, nbytes)?,
-            _ => return self.read_q_copy(name, dtype, at, nbytes, shape, device),
-        };
-        QTensor::new(storage, shape).map_err(|e| Error::tensor(&f.path, name, e.to_string()))
-    }
-
-    /// Float tensors and other devices: read the bytes, then let candle build the tensor.
-    fn read_q_copy(
-        &self,
-        name: &str,
-        dtype: GgmlDType,
-        at: u64,
-        nbytes: usize,
-        shape: Vec<usize>,
-        device: &Device,
-    ) -> Result<QTensor> {
-        let bytes = self.file.read(name, at, nbytes)?;
-        candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, &bytes, shape, device)
-            .map_err(|e| Error::tensor(&self.file.path, name, e.to_string()))
+        .to_f32()
+        .map_err(|e| Error::tensor(&self.file.path, name, e.to_string()))
     }
 }
 
@@ -451,10 +335,10 @@ impl WeightSource for GgufSource {
         self.file.tensors.get(name).map(|t| TensorMeta {
             shape: t.shape.clone(),
             file_bytes: t.nbytes,
-            compute_bytes: if is_float(t.dtype) || self.dequantize {
-                t.numel() as u64 * 4
+            compute_bytes: if t.shape.len() == 2 {
+                (self.held(t).row_bytes(t.shape[1]) * t.shape[0]) as u64
             } else {
-                t.nbytes
+                t.numel() as u64 * 4
             },
             dtype: gguf::type_name(t.dtype),
         })
@@ -462,48 +346,55 @@ impl WeightSource for GgufSource {
 
     fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
         let t = self.get(name)?;
-        let q = self.read_q(
-            name,
-            t.dtype,
-            t.offset,
-            t.nbytes as usize,
-            t.shape.clone(),
-            device,
-        )?;
-        Ok(q.dequantize(device)?)
-    }
-
-    fn load_weight(&self, name: &str, device: &Device) -> Result<Weight> {
-        let t = self.get(name)?;
-        self.load_row_range(name, 0, t.shape[0], device)
+        let rows = t.numel() / t.shape.last().copied().unwrap_or(1).max(1);
+        let v = self.rows_f32(name, t, 0, rows)?;
+        Ok(Tensor::from_vec(v, t.shape.as_slice(), device)?)
     }
 
     fn load_rows(&self, name: &str, ids: &[u32], device: &Device) -> Result<Tensor> {
         let t = self.get(name)?;
-        let mut rows = Vec::with_capacity(ids.len());
+        let cols = *t.shape.last().unwrap_or(&1);
+        let mut out = Vec::with_capacity(ids.len() * cols);
         for &id in ids {
             check_row(id, t.shape[0])?;
-            rows.push(
-                self.rows_q(name, t, id as usize, 1, device)?
-                    .dequantize(device)?,
-            );
+            out.extend(self.rows_f32(name, t, id as usize, 1)?);
         }
-        Ok(Tensor::cat(&rows, 0)?)
+        Ok(Tensor::from_vec(out, (ids.len(), cols), device)?)
     }
 
-    fn load_row_range(
-        &self,
-        name: &str,
-        start: usize,
-        len: usize,
-        device: &Device,
-    ) -> Result<Weight> {
+    fn form(&self, name: &str) -> Result<Form> {
+        Ok(self.held(self.get(name)?))
+    }
+
+    fn read_rows(&self, name: &str, start: usize, len: usize, mut buf: AlignedBuf) -> Result<Mat> {
         let t = self.get(name)?;
-        let q = self.rows_q(name, t, start, len, device)?;
-        if is_float(t.dtype) || self.dequantize {
-            return Ok(Weight::Dense(q.dequantize(device)?));
+        let path = &self.file.path;
+        let [rows, cols] = t.shape[..] else {
+            return Err(Error::tensor(
+                path,
+                name,
+                format!("expected a 2-D tensor, got shape {:?}", t.shape),
+            ));
+        };
+        check_range(path, name, start, len, rows)?;
+        let rb = t.row_bytes();
+        let f = &self.file;
+        let off = f
+            .io
+            .read_into(&f.file, f.direct.as_ref(), t.offset + (start * rb) as u64, len * rb, &mut buf)
+            .map_err(|e| Error::tensor(path, name, format!("read failed: {e}")))?;
+        let form = self.held(t);
+        if form != Form::of_ggml(t.dtype) {
+            // Dequantized for reference checks: widened once, into a buffer of its own.
+            let v = Mat::new(Form::of_ggml(t.dtype), len, cols, buf, off)?
+                .view()
+                .to_f32()
+                .map_err(|e| Error::tensor(path, name, e.to_string()))?;
+            let mut wide = AlignedBuf::with_capacity(4 * v.len());
+            wide.bytes_mut(4 * v.len())
+                .copy_from_slice(bytemuck::cast_slice(&v));
+            return Mat::new(Form::F32, len, cols, wide, 0);
         }
-        let bytes = (len * t.row_bytes()) as u64;
-        Ok(Weight::Quant(QMatMul::from_qtensor(q)?, bytes))
+        Mat::new(form, len, cols, buf, off)
     }
 }

@@ -170,11 +170,7 @@ pub fn open_shard(path: &Path, shard_idx: usize) -> Result<(Shard, Vec<(String, 
     Ok((
         Shard {
             path: path.to_path_buf(),
-            direct: if std::env::var_os("AIRLLM_NO_DIRECT_IO").is_some() {
-                None
-            } else {
-                super::io::open_direct(path)
-            },
+            direct: super::io::open_direct(path),
             file,
             len,
         },
@@ -182,97 +178,27 @@ pub fn open_shard(path: &Path, shard_idx: usize) -> Result<(Shard, Vec<(String, 
     ))
 }
 
-/// An element type tensors are read into: f32 (exact for every stored dtype) or f16 (the
-/// opt-in half-size compute form).
-pub trait ReadElem: Copy + Default + Send + Sync + bytemuck::Pod {
-    /// Converts stored little-endian values of `dtype` (given as bytes, any alignment).
-    fn convert(bytes: &[u8], dst: &mut [Self], dtype: DType);
-}
-
-impl ReadElem for f32 {
-    fn convert(bytes: &[u8], dst: &mut [f32], dtype: DType) {
-        match dtype {
-            DType::F32 => bytemuck::cast_slice_mut::<f32, u8>(dst).copy_from_slice(bytes),
-            _ => widen_16_bytes(bytes, dst, dtype),
-        }
-    }
-}
-
-impl ReadElem for half::f16 {
-    fn convert(bytes: &[u8], dst: &mut [half::f16], dtype: DType) {
-        match dtype {
-            DType::F16 => bytemuck::cast_slice_mut::<half::f16, u8>(dst).copy_from_slice(bytes),
-            _ => {
-                // Through f32, a small piece at a time.
-                let mut tmp = [0f32; 1024];
-                let es = dtype.size();
-                for (d, b) in dst.chunks_mut(1024).zip(bytes.chunks(1024 * es)) {
-                    let t = &mut tmp[..d.len()];
-                    f32::convert(b, t, dtype);
-                    // The slice conversion uses F16C where the CPU has it.
-                    half::slice::HalfFloatSliceExt::convert_from_f32_slice(d, t);
-                }
-            }
-        }
-    }
-}
-
-/// Reads `count` elements starting `elem_offset` elements into the tensor, converted to `T`.
-pub fn read_as<T: ReadElem>(
+/// Reads `count` values starting `elem_offset` values into the tensor, widened to f32. For the
+/// small tensors (norms, biases, embedding rows); matrices are held in their own form.
+pub fn read_f32(
     io: &super::io::Io,
     shard: &Shard,
     name: &str,
     info: &TensorInfo,
     elem_offset: usize,
     count: usize,
-) -> Result<Vec<T>> {
-    use rayon::prelude::*;
+) -> Result<Vec<f32>> {
     let es = info.dtype.size();
     let at = info.offset + (elem_offset * es) as u64;
-    let io_err = |e: std::io::Error| Error::tensor(&shard.path, name, format!("read failed: {e}"));
-    // Zeroed memory from a fresh mapping costs nothing to initialise.
-    let mut out = vec![T::default(); count];
-    // The tensor is read in chunks on the I/O pool, so one chunk's read overlaps another's
-    // conversion and several reads are in flight at once.
-    super::io::pool().install(|| {
-        out.par_chunks_mut(STAGING_ELEMS)
-            .enumerate()
-            .try_for_each(|(i, dst)| -> Result<()> {
-                let off = at + (i * STAGING_ELEMS * es) as u64;
-                if let Some(direct) = &shard.direct {
-                    let r = io.read_direct(direct, off, dst.len() * es, |bytes| {
-                        T::convert(bytes, dst, info.dtype)
-                    });
-                    match r {
-                        Ok(()) => return Ok(()),
-                        // Some filesystems accept O_DIRECT at open and refuse the reads: fall
-                        // back to buffered reads for this chunk.
-                        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
-                        Err(e) => return Err(io_err(e)),
-                    }
-                }
-                STAGING.with(|st| {
-                    // A small reused staging buffer per thread: the raw copy of a tensor never
-                    // exists whole.
-                    let mut st = st.borrow_mut();
-                    let want = (dst.len() * es).div_ceil(2).max(st.len());
-                    st.resize(want, 0);
-                    let raw =
-                        &mut bytemuck::cast_slice_mut::<u16, u8>(&mut st[..])[..dst.len() * es];
-                    io.read_at(&shard.file, raw, off).map_err(io_err)?;
-                    T::convert(raw, dst, info.dtype);
-                    Ok(())
-                })
-            })
-    })?;
+    let mut raw = vec![0u8; count * es];
+    io.read_at(&shard.file, &mut raw, at)
+        .map_err(|e| Error::tensor(&shard.path, name, format!("read failed: {e}")))?;
+    let mut out = vec![0f32; count];
+    match info.dtype {
+        DType::F32 => bytemuck::cast_slice_mut::<f32, u8>(&mut out).copy_from_slice(&raw),
+        _ => widen_16_bytes(&raw, &mut out, info.dtype),
+    }
     Ok(out)
-}
-
-/// Elements per read request, and of the per-thread staging buffer for 16-bit reads (2 MiB).
-pub const STAGING_ELEMS: usize = 1 << 20;
-
-thread_local! {
-    static STAGING: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Widens little-endian 16-bit floats given as bytes, which may sit at any alignment.

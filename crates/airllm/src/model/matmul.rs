@@ -1,0 +1,534 @@
+//! `y = x Wᵀ` with `W` held in its file's form (bf16, f16, f32 or GGUF blocks) and `x`, `y` in
+//! f32. Weights are widened inside the kernel and products accumulate in f32, so the result is
+//! the f32 product of the stored values, as transformers computes it, without a widened copy.
+//!
+//! - Few rows (decode): a GEMV kernel that widens each weight row in registers (AVX-512, or
+//!   AVX2 with F16C and FMA, or portable code) and dots it with up to four rows of `x` at once.
+//! - Many rows (prefill): tiles of [`ROW_TILE`] weight rows are widened into a reused per-thread
+//!   scratch and multiplied with `gemm`.
+//! - Quantized blocks: candle's block kernels, straight from the stored blocks.
+//!
+//! Every output column depends only on its weight row and on which of the two dense paths the
+//! row count picks, and tiles start at multiples of [`ROW_TILE`]: a matrix computed in slices of
+//! whole tiles gives bit-identical results to the whole matrix.
+
+use candle_core::quantized::k_quants::{self as kq, GgmlType};
+use candle_core::quantized::GgmlDType;
+use candle_core::Tensor;
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::weights::mat::{Form, MatView};
+
+/// Weight rows per gemm tile. Streamed slices are whole multiples of it.
+pub const ROW_TILE: usize = 128;
+
+/// Up to this many rows of `x` use the GEMV kernel; more use widened tiles and gemm.
+pub const GEMV_MAX_ROWS: usize = 8;
+
+/// Writes `x · wᵀ` into columns `col0 .. col0 + w.rows` of `y` (`[m, ldy]`, row-major).
+/// `x` is `[m, w.cols]`, row-major.
+pub fn matmul_into(
+    x: &[f32],
+    m: usize,
+    w: MatView,
+    y: &mut [f32],
+    ldy: usize,
+    col0: usize,
+) -> Result<()> {
+    let (n, k) = (w.rows, w.cols);
+    if x.len() < m * k || y.len() < m * ldy || col0 + n > ldy || w.data.len() < w.form.row_bytes(k) * n {
+        return Err(Error::Invalid(format!(
+            "internal error: matmul of x [{m}, {k}] by a {n}×{k} {} matrix into columns {col0}.. of [{m}, {ldy}]",
+            w.form.name()
+        )));
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    match w.form {
+        Form::Q(t) => quant(x, m, w, t, y, ldy, col0),
+        _ if m <= GEMV_MAX_ROWS => {
+            gemv(x, m, w, y, ldy, col0);
+            Ok(())
+        }
+        _ => {
+            tiled(x, m, w, y, ldy, col0);
+            Ok(())
+        }
+    }
+}
+
+/// `x Wᵀ` for a tensor `x` `[rows, in]` and a whole held matrix, as a new `[rows, out]` tensor.
+pub fn mat_tensor(x: &Tensor, w: MatView) -> Result<Tensor> {
+    with_rows(x, w.rows, |xs, m, y| matmul_into(xs, m, w, y, w.rows, 0))
+}
+
+/// Runs `f(x, rows, y)` on `x`'s f32 values, read in place, and an output of `rows × n`, which
+/// it returns as a tensor.
+pub fn with_rows(
+    x: &Tensor,
+    n: usize,
+    f: impl FnOnce(&[f32], usize, &mut [f32]) -> Result<()>,
+) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let k = x.dims().last().copied().unwrap_or(1).max(1);
+    let m = x.elem_count() / k;
+    let mut y = vec![0f32; m * n];
+    {
+        let (guard, layout) = x.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*guard else {
+            return Err(Error::Invalid(
+                "matrices are multiplied on the CPU only in this build".into(),
+            ));
+        };
+        let off = layout.start_offset();
+        let xs = &cpu.as_slice::<f32>()?[off..off + m * k];
+        f(xs, m, &mut y)?;
+    }
+    let mut dims = x.dims().to_vec();
+    *dims.last_mut().expect("x has a last dimension") = n;
+    Ok(Tensor::from_vec(y, dims, x.device())?)
+}
+
+/// `y`'s storage, shared by tasks that write disjoint elements.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: every task writes a disjoint set of elements (its own output columns).
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+fn gemv(x: &[f32], m: usize, w: MatView, y: &mut [f32], ldy: usize, col0: usize) {
+    let (n, k) = (w.rows, w.cols);
+    let rb = w.form.row_bytes(k);
+    let out = Out(y.as_mut_ptr());
+    // Enough tasks to balance the threads, few enough that scheduling costs nothing.
+    let per = (n / (rayon::current_num_threads() * 8)).clamp(8, 256);
+    let kernel = Kernel::get();
+    (0..n.div_ceil(per)).into_par_iter().for_each(|t| {
+        let out = out;
+        let mut acc = [0f32; 4];
+        for j in t * per..((t + 1) * per).min(n) {
+            let row = &w.data[j * rb..(j + 1) * rb];
+            let mut i = 0;
+            while i < m {
+                let nx = (m - i).min(4);
+                kernel.dot(w.form, row, &x[i * k..(i + nx) * k], k, nx, &mut acc);
+                for (r, a) in acc[..nx].iter().enumerate() {
+                    // SAFETY: in bounds (checked by the caller); column col0 + j belongs to
+                    // this task alone.
+                    unsafe { *out.0.add((i + r) * ldy + col0 + j) = *a };
+                }
+                i += nx;
+            }
+        }
+    });
+}
+
+thread_local! {
+    /// Widened weight tiles for the gemm path, reused across calls.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn tiled(x: &[f32], m: usize, w: MatView, y: &mut [f32], ldy: usize, col0: usize) {
+    let (n, k) = (w.rows, w.cols);
+    let rb = w.form.row_bytes(k);
+    let out = Out(y.as_mut_ptr());
+    (0..n.div_ceil(ROW_TILE)).into_par_iter().for_each(|t| {
+        let out = out;
+        let j0 = t * ROW_TILE;
+        let nt = ROW_TILE.min(n - j0);
+        let tile = &w.data[j0 * rb..(j0 + nt) * rb];
+        // f32 rows are multiplied where they lie; 16-bit rows are widened into scratch first.
+        let direct = w.form == Form::F32 && (tile.as_ptr() as usize).is_multiple_of(4);
+        SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            let rhs: *const f32 = if direct {
+                tile.as_ptr() as *const f32
+            } else {
+                if s.len() < nt * k {
+                    s.resize(nt * k, 0.0);
+                }
+                for r in 0..nt {
+                    widen(w.form, &tile[r * rb..(r + 1) * rb], &mut s[r * k..(r + 1) * k]);
+                }
+                s.as_ptr()
+            };
+            // SAFETY: x is [m, k]; rhs holds nt rows of k f32 values; the destination columns
+            // col0 + j0 .. + nt of every row of y belong to this tile alone.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    nt,
+                    k,
+                    out.0.add(col0 + j0),
+                    1,
+                    ldy as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    k as isize,
+                    rhs,
+                    k as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        });
+    });
+}
+
+/// Widens one stored row to f32.
+fn widen(form: Form, row: &[u8], dst: &mut [f32]) {
+    match form {
+        Form::F32 => {
+            for (d, c) in dst.iter_mut().zip(row.chunks_exact(4)) {
+                *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        Form::BF16 => {
+            for (d, c) in dst.iter_mut().zip(row.chunks_exact(2)) {
+                *d = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
+            }
+        }
+        Form::F16 => {
+            let mut tmp = [0u16; 256];
+            for (d, c) in dst.chunks_mut(256).zip(row.chunks(512)) {
+                for (t, b) in tmp.iter_mut().zip(c.chunks_exact(2)) {
+                    *t = u16::from_le_bytes([b[0], b[1]]);
+                }
+                let h: &[half::f16] = bytemuck::cast_slice(&tmp[..d.len()]);
+                // The slice conversion uses F16C where the CPU has it.
+                half::slice::HalfFloatSliceExt::convert_to_f32_slice(h, d);
+            }
+        }
+        Form::Q(_) => unreachable!("quantized rows take the block kernels"),
+    }
+}
+
+/// Quantized blocks: candle's kernels over the stored blocks, then the slice's columns are
+/// placed in `y`.
+fn quant(
+    x: &[f32],
+    m: usize,
+    w: MatView,
+    t: GgmlDType,
+    y: &mut [f32],
+    ldy: usize,
+    col0: usize,
+) -> Result<()> {
+    fn go<T: GgmlType>(mkn: (usize, usize, usize), lhs: &[f32], bytes: &[u8], dst: &mut [f32]) -> Result<()> {
+        let size = std::mem::size_of::<T>();
+        if !bytes.len().is_multiple_of(size)
+            || !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>())
+        {
+            return Err(Error::Invalid(
+                "internal error: quantized rows are not whole, aligned blocks".into(),
+            ));
+        }
+        // SAFETY: checked above to be whole and aligned blocks; block types are plain data.
+        let blocks =
+            unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const T, bytes.len() / size) };
+        kq::matmul(mkn, lhs, blocks, dst)?;
+        Ok(())
+    }
+    let (n, k) = (w.rows, w.cols);
+    let bytes = &w.data[..w.form.row_bytes(k) * n];
+    let lhs = &x[..m * k];
+    let mkn = (m, k, n);
+    let direct = col0 == 0 && n == ldy;
+    let mut tmp = if direct { Vec::new() } else { vec![0f32; m * n] };
+    let dst: &mut [f32] = if direct { &mut y[..m * n] } else { &mut tmp };
+    match t {
+        GgmlDType::Q4_0 => go::<kq::BlockQ4_0>(mkn, lhs, bytes, dst)?,
+        GgmlDType::Q4_1 => go::<kq::BlockQ4_1>(mkn, lhs, bytes, dst)?,
+        GgmlDType::Q5_0 => go::<kq::BlockQ5_0>(mkn, lhs, bytes, dst)?,
+        GgmlDType::Q5_1 => go::<kq::BlockQ5_1>(mkn, lhs, bytes, dst)?,
+        GgmlDType::Q8_0 => go::<kq::BlockQ8_0>(mkn, lhs, bytes, dst)?,
+        GgmlDType::Q2K => go::<kq::BlockQ2K>(mkn, lhs, bytes, dst)?,
+        GgmlDType::Q3K => go::<kq::BlockQ3K>(mkn, lhs, bytes, dst)?,
+        GgmlDType::Q4K => go::<kq::BlockQ4K>(mkn, lhs, bytes, dst)?,
+        GgmlDType::Q5K => go::<kq::BlockQ5K>(mkn, lhs, bytes, dst)?,
+        GgmlDType::Q6K => go::<kq::BlockQ6K>(mkn, lhs, bytes, dst)?,
+        other => {
+            return Err(Error::Invalid(format!(
+                "matrices of type {} cannot be multiplied",
+                crate::weights::gguf::type_name(other)
+            )))
+        }
+    }
+    if !direct {
+        for i in 0..m {
+            y[i * ldy + col0..i * ldy + col0 + n].copy_from_slice(&tmp[i * n..(i + 1) * n]);
+        }
+    }
+    Ok(())
+}
+
+/// The dot-product kernel this CPU runs, picked once.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Kernel {
+    Avx512,
+    Avx2,
+    Portable,
+}
+
+impl Kernel {
+    pub fn get() -> Kernel {
+        static K: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *K.get_or_init(|| {
+            if std::env::var_os("AIRLLM_PORTABLE_KERNEL").is_some() {
+                return Kernel::Portable;
+            }
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    return Kernel::Avx512;
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                    && std::arch::is_x86_feature_detected!("f16c")
+                {
+                    return Kernel::Avx2;
+                }
+            }
+            Kernel::Portable
+        })
+    }
+
+    /// `acc[r] = row · x[r]` for the `nx` (1 to 4) rows of `x` (`[nx, k]`).
+    fn dot(self, form: Form, row: &[u8], x: &[f32], k: usize, nx: usize, acc: &mut [f32; 4]) {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the kernel was picked because the CPU has these features; lengths are
+            // checked by the callers (row has k values, x has nx rows of k).
+            Kernel::Avx512 => unsafe { x86::dot_avx512(form, row, x, k, nx, acc) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            Kernel::Avx2 => unsafe { x86::dot_avx2(form, row, x, k, nx, acc) },
+            _ => portable::dot(form, row, x, k, nx, acc),
+        }
+    }
+}
+
+/// Stored value `i` of a row, widened.
+#[inline(always)]
+fn elem(form: Form, row: &[u8], i: usize) -> f32 {
+    match form {
+        Form::F32 => f32::from_le_bytes([row[4 * i], row[4 * i + 1], row[4 * i + 2], row[4 * i + 3]]),
+        Form::F16 => half::f16::from_le_bytes([row[2 * i], row[2 * i + 1]]).to_f32(),
+        _ => f32::from_bits((u16::from_le_bytes([row[2 * i], row[2 * i + 1]]) as u32) << 16),
+    }
+}
+
+mod portable {
+    use super::*;
+
+    pub fn dot(form: Form, row: &[u8], x: &[f32], k: usize, nx: usize, acc: &mut [f32; 4]) {
+        // Eight partial sums per row so the compiler can vectorise the inner loop.
+        let mut s = [[0f32; 8]; 4];
+        let mut w = [0f32; 8];
+        let full = k / 8 * 8;
+        let mut i = 0;
+        while i < full {
+            for (l, v) in w.iter_mut().enumerate() {
+                *v = elem(form, row, i + l);
+            }
+            for r in 0..nx {
+                let xr = &x[r * k + i..r * k + i + 8];
+                for l in 0..8 {
+                    s[r][l] += w[l] * xr[l];
+                }
+            }
+            i += 8;
+        }
+        for r in 0..nx {
+            let mut t: f32 = s[r].iter().sum();
+            for j in full..k {
+                t += elem(form, row, j) * x[r * k + j];
+            }
+            acc[r] = t;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16(form: Form, p: *const u8) -> __m512 {
+        match form {
+            Form::F32 => _mm512_loadu_ps(p as *const f32),
+            Form::F16 => _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
+            _ => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+                _mm256_loadu_si256(p as *const __m256i),
+            ))),
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dot_avx512(
+        form: Form,
+        row: &[u8],
+        x: &[f32],
+        k: usize,
+        nx: usize,
+        acc: &mut [f32; 4],
+    ) {
+        let es = if form == Form::F32 { 4 } else { 2 };
+        let wp = row.as_ptr();
+        let xp = x.as_ptr();
+        // Two accumulators per row of x hide the FMA latency.
+        let mut a = [_mm512_setzero_ps(); 8];
+        let full = k / 32 * 32;
+        let mut i = 0;
+        while i < full {
+            let w0 = load16(form, wp.add(i * es));
+            let w1 = load16(form, wp.add((i + 16) * es));
+            for r in 0..nx {
+                let xr = xp.add(r * k + i);
+                a[2 * r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr), a[2 * r]);
+                a[2 * r + 1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr.add(16)), a[2 * r + 1]);
+            }
+            i += 32;
+        }
+        for r in 0..nx {
+            let mut t = _mm512_reduce_add_ps(_mm512_add_ps(a[2 * r], a[2 * r + 1]));
+            for j in full..k {
+                t += elem(form, row, j) * x[r * k + j];
+            }
+            acc[r] = t;
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(form: Form, p: *const u8) -> __m256 {
+        match form {
+            Form::F32 => _mm256_loadu_ps(p as *const f32),
+            Form::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+            _ => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
+                _mm_loadu_si128(p as *const __m128i),
+            ))),
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
+        _mm_cvtss_f32(s)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_avx2(
+        form: Form,
+        row: &[u8],
+        x: &[f32],
+        k: usize,
+        nx: usize,
+        acc: &mut [f32; 4],
+    ) {
+        let es = if form == Form::F32 { 4 } else { 2 };
+        let wp = row.as_ptr();
+        let xp = x.as_ptr();
+        let mut a = [_mm256_setzero_ps(); 8];
+        let full = k / 16 * 16;
+        let mut i = 0;
+        while i < full {
+            let w0 = load8(form, wp.add(i * es));
+            let w1 = load8(form, wp.add((i + 8) * es));
+            for r in 0..nx {
+                let xr = xp.add(r * k + i);
+                a[2 * r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), a[2 * r]);
+                a[2 * r + 1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr.add(8)), a[2 * r + 1]);
+            }
+            i += 16;
+        }
+        for r in 0..nx {
+            let mut t = hsum(_mm256_add_ps(a[2 * r], a[2 * r + 1]));
+            for j in full..k {
+                t += elem(form, row, j) * x[r * k + j];
+            }
+            acc[r] = t;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes(form: Form, v: &[f32]) -> Vec<u8> {
+        match form {
+            Form::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Form::F16 => v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
+            Form::BF16 => v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect(),
+            Form::Q(_) => unreachable!(),
+        }
+    }
+
+    fn reference(form: Form, x: &[f32], w: &[u8], m: usize, n: usize, k: usize) -> Vec<f64> {
+        let rb = form.row_bytes(k);
+        let mut y = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                y[i * n + j] = (0..k)
+                    .map(|l| x[i * k + l] as f64 * elem(form, &w[j * rb..], l) as f64)
+                    .sum();
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn every_path_matches_f64_and_slices_are_bit_identical() {
+        let (n, k) = (3 * ROW_TILE + 5, 77);
+        let wv: Vec<f32> = (0..n * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0).collect();
+        for form in [Form::F32, Form::F16, Form::BF16] {
+            let w = bytes(form, &wv);
+            for m in [1, 3, 5, GEMV_MAX_ROWS + 3] {
+                let x: Vec<f32> = (0..m * k).map(|i| ((i * 13 % 29) as f32 - 14.0) / 8.0).collect();
+                let want = reference(form, &x, &w, m, n, k);
+                let view = MatView { form, rows: n, cols: k, data: &w };
+                let mut whole = vec![0f32; m * n];
+                matmul_into(&x, m, view, &mut whole, n, 0).unwrap();
+                for (a, b) in whole.iter().zip(&want) {
+                    assert!((*a as f64 - b).abs() < 1e-3, "{form:?} m={m}: {a} vs {b}");
+                }
+                // In slices of one tile and of two tiles plus the rest.
+                let rb = form.row_bytes(k);
+                let mut sliced = vec![0f32; m * n];
+                for (s, len) in [(0, ROW_TILE), (ROW_TILE, 2 * ROW_TILE), (3 * ROW_TILE, 5)] {
+                    let v = MatView { form, rows: len, cols: k, data: &w[s * rb..(s + len) * rb] };
+                    matmul_into(&x, m, v, &mut sliced, n, s).unwrap();
+                }
+                assert_eq!(whole, sliced, "{form:?} m={m}");
+            }
+        }
+    }
+
+    #[test]
+    fn simd_kernels_agree_with_the_portable_one() {
+        let k = 1000;
+        let row: Vec<f32> = (0..k).map(|i| (i as f32).sin()).collect();
+        let x: Vec<f32> = (0..4 * k).map(|i| (i as f32 * 0.3).cos()).collect();
+        for form in [Form::F32, Form::F16, Form::BF16] {
+            let w = bytes(form, &row);
+            let mut want = [0f32; 4];
+            portable::dot(form, &w, &x, k, 4, &mut want);
+            let mut got = [0f32; 4];
+            Kernel::get().dot(form, &w, &x, k, 4, &mut got);
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-3, "{form:?}: {a} vs {b}");
+            }
+        }
+    }
+}

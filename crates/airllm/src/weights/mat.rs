@@ -1,0 +1,216 @@
+//! Matrices held in the file's form: bf16, f16 and f32 rows as stored, quantized GGUF rows as
+//! their blocks. Nothing is widened in memory; the matmul widens inside its kernel.
+
+use candle_core::quantized::GgmlDType;
+
+use crate::error::{Error, Result};
+
+/// The element form of a held matrix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    F32,
+    F16,
+    BF16,
+    /// GGUF blocks of a quantized type.
+    Q(GgmlDType),
+}
+
+impl Form {
+    /// Bytes of one row of `cols` values.
+    pub fn row_bytes(self, cols: usize) -> usize {
+        match self {
+            Form::F32 => 4 * cols,
+            Form::F16 | Form::BF16 => 2 * cols,
+            Form::Q(t) => cols / t.block_size() * t.type_size(),
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Form::F32 => "F32",
+            Form::F16 => "F16",
+            Form::BF16 => "BF16",
+            Form::Q(t) => crate::weights::gguf::type_name(t),
+        }
+    }
+    /// The form of a GGUF tensor type.
+    pub fn of_ggml(t: GgmlDType) -> Form {
+        match t {
+            GgmlDType::F32 => Form::F32,
+            GgmlDType::F16 => Form::F16,
+            GgmlDType::BF16 => Form::BF16,
+            q => Form::Q(q),
+        }
+    }
+}
+
+/// Alignment of every held buffer: what O_DIRECT needs, and more than any block type or SIMD
+/// load wants.
+pub const BUF_ALIGN: usize = 4096;
+
+/// A heap buffer aligned to [`BUF_ALIGN`], for O_DIRECT reads straight into the memory a matrix
+/// is computed from.
+pub struct AlignedBuf {
+    ptr: *mut u8,
+    cap: usize,
+}
+
+// SAFETY: the buffer is plain owned memory; `&AlignedBuf` only gives shared reads.
+unsafe impl Send for AlignedBuf {}
+unsafe impl Sync for AlignedBuf {}
+
+impl Default for AlignedBuf {
+    fn default() -> Self {
+        AlignedBuf {
+            ptr: std::ptr::null_mut(),
+            cap: 0,
+        }
+    }
+}
+
+impl AlignedBuf {
+    pub fn with_capacity(n: usize) -> Self {
+        let mut b = AlignedBuf::default();
+        b.ensure(n);
+        b
+    }
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+    /// Makes room for `n` bytes (the contents are lost when it grows).
+    pub fn ensure(&mut self, n: usize) {
+        if n <= self.cap {
+            return;
+        }
+        self.free();
+        let layout = std::alloc::Layout::from_size_align(n, BUF_ALIGN).expect("valid layout");
+        // SAFETY: n > cap >= 0, so the layout is non-empty; freed in `free` with this layout.
+        self.ptr = unsafe { std::alloc::alloc(layout) };
+        if self.ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        self.cap = n;
+    }
+    /// The first `n` bytes. Bytes not yet written hold unspecified (but initialised-as-u8)
+    /// values from the allocator.
+    pub fn bytes(&self, n: usize) -> &[u8] {
+        assert!(n <= self.cap);
+        if n == 0 {
+            return &[];
+        }
+        // SAFETY: `ptr` owns `cap >= n` bytes; u8 has no invalid values.
+        unsafe { std::slice::from_raw_parts(self.ptr, n) }
+    }
+    pub fn bytes_mut(&mut self, n: usize) -> &mut [u8] {
+        assert!(n <= self.cap);
+        if n == 0 {
+            return &mut [];
+        }
+        // SAFETY: as in `bytes`, and `&mut self` makes the access unique.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, n) }
+    }
+    fn free(&mut self) {
+        if !self.ptr.is_null() {
+            let layout =
+                std::alloc::Layout::from_size_align(self.cap, BUF_ALIGN).expect("valid layout");
+            // SAFETY: allocated in `ensure` with this layout.
+            unsafe { std::alloc::dealloc(self.ptr, layout) };
+            self.ptr = std::ptr::null_mut();
+            self.cap = 0;
+        }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        self.free();
+    }
+}
+
+/// Rows of a matrix in their held form, borrowed.
+#[derive(Clone, Copy)]
+pub struct MatView<'a> {
+    pub form: Form,
+    pub rows: usize,
+    pub cols: usize,
+    pub data: &'a [u8],
+}
+
+impl MatView<'_> {
+    /// The rows widened to f32 (for the converter; the engine never widens a whole matrix).
+    pub fn to_f32(&self) -> Result<Vec<f32>> {
+        let n = self.rows * self.cols;
+        let d = self.data;
+        Ok(match self.form {
+            Form::F32 => d[..4 * n]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Form::F16 => d[..2 * n]
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Form::BF16 => d[..2 * n]
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Form::Q(t) => {
+                let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                    t,
+                    &d[..self.form.row_bytes(self.cols) * self.rows],
+                    vec![self.rows, self.cols],
+                    &candle_core::Device::Cpu,
+                )?;
+                q.dequantize(&candle_core::Device::Cpu)?
+                    .flatten_all()?
+                    .to_vec1()?
+            }
+        })
+    }
+}
+
+/// A whole matrix (or a range of its rows) held in memory in its file's form.
+pub struct Mat {
+    pub form: Form,
+    pub rows: usize,
+    pub cols: usize,
+    buf: AlignedBuf,
+    /// Where the first row starts in `buf` (O_DIRECT reads start at an aligned offset).
+    off: usize,
+}
+
+impl Mat {
+    pub fn new(form: Form, rows: usize, cols: usize, buf: AlignedBuf, off: usize) -> Result<Self> {
+        let need = off + form.row_bytes(cols) * rows;
+        if need > buf.capacity() {
+            return Err(Error::Invalid(format!(
+                "internal error: a {rows}×{cols} {} matrix needs {need} bytes, its buffer has {}",
+                form.name(),
+                buf.capacity()
+            )));
+        }
+        Ok(Mat {
+            form,
+            rows,
+            cols,
+            buf,
+            off,
+        })
+    }
+    pub fn view(&self) -> MatView<'_> {
+        let n = self.form.row_bytes(self.cols) * self.rows;
+        MatView {
+            form: self.form,
+            rows: self.rows,
+            cols: self.cols,
+            data: &self.buf.bytes(self.off + n)[self.off..],
+        }
+    }
+    /// Bytes held (the buffer, alignment slack included).
+    pub fn bytes(&self) -> u64 {
+        self.buf.capacity() as u64
+    }
+    /// Gives the buffer back (to a pool).
+    pub fn into_buf(self) -> AlignedBuf {
+        self.buf
+    }
+}
