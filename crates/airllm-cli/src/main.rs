@@ -621,7 +621,7 @@ fn inspect(a: InspectArgs) -> Result<()> {
     );
     println!("on disk:      {}", fmt_bytes(s.file_bytes));
     println!(
-        "layers:       {} × {} on disk, {} in compute form",
+        "layers:       {} × {} on disk, {} as held",
         c.num_layers,
         fmt_bytes(s.layer_file_bytes),
         fmt_bytes(s.layer_bytes)

@@ -131,11 +131,11 @@ fn inspect_describes_the_model_and_plan() {
         "-m",
         m.to_str().unwrap(),
         "--max-memory",
-        "4MiB",
+        "8MiB",
         "-c",
         "64",
     ]);
-    assert!(out.status.success());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let s = String::from_utf8_lossy(&out.stdout);
     for needle in [
         "Qwen2ForCausalLM",
@@ -398,13 +398,14 @@ fn synth_then_bench_reports_every_field_within_budget() {
         std::fs::read(again.join("model.safetensors")).unwrap()
     );
 
-    let budget: u64 = 12 << 20;
+    // Held in bf16, the 6-layer model takes about 9 MiB; 6 MiB makes it stream.
+    let budget: u64 = 6 << 20;
     let out = airllm(&[
         "bench",
         "-m",
         model.to_str().unwrap(),
         "--max-memory",
-        "12MiB",
+        "6MiB",
         "--prompt-len",
         "8",
         "--gen",

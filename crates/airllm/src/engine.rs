@@ -93,7 +93,12 @@ impl Sequence {
     /// kept, which is shorter when a sliding-window layer has already dropped keys the next
     /// token would need; the caller feeds the tokens from there again.
     pub fn truncate(&mut self, len: usize) -> usize {
-        let keep = self.kv.iter_mut().map(|k| k.truncate(len)).min().unwrap_or(0);
+        let keep = self
+            .kv
+            .iter_mut()
+            .map(|k| k.truncate(len))
+            .min()
+            .unwrap_or(0);
         self.kv.iter_mut().for_each(|k| {
             k.truncate(keep);
         });
@@ -525,8 +530,7 @@ impl Engine {
         let spec = ReadSpec {
             schema: self.schema.clone(),
             layers: self.streamed.clone(),
-            head: (!self.plan.head_resident)
-                .then(|| (self.head_name.clone(), self.cfg.vocab_size)),
+            head: (!self.plan.head_resident).then(|| (self.head_name.clone(), self.cfg.vocab_size)),
             slice_bytes: self.plan.slice_bytes,
             norm_offset: self.cfg.block.norm_offset,
             device: self.device.clone(),
@@ -688,7 +692,10 @@ impl Engine {
                         .forward(small, &mut mats, &x, &seqs, &mut kv, cos, sin, window)?;
                     timing.compute += t.elapsed();
                 } else {
-                    let reader = self.prefetch.as_ref().expect("streamed layers have a reader");
+                    let reader = self
+                        .prefetch
+                        .as_ref()
+                        .expect("streamed layers have a reader");
                     let (small, read, wait) = reader.small(layer)?;
                     let mut mats = StreamedMats {
                         reader,
@@ -743,7 +750,10 @@ impl Engine {
         let logits = if let Some(w) = &self.head {
             mat_tensor(h, w.view())?
         } else {
-            let reader = self.prefetch.as_ref().expect("a streamed head has a reader");
+            let reader = self
+                .prefetch
+                .as_ref()
+                .expect("a streamed head has a reader");
             let (l, read, wait) = reader.matmul(Target::Head, self.cfg.vocab_size, h)?;
             prof.head_read += read;
             prof.head_wait += wait;

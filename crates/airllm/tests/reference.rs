@@ -193,7 +193,10 @@ fn streams_in_slices_under_less_than_a_layer() {
     let peak = engine.ledger().peak();
     assert!(peak <= budget, "peak {peak} > budget {budget}");
     // The account is real: the read buffers show up in it.
-    assert!(peak >= p.inflight_bytes, "peak {peak} misses the read buffers");
+    assert!(
+        peak >= p.inflight_bytes,
+        "peak {peak} misses the read buffers"
+    );
     // Slice by slice gives the same tokens as everything resident.
     let mut all = Engine::open(&dir, options(None, &r)).unwrap();
     assert_eq!(all.plan().streamed_layers, 0);

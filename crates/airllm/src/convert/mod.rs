@@ -23,7 +23,9 @@ use crate::error::{Error, Result};
 use crate::weights::gguf::Value;
 use crate::weights::gguf_write::{GgufPlan, OutFile, TensorPlan};
 use crate::weights::mat::AlignedBuf;
-use crate::weights::schema::{self, LayerSchema, Naming, Role, HF_EMBED, HF_FINAL_NORM, HF_LM_HEAD};
+use crate::weights::schema::{
+    self, LayerSchema, Naming, Role, HF_EMBED, HF_FINAL_NORM, HF_LM_HEAD,
+};
 use crate::weights::WeightSource;
 
 /// The storage type asked for on the command line.

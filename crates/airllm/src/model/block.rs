@@ -56,7 +56,10 @@ impl Small {
     }
 
     pub fn bytes(&self) -> u64 {
-        self.items.iter().map(|(_, t)| t.elem_count() as u64 * 4).sum()
+        self.items
+            .iter()
+            .map(|(_, t)| t.elem_count() as u64 * 4)
+            .sum()
     }
 }
 
@@ -168,8 +171,10 @@ impl Block {
 
         // Attention.
         let h = self.norm(x, small.req(Role::AttnNorm)?)?;
-        let mut q = Self::linear(small, mats, Role::Q, Role::QBias, &h)?.reshape((1, rows, nh, hd))?;
-        let mut k = Self::linear(small, mats, Role::K, Role::KBias, &h)?.reshape((1, rows, nkv, hd))?;
+        let mut q =
+            Self::linear(small, mats, Role::Q, Role::QBias, &h)?.reshape((1, rows, nh, hd))?;
+        let mut k =
+            Self::linear(small, mats, Role::K, Role::KBias, &h)?.reshape((1, rows, nkv, hd))?;
         let v = Self::linear(small, mats, Role::V, Role::VBias, &h)?.reshape((rows, nkv, hd))?;
         if let (Some(qn), Some(kn)) = (small.get(Role::QNorm), small.get(Role::KNorm)) {
             q = self.norm(&q, qn)?;

@@ -37,7 +37,11 @@ pub fn matmul_into(
     col0: usize,
 ) -> Result<()> {
     let (n, k) = (w.rows, w.cols);
-    if x.len() < m * k || y.len() < m * ldy || col0 + n > ldy || w.data.len() < w.form.row_bytes(k) * n {
+    if x.len() < m * k
+        || y.len() < m * ldy
+        || col0 + n > ldy
+        || w.data.len() < w.form.row_bytes(k) * n
+    {
         return Err(Error::Invalid(format!(
             "internal error: matmul of x [{m}, {k}] by a {n}×{k} {} matrix into columns {col0}.. of [{m}, {ldy}]",
             w.form.name()
@@ -98,6 +102,13 @@ struct Out(*mut f32);
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
+impl Out {
+    /// The element `i` of `y` (a method, so closures capture the whole `Out`, which is `Send`).
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
 fn gemv(x: &[f32], m: usize, w: MatView, y: &mut [f32], ldy: usize, col0: usize) {
     let (n, k) = (w.rows, w.cols);
     let rb = w.form.row_bytes(k);
@@ -106,7 +117,6 @@ fn gemv(x: &[f32], m: usize, w: MatView, y: &mut [f32], ldy: usize, col0: usize)
     let per = (n / (rayon::current_num_threads() * 8)).clamp(8, 256);
     let kernel = Kernel::get();
     (0..n.div_ceil(per)).into_par_iter().for_each(|t| {
-        let out = out;
         let mut acc = [0f32; 4];
         for j in t * per..((t + 1) * per).min(n) {
             let row = &w.data[j * rb..(j + 1) * rb];
@@ -117,7 +127,7 @@ fn gemv(x: &[f32], m: usize, w: MatView, y: &mut [f32], ldy: usize, col0: usize)
                 for (r, a) in acc[..nx].iter().enumerate() {
                     // SAFETY: in bounds (checked by the caller); column col0 + j belongs to
                     // this task alone.
-                    unsafe { *out.0.add((i + r) * ldy + col0 + j) = *a };
+                    unsafe { *out.at((i + r) * ldy + col0 + j) = *a };
                 }
                 i += nx;
             }
@@ -135,7 +145,6 @@ fn tiled(x: &[f32], m: usize, w: MatView, y: &mut [f32], ldy: usize, col0: usize
     let rb = w.form.row_bytes(k);
     let out = Out(y.as_mut_ptr());
     (0..n.div_ceil(ROW_TILE)).into_par_iter().for_each(|t| {
-        let out = out;
         let j0 = t * ROW_TILE;
         let nt = ROW_TILE.min(n - j0);
         let tile = &w.data[j0 * rb..(j0 + nt) * rb];
@@ -150,7 +159,11 @@ fn tiled(x: &[f32], m: usize, w: MatView, y: &mut [f32], ldy: usize, col0: usize
                     s.resize(nt * k, 0.0);
                 }
                 for r in 0..nt {
-                    widen(w.form, &tile[r * rb..(r + 1) * rb], &mut s[r * k..(r + 1) * k]);
+                    widen(
+                        w.form,
+                        &tile[r * rb..(r + 1) * rb],
+                        &mut s[r * k..(r + 1) * k],
+                    );
                 }
                 s.as_ptr()
             };
@@ -161,7 +174,7 @@ fn tiled(x: &[f32], m: usize, w: MatView, y: &mut [f32], ldy: usize, col0: usize
                     m,
                     nt,
                     k,
-                    out.0.add(col0 + j0),
+                    out.at(col0 + j0),
                     1,
                     ldy as isize,
                     false,
@@ -222,7 +235,12 @@ fn quant(
     ldy: usize,
     col0: usize,
 ) -> Result<()> {
-    fn go<T: GgmlType>(mkn: (usize, usize, usize), lhs: &[f32], bytes: &[u8], dst: &mut [f32]) -> Result<()> {
+    fn go<T: GgmlType>(
+        mkn: (usize, usize, usize),
+        lhs: &[f32],
+        bytes: &[u8],
+        dst: &mut [f32],
+    ) -> Result<()> {
         let size = std::mem::size_of::<T>();
         if !bytes.len().is_multiple_of(size)
             || !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>())
@@ -242,7 +260,11 @@ fn quant(
     let lhs = &x[..m * k];
     let mkn = (m, k, n);
     let direct = col0 == 0 && n == ldy;
-    let mut tmp = if direct { Vec::new() } else { vec![0f32; m * n] };
+    let mut tmp = if direct {
+        Vec::new()
+    } else {
+        vec![0f32; m * n]
+    };
     let dst: &mut [f32] = if direct { &mut y[..m * n] } else { &mut tmp };
     match t {
         GgmlDType::Q4_0 => go::<kq::BlockQ4_0>(mkn, lhs, bytes, dst)?,
@@ -320,7 +342,9 @@ impl Kernel {
 #[inline(always)]
 fn elem(form: Form, row: &[u8], i: usize) -> f32 {
     match form {
-        Form::F32 => f32::from_le_bytes([row[4 * i], row[4 * i + 1], row[4 * i + 2], row[4 * i + 3]]),
+        Form::F32 => {
+            f32::from_le_bytes([row[4 * i], row[4 * i + 1], row[4 * i + 2], row[4 * i + 3]])
+        }
         Form::F16 => half::f16::from_le_bytes([row[2 * i], row[2 * i + 1]]).to_f32(),
         _ => f32::from_bits((u16::from_le_bytes([row[2 * i], row[2 * i + 1]]) as u32) << 16),
     }
@@ -469,8 +493,14 @@ mod tests {
     fn bytes(form: Form, v: &[f32]) -> Vec<u8> {
         match form {
             Form::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            Form::F16 => v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
-            Form::BF16 => v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect(),
+            Form::F16 => v
+                .iter()
+                .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                .collect(),
+            Form::BF16 => v
+                .iter()
+                .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+                .collect(),
             Form::Q(_) => unreachable!(),
         }
     }
@@ -491,13 +521,22 @@ mod tests {
     #[test]
     fn every_path_matches_f64_and_slices_are_bit_identical() {
         let (n, k) = (3 * ROW_TILE + 5, 77);
-        let wv: Vec<f32> = (0..n * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0).collect();
+        let wv: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0)
+            .collect();
         for form in [Form::F32, Form::F16, Form::BF16] {
             let w = bytes(form, &wv);
             for m in [1, 3, 5, GEMV_MAX_ROWS + 3] {
-                let x: Vec<f32> = (0..m * k).map(|i| ((i * 13 % 29) as f32 - 14.0) / 8.0).collect();
+                let x: Vec<f32> = (0..m * k)
+                    .map(|i| ((i * 13 % 29) as f32 - 14.0) / 8.0)
+                    .collect();
                 let want = reference(form, &x, &w, m, n, k);
-                let view = MatView { form, rows: n, cols: k, data: &w };
+                let view = MatView {
+                    form,
+                    rows: n,
+                    cols: k,
+                    data: &w,
+                };
                 let mut whole = vec![0f32; m * n];
                 matmul_into(&x, m, view, &mut whole, n, 0).unwrap();
                 for (a, b) in whole.iter().zip(&want) {
@@ -507,7 +546,12 @@ mod tests {
                 let rb = form.row_bytes(k);
                 let mut sliced = vec![0f32; m * n];
                 for (s, len) in [(0, ROW_TILE), (ROW_TILE, 2 * ROW_TILE), (3 * ROW_TILE, 5)] {
-                    let v = MatView { form, rows: len, cols: k, data: &w[s * rb..(s + len) * rb] };
+                    let v = MatView {
+                        form,
+                        rows: len,
+                        cols: k,
+                        data: &w[s * rb..(s + len) * rb],
+                    };
                     matmul_into(&x, m, v, &mut sliced, n, s).unwrap();
                 }
                 assert_eq!(whole, sliced, "{form:?} m={m}");

@@ -131,7 +131,11 @@ impl Plan {
         plan.buffers = buffers;
         plan.inflight_bytes = inflight;
         plan.bytes_read_per_token = plan.streamed_layers as u64 * inp.layer_file_bytes
-            + if head_resident { 0 } else { inp.head_file_bytes };
+            + if head_resident {
+                0
+            } else {
+                inp.head_file_bytes
+            };
         Ok(plan)
     }
 
@@ -143,7 +147,11 @@ impl Plan {
             + self.work_bytes
             + self.fixed_bytes
             + self.reserved_bytes
-            + if self.head_resident { self.head_bytes } else { 0 }
+            + if self.head_resident {
+                self.head_bytes
+            } else {
+                0
+            }
     }
 
     /// Whether anything is read from disk while generating.

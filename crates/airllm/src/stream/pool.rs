@@ -20,7 +20,9 @@ impl Pool {
     pub fn new(n: usize, buf_bytes: usize, charge: Charge) -> Self {
         Pool {
             free: Mutex::new((
-                (0..n).map(|_| AlignedBuf::with_capacity(buf_bytes)).collect(),
+                (0..n)
+                    .map(|_| AlignedBuf::with_capacity(buf_bytes))
+                    .collect(),
                 false,
             )),
             cv: Condvar::new(),

@@ -22,8 +22,8 @@ use candle_core::{Device, Tensor};
 use crate::error::{Error, Result};
 use gguf::{GgufFile, GgufTensor};
 use mat::{AlignedBuf, Form, Mat, MatView};
-pub use schema::{LayerSchema, Naming, Role};
 use safetensors::{read_f32, SafetensorsSet, TensorInfo};
+pub use schema::{LayerSchema, Naming, Role};
 
 /// What the planner needs to know about one stored tensor.
 #[derive(Debug, Clone)]
@@ -89,7 +89,10 @@ fn check_range(path: &Path, name: &str, start: usize, len: usize, rows: usize) -
         return Err(Error::tensor(
             path,
             name,
-            format!("rows {start}..{} are outside its {rows} rows", start.saturating_add(len)),
+            format!(
+                "rows {start}..{} are outside its {rows} rows",
+                start.saturating_add(len)
+            ),
         ));
     }
     Ok(())
@@ -242,7 +245,13 @@ impl WeightSource for SafetensorsSource {
         let at = info.offset + (start * cols * es) as u64;
         let off = self
             .io
-            .read_into(&shard.file, shard.direct.as_ref(), at, len * cols * es, &mut buf)
+            .read_into(
+                &shard.file,
+                shard.direct.as_ref(),
+                at,
+                len * cols * es,
+                &mut buf,
+            )
             .map_err(|e| Error::tensor(&shard.path, name, format!("read failed: {e}")))?;
         let form = self.held(info);
         if form == Form::F16 && info.dtype == safetensors::DType::F32 {
@@ -379,9 +388,14 @@ impl WeightSource for GgufSource {
         check_range(path, name, start, len, rows)?;
         let rb = t.row_bytes();
         let f = &self.file;
-        let off = f
-            .io
-            .read_into(&f.file, f.direct.as_ref(), t.offset + (start * rb) as u64, len * rb, &mut buf)
+        let off =
+            f.io.read_into(
+                &f.file,
+                f.direct.as_ref(),
+                t.offset + (start * rb) as u64,
+                len * rb,
+                &mut buf,
+            )
             .map_err(|e| Error::tensor(path, name, format!("read failed: {e}")))?;
         let form = self.held(t);
         if form != Form::of_ggml(t.dtype) {

@@ -57,7 +57,9 @@ pub enum Transform {
     None,
     /// Llama/Mistral q/k rows: transformers' half-split RoPE layout against llama.cpp's
     /// interleaved pairs, per head of `head_dim` rows.
-    Permute { head_dim: usize },
+    Permute {
+        head_dim: usize,
+    },
     /// Gemma norms: transformers stores w and computes (1 + w); GGUF stores 1 + w.
     AddOne,
 }
@@ -205,9 +207,11 @@ impl LayerSchema {
                 gguf: t.gguf,
                 transform: match (t.kind, t.role) {
                     (Kind::Norm, _) if cfg.arch == Arch::Gemma3 => Transform::AddOne,
-                    (_, Role::Q | Role::K | Role::QBias | Role::KBias) if permute => Transform::Permute {
-                        head_dim: cfg.head_dim,
-                    },
+                    (_, Role::Q | Role::K | Role::QBias | Role::KBias) if permute => {
+                        Transform::Permute {
+                            head_dim: cfg.head_dim,
+                        }
+                    }
                     _ => Transform::None,
                 },
             })
