@@ -135,7 +135,11 @@ fn inspect_describes_the_model_and_plan() {
         "-c",
         "64",
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let s = String::from_utf8_lossy(&out.stdout);
     for needle in [
         "Qwen2ForCausalLM",

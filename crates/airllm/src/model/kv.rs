@@ -71,8 +71,8 @@ impl LayerKv {
                 )));
             }
             if keep > 0 {
-                let k = self.k.narrow(1, drop, keep)?.contiguous()?;
-                let v = self.v.narrow(1, drop, keep)?.contiguous()?;
+                let k = self.k.narrow(1, drop, keep)?.copy()?;
+                let v = self.v.narrow(1, drop, keep)?.copy()?;
                 self.k.slice_set(&k, 1, 0)?;
                 self.v.slice_set(&v, 1, 0)?;
             }
@@ -111,5 +111,37 @@ impl LayerKv {
     /// Bytes of keys and values held.
     pub fn bytes(&self) -> u64 {
         2 * (self.k.elem_count() * 4) as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tok(n: usize, v: f32) -> Tensor {
+        Tensor::full(v, (1, n, 2), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn a_sliding_layer_keeps_its_window_in_fixed_memory() {
+        // Window 4, steps of up to 2 tokens: 5 slots, whatever the context.
+        let mut kv = LayerKv::new(1, 100, Some(4), 2, 2, &Device::Cpu).unwrap();
+        assert_eq!(kv.bytes(), 2 * 5 * 2 * 4);
+        for i in 0..10 {
+            let (k, _, k0) = kv.append(&tok(1, i as f32), &tok(1, 0.0)).unwrap();
+            // The three previous tokens and this one are always there.
+            assert!(i < 3 || k0 <= i - 3, "step {i}: first key at {k0}");
+            let keys: Vec<f32> = k.flatten_all().unwrap().to_vec1().unwrap();
+            let want: Vec<f32> = (k0..=i).flat_map(|p| [p as f32; 2]).collect();
+            assert_eq!(keys, want, "step {i}");
+        }
+        assert_eq!(kv.pos(), 10);
+        // Keys before 10 - 3 are gone, so a prefix shorter than that cannot be kept.
+        assert_eq!(kv.truncate(9), 9);
+        assert_eq!(kv.truncate(5), 0);
+        let mut full = LayerKv::new(1, 8, None, 2, 2, &Device::Cpu).unwrap();
+        full.append(&tok(2, 1.0), &tok(2, 1.0)).unwrap();
+        assert_eq!(full.truncate(1), 1);
+        assert!(full.append(&tok(8, 1.0), &tok(8, 1.0)).is_err());
     }
 }
