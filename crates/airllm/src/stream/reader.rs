@@ -139,6 +139,128 @@ impl ReadSpec {
     }
 }
 
+/// Reads run in this many lanes at once, so the next slice's requests are queued while the
+/// current slice's last ones finish and the disk never idles between slices.
+const LANES: usize = 2;
+
+/// The reader: a dispatcher (this thread) takes a buffer for each read in order, `LANES`
+/// threads read, and a collector passes the pieces to compute in order. Buffers are taken in
+/// order and returned in order, so the lanes can never hold every buffer while an earlier read
+/// waits for one.
+fn read_loop<'a>(
+    spec: &ReadSpec,
+    src: &dyn WeightSource,
+    pool: &Arc<Pool>,
+    layer_items: &'a [Item],
+    head_items: &'a [Item],
+    cmd_rx: &Receiver<bool>,
+    tx: &Sender<Result<Delivered>>,
+) {
+    type Job<'a> = (usize, &'a Item, Option<crate::weights::mat::AlignedBuf>);
+    let (job_tx, job_rx) = channel::<Job<'a>>();
+    let job_rx = std::sync::Mutex::new(job_rx);
+    let (done_tx, done_rx) = channel::<(usize, Result<Delivered>)>();
+    std::thread::scope(|s| {
+        for _ in 0..LANES {
+            let done_tx = done_tx.clone();
+            let job_rx = &job_rx;
+            s.spawn(move || loop {
+                let job = job_rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                let Ok((i, item, buf)) = job else { return };
+                let t = Instant::now();
+                let piece = match (item, buf) {
+                    (Item::Small(l), _) => {
+                        Small::load(&spec.schema, src, *l, spec.norm_offset, &spec.device)
+                            .map(|s| Piece::Small(*l, s))
+                    }
+                    (
+                        Item::Rows {
+                            target,
+                            name,
+                            start,
+                            rows,
+                        },
+                        Some(buf),
+                    ) => src.read_rows(name, *start, *rows, buf).and_then(|mat| {
+                        if mat.bytes() > pool.buf_bytes() as u64 {
+                            return Err(Error::Reader(format!(
+                                "{name}: a slice of {rows} rows took {} bytes, more than the planned buffer of {}",
+                                mat.bytes(),
+                                pool.buf_bytes()
+                            )));
+                        }
+                        Ok(Piece::Rows(Slice {
+                            target: *target,
+                            start: *start,
+                            mat: Some(mat),
+                            pool: pool.clone(),
+                        }))
+                    }),
+                    (Item::Rows { .. }, None) => unreachable!("row reads are given a buffer"),
+                };
+                let msg = piece.map(|piece| Delivered {
+                    piece,
+                    read: t.elapsed(),
+                });
+                if done_tx.send((i, msg)).is_err() {
+                    return;
+                }
+            });
+        }
+        drop(done_tx);
+        // The collector: pieces go to compute in the order they were dispatched.
+        s.spawn(move || {
+            let mut waiting = std::collections::BTreeMap::new();
+            let mut next = 0usize;
+            for (i, msg) in done_rx.iter() {
+                waiting.insert(i, msg);
+                while let Some(msg) = waiting.remove(&next) {
+                    next += 1;
+                    let failed = msg.is_err();
+                    if tx.send(msg).is_err() || failed {
+                        return;
+                    }
+                }
+            }
+        });
+        let mut n = 0usize;
+        let mut dispatch = |item: &'a Item| -> bool {
+            let buf = match item {
+                Item::Small(_) => None,
+                Item::Rows { .. } => match pool.get() {
+                    Some(b) => Some(b),
+                    None => return false,
+                },
+            };
+            n += 1;
+            job_tx.send((n - 1, item, buf)).is_ok()
+        };
+        'steps: loop {
+            for item in layer_items {
+                if !dispatch(item) {
+                    break 'steps;
+                }
+            }
+            if head_items.is_empty() {
+                continue;
+            }
+            // The head is read only for steps that want logits; the engine says so at the
+            // start of each step.
+            match cmd_rx.recv() {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(_) => break,
+            }
+            for item in head_items {
+                if !dispatch(item) {
+                    break 'steps;
+                }
+            }
+        }
+        drop(job_tx);
+    });
+}
+
 pub struct Prefetcher {
     rx: Option<Receiver<Result<Delivered>>>,
     /// One message per step: whether it reads the head.
@@ -158,72 +280,15 @@ impl Prefetcher {
         let handle = std::thread::Builder::new()
             .name("airllm-reader".into())
             .spawn(move || {
-                let read = |item: &Item| -> Option<Result<Delivered>> {
-                    let t = Instant::now();
-                    let piece = match item {
-                        Item::Small(l) => Small::load(
-                            &spec.schema,
-                            src.as_ref(),
-                            *l,
-                            spec.norm_offset,
-                            &spec.device,
-                        )
-                        .map(|s| Piece::Small(*l, s)),
-                        Item::Rows {
-                            target,
-                            name,
-                            start,
-                            rows,
-                        } => {
-                            let buf = pool2.get()?;
-                            src.read_rows(name, *start, *rows, buf).and_then(|mat| {
-                                if mat.bytes() > pool2.buf_bytes() as u64 {
-                                    return Err(Error::Reader(format!(
-                                        "{name}: a slice of {rows} rows took {} bytes, more than the planned buffer of {}",
-                                        mat.bytes(),
-                                        pool2.buf_bytes()
-                                    )));
-                                }
-                                Ok(Piece::Rows(Slice {
-                                    target: *target,
-                                    start: *start,
-                                    mat: Some(mat),
-                                    pool: pool2.clone(),
-                                }))
-                            })
-                        }
-                    };
-                    Some(piece.map(|piece| Delivered {
-                        piece,
-                        read: t.elapsed(),
-                    }))
-                };
-                loop {
-                    for item in &layer_items {
-                        let Some(msg) = read(item) else { return };
-                        let failed = msg.is_err();
-                        if tx.send(msg).is_err() || failed {
-                            return;
-                        }
-                    }
-                    if head_items.is_empty() {
-                        continue;
-                    }
-                    // The head is read only for steps that want logits; the engine says so at
-                    // the start of each step.
-                    match cmd_rx.recv() {
-                        Ok(true) => {}
-                        Ok(false) => continue,
-                        Err(_) => return,
-                    }
-                    for item in &head_items {
-                        let Some(msg) = read(item) else { return };
-                        let failed = msg.is_err();
-                        if tx.send(msg).is_err() || failed {
-                            return;
-                        }
-                    }
-                }
+                read_loop(
+                    &spec,
+                    src.as_ref(),
+                    &pool2,
+                    &layer_items,
+                    &head_items,
+                    &cmd_rx,
+                    &tx,
+                )
             })
             .map_err(|e| Error::Reader(format!("cannot start the reader thread: {e}")))?;
         Ok(Prefetcher {

@@ -67,8 +67,9 @@ pub fn pool() -> &'static rayon::ThreadPool {
 /// Alignment O_DIRECT needs for offsets, lengths and buffers.
 pub const DIRECT_ALIGN: usize = super::mat::BUF_ALIGN;
 
-/// Bytes per read request: several are in flight at once on the I/O pool.
-const REQUEST: usize = 2 << 20;
+/// Bytes per read request: several are in flight at once on the I/O pool. 4 MiB read the
+/// 70B-shaped model about 10% faster than 2 MiB on the development machine.
+const REQUEST: usize = 4 << 20;
 
 /// Bytes [`Io::read_into`] needs in its buffer to read `len` bytes at any offset.
 pub fn read_capacity(len: usize) -> usize {
