@@ -1,10 +1,13 @@
-//! Which in-memory form multiplies fastest on this CPU: one decode row (and a batch of 8) times a
-//! 2048×5632 weight held as f32, f16, bf16 (candle's dense kernels) or Q8_0/Q4_K blocks.
+//! Which form multiplies fastest on this CPU: 1, 8 and 64 rows of activations times a 5632×2048
+//! weight held as bf16, f16 or f32 (our kernels: GEMV for few rows, widened tiles and gemm for
+//! many), as Q8_0/Q4_K blocks, and candle's f32 matmul for comparison.
 //! Run: cargo run --release --example matmul_forms
 use std::time::Instant;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Tensor};
+use airllm::model::matmul::{matmul_into, Kernel};
+use airllm::weights::mat::{Form, MatView};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
 
 fn time(label: &str, bytes: usize, mut f: impl FnMut()) {
     f();
@@ -21,35 +24,48 @@ fn time(label: &str, bytes: usize, mut f: impl FnMut()) {
     );
 }
 
-fn main() -> candle_core::Result<()> {
+fn main() -> airllm::Result<()> {
     let dev = Device::Cpu;
     let (n, k) = (5632, 2048);
     let w = Tensor::randn(0f32, 0.02, (n, k), &dev)?;
-    for rows in [1usize, 8] {
+    let wv: Vec<f32> = w.flatten_all()?.to_vec1()?;
+    let f32b: Vec<u8> = wv.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let f16b: Vec<u8> = wv
+        .iter()
+        .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+        .collect();
+    let bf16b: Vec<u8> = wv
+        .iter()
+        .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+        .collect();
+    let q8 = QTensor::quantize(&w, GgmlDType::Q8_0)?.data()?.into_owned();
+    let q4 = QTensor::quantize(&w, GgmlDType::Q4K)?.data()?.into_owned();
+    println!("kernel: {:?}", Kernel::get());
+    for rows in [1usize, 8, 64] {
         println!("rows = {rows}");
         let x = Tensor::randn(0f32, 1.0, (rows, k), &dev)?;
-        let wt = w.t()?;
-        time("f32", n * k * 4, || {
-            x.matmul(&wt).unwrap();
-        });
-        let w16 = w.to_dtype(DType::F16)?;
-        let w16t = w16.t()?;
-        time("f16 (x cast to f16)", n * k * 2, || {
-            x.to_dtype(DType::F16).unwrap().matmul(&w16t).unwrap();
-        });
-        let wb = w.to_dtype(DType::BF16)?;
-        let wbt = wb.t()?;
-        time("bf16 (x cast to bf16)", n * k * 2, || {
-            x.to_dtype(DType::BF16).unwrap().matmul(&wbt).unwrap();
-        });
-        for q in [GgmlDType::Q8_0, GgmlDType::Q4K] {
-            let qt = QTensor::quantize(&w, q)?;
-            let b = qt.storage_size_in_bytes();
-            let mm = QMatMul::from_qtensor(qt)?;
-            time(&format!("{q:?} (QMatMul)"), b, || {
-                mm.forward(&x).unwrap();
+        let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let mut y = vec![0f32; rows * n];
+        for (name, form, data) in [
+            ("bf16", Form::BF16, &bf16b),
+            ("f16", Form::F16, &f16b),
+            ("f32", Form::F32, &f32b),
+            ("Q8_0 blocks", Form::Q(GgmlDType::Q8_0), &q8),
+            ("Q4_K blocks", Form::Q(GgmlDType::Q4K), &q4),
+        ] {
+            let v = MatView {
+                form,
+                rows: n,
+                cols: k,
+                data,
+            };
+            time(name, data.len(), || {
+                matmul_into(&xv, rows, v, &mut y, n, 0).unwrap()
             });
         }
+        time("candle f32 matmul", n * k * 4, || {
+            x.matmul(&w.t().unwrap()).unwrap();
+        });
     }
     Ok(())
 }

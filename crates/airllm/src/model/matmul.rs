@@ -353,30 +353,34 @@ fn elem(form: Form, row: &[u8], i: usize) -> f32 {
 mod portable {
     use super::*;
 
+    /// Widens a block of the row into a small buffer, then dots it with each row of `x` with
+    /// eight partial sums, which the compiler vectorises for the target (NEON, SSE2, ...).
     pub fn dot(form: Form, row: &[u8], x: &[f32], k: usize, nx: usize, acc: &mut [f32; 4]) {
-        // Eight partial sums per row so the compiler can vectorise the inner loop.
+        const B: usize = 256;
+        let es = if form == Form::F32 { 4 } else { 2 };
+        let mut w = [0f32; B];
         let mut s = [[0f32; 8]; 4];
-        let mut w = [0f32; 8];
-        let full = k / 8 * 8;
         let mut i = 0;
-        while i < full {
-            for (l, v) in w.iter_mut().enumerate() {
-                *v = elem(form, row, i + l);
-            }
-            for r in 0..nx {
-                let xr = &x[r * k + i..r * k + i + 8];
-                for l in 0..8 {
-                    s[r][l] += w[l] * xr[l];
+        while i < k {
+            let c = B.min(k - i);
+            widen(form, &row[i * es..(i + c) * es], &mut w[..c]);
+            for (r, sr) in s.iter_mut().enumerate().take(nx) {
+                let xr = &x[r * k + i..r * k + i + c];
+                let mut wc = w[..c].chunks_exact(8);
+                let mut xc = xr.chunks_exact(8);
+                for (wv, xv) in (&mut wc).zip(&mut xc) {
+                    for l in 0..8 {
+                        sr[l] += wv[l] * xv[l];
+                    }
+                }
+                for (l, (a, b)) in wc.remainder().iter().zip(xc.remainder()).enumerate() {
+                    sr[l] += a * b;
                 }
             }
-            i += 8;
+            i += c;
         }
         for r in 0..nx {
-            let mut t: f32 = s[r].iter().sum();
-            for j in full..k {
-                t += elem(form, row, j) * x[r * k + j];
-            }
-            acc[r] = t;
+            acc[r] = s[r].iter().sum();
         }
     }
 }
@@ -385,6 +389,9 @@ mod portable {
 mod x86 {
     use super::*;
     use std::arch::x86_64::*;
+
+    /// Values ahead of the current one whose cache line is prefetched.
+    const PREFETCH: usize = 512;
 
     #[target_feature(enable = "avx512f")]
     unsafe fn load16(form: Form, p: *const u8) -> __m512 {
@@ -397,6 +404,8 @@ mod x86 {
         }
     }
 
+    /// Picks the instance for `nx` rows of `x`: with the row count a constant, the
+    /// accumulators stay in registers.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn dot_avx512(
         form: Form,
@@ -406,6 +415,23 @@ mod x86 {
         nx: usize,
         acc: &mut [f32; 4],
     ) {
+        match nx {
+            1 => dot512::<1>(form, row, x, k, acc),
+            2 => dot512::<2>(form, row, x, k, acc),
+            3 => dot512::<3>(form, row, x, k, acc),
+            _ => dot512::<4>(form, row, x, k, acc),
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn dot512<const NX: usize>(
+        form: Form,
+        row: &[u8],
+        x: &[f32],
+        k: usize,
+        acc: &mut [f32; 4],
+    ) {
+        let nx = NX;
         let es = if form == Form::F32 { 4 } else { 2 };
         let wp = row.as_ptr();
         let xp = x.as_ptr();
@@ -414,6 +440,9 @@ mod x86 {
         let full = k / 32 * 32;
         let mut i = 0;
         while i < full {
+            // The weights stream from memory once; ask for them ahead (rows are contiguous,
+            // so this runs into the next row).
+            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add((i + PREFETCH) * es) as *const i8);
             let w0 = load16(form, wp.add(i * es));
             let w1 = load16(form, wp.add((i + 16) * es));
             for r in 0..nx {
@@ -460,6 +489,23 @@ mod x86 {
         nx: usize,
         acc: &mut [f32; 4],
     ) {
+        match nx {
+            1 => dot256::<1>(form, row, x, k, acc),
+            2 => dot256::<2>(form, row, x, k, acc),
+            3 => dot256::<3>(form, row, x, k, acc),
+            _ => dot256::<4>(form, row, x, k, acc),
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot256<const NX: usize>(
+        form: Form,
+        row: &[u8],
+        x: &[f32],
+        k: usize,
+        acc: &mut [f32; 4],
+    ) {
+        let nx = NX;
         let es = if form == Form::F32 { 4 } else { 2 };
         let wp = row.as_ptr();
         let xp = x.as_ptr();
@@ -467,6 +513,7 @@ mod x86 {
         let full = k / 16 * 16;
         let mut i = 0;
         while i < full {
+            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add((i + PREFETCH) * es) as *const i8);
             let w0 = load8(form, wp.add(i * es));
             let w1 = load8(form, wp.add((i + 8) * es));
             for r in 0..nx {

@@ -59,7 +59,7 @@ pub struct Plan {
 /// Read-ahead is worth having up to about this many bytes in flight; beyond, budget is better
 /// spent keeping layers resident.
 const STREAM_TARGET: u64 = 256 << 20;
-/// Slices larger than this gain nothing (requests are 2 MiB each anyway) and lengthen the
+/// Slices larger than this gain nothing (requests are 4 MiB each anyway) and lengthen the
 /// pipeline's start.
 const SLICE_TARGET: u64 = 32 << 20;
 

@@ -81,7 +81,7 @@ impl Io {
     /// where in `buf` byte `at` landed. With `direct` (the file opened with O_DIRECT) the read
     /// covers the enclosing aligned range, so the kernel copies nothing and the page cache does
     /// not grow; otherwise it is a buffered read at offset 0. The range is read in requests of
-    /// 2 MiB spread over the I/O pool, so several are in flight.
+    /// 4 MiB spread over the I/O pool, so several are in flight.
     pub fn read_into(
         &self,
         file: &File,
