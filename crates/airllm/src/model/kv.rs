@@ -29,6 +29,17 @@ pub fn kv_slots(context: usize, window: Option<usize>, max_step: usize) -> usize
     }
 }
 
+/// A contiguous copy of `t` in storage of its own, which `slice_set` needs for a source cut
+/// from the tensor it writes into. (A narrow of a one-head cache is already contiguous and
+/// would share the storage; `contiguous` then returns it as it is.)
+fn detached(t: &Tensor) -> Result<Tensor> {
+    Ok(if t.is_contiguous() {
+        t.copy()?
+    } else {
+        t.contiguous()?
+    })
+}
+
 impl LayerKv {
     pub fn new(
         kv_heads: usize,
@@ -71,8 +82,8 @@ impl LayerKv {
                 )));
             }
             if keep > 0 {
-                let k = self.k.narrow(1, drop, keep)?.copy()?;
-                let v = self.v.narrow(1, drop, keep)?.copy()?;
+                let k = detached(&self.k.narrow(1, drop, keep)?)?;
+                let v = detached(&self.v.narrow(1, drop, keep)?)?;
                 self.k.slice_set(&k, 1, 0)?;
                 self.v.slice_set(&v, 1, 0)?;
             }
@@ -118,30 +129,35 @@ impl LayerKv {
 mod tests {
     use super::*;
 
-    fn tok(n: usize, v: f32) -> Tensor {
-        Tensor::full(v, (1, n, 2), &Device::Cpu).unwrap()
+    fn tok(heads: usize, n: usize, v: f32) -> Tensor {
+        Tensor::full(v, (heads, n, 2), &Device::Cpu).unwrap()
     }
 
     #[test]
     fn a_sliding_layer_keeps_its_window_in_fixed_memory() {
-        // Window 4, steps of up to 2 tokens: 5 slots, whatever the context.
-        let mut kv = LayerKv::new(1, 100, Some(4), 2, 2, &Device::Cpu).unwrap();
-        assert_eq!(kv.bytes(), 2 * 5 * 2 * 4);
-        for i in 0..10 {
-            let (k, _, k0) = kv.append(&tok(1, i as f32), &tok(1, 0.0)).unwrap();
-            // The three previous tokens and this one are always there.
-            assert!(i < 3 || k0 <= i - 3, "step {i}: first key at {k0}");
-            let keys: Vec<f32> = k.flatten_all().unwrap().to_vec1().unwrap();
-            let want: Vec<f32> = (k0..=i).flat_map(|p| [p as f32; 2]).collect();
-            assert_eq!(keys, want, "step {i}");
+        // One head (where a cut of the cache is contiguous) and two (where it is not).
+        for heads in [1, 2] {
+            // Window 4, steps of up to 2 tokens: 5 slots, whatever the context.
+            let mut kv = LayerKv::new(heads, 100, Some(4), 2, 2, &Device::Cpu).unwrap();
+            assert_eq!(kv.bytes(), (heads * 2 * 5 * 2 * 4) as u64);
+            for i in 0..10 {
+                let (k, _, k0) = kv
+                    .append(&tok(heads, 1, i as f32), &tok(heads, 1, 0.0))
+                    .unwrap();
+                // The three previous tokens and this one are always there.
+                assert!(i < 3 || k0 <= i - 3, "step {i}: first key at {k0}");
+                let keys: Vec<f32> = k.flatten_all().unwrap().to_vec1().unwrap();
+                let one: Vec<f32> = (k0..=i).flat_map(|p| [p as f32; 2]).collect();
+                assert_eq!(keys, one.repeat(heads), "{heads} heads, step {i}");
+            }
+            assert_eq!(kv.pos(), 10);
+            // Keys before 10 - 3 are gone, so a prefix shorter than that cannot be kept.
+            assert_eq!(kv.truncate(9), 9);
+            assert_eq!(kv.truncate(5), 0);
         }
-        assert_eq!(kv.pos(), 10);
-        // Keys before 10 - 3 are gone, so a prefix shorter than that cannot be kept.
-        assert_eq!(kv.truncate(9), 9);
-        assert_eq!(kv.truncate(5), 0);
         let mut full = LayerKv::new(1, 8, None, 2, 2, &Device::Cpu).unwrap();
-        full.append(&tok(2, 1.0), &tok(2, 1.0)).unwrap();
+        full.append(&tok(1, 2, 1.0), &tok(1, 2, 1.0)).unwrap();
         assert_eq!(full.truncate(1), 1);
-        assert!(full.append(&tok(8, 1.0), &tok(8, 1.0)).is_err());
+        assert!(full.append(&tok(1, 8, 1.0), &tok(1, 8, 1.0)).is_err());
     }
 }
