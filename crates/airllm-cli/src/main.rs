@@ -397,7 +397,11 @@ fn start_engine(
     mut opts: EngineOptions,
     tok_bytes: u64,
 ) -> Result<Engine> {
-    opts.reserved_bytes = tok_bytes;
+    // Without --max-memory the budget is read from the available memory after the tokenizer
+    // was built, so it is already left out.
+    if m.max_memory.is_some() {
+        opts.reserved_bytes = tok_bytes;
+    }
     if m.max_memory.is_none() {
         eprintln!(
             "no --max-memory given: using 90% of available memory ({})",
@@ -603,7 +607,17 @@ fn chat(a: ChatArgs) -> Result<()> {
 }
 
 fn inspect(a: InspectArgs) -> Result<()> {
-    let (info, _tok, tok_bytes) = open_model(&a.model)?;
+    // The tokenizer is built as `run` builds it, to count what it holds; a folder without
+    // one can still be inspected.
+    let (info, tok_bytes) = match open_model(&a.model) {
+        Ok((info, _tok, n)) => (info, n),
+        Err(e) => {
+            let (weights, _) = model_paths(&a.model)?;
+            let info = ModelInfo::open_opts(&weights, false, a.model.f16)?;
+            eprintln!("note: no tokenizer counted in the plan ({e:#})");
+            (info, 0)
+        }
+    };
     let dir = info.dir.clone();
     let c = &info.cfg;
     let s = &info.sizes;
@@ -638,16 +652,25 @@ fn inspect(a: InspectArgs) -> Result<()> {
     println!("attention:    {}", windows.join(" "));
     println!("rope:         {:?}", c.rope);
     println!("tied head:    {}", c.tie_word_embeddings);
+    let context = a
+        .model
+        .ctx_size
+        .unwrap_or_else(|| c.max_position_embeddings.min(2048));
     let opts = EngineOptions {
         max_memory: budget(&a.model.max_memory)?,
-        context: a
-            .model
-            .ctx_size
-            .unwrap_or_else(|| c.max_position_embeddings.min(2048)),
+        context,
         max_batch: a.batch,
-        max_step_tokens: a.model.batch_size.max(a.batch),
+        max_step_tokens: a
+            .model
+            .batch_size
+            .min(context.saturating_mul(a.batch))
+            .max(a.batch),
         max_logit_rows: a.batch,
-        reserved_bytes: tok_bytes,
+        reserved_bytes: if a.model.max_memory.is_some() {
+            tok_bytes
+        } else {
+            0
+        },
         ..Default::default()
     };
     println!("{}", info.plan(&opts)?);
@@ -849,7 +872,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         );
         if let Some(q) = raw_queued {
             println!(
-                "| raw read, 4 × 2 MiB requests in flight (O_DIRECT) | {} |",
+                "| raw read, 4 × 4 MiB requests in flight (O_DIRECT) | {} |",
                 gb(q)
             );
         }

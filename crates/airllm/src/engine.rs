@@ -110,7 +110,7 @@ impl Sequence {
 #[derive(Debug, Clone, Default)]
 pub struct LayerTiming {
     pub streamed: bool,
-    /// Time the reader spent reading and converting this layer.
+    /// Time the reader spent reading this layer.
     pub read: Duration,
     /// Time compute waited for this layer to arrive.
     pub wait: Duration,
@@ -259,12 +259,20 @@ fn work_bytes(cfg: &ModelConfig, o: &EngineOptions) -> u64 {
         .min(o.attention_scores_bytes / 4);
     let logits = 2 * o.max_logit_rows as u64 * cfg.vocab_size as u64;
     let widest = cfg.hidden_size.max(cfg.intermediate_size) as u64;
+    // Compacting a sliding window copies its keys and values once.
+    let window_copy = cfg
+        .layer_windows
+        .iter()
+        .flatten()
+        .map(|&w| (2 * w * cfg.num_kv_heads * cfg.head_dim) as u64)
+        .max()
+        .unwrap_or(0);
     let scratch = if rows > crate::model::matmul::GEMV_MAX_ROWS as u64 {
         rayon::current_num_threads() as u64 * ROW_TILE as u64 * widest
     } else {
         0
     };
-    4 * (rows * per_row + scores + logits + scratch)
+    4 * (rows * per_row + scores + logits + scratch + window_copy)
 }
 
 /// KV-cache bytes of one sequence: full layers hold the context, sliding ones their window.
@@ -439,8 +447,16 @@ impl Engine {
         } = info;
         let device = opts.device.clone();
         let ledger = Ledger::new(plan.budget);
-        src.io()
-            .set_drop_cache(plan.streams() && !opts.keep_page_cache);
+        if !opts.device.is_cpu() {
+            return Err(Error::Invalid(
+                "this build computes on the CPU only; GPU support is not there yet".into(),
+            ));
+        }
+        if opts.keep_page_cache {
+            src.io().keep_page_cache();
+        } else {
+            src.io().set_drop_cache(plan.streams());
+        }
         // The working set, fixed tensors and what the caller holds are charged for the
         // engine's life.
         let mut held =
@@ -539,6 +555,12 @@ impl Engine {
         Ok(())
     }
 
+    fn reader(&self) -> Result<&Prefetcher> {
+        self.prefetch
+            .as_ref()
+            .ok_or_else(|| Error::Reader("the reader is not running".into()))
+    }
+
     pub fn config(&self) -> &ModelConfig {
         &self.cfg
     }
@@ -612,7 +634,11 @@ impl Engine {
     ) -> Result<Vec<Tensor>> {
         let r = self.sweep(batch, which);
         if r.is_err() {
-            self.start_reader()?;
+            // The step's own error is the one to report; a failed restart shows at the next
+            // step.
+            if let Err(e) = self.start_reader() {
+                tracing::warn!("restarting the reader failed: {e}");
+            }
         }
         r
     }
@@ -692,10 +718,7 @@ impl Engine {
                         .forward(small, &mut mats, &x, &seqs, &mut kv, cos, sin, window)?;
                     timing.compute += t.elapsed();
                 } else {
-                    let reader = self
-                        .prefetch
-                        .as_ref()
-                        .expect("streamed layers have a reader");
+                    let reader = self.reader()?;
                     let (small, read, wait) = reader.small(layer)?;
                     let mut mats = StreamedMats {
                         reader,
@@ -750,10 +773,7 @@ impl Engine {
         let logits = if let Some(w) = &self.head {
             mat_tensor(h, w.view())?
         } else {
-            let reader = self
-                .prefetch
-                .as_ref()
-                .expect("a streamed head has a reader");
+            let reader = self.reader()?;
             let (l, read, wait) = reader.matmul(Target::Head, self.cfg.vocab_size, h)?;
             prof.head_read += read;
             prof.head_wait += wait;

@@ -330,8 +330,3 @@ fn gelu_f16_table(x: &Tensor) -> Result<Tensor> {
 pub fn final_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
     Ok(candle_nn::ops::rms_norm(x, w, eps)?)
 }
-
-/// Bytes of a tensor of `n` f32 elements.
-pub fn f32_bytes(n: usize) -> u64 {
-    (n * DType::F32.size_in_bytes()) as u64
-}

@@ -1,5 +1,5 @@
 //! Accounting of every byte the engine holds against the budget. Each allocation the plan
-//! counts (resident and in-flight layers, KV caches, the working set, head chunks) takes a
+//! counts (resident layers and head, read buffers, KV caches, the working set) takes a
 //! [`Charge`] that is returned when it is dropped, so `peak()` is the true high-water mark of
 //! what we hold, and tests can check it never passes the budget.
 

@@ -41,7 +41,8 @@ pub struct Plan {
     pub head_resident: bool,
     /// Most bytes one slice of a streamed matrix holds.
     pub slice_bytes: u64,
-    /// Read buffers: one being filled, one being multiplied, the rest read ahead.
+    /// Read buffers: those being filled by the reader's lanes, one being multiplied, the rest
+    /// read ahead.
     pub buffers: usize,
     pub layer_bytes: u64,
     pub head_bytes: u64,
@@ -67,9 +68,11 @@ impl Plan {
     pub fn new(inp: &PlanInput, budget: u64) -> Result<Plan> {
         let base = inp.kv_bytes + inp.work_bytes + inp.fixed_bytes + inp.reserved_bytes;
         let all_resident = inp.num_layers as u64 * inp.layer_bytes + inp.head_bytes + base;
+        // Each buffer's read may bring a layer's norms and biases along; two more sets are held
+        // by compute and by a lane between buffers.
         let buf = |slice: u64| read_capacity(slice as usize) as u64 + inp.small_bytes;
         let min_slice = inp.min_slice_bytes.max(1);
-        let min_stream = 2 * buf(min_slice);
+        let min_stream = 2 * buf(min_slice) + 2 * inp.small_bytes;
         let minimum = (base + min_stream).min(all_resident);
         let mut plan = Plan {
             budget,
@@ -113,11 +116,11 @@ impl Plan {
         let spare = budget - base;
         let stream = (spare / 4).clamp(min_stream, min_stream.max(STREAM_TARGET));
         let mut slice = (stream / 4).clamp(min_slice, min_slice.max(SLICE_TARGET));
-        if 2 * buf(slice) > stream {
+        if 2 * buf(slice) + 2 * inp.small_bytes > stream {
             slice = min_slice;
         }
-        let buffers = ((stream / buf(slice)) as usize).max(2);
-        let inflight = buffers as u64 * buf(slice);
+        let buffers = (((stream - 2 * inp.small_bytes) / buf(slice)) as usize).max(2);
+        let inflight = buffers as u64 * buf(slice) + 2 * inp.small_bytes;
         // Then layers, from the first: each resident byte saves one byte read per token, and
         // the first layers are the ones prefetch cannot hide at the start of a sweep.
         let mut left = spare.saturating_sub(inflight);

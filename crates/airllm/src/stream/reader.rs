@@ -168,7 +168,9 @@ fn read_loop<'a>(
                 let job = job_rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
                 let Ok((i, item, buf)) = job else { return };
                 let t = Instant::now();
-                let piece = match (item, buf) {
+                // A panic here would leave compute waiting for piece `i` forever: it becomes
+                // an error for that piece instead.
+                let read = std::panic::AssertUnwindSafe(|| match (item, buf) {
                     (Item::Small(l), _) => {
                         Small::load(&spec.schema, src, *l, spec.norm_offset, &spec.device)
                             .map(|s| Piece::Small(*l, s))
@@ -197,7 +199,10 @@ fn read_loop<'a>(
                         }))
                     }),
                     (Item::Rows { .. }, None) => unreachable!("row reads are given a buffer"),
-                };
+                });
+                let piece = std::panic::catch_unwind(read).unwrap_or_else(|_| {
+                    Err(Error::Reader(format!("reading {item:?} panicked")))
+                });
                 let msg = piece.map(|piece| Delivered {
                     piece,
                     read: t.elapsed(),

@@ -1,5 +1,5 @@
 //! Positioned reads with accounting. Every byte the engine reads from a checkpoint goes through
-//! [`Io::read_at`], which counts it (for the bytes-per-token and bandwidth figures of `bench`)
+//! [`Io::read_into`] (matrices, O_DIRECT where possible) or [`Io::read_at`], which count it (for the bytes-per-token and bandwidth figures of `bench`)
 //! and, when asked, tells the kernel to drop the pages just read, so that streaming a model many
 //! times the budget does not fill the page cache with it (a memory cgroup counts page cache).
 
@@ -12,6 +12,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 pub struct Io {
     bytes_read: AtomicU64,
     drop_cache: AtomicBool,
+    /// Read with buffered I/O even where O_DIRECT is open, so the page cache keeps the weights.
+    no_direct: AtomicBool,
 }
 
 impl Io {
@@ -42,9 +44,15 @@ impl Io {
     pub fn set_drop_cache(&self, on: bool) {
         self.drop_cache.store(on, Ordering::Relaxed);
     }
+
+    /// Keep what is read in the page cache: buffered reads only, pages not dropped.
+    pub fn keep_page_cache(&self) {
+        self.no_direct.store(true, Ordering::Relaxed);
+        self.drop_cache.store(false, Ordering::Relaxed);
+    }
 }
 
-/// Threads that read (and widen) tensor chunks. With O_DIRECT a read costs no CPU, so more
+/// Threads that read tensor chunks. With O_DIRECT a read costs no CPU, so more
 /// threads than cores keep more requests in flight: 4 matched the buffered reader's speed with a
 /// third of its system time on the development machine (docs/benchmarks.md).
 /// `AIRLLM_IO_THREADS` overrides it.
@@ -69,7 +77,7 @@ pub const DIRECT_ALIGN: usize = super::mat::BUF_ALIGN;
 
 /// Bytes per read request: several are in flight at once on the I/O pool. 4 MiB read the
 /// 70B-shaped model about 10% faster than 2 MiB on the development machine.
-const REQUEST: usize = 4 << 20;
+pub const REQUEST: usize = 4 << 20;
 
 /// Bytes [`Io::read_into`] needs in its buffer to read `len` bytes at any offset.
 pub fn read_capacity(len: usize) -> usize {
@@ -91,6 +99,7 @@ impl Io {
         buf: &mut super::mat::AlignedBuf,
     ) -> std::io::Result<usize> {
         use rayon::prelude::*;
+        let direct = direct.filter(|_| !self.no_direct.load(Ordering::Relaxed));
         if let Some(d) = direct {
             let a = DIRECT_ALIGN as u64;
             let start = at / a * a;

@@ -83,15 +83,16 @@ impl AlignedBuf {
         }
         self.free();
         let layout = std::alloc::Layout::from_size_align(n, BUF_ALIGN).expect("valid layout");
+        // Zeroed, so every byte handed out is initialised; for large buffers this is a fresh
+        // mapping, which is zero anyway.
         // SAFETY: n > cap >= 0, so the layout is non-empty; freed in `free` with this layout.
-        self.ptr = unsafe { std::alloc::alloc(layout) };
+        self.ptr = unsafe { std::alloc::alloc_zeroed(layout) };
         if self.ptr.is_null() {
             std::alloc::handle_alloc_error(layout);
         }
         self.cap = n;
     }
-    /// The first `n` bytes. Bytes not yet written hold unspecified (but initialised-as-u8)
-    /// values from the allocator.
+    /// The first `n` bytes (zero where nothing was written).
     pub fn bytes(&self, n: usize) -> &[u8] {
         assert!(n <= self.cap);
         if n == 0 {
@@ -209,6 +210,23 @@ impl Mat {
     pub fn bytes(&self) -> u64 {
         self.buf.capacity() as u64
     }
+    /// The same matrix in a buffer of its own exact size, when its buffer is larger (an f32 read
+    /// narrowed to f16 in place leaves half of it unused).
+    pub fn compact(self) -> Mat {
+        let n = self.form.row_bytes(self.cols) * self.rows;
+        if self.buf.capacity() <= n + 2 * BUF_ALIGN {
+            return self;
+        }
+        let mut buf = AlignedBuf::with_capacity(n);
+        buf.bytes_mut(n)
+            .copy_from_slice(&self.buf.bytes(self.off + n)[self.off..]);
+        Mat {
+            buf,
+            off: 0,
+            ..self
+        }
+    }
+
     /// Gives the buffer back (to a pool).
     pub fn into_buf(self) -> AlignedBuf {
         self.buf

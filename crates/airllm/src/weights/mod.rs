@@ -1,9 +1,9 @@
 //! Weight sources: where tensors come from, independent of how they are held or computed.
-//! The engine asks a source for one tensor (or a few rows of one) at a time, in compute form,
-//! so a layer is only ever as resident as the streamer decides.
+//! The engine asks a source for one tensor (or a range of rows of one) at a time, so a layer is
+//! only ever as resident as the streamer decides.
 //!
-//! Compute form is f32 for f32/f16/bf16 data (exact, and what the CPU multiplies fastest), and the
-//! file's own blocks for quantized GGUF data, multiplied with candle's quantized kernels.
+//! Matrices are held in the file's form (bf16, f16, f32, GGUF blocks), read straight into
+//! aligned buffers; norms and biases, which are small, are read as f32.
 
 pub mod gguf;
 pub mod gguf_tokenizer;
@@ -40,10 +40,10 @@ impl TensorMeta {
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
-    /// Bytes a matrix holds once read whole into a buffer of its own: the larger of its file
-    /// and held forms, and the slack of an O_DIRECT read.
+    /// Bytes a matrix holds once read whole and kept: its held form, and the slack of an
+    /// O_DIRECT read.
     pub fn buffer_bytes(&self) -> u64 {
-        io::read_capacity(self.file_bytes.max(self.compute_bytes) as usize) as u64
+        io::read_capacity(self.compute_bytes as usize) as u64
     }
     /// Bytes a read buffer needs per row of this matrix: its file bytes land there first, and
     /// its held form (which may be larger, as for `dequantize`) replaces them.
@@ -67,7 +67,8 @@ pub trait WeightSource: Send + Sync {
     /// The form a matrix is held in.
     fn form(&self, name: &str) -> Result<Form>;
     /// Reads rows `start..start+len` of a matrix into `buf` (grown when too small), in the
-    /// held form, with no intermediate copy.
+    /// held form, with no intermediate copy (except in GGUF `dequantize` mode, a reference
+    /// check that widens into a buffer of its own, outside the pool and the budget).
     fn read_rows(&self, name: &str, start: usize, len: usize, buf: AlignedBuf) -> Result<Mat>;
     /// Read accounting and page-cache policy.
     fn io(&self) -> &io::Io;
@@ -80,7 +81,9 @@ pub trait WeightSource: Send + Sync {
             .meta(name)
             .ok_or_else(|| Error::tensor(self.path(), name, "missing from the checkpoint"))?
             .shape[0];
-        self.read_rows(name, 0, rows, AlignedBuf::default())
+        Ok(self
+            .read_rows(name, 0, rows, AlignedBuf::default())?
+            .compact())
     }
 }
 
@@ -117,8 +120,9 @@ pub struct SafetensorsSource {
     dir: PathBuf,
     set: SafetensorsSet,
     io: io::Io,
-    /// Hold f32 matrices as f16: half the memory, with weights rounded to f16 (opt-in, not
-    /// exact). 16-bit checkpoints are held in their own form either way.
+    /// Hold f32 matrices as f16: resident ones take half the memory, with weights rounded to
+    /// f16 (opt-in, not exact); streamed ones are still read as f32. 16-bit checkpoints are held
+    /// in their own form either way.
     pub f16: bool,
 }
 

@@ -33,8 +33,8 @@ pub enum Role {
     DownBias,
 }
 
-/// The part of the block a tensor belongs to. Streaming and (later) expert routing work on
-/// groups: a group's small tensors arrive with its first matrix.
+/// The part of the block a tensor belongs to (attention, MLP; later router and experts), so
+/// that streaming and expert routing can work on groups.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Group {
     Attention,
@@ -221,26 +221,6 @@ impl LayerSchema {
 
     pub fn get(&self, role: Role) -> Option<&TensorSpec> {
         self.tensors.iter().find(|t| t.role == role)
-    }
-
-    /// The name of `role` in layer `layer`, whether or not this model has it.
-    pub fn name(&self, naming: Naming, layer: usize, role: Role) -> String {
-        match self.get(role) {
-            Some(t) => t.name(naming, layer),
-            None => {
-                let t = TABLE.iter().find(|t| t.role == role).expect("every role");
-                TensorSpec {
-                    role,
-                    group: t.group,
-                    kind: t.kind,
-                    shape: vec![],
-                    hf: t.hf,
-                    gguf: t.gguf,
-                    transform: Transform::None,
-                }
-                .name(naming, layer)
-            }
-        }
     }
 
     /// The matrices, in execution order.
