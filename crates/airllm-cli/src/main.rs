@@ -170,10 +170,10 @@ struct ModelArgs {
     /// Where --compress keeps its conversions. Default: ~/.cache/airllm/compressed.
     #[arg(long)]
     cache_dir: Option<PathBuf>,
-    /// Hold an f32 Hugging Face checkpoint's matrices as f16: half the memory and half the bytes
-    /// per token, with the weights rounded to f16 (not exact against transformers; math stays
-    /// f32). bf16 and f16 checkpoints are always held in their own form, so it changes nothing
-    /// for them; GGUF files keep their own types.
+    /// Hold an f32 Hugging Face checkpoint's resident matrices as f16: half their memory, with
+    /// the weights rounded to f16 (not exact against transformers; math stays f32). Streamed
+    /// slices are still read as f32. bf16 and f16 checkpoints are always held in their own
+    /// form, so it changes nothing for them; GGUF files keep their own types.
     #[arg(long)]
     f16: bool,
 }
