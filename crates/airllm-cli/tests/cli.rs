@@ -150,6 +150,40 @@ fn inspect_describes_the_model_and_plan() {
     ] {
         assert!(s.contains(needle), "missing {needle}: {s}");
     }
+    // It takes the options that change the plan, as `run` does: the f16 form halves this f32
+    // model's layers, and a batch of 4 needs four KV caches.
+    let layers = |s: &str| {
+        s.lines()
+            .find(|l| l.starts_with("layers:"))
+            .unwrap()
+            .to_string()
+    };
+    let kv = |s: &str| {
+        s.lines()
+            .find(|l| l.contains("KV cache"))
+            .unwrap()
+            .to_string()
+    };
+    let out2 = airllm(&[
+        "inspect",
+        "-m",
+        m.to_str().unwrap(),
+        "--max-memory",
+        "64MiB",
+        "-c",
+        "64",
+        "--f16",
+        "--batch",
+        "4",
+    ]);
+    assert!(
+        out2.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out2.stderr)
+    );
+    let s2 = String::from_utf8_lossy(&out2.stdout);
+    assert_ne!(layers(&s), layers(&s2));
+    assert_ne!(kv(&s), kv(&s2));
 }
 
 #[test]
