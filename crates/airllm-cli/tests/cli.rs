@@ -152,18 +152,7 @@ fn inspect_describes_the_model_and_plan() {
     }
     // It takes the options that change the plan, as `run` does: the f16 form halves this f32
     // model's layers, and a batch of 4 needs four KV caches.
-    let layers = |s: &str| {
-        s.lines()
-            .find(|l| l.starts_with("layers:"))
-            .unwrap()
-            .to_string()
-    };
-    let kv = |s: &str| {
-        s.lines()
-            .find(|l| l.contains("KV cache"))
-            .unwrap()
-            .to_string()
-    };
+    let line = |s: &str, pat: &str| s.lines().find(|l| l.contains(pat)).unwrap().to_string();
     let out2 = airllm(&[
         "inspect",
         "-m",
@@ -182,8 +171,8 @@ fn inspect_describes_the_model_and_plan() {
         String::from_utf8_lossy(&out2.stderr)
     );
     let s2 = String::from_utf8_lossy(&out2.stdout);
-    assert_ne!(layers(&s), layers(&s2));
-    assert_ne!(kv(&s), kv(&s2));
+    assert_ne!(line(&s, "layers:"), line(&s2, "layers:"));
+    assert_ne!(line(&s, "KV cache"), line(&s2, "KV cache"));
 }
 
 #[test]

@@ -1,8 +1,10 @@
-//! airllm: run language models larger than memory by streaming one decoder layer at a time.
+//! airllm: run language models larger than memory by streaming their weights from disk in slices
+//! of each matrix, held in the file's form.
 //!
-//! The pipeline reads left to right: [`weights`] (checkpoint formats) → [`stream`] (budget plan,
-//! background reader, residency) → [`model`] (the generic decoder block) → [`engine`] (one sweep
-//! over the layers for a batch of sequences) → [`generate`] (sampling and stop rules).
+//! The pipeline reads left to right: [`weights`] (checkpoint formats, O_DIRECT reads, the layer
+//! schema) → [`stream`] (budget plan, buffer pool, background slice reader, residency) →
+//! [`model`] (the generic decoder block and its matmul kernels) → [`engine`] (one sweep over the
+//! layers for a batch of sequences) → [`generate`] (sampling and stop rules).
 
 pub mod config;
 pub mod convert;

@@ -22,7 +22,7 @@ fn options(budget: Option<u64>, r: &common::Reference) -> EngineOptions {
     }
 }
 
-/// The smallest budget the planner accepts for these options: about two layers plus the rest.
+/// The smallest budget the planner accepts for these options: two slice buffers plus the rest.
 fn minimum_budget(name: &str, r: &common::Reference) -> u64 {
     let info = ModelInfo::open(&fixtures().join(name)).unwrap();
     let e = info.plan(&options(Some(1), r)).unwrap_err();
