@@ -152,6 +152,16 @@ struct ModelArgs {
     /// Memory budget, e.g. 512MiB or 6GiB. Default: 90% of available memory.
     #[arg(long)]
     max_memory: Option<String>,
+    /// Where to compute: cpu, or cuda[:N] (a binary built with the `cuda` feature, see
+    /// scripts/build_cuda.sh).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// GPU memory budget, e.g. 4GiB: weights stay on the GPU as far as it allows, after the KV
+    /// cache, activations and staging slots; the rest is copied from host memory (or disk) for
+    /// every token. --max-memory stays the host budget. Default: 90% of the GPU's free memory.
+    /// With --device cpu it simulates a device tier in host memory (for testing the tiers).
+    #[arg(long)]
+    gpu_memory: Option<String>,
     /// Tokens of context per sequence. Default: prompt plus --max-new-tokens for `run`,
     /// min(2048, the model's maximum) for `chat`.
     #[arg(long = "ctx-size", short = 'c')]
@@ -391,12 +401,47 @@ fn open_model(m: &ModelArgs) -> Result<(ModelInfo, TextTokenizer, u64)> {
     Ok((info, tok, tok_bytes))
 }
 
+/// The compute device `--device` names.
+fn parse_device(s: &str) -> Result<candle_core::Device> {
+    let s = s.trim();
+    if s == "cpu" {
+        return Ok(candle_core::Device::Cpu);
+    }
+    let ordinal = match s.strip_prefix("cuda") {
+        Some("") => 0,
+        Some(n) => match n.strip_prefix(':').and_then(|n| n.parse::<usize>().ok()) {
+            Some(i) => i,
+            None => bail!("--device {s}: expected cpu, cuda or cuda:N"),
+        },
+        None => bail!("--device {s}: expected cpu, cuda or cuda:N"),
+    };
+    if !cfg!(feature = "cuda") {
+        bail!(
+            "--device {s}: this binary was built without CUDA; build one with scripts/build_cuda.sh (cargo build --release --features cuda)"
+        );
+    }
+    candle_core::Device::new_cuda(ordinal).with_context(|| format!("--device {s}"))
+}
+
+/// Sets the device and its budget from --device and --gpu-memory.
+fn apply_device(m: &ModelArgs, opts: &mut EngineOptions) -> Result<()> {
+    opts.device = parse_device(&m.device)?;
+    opts.device_memory = m
+        .gpu_memory
+        .as_deref()
+        .map(parse_size)
+        .transpose()
+        .context("--gpu-memory")?;
+    Ok(())
+}
+
 fn start_engine(
     info: ModelInfo,
     m: &ModelArgs,
     mut opts: EngineOptions,
     tok_bytes: u64,
 ) -> Result<Engine> {
+    apply_device(m, &mut opts)?;
     // Without --max-memory the budget is read from the available memory after the tokenizer
     // was built, so it is already left out.
     if m.max_memory.is_some() {
@@ -656,7 +701,7 @@ fn inspect(a: InspectArgs) -> Result<()> {
         .model
         .ctx_size
         .unwrap_or_else(|| c.max_position_embeddings.min(2048));
-    let opts = EngineOptions {
+    let mut opts = EngineOptions {
         max_memory: budget(&a.model.max_memory)?,
         context,
         max_batch: a.batch,
@@ -673,6 +718,7 @@ fn inspect(a: InspectArgs) -> Result<()> {
         },
         ..Default::default()
     };
+    apply_device(&a.model, &mut opts)?;
     println!("{}", info.plan(&opts)?);
     Ok(())
 }
@@ -748,7 +794,20 @@ fn bench(a: BenchArgs) -> Result<()> {
         keep_page_cache: a.keep_page_cache,
         ..Default::default()
     };
+    // The GPU's memory in use before the engine holds anything (context, kernels, cuBLAS).
+    let device = parse_device(&a.model.device)?;
+    let h2d = airllm::bench::device::h2d_bandwidth(&device, 256 << 20)?;
+    let dev_base = airllm::bench::device::used(&device)?;
+    airllm::bench::device::reset_pool_peak(&device)?;
     let mut engine = start_engine(info, &a.model, opts, 0)?;
+    let mut dev_peak = 0u64;
+    let sample = |dev_peak: &mut u64| -> Result<()> {
+        if let (Some(b), Some(u)) = (dev_base, airllm::bench::device::used(&device)?) {
+            *dev_peak = (*dev_peak).max(u.saturating_sub(b));
+        }
+        Ok(())
+    };
+    sample(&mut dev_peak)?;
     let mut seqs: Vec<_> = (0..a.batch)
         .map(|_| engine.new_sequence())
         .collect::<airllm::Result<_>>()?;
@@ -801,8 +860,10 @@ fn bench(a: BenchArgs) -> Result<()> {
         for (i, l) in logits.into_iter().enumerate() {
             last[i] = airllm::generate::argmax(&l.squeeze(0)?.to_vec1::<f32>()?);
         }
+        sample(&mut dev_peak)?;
     }
     let decode = t.elapsed();
+    let dev_pool_peak = airllm::bench::device::pool_peak(&device)?;
     let read = engine.bytes_read() - read0;
     let d = &engine.decode_profile;
     let per_step = decode.as_secs_f64() / a.gen as f64;
@@ -833,6 +894,30 @@ fn bench(a: BenchArgs) -> Result<()> {
         "utilization": eff_bw / raw_bw.max(1e-9),
         "page_cache": if a.keep_page_cache { "kept" } else { "dropped after reads" },
     });
+    let mut report = report;
+    if let Some(dp) = &engine.plan().device {
+        let moved = d.moved / d.steps.max(1) as u64;
+        let bound = h2d.map(|bw| moved as f64 / bw.max(1.0));
+        let peak = dev_pool_peak.unwrap_or(0).max(dev_peak);
+        let extra = serde_json::json!({
+            "device": a.model.device,
+            "device_budget_bytes": dp.budget,
+            "device_resident_layers": dp.resident_layers,
+            "device_head_resident": dp.head_resident,
+            "bytes_moved_per_token": moved,
+            "planned_bytes_moved_per_token": dp.bytes_moved_per_token,
+            "h2d_bandwidth_pinned": h2d,
+            "decode_bound_s_per_token": bound,
+            "decode_vs_bound": bound.map(|b| per_step / b.max(1e-12)),
+            "device_peak_bytes": if device.is_cpu() { None } else { Some(peak) },
+            "device_peak_sampled_bytes": dev_base.map(|_| dev_peak),
+            "device_pool_peak_bytes": dev_pool_peak,
+            "device_ledger_peak_bytes": engine.device_ledger().map(|l| l.peak()),
+        });
+        if let (Some(r), Some(e)) = (report.as_object_mut(), extra.as_object()) {
+            r.extend(e.clone());
+        }
+    }
     if a.json {
         println!("{report}");
     } else {
@@ -853,6 +938,25 @@ fn bench(a: BenchArgs) -> Result<()> {
             fmt_bytes(read / a.gen as u64)
         );
         println!("| effective read bandwidth | {} |", gb(eff_bw));
+        if let Some(m) = report["bytes_moved_per_token"].as_u64() {
+            println!("| bytes moved host→device per token | {} |", fmt_bytes(m));
+            if let Some(bw) = report["h2d_bandwidth_pinned"].as_f64() {
+                println!("| pinned host→device bandwidth | {} |", gb(bw));
+            }
+            if let Some(b) = report["decode_bound_s_per_token"].as_f64() {
+                println!(
+                    "| decode vs the link's bound | {per_step:.3} / {b:.3} s = {:.2}× |",
+                    per_step / b.max(1e-12)
+                );
+            }
+            if let Some(p) = report["device_peak_bytes"].as_u64() {
+                println!(
+                    "| device memory peak | {} of {} |",
+                    fmt_bytes(p),
+                    fmt_bytes(report["device_budget_bytes"].as_u64().unwrap_or(0))
+                );
+            }
+        }
         println!(
             "| compute waiting for I/O | {:.0}% |",
             100.0 * report["io_wait_share"].as_f64().unwrap_or(0.0)

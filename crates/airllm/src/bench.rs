@@ -153,3 +153,65 @@ pub fn raw_read_bandwidth_queued(
     }
     Ok(Some((total.into_inner(), t.elapsed())))
 }
+
+/// Memory figures of the compute device, for `bench`: `None` on the CPU.
+pub mod device {
+    use candle_core::Device;
+
+    use crate::error::Result;
+
+    /// Bytes in use on the GPU (total − free), the whole process's.
+    pub fn used(device: &Device) -> Result<Option<u64>> {
+        if device.is_cpu() {
+            return Ok(None);
+        }
+        #[cfg(feature = "cuda")]
+        {
+            let (free, total) = crate::stream::cuda::memory_info(device)?;
+            Ok(Some(total - free))
+        }
+        #[cfg(not(feature = "cuda"))]
+        Ok(None)
+    }
+
+    /// The most bytes the allocator reserved since the last reset (transients included).
+    pub fn pool_peak(device: &Device) -> Result<Option<u64>> {
+        if device.is_cpu() {
+            return Ok(None);
+        }
+        #[cfg(feature = "cuda")]
+        {
+            crate::stream::cuda::pool_peak(device).map(Some)
+        }
+        #[cfg(not(feature = "cuda"))]
+        Ok(None)
+    }
+
+    pub fn reset_pool_peak(device: &Device) -> Result<()> {
+        if device.is_cpu() {
+            return Ok(());
+        }
+        #[cfg(feature = "cuda")]
+        {
+            crate::stream::cuda::reset_pool_peak(device)
+        }
+        #[cfg(not(feature = "cuda"))]
+        Ok(())
+    }
+
+    /// Host→device bandwidth from pinned memory, bytes/s.
+    pub fn h2d_bandwidth(device: &Device, bytes: usize) -> Result<Option<f64>> {
+        if device.is_cpu() {
+            return Ok(None);
+        }
+        #[cfg(feature = "cuda")]
+        {
+            crate::stream::cuda::h2d_bandwidth(device, bytes).map(Some)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = bytes;
+            Ok(None)
+        }
+    }
+}

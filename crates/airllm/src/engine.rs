@@ -14,13 +14,16 @@ use candle_core::{Device, Tensor};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::block::validate_layers;
+use crate::model::block::Small;
 use crate::model::kv::kv_slots;
-use crate::model::matmul::{mat_tensor, ROW_TILE};
+use crate::model::matmul::ROW_TILE;
 use crate::model::{Block, LayerKv, Rope, SeqRows};
 use crate::stream::pool::Pool;
 use crate::stream::reader::{ReadSpec, StreamedMats, Target};
-use crate::stream::{Charge, HeldLayer, Ledger, Plan, PlanInput, Prefetcher};
-use crate::weights::mat::Mat;
+use crate::stream::stage::{DevMat, Link, SimLink, Stager};
+use crate::stream::{
+    Charge, DeviceInput, DevicePlan, HeldLayer, Ledger, Plan, PlanInput, Prefetcher,
+};
 use crate::weights::schema::LayerSchema;
 use crate::weights::{GgufSource, SafetensorsSource, WeightSource};
 
@@ -44,7 +47,13 @@ pub struct EngineOptions {
     pub keep_page_cache: bool,
     /// Bytes the caller holds outside the engine (its tokenizer), counted against the budget.
     pub reserved_bytes: u64,
+    /// Where the model computes. On a GPU, weights stay in device memory as far as
+    /// `device_memory` allows, and the rest is copied over for every token.
     pub device: Device,
+    /// The device's budget in bytes: device-resident weights, KV cache, activations and
+    /// staging slots. `None` takes 90% of a GPU's free memory. On the CPU, `Some` simulates a
+    /// device tier with memory of its own (for tests of the tiers without a GPU).
+    pub device_memory: Option<u64>,
 }
 
 impl Default for EngineOptions {
@@ -59,6 +68,7 @@ impl Default for EngineOptions {
             keep_page_cache: false,
             reserved_bytes: 0,
             device: Device::Cpu,
+            device_memory: None,
         }
     }
 }
@@ -129,6 +139,8 @@ pub struct Profile {
     pub head_wait: Duration,
     pub head_compute: Duration,
     pub wall: Duration,
+    /// Weight bytes copied host→device.
+    pub moved: u64,
 }
 
 impl Profile {
@@ -150,7 +162,18 @@ impl Profile {
     }
 }
 
+/// Where a layer or the head is held while generating.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tier {
+    Device,
+    Host,
+    Disk,
+}
+
 pub struct Engine {
+    /// First, so it is dropped (and its copies in flight finished) before the host buffers
+    /// they read from.
+    stager: Option<Stager>,
     cfg: ModelConfig,
     dir: PathBuf,
     src: Arc<dyn WeightSource>,
@@ -164,9 +187,15 @@ pub struct Engine {
     ropes: Vec<Rope>,
     final_norm: Tensor,
     head_name: String,
-    head: Option<Mat>,
+    head: Option<DevMat>,
+    head_tier: Tier,
+    /// Layers held on the device (the first ones of `resident`).
+    device_layers: usize,
     resident: Vec<Option<HeldLayer>>,
+    /// Norms and biases of the streamed layers, kept on a GPU so none are copied per token.
+    device_small: Vec<Option<Small>>,
     streamed: Vec<usize>,
+    device_ledger: Option<Arc<Ledger>>,
     prefetch: Option<Prefetcher>,
     _held: Vec<Charge>,
     pub prefill_profile: Profile,
@@ -377,7 +406,54 @@ impl ModelInfo {
     pub fn plan(&self, opts: &EngineOptions) -> Result<Plan> {
         validate_options(opts)?;
         let budget = resolve_budget(opts.max_memory)?;
-        Plan::new(&self.plan_input(opts), budget)
+        let inp = self.plan_input(opts);
+        let Some(dev_budget) = device_budget(opts)? else {
+            return Plan::new(&inp, budget);
+        };
+        let c = &self.cfg;
+        let dev = DevicePlan::new(
+            &DeviceInput {
+                num_layers: c.num_layers,
+                layer_bytes: self.sizes.layer_bytes,
+                head_bytes: self.sizes.head_bytes,
+                min_slot_bytes: inp.min_slice_bytes,
+                kv_bytes: inp.kv_bytes,
+                work_bytes: inp.work_bytes,
+                // Streamed layers' norms and biases are kept on a GPU.
+                fixed_bytes: inp.fixed_bytes
+                    + if opts.device.is_cpu() {
+                        0
+                    } else {
+                        c.num_layers as u64 * self.sizes.small_bytes
+                    },
+            },
+            dev_budget,
+        )?;
+        // The host holds what the device does not, and only the embedding rows and logits
+        // of the working set.
+        let host_work = 4
+            * (opts.max_step_tokens as u64 * c.hidden_size as u64
+                + 2 * opts.max_logit_rows as u64 * c.vocab_size as u64);
+        let host_inp = PlanInput {
+            num_layers: c.num_layers - dev.resident_layers,
+            head_bytes: if dev.head_resident { 0 } else { inp.head_bytes },
+            head_file_bytes: if dev.head_resident {
+                0
+            } else {
+                inp.head_file_bytes
+            },
+            kv_bytes: 0,
+            work_bytes: host_work,
+            fixed_bytes: 0,
+            ..inp
+        };
+        let mut plan = Plan::new(&host_inp, budget)?;
+        // A slice read from disk must fit a staging slot.
+        if dev.stages() {
+            plan.slice_bytes = plan.slice_bytes.min(dev.slot_bytes);
+        }
+        plan.device = Some(dev);
+        Ok(plan)
     }
 
     fn plan_input(&self, opts: &EngineOptions) -> PlanInput {
@@ -419,6 +495,48 @@ fn validate_options(o: &EngineOptions) -> Result<()> {
     Ok(())
 }
 
+/// The device budget, when computing on a device with memory of its own (or simulating one).
+fn device_budget(opts: &EngineOptions) -> Result<Option<u64>> {
+    if opts.device.is_cpu() {
+        return Ok(opts.device_memory);
+    }
+    match opts.device_memory {
+        Some(b) => Ok(Some(b)),
+        None => device_free_memory(&opts.device).map(|f| Some(f / 10 * 9)),
+    }
+}
+
+/// Free memory on a GPU.
+#[cfg(feature = "cuda")]
+fn device_free_memory(device: &Device) -> Result<u64> {
+    crate::stream::cuda::free_memory(device)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn device_free_memory(_device: &Device) -> Result<u64> {
+    Err(Error::Invalid(
+        "this build has no GPU support; build with the `cuda` feature (scripts/build_cuda.sh)"
+            .into(),
+    ))
+}
+
+/// The link to the compute device: a GPU's, or the simulated one.
+fn make_link(device: &Device, slots: usize, slot_bytes: u64) -> Result<Box<dyn Link>> {
+    if device.is_cpu() {
+        return Ok(Box::new(SimLink::new(slots, slot_bytes)));
+    }
+    #[cfg(feature = "cuda")]
+    {
+        Ok(Box::new(crate::stream::cuda::CudaLink::new(
+            device, slots, slot_bytes,
+        )?))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        device_free_memory(device).map(|_| unreachable!("fails without the cuda feature"))
+    }
+}
+
 /// The default budget: 90% of what the kernel says is available.
 pub fn resolve_budget(max_memory: Option<u64>) -> Result<u64> {
     match max_memory {
@@ -447,9 +565,25 @@ impl Engine {
         } = info;
         let device = opts.device.clone();
         let ledger = Ledger::new(plan.budget);
-        if !opts.device.is_cpu() {
+        let dplan = plan.device.clone();
+        let device_ledger = dplan.as_ref().map(|d| Ledger::new(d.budget));
+        // The link comes first: on a GPU it pins every large host buffer allocated after it.
+        let stager = match &dplan {
+            Some(d) if d.stages() => Some(Stager::new(
+                make_link(&device, d.slots, d.slot_bytes)?,
+                d.slot_bytes,
+            )),
+            _ => None,
+        };
+        let device_layers = dplan.as_ref().map_or(0, |d| d.resident_layers);
+        let head_tier = match &dplan {
+            Some(d) if d.head_resident => Tier::Device,
+            _ if plan.head_resident => Tier::Host,
+            _ => Tier::Disk,
+        };
+        if !device.is_cpu() && dplan.is_none() {
             return Err(Error::Invalid(
-                "this build computes on the CPU only; GPU support is not there yet".into(),
+                "internal error: a GPU engine without a device plan".into(),
             ));
         }
         if opts.keep_page_cache {
@@ -461,17 +595,35 @@ impl Engine {
         // engine's life.
         let mut held =
             vec![ledger.charge(plan.work_bytes + plan.fixed_bytes + plan.reserved_bytes)];
+        if let (Some(d), Some(dl)) = (&dplan, &device_ledger) {
+            held.push(dl.charge(d.work_bytes + d.fixed_bytes + d.slots as u64 * d.slot_bytes));
+        }
+        // Matrices of the host tier stay on the CPU when a device computes.
+        let host = Device::Cpu;
         let naming = src.naming();
         let norm_offset = cfg.block.norm_offset;
         let mut final_norm = src.load(naming.final_norm(), &device)?;
         if norm_offset != 0.0 {
             final_norm = (final_norm + norm_offset as f64)?;
         }
-        let head = if plan.head_resident {
-            held.push(ledger.charge(plan.head_bytes));
-            Some(src.load_mat(&head_name)?)
-        } else {
-            None
+        let head = match head_tier {
+            Tier::Device => {
+                let (d, dl) = (dplan.as_ref(), device_ledger.as_ref());
+                if let (Some(d), Some(dl)) = (d, dl) {
+                    held.push(dl.charge(d.head_bytes));
+                }
+                Some(DevMat::upload(src.load_mat(&head_name)?, &device)?)
+            }
+            Tier::Host => {
+                held.push(ledger.charge(plan.head_bytes));
+                let m = src.load_mat(&head_name)?;
+                Some(if stager.is_some() {
+                    DevMat::Host(m)
+                } else {
+                    DevMat::upload(m, &device)?
+                })
+            }
+            Tier::Disk => None,
         };
         // llama.cpp stores Llama 3.1's rope scaling as per-frequency divisors.
         let factors = match src.meta("rope_freqs.weight") {
@@ -484,10 +636,27 @@ impl Engine {
         }
         let schema = LayerSchema::new(&cfg);
         let mut resident = Vec::with_capacity(cfg.num_layers);
+        let mut device_small = Vec::with_capacity(cfg.num_layers);
+        let held_layers = device_layers + plan.resident_layers;
         for i in 0..cfg.num_layers {
-            if i < plan.resident_layers {
-                held.push(ledger.charge(plan.layer_bytes));
-                let l = HeldLayer::load(&schema, src.as_ref(), i, norm_offset, &device)?;
+            let on_device = i < device_layers;
+            device_small.push(if i >= held_layers && !device.is_cpu() {
+                Some(Small::load(&schema, src.as_ref(), i, norm_offset, &device)?)
+            } else {
+                None
+            });
+            if i < held_layers {
+                held.push(match (&device_ledger, on_device) {
+                    (Some(dl), true) => dl.charge(plan.layer_bytes),
+                    _ => ledger.charge(plan.layer_bytes),
+                });
+                let mat_device = if on_device || stager.is_none() {
+                    &device
+                } else {
+                    &host
+                };
+                let l =
+                    HeldLayer::load(&schema, src.as_ref(), i, norm_offset, &device, mat_device)?;
                 // The plan reserves the largest layer; a layer larger than that would make
                 // the ledger fiction.
                 if l.bytes() > plan.layer_bytes {
@@ -502,8 +671,13 @@ impl Engine {
                 resident.push(None);
             }
         }
-        let streamed: Vec<usize> = (plan.resident_layers..cfg.num_layers).collect();
+        let streamed: Vec<usize> = (held_layers..cfg.num_layers).collect();
         let mut engine = Engine {
+            stager,
+            head_tier,
+            device_layers,
+            device_small,
+            device_ledger,
             block: Block {
                 scores_bytes: opts.attention_scores_bytes,
                 ..Block::new(&cfg)
@@ -549,16 +723,16 @@ impl Engine {
             head: (!self.plan.head_resident).then(|| (self.head_name.clone(), self.cfg.vocab_size)),
             slice_bytes: self.plan.slice_bytes,
             norm_offset: self.cfg.block.norm_offset,
-            device: self.device.clone(),
+            // On a GPU the streamed layers' norms are already there; the reader's CPU copies
+            // only mark the layer's start.
+            device: if self.device_small.iter().any(Option::is_some) {
+                Device::Cpu
+            } else {
+                self.device.clone()
+            },
         };
         self.prefetch = Some(Prefetcher::spawn(spec, self.src.clone(), pool)?);
         Ok(())
-    }
-
-    fn reader(&self) -> Result<&Prefetcher> {
-        self.prefetch
-            .as_ref()
-            .ok_or_else(|| Error::Reader("the reader is not running".into()))
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -572,6 +746,14 @@ impl Engine {
     }
     pub fn ledger(&self) -> &Arc<Ledger> {
         &self.ledger
+    }
+    /// The device's ledger, when a device tier is planned.
+    pub fn device_ledger(&self) -> Option<&Arc<Ledger>> {
+        self.device_ledger.as_ref()
+    }
+    /// Weight bytes copied host→device so far.
+    pub fn bytes_moved(&self) -> u64 {
+        self.stager.as_ref().map_or(0, Stager::moved)
     }
     pub fn options(&self) -> &EngineOptions {
         &self.opts
@@ -590,8 +772,11 @@ impl Engine {
     pub fn new_sequence(&self) -> Result<Sequence> {
         let c = &self.cfg;
         let o = &self.opts;
+        // The KV cache lives with the compute: on the device when there is one.
         let charge = self
-            .ledger
+            .device_ledger
+            .as_ref()
+            .unwrap_or(&self.ledger)
             .try_charge(kv_bytes_per_seq(c, o))
             .ok_or_else(|| {
                 Error::Invalid(format!(
@@ -690,6 +875,7 @@ impl Engine {
             &mut self.decode_profile
         });
 
+        let moved0 = self.bytes_moved();
         let result = (|| -> Result<Vec<Tensor>> {
             let t = Instant::now();
             let mut x = self
@@ -712,16 +898,30 @@ impl Engine {
                 let timing = &mut prof.layers[layer];
                 let t = Instant::now();
                 if let Some(w) = &self.resident[layer] {
-                    let (small, mut mats) = w.parts();
-                    x = self
-                        .block
-                        .forward(small, &mut mats, &x, &seqs, &mut kv, cos, sin, window)?;
+                    x = match self.stager.as_mut() {
+                        Some(st) if layer >= self.device_layers => {
+                            let mut mats = w.staged(st);
+                            self.block.forward(
+                                &w.small, &mut mats, &x, &seqs, &mut kv, cos, sin, window,
+                            )?
+                        }
+                        _ => {
+                            let (small, mut mats) = w.parts();
+                            self.block
+                                .forward(small, &mut mats, &x, &seqs, &mut kv, cos, sin, window)?
+                        }
+                    };
                     timing.compute += t.elapsed();
                 } else {
-                    let reader = self.reader()?;
-                    let (small, read, wait) = reader.small(layer)?;
+                    let reader = self
+                        .prefetch
+                        .as_ref()
+                        .ok_or_else(|| Error::Reader("the reader is not running".into()))?;
+                    let (read_small, read, wait) = reader.small(layer)?;
+                    let small = self.device_small[layer].as_ref().unwrap_or(&read_small);
                     let mut mats = StreamedMats {
                         reader,
+                        stager: self.stager.as_mut(),
                         schema: &self.schema,
                         layer,
                         read,
@@ -729,7 +929,7 @@ impl Engine {
                     };
                     x = self
                         .block
-                        .forward(&small, &mut mats, &x, &seqs, &mut kv, cos, sin, window)?;
+                        .forward(small, &mut mats, &x, &seqs, &mut kv, cos, sin, window)?;
                     timing.streamed = true;
                     timing.read += mats.read;
                     timing.wait += mats.wait;
@@ -747,6 +947,8 @@ impl Engine {
             };
             let h = crate::model::block::final_norm(&h, &self.final_norm, self.block.eps)?;
             let logits = self.head_forward(&h, &mut prof)?;
+            // Logits go back to the host as f32 rows; on a GPU this also ends the step's work.
+            let logits = logits.to_device(&Device::Cpu)?;
             let mut out = Vec::with_capacity(seqs.len());
             let mut row = 0;
             for s in &seqs {
@@ -758,6 +960,7 @@ impl Engine {
         })();
         prof.steps += 1;
         prof.wall += t0.elapsed();
+        prof.moved += self.bytes_moved() - moved0;
         *(if prefill {
             &mut self.prefill_profile
         } else {
@@ -767,14 +970,21 @@ impl Engine {
     }
 
     /// The output head: held whole, or in slices from the reader.
-    fn head_forward(&self, h: &Tensor, prof: &mut Profile) -> Result<Tensor> {
+    fn head_forward(&mut self, h: &Tensor, prof: &mut Profile) -> Result<Tensor> {
         let t = Instant::now();
         let mut waited = Duration::ZERO;
         let logits = if let Some(w) = &self.head {
-            mat_tensor(h, w.view())?
+            match (w, self.stager.as_mut(), self.head_tier) {
+                (DevMat::Host(m), Some(st), Tier::Host) => st.matmul_held(m.view(), h)?,
+                _ => w.matmul(h)?,
+            }
         } else {
-            let reader = self.reader()?;
-            let (l, read, wait) = reader.matmul(Target::Head, self.cfg.vocab_size, h)?;
+            let reader = self
+                .prefetch
+                .as_ref()
+                .ok_or_else(|| Error::Reader("the reader is not running".into()))?;
+            let (l, read, wait) =
+                reader.matmul(Target::Head, self.cfg.vocab_size, h, self.stager.as_mut())?;
             prof.head_read += read;
             prof.head_wait += wait;
             waited = wait;

@@ -1,13 +1,16 @@
 //! Streaming: the plan over memory tiers, the ledger that checks it, the buffer pool, the
 //! background reader of weight slices, and the layers kept resident.
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod ledger;
 pub mod plan;
 pub mod pool;
 pub mod reader;
 pub mod resident;
+pub mod stage;
 
 pub use ledger::{Charge, Ledger};
-pub use plan::{Plan, PlanInput};
+pub use plan::{DeviceInput, DevicePlan, Plan, PlanInput};
 pub use reader::Prefetcher;
 pub use resident::HeldLayer;

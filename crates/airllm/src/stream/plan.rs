@@ -3,6 +3,12 @@
 //!
 //! The unit of streaming is a slice of one matrix (whole gemm tiles of rows), so the minimum
 //! budget is two slice buffers plus the KV cache and working set, whatever the size of a layer.
+//!
+//! With a compute device (a GPU) there are three tiers: [`DevicePlan`] keeps the first layers
+//! (then the head) in device memory as far as its budget allows, after the KV cache, the
+//! activations and the staging slots that the rest passes through. The host [`Plan`] then covers
+//! the layers left: held in (pinned) host memory as far as the host budget allows, the rest read
+//! from disk for every token.
 
 use std::fmt;
 
@@ -55,6 +61,126 @@ pub struct Plan {
     /// The smallest budget that can run this model at this batch and context.
     pub minimum: u64,
     pub bytes_read_per_token: u64,
+    /// The device tier, when computing on a device with memory of its own.
+    pub device: Option<DevicePlan>,
+}
+
+/// Sizes the device plan is made from, in the form held on the device.
+#[derive(Debug, Clone)]
+pub struct DeviceInput {
+    pub num_layers: usize,
+    pub layer_bytes: u64,
+    pub head_bytes: u64,
+    /// The smallest staging slot: one slice of the widest matrix, as the host side sends it.
+    pub min_slot_bytes: u64,
+    pub kv_bytes: u64,
+    pub work_bytes: u64,
+    pub fixed_bytes: u64,
+}
+
+/// The device tier: what stays in device memory, and the slots the other tiers' slices are
+/// copied into while the previous slice is computed.
+#[derive(Debug, Clone)]
+pub struct DevicePlan {
+    pub budget: u64,
+    pub resident_layers: usize,
+    pub head_resident: bool,
+    pub slot_bytes: u64,
+    pub slots: usize,
+    pub layer_bytes: u64,
+    pub head_bytes: u64,
+    pub kv_bytes: u64,
+    pub work_bytes: u64,
+    pub fixed_bytes: u64,
+    pub minimum: u64,
+    /// Weight bytes copied host→device for each token.
+    pub bytes_moved_per_token: u64,
+}
+
+/// Staging slots: two for double buffering, two more so a slow copy or compute is absorbed.
+pub const SLOTS: usize = 4;
+/// Copies of this size run at the link's full speed; larger only delays the first compute.
+const SLOT_TARGET: u64 = 64 << 20;
+
+impl DevicePlan {
+    pub fn new(inp: &DeviceInput, budget: u64) -> Result<DevicePlan> {
+        let base = inp.kv_bytes + inp.work_bytes + inp.fixed_bytes;
+        let min_slot = inp.min_slot_bytes.max(1);
+        let all = inp.num_layers as u64 * inp.layer_bytes + inp.head_bytes + base;
+        let minimum = (base + 2 * min_slot).min(all);
+        let mut plan = DevicePlan {
+            budget,
+            resident_layers: inp.num_layers,
+            head_resident: true,
+            slot_bytes: 0,
+            slots: 0,
+            layer_bytes: inp.layer_bytes,
+            head_bytes: inp.head_bytes,
+            kv_bytes: inp.kv_bytes,
+            work_bytes: inp.work_bytes,
+            fixed_bytes: inp.fixed_bytes,
+            minimum,
+            bytes_moved_per_token: 0,
+        };
+        if all <= budget {
+            return Ok(plan);
+        }
+        if budget < minimum {
+            return Err(Error::BudgetTooSmall {
+                budget,
+                minimum,
+                detail: format!(
+                    "device: 2 staging slots {} + KV cache {} + working set {}",
+                    fmt_bytes(2 * min_slot),
+                    fmt_bytes(inp.kv_bytes),
+                    fmt_bytes(inp.work_bytes + inp.fixed_bytes)
+                ),
+            });
+        }
+        let spare = budget - base;
+        let mut slots = SLOTS;
+        let mut slot = (spare / 16).clamp(min_slot, min_slot.max(SLOT_TARGET));
+        while slots as u64 * slot > spare {
+            if slots > 2 {
+                slots -= 1;
+            } else {
+                slot = min_slot;
+            }
+        }
+        let mut left = spare - slots as u64 * slot;
+        let resident = ((left / inp.layer_bytes.max(1)) as usize).min(inp.num_layers);
+        left -= resident as u64 * inp.layer_bytes;
+        plan.resident_layers = resident;
+        plan.head_resident = left >= inp.head_bytes;
+        plan.slot_bytes = slot;
+        plan.slots = slots;
+        plan.bytes_moved_per_token = (inp.num_layers - resident) as u64 * inp.layer_bytes
+            + if plan.head_resident {
+                0
+            } else {
+                inp.head_bytes
+            };
+        Ok(plan)
+    }
+
+    /// Whether anything is copied to the device while generating.
+    pub fn stages(&self) -> bool {
+        self.slots > 0
+    }
+
+    /// Bytes the device plan holds at most.
+    pub fn total_bytes(&self) -> u64 {
+        self.resident_layers as u64 * self.layer_bytes
+            + if self.head_resident {
+                self.head_bytes
+            } else {
+                0
+            }
+            + self.slots as u64 * self.slot_bytes
+            + self.kv_bytes
+            + self.work_bytes
+            + self.fixed_bytes
+    }
 }
 
 /// Read-ahead is worth having up to about this many bytes in flight; beyond, budget is better
@@ -90,6 +216,7 @@ impl Plan {
             reserved_bytes: inp.reserved_bytes,
             minimum,
             bytes_read_per_token: 0,
+            device: None,
         };
         if all_resident <= budget {
             return Ok(plan);
@@ -165,6 +292,9 @@ impl Plan {
 
 impl fmt::Display for Plan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(d) = &self.device {
+            return self.fmt_tiers(d, f);
+        }
         writeln!(
             f,
             "plan: budget {}, minimum {}",
@@ -217,6 +347,59 @@ impl fmt::Display for Plan {
     }
 }
 
+impl Plan {
+    /// The three-tier plan: device, host, disk.
+    fn fmt_tiers(&self, d: &DevicePlan, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "plan: device budget {} (minimum {}), host budget {} (minimum {})",
+            fmt_bytes(d.budget),
+            fmt_bytes(d.minimum),
+            fmt_bytes(self.budget),
+            fmt_bytes(self.minimum)
+        )?;
+        writeln!(
+            f,
+            "  layers: {} on the device, {} in host memory, {} read from disk ({} each)",
+            d.resident_layers,
+            self.resident_layers,
+            self.streamed_layers,
+            fmt_bytes(d.layer_bytes)
+        )?;
+        let head = if d.head_resident {
+            "on the device"
+        } else if self.head_resident {
+            "in host memory"
+        } else {
+            "read from disk"
+        };
+        writeln!(f, "  output head: {head} ({})", fmt_bytes(d.head_bytes))?;
+        writeln!(
+            f,
+            "  device: KV cache {}, working set {}, {} staging slots of {}",
+            fmt_bytes(d.kv_bytes),
+            fmt_bytes(d.work_bytes + d.fixed_bytes),
+            d.slots,
+            fmt_bytes(d.slot_bytes)
+        )?;
+        if self.streams() {
+            writeln!(
+                f,
+                "  host: slices of up to {}, {} read buffers, {} in flight",
+                fmt_bytes(self.slice_bytes),
+                self.buffers,
+                fmt_bytes(self.inflight_bytes)
+            )?;
+        }
+        write!(
+            f,
+            "  per token: disk→host {}, host→device {}",
+            fmt_bytes(self.bytes_read_per_token),
+            fmt_bytes(d.bytes_moved_per_token)
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,6 +418,44 @@ mod tests {
             fixed_bytes: 0,
             reserved_bytes: 0,
         }
+    }
+
+    fn device_input() -> DeviceInput {
+        DeviceInput {
+            num_layers: 10,
+            layer_bytes: 1 << 30,
+            head_bytes: 2 << 30,
+            min_slot_bytes: 4 << 20,
+            kv_bytes: 64 << 20,
+            work_bytes: 32 << 20,
+            fixed_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn device_tier_fills_its_budget_and_counts_the_link() {
+        let inp = device_input();
+        let d = DevicePlan::new(&inp, 4 << 30).unwrap();
+        assert_eq!(d.slots, SLOTS);
+        assert_eq!(d.slot_bytes, SLOT_TARGET);
+        assert_eq!(d.resident_layers, 3);
+        assert!(!d.head_resident);
+        assert!(d.total_bytes() <= 4 << 30);
+        assert_eq!(d.bytes_moved_per_token, (7 << 30) + (2 << 30));
+        // Everything fits: nothing staged, nothing moved.
+        let all = DevicePlan::new(&inp, 20 << 30).unwrap();
+        assert_eq!((all.resident_layers, all.head_resident), (10, true));
+        assert_eq!((all.slots, all.bytes_moved_per_token), (0, 0));
+        assert!(!all.stages());
+        // At the minimum: two slots of the smallest slice and nothing resident.
+        let min = DevicePlan::new(&inp, d.minimum).unwrap();
+        assert_eq!((min.slots, min.slot_bytes), (2, inp.min_slot_bytes));
+        assert_eq!(min.resident_layers, 0);
+        assert!(min.total_bytes() <= min.budget);
+        let e = DevicePlan::new(&inp, d.minimum - 1)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("device") && e.contains("minimum"), "{e}");
     }
 
     #[test]

@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::model::block::{Matrices, Small};
 use crate::model::matmul::{matmul_into, with_rows, ROW_TILE};
 use crate::stream::pool::Pool;
+use crate::stream::stage::{cat_columns, Stager};
 use crate::weights::mat::Mat;
 use crate::weights::schema::{LayerSchema, Role};
 use crate::weights::WeightSource;
@@ -340,32 +341,53 @@ impl Prefetcher {
         }
     }
 
+    /// The next slice, which must be rows from `done` of `target`, with its read and wait
+    /// times.
+    fn next_slice(&self, target: Target, done: usize) -> Result<(Slice, Duration, Duration)> {
+        let (d, wait) = self.next()?;
+        let Piece::Rows(s) = d.piece else {
+            return Err(Error::Reader(format!(
+                "expected a slice of {target:?}, got a layer's norms"
+            )));
+        };
+        if s.target != target || s.start != done {
+            return Err(Error::Reader(format!(
+                "expected rows from {done} of {target:?}, got rows from {} of {:?}",
+                s.start, s.target
+            )));
+        }
+        Ok((s, d.read, wait))
+    }
+
     /// `x Wᵀ` for a streamed matrix of `rows` output rows, computed slice by slice as the
-    /// slices arrive. Returns the product and the read and wait times.
+    /// slices arrive: on the CPU, or on the device through `stager`. Returns the product and
+    /// the read and wait times.
     pub fn matmul(
         &self,
         target: Target,
         rows: usize,
         x: &Tensor,
+        stager: Option<&mut Stager>,
     ) -> Result<(Tensor, Duration, Duration)> {
         let (mut read, mut wait) = (Duration::ZERO, Duration::ZERO);
+        if let Some(stager) = stager {
+            let mut outs = Vec::new();
+            let mut done = 0;
+            while done < rows {
+                let (s, r, w) = self.next_slice(target, done)?;
+                read += r;
+                wait += w;
+                done += s.mat().rows;
+                outs.push(stager.matmul_read(s, x)?);
+            }
+            return Ok((cat_columns(outs)?, read, wait));
+        }
         let y = with_rows(x, rows, |xs, m, y| {
             let mut done = 0;
             while done < rows {
-                let (d, w) = self.next()?;
+                let (s, r, w) = self.next_slice(target, done)?;
+                read += r;
                 wait += w;
-                read += d.read;
-                let Piece::Rows(s) = d.piece else {
-                    return Err(Error::Reader(format!(
-                        "expected a slice of {target:?}, got a layer's norms"
-                    )));
-                };
-                if s.target != target || s.start != done {
-                    return Err(Error::Reader(format!(
-                        "expected rows from {done} of {target:?}, got rows from {} of {:?}",
-                        s.start, s.target
-                    )));
-                }
                 let v = s.mat().view();
                 matmul_into(xs, m, v, y, rows, done)?;
                 done += v.rows;
@@ -392,6 +414,8 @@ impl Drop for Prefetcher {
 /// The matrices of a streamed layer: each product pulls its slices from the reader.
 pub struct StreamedMats<'a> {
     pub reader: &'a Prefetcher,
+    /// Where the products run when computing on a device.
+    pub stager: Option<&'a mut Stager>,
     pub schema: &'a LayerSchema,
     pub layer: usize,
     pub read: Duration,
@@ -404,9 +428,12 @@ impl Matrices for StreamedMats<'_> {
             self.schema.get(role).map(|t| t.shape[0]).ok_or_else(|| {
                 Error::Invalid(format!("internal error: the layer has no {role:?}"))
             })?;
-        let (y, read, wait) = self
-            .reader
-            .matmul(Target::Layer(self.layer, role), rows, x)?;
+        let (y, read, wait) = self.reader.matmul(
+            Target::Layer(self.layer, role),
+            rows,
+            x,
+            self.stager.as_deref_mut(),
+        )?;
         self.read += read;
         self.wait += wait;
         Ok(y)

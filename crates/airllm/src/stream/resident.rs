@@ -1,35 +1,40 @@
 //! Residency: layers and the output head that the plan keeps in memory for the engine's life,
-//! held in the file's form.
+//! held in the file's form, on the compute device or in host memory.
 
 use candle_core::{Device, Tensor};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::block::{Matrices, Small};
-use crate::model::matmul::mat_tensor;
-use crate::weights::mat::Mat;
+use crate::stream::stage::{DevMat, Stager};
 use crate::weights::schema::{LayerSchema, Role};
 use crate::weights::WeightSource;
 
 /// A decoder layer held whole.
 pub struct HeldLayer {
     pub small: Small,
-    mats: Vec<(Role, Mat)>,
+    mats: Vec<(Role, DevMat)>,
 }
 
 impl HeldLayer {
+    /// Reads layer `layer`, its norms and biases onto `device` and its matrices onto
+    /// `mat_device` (the compute device, or the CPU for the host tier).
     pub fn load(
         schema: &LayerSchema,
         src: &dyn WeightSource,
         layer: usize,
         norm_offset: f32,
         device: &Device,
+        mat_device: &Device,
     ) -> Result<Self> {
         let naming = src.naming();
         Ok(HeldLayer {
             small: Small::load(schema, src, layer, norm_offset, device)?,
             mats: schema
                 .matrices()
-                .map(|t| Ok((t.role, src.load_mat(&t.name(naming, layer))?)))
+                .map(|t| {
+                    let m = src.load_mat(&t.name(naming, layer))?;
+                    Ok((t.role, DevMat::upload(m, mat_device)?))
+                })
                 .collect::<Result<_>>()?,
         })
     }
@@ -39,20 +44,48 @@ impl HeldLayer {
         self.small.bytes() + self.mats.iter().map(|(_, m)| m.bytes()).sum::<u64>()
     }
 
+    fn mat(&self, role: Role) -> Result<&DevMat> {
+        self.mats
+            .iter()
+            .find(|(r, _)| *r == role)
+            .map(|(_, m)| m)
+            .ok_or_else(|| Error::Invalid(format!("internal error: the layer has no {role:?}")))
+    }
+
     /// The layer's small tensors and its matrices, for the block.
     pub fn parts(&self) -> (&Small, HeldMats<'_>) {
-        (&self.small, HeldMats(&self.mats))
+        (&self.small, HeldMats(self))
+    }
+
+    /// Its matrices staged to the device through `stager` (the host tier of a device run).
+    pub fn staged<'a>(&'a self, stager: &'a mut Stager) -> StagedMats<'a> {
+        StagedMats {
+            layer: self,
+            stager,
+        }
     }
 }
 
-/// The matrices of a held layer.
-pub struct HeldMats<'a>(&'a [(Role, Mat)]);
+/// The matrices of a held layer, multiplied where they are held.
+pub struct HeldMats<'a>(&'a HeldLayer);
 
 impl Matrices for HeldMats<'_> {
     fn matmul(&mut self, role: Role, x: &Tensor) -> Result<Tensor> {
-        let (_, m) = self.0.iter().find(|(r, _)| *r == role).ok_or_else(|| {
-            crate::error::Error::Invalid(format!("internal error: the layer has no {role:?}"))
-        })?;
-        mat_tensor(x, m.view())
+        self.0.mat(role)?.matmul(x)
+    }
+}
+
+/// The matrices of a layer held in host memory, copied to the device for each product.
+pub struct StagedMats<'a> {
+    layer: &'a HeldLayer,
+    stager: &'a mut Stager,
+}
+
+impl Matrices for StagedMats<'_> {
+    fn matmul(&mut self, role: Role, x: &Tensor) -> Result<Tensor> {
+        match self.layer.mat(role)? {
+            DevMat::Host(m) => self.stager.matmul_held(m.view(), x),
+            other => other.matmul(x),
+        }
     }
 }

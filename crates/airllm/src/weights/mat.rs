@@ -52,6 +52,27 @@ pub const BUF_ALIGN: usize = 4096;
 pub struct AlignedBuf {
     ptr: *mut u8,
     cap: usize,
+    /// Registered with the GPU driver as pinned (page-locked) memory.
+    pinned: bool,
+}
+
+/// Page-locks host buffers for a GPU: copies from pinned memory run asynchronously at the
+/// link's full speed, while copies from pageable memory are staged through the driver and
+/// block the caller.
+pub trait HostPin: Send + Sync {
+    /// Pins `len` bytes at `ptr`; false if the driver refused (the buffer then stays pageable).
+    fn pin(&self, ptr: *mut u8, len: usize) -> bool;
+    fn unpin(&self, ptr: *mut u8);
+}
+
+static PINNER: std::sync::OnceLock<Box<dyn HostPin>> = std::sync::OnceLock::new();
+
+/// Buffers smaller than this are not worth a driver call to pin (norms, embedding rows).
+const PIN_MIN: usize = 1 << 20;
+
+/// From now on, large buffers are pinned when allocated. Set once, by the first GPU engine.
+pub fn set_host_pinning(p: Box<dyn HostPin>) {
+    let _ = PINNER.set(p);
 }
 
 // SAFETY: the buffer is plain owned memory; `&AlignedBuf` only gives shared reads.
@@ -63,6 +84,7 @@ impl Default for AlignedBuf {
         AlignedBuf {
             ptr: std::ptr::null_mut(),
             cap: 0,
+            pinned: false,
         }
     }
 }
@@ -91,6 +113,15 @@ impl AlignedBuf {
             std::alloc::handle_alloc_error(layout);
         }
         self.cap = n;
+        if n >= PIN_MIN {
+            if let Some(p) = PINNER.get() {
+                self.pinned = p.pin(self.ptr, n);
+            }
+        }
+    }
+    /// Whether the buffer is page-locked for GPU copies.
+    pub fn is_pinned(&self) -> bool {
+        self.pinned
     }
     /// The first `n` bytes (zero where nothing was written).
     pub fn bytes(&self, n: usize) -> &[u8] {
@@ -111,6 +142,12 @@ impl AlignedBuf {
     }
     fn free(&mut self) {
         if !self.ptr.is_null() {
+            if self.pinned {
+                if let Some(p) = PINNER.get() {
+                    p.unpin(self.ptr);
+                }
+                self.pinned = false;
+            }
             let layout =
                 std::alloc::Layout::from_size_align(self.cap, BUF_ALIGN).expect("valid layout");
             // SAFETY: allocated in `ensure` with this layout.

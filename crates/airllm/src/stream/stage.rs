@@ -1,0 +1,247 @@
+//! Staging: weights that live on the host (held in memory, or just read from disk) reach the
+//! compute device one slice at a time. A [`Link`] copies each slice into one of a few device
+//! slots that are reused for the engine's life, and multiplies it there; on a GPU the copy of
+//! the next slice runs on its own stream while the current one is multiplied.
+//!
+//! The [`Stager`] is device-generic: it cuts held matrices into slot-sized row ranges and
+//! counts the bytes that cross the link. [`SimLink`] is a CPU "device" with slots of its own,
+//! which lets the tier plan and this pipeline be tested without a GPU.
+
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, QMatMul};
+use candle_core::{DType, Device, Module, Tensor};
+
+use crate::error::{Error, Result};
+use crate::model::matmul::mat_tensor;
+use crate::stream::reader::{slice_rows, Slice};
+use crate::weights::mat::{AlignedBuf, Form, Mat, MatView};
+
+/// Rows of a matrix that live on the host, on their way to the device.
+pub enum HostRows<'a> {
+    /// Part of a matrix held in host memory for the engine's life.
+    Held(MatView<'a>),
+    /// A slice the reader just read; its buffer goes back to the pool once copied.
+    Read(Slice),
+}
+
+impl HostRows<'_> {
+    pub fn view(&self) -> MatView<'_> {
+        match self {
+            HostRows::Held(v) => *v,
+            HostRows::Read(s) => s.mat().view(),
+        }
+    }
+}
+
+/// Host-to-device transfer and the product on the device.
+pub trait Link: Send {
+    /// `x Wᵀ` for rows `w` that live on the host, with `x` on the device.
+    fn matmul(&mut self, w: HostRows<'_>, x: &Tensor) -> Result<Tensor>;
+    /// Waits for every copy in flight, so host buffers may be reused or freed.
+    fn finish(&mut self) -> Result<()>;
+}
+
+/// Cuts host matrices into slot-sized pieces for the link and counts what crosses it.
+pub struct Stager {
+    link: Box<dyn Link>,
+    slot_bytes: u64,
+    /// Weight bytes copied host→device so far.
+    moved: u64,
+}
+
+impl Stager {
+    pub fn new(link: Box<dyn Link>, slot_bytes: u64) -> Self {
+        Stager {
+            link,
+            slot_bytes,
+            moved: 0,
+        }
+    }
+
+    pub fn moved(&self) -> u64 {
+        self.moved
+    }
+
+    /// `x Wᵀ` for a matrix held in host memory, copied over in slot-sized row ranges.
+    pub fn matmul_held(&mut self, w: MatView<'_>, x: &Tensor) -> Result<Tensor> {
+        let row_bytes = w.form.row_bytes(w.cols);
+        let per = slice_rows(self.slot_bytes, row_bytes as u64, w.rows);
+        let mut outs = Vec::with_capacity(w.rows.div_ceil(per));
+        let mut start = 0;
+        while start < w.rows {
+            let n = per.min(w.rows - start);
+            let part = MatView {
+                rows: n,
+                data: &w.data[start * row_bytes..(start + n) * row_bytes],
+                ..w
+            };
+            self.moved += part.data.len() as u64;
+            outs.push(self.link.matmul(HostRows::Held(part), x)?);
+            start += n;
+        }
+        cat_columns(outs)
+    }
+
+    /// `x Wᵀ` for one slice the reader delivered.
+    pub fn matmul_read(&mut self, s: Slice, x: &Tensor) -> Result<Tensor> {
+        let bytes = s.mat().view().data.len() as u64;
+        if bytes > self.slot_bytes {
+            return Err(Error::Reader(format!(
+                "a slice of {bytes} bytes does not fit a staging slot of {}",
+                self.slot_bytes
+            )));
+        }
+        self.moved += bytes;
+        self.link.matmul(HostRows::Read(s), x)
+    }
+
+    pub fn finish(&mut self) -> Result<()> {
+        self.link.finish()
+    }
+}
+
+/// Joins per-slice products `[rows, n_i]` into `[rows, Σ n_i]`.
+pub fn cat_columns(mut outs: Vec<Tensor>) -> Result<Tensor> {
+    if outs.len() == 1 {
+        return Ok(outs.pop().expect("one"));
+    }
+    let last = outs
+        .first()
+        .map(|t| t.rank() - 1)
+        .ok_or_else(|| Error::Invalid("internal error: a matrix with no rows".into()))?;
+    Ok(Tensor::cat(&outs, last)?)
+}
+
+/// A CPU "device" with memory of its own: each slice is copied into one of its slots and
+/// multiplied from there, as a GPU link would. It exists to test the tiers and the staging
+/// pipeline without a GPU; its results must equal a plain CPU run's.
+pub struct SimLink {
+    slots: Vec<AlignedBuf>,
+    next: usize,
+}
+
+impl SimLink {
+    pub fn new(slots: usize, slot_bytes: u64) -> Self {
+        SimLink {
+            slots: (0..slots.max(1))
+                .map(|_| AlignedBuf::with_capacity(slot_bytes as usize))
+                .collect(),
+            next: 0,
+        }
+    }
+}
+
+impl Link for SimLink {
+    fn matmul(&mut self, w: HostRows<'_>, x: &Tensor) -> Result<Tensor> {
+        let v = w.view();
+        let (form, rows, cols, len) = (v.form, v.rows, v.cols, v.data.len());
+        let i = self.next;
+        self.next = (i + 1) % self.slots.len();
+        let mut buf = std::mem::take(&mut self.slots[i]);
+        if v.data.len() > buf.capacity() {
+            self.slots[i] = buf;
+            return Err(Error::Reader(format!(
+                "a slice of {} bytes does not fit a staging slot of {}",
+                v.data.len(),
+                self.slots[i].capacity()
+            )));
+        }
+        buf.bytes_mut(len).copy_from_slice(v.data);
+        drop(w); // the copy is done: a read slice's buffer goes back to the pool now
+        let m = Mat::new(form, rows, cols, buf, 0)?;
+        let y = mat_tensor(x, m.view());
+        self.slots[i] = m.into_buf();
+        y
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A matrix held on the compute device for the engine's life.
+pub enum DevMat {
+    /// In host memory, in the file's form, multiplied by our CPU kernels.
+    Host(Mat),
+    /// bf16, f16 or f32 on a GPU, multiplied in its own type.
+    Dense(Tensor),
+    /// Quantized blocks on a GPU, multiplied by candle's quantized kernels.
+    Quant(QMatMul, u64),
+}
+
+impl DevMat {
+    /// Moves a matrix read into host memory to `device`, keeping its form.
+    pub fn upload(m: Mat, device: &Device) -> Result<DevMat> {
+        if device.is_cpu() {
+            return Ok(DevMat::Host(m));
+        }
+        let v = m.view();
+        Ok(match float_dtype(v.form) {
+            Some(dt) => DevMat::Dense(view_tensor(v, dt, device)?),
+            None => {
+                let Form::Q(t) = v.form else {
+                    unreachable!("non-float forms are quantized")
+                };
+                let q = qtensor_from_ggml(t, v.data, vec![v.rows, v.cols], device)?;
+                DevMat::Quant(QMatMul::from_qtensor(q)?, v.data.len() as u64)
+            }
+        })
+    }
+
+    pub fn matmul(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            DevMat::Host(m) => mat_tensor(x, m.view()),
+            DevMat::Dense(w) => dense_matmul(x, w),
+            DevMat::Quant(q, _) => Ok(q.forward(x)?),
+        }
+    }
+
+    pub fn bytes(&self) -> u64 {
+        match self {
+            DevMat::Host(m) => m.bytes(),
+            DevMat::Dense(w) => (w.elem_count() * w.dtype().size_in_bytes()) as u64,
+            DevMat::Quant(_, b) => *b,
+        }
+    }
+}
+
+/// The candle type of a float form; `None` for quantized blocks.
+pub fn float_dtype(f: Form) -> Option<DType> {
+    match f {
+        Form::F32 => Some(DType::F32),
+        Form::F16 => Some(DType::F16),
+        Form::BF16 => Some(DType::BF16),
+        Form::Q(_) => None,
+    }
+}
+
+/// A float matrix's rows as a tensor on `device` (a copy).
+pub fn view_tensor(v: MatView<'_>, dt: DType, device: &Device) -> Result<Tensor> {
+    Ok(Tensor::from_raw_buffer(
+        &v.data[..v.rows * v.form.row_bytes(v.cols)],
+        dt,
+        &[v.rows, v.cols],
+        device,
+    )?)
+}
+
+/// `x Wᵀ` with `x` f32 and `W` in its own float type, with an f32 result. On a GPU a half-
+/// precision `W` is multiplied on the tensor cores in its own type, exact to f32 (see
+/// `cuda::split_matmul`); elsewhere `x` is rounded to W's type.
+pub fn dense_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dt = w.dtype();
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && dt != DType::F32 {
+        return crate::stream::cuda::split_matmul(x, w);
+    }
+    let xs = if dt == DType::F32 {
+        x.clone()
+    } else {
+        x.to_dtype(dt)?
+    };
+    let y = xs.matmul(&w.t()?)?;
+    Ok(if dt == DType::F32 {
+        y
+    } else {
+        y.to_dtype(DType::F32)?
+    })
+}

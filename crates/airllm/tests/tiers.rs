@@ -1,0 +1,196 @@
+//! The three tiers (device, host, disk) without a GPU: a simulated CPU "device" with a budget of
+//! its own takes the first layers, the host budget the next, and the rest is read from disk for
+//! every step. Checks the split, the bytes that cross each link, and that the results equal a
+//! plain CPU run's, for every fixture architecture, float and quantized.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use airllm::weights::schema::LayerSchema;
+use airllm::{Engine, EngineOptions, LogitsFor, ModelInfo};
+use common::{fixtures, last_logits, reference, MODELS};
+
+/// The smallest budget the plan accepts for `opts`, found by asking with a budget of one byte.
+fn minimum(info: &ModelInfo, opts: &EngineOptions) -> u64 {
+    match info.plan(opts) {
+        Err(airllm::Error::BudgetTooSmall { minimum, .. }) => minimum,
+        other => panic!("expected a minimum, got {:?}", other.map(|p| p.budget)),
+    }
+}
+
+/// The smallest budget, from `from` up, at which `layers` of the plan reach `want`.
+fn budget_for(from: u64, step: u64, want: usize, layers: impl Fn(u64) -> usize) -> u64 {
+    let mut b = from;
+    for _ in 0..10_000 {
+        if layers(b) >= want {
+            return b;
+        }
+        b += step;
+    }
+    panic!("no budget from {from} gives {want} layers");
+}
+
+/// Options with one layer on the device and one in host memory; the rest from disk.
+fn tiered(path: &Path, base: &EngineOptions) -> EngineOptions {
+    let info = ModelInfo::open(path).unwrap();
+    let step = (info.sizes.layer_bytes / 16).max(1);
+    let mut o = base.clone();
+    o.max_memory = Some(1 << 40);
+    o.device_memory = Some(1);
+    let dmin = minimum(&info, &o);
+    let d = budget_for(dmin, step, 1, |b| {
+        let mut t = o.clone();
+        t.device_memory = Some(b);
+        info.plan(&t).unwrap().device.unwrap().resident_layers
+    });
+    o.device_memory = Some(d);
+    o.max_memory = Some(1);
+    let hmin = minimum(&info, &o);
+    let h = budget_for(hmin, step, 1, |b| {
+        let mut t = o.clone();
+        t.max_memory = Some(b);
+        info.plan(&t).unwrap().resident_layers
+    });
+    o.max_memory = Some(h);
+    o
+}
+
+/// Weight bytes one step must copy to the device: every matrix of the layers not on the
+/// device, and the head when it is not there either.
+fn expected_moved(e: &Engine, path: &Path) -> u64 {
+    let info = ModelInfo::open(path).unwrap();
+    let dp = e.plan().device.clone().unwrap();
+    let schema = LayerSchema::new(&info.cfg);
+    let naming = info.src.naming();
+    let mut n = 0;
+    for layer in dp.resident_layers..info.cfg.num_layers {
+        for t in schema.matrices() {
+            n += info.src.meta(&t.name(naming, layer)).unwrap().file_bytes;
+        }
+    }
+    if !dp.head_resident {
+        n += info.src.meta(&info.head_name).unwrap().file_bytes;
+    }
+    n
+}
+
+/// Runs `prompts` plain and tiered, twice each (so the reader wraps around), and compares.
+fn check(name: &str, path: &Path, base: EngineOptions, prompts: &[Vec<u32>]) {
+    let mut plain = Engine::open(path, base.clone()).unwrap();
+    let want = last_logits(&mut plain, prompts);
+
+    let opts = tiered(path, &base);
+    let mut e = Engine::open(path, opts.clone()).unwrap();
+    let plan = e.plan().clone();
+    let dp = plan.device.clone().unwrap();
+    assert_eq!(dp.resident_layers, 1, "{name}: {plan}");
+    assert_eq!(plan.resident_layers, 1, "{name}: {plan}");
+    assert!(plan.streamed_layers >= 1, "{name}: {plan}");
+    let text = plan.to_string();
+    assert!(
+        text.contains("1 on the device, 1 in host memory") && text.contains("per token: disk→host"),
+        "{name}: {text}"
+    );
+    let per_step = expected_moved(&e, path);
+    for sweep in 1..=2u64 {
+        let got = last_logits(&mut e, prompts);
+        assert_eq!(got, want, "{name}: tiered run differs from the plain run");
+        assert_eq!(e.bytes_moved(), sweep * per_step, "{name}: bytes moved");
+    }
+    // The plan's figure counts whole layers as held (norms and alignment included).
+    assert!(dp.bytes_moved_per_token >= per_step, "{name}");
+    assert!(e.ledger().peak() <= plan.budget, "{name}: host ledger");
+    let dl = e.device_ledger().unwrap();
+    assert!(dl.peak() <= dp.budget, "{name}: device ledger");
+    // The KV cache is charged to the device.
+    let held = dl.held();
+    let s = e.new_sequence().unwrap();
+    assert!(dl.held() > held, "{name}: KV cache not on the device");
+    drop(s);
+}
+
+#[test]
+fn hf_fixtures_tiered_equal_plain() {
+    for name in MODELS {
+        let r = reference(name);
+        let total: usize = r.prompt_ids.iter().map(Vec::len).sum();
+        let base = EngineOptions {
+            max_memory: Some(1 << 30),
+            context: 64,
+            max_batch: r.prompt_ids.len(),
+            max_step_tokens: total,
+            max_logit_rows: r.prompt_ids.len(),
+            ..Default::default()
+        };
+        check(name, &fixtures().join(name), base, &r.prompt_ids);
+    }
+}
+
+#[test]
+fn quantized_gguf_tiered_equal_plain() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/gguf/tiny");
+    for name in ["llama", "gemma3"] {
+        let path = dir.join(format!("{name}-q8_0.gguf"));
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path.with_extension("json")).unwrap())
+                .unwrap();
+        let prompts: Vec<Vec<u32>> = r["prompt_token_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(common::id_list)
+            .collect();
+        let total: usize = prompts.iter().map(Vec::len).sum();
+        let base = EngineOptions {
+            max_memory: Some(1 << 30),
+            context: 96,
+            max_batch: prompts.len(),
+            max_step_tokens: total,
+            max_logit_rows: prompts.len(),
+            ..Default::default()
+        };
+        check(name, &path, base, &prompts);
+    }
+}
+
+#[test]
+fn decode_steps_move_what_the_plan_says() {
+    let name = MODELS[0];
+    let path = fixtures().join(name);
+    let r = reference(name);
+    let base = EngineOptions {
+        max_memory: Some(1 << 30),
+        context: 64,
+        max_batch: 2,
+        max_step_tokens: 64,
+        ..Default::default()
+    };
+    let mut e = Engine::open(&path, tiered(&path, &base)).unwrap();
+    let per_step = expected_moved(&e, &path);
+    let mut s = e.new_sequence().unwrap();
+    e.step(&mut [(&mut s, &r.prompt_ids[0][..])], LogitsFor::Last)
+        .unwrap();
+    for _ in 0..3 {
+        e.step(&mut [(&mut s, &[1u32][..])], LogitsFor::Last)
+            .unwrap();
+    }
+    // A prefill chunk without logits skips the head.
+    let mut s2 = e.new_sequence().unwrap();
+    let before = e.bytes_moved();
+    e.step(&mut [(&mut s2, &[1u32, 2][..])], LogitsFor::None)
+        .unwrap();
+    let head = if e.plan().device.as_ref().unwrap().head_resident {
+        0
+    } else {
+        ModelInfo::open(&path)
+            .unwrap()
+            .src
+            .meta(&ModelInfo::open(&path).unwrap().head_name)
+            .unwrap()
+            .file_bytes
+    };
+    assert_eq!(e.bytes_moved() - before, per_step - head);
+    assert_eq!(e.decode_profile.steps, 3);
+    assert_eq!(e.decode_profile.moved, 3 * per_step);
+}
