@@ -58,10 +58,15 @@ export CUDAFORGE_THREADS=${CUDAFORGE_THREADS:-$(nproc)}
 export CARGO_TARGET_DIR="$ROOT/target"
 cd "$REPO"
 cargo build --release -p airllm-cli --features cuda >&2
+# The device checks of scripts/gpu_check.sh (a GPU machine has no toolchain to run the tests).
+cargo build --release -p airllm --features cuda --example device_check >&2
 
-# 5. A copy small enough to carry to a GPU machine (debug info stripped).
+# 5. Copies to carry to a GPU machine: stripped, and xz-compressed (candle's PTX makes the
+# binaries ~60 MB; compressed they are ~8 MB). gpu_check.sh unpacks them.
 mkdir -p "$REPO/dist/cuda"
 strip -o "$REPO/dist/cuda/airllm" "$CARGO_TARGET_DIR/release/airllm"
+strip -o "$REPO/dist/cuda/device_check" "$CARGO_TARGET_DIR/release/examples/device_check"
+for b in airllm device_check; do xz -T0 -6 -f -k "$REPO/dist/cuda/$b"; done
 echo "runtime needs libcuda.so.1 (driver) and libcublas.so.13, libcublasLt.so.13, libcurand.so.10," >&2
 echo "libcudart.so.13 on LD_LIBRARY_PATH (PyPI wheels' nvidia/cu13/lib)" >&2
 echo "$REPO/dist/cuda/airllm"

@@ -169,6 +169,11 @@ impl CudaLink {
         dt: DType,
         x: &Tensor,
     ) -> Result<(Tensor, CudaEvent)> {
+        // The raw copy below does not make the context current itself.
+        self.copy
+            .context()
+            .bind_to_thread()
+            .map_err(|e| cuda_err("binding the context", e))?;
         if self.slots.is_empty() {
             self.make_slots(dt)?;
         }

@@ -42,7 +42,11 @@ fn ids(v: &serde_json::Value) -> Vec<Vec<u32>> {
 }
 
 pub fn reference(name: &str) -> Reference {
-    let dir = fixtures().join(name);
+    reference_at(&fixtures().join(name))
+}
+
+/// The goldens of the fixture in `dir`.
+pub fn reference_at(dir: &std::path::Path) -> Reference {
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
             .unwrap();

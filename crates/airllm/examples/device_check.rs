@@ -1,0 +1,229 @@
+//! Correctness on a compute device, for scripts/gpu_check.sh (a GPU machine has no Rust
+//! toolchain to run the tests, so this runs from a binary built by scripts/build_cuda.sh).
+//!
+//!   device_check --device cuda hf DIR...           transformers fixtures against their goldens
+//!   device_check --device cuda gguf MODEL REF.json  a Q4_K_M model against llama.cpp and the CPU
+//!
+//! Each model runs in three placements: every weight on the device; the device at its minimum
+//! with the rest held in (pinned) host memory; and both at their minimum, so every layer is read
+//! from disk and staged through the device's slots. Prints one PASS/FAIL line per run and exits
+//! non-zero if any failed.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use airllm::tokenizer::TextTokenizer;
+use airllm::{Engine, EngineOptions, LogitsFor, ModelInfo};
+use candle_core::Device;
+use common::{float_list, greedy, id_list, last_logits, reference_at};
+
+fn minimum(info: &ModelInfo, o: &EngineOptions) -> Option<u64> {
+    match info.plan(o) {
+        Err(airllm::Error::BudgetTooSmall { minimum, .. }) => Some(minimum),
+        _ => None,
+    }
+}
+
+/// The three placements of `base` on its device.
+fn placements(
+    path: &Path,
+    base: &EngineOptions,
+) -> airllm::Result<Vec<(&'static str, EngineOptions)>> {
+    let info = ModelInfo::open(path)?;
+    let mut host = base.clone();
+    host.device_memory = Some(1);
+    host.device_memory = minimum(&info, &host);
+    let mut disk = host.clone();
+    disk.max_memory = Some(1);
+    disk.max_memory = minimum(&info, &disk);
+    Ok(vec![
+        ("device", base.clone()),
+        ("host", host),
+        ("disk", disk),
+    ])
+}
+
+fn describe(e: &Engine) -> String {
+    let p = e.plan();
+    match &p.device {
+        Some(d) => format!(
+            "{} layers on the device, {} in host memory, {} from disk",
+            d.resident_layers, p.resident_layers, p.streamed_layers
+        ),
+        None => "no device tier".into(),
+    }
+}
+
+/// Logits of every position of every prompt, in one batched step.
+fn all_logits(e: &mut Engine, prompts: &[Vec<u32>]) -> airllm::Result<Vec<Vec<Vec<f32>>>> {
+    let mut seqs: Vec<_> = prompts
+        .iter()
+        .map(|_| e.new_sequence())
+        .collect::<airllm::Result<_>>()?;
+    let mut batch: Vec<_> = seqs
+        .iter_mut()
+        .zip(prompts)
+        .map(|(s, p)| (s, p.as_slice()))
+        .collect();
+    e.step(&mut batch, LogitsFor::All)?
+        .into_iter()
+        .map(|t| Ok(t.to_vec2::<f32>()?))
+        .collect()
+}
+
+fn hf(dir: &Path, device: &Device) -> airllm::Result<bool> {
+    let name = dir.file_name().unwrap_or_default().to_string_lossy();
+    let r = reference_at(dir);
+    let tok = TextTokenizer::from_dir(dir)?;
+    let total: usize = r.prompt_ids.iter().map(Vec::len).sum();
+    let base = EngineOptions {
+        max_memory: Some(1 << 30),
+        context: 64,
+        max_batch: r.prompt_ids.len(),
+        max_step_tokens: total,
+        max_logit_rows: total,
+        device: device.clone(),
+        ..Default::default()
+    };
+    let mut ok = true;
+    for (place, o) in placements(dir, &base)? {
+        let mut e = Engine::open(dir, o)?;
+        let got = all_logits(&mut e, &r.prompt_ids)?;
+        let mut diff = 0f32;
+        for (g, w) in got.iter().flatten().zip(r.logits.iter().flatten()) {
+            for (a, b) in g.iter().zip(w) {
+                diff = diff.max((a - b).abs());
+            }
+        }
+        let n = r.greedy.iter().map(Vec::len).max().unwrap_or(0);
+        let toks = greedy(&mut e, &tok, &r.prompt_ids, n);
+        let same = toks
+            .iter()
+            .zip(&r.greedy)
+            .filter(|(g, w)| g[..w.len()] == w[..])
+            .count();
+        let pass = diff <= 1e-3 && same == r.greedy.len();
+        ok &= pass;
+        println!(
+            "{} hf {name} [{place}: {}]: max |Δlogit| {diff:.2e} (≤ 1e-3), greedy {same}/{} prompts identical",
+            if pass { "PASS" } else { "FAIL" },
+            describe(&e),
+            r.greedy.len()
+        );
+    }
+    Ok(ok)
+}
+
+/// The Q4_K_M criteria of the CPU tests against llama.cpp (tests/gguf_reference.rs), and the
+/// device's greedy tokens against the CPU's.
+fn gguf(model: &Path, reference: &Path, device: &Device) -> airllm::Result<bool> {
+    let r: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(reference)
+            .map_err(|e| airllm::Error::file(reference, e.to_string()))?,
+    )
+    .map_err(|e| airllm::Error::file(reference, e.to_string()))?;
+    let prompts: Vec<Vec<u32>> = r["prompt_token_ids"]
+        .as_array()
+        .map(|a| a.iter().map(id_list).collect())
+        .unwrap_or_default();
+    let tok = TextTokenizer::open(model)?;
+    let total: usize = prompts.iter().map(Vec::len).sum();
+    let base = EngineOptions {
+        max_memory: Some(4 << 30),
+        context: 128,
+        max_batch: prompts.len(),
+        max_step_tokens: total,
+        max_logit_rows: prompts.len(),
+        ..Default::default()
+    };
+    let n = 32;
+    let mut cpu = Engine::open(model, base.clone())?;
+    let cpu_tokens = greedy(&mut cpu, &tok, &prompts, n);
+    drop(cpu);
+    let q = r["q4km"].as_array().cloned().unwrap_or_default();
+    let on_device = EngineOptions {
+        device: device.clone(),
+        ..base
+    };
+    let mut ok = true;
+    for (place, o) in placements(model, &on_device)? {
+        let mut e = Engine::open(model, o)?;
+        let ours = last_logits(&mut e, &prompts);
+        let mut worst = 0f32;
+        let mut top1 = true;
+        for (i, want) in q.iter().enumerate() {
+            let top = id_list(&want["top5_ids"]);
+            let vals = float_list(&want["top5_logits"]);
+            for (id, v) in top.iter().zip(&vals) {
+                worst = worst.max((ours[i][*id as usize] - v).abs());
+            }
+            if vals[0] - vals[1] > 0.75 {
+                top1 &= airllm::generate::argmax(&ours[i]) == top[0];
+            }
+        }
+        let toks = greedy(&mut e, &tok, &prompts, n);
+        let mut stable_ok = true;
+        let mut same_as_cpu = 0;
+        for (i, want) in q.iter().enumerate() {
+            let want_ids = id_list(&want["greedy"]);
+            let stable = float_list(&want["margins"])
+                .iter()
+                .take_while(|&&m| m >= 0.75)
+                .count();
+            stable_ok &= toks[i][..stable] == want_ids[..stable];
+            same_as_cpu += usize::from(toks[i] == cpu_tokens[i]);
+        }
+        let pass = worst <= 1.0 && top1 && stable_ok && same_as_cpu == prompts.len();
+        ok &= pass;
+        println!(
+            "{} gguf {} [{place}: {}]: top-5 logits within {worst:.3} of llama.cpp (≤ 1.0), top-1 {}, stable greedy prefix {}, greedy = CPU's for {same_as_cpu}/{} prompts ({n} tokens)",
+            if pass { "PASS" } else { "FAIL" },
+            model.file_name().unwrap_or_default().to_string_lossy(),
+            describe(&e),
+            if top1 { "ok" } else { "differs" },
+            if stable_ok { "ok" } else { "differs" },
+            prompts.len()
+        );
+    }
+    Ok(ok)
+}
+
+fn run() -> airllm::Result<bool> {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let mut device = Device::Cpu;
+    if args.first().map(String::as_str) == Some("--device") && args.len() > 1 {
+        let d = args[1].clone();
+        args.drain(..2);
+        device = match d.strip_prefix("cuda") {
+            Some(n) => Device::new_cuda(n.trim_start_matches(':').parse().unwrap_or(0))?,
+            None => Device::Cpu,
+        };
+    }
+    let usage = "usage: device_check [--device cuda[:N]] hf DIR... | gguf MODEL REFERENCE.json";
+    match args.first().map(String::as_str) {
+        Some("hf") if args.len() > 1 => {
+            let mut ok = true;
+            for d in &args[1..] {
+                ok &= hf(&PathBuf::from(d), &device)?;
+            }
+            Ok(ok)
+        }
+        Some("gguf") if args.len() == 3 => {
+            gguf(&PathBuf::from(&args[1]), &PathBuf::from(&args[2]), &device)
+        }
+        _ => Err(airllm::Error::Invalid(usage.into())),
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => std::process::ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
