@@ -214,7 +214,49 @@ fn bad_inputs_exit_nonzero_with_one_line() {
             ],
             "--max-memory",
         ),
+        (
+            vec![
+                "run".into(),
+                "-m".into(),
+                fixture("qwen3-qknorm-headdim").display().to_string(),
+                "-p".into(),
+                "x".into(),
+                "--device".into(),
+                "tpu".into(),
+            ],
+            "expected cpu, cuda or cuda:N",
+        ),
+        (
+            vec![
+                "inspect".into(),
+                "-m".into(),
+                fixture("qwen3-qknorm-headdim").display().to_string(),
+                "--device".into(),
+                "cpu".into(),
+                "--gpu-memory".into(),
+                "1KiB".into(),
+            ],
+            "device budget",
+        ),
     ];
+    // A binary without the cuda feature says how to get one.
+    #[cfg(not(feature = "cuda"))]
+    let cases = {
+        let mut c = cases;
+        c.push((
+            vec![
+                "run".into(),
+                "-m".into(),
+                fixture("qwen3-qknorm-headdim").display().to_string(),
+                "-p".into(),
+                "x".into(),
+                "--device".into(),
+                "cuda:0".into(),
+            ],
+            "scripts/build_cuda.sh",
+        ));
+        c
+    };
     for (args, needle) in cases {
         let a: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = airllm(&a);
@@ -361,6 +403,76 @@ fn stop_strings_and_eos_finish_with_stop() {
     assert_eq!(
         String::from_utf8_lossy(&plain.stdout).trim_end_matches('\n'),
         want
+    );
+}
+
+/// The three tiers through the simulated device (`--device cpu --gpu-memory`): the plan says
+/// where each layer is and what crosses each link, and `bench` counts the bytes moved.
+#[test]
+fn device_tier_plan_and_bench() {
+    let m = fixture("llama-gqa2-llama3rope");
+    let m = m.to_str().unwrap();
+    let tiers = [
+        "--device",
+        "cpu",
+        "--gpu-memory",
+        "2MiB",
+        "--max-memory",
+        "8MiB",
+    ];
+    let mut args = vec!["inspect", "-m", m, "-c", "64"];
+    args.extend(tiers);
+    let out = airllm(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for needle in [
+        "device budget 2.00 MiB",
+        "on the device",
+        "in host memory",
+        "host→device",
+    ] {
+        assert!(stdout.contains(needle), "{needle}: {stdout}");
+    }
+    // bench sizes the context to its prompt, so a smaller device budget splits the tiers.
+    let mut args = vec![
+        "bench",
+        "-m",
+        m,
+        "--prompt-len",
+        "8",
+        "--gen",
+        "3",
+        "--json",
+    ];
+    args.extend([
+        "--device",
+        "cpu",
+        "--gpu-memory",
+        "700KiB",
+        "--max-memory",
+        "8MiB",
+    ]);
+    let out = airllm(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let moved = v["bytes_moved_per_token"].as_u64().unwrap();
+    assert!(moved > 0, "{v}");
+    assert!(
+        moved <= v["planned_bytes_moved_per_token"].as_u64().unwrap(),
+        "{v}"
+    );
+    assert_eq!(v["device_resident_layers"], 1, "{v}");
+    assert!(
+        v["device_ledger_peak_bytes"].as_u64().unwrap() <= 700 << 10,
+        "{v}"
     );
 }
 

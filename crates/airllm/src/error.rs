@@ -33,7 +33,8 @@ pub enum Error {
     ModelNotFound(String, String),
 
     #[error(
-        "--max-memory {budget} is below the minimum of {minimum} ({detail})",
+        "{what} {budget} is below the minimum of {minimum} ({detail})",
+        what = if *.device { "the device budget (--gpu-memory)" } else { "--max-memory" },
         budget = crate::util::fmt_bytes(*.budget),
         minimum = crate::util::fmt_bytes(*.minimum)
     )]
@@ -41,6 +42,8 @@ pub enum Error {
         budget: u64,
         minimum: u64,
         detail: String,
+        /// The device's budget rather than the host's.
+        device: bool,
     },
 
     #[error("invalid argument: {0}")]

@@ -129,8 +129,9 @@ impl DevicePlan {
             return Err(Error::BudgetTooSmall {
                 budget,
                 minimum,
+                device: true,
                 detail: format!(
-                    "device: 2 staging slots {} + KV cache {} + working set {}",
+                    "2 staging slots {} + KV cache {} + working set {}",
                     fmt_bytes(2 * min_slot),
                     fmt_bytes(inp.kv_bytes),
                     fmt_bytes(inp.work_bytes + inp.fixed_bytes)
@@ -225,6 +226,7 @@ impl Plan {
             return Err(Error::BudgetTooSmall {
                 budget,
                 minimum,
+                device: false,
                 detail: format!(
                     "2 slice buffers {} + KV cache {} + working set {}{}",
                     fmt_bytes(min_stream),
@@ -455,7 +457,7 @@ mod tests {
         let e = DevicePlan::new(&inp, d.minimum - 1)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("device") && e.contains("minimum"), "{e}");
+        assert!(e.contains("device budget") && e.contains("minimum"), "{e}");
     }
 
     #[test]
