@@ -142,6 +142,39 @@ fn gguf(model: &Path, reference: &Path, device: &Device) -> airllm::Result<bool>
     let mut cpu = Engine::open(model, base.clone())?;
     let cpu_tokens = greedy(&mut cpu, &tok, &prompts, n);
     drop(cpu);
+    // The margin (top-1 minus top-2 logit) by which the CPU chose each token: at a close call
+    // a different rounding of the same weights (the GPU's kernels quantize activations to
+    // q8_1, the CPU's to q8_K) may rightly pick another token, as in tests/gguf_reference.rs.
+    let cpu_margins = {
+        let mut e = Engine::open(
+            model,
+            EngineOptions {
+                max_batch: 1,
+                max_step_tokens: 128,
+                max_logit_rows: 128,
+                ..base.clone()
+            },
+        )?;
+        let mut out = Vec::new();
+        for (p, t) in prompts.iter().zip(&cpu_tokens) {
+            let mut s = e.new_sequence()?;
+            let ids: Vec<u32> = p.iter().chain(&t[..t.len() - 1]).copied().collect();
+            let l = e.step(&mut [(&mut s, &ids[..])], LogitsFor::All)?.remove(0);
+            let rows = l.to_vec2::<f32>()?;
+            let margin = |r: &[f32]| {
+                let mut v = r.to_vec();
+                v.sort_by(|a, b| b.total_cmp(a));
+                v[0] - v[1]
+            };
+            out.push(
+                rows[p.len() - 1..]
+                    .iter()
+                    .map(|r| margin(r))
+                    .collect::<Vec<f32>>(),
+            );
+        }
+        out
+    };
     let q = r["q4km"].as_array().cloned().unwrap_or_default();
     let on_device = EngineOptions {
         device: device.clone(),
@@ -165,7 +198,8 @@ fn gguf(model: &Path, reference: &Path, device: &Device) -> airllm::Result<bool>
         }
         let toks = greedy(&mut e, &tok, &prompts, n);
         let mut stable_ok = true;
-        let mut same_as_cpu = 0;
+        let (mut as_cpu, mut all_as_cpu) = (0, 0);
+        let mut where_ = Vec::new();
         for (i, want) in q.iter().enumerate() {
             let want_ids = id_list(&want["greedy"]);
             let stable = float_list(&want["margins"])
@@ -173,18 +207,33 @@ fn gguf(model: &Path, reference: &Path, device: &Device) -> airllm::Result<bool>
                 .take_while(|&&m| m >= 0.75)
                 .count();
             stable_ok &= toks[i][..stable] == want_ids[..stable];
-            same_as_cpu += usize::from(toks[i] == cpu_tokens[i]);
+            // The device may leave the CPU's path only where the CPU's own choice was close.
+            let same = toks[i]
+                .iter()
+                .zip(&cpu_tokens[i])
+                .take_while(|(a, b)| a == b)
+                .count();
+            if same == n {
+                all_as_cpu += 1;
+                as_cpu += 1;
+                where_.push("same".to_string());
+            } else {
+                let m = cpu_margins[i][same];
+                as_cpu += usize::from(m < 0.75);
+                where_.push(format!("token {same} (CPU margin {m:.2})"));
+            }
         }
-        let pass = worst <= 1.0 && top1 && stable_ok && same_as_cpu == prompts.len();
+        let pass = worst <= 1.0 && top1 && stable_ok && as_cpu == prompts.len();
         ok &= pass;
         println!(
-            "{} gguf {} [{place}: {}]: top-5 logits within {worst:.3} of llama.cpp (≤ 1.0), top-1 {}, stable greedy prefix {}, greedy = CPU's for {same_as_cpu}/{} prompts ({n} tokens)",
+            "{} gguf {} [{place}: {}]: top-5 logits within {worst:.3} of llama.cpp (≤ 1.0), top-1 {}, llama.cpp's stable greedy prefix {}; greedy tokens leave the CPU's only at the CPU's close calls (margin < 0.75) for {as_cpu}/{} prompts ({}), identical for {all_as_cpu} ({n} tokens)",
             if pass { "PASS" } else { "FAIL" },
             model.file_name().unwrap_or_default().to_string_lossy(),
             describe(&e),
             if top1 { "ok" } else { "differs" },
             if stable_ok { "ok" } else { "differs" },
-            prompts.len()
+            prompts.len(),
+            where_.join(", ")
         );
     }
     Ok(ok)
