@@ -4,6 +4,7 @@
 #   1. the transformers fixtures on CUDA against their goldens (f32 logits within 1e-3,
 #      identical greedy tokens), in three placements: all on the GPU, staged from host memory,
 #      staged from disk;
+#   1b. random-weight f16 and bf16 models: CUDA's greedy tokens equal the CPU's;
 #   2. the default model (Gemma 3 270M Q4_K_M) on CUDA: llama.cpp's Q4_K_M criteria, and the
 #      CPU's greedy tokens;
 #   3. `synth --shape llama-70b --layers 8` (bf16) at --gpu-memory 4GiB: decode s/token against
@@ -33,6 +34,21 @@ fail=0
 
 echo "== 1. transformers fixtures on CUDA"
 "$WORK/device_check" --device cuda hf "$REPO"/tests/fixtures/hf/*/ || fail=1
+
+echo "== 1b. f16 and bf16 models (random weights): CUDA's greedy tokens = CPU's"
+for dt in f16 bf16; do
+  S="$WORK/synth-$dt"
+  [ -f "$S/config.json" ] || "$WORK/airllm" synth --shape tiny --layers 4 --dtype $dt --out "$S" >/dev/null
+  for d in cpu cuda; do
+    "$WORK/airllm" run -m "$S" --device $d -p "The quick brown fox" -p "Once upon a time" -n 24 \
+      --temperature 0 --ignore-eos --json 2>/dev/null | python3 -c 'import json,sys; print([json.loads(l)["token_ids"] for l in sys.stdin])' >"$WORK/$dt-$d.txt"
+  done
+  if [ -s "$WORK/$dt-cpu.txt" ] && cmp -s "$WORK/$dt-cpu.txt" "$WORK/$dt-cuda.txt"; then
+    echo "PASS $dt: 2 prompts × 24 greedy tokens identical on CUDA and CPU"
+  else
+    echo "FAIL $dt: CPU $(cat "$WORK/$dt-cpu.txt") CUDA $(cat "$WORK/$dt-cuda.txt")"; fail=1
+  fi
+done
 
 echo "== 2. the default model on CUDA"
 MODEL=${AIRLLM_DEFAULT_MODEL:-$HOME/.cache/airllm/models/gemma-3-270m-q4_k_m.gguf}

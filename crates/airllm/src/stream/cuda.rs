@@ -388,7 +388,8 @@ fn tensor_ptr(t: &Tensor, stream: &CudaStream) -> Result<sys::CUdeviceptr> {
 /// `x Wᵀ` for an f32 `x` `[n, k]` and a bf16/f16 `W` `[r, k]`, with f32 accuracy: `x` is split
 /// into its half-precision value and the remainder (`x = hi + lo`), and both products run on
 /// the tensor cores in W's own type, accumulating into one f32 result. Nothing is widened, and
-/// the error is that of the f32 product (about 2⁻¹⁷ relative), not of rounding `x` to bf16.
+/// the error is near that of the f32 product (bf16: 2⁻¹⁶ relative, f16: 2⁻²² relative to the
+/// row's largest value), not that of rounding `x` to W's type (2⁻⁹ for bf16).
 pub fn split_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let d = cuda_device(x.device())?;
     let dt = w.dtype();
@@ -396,8 +397,23 @@ pub fn split_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let x = x.contiguous()?;
     let n = x.elem_count() / k.max(1);
     let w = w.contiguous()?;
-    let hi = x.to_dtype(dt)?;
-    let lo = (&x - hi.to_dtype(DType::F32)?)?.to_dtype(dt)?;
+    // f16 tops out at 65504: each row of x is scaled to at most 1 first, and its product
+    // scaled back (row n of x scales only row n of the result). bf16 has f32's range.
+    let scale = if dt == DType::F16 {
+        Some(
+            x.abs()?
+                .max_keepdim(candle_core::D::Minus1)?
+                .clamp(1e-30f32, f32::MAX)?,
+        )
+    } else {
+        None
+    };
+    let xs = match &scale {
+        Some(s) => x.broadcast_div(s)?,
+        None => x.clone(),
+    };
+    let hi = xs.to_dtype(dt)?;
+    let lo = (&xs - hi.to_dtype(DType::F32)?)?.to_dtype(dt)?;
     let mut out_dims = x.dims().to_vec();
     *out_dims.last_mut().expect("x has a last dimension") = r;
     let y = Tensor::zeros(out_dims, DType::F32, x.device())?;
@@ -442,5 +458,8 @@ pub fn split_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
             return Err(cuda_err("a half-precision product", status));
         }
     }
-    Ok(y)
+    Ok(match scale {
+        Some(s) => y.broadcast_mul(&s)?,
+        None => y,
+    })
 }
