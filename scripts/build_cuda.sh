@@ -57,9 +57,10 @@ export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 export CUDAFORGE_THREADS=${CUDAFORGE_THREADS:-$(nproc)}
 export CARGO_TARGET_DIR="$ROOT/target"
 cd "$REPO"
-cargo build --release -p airllm-cli --features cuda >&2
-# The device checks of scripts/gpu_check.sh (a GPU machine has no toolchain to run the tests).
-cargo build --release -p airllm --features cuda --example device_check >&2
+# The binary and the device checks of scripts/gpu_check.sh (a GPU machine has no toolchain to
+# run the tests), in one invocation so both share one build of candle's kernels.
+cargo build --release -p airllm-cli -p airllm --features airllm/cuda,airllm-cli/cuda \
+  --bin airllm --example device_check >&2
 
 # 5. Copies to carry to a GPU machine: stripped, and xz-compressed (candle's PTX makes the
 # binaries ~60 MB; compressed they are ~8 MB). gpu_check.sh unpacks them.
