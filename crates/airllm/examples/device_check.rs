@@ -4,9 +4,10 @@
 //!   device_check --device cuda hf DIR...           transformers fixtures against their goldens
 //!   device_check --device cuda gguf MODEL REF.json  a Q4_K_M model against llama.cpp and the CPU
 //!
-//! Each model runs in three placements: every weight on the device; the device at its minimum
-//! with the rest held in (pinned) host memory; and both at their minimum, so every layer is read
-//! from disk and staged through the device's slots. Prints one PASS/FAIL line per run and exits
+//! Each model runs in four placements: every weight on the device; the device at its minimum
+//! with the rest held in (pinned) host memory; both at their minimum, so every layer is read
+//! from disk and staged through the device's slots; and mixed: one layer on the device, one in
+//! host memory, the rest from disk. Prints one PASS/FAIL line per run and exits
 //! non-zero if any failed.
 
 #[path = "../tests/common/mod.rs"]
@@ -17,16 +18,12 @@ use std::path::{Path, PathBuf};
 use airllm::tokenizer::TextTokenizer;
 use airllm::{Engine, EngineOptions, LogitsFor, ModelInfo};
 use candle_core::Device;
-use common::{float_list, greedy, id_list, last_logits, reference_at};
+use common::{
+    batch_options, float_list, greedy, id_list, last_logits, minimum, prompt_ids, reference_at,
+    tiered,
+};
 
-fn minimum(info: &ModelInfo, o: &EngineOptions) -> Option<u64> {
-    match info.plan(o) {
-        Err(airllm::Error::BudgetTooSmall { minimum, .. }) => Some(minimum),
-        _ => None,
-    }
-}
-
-/// The three placements of `base` on its device.
+/// The placements of `base` on its device.
 fn placements(
     path: &Path,
     base: &EngineOptions,
@@ -34,14 +31,15 @@ fn placements(
     let info = ModelInfo::open(path)?;
     let mut host = base.clone();
     host.device_memory = Some(1);
-    host.device_memory = minimum(&info, &host);
+    host.device_memory = Some(minimum(&info, &host));
     let mut disk = host.clone();
     disk.max_memory = Some(1);
-    disk.max_memory = minimum(&info, &disk);
+    disk.max_memory = Some(minimum(&info, &disk));
     Ok(vec![
         ("device", base.clone()),
         ("host", host),
         ("disk", disk),
+        ("mixed", tiered(path, base)),
     ])
 }
 
@@ -77,15 +75,9 @@ fn hf(dir: &Path, device: &Device) -> airllm::Result<bool> {
     let name = dir.file_name().unwrap_or_default().to_string_lossy();
     let r = reference_at(dir);
     let tok = TextTokenizer::from_dir(dir)?;
-    let total: usize = r.prompt_ids.iter().map(Vec::len).sum();
     let base = EngineOptions {
-        max_memory: Some(1 << 30),
-        context: 64,
-        max_batch: r.prompt_ids.len(),
-        max_step_tokens: total,
-        max_logit_rows: total,
         device: device.clone(),
-        ..Default::default()
+        ..batch_options(&r.prompt_ids, 64, true)
     };
     let mut ok = true;
     for (place, o) in placements(dir, &base)? {
@@ -124,20 +116,9 @@ fn gguf(model: &Path, reference: &Path, device: &Device) -> airllm::Result<bool>
             .map_err(|e| airllm::Error::file(reference, e.to_string()))?,
     )
     .map_err(|e| airllm::Error::file(reference, e.to_string()))?;
-    let prompts: Vec<Vec<u32>> = r["prompt_token_ids"]
-        .as_array()
-        .map(|a| a.iter().map(id_list).collect())
-        .unwrap_or_default();
+    let prompts = prompt_ids(&r);
     let tok = TextTokenizer::open(model)?;
-    let total: usize = prompts.iter().map(Vec::len).sum();
-    let base = EngineOptions {
-        max_memory: Some(4 << 30),
-        context: 128,
-        max_batch: prompts.len(),
-        max_step_tokens: total,
-        max_logit_rows: prompts.len(),
-        ..Default::default()
-    };
+    let base = batch_options(&prompts, 128, false);
     let n = 32;
     let mut cpu = Engine::open(model, base.clone())?;
     let cpu_tokens = greedy(&mut cpu, &tok, &prompts, n);

@@ -418,7 +418,23 @@ impl ModelInfo {
                 head_bytes: self.sizes.head_bytes,
                 min_slot_bytes: inp.min_slice_bytes,
                 kv_bytes: inp.kv_bytes,
-                work_bytes: inp.work_bytes,
+                // On a GPU, a half-precision product holds its input split in two, scaled,
+                // and widened: up to four f32 copies of the widest activation.
+                work_bytes: inp.work_bytes
+                    + if opts.device.is_cpu() {
+                        0
+                    } else {
+                        16 * opts.max_step_tokens as u64
+                            * c.hidden_size.max(c.intermediate_size) as u64
+                    },
+                extra_slots: usize::from(
+                    !opts.device.is_cpu()
+                        && self
+                            .sizes
+                            .dtypes
+                            .iter()
+                            .any(|d| !matches!(*d, "F32" | "F16" | "BF16")),
+                ),
                 // Streamed layers' norms and biases are kept on a GPU.
                 fixed_bytes: inp.fixed_bytes
                     + if opts.device.is_cpu() {
@@ -596,10 +612,22 @@ impl Engine {
         let mut held =
             vec![ledger.charge(plan.work_bytes + plan.fixed_bytes + plan.reserved_bytes)];
         if let (Some(d), Some(dl)) = (&dplan, &device_ledger) {
-            held.push(dl.charge(d.work_bytes + d.fixed_bytes + d.slots as u64 * d.slot_bytes));
+            held.push(dl.charge(
+                d.work_bytes
+                    + d.fixed_bytes
+                    + (d.slots + if d.stages() { d.extra_slots } else { 0 }) as u64 * d.slot_bytes,
+            ));
         }
         // Matrices of the host tier stay on the CPU when a device computes.
         let host = Device::Cpu;
+        // A GPU's resident matrices are read in chunks through one buffer: the room of the
+        // read buffers, which are not allocated yet.
+        let chunk = if plan.slice_bytes > 0 {
+            plan.slice_bytes
+        } else {
+            32 << 20
+        };
+        let mut scratch = crate::weights::mat::AlignedBuf::default();
         let naming = src.naming();
         let norm_offset = cfg.block.norm_offset;
         let mut final_norm = src.load(naming.final_norm(), &device)?;
@@ -612,16 +640,24 @@ impl Engine {
                 if let (Some(d), Some(dl)) = (d, dl) {
                     held.push(dl.charge(d.head_bytes));
                 }
-                Some(DevMat::upload(src.load_mat(&head_name)?, &device)?)
+                Some(DevMat::load(
+                    src.as_ref(),
+                    &head_name,
+                    &device,
+                    chunk,
+                    &mut scratch,
+                )?)
             }
             Tier::Host => {
                 held.push(ledger.charge(plan.head_bytes));
-                let m = src.load_mat(&head_name)?;
-                Some(if stager.is_some() {
-                    DevMat::Host(m)
-                } else {
-                    DevMat::upload(m, &device)?
-                })
+                let on = if stager.is_some() { &host } else { &device };
+                Some(DevMat::load(
+                    src.as_ref(),
+                    &head_name,
+                    on,
+                    chunk,
+                    &mut scratch,
+                )?)
             }
             Tier::Disk => None,
         };
@@ -655,8 +691,16 @@ impl Engine {
                 } else {
                     &host
                 };
-                let l =
-                    HeldLayer::load(&schema, src.as_ref(), i, norm_offset, &device, mat_device)?;
+                let l = HeldLayer::load(
+                    &schema,
+                    src.as_ref(),
+                    i,
+                    norm_offset,
+                    &device,
+                    mat_device,
+                    chunk,
+                    &mut scratch,
+                )?;
                 // The plan reserves the largest layer; a layer larger than that would make
                 // the ledger fiction.
                 if l.bytes() > plan.layer_bytes {
@@ -708,6 +752,10 @@ impl Engine {
     /// (Re)starts the background reader at the first streamed layer, with a fresh pool of
     /// read buffers charged to the budget.
     fn start_reader(&mut self) -> Result<()> {
+        // The link may still hold a read buffer of the old pool.
+        if let Some(st) = self.stager.as_mut() {
+            st.finish()?;
+        }
         self.prefetch = None;
         if !self.plan.streams() {
             return Ok(());
@@ -958,6 +1006,12 @@ impl Engine {
             }
             Ok(out)
         })();
+        // The step's copies are done (its logits were read back); the link returns the read
+        // buffer it still holds, so the reader can use them all for the next step.
+        let result = match (result, self.stager.as_mut()) {
+            (Ok(r), Some(st)) => st.finish().map(|_| r),
+            (r, _) => r,
+        };
         prof.steps += 1;
         prof.wall += t0.elapsed();
         prof.moved += self.bytes_moved() - moved0;

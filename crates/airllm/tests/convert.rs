@@ -8,21 +8,13 @@ use std::path::{Path, PathBuf};
 
 use airllm::convert::{to_gguf, to_hf, Quant};
 use airllm::tokenizer::TextTokenizer;
-use airllm::{Engine, EngineOptions};
+use airllm::Engine;
 use common::{fixtures, id_list as ids, last_logits, MODELS};
 
 mod common;
 
 fn engine(path: &Path, prompts: &[Vec<u32>]) -> Engine {
-    let total: usize = prompts.iter().map(Vec::len).sum();
-    let opts = EngineOptions {
-        max_memory: Some(1 << 30),
-        context: 96,
-        max_batch: prompts.len(),
-        max_step_tokens: total,
-        max_logit_rows: prompts.len(),
-        ..Default::default()
-    };
+    let opts = common::batch_options(prompts, 96, false);
     Engine::open(path, opts).unwrap()
 }
 
@@ -139,15 +131,7 @@ fn dequantized_folder_computes_what_the_gguf_does() {
     let hf = tmp.path().join("back");
     to_hf(&gguf, &hf, &mut |_, _| {}).unwrap();
     // The GGUF with its blocks widened to f32 at load is the same function as the folder.
-    let total: usize = r.prompt_ids.iter().map(Vec::len).sum();
-    let opts = EngineOptions {
-        max_memory: Some(1 << 30),
-        context: 96,
-        max_batch: r.prompt_ids.len(),
-        max_step_tokens: total,
-        max_logit_rows: r.prompt_ids.len(),
-        ..Default::default()
-    };
+    let opts = common::batch_options(&r.prompt_ids, 96, false);
     let info = airllm::ModelInfo::open_with(&gguf, true).unwrap();
     let mut widened = Engine::from_info(info, opts).unwrap();
     let a = last_logits(&mut widened, &r.prompt_ids);

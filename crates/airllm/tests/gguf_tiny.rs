@@ -30,12 +30,7 @@ fn open(name: &str, ty: &str) -> Case {
     let r: Value =
         serde_json::from_str(&std::fs::read_to_string(path.with_extension("json")).unwrap())
             .unwrap();
-    let prompts: Vec<Vec<u32>> = r["prompt_token_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(ids)
-        .collect();
+    let prompts = common::prompt_ids(&r);
     let total: usize = prompts.iter().map(Vec::len).sum();
     let mut opts = EngineOptions {
         max_memory: Some(1),

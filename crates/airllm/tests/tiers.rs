@@ -9,52 +9,7 @@ use std::path::{Path, PathBuf};
 
 use airllm::weights::schema::LayerSchema;
 use airllm::{Engine, EngineOptions, LogitsFor, ModelInfo};
-use common::{fixtures, last_logits, reference, MODELS};
-
-/// The smallest budget the plan accepts for `opts`, found by asking with a budget of one byte.
-fn minimum(info: &ModelInfo, opts: &EngineOptions) -> u64 {
-    match info.plan(opts) {
-        Err(airllm::Error::BudgetTooSmall { minimum, .. }) => minimum,
-        other => panic!("expected a minimum, got {:?}", other.map(|p| p.budget)),
-    }
-}
-
-/// The smallest budget, from `from` up, at which `layers` of the plan reach `want`.
-fn budget_for(from: u64, step: u64, want: usize, layers: impl Fn(u64) -> usize) -> u64 {
-    let mut b = from;
-    for _ in 0..10_000 {
-        if layers(b) >= want {
-            return b;
-        }
-        b += step;
-    }
-    panic!("no budget from {from} gives {want} layers");
-}
-
-/// Options with one layer on the device and one in host memory; the rest from disk.
-fn tiered(path: &Path, base: &EngineOptions) -> EngineOptions {
-    let info = ModelInfo::open(path).unwrap();
-    let step = (info.sizes.layer_bytes / 16).max(1);
-    let mut o = base.clone();
-    o.max_memory = Some(1 << 40);
-    o.device_memory = Some(1);
-    let dmin = minimum(&info, &o);
-    let d = budget_for(dmin, step, 1, |b| {
-        let mut t = o.clone();
-        t.device_memory = Some(b);
-        info.plan(&t).unwrap().device.unwrap().resident_layers
-    });
-    o.device_memory = Some(d);
-    o.max_memory = Some(1);
-    let hmin = minimum(&info, &o);
-    let h = budget_for(hmin, step, 1, |b| {
-        let mut t = o.clone();
-        t.max_memory = Some(b);
-        info.plan(&t).unwrap().resident_layers
-    });
-    o.max_memory = Some(h);
-    o
-}
+use common::{batch_options, fixtures, last_logits, prompt_ids, reference, tiered, MODELS};
 
 /// Weight bytes one step must copy to the device: every matrix of the layers not on the
 /// device, and the head when it is not there either.
@@ -114,15 +69,7 @@ fn check(name: &str, path: &Path, base: EngineOptions, prompts: &[Vec<u32>]) {
 fn hf_fixtures_tiered_equal_plain() {
     for name in MODELS {
         let r = reference(name);
-        let total: usize = r.prompt_ids.iter().map(Vec::len).sum();
-        let base = EngineOptions {
-            max_memory: Some(1 << 30),
-            context: 64,
-            max_batch: r.prompt_ids.len(),
-            max_step_tokens: total,
-            max_logit_rows: r.prompt_ids.len(),
-            ..Default::default()
-        };
+        let base = batch_options(&r.prompt_ids, 64, false);
         check(name, &fixtures().join(name), base, &r.prompt_ids);
     }
 }
@@ -135,22 +82,8 @@ fn quantized_gguf_tiered_equal_plain() {
         let r: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(path.with_extension("json")).unwrap())
                 .unwrap();
-        let prompts: Vec<Vec<u32>> = r["prompt_token_ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(common::id_list)
-            .collect();
-        let total: usize = prompts.iter().map(Vec::len).sum();
-        let base = EngineOptions {
-            max_memory: Some(1 << 30),
-            context: 96,
-            max_batch: prompts.len(),
-            max_step_tokens: total,
-            max_logit_rows: prompts.len(),
-            ..Default::default()
-        };
-        check(name, &path, base, &prompts);
+        let prompts = prompt_ids(&r);
+        check(name, &path, batch_options(&prompts, 96, false), &prompts);
     }
 }
 

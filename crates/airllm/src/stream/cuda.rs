@@ -17,8 +17,20 @@ use candle_core::{DType, Device, Module, Storage, Tensor};
 
 use crate::error::{Error, Result};
 use crate::stream::reader::Slice;
-use crate::stream::stage::{dense_matmul, float_dtype, view_tensor, HostRows, Link};
-use crate::weights::mat::{set_host_pinning, Form, HostPin};
+use crate::stream::stage::DevMat;
+use crate::stream::stage::{dense_matmul, float_dtype, HostRows, Link};
+use crate::weights::mat::{set_host_pinning, AlignedBuf, Form, HostPin, MatView};
+use crate::weights::WeightSource;
+
+/// A float matrix's rows as a tensor on `device` (a copy).
+fn view_tensor(v: MatView<'_>, dt: DType, device: &Device) -> Result<Tensor> {
+    Ok(Tensor::from_raw_buffer(
+        &v.data[..v.rows * v.form.row_bytes(v.cols)],
+        dt,
+        &[v.rows, v.cols],
+        device,
+    )?)
+}
 
 fn cuda_err(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::Invalid(format!("CUDA: {what}: {e:?}"))
@@ -147,11 +159,20 @@ impl CudaLink {
                 free: None,
             });
         }
+        // The slots are allocated and zeroed on the compute stream: the first copy into each
+        // (on the copy stream) must wait for that.
+        for slot in &mut self.slots {
+            slot.free = Some(
+                self.compute
+                    .record_event(None)
+                    .map_err(|e| cuda_err("recording the slots' allocation", e))?,
+            );
+        }
         Ok(())
     }
 
-    /// Keeps at most one read buffer waiting for its copy, so the reader always has buffers
-    /// to read ahead into.
+    /// Waits for the copies of the read buffers still held, so at most one (the newest) is
+    /// held between products; `finish` returns that one too.
     fn settle(&mut self) -> Result<()> {
         while let Some((ev, _)) = self.pending.front() {
             ev.synchronize()
@@ -462,4 +483,71 @@ pub fn split_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         Some(s) => y.broadcast_mul(&s)?,
         None => y,
     })
+}
+
+/// Reads matrix `name` into device memory in its own form, `chunk_bytes` of rows at a time
+/// through `scratch`, so the host never holds more than one chunk of it.
+pub fn load_matrix(
+    src: &dyn WeightSource,
+    name: &str,
+    device: &Device,
+    chunk_bytes: u64,
+    scratch: &mut AlignedBuf,
+) -> Result<DevMat> {
+    let d = cuda_device(device)?;
+    let compute = d.cuda_stream();
+    let meta = src
+        .meta(name)
+        .ok_or_else(|| Error::tensor(src.path(), name, "missing from the checkpoint"))?;
+    let [rows, cols] = meta.shape[..] else {
+        return Err(Error::tensor(
+            src.path(),
+            name,
+            format!("expected a 2-D tensor, got shape {:?}", meta.shape),
+        ));
+    };
+    let form = src.form(name)?;
+    let row_bytes = form.row_bytes(cols);
+    let (dst, mat) = match (float_dtype(form), form) {
+        (Some(dt), _) => {
+            let t = Tensor::zeros((rows, cols), dt, device)?;
+            (tensor_ptr(&t, &compute)?, DevMat::Dense(t))
+        }
+        (None, Form::Q(q)) => {
+            let st = candle_core::quantized::cuda::QCudaStorage::zeros(d, rows * cols, q)?;
+            let ptr = st.device_ptr()? as sys::CUdeviceptr;
+            let qt = candle_core::quantized::QTensor::new(
+                candle_core::quantized::QStorage::Cuda(st),
+                (rows, cols),
+            )?;
+            (
+                ptr,
+                DevMat::Quant(QMatMul::from_qtensor(qt)?, (rows * row_bytes) as u64),
+            )
+        }
+        (None, _) => unreachable!("non-float forms are quantized"),
+    };
+    let per = ((chunk_bytes / row_bytes.max(1) as u64) as usize).clamp(1, rows.max(1));
+    let mut start = 0;
+    while start < rows {
+        let n = per.min(rows - start);
+        let m = src.read_rows(name, start, n, std::mem::take(scratch))?;
+        let len = n * row_bytes;
+        // SAFETY: the destination holds rows × row_bytes bytes; the source lives until the
+        // synchronize below, before its buffer is reused.
+        unsafe {
+            result::memcpy_htod_async(
+                dst + (start * row_bytes) as u64,
+                &m.view().data[..len],
+                compute.cu_stream(),
+            )
+        }
+        .map_err(|e| cuda_err("copying a matrix to the GPU", e))?;
+        compute
+            .synchronize()
+            .map_err(|e| cuda_err("copying a matrix to the GPU", e))?;
+        *scratch = m.into_buf();
+        start += n;
+    }
+    Ok(mat)
 }

@@ -76,6 +76,9 @@ pub struct DeviceInput {
     pub kv_bytes: u64,
     pub work_bytes: u64,
     pub fixed_bytes: u64,
+    /// Transient slot-sized allocations beside the slots (a GPU's quantized slices get a
+    /// device copy of their own).
+    pub extra_slots: usize,
 }
 
 /// The device tier: what stays in device memory, and the slots the other tiers' slices are
@@ -92,6 +95,7 @@ pub struct DevicePlan {
     pub kv_bytes: u64,
     pub work_bytes: u64,
     pub fixed_bytes: u64,
+    pub extra_slots: usize,
     pub minimum: u64,
     /// Weight bytes copied host→device for each token.
     pub bytes_moved_per_token: u64,
@@ -107,7 +111,7 @@ impl DevicePlan {
         let base = inp.kv_bytes + inp.work_bytes + inp.fixed_bytes;
         let min_slot = inp.min_slot_bytes.max(1);
         let all = inp.num_layers as u64 * inp.layer_bytes + inp.head_bytes + base;
-        let minimum = (base + 2 * min_slot).min(all);
+        let minimum = (base + (2 + inp.extra_slots) as u64 * min_slot).min(all);
         let mut plan = DevicePlan {
             budget,
             resident_layers: inp.num_layers,
@@ -119,6 +123,7 @@ impl DevicePlan {
             kv_bytes: inp.kv_bytes,
             work_bytes: inp.work_bytes,
             fixed_bytes: inp.fixed_bytes,
+            extra_slots: inp.extra_slots,
             minimum,
             bytes_moved_per_token: 0,
         };
@@ -141,14 +146,14 @@ impl DevicePlan {
         let spare = budget - base;
         let mut slots = SLOTS;
         let mut slot = (spare / 16).clamp(min_slot, min_slot.max(SLOT_TARGET));
-        while slots as u64 * slot > spare {
+        while (slots + inp.extra_slots) as u64 * slot > spare {
             if slots > 2 {
                 slots -= 1;
             } else {
                 slot = min_slot;
             }
         }
-        let mut left = spare - slots as u64 * slot;
+        let mut left = spare - (slots + inp.extra_slots) as u64 * slot;
         let resident = ((left / inp.layer_bytes.max(1)) as usize).min(inp.num_layers);
         left -= resident as u64 * inp.layer_bytes;
         plan.resident_layers = resident;
@@ -177,7 +182,8 @@ impl DevicePlan {
             } else {
                 0
             }
-            + self.slots as u64 * self.slot_bytes
+            + (self.slots + if self.slots > 0 { self.extra_slots } else { 0 }) as u64
+                * self.slot_bytes
             + self.kv_bytes
             + self.work_bytes
             + self.fixed_bytes
@@ -431,6 +437,7 @@ mod tests {
             kv_bytes: 64 << 20,
             work_bytes: 32 << 20,
             fixed_bytes: 0,
+            extra_slots: 0,
         }
     }
 

@@ -6,6 +6,7 @@ use candle_core::{Device, Tensor};
 use crate::error::{Error, Result};
 use crate::model::block::{Matrices, Small};
 use crate::stream::stage::{DevMat, Stager};
+use crate::weights::mat::AlignedBuf;
 use crate::weights::schema::{LayerSchema, Role};
 use crate::weights::WeightSource;
 
@@ -18,6 +19,8 @@ pub struct HeldLayer {
 impl HeldLayer {
     /// Reads layer `layer`, its norms and biases onto `device` and its matrices onto
     /// `mat_device` (the compute device, or the CPU for the host tier).
+    /// A GPU's matrices are copied `chunk_bytes` of rows at a time through `scratch`.
+    #[allow(clippy::too_many_arguments)]
     pub fn load(
         schema: &LayerSchema,
         src: &dyn WeightSource,
@@ -25,6 +28,8 @@ impl HeldLayer {
         norm_offset: f32,
         device: &Device,
         mat_device: &Device,
+        chunk_bytes: u64,
+        scratch: &mut AlignedBuf,
     ) -> Result<Self> {
         let naming = src.naming();
         Ok(HeldLayer {
@@ -32,8 +37,11 @@ impl HeldLayer {
             mats: schema
                 .matrices()
                 .map(|t| {
-                    let m = src.load_mat(&t.name(naming, layer))?;
-                    Ok((t.role, DevMat::upload(m, mat_device)?))
+                    let name = t.name(naming, layer);
+                    Ok((
+                        t.role,
+                        DevMat::load(src, &name, mat_device, chunk_bytes, scratch)?,
+                    ))
                 })
                 .collect::<Result<_>>()?,
         })

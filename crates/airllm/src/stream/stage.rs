@@ -7,13 +7,14 @@
 //! counts the bytes that cross the link. [`SimLink`] is a CPU "device" with slots of its own,
 //! which lets the tier plan and this pipeline be tested without a GPU.
 
-use candle_core::quantized::{ggml_file::qtensor_from_ggml, QMatMul};
+use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::matmul::mat_tensor;
 use crate::stream::reader::{slice_rows, Slice};
 use crate::weights::mat::{AlignedBuf, Form, Mat, MatView};
+use crate::weights::WeightSource;
 
 /// Rows of a matrix that live on the host, on their way to the device.
 pub enum HostRows<'a> {
@@ -169,22 +170,30 @@ pub enum DevMat {
 }
 
 impl DevMat {
-    /// Moves a matrix read into host memory to `device`, keeping its form.
-    pub fn upload(m: Mat, device: &Device) -> Result<DevMat> {
+    /// Reads matrix `name` onto `device` in its own form: whole into host memory for the CPU;
+    /// for a GPU `chunk_bytes` of rows at a time through `scratch`, so the host never holds
+    /// more than a chunk of a device-resident matrix.
+    pub fn load(
+        src: &dyn WeightSource,
+        name: &str,
+        device: &Device,
+        chunk_bytes: u64,
+        scratch: &mut AlignedBuf,
+    ) -> Result<DevMat> {
         if device.is_cpu() {
-            return Ok(DevMat::Host(m));
+            return Ok(DevMat::Host(src.load_mat(name)?));
         }
-        let v = m.view();
-        Ok(match float_dtype(v.form) {
-            Some(dt) => DevMat::Dense(view_tensor(v, dt, device)?),
-            None => {
-                let Form::Q(t) = v.form else {
-                    unreachable!("non-float forms are quantized")
-                };
-                let q = qtensor_from_ggml(t, v.data, vec![v.rows, v.cols], device)?;
-                DevMat::Quant(QMatMul::from_qtensor(q)?, v.data.len() as u64)
-            }
-        })
+        #[cfg(feature = "cuda")]
+        {
+            crate::stream::cuda::load_matrix(src, name, device, chunk_bytes, scratch)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (chunk_bytes, scratch);
+            Err(Error::Invalid(format!(
+                "{name}: this build cannot hold weights on {device:?}"
+            )))
+        }
     }
 
     pub fn matmul(&self, x: &Tensor) -> Result<Tensor> {
@@ -214,18 +223,8 @@ pub fn float_dtype(f: Form) -> Option<DType> {
     }
 }
 
-/// A float matrix's rows as a tensor on `device` (a copy).
-pub fn view_tensor(v: MatView<'_>, dt: DType, device: &Device) -> Result<Tensor> {
-    Ok(Tensor::from_raw_buffer(
-        &v.data[..v.rows * v.form.row_bytes(v.cols)],
-        dt,
-        &[v.rows, v.cols],
-        device,
-    )?)
-}
-
 /// `x Wᵀ` with `x` f32 and `W` in its own float type, with an f32 result. On a GPU a half-
-/// precision `W` is multiplied on the tensor cores in its own type, exact to f32 (see
+/// precision `W` is multiplied on the tensor cores in its own type, near f32 accuracy (see
 /// `cuda::split_matmul`); elsewhere `x` is rounded to W's type.
 pub fn dense_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let dt = w.dtype();

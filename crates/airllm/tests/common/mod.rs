@@ -124,3 +124,76 @@ pub fn greedy(
         .map(|c| c.token_ids)
         .collect()
 }
+
+/// The `prompt_token_ids` of a JSON reference.
+pub fn prompt_ids(r: &serde_json::Value) -> Vec<Vec<u32>> {
+    r["prompt_token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(id_list)
+        .collect()
+}
+
+/// Options for one batched step over `prompts` (a 1 GiB budget), with the last row of logits
+/// per prompt, or every row when `all_rows`.
+pub fn batch_options(
+    prompts: &[Vec<u32>],
+    context: usize,
+    all_rows: bool,
+) -> airllm::EngineOptions {
+    let total: usize = prompts.iter().map(Vec::len).sum();
+    airllm::EngineOptions {
+        max_memory: Some(1 << 30),
+        context,
+        max_batch: prompts.len(),
+        max_step_tokens: total,
+        max_logit_rows: if all_rows { total } else { prompts.len() },
+        ..Default::default()
+    }
+}
+
+/// The smallest budget the plan accepts for `opts`, found by asking with a budget of one byte.
+pub fn minimum(info: &airllm::ModelInfo, opts: &airllm::EngineOptions) -> u64 {
+    match info.plan(opts) {
+        Err(airllm::Error::BudgetTooSmall { minimum, .. }) => minimum,
+        other => panic!("expected a minimum, got {:?}", other.map(|p| p.budget)),
+    }
+}
+
+/// The smallest budget, from `from` up, at which `layers` of the plan reach `want`.
+pub fn budget_for(from: u64, step: u64, want: usize, layers: impl Fn(u64) -> usize) -> u64 {
+    let mut b = from;
+    for _ in 0..10_000 {
+        if layers(b) >= want {
+            return b;
+        }
+        b += step;
+    }
+    panic!("no budget from {from} gives {want} layers");
+}
+
+/// Options with one layer on the device and one in host memory; the rest from disk.
+pub fn tiered(path: &std::path::Path, base: &airllm::EngineOptions) -> airllm::EngineOptions {
+    let info = airllm::ModelInfo::open(path).unwrap();
+    let step = (info.sizes.layer_bytes / 16).max(1);
+    let mut o = base.clone();
+    o.max_memory = Some(1 << 40);
+    o.device_memory = Some(1);
+    let dmin = minimum(&info, &o);
+    let d = budget_for(dmin, step, 1, |b| {
+        let mut t = o.clone();
+        t.device_memory = Some(b);
+        info.plan(&t).unwrap().device.unwrap().resident_layers
+    });
+    o.device_memory = Some(d);
+    o.max_memory = Some(1);
+    let hmin = minimum(&info, &o);
+    let h = budget_for(hmin, step, 1, |b| {
+        let mut t = o.clone();
+        t.max_memory = Some(b);
+        info.plan(&t).unwrap().resident_layers
+    });
+    o.max_memory = Some(h);
+    o
+}
