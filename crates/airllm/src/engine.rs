@@ -296,7 +296,8 @@ fn work_bytes(cfg: &ModelConfig, o: &EngineOptions) -> u64 {
         .map(|&w| (2 * w * cfg.num_kv_heads * cfg.head_dim) as u64)
         .max()
         .unwrap_or(0);
-    let scratch = if rows > crate::model::matmul::GEMV_MAX_ROWS as u64 {
+    // Only our CPU kernels widen tiles into scratch; a GPU's products do not.
+    let scratch = if o.device.is_cpu() && rows > crate::model::matmul::GEMV_MAX_ROWS as u64 {
         rayon::current_num_threads() as u64 * ROW_TILE as u64 * widest
     } else {
         0
