@@ -289,6 +289,25 @@ def main():
         bos_post=True,
         add_bos=True,
     )
+    make(
+        "gemma2-softcap-alternating",
+        "gemma2",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            sliding_window=5,
+            # Small caps, so the tanh bends the random model's scores and logits.
+            attn_logit_softcapping=2.0,
+            final_logit_softcapping=10.0,
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+            hidden_activation="gelu_pytorch_tanh",
+        ),
+        tie=True,
+        bos_post=True,
+        add_bos=True,
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ Needs the llama.cpp source that llama-cpp-python 0.3.36 vendors (for convert_hf_
 its gguf-py), given as LLAMA_CPP_DIR, e.g. the `vendor/llama.cpp` folder of the unpacked
 llama_cpp_python-0.3.36.tar.gz sdist from PyPI; plus the packages in
 scripts/requirements-llamacpp.txt and scripts/requirements-fixtures.txt, and sentencepiece==0.2.3.
+The converter may run from another environment (CONVERT_PYTHON). Names on the command line
+(e.g. `gemma2`) limit the run to those models.
 
 Our fixtures use a small byte-level BPE tokenizer the converter does not know by hash; it is
 declared as llama.cpp's `gpt-2` pre-tokenizer, which is the regex it was trained with.
@@ -29,6 +31,7 @@ MODELS = [
     ("qwen2", "qwen2-bias-mha-sharded"),
     ("qwen3", "qwen3-qknorm-headdim"),
     ("gemma3", "gemma3-sliding-global"),
+    ("gemma2", "gemma2-softcap-alternating"),
 ]
 
 TOKENIZE = [
@@ -44,6 +47,12 @@ L = sys.argv[1]
 sys.path[:0] = [L + "/gguf-py", L]
 import conversion.base as b
 b.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+# Gemma 2's converter knows only SentencePiece; without a tokenizer.model, take the BPE path
+# its Gemma 3 converter takes.
+import conversion.gemma as gm
+_g2_vocab = gm.Gemma2Model.set_vocab
+gm.Gemma2Model.set_vocab = lambda self: (
+    _g2_vocab(self) if (self.dir_model / "tokenizer.model").is_file() else self._set_vocab_gpt2())
 # transformers 5 picks Qwen2Tokenizer for a qwen2 folder, which adds tokens of its own; the
 # fixture's tokenizer.json is the whole truth.
 import os, transformers
@@ -57,8 +66,11 @@ runpy.run_path(L + "/convert_hf_to_gguf.py", run_name="__main__")
 
 def convert(src, dst, outtype):
     lcpp = os.environ["LLAMA_CPP_DIR"]
+    # The converter needs torch and transformers; they may live in another environment than
+    # llama-cpp-python (CONVERT_PYTHON names its interpreter).
+    python = os.environ.get("CONVERT_PYTHON", sys.executable)
     subprocess.run(
-        [sys.executable, "-c", CONVERT, lcpp, src, "--outtype", outtype, "--outfile", dst],
+        [python, "-c", CONVERT, lcpp, src, "--outtype", outtype, "--outfile", dst],
         check=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -69,7 +81,10 @@ def main():
     from llama_cpp import Llama
 
     os.makedirs(OUT, exist_ok=True)
+    only = set(sys.argv[1:])
     for name, fixture in MODELS:
+        if only and name not in only:
+            continue
         src = os.path.join(HF, fixture)
         prompts = json.load(open(os.path.join(src, "reference.json")))["prompts"]
         for outtype in ["f32", "q8_0"]:

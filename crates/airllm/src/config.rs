@@ -15,6 +15,7 @@ pub const SUPPORTED_ARCHS: &[&str] = &[
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
+    "Gemma2ForCausalLM",
     "Gemma3ForCausalLM",
 ];
 
@@ -24,6 +25,7 @@ pub enum Arch {
     Mistral,
     Qwen2,
     Qwen3,
+    Gemma2,
     Gemma3,
 }
 
@@ -34,6 +36,7 @@ impl Arch {
             Arch::Mistral => "MistralForCausalLM",
             Arch::Qwen2 => "Qwen2ForCausalLM",
             Arch::Qwen3 => "Qwen3ForCausalLM",
+            Arch::Gemma2 => "Gemma2ForCausalLM",
             Arch::Gemma3 => "Gemma3ForCausalLM",
         }
     }
@@ -43,6 +46,7 @@ impl Arch {
             Arch::Mistral => "mistral",
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
+            Arch::Gemma2 => "gemma2",
             Arch::Gemma3 => "gemma3_text",
         }
     }
@@ -135,6 +139,8 @@ pub struct ModelConfig {
     pub rope_local: Option<RopeConfig>,
     /// Final logits become cap·tanh(logits/cap).
     pub final_logit_softcap: Option<f64>,
+    /// Attention scores become cap·tanh(scores/cap) before the mask (Gemma 2).
+    pub attn_logit_softcap: Option<f64>,
 }
 
 impl ModelConfig {
@@ -243,6 +249,7 @@ impl ModelConfig {
             "MistralForCausalLM" | "mistral" => Arch::Mistral,
             "Qwen2ForCausalLM" | "qwen2" => Arch::Qwen2,
             "Qwen3ForCausalLM" | "qwen3" => Arch::Qwen3,
+            "Gemma2ForCausalLM" | "gemma2" => Arch::Gemma2,
             "Gemma3ForCausalLM" | "gemma3_text" => Arch::Gemma3,
             other => {
                 return Err(Error::UnknownArch {
@@ -354,6 +361,10 @@ impl ModelConfig {
                         })
                         .collect()
                 }
+                // Gemma 2 alternates, starting with a sliding layer.
+                Arch::Gemma2 => (0..num_layers)
+                    .map(|i| if i % 2 == 0 { sliding_window } else { None })
+                    .collect(),
                 Arch::Qwen2 | Arch::Qwen3 if r.bool_opt("use_sliding_window")?.unwrap_or(false) => {
                     // transformers' default for max_window_layers is 28.
                     let from = r.usize_opt("max_window_layers")?.unwrap_or(28);
@@ -380,14 +391,15 @@ impl ModelConfig {
                 block.o_bias = attention_bias;
                 block.qk_norm = true;
             }
-            Arch::Gemma3 => {
+            Arch::Gemma2 | Arch::Gemma3 => {
                 block.qkv_bias = attention_bias;
                 block.o_bias = attention_bias;
-                block.qk_norm = true;
+                block.qk_norm = arch == Arch::Gemma3;
                 block.norm_offset = 1.0;
                 block.sandwich_norms = true;
             }
         }
+        let gemma = matches!(arch, Arch::Gemma2 | Arch::Gemma3);
         let act_key = if get(v, "hidden_activation").is_some() {
             "hidden_activation"
         } else {
@@ -395,7 +407,7 @@ impl ModelConfig {
         };
         block.act = match get(v, act_key).and_then(|a| a.as_str()) {
             None => {
-                if arch == Arch::Gemma3 {
+                if gemma {
                     Activation::GeluTanh
                 } else {
                     Activation::Silu
@@ -412,16 +424,19 @@ impl ModelConfig {
             }
         };
         let attn_scale = match (arch, r.f64_opt(v, "query_pre_attn_scalar")?) {
-            (Arch::Gemma3, Some(s)) if s > 0.0 => 1.0 / s.sqrt(),
+            (Arch::Gemma2 | Arch::Gemma3, Some(s)) if s > 0.0 => 1.0 / s.sqrt(),
             _ => 1.0 / (head_dim as f64).sqrt(),
         };
-        if r.f64_opt(v, "attn_logit_softcapping")?.is_some() {
-            return Err(Error::config(
-                path,
-                "attn_logit_softcapping",
-                "attention soft-capping is not supported",
-            ));
-        }
+        let softcap = |key: &str| -> Result<Option<f64>> {
+            match r.f64_opt(v, key)? {
+                Some(c) if c < 0.0 || !c.is_finite() => Err(Error::config(
+                    path,
+                    key,
+                    format!("{c} must be a positive number (or null for none)"),
+                )),
+                c => Ok(c.filter(|&c| c > 0.0)),
+            }
+        };
 
         let declared_dtype = get(v, "dtype")
             .or_else(|| get(v, "torch_dtype"))
@@ -441,18 +456,17 @@ impl ModelConfig {
             rope,
             max_position_embeddings,
             // Gemma ties its head to the embedding unless told otherwise.
-            tie_word_embeddings: r
-                .bool_opt("tie_word_embeddings")?
-                .unwrap_or(arch == Arch::Gemma3),
+            tie_word_embeddings: r.bool_opt("tie_word_embeddings")?.unwrap_or(gemma),
             layer_windows,
             block,
             declared_dtype,
             bos_token_id: token_ids(get(v, "bos_token_id")).first().copied(),
             eos_token_ids: token_ids(get(v, "eos_token_id")),
             attn_scale,
-            embed_scale: (arch == Arch::Gemma3).then(|| (hidden_size as f64).sqrt()),
+            embed_scale: gemma.then(|| (hidden_size as f64).sqrt()),
             rope_local,
-            final_logit_softcap: r.f64_opt(v, "final_logit_softcapping")?,
+            final_logit_softcap: softcap("final_logit_softcapping")?,
+            attn_logit_softcap: softcap("attn_logit_softcapping")?,
         })
     }
 }
@@ -553,7 +567,7 @@ fn read_rope(r: &Reader, nested: Option<(&Value, &str)>) -> Result<RopeConfig> {
 }
 
 /// GGUF architectures and the metadata prefix they use.
-pub const SUPPORTED_GGUF_ARCHS: &[&str] = &["llama", "qwen2", "qwen3", "gemma3"];
+pub const SUPPORTED_GGUF_ARCHS: &[&str] = &["llama", "qwen2", "qwen3", "gemma2", "gemma3"];
 
 impl ModelConfig {
     /// The config of a GGUF file, from its `{arch}.*` metadata, mapped onto the same fields as
@@ -572,6 +586,7 @@ impl ModelConfig {
             "llama" => Arch::Llama,
             "qwen2" => Arch::Qwen2,
             "qwen3" => Arch::Qwen3,
+            "gemma2" => Arch::Gemma2,
             "gemma3" => Arch::Gemma3,
             other => {
                 return Err(Error::UnknownArch {
@@ -673,6 +688,19 @@ impl ModelConfig {
             }
             Arch::Qwen2 => block.qkv_bias = true,
             Arch::Qwen3 => block.qk_norm = true,
+            Arch::Gemma2 => {
+                block.sandwich_norms = true;
+                block.act = Activation::GeluTanhF16;
+                // As llama.cpp: sliding and global layers alternate, the first sliding.
+                if let Some(w) = window {
+                    layer_windows = (0..num_layers).map(|i| (i % 2 == 0).then_some(w)).collect();
+                }
+                // llama.cpp scales queries by 1/sqrt(head_dim), except for the 27B model
+                // (46 layers), which uses hidden/heads.
+                if num_layers == 46 {
+                    attn_scale = 1.0 / ((hidden_size / num_heads) as f64).sqrt();
+                }
+            }
             Arch::Gemma3 => {
                 block.qk_norm = true;
                 block.sandwich_norms = true;
@@ -739,9 +767,11 @@ impl ModelConfig {
             bos_token_id: tokens("tokenizer.ggml.bos_token_id"),
             eos_token_ids: tokens("tokenizer.ggml.eos_token_id").into_iter().collect(),
             attn_scale,
-            embed_scale: (arch == Arch::Gemma3).then(|| (hidden_size as f64).sqrt()),
+            embed_scale: matches!(arch, Arch::Gemma2 | Arch::Gemma3)
+                .then(|| (hidden_size as f64).sqrt()),
             rope_local,
             final_logit_softcap: opt_f("final_logit_softcapping").filter(|&c| c > 0.0),
+            attn_logit_softcap: opt_f("attn_logit_softcapping").filter(|&c| c > 0.0),
         })
     }
 }

@@ -11,7 +11,17 @@ use common::{float_list as floats, id_list as ids, last_logits};
 mod common;
 use serde_json::Value;
 
-const MODELS: &[&str] = &["llama", "mistral-as-llama", "qwen2", "qwen3", "gemma3"];
+const MODELS: &[&str] = &[
+    "llama",
+    "mistral-as-llama",
+    "qwen2",
+    "qwen3",
+    "gemma3",
+    "gemma2",
+];
+/// The Q8_0 references. Gemma 2 has none yet: the llama-cpp-python 0.3.36 build of the fixture
+/// machine stopped with an illegal instruction on the Q8_0 Gemma 2 file (the F32 one ran).
+const Q8_MODELS: &[&str] = &["llama", "mistral-as-llama", "qwen2", "qwen3", "gemma3"];
 
 fn dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/gguf/tiny")
@@ -108,7 +118,7 @@ fn f32_files_give_llama_cpp_logits_and_greedy_tokens() {
 
 #[test]
 fn q8_0_files_agree_on_every_clear_top_1() {
-    for name in MODELS {
+    for name in Q8_MODELS {
         let mut c = open(name, "q8_0");
         let ours = last_logits(&mut c.engine, &c.prompts);
         for (i, want) in c.r["logits"].as_array().unwrap().iter().enumerate() {

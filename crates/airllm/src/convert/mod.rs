@@ -206,6 +206,7 @@ fn gguf_arch(cfg: &ModelConfig) -> &'static str {
         Arch::Llama | Arch::Mistral => "llama",
         Arch::Qwen2 => "qwen2",
         Arch::Qwen3 => "qwen3",
+        Arch::Gemma2 => "gemma2",
         Arch::Gemma3 => "gemma3",
     }
 }
@@ -300,7 +301,9 @@ fn gguf_plan(info: &ModelInfo, quant: Quant, out: &Path) -> Result<(GgufPlan, Ve
         }
     }
     let default_scale = match (cfg.arch, cfg.num_layers) {
-        (Arch::Gemma3, 62) => 1.0 / ((cfg.hidden_size / cfg.num_heads) as f64).sqrt(),
+        (Arch::Gemma3, 62) | (Arch::Gemma2, 46) => {
+            1.0 / ((cfg.hidden_size / cfg.num_heads) as f64).sqrt()
+        }
         _ => 1.0 / (cfg.head_dim as f64).sqrt(),
     };
     if (cfg.attn_scale - default_scale).abs() > 1e-9 {
@@ -308,6 +311,9 @@ fn gguf_plan(info: &ModelInfo, quant: Quant, out: &Path) -> Result<(GgufPlan, Ve
     }
     if let Some(c) = cfg.final_logit_softcap {
         plan.set(format!("{a}.final_logit_softcapping"), Value::F(c));
+    }
+    if let Some(c) = cfg.attn_logit_softcap {
+        plan.set(format!("{a}.attn_logit_softcapping"), Value::F(c));
     }
     for (k, v) in tokenizer::gguf_metadata(&info.dir, cfg)? {
         plan.set(k, v);
@@ -414,7 +420,7 @@ fn gguf_plan(info: &ModelInfo, quant: Quant, out: &Path) -> Result<(GgufPlan, Ve
 /// Gemma's final norm is stored as w by transformers and as 1 + w by llama.cpp, like its
 /// layer norms.
 fn final_norm_transform(cfg: &ModelConfig, to_gguf: bool) -> Transform {
-    if cfg.arch == Arch::Gemma3 {
+    if cfg.block.norm_offset != 0.0 {
         Transform::of(schema::Transform::AddOne, to_gguf)
     } else {
         Transform::None
@@ -913,6 +919,13 @@ pub fn hf_config_json(cfg: &ModelConfig) -> serde_json::Value {
             v["query_pre_attn_scalar"] = json!(1.0 / (cfg.attn_scale * cfg.attn_scale));
             v["final_logit_softcapping"] = json!(cfg.final_logit_softcap);
         }
+        Arch::Gemma2 => {
+            v["hidden_activation"] = json!("gelu_pytorch_tanh");
+            v["rope_parameters"] = rope(&cfg.rope);
+            v["query_pre_attn_scalar"] = json!(1.0 / (cfg.attn_scale * cfg.attn_scale));
+            v["final_logit_softcapping"] = json!(cfg.final_logit_softcap);
+            v["attn_logit_softcapping"] = json!(cfg.attn_logit_softcap);
+        }
         _ => {
             v["hidden_act"] = json!("silu");
             v["rope_parameters"] = rope(&cfg.rope);
@@ -933,7 +946,7 @@ pub fn hf_config_json(cfg: &ModelConfig) -> serde_json::Value {
         if matches!(cfg.arch, Arch::Qwen2 | Arch::Qwen3) {
             v["use_sliding_window"] = json!(true);
         }
-    } else if cfg.arch == Arch::Gemma3 {
+    } else if matches!(cfg.arch, Arch::Gemma2 | Arch::Gemma3) {
         v["sliding_window"] = json!(cfg.max_position_embeddings);
         v["layer_types"] = json!(vec!["full_attention"; cfg.num_layers]);
     }

@@ -117,6 +117,8 @@ pub struct Block {
     pub scores_bytes: u64,
     pub act: Activation,
     pub rope_interleaved: bool,
+    /// Scores become cap·tanh(scores/cap) before the mask (Gemma 2).
+    pub softcap: Option<f64>,
 }
 
 impl Block {
@@ -130,6 +132,7 @@ impl Block {
             scores_bytes: ATTN_SCORES_BYTES,
             act: cfg.block.act,
             rope_interleaved: cfg.block.rope_interleaved,
+            softcap: cfg.attn_logit_softcap,
         }
     }
 
@@ -274,7 +277,10 @@ impl Block {
         let k = k.narrow(1, 0, total)?;
         let v = v.narrow(1, 0, total)?;
         let q = q.reshape((nkv, groups * n, hd))?;
-        let scores = (q.matmul(&k.t()?)? * self.scale)?; // [nkv, groups*n, total]
+        let mut scores = (q.matmul(&k.t()?)? * self.scale)?; // [nkv, groups*n, total]
+        if let Some(c) = self.softcap {
+            scores = ((scores / c)?.tanh()? * c)?;
+        }
         let needs_mask = n > 1 || window.is_some_and(|w| total > w);
         let scores = if needs_mask {
             let mut m = vec![0f32; n * total];

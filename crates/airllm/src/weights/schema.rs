@@ -206,7 +206,8 @@ impl LayerSchema {
                 hf: t.hf,
                 gguf: t.gguf,
                 transform: match (t.kind, t.role) {
-                    (Kind::Norm, _) if cfg.arch == Arch::Gemma3 => Transform::AddOne,
+                    // Gemma stores w and computes with 1 + w; llama.cpp stores 1 + w.
+                    (Kind::Norm, _) if cfg.block.norm_offset != 0.0 => Transform::AddOne,
                     (_, Role::Q | Role::K | Role::QBias | Role::KBias) if permute => {
                         Transform::Permute {
                             head_dim: cfg.head_dim,

@@ -17,6 +17,7 @@ pub const MODELS: &[&str] = &[
     "qwen2-bias-mha-sharded",
     "qwen3-qknorm-headdim",
     "gemma3-sliding-global",
+    "gemma2-softcap-alternating",
 ];
 
 pub struct Reference {
