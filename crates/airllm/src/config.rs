@@ -40,6 +40,11 @@ impl Arch {
             Arch::Gemma3 => "Gemma3ForCausalLM",
         }
     }
+    /// Gemma's family traits: norms stored as w and applied as 1 + w (llama.cpp stores 1 + w),
+    /// embeddings scaled by √hidden, GELU, a tied head by default.
+    pub fn is_gemma(self) -> bool {
+        matches!(self, Arch::Gemma2 | Arch::Gemma3)
+    }
     pub fn model_type(self) -> &'static str {
         match self {
             Arch::Llama => "llama",
@@ -399,7 +404,7 @@ impl ModelConfig {
                 block.sandwich_norms = true;
             }
         }
-        let gemma = matches!(arch, Arch::Gemma2 | Arch::Gemma3);
+        let gemma = arch.is_gemma();
         let act_key = if get(v, "hidden_activation").is_some() {
             "hidden_activation"
         } else {
@@ -767,8 +772,7 @@ impl ModelConfig {
             bos_token_id: tokens("tokenizer.ggml.bos_token_id"),
             eos_token_ids: tokens("tokenizer.ggml.eos_token_id").into_iter().collect(),
             attn_scale,
-            embed_scale: matches!(arch, Arch::Gemma2 | Arch::Gemma3)
-                .then(|| (hidden_size as f64).sqrt()),
+            embed_scale: arch.is_gemma().then(|| (hidden_size as f64).sqrt()),
             rope_local,
             final_logit_softcap: opt_f("final_logit_softcapping").filter(|&c| c > 0.0),
             attn_logit_softcap: opt_f("attn_logit_softcapping").filter(|&c| c > 0.0),
@@ -811,6 +815,31 @@ mod tests {
             .to_string();
         assert!(
             e.contains("m/config.json") && e.contains("hidden_size"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn gemma2_alternates_windows_and_checks_softcaps() {
+        let mut v = base();
+        v["architectures"] = json!(["Gemma2ForCausalLM"]);
+        v["num_hidden_layers"] = json!(4);
+        v["sliding_window"] = json!(8);
+        v["attn_logit_softcapping"] = json!(50.0);
+        v["final_logit_softcapping"] = json!(30.0);
+        let c = ModelConfig::from_value(Path::new("c.json"), &v).unwrap();
+        assert_eq!(c.layer_windows, vec![Some(8), None, Some(8), None]);
+        assert_eq!(
+            (c.attn_logit_softcap, c.final_logit_softcap),
+            (Some(50.0), Some(30.0))
+        );
+        assert!(c.tie_word_embeddings && !c.block.qk_norm && c.block.sandwich_norms);
+        v["attn_logit_softcapping"] = json!(-1.0);
+        let e = ModelConfig::from_value(Path::new("c.json"), &v)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("c.json") && e.contains("attn_logit_softcapping"),
             "{e}"
         );
     }

@@ -420,7 +420,7 @@ fn gguf_plan(info: &ModelInfo, quant: Quant, out: &Path) -> Result<(GgufPlan, Ve
 /// Gemma's final norm is stored as w by transformers and as 1 + w by llama.cpp, like its
 /// layer norms.
 fn final_norm_transform(cfg: &ModelConfig, to_gguf: bool) -> Transform {
-    if cfg.block.norm_offset != 0.0 {
+    if cfg.arch.is_gemma() {
         Transform::of(schema::Transform::AddOne, to_gguf)
     } else {
         Transform::None
@@ -946,7 +946,7 @@ pub fn hf_config_json(cfg: &ModelConfig) -> serde_json::Value {
         if matches!(cfg.arch, Arch::Qwen2 | Arch::Qwen3) {
             v["use_sliding_window"] = json!(true);
         }
-    } else if matches!(cfg.arch, Arch::Gemma2 | Arch::Gemma3) {
+    } else if cfg.arch.is_gemma() {
         v["sliding_window"] = json!(cfg.max_position_embeddings);
         v["layer_types"] = json!(vec!["full_attention"; cfg.num_layers]);
     }

@@ -206,8 +206,9 @@ impl LayerSchema {
                 hf: t.hf,
                 gguf: t.gguf,
                 transform: match (t.kind, t.role) {
-                    // Gemma stores w and computes with 1 + w; llama.cpp stores 1 + w.
-                    (Kind::Norm, _) if cfg.block.norm_offset != 0.0 => Transform::AddOne,
+                    // transformers stores Gemma's norms as w, llama.cpp as 1 + w. (Not the
+                    // block's norm offset: a config read from GGUF has none.)
+                    (Kind::Norm, _) if cfg.arch.is_gemma() => Transform::AddOne,
                     (_, Role::Q | Role::K | Role::QBias | Role::KBias) if permute => {
                         Transform::Permute {
                             head_dim: cfg.head_dim,
