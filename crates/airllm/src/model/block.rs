@@ -244,7 +244,13 @@ impl Block {
     ) -> Result<Tensor> {
         let (nh, n) = (self.num_heads, s.len);
         let total = k.dim(1)?;
-        let chunk = query_chunk(self.scores_bytes, nh, total).min(n);
+        // Soft-capping keeps two more copies of the scores alive (scaled down, then tanh).
+        let cap = if self.softcap.is_some() {
+            self.scores_bytes * 4 / 6
+        } else {
+            self.scores_bytes
+        };
+        let chunk = query_chunk(cap, nh, total).min(n);
         if chunk == n {
             return self.attend_rows(q, k, v, k0, s.pos, window);
         }
