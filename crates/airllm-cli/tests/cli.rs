@@ -181,85 +181,41 @@ fn bad_inputs_exit_nonzero_with_one_line() {
     let missing = tmp.path().join("nope");
     let junk = tmp.path().join("junk.gguf");
     std::fs::write(&junk, b"this is not a model").unwrap();
-    let cases: Vec<(Vec<String>, &str)> = vec![
+    let qwen3 = fixture("qwen3-qknorm-headdim").display().to_string();
+    let (junk, missing) = (junk.display().to_string(), missing.display().to_string());
+    let mut cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["run", "-m", &junk, "-p", "x"], "not a GGUF file"),
+        (vec!["run", "-m", &missing, "-p", "x"], "no such folder"),
         (
-            vec![
-                "run".into(),
-                "-m".into(),
-                junk.display().to_string(),
-                "-p".into(),
-                "x".into(),
-            ],
-            "not a GGUF file",
-        ),
-        (
-            vec![
-                "run".into(),
-                "-m".into(),
-                missing.display().to_string(),
-                "-p".into(),
-                "x".into(),
-            ],
-            "no such folder",
-        ),
-        (
-            vec![
-                "run".into(),
-                "-m".into(),
-                fixture("qwen3-qknorm-headdim").display().to_string(),
-                "-p".into(),
-                "x".into(),
-                "--max-memory".into(),
-                "lots".into(),
-            ],
+            vec!["run", "-m", &qwen3, "-p", "x", "--max-memory", "lots"],
             "--max-memory",
         ),
         (
-            vec![
-                "run".into(),
-                "-m".into(),
-                fixture("qwen3-qknorm-headdim").display().to_string(),
-                "-p".into(),
-                "x".into(),
-                "--device".into(),
-                "tpu".into(),
-            ],
+            vec!["run", "-m", &qwen3, "-p", "x", "--device", "tpu"],
             "expected cpu, cuda or cuda:N",
         ),
         (
             vec![
-                "inspect".into(),
-                "-m".into(),
-                fixture("qwen3-qknorm-headdim").display().to_string(),
-                "--device".into(),
-                "cpu".into(),
-                "--gpu-memory".into(),
-                "1KiB".into(),
+                "inspect",
+                "-m",
+                &qwen3,
+                "--device",
+                "cpu",
+                "--gpu-memory",
+                "1KiB",
             ],
             "device budget",
         ),
     ];
     // A binary without the cuda feature says how to get one.
-    #[cfg(not(feature = "cuda"))]
-    let cases = {
-        let mut c = cases;
-        c.push((
-            vec![
-                "run".into(),
-                "-m".into(),
-                fixture("qwen3-qknorm-headdim").display().to_string(),
-                "-p".into(),
-                "x".into(),
-                "--device".into(),
-                "cuda:0".into(),
-            ],
+    if !cfg!(feature = "cuda") {
+        cases.push((
+            vec!["run", "-m", &qwen3, "-p", "x", "--device", "cuda:0"],
             "scripts/build_cuda.sh",
         ));
-        c
-    };
+    }
     for (args, needle) in cases {
-        let a: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = airllm(&a);
+        let out = airllm(&args);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{stderr}");
         assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
