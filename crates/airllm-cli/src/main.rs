@@ -798,7 +798,7 @@ fn bench(a: BenchArgs) -> Result<()> {
     let device = parse_device(&a.model.device)?;
     let h2d = airllm::bench::device::h2d_bandwidth(&device, 256 << 20)?;
     let dev_base = airllm::bench::device::used(&device)?;
-    airllm::bench::device::reset_pool_peak(&device)?;
+    airllm::bench::device::pool_peak(&device, true)?;
     let mut engine = start_engine(info, &a.model, opts, 0)?;
     let mut dev_peak = 0u64;
     let sample = |dev_peak: &mut u64| -> Result<()> {
@@ -863,7 +863,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         sample(&mut dev_peak)?;
     }
     let decode = t.elapsed();
-    let dev_pool_peak = airllm::bench::device::pool_peak(&device)?;
+    let dev_pool_peak = airllm::bench::device::pool_peak(&device, false)?;
     let read = engine.bytes_read() - read0;
     let d = &engine.decode_profile;
     let per_step = decode.as_secs_f64() / a.gen as f64;

@@ -174,29 +174,21 @@ pub mod device {
         Ok(None)
     }
 
-    /// The most bytes the allocator reserved since the last reset (transients included).
-    pub fn pool_peak(device: &Device) -> Result<Option<u64>> {
+    /// The most bytes the allocator reserved since the last reset (transients included);
+    /// `reset` starts a new high-water mark.
+    pub fn pool_peak(device: &Device, reset: bool) -> Result<Option<u64>> {
         if device.is_cpu() {
             return Ok(None);
         }
         #[cfg(feature = "cuda")]
         {
-            crate::stream::cuda::pool_peak(device).map(Some)
+            crate::stream::cuda::pool_peak(device, reset).map(Some)
         }
         #[cfg(not(feature = "cuda"))]
-        Ok(None)
-    }
-
-    pub fn reset_pool_peak(device: &Device) -> Result<()> {
-        if device.is_cpu() {
-            return Ok(());
-        }
-        #[cfg(feature = "cuda")]
         {
-            crate::stream::cuda::reset_pool_peak(device)
+            let _ = reset;
+            Ok(None)
         }
-        #[cfg(not(feature = "cuda"))]
-        Ok(())
     }
 
     /// Host→device bandwidth from pinned memory, bytes/s.

@@ -299,36 +299,23 @@ fn default_pool(device: &Device) -> Result<sys::CUmemoryPool> {
     Ok(pool)
 }
 
-/// The most bytes the allocator has reserved on the device since [`reset_pool_peak`].
-pub fn pool_peak(device: &Device) -> Result<u64> {
+/// The most bytes the allocator has reserved on the device since the last reset; `reset`
+/// starts a new high-water mark from what is reserved now.
+pub fn pool_peak(device: &Device, reset: bool) -> Result<u64> {
     let pool = default_pool(device)?;
+    let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH;
     let mut v: u64 = 0;
-    // SAFETY: the attribute is a u64 (cuuint64_t).
-    unsafe {
-        sys::cuMemPoolGetAttribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
-            &mut v as *mut u64 as *mut _,
-        )
+    // SAFETY: the attribute is a u64 (cuuint64_t), read or (reset) written as zero.
+    unsafe { sys::cuMemPoolGetAttribute(pool, attr, &mut v as *mut u64 as *mut _) }
+        .result()
+        .map_err(|e| cuda_err("reading the pool's peak", e))?;
+    if reset {
+        let mut zero: u64 = 0;
+        unsafe { sys::cuMemPoolSetAttribute(pool, attr, &mut zero as *mut u64 as *mut _) }
+            .result()
+            .map_err(|e| cuda_err("resetting the pool's peak", e))?;
     }
-    .result()
-    .map_err(|e| cuda_err("reading the pool's peak", e))?;
     Ok(v)
-}
-
-pub fn reset_pool_peak(device: &Device) -> Result<()> {
-    let pool = default_pool(device)?;
-    let mut v: u64 = 0;
-    // SAFETY: resetting the high-water mark takes a u64 zero.
-    unsafe {
-        sys::cuMemPoolSetAttribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
-            &mut v as *mut u64 as *mut _,
-        )
-    }
-    .result()
-    .map_err(|e| cuda_err("resetting the pool's peak", e))
 }
 
 /// Host-to-device bandwidth from pinned memory, in bytes per second: `bytes` copied a few
