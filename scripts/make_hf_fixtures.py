@@ -75,6 +75,10 @@ def randomize(model, std=0.15, embed_std=0.5):
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            elif name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):
+                # Routers: a wide spread, so no token sits near a tie between its k-th and
+                # (k+1)-th expert, where float rounding could flip the choice.
+                p.copy_(1.0 * torch.randn(p.shape, generator=g))
             elif "embed_tokens" in name or name.startswith("lm_head"):
                 p.copy_(embed_std * torch.randn(p.shape, generator=g))
             else:
@@ -101,7 +105,8 @@ def to_old_keys(cfg: dict) -> dict:
     return out
 
 
-def make(name, arch, extra, *, tie, bos_post, add_bos, dtype=torch.float32, shard=None, old_keys=False, chat=False):
+def make(name, arch, extra, *, tie, bos_post, add_bos, dtype=torch.float32, shard=None, old_keys=False, chat=False,
+         f64=False):
     out = os.path.join(ROOT, name)
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
@@ -147,7 +152,14 @@ def make(name, arch, extra, *, tie, bos_post, add_bos, dtype=torch.float32, shar
 
     # Save in the checkpoint dtype, then compute the reference from exactly the saved weights.
     model.to(dtype).save_pretrained(out, max_shard_size=shard or "5GB")
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=dtype, attn_implementation="eager").float().eval()
+    if f64:
+        # Mixture-of-experts references are the exact function, computed in float64 with the
+        # per-expert loop: transformers' f32 grouped-matmul path is itself up to ~1e-4 off it.
+        model = AutoModelForCausalLM.from_pretrained(
+            out, dtype=dtype, attn_implementation="eager", experts_implementation="eager"
+        ).double().eval()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(out, dtype=dtype, attn_implementation="eager").float().eval()
     if old_keys:
         p = os.path.join(out, "config.json")
         with open(p) as f:
@@ -164,7 +176,7 @@ def make(name, arch, extra, *, tie, bos_post, add_bos, dtype=torch.float32, shar
     mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])
     with torch.no_grad():
         logits = model(input_ids=batch, attention_mask=mask).logits
-        tensors = {f"logits_{b}": logits[b, : lens[b]].contiguous() for b in range(len(ids))}
+        tensors = {f"logits_{b}": logits[b, : lens[b]].float().contiguous() for b in range(len(ids))}
         greedy = []
         margins = []
         for i in ids:
@@ -307,6 +319,55 @@ def main():
         tie=True,
         bos_post=True,
         add_bos=True,
+    )
+    make(
+        "mixtral-moe",
+        "mixtral",
+        dict(
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            intermediate_size=96,
+            rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
+        ),
+        tie=False,
+        bos_post=True,
+        add_bos=True,
+        f64=True,
+    )
+    make(
+        "qwen2moe-shared-expert",
+        "qwen2_moe",
+        dict(
+            num_experts=6,
+            num_experts_per_tok=2,
+            moe_intermediate_size=48,
+            shared_expert_intermediate_size=80,
+            norm_topk_prob=False,
+            rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
+        ),
+        tie=False,
+        bos_post=False,
+        add_bos=False,
+        f64=True,
+    )
+    make(
+        "qwen3moe-dense-layer",
+        "qwen3_moe",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            mlp_only_layers=[1],
+            norm_topk_prob=True,
+            rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
+        ),
+        tie=False,
+        bos_post=False,
+        add_bos=False,
+        f64=True,
     )
 
 

@@ -16,11 +16,10 @@ fn main() -> airllm::Result<()> {
     let info = ModelInfo::open(std::path::Path::new(&args[1]))?;
     let lanes: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(2);
     let slice_mib: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(32);
-    let schema = LayerSchema::new(&info.cfg);
     let naming = info.src.naming();
     let mut jobs = Vec::new();
     for l in 0..info.cfg.num_layers {
-        for t in schema.matrices() {
+        for t in LayerSchema::new(&info.cfg, l).matrices() {
             let name = t.name(naming, l);
             let rb = info.src.meta(&name).unwrap().buffer_row_bytes() as usize;
             let per = ((slice_mib << 20) / rb).max(1);

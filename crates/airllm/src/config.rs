@@ -17,6 +17,9 @@ pub const SUPPORTED_ARCHS: &[&str] = &[
     "Qwen3ForCausalLM",
     "Gemma2ForCausalLM",
     "Gemma3ForCausalLM",
+    "MixtralForCausalLM",
+    "Qwen2MoeForCausalLM",
+    "Qwen3MoeForCausalLM",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +30,9 @@ pub enum Arch {
     Qwen3,
     Gemma2,
     Gemma3,
+    Mixtral,
+    Qwen2Moe,
+    Qwen3Moe,
 }
 
 impl Arch {
@@ -38,6 +44,9 @@ impl Arch {
             Arch::Qwen3 => "Qwen3ForCausalLM",
             Arch::Gemma2 => "Gemma2ForCausalLM",
             Arch::Gemma3 => "Gemma3ForCausalLM",
+            Arch::Mixtral => "MixtralForCausalLM",
+            Arch::Qwen2Moe => "Qwen2MoeForCausalLM",
+            Arch::Qwen3Moe => "Qwen3MoeForCausalLM",
         }
     }
     /// Gemma's family traits: norms stored as w and applied as 1 + w (llama.cpp stores 1 + w),
@@ -53,8 +62,40 @@ impl Arch {
             Arch::Qwen3 => "qwen3",
             Arch::Gemma2 => "gemma2",
             Arch::Gemma3 => "gemma3_text",
+            Arch::Mixtral => "mixtral",
+            Arch::Qwen2Moe => "qwen2_moe",
+            Arch::Qwen3Moe => "qwen3_moe",
         }
     }
+    /// transformers' Llama layout of q/k rows, which llama.cpp's converter permutes.
+    pub fn permutes_qk(self) -> bool {
+        matches!(self, Arch::Llama | Arch::Mistral | Arch::Mixtral)
+    }
+}
+
+/// How a mixture-of-experts layer's tensors are named in transformers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MoeStyle {
+    /// `block_sparse_moe.gate`, `block_sparse_moe.experts.N.w1/w2/w3`.
+    Mixtral,
+    /// `mlp.gate`, `mlp.experts.N.gate_proj/up_proj/down_proj` (Qwen2-MoE, Qwen3-MoE).
+    Qwen,
+}
+
+/// The mixture-of-experts options: each sparse layer routes every token to `top_k` of
+/// `experts` gated MLPs of width `expert_size`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeSpec {
+    pub style: MoeStyle,
+    pub experts: usize,
+    pub top_k: usize,
+    pub expert_size: usize,
+    /// The top-k routing weights are renormalized to sum to 1 (Mixtral, Qwen3-MoE).
+    pub norm_topk: bool,
+    /// Width of the always-on shared expert with its sigmoid gate (Qwen2-MoE).
+    pub shared_size: Option<usize>,
+    /// Which layers are sparse; the others have the dense MLP of `intermediate_size`.
+    pub sparse: Vec<bool>,
 }
 
 /// How rotary frequencies are rescaled for long context.
@@ -146,9 +187,16 @@ pub struct ModelConfig {
     pub final_logit_softcap: Option<f64>,
     /// Attention scores become cap·tanh(scores/cap) before the mask (Gemma 2).
     pub attn_logit_softcap: Option<f64>,
+    /// Mixture-of-experts options, for sparse models.
+    pub moe: Option<MoeSpec>,
 }
 
 impl ModelConfig {
+    /// The MoE options when layer `layer` is sparse.
+    pub fn sparse_layer(&self, layer: usize) -> Option<&MoeSpec> {
+        self.moe.as_ref().filter(|m| m.sparse[layer])
+    }
+
     /// The RoPE a layer uses: 0 for `rope`, 1 for `rope_local`.
     pub fn layer_rope(&self, layer: usize) -> usize {
         usize::from(self.rope_local.is_some() && self.layer_windows[layer].is_some())
@@ -256,6 +304,9 @@ impl ModelConfig {
             "Qwen3ForCausalLM" | "qwen3" => Arch::Qwen3,
             "Gemma2ForCausalLM" | "gemma2" => Arch::Gemma2,
             "Gemma3ForCausalLM" | "gemma3_text" => Arch::Gemma3,
+            "MixtralForCausalLM" | "mixtral" => Arch::Mixtral,
+            "Qwen2MoeForCausalLM" | "qwen2_moe" => Arch::Qwen2Moe,
+            "Qwen3MoeForCausalLM" | "qwen3_moe" => Arch::Qwen3Moe,
             other => {
                 return Err(Error::UnknownArch {
                     path: path.to_path_buf(),
@@ -314,14 +365,8 @@ impl ModelConfig {
 
         // Sliding windows: an explicit `layer_types` list wins; otherwise Mistral slides on every
         // layer and Qwen2/3 on the layers from `max_window_layers` when `use_sliding_window` is set.
+        // Qwen2-MoE writes 0 when sliding is off; a 0 that a layer would use is refused below.
         let sliding_window = r.usize_opt("sliding_window")?;
-        if sliding_window == Some(0) {
-            return Err(Error::config(
-                path,
-                "sliding_window",
-                "must be at least 1 (or null for none)",
-            ));
-        }
         let layer_windows = if let Some(types) = get(v, "layer_types") {
             let arr = types
                 .as_array()
@@ -352,7 +397,7 @@ impl ModelConfig {
                 .collect::<Result<Vec<_>>>()?
         } else {
             match arch {
-                Arch::Mistral => vec![sliding_window; num_layers],
+                Arch::Mistral | Arch::Mixtral => vec![sliding_window; num_layers],
                 Arch::Gemma3 => {
                     // Older Gemma 3 configs give a pattern: every n-th layer is global.
                     let n = r.usize_opt("sliding_window_pattern")?.unwrap_or(6).max(1);
@@ -370,7 +415,9 @@ impl ModelConfig {
                 Arch::Gemma2 => (0..num_layers)
                     .map(|i| if i % 2 == 0 { sliding_window } else { None })
                     .collect(),
-                Arch::Qwen2 | Arch::Qwen3 if r.bool_opt("use_sliding_window")?.unwrap_or(false) => {
+                Arch::Qwen2 | Arch::Qwen3 | Arch::Qwen2Moe | Arch::Qwen3Moe
+                    if r.bool_opt("use_sliding_window")?.unwrap_or(false) =>
+                {
                     // transformers' default for max_window_layers is 28.
                     let from = r.usize_opt("max_window_layers")?.unwrap_or(28);
                     (0..num_layers)
@@ -381,6 +428,13 @@ impl ModelConfig {
             }
         };
 
+        if layer_windows.contains(&Some(0)) {
+            return Err(Error::config(
+                path,
+                "sliding_window",
+                "must be at least 1 (or null for none)",
+            ));
+        }
         let attention_bias = r.bool_opt("attention_bias")?.unwrap_or(false);
         let mlp_bias = r.bool_opt("mlp_bias")?.unwrap_or(false);
         let mut block = BlockSpec::plain();
@@ -390,8 +444,11 @@ impl ModelConfig {
                 block.o_bias = attention_bias;
                 block.mlp_bias = mlp_bias;
             }
+            Arch::Mixtral => {}
+            // Qwen2-MoE's `qkv_bias` defaults to true, like Qwen2's fixed biases.
             Arch::Qwen2 => block.qkv_bias = true,
-            Arch::Qwen3 => {
+            Arch::Qwen2Moe => block.qkv_bias = r.bool_opt("qkv_bias")?.unwrap_or(true),
+            Arch::Qwen3 | Arch::Qwen3Moe => {
                 block.qkv_bias = attention_bias;
                 block.o_bias = attention_bias;
                 block.qk_norm = true;
@@ -443,6 +500,7 @@ impl ModelConfig {
             }
         };
 
+        let moe = read_moe(&r, arch, num_layers)?;
         let declared_dtype = get(v, "dtype")
             .or_else(|| get(v, "torch_dtype"))
             .and_then(|d| d.as_str())
@@ -472,8 +530,83 @@ impl ModelConfig {
             rope_local,
             final_logit_softcap: softcap("final_logit_softcapping")?,
             attn_logit_softcap: softcap("attn_logit_softcapping")?,
+            moe,
         })
     }
+}
+
+/// The MoE options of a transformers config: both spellings of the expert count, Qwen's
+/// `decoder_sparse_step` and `mlp_only_layers`, and the shared expert.
+fn read_moe(r: &Reader, arch: Arch, num_layers: usize) -> Result<Option<MoeSpec>> {
+    let style = match arch {
+        Arch::Mixtral => MoeStyle::Mixtral,
+        Arch::Qwen2Moe | Arch::Qwen3Moe => MoeStyle::Qwen,
+        _ => return Ok(None),
+    };
+    let experts = match r.usize_opt("num_local_experts")? {
+        Some(n) => n,
+        None => r.usize_req("num_experts")?,
+    };
+    let key = if get(r.v, "num_local_experts").is_some() {
+        "num_local_experts"
+    } else {
+        "num_experts"
+    };
+    if experts == 0 {
+        return Err(Error::config(r.path, key, "must be at least 1"));
+    }
+    let top_k = r.usize_req("num_experts_per_tok")?;
+    if top_k == 0 || top_k > experts {
+        return Err(Error::config(
+            r.path,
+            "num_experts_per_tok",
+            format!("{top_k} must be between 1 and the {experts} experts"),
+        ));
+    }
+    let expert_size = match style {
+        MoeStyle::Mixtral => r.usize_req("intermediate_size")?,
+        MoeStyle::Qwen => r.usize_req("moe_intermediate_size")?,
+    };
+    let shared_size = match arch {
+        Arch::Qwen2Moe => r
+            .usize_opt("shared_expert_intermediate_size")?
+            .filter(|&n| n > 0),
+        _ => None,
+    };
+    let step = r.usize_opt("decoder_sparse_step")?.unwrap_or(1).max(1);
+    let dense: Vec<usize> = match get(r.v, "mlp_only_layers") {
+        None => vec![],
+        Some(v) => v
+            .as_array()
+            .and_then(|a| a.iter().map(|x| x.as_u64().map(|n| n as usize)).collect())
+            .ok_or_else(|| {
+                Error::config(
+                    r.path,
+                    "mlp_only_layers",
+                    "expected a list of layer indices",
+                )
+            })?,
+    };
+    if let Some(&bad) = dense.iter().find(|&&l| l >= num_layers) {
+        return Err(Error::config(
+            r.path,
+            "mlp_only_layers",
+            format!("layer {bad} is outside the {num_layers} layers"),
+        ));
+    }
+    let sparse = (0..num_layers)
+        .map(|l| !dense.contains(&l) && (l + 1) % step == 0)
+        .collect();
+    Ok(Some(MoeSpec {
+        style,
+        experts,
+        top_k,
+        expert_size,
+        // Mixtral's softmax over the top-k logits is the renormalized top-k of the softmax.
+        norm_topk: style == MoeStyle::Mixtral || r.bool_opt("norm_topk_prob")?.unwrap_or(false),
+        shared_size,
+        sparse,
+    }))
 }
 
 impl BlockSpec {
@@ -572,7 +705,9 @@ fn read_rope(r: &Reader, nested: Option<(&Value, &str)>) -> Result<RopeConfig> {
 }
 
 /// GGUF architectures and the metadata prefix they use.
-pub const SUPPORTED_GGUF_ARCHS: &[&str] = &["llama", "qwen2", "qwen3", "gemma2", "gemma3"];
+pub const SUPPORTED_GGUF_ARCHS: &[&str] = &[
+    "llama", "qwen2", "qwen3", "gemma2", "gemma3", "qwen2moe", "qwen3moe",
+];
 
 impl ModelConfig {
     /// The config of a GGUF file, from its `{arch}.*` metadata, mapped onto the same fields as
@@ -587,8 +722,16 @@ impl ModelConfig {
                 Error::config(path, "general.architecture", "required metadata is missing")
             })?
             .to_string();
+        let has_experts = g
+            .get(&format!("{a}.expert_count"))
+            .and_then(V::as_u64)
+            .is_some_and(|n| n > 0);
         let arch = match a.as_str() {
+            // Mixtral is llama.cpp's `llama` with experts.
+            "llama" if has_experts => Arch::Mixtral,
             "llama" => Arch::Llama,
+            "qwen2moe" => Arch::Qwen2Moe,
+            "qwen3moe" => Arch::Qwen3Moe,
             "qwen2" => Arch::Qwen2,
             "qwen3" => Arch::Qwen3,
             "gemma2" => Arch::Gemma2,
@@ -686,13 +829,13 @@ impl ModelConfig {
         let mut rope_local = None;
         let mut attn_scale = 1.0 / (head_dim as f64).sqrt();
         match arch {
-            Arch::Llama | Arch::Mistral => {
+            Arch::Llama | Arch::Mistral | Arch::Mixtral => {
                 // llama.cpp's converter permutes q/k so that RoPE rotates adjacent pairs.
                 block.rope_interleaved = true;
                 layer_windows = vec![window; num_layers];
             }
-            Arch::Qwen2 => block.qkv_bias = true,
-            Arch::Qwen3 => block.qk_norm = true,
+            Arch::Qwen2 | Arch::Qwen2Moe => block.qkv_bias = true,
+            Arch::Qwen3 | Arch::Qwen3Moe => block.qk_norm = true,
             Arch::Gemma2 => {
                 block.sandwich_norms = true;
                 block.act = Activation::GeluTanhF16;
@@ -749,6 +892,49 @@ impl ModelConfig {
         block.o_bias |= has(Role::OBias);
         block.mlp_bias |= has(Role::UpBias);
         let tokens = |k: &str| g.get(k).and_then(V::as_u64).map(|n| n as u32);
+        let moe = match arch {
+            Arch::Mixtral | Arch::Qwen2Moe | Arch::Qwen3Moe => {
+                let experts = req("expert_count")?;
+                let top_k = req("expert_used_count")?;
+                if top_k > experts {
+                    return Err(Error::config(
+                        path,
+                        &key("expert_used_count"),
+                        format!("{top_k} is more than the {experts} experts"),
+                    ));
+                }
+                let expert_size = if arch == Arch::Mixtral {
+                    intermediate_size
+                } else {
+                    req("expert_feed_forward_length")?
+                };
+                // A layer is sparse when it has a router (llama.cpp's own test).
+                let sparse = (0..num_layers)
+                    .map(|l| g.tensor_shape(&gguf_name(l, Role::Router)).is_some())
+                    .collect();
+                // As llama.cpp: Qwen2-MoE leaves the top-k weights as they are, the others
+                // renormalize them, unless the file says otherwise.
+                let norm_default = arch != Arch::Qwen2Moe;
+                let norm_topk = match g.get(&key("expert_weights_norm")) {
+                    Some(V::Bool(b)) => *b,
+                    _ => norm_default,
+                };
+                Some(MoeSpec {
+                    style: if arch == Arch::Mixtral {
+                        MoeStyle::Mixtral
+                    } else {
+                        MoeStyle::Qwen
+                    },
+                    experts,
+                    top_k,
+                    expert_size,
+                    norm_topk,
+                    shared_size: opt_u("expert_shared_feed_forward_length").filter(|&n| n > 0),
+                    sparse,
+                })
+            }
+            _ => None,
+        };
         Ok(ModelConfig {
             path: path.to_path_buf(),
             arch,
@@ -776,6 +962,7 @@ impl ModelConfig {
             rope_local,
             final_logit_softcap: opt_f("final_logit_softcapping").filter(|&c| c > 0.0),
             attn_logit_softcap: opt_f("attn_logit_softcapping").filter(|&c| c > 0.0),
+            moe,
         })
     }
 }

@@ -14,17 +14,21 @@ use candle_core::{Device, Tensor};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::block::validate_layers;
+use crate::model::block::LayerKind;
 use crate::model::block::Small;
 use crate::model::kv::kv_slots;
 use crate::model::matmul::ROW_TILE;
 use crate::model::{Block, LayerKv, Rope, SeqRows};
+use crate::stream::experts::ExpertAccess;
 use crate::stream::pool::Pool;
 use crate::stream::reader::{ReadSpec, StreamedMats, Target};
 use crate::stream::stage::{DevMat, Link, SimLink, Stager};
+use crate::stream::ExpertCache;
 use crate::stream::{
     Charge, DeviceInput, DevicePlan, HeldLayer, Ledger, Plan, PlanInput, Prefetcher,
 };
-use crate::weights::schema::LayerSchema;
+use crate::weights::io::read_capacity;
+use crate::weights::schema::{Kind, LayerSchema, Naming};
 use crate::weights::{GgufSource, SafetensorsSource, WeightSource};
 
 /// How the engine is sized. The plan reserves memory for `max_batch` sequences of `context`
@@ -177,7 +181,8 @@ pub struct Engine {
     cfg: ModelConfig,
     dir: PathBuf,
     src: Arc<dyn WeightSource>,
-    schema: LayerSchema,
+    /// Each layer's tensors.
+    schemas: Vec<LayerSchema>,
     device: Device,
     opts: EngineOptions,
     plan: Plan,
@@ -197,6 +202,8 @@ pub struct Engine {
     streamed: Vec<usize>,
     device_ledger: Option<Arc<Ledger>>,
     prefetch: Option<Prefetcher>,
+    /// The experts of sparse layers, read as routing picks them.
+    experts: Option<ExpertCache>,
     _held: Vec<Charge>,
     pub prefill_profile: Profile,
     pub decode_profile: Profile,
@@ -217,6 +224,11 @@ pub struct ModelSizes {
     pub head_file_bytes: u64,
     pub head_bytes: u64,
     pub dtypes: Vec<&'static str>,
+    /// The largest expert as held in a cache slot (its read buffers), and on disk.
+    pub expert_bytes: u64,
+    pub expert_file_bytes: u64,
+    /// Experts over all sparse layers.
+    pub experts_total: usize,
 }
 
 impl ModelSizes {
@@ -231,6 +243,9 @@ impl ModelSizes {
             head_file_bytes: 0,
             head_bytes: 0,
             dtypes: vec![],
+            expert_bytes: 0,
+            expert_file_bytes: 0,
+            experts_total: 0,
         };
         let add = |name: &str, s: &mut ModelSizes| -> Result<crate::weights::TensorMeta> {
             let m = src
@@ -244,10 +259,10 @@ impl ModelSizes {
             Ok(m)
         };
         let naming = src.naming();
-        let schema = LayerSchema::new(cfg);
         for layer in 0..cfg.num_layers {
+            let schema = LayerSchema::new(cfg, layer);
             let (mut held, mut file, mut small) = (0, 0, 0);
-            for t in &schema.tensors {
+            for t in schema.tensors.iter().filter(|t| t.kind != Kind::Expert) {
                 let m = add(&t.name(naming, layer), &mut s)?;
                 file += m.file_bytes;
                 if t.is_small() {
@@ -262,6 +277,32 @@ impl ModelSizes {
             s.layer_bytes = s.layer_bytes.max(held);
             s.layer_file_bytes = s.layer_file_bytes.max(file);
             s.small_bytes = s.small_bytes.max(small);
+            // Experts: each is read whole into a cache slot, one buffer per matrix.
+            let (mut held, mut file, mut n) = (0, 0, 0);
+            for t in schema.experts() {
+                n = t.experts;
+                let names: Vec<String> = match naming {
+                    Naming::Gguf => vec![t.name(naming, layer)],
+                    Naming::Hf => (0..t.experts)
+                        .map(|e| t.expert_name(naming, layer, e).0)
+                        .collect(),
+                };
+                let mut per_file = 0;
+                let mut per_held = 0;
+                for name in &names {
+                    let m = add(name, &mut s)?;
+                    let rows = t.shape[0] as u64;
+                    per_held = per_held.max(read_capacity((m.buffer_row_bytes() * rows) as usize));
+                    per_file = per_file.max(
+                        m.file_bytes / (t.experts as u64).pow(u32::from(naming == Naming::Gguf)),
+                    );
+                }
+                held += per_held as u64;
+                file += per_file;
+            }
+            s.expert_bytes = s.expert_bytes.max(held);
+            s.expert_file_bytes = s.expert_file_bytes.max(file);
+            s.experts_total += n;
         }
         add(naming.embed(), &mut s)?;
         add(naming.final_norm(), &mut s)?;
@@ -282,7 +323,15 @@ impl ModelSizes {
 fn work_bytes(cfg: &ModelConfig, o: &EngineOptions) -> u64 {
     let rows = o.max_step_tokens as u64;
     let qkv = ((2 * cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim) as u64;
-    let per_row = 6 * cfg.hidden_size as u64 + 2 * qkv + 3 * cfg.intermediate_size as u64;
+    let mut per_row = 6 * cfg.hidden_size as u64 + 2 * qkv + 3 * cfg.intermediate_size as u64;
+    if let Some(m) = &cfg.moe {
+        // Each row's top-k experts: its gathered input, their activations and weighted
+        // outputs, kept until they are summed in expert order; the router's probabilities;
+        // the shared expert's activations.
+        per_row += (m.top_k * (2 * cfg.hidden_size + 3 * m.expert_size)
+            + 2 * m.experts
+            + 3 * m.shared_size.unwrap_or(0)) as u64;
+    }
     let per_seq_new = rows.min(o.context as u64);
     let scores = (4 * cfg.num_heads as u64 * per_seq_new * o.context as u64)
         .min(o.attention_scores_bytes / 4);
@@ -489,6 +538,13 @@ impl ModelInfo {
             // The final norm and two rope tables.
             fixed_bytes: (c.hidden_size * 4 + 4 * opts.max_step_tokens * half * 4) as u64,
             reserved_bytes: opts.reserved_bytes,
+            expert_bytes: self.sizes.expert_bytes,
+            expert_file_bytes: self.sizes.expert_file_bytes,
+            experts_total: self.sizes.experts_total,
+            experts_per_token: c
+                .moe
+                .as_ref()
+                .map_or(0, |m| m.top_k * m.sparse.iter().filter(|&&s| s).count()),
         }
     }
 }
@@ -671,14 +727,20 @@ impl Engine {
         if let Some(local) = &cfg.rope_local {
             ropes.push(Rope::new(local, cfg.head_dim, None));
         }
-        let schema = LayerSchema::new(&cfg);
+        let schemas = LayerSchema::all(&cfg);
         let mut resident = Vec::with_capacity(cfg.num_layers);
         let mut device_small = Vec::with_capacity(cfg.num_layers);
         let held_layers = device_layers + plan.resident_layers;
-        for i in 0..cfg.num_layers {
+        for (i, schema) in schemas.iter().enumerate() {
             let on_device = i < device_layers;
             device_small.push(if i >= held_layers && !device.is_cpu() {
-                Some(Small::load(&schema, src.as_ref(), i, norm_offset, &device)?)
+                Some(Small::load(
+                    schema,
+                    src.as_ref(),
+                    i,
+                    norm_offset,
+                    &device,
+                )?)
             } else {
                 None
             });
@@ -693,7 +755,7 @@ impl Engine {
                     &host
                 };
                 let l = HeldLayer::load(
-                    &schema,
+                    schema,
                     src.as_ref(),
                     i,
                     norm_offset,
@@ -717,7 +779,24 @@ impl Engine {
             }
         }
         let streamed: Vec<usize> = (held_layers..cfg.num_layers).collect();
+        let experts = if plan.experts_total > 0 {
+            let charge = ledger.charge(plan.expert_slots as u64 * plan.expert_bytes);
+            let mut cache =
+                ExpertCache::new(src.clone(), schemas.clone(), plan.expert_slots, charge)?;
+            if plan.expert_slots == plan.experts_total {
+                let sparse: Vec<usize> = (0..cfg.num_layers)
+                    .filter(|&l| schemas[l].is_sparse())
+                    .collect();
+                cache.preload(&sparse)?;
+                cache.stats = Default::default();
+                cache.wait = Duration::ZERO;
+            }
+            Some(cache)
+        } else {
+            None
+        };
         let mut engine = Engine {
+            experts,
             stager,
             head_tier,
             device_layers,
@@ -733,7 +812,7 @@ impl Engine {
             cfg,
             dir,
             src,
-            schema,
+            schemas,
             device,
             opts,
             plan,
@@ -767,7 +846,7 @@ impl Engine {
             self.ledger.charge(self.plan.inflight_bytes),
         ));
         let spec = ReadSpec {
-            schema: self.schema.clone(),
+            schemas: self.schemas.clone(),
             layers: self.streamed.clone(),
             head: (!self.plan.head_resident).then(|| (self.head_name.clone(), self.cfg.vocab_size)),
             slice_bytes: self.plan.slice_bytes,
@@ -940,24 +1019,31 @@ impl Engine {
                 .collect::<Result<Vec<_>>>()?;
             prof.embed += t.elapsed();
             for layer in 0..self.cfg.num_layers {
-                let window = self.cfg.layer_windows[layer];
+                let kind = LayerKind {
+                    window: self.cfg.layer_windows[layer],
+                    sparse: self.schemas[layer].is_sparse(),
+                };
                 let (cos, sin) = &tables[self.cfg.layer_rope(layer)];
                 let mut kv: Vec<&mut LayerKv> =
                     batch.iter_mut().map(|(s, _)| &mut s.kv[layer]).collect();
                 let timing = &mut prof.layers[layer];
+                let experts = match (&mut self.experts, kind.sparse) {
+                    (Some(cache), true) => Some(ExpertAccess { cache, layer }),
+                    _ => None,
+                };
                 let t = Instant::now();
                 if let Some(w) = &self.resident[layer] {
-                    x = match self.stager.as_mut() {
+                    let stager = self.stager.as_mut();
+                    x = match stager {
                         Some(st) if layer >= self.device_layers => {
-                            let mut mats = w.staged(st);
-                            self.block.forward(
-                                &w.small, &mut mats, &x, &seqs, &mut kv, cos, sin, window,
-                            )?
-                        }
-                        _ => {
-                            let (small, mut mats) = w.parts();
+                            let mut mats = w.staged(st, experts);
                             self.block
-                                .forward(small, &mut mats, &x, &seqs, &mut kv, cos, sin, window)?
+                                .forward(&w.small, &mut mats, &x, &seqs, &mut kv, cos, sin, kind)?
+                        }
+                        st => {
+                            let mut mats = w.held(experts, st);
+                            self.block
+                                .forward(&w.small, &mut mats, &x, &seqs, &mut kv, cos, sin, kind)?
                         }
                     };
                     timing.compute += t.elapsed();
@@ -971,14 +1057,15 @@ impl Engine {
                     let mut mats = StreamedMats {
                         reader,
                         stager: self.stager.as_mut(),
-                        schema: &self.schema,
+                        schema: &self.schemas[layer],
                         layer,
+                        experts,
                         read,
                         wait,
                     };
                     x = self
                         .block
-                        .forward(small, &mut mats, &x, &seqs, &mut kv, cos, sin, window)?;
+                        .forward(small, &mut mats, &x, &seqs, &mut kv, cos, sin, kind)?;
                     timing.streamed = true;
                     timing.read += mats.read;
                     timing.wait += mats.wait;

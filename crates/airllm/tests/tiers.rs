@@ -16,11 +16,10 @@ use common::{batch_options, fixtures, last_logits, prompt_ids, reference, tiered
 fn expected_moved(e: &Engine, path: &Path) -> u64 {
     let info = ModelInfo::open(path).unwrap();
     let dp = e.plan().device.clone().unwrap();
-    let schema = LayerSchema::new(&info.cfg);
     let naming = info.src.naming();
     let mut n = 0;
     for layer in dp.resident_layers..info.cfg.num_layers {
-        for t in schema.matrices() {
+        for t in LayerSchema::new(&info.cfg, layer).matrices() {
             n += info.src.meta(&t.name(naming, layer)).unwrap().file_bytes;
         }
     }

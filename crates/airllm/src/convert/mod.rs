@@ -24,7 +24,7 @@ use crate::weights::gguf::Value;
 use crate::weights::gguf_write::{GgufPlan, OutFile, TensorPlan};
 use crate::weights::mat::AlignedBuf;
 use crate::weights::schema::{
-    self, LayerSchema, Naming, Role, HF_EMBED, HF_FINAL_NORM, HF_LM_HEAD,
+    self, Kind, LayerSchema, Naming, Role, HF_EMBED, HF_FINAL_NORM, HF_LM_HEAD,
 };
 use crate::weights::WeightSource;
 
@@ -153,6 +153,10 @@ enum Transform {
 #[derive(Debug, Clone)]
 enum Data {
     Source(String),
+    /// Rows from the given one of a source tensor (one expert of a GGUF stack).
+    Rows(String, usize),
+    /// Source matrices of one shape, stacked along a new first axis (a layer's experts).
+    Stack(Vec<String>),
     Values(Vec<f32>),
 }
 
@@ -208,6 +212,9 @@ fn gguf_arch(cfg: &ModelConfig) -> &'static str {
         Arch::Qwen3 => "qwen3",
         Arch::Gemma2 => "gemma2",
         Arch::Gemma3 => "gemma3",
+        Arch::Mixtral => "llama",
+        Arch::Qwen2Moe => "qwen2moe",
+        Arch::Qwen3Moe => "qwen3moe",
     }
 }
 
@@ -315,6 +322,20 @@ fn gguf_plan(info: &ModelInfo, quant: Quant, out: &Path) -> Result<(GgufPlan, Ve
     if let Some(c) = cfg.attn_logit_softcap {
         plan.set(format!("{a}.attn_logit_softcapping"), Value::F(c));
     }
+    if let Some(m) = &cfg.moe {
+        plan.set(format!("{a}.expert_count"), u(m.experts));
+        plan.set(format!("{a}.expert_used_count"), u(m.top_k));
+        if cfg.arch != Arch::Mixtral {
+            plan.set(format!("{a}.expert_feed_forward_length"), u(m.expert_size));
+        }
+        if let Some(sh) = m.shared_size {
+            plan.set(format!("{a}.expert_shared_feed_forward_length"), u(sh));
+        }
+        let norm_default = cfg.arch != Arch::Qwen2Moe;
+        if m.norm_topk != norm_default {
+            plan.set(format!("{a}.expert_weights_norm"), Value::Bool(m.norm_topk));
+        }
+    }
     for (k, v) in tokenizer::gguf_metadata(&info.dir, cfg)? {
         plan.set(k, v);
     }
@@ -323,8 +344,10 @@ fn gguf_plan(info: &ModelInfo, quant: Quant, out: &Path) -> Result<(GgufPlan, Ve
     let n = cfg.num_layers;
     let more_bits = |at: Option<(usize, Role)>| -> bool {
         let Some((i, role)) = at else { return false };
-        matches!(role, Role::V | Role::Down)
-            && (i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2)
+        matches!(
+            role,
+            Role::V | Role::Down | Role::ExpertDown | Role::SharedDown
+        ) && (i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2)
     };
     // Tensors, in execution order.
     let mut items = Vec::new();
@@ -339,14 +362,21 @@ fn gguf_plan(info: &ModelInfo, quant: Quant, out: &Path) -> Result<(GgufPlan, Ve
         let Some(m) = src.meta(src_name) else {
             return Ok(false);
         };
-        let dtype = if m.shape.len() == 1 {
+        // Vectors (a [1, n] gate included) are 1-D and f32 in GGUF, as is the router, which
+        // llama.cpp never quantizes.
+        let shape: Vec<usize> = if m.shape.iter().filter(|&&d| d != 1).count() <= 1 {
+            vec![m.numel()]
+        } else {
+            m.shape.clone()
+        };
+        let dtype = if shape.len() == 1 || matches!(at, Some((_, Role::Router))) {
             GgmlDType::F32
         } else {
-            matrix_type(quant, *m.shape.last().unwrap(), is_head, more_bits(at))
+            matrix_type(quant, *shape.last().unwrap(), is_head, more_bits(at))
         };
         let out = TensorPlan {
             name: out_name,
-            shape: m.shape.clone(),
+            shape,
             dtype,
         };
         plan.add_tensor(out.clone())?;
@@ -380,9 +410,28 @@ fn gguf_plan(info: &ModelInfo, quant: Quant, out: &Path) -> Result<(GgufPlan, Ve
             transform: Transform::None,
         });
     }
-    let schema = LayerSchema::new(cfg);
     for l in 0..cfg.num_layers {
-        for t in &schema.tensors {
+        for t in &LayerSchema::new(cfg, l).tensors {
+            if t.kind == Kind::Expert {
+                // llama.cpp stacks a layer's experts in one tensor.
+                let shape = t.stored_shape(Naming::Gguf);
+                let out = TensorPlan {
+                    name: t.name(Naming::Gguf, l),
+                    dtype: matrix_type(quant, shape[2], false, more_bits(Some((l, t.role)))),
+                    shape,
+                };
+                plan.add_tensor(out.clone())?;
+                items.push(Item {
+                    out,
+                    data: Data::Stack(
+                        (0..t.experts)
+                            .map(|e| t.expert_name(Naming::Hf, l, e).0)
+                            .collect(),
+                    ),
+                    transform: Transform::of(t.transform, true),
+                });
+                continue;
+            }
             add(
                 &mut plan,
                 &mut items,
@@ -454,6 +503,7 @@ fn check_round_trip(cfg: &ModelConfig, plan: &GgufPlan) -> Result<()> {
     same!(block.qk_norm);
     same!(block.sandwich_norms);
     same!(final_logit_softcap);
+    same!(moe);
     if (g.rms_norm_eps - cfg.rms_norm_eps).abs() > 1e-6 * cfg.rms_norm_eps.max(1e-12) {
         same!(rms_norm_eps);
     }
@@ -491,7 +541,8 @@ fn read_f32(
     start: usize,
     rows: usize,
 ) -> Result<Vec<f32>> {
-    if shape.len() == 1 {
+    let vector = src.meta(name).is_some_and(|m| m.shape.len() == 1);
+    if shape.len() == 1 || vector {
         return Ok(src.load(name, &Device::Cpu)?.flatten_all()?.to_vec1()?);
     }
     src.read_rows(name, start, rows, AlignedBuf::default())?
@@ -561,6 +612,7 @@ fn dims(it: &Item) -> Result<(usize, usize, bool)> {
     match it.out.shape.as_slice() {
         [n] => Ok((1, *n, false)),
         [r, c] => Ok((*r, *c, true)),
+        [e, r, c] => Ok((e * r, *c, true)),
         s => Err(Error::Invalid(format!(
             "tensor {} has {} dimensions; only vectors and matrices are converted",
             it.out.name,
@@ -600,16 +652,34 @@ fn stream_items(
                     Transform::Permute { head_dim, .. } => head_dim,
                     _ => 1,
                 };
-                let chunks = if matrix {
-                    row_chunks(rows, cols, align)
-                } else {
-                    vec![(0, 1)]
+                let chunks = match &it.data {
+                    // A chunk stays within one stacked matrix.
+                    Data::Stack(names) => {
+                        let per = rows / names.len().max(1);
+                        (0..names.len())
+                            .flat_map(|e| {
+                                row_chunks(per, cols, align)
+                                    .into_iter()
+                                    .map(move |(s, n)| (e * per + s, n))
+                            })
+                            .collect()
+                    }
+                    _ if matrix => row_chunks(rows, cols, align),
+                    _ => vec![(0, 1)],
                 };
                 for (start, n) in chunks {
                     let r = (|| -> Result<Raw> {
                         let v = match &it.data {
                             Data::Values(v) => v.clone(),
                             Data::Source(name) => read_f32(src, name, &it.out.shape, start, n)?,
+                            Data::Rows(name, first) => {
+                                read_f32(src, name, &it.out.shape, first + start, n)?
+                            }
+                            Data::Stack(names) => {
+                                let per = rows / names.len().max(1);
+                                let shape = [per, cols];
+                                read_f32(src, &names[start / per], &shape, start % per, n)?
+                            }
                         };
                         // Vectors are permuted as columns of one value each.
                         let v = it.transform.apply(v, if matrix { cols } else { 1 });
@@ -710,39 +780,66 @@ fn write_hf(info: &ModelInfo, dir: &Path, progress: &mut dyn FnMut(u64, u64)) ->
     let cfg = &info.cfg;
     let src = info.src.as_ref();
     let mut items: Vec<(String, Item)> = Vec::new();
-    let mut push = |hf: String, gg: String, transform: Transform| {
+    let mut push = |hf: String, gg: String, first: Option<(usize, Vec<usize>)>, transform| {
         let Some(m) = src.meta(&gg) else { return };
+        let (shape, data) = match first {
+            // One expert's rows of a GGUF stack.
+            Some((row, shape)) => (shape, Data::Rows(gg, row)),
+            None => (m.shape, Data::Source(gg)),
+        };
         items.push((
             hf.clone(),
             Item {
                 out: TensorPlan {
                     name: hf,
-                    shape: m.shape,
+                    shape,
                     dtype: GgmlDType::F32,
                 },
-                data: Data::Source(gg),
+                data,
                 transform,
             },
         ));
     };
-    push(HF_EMBED.into(), "token_embd.weight".into(), Transform::None);
-    let schema = LayerSchema::new(cfg);
+    push(
+        HF_EMBED.into(),
+        "token_embd.weight".into(),
+        None,
+        Transform::None,
+    );
     for l in 0..cfg.num_layers {
-        for t in &schema.tensors {
+        for t in &LayerSchema::new(cfg, l).tensors {
+            let transform = Transform::of(t.transform, false);
+            if t.kind == Kind::Expert {
+                for e in 0..t.experts {
+                    let (gg, row) = t.expert_name(Naming::Gguf, l, e);
+                    let hf = t.expert_name(Naming::Hf, l, e).0;
+                    push(hf, gg, Some((row, t.shape.clone())), transform);
+                }
+                continue;
+            }
+            // transformers keeps 1-row vectors (Qwen2-MoE's shared-expert gate) 2-D.
+            let shape = (t.is_small() && t.shape.len() > 1).then(|| (0, t.shape.clone()));
             push(
                 t.name(Naming::Hf, l),
                 t.name(Naming::Gguf, l),
-                Transform::of(t.transform, false),
+                shape,
+                transform,
             );
         }
     }
     push(
         HF_FINAL_NORM.into(),
         "output_norm.weight".into(),
+        None,
         final_norm_transform(cfg, false),
     );
     if !cfg.tie_word_embeddings {
-        push(HF_LM_HEAD.into(), "output.weight".into(), Transform::None);
+        push(
+            HF_LM_HEAD.into(),
+            "output.weight".into(),
+            None,
+            Transform::None,
+        );
     }
     if src.meta("rope_freqs.weight").is_some() {
         return Err(Error::file(
@@ -906,6 +1003,23 @@ pub fn hf_config_json(cfg: &ModelConfig) -> serde_json::Value {
         "eos_token_id": cfg.eos_token_ids,
         "dtype": "float32",
     });
+    if let Some(m) = &cfg.moe {
+        v["num_experts_per_tok"] = json!(m.top_k);
+        v["norm_topk_prob"] = json!(m.norm_topk);
+        if cfg.arch == Arch::Mixtral {
+            v["num_local_experts"] = json!(m.experts);
+        } else {
+            v["num_experts"] = json!(m.experts);
+            v["moe_intermediate_size"] = json!(m.expert_size);
+            v["decoder_sparse_step"] = json!(1);
+            v["mlp_only_layers"] = json!((0..cfg.num_layers)
+                .filter(|&l| !m.sparse[l])
+                .collect::<Vec<_>>());
+        }
+        if let Some(sh) = m.shared_size {
+            v["shared_expert_intermediate_size"] = json!(sh);
+        }
+    }
     let windows: Vec<usize> = cfg.layer_windows.iter().flatten().copied().collect();
     match cfg.arch {
         Arch::Gemma3 => {
@@ -930,6 +1044,9 @@ pub fn hf_config_json(cfg: &ModelConfig) -> serde_json::Value {
             v["hidden_act"] = json!("silu");
             v["rope_parameters"] = rope(&cfg.rope);
             v["attention_bias"] = json!(cfg.block.qkv_bias);
+            if cfg.arch == Arch::Qwen2Moe {
+                v["qkv_bias"] = json!(cfg.block.qkv_bias);
+            }
         }
     }
     if let Some(&w) = windows.first() {
@@ -943,7 +1060,10 @@ pub fn hf_config_json(cfg: &ModelConfig) -> serde_json::Value {
                 "full_attention"
             })
             .collect::<Vec<_>>());
-        if matches!(cfg.arch, Arch::Qwen2 | Arch::Qwen3) {
+        if matches!(
+            cfg.arch,
+            Arch::Qwen2 | Arch::Qwen3 | Arch::Qwen2Moe | Arch::Qwen3Moe
+        ) {
             v["use_sliding_window"] = json!(true);
         }
     } else if cfg.arch.is_gemma() {

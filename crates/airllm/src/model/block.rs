@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::{Activation, ModelConfig};
 use crate::error::{Error, Result};
 use crate::model::kv::LayerKv;
-use crate::weights::schema::{Kind, LayerSchema, Role};
+use crate::weights::schema::{Kind, LayerSchema, Naming, Role};
 use crate::weights::WeightSource;
 
 /// A layer's norms and biases, f32, read whole (they are small).
@@ -67,27 +67,66 @@ impl Small {
 pub trait Matrices {
     /// `x Wᵀ` for the layer's matrix `role`, `x` `[rows, in]` f32.
     fn matmul(&mut self, role: Role, x: &Tensor) -> Result<Tensor>;
+
+    /// Calls `f(e, mats)` for each expert `e` of `experts` (ascending, distinct) once its
+    /// matrices are at hand, in whatever order they become so: cached experts first, then
+    /// the others as they are read. `mats` multiplies that expert's matrices.
+    fn experts(
+        &mut self,
+        experts: &[usize],
+        f: &mut dyn FnMut(usize, &mut dyn Matrices) -> Result<()>,
+    ) -> Result<()> {
+        let _ = (experts, f);
+        Err(Error::Invalid(
+            "internal error: this layer's matrices have no experts".into(),
+        ))
+    }
 }
 
 /// Checks that every tensor of every layer is present with the shape the config implies, so a
-/// bad checkpoint fails at open rather than midway through a generation.
+/// bad checkpoint fails at open rather than midway through a generation. Experts are checked
+/// one by one in transformers' layout and as stacks in GGUF's, and a checkpoint with more
+/// experts than the config names is refused too.
 pub fn validate_layers(cfg: &ModelConfig, src: &dyn WeightSource) -> Result<()> {
-    let schema = LayerSchema::new(cfg);
     let naming = src.naming();
+    let check = |name: &str, want: &[usize], what: &str| -> Result<()> {
+        let meta = src
+            .meta(name)
+            .ok_or_else(|| Error::tensor(src.path(), name, "missing from the checkpoint"))?;
+        if meta.shape != want {
+            return Err(Error::tensor(
+                src.path(),
+                name,
+                format!(
+                    "shape {:?} disagrees with the config, which implies {want:?}{what}",
+                    meta.shape
+                ),
+            ));
+        }
+        Ok(())
+    };
     for layer in 0..cfg.num_layers {
+        let schema = LayerSchema::new(cfg, layer);
         for t in &schema.tensors {
-            let name = t.name(naming, layer);
-            let meta = src
-                .meta(&name)
-                .ok_or_else(|| Error::tensor(src.path(), &name, "missing from the checkpoint"))?;
-            if meta.shape != t.shape {
+            let want = t.stored_shape(naming);
+            if t.kind != Kind::Expert {
+                check(&t.name(naming, layer), &want, "")?;
+                continue;
+            }
+            let counted = format!(" ({} experts)", t.experts);
+            if naming == Naming::Gguf {
+                check(&t.name(naming, layer), &want, &counted)?;
+                continue;
+            }
+            for e in 0..t.experts {
+                check(&t.expert_name(naming, layer, e).0, &want, "")?;
+            }
+            let extra = t.expert_name(naming, layer, t.experts).0;
+            if src.meta(&extra).is_some() {
                 return Err(Error::tensor(
                     src.path(),
-                    &name,
-                    format!(
-                        "shape {:?} disagrees with the config, which implies {:?}",
-                        meta.shape, t.shape
-                    ),
+                    &extra,
+                    format!("is one expert more than the {} the config names", t.experts),
                 ));
             }
         }
@@ -119,6 +158,18 @@ pub struct Block {
     pub rope_interleaved: bool,
     /// Scores become cap·tanh(scores/cap) before the mask (Gemma 2).
     pub softcap: Option<f64>,
+    /// Experts each token is routed to, and whether their weights are renormalized.
+    pub top_k: usize,
+    pub norm_topk: bool,
+}
+
+/// What differs between the layers of one model.
+#[derive(Debug, Clone, Copy)]
+pub struct LayerKind {
+    /// Sliding-window size, `None` for full attention.
+    pub window: Option<usize>,
+    /// The MLP is a mixture of experts.
+    pub sparse: bool,
 }
 
 impl Block {
@@ -133,6 +184,8 @@ impl Block {
             act: cfg.block.act,
             rope_interleaved: cfg.block.rope_interleaved,
             softcap: cfg.attn_logit_softcap,
+            top_k: cfg.moe.as_ref().map_or(0, |m| m.top_k),
+            norm_topk: cfg.moe.as_ref().is_some_and(|m| m.norm_topk),
         }
     }
 
@@ -167,8 +220,9 @@ impl Block {
         kv: &mut [&mut LayerKv],
         cos: &Tensor,
         sin: &Tensor,
-        window: Option<usize>,
+        kind: LayerKind,
     ) -> Result<Tensor> {
+        let window = kind.window;
         let rows = x.dim(0)?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
 
@@ -201,20 +255,92 @@ impl Block {
         }
         let x = (x + a)?;
 
-        // MLP.
+        // MLP: dense, or a mixture of experts.
         let h = self.norm(&x, small.req(Role::MlpNorm)?)?;
-        let g = Self::linear(small, mats, Role::Gate, Role::GateBias, &h)?;
+        let mut m = if kind.sparse {
+            self.moe(small, mats, &h)?
+        } else {
+            let bias = [Role::GateBias, Role::UpBias, Role::DownBias];
+            self.gated(
+                small,
+                mats,
+                [Role::Gate, Role::Up, Role::Down],
+                Some(bias),
+                &h,
+            )?
+        };
+        if let Some(n) = small.get(Role::PostMlpNorm) {
+            m = self.norm(&m, n)?;
+        }
+        Ok((x + m)?)
+    }
+
+    /// The gated MLP `down(act(gate(x)) · up(x))` over the matrices `[gate, up, down]`, with
+    /// their biases where the layer has them.
+    fn gated(
+        &self,
+        small: &Small,
+        mats: &mut dyn Matrices,
+        w: [Role; 3],
+        b: Option<[Role; 3]>,
+        x: &Tensor,
+    ) -> Result<Tensor> {
+        let lin = |mats: &mut dyn Matrices, i: usize, x: &Tensor| match b {
+            Some(b) => Self::linear(small, mats, w[i], b[i], x),
+            None => mats.matmul(w[i], x),
+        };
+        let g = lin(mats, 0, x)?;
         let g = match self.act {
             Activation::Silu => g.silu()?,
             Activation::GeluTanh => g.gelu()?,
             Activation::GeluTanhF16 => gelu_f16_table(&g)?,
         };
-        let u = Self::linear(small, mats, Role::Up, Role::UpBias, &h)?;
-        let mut m = Self::linear(small, mats, Role::Down, Role::DownBias, &(g * u)?)?;
-        if let Some(n) = small.get(Role::PostMlpNorm) {
-            m = self.norm(&m, n)?;
+        let u = lin(mats, 1, x)?;
+        lin(mats, 2, &(g * u)?)
+    }
+
+    /// A mixture of experts: the router's softmax picks `top_k` experts per row; each picked
+    /// expert runs on its rows only, and the rows sum their experts' outputs weighted by the
+    /// router (in expert order, as transformers does, whatever order the experts arrive in).
+    /// Qwen2-MoE adds a shared expert scaled by a sigmoid gate.
+    fn moe(&self, small: &Small, mats: &mut dyn Matrices, h: &Tensor) -> Result<Tensor> {
+        let dev = h.device();
+        let probs = candle_nn::ops::softmax_last_dim(&mats.matmul(Role::Router, h)?)?
+            .to_device(&Device::Cpu)?
+            .to_vec2::<f32>()?;
+        let routes = route(&probs, self.top_k, self.norm_topk);
+        let experts: Vec<usize> = routes.keys().copied().collect();
+        let expert_roles = [Role::ExpertGate, Role::ExpertUp, Role::ExpertDown];
+        let mut outs: Vec<(usize, Tensor, Tensor)> = Vec::with_capacity(experts.len());
+        mats.experts(&experts, &mut |e, em| {
+            let (rows, weights) = &routes[&e];
+            let idx = Tensor::new(rows.as_slice(), dev)?;
+            let y = self.gated(small, em, expert_roles, None, &h.index_select(&idx, 0)?)?;
+            let w = Tensor::from_slice(weights, (weights.len(), 1), dev)?;
+            outs.push((e, idx, y.broadcast_mul(&w)?));
+            Ok(())
+        })?;
+        if outs.len() != experts.len() {
+            return Err(Error::Reader(format!(
+                "internal error: {} of {} routed experts ran",
+                outs.len(),
+                experts.len()
+            )));
         }
-        Ok((x + m)?)
+        outs.sort_by_key(|(e, _, _)| *e);
+        let mut out = h.zeros_like()?;
+        for (_, idx, y) in &outs {
+            out = out.index_add(idx, y, 0)?;
+        }
+        if let Some(sg) = small.get(Role::SharedExpertGate) {
+            let shared = [Role::SharedGate, Role::SharedUp, Role::SharedDown];
+            let s = self.gated(small, mats, shared, None, h)?;
+            let g = h
+                .matmul(&sg.reshape((h.dim(1)?, 1))?)?
+                .apply(&candle_nn::Activation::Sigmoid)?;
+            out = (out + s.broadcast_mul(&g)?)?;
+        }
+        Ok(out)
     }
 
     /// RoPE on `[1, rows, heads, hd]`, returning `[rows, heads, hd]`.
@@ -314,6 +440,30 @@ impl Block {
             .transpose(0, 1)?
             .reshape((n, nh * hd))?)
     }
+}
+
+/// Each expert's rows and router weights, from the router's probabilities `[rows][experts]`:
+/// the `top_k` largest per row (the lower index first among equals), renormalized to sum to 1
+/// when `norm`.
+pub fn route(
+    probs: &[Vec<f32>],
+    top_k: usize,
+    norm: bool,
+) -> std::collections::BTreeMap<usize, (Vec<u32>, Vec<f32>)> {
+    let mut routes: std::collections::BTreeMap<usize, (Vec<u32>, Vec<f32>)> = Default::default();
+    for (r, p) in probs.iter().enumerate() {
+        let mut order: Vec<usize> = (0..p.len()).collect();
+        order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+        order.truncate(top_k);
+        let sum: f32 = order.iter().map(|&e| p[e]).sum();
+        for e in order {
+            let w = if norm { p[e] / sum } else { p[e] };
+            let slot = routes.entry(e).or_default();
+            slot.0.push(r as u32);
+            slot.1.push(w);
+        }
+    }
+    routes
 }
 
 /// Default for the most bytes of attention scores (and their masked and softmaxed copies) one

@@ -3,6 +3,7 @@
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod experts;
 pub mod ledger;
 pub mod plan;
 pub mod pool;
@@ -10,6 +11,7 @@ pub mod reader;
 pub mod resident;
 pub mod stage;
 
+pub use experts::{ExpertCache, ExpertStats};
 pub use ledger::{Charge, Ledger};
 pub use plan::{DeviceInput, DevicePlan, Plan, PlanInput};
 pub use reader::Prefetcher;

@@ -37,7 +37,16 @@ pub struct PlanInput {
     pub fixed_bytes: u64,
     /// Memory the caller holds outside the engine (the tokenizer), counted against the budget.
     pub reserved_bytes: u64,
+    /// Mixture of experts: one expert as held in a cache slot, and on disk; experts over all
+    /// sparse layers; experts a token uses over all sparse layers (top-k per layer).
+    pub expert_bytes: u64,
+    pub expert_file_bytes: u64,
+    pub experts_total: usize,
+    pub experts_per_token: usize,
 }
+
+/// Expert-cache slots at the least: one expert computing while the next is read.
+pub const MIN_EXPERT_SLOTS: usize = 2;
 
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -61,6 +70,12 @@ pub struct Plan {
     /// The smallest budget that can run this model at this batch and context.
     pub minimum: u64,
     pub bytes_read_per_token: u64,
+    /// Slots of the expert cache (all the experts when the model fits), each `expert_bytes`.
+    pub expert_slots: usize,
+    pub expert_bytes: u64,
+    pub experts_total: usize,
+    /// Expert bytes read per token at batch 1 with a cold cache (every used expert read).
+    pub expert_read_per_token: u64,
     /// The device tier, when computing on a device with memory of its own.
     pub device: Option<DevicePlan>,
 }
@@ -200,13 +215,16 @@ const SLICE_TARGET: u64 = 32 << 20;
 impl Plan {
     pub fn new(inp: &PlanInput, budget: u64) -> Result<Plan> {
         let base = inp.kv_bytes + inp.work_bytes + inp.fixed_bytes + inp.reserved_bytes;
-        let all_resident = inp.num_layers as u64 * inp.layer_bytes + inp.head_bytes + base;
+        let all_experts = inp.experts_total as u64 * inp.expert_bytes;
+        let min_experts = MIN_EXPERT_SLOTS.min(inp.experts_total) as u64 * inp.expert_bytes;
+        let all_resident =
+            inp.num_layers as u64 * inp.layer_bytes + inp.head_bytes + base + all_experts;
         // Each buffer's read may bring a layer's norms and biases along; two more sets are held
         // by compute and by a lane between buffers.
         let buf = |slice: u64| read_capacity(slice as usize) as u64 + inp.small_bytes;
         let min_slice = inp.min_slice_bytes.max(1);
         let min_stream = 2 * buf(min_slice) + 2 * inp.small_bytes;
-        let minimum = (base + min_stream).min(all_resident);
+        let minimum = (base + min_stream + min_experts).min(all_resident);
         let mut plan = Plan {
             budget,
             resident_layers: inp.num_layers,
@@ -223,6 +241,10 @@ impl Plan {
             reserved_bytes: inp.reserved_bytes,
             minimum,
             bytes_read_per_token: 0,
+            expert_slots: inp.experts_total,
+            expert_bytes: inp.expert_bytes,
+            experts_total: inp.experts_total,
+            expert_read_per_token: 0,
             device: None,
         };
         if all_resident <= budget {
@@ -234,8 +256,16 @@ impl Plan {
                 minimum,
                 device: false,
                 detail: format!(
-                    "2 slice buffers {} + KV cache {} + working set {}{}",
+                    "2 slice buffers {}{} + KV cache {} + working set {}{}",
                     fmt_bytes(min_stream),
+                    if min_experts > 0 {
+                        format!(
+                            " + {MIN_EXPERT_SLOTS} expert slots {}",
+                            fmt_bytes(min_experts)
+                        )
+                    } else {
+                        String::new()
+                    },
                     fmt_bytes(inp.kv_bytes),
                     fmt_bytes(inp.work_bytes + inp.fixed_bytes),
                     if inp.reserved_bytes > 0 {
@@ -248,7 +278,9 @@ impl Plan {
         }
         // A quarter of what is spare goes to read buffers, up to STREAM_TARGET; slices are
         // about a quarter of that, so several are read ahead.
-        let spare = budget - base;
+        // The expert cache's two working slots come off the top; what is left after layers and
+        // head grows the cache.
+        let spare = budget - base - min_experts;
         let stream = (spare / 4).clamp(min_stream, min_stream.max(STREAM_TARGET));
         let mut slice = (stream / 4).clamp(min_slice, min_slice.max(SLICE_TARGET));
         if 2 * buf(slice) + 2 * inp.small_bytes > stream {
@@ -262,6 +294,22 @@ impl Plan {
         let resident = ((left / inp.layer_bytes.max(1)) as usize).min(inp.num_layers);
         left -= resident as u64 * inp.layer_bytes;
         let head_resident = left >= inp.head_bytes;
+        if head_resident {
+            left -= inp.head_bytes;
+        }
+        // Dense parts and the head first: each of their bytes is read every token, an
+        // expert's only when routing picks it.
+        let expert_slots = if inp.experts_total == 0 {
+            0
+        } else {
+            (MIN_EXPERT_SLOTS + (left / inp.expert_bytes.max(1)) as usize).min(inp.experts_total)
+        };
+        plan.expert_slots = expert_slots;
+        plan.expert_read_per_token = if expert_slots == inp.experts_total {
+            0
+        } else {
+            inp.experts_per_token as u64 * inp.expert_file_bytes
+        };
         plan.resident_layers = resident;
         plan.streamed_layers = inp.num_layers - resident;
         plan.head_resident = head_resident;
@@ -273,13 +321,15 @@ impl Plan {
                 0
             } else {
                 inp.head_file_bytes
-            };
+            }
+            + plan.expert_read_per_token;
         Ok(plan)
     }
 
     /// Bytes the plan holds at most.
     pub fn total_bytes(&self) -> u64 {
         self.resident_layers as u64 * self.layer_bytes
+            + self.expert_slots as u64 * self.expert_bytes
             + self.inflight_bytes
             + self.kv_bytes
             + self.work_bytes
@@ -292,9 +342,26 @@ impl Plan {
             }
     }
 
-    /// Whether anything is read from disk while generating.
+    /// Whether anything is read from disk while generating (besides experts, which the
+    /// expert cache reads).
     pub fn streams(&self) -> bool {
         self.streamed_layers > 0 || !self.head_resident
+    }
+
+    /// The expert cache's line of the plan, when the model has experts.
+    fn fmt_experts(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.experts_total == 0 {
+            return Ok(());
+        }
+        writeln!(
+            f,
+            "  experts: {} of {} cached ({} each, {}), up to {} read per token",
+            self.expert_slots,
+            self.experts_total,
+            fmt_bytes(self.expert_bytes),
+            fmt_bytes(self.expert_slots as u64 * self.expert_bytes),
+            fmt_bytes(self.expert_read_per_token)
+        )
     }
 }
 
@@ -316,6 +383,7 @@ impl fmt::Display for Plan {
             self.streamed_layers,
             fmt_bytes(self.layer_bytes)
         )?;
+        self.fmt_experts(f)?;
         writeln!(
             f,
             "  output head: {} ({})",
@@ -382,6 +450,7 @@ impl Plan {
             "read from disk"
         };
         writeln!(f, "  output head: {head} ({})", fmt_bytes(d.head_bytes))?;
+        self.fmt_experts(f)?;
         writeln!(
             f,
             "  device: KV cache {}, working set {}, {} staging slots of {}",
@@ -425,6 +494,10 @@ mod tests {
             work_bytes: 32 << 20,
             fixed_bytes: 0,
             reserved_bytes: 0,
+            expert_bytes: 0,
+            expert_file_bytes: 0,
+            experts_total: 0,
+            experts_per_token: 0,
         }
     }
 

@@ -14,6 +14,7 @@ use candle_core::{Device, Tensor};
 use crate::error::{Error, Result};
 use crate::model::block::{Matrices, Small};
 use crate::model::matmul::{matmul_into, with_rows, ROW_TILE};
+use crate::stream::experts::{no_experts, ExpertAccess};
 use crate::stream::pool::Pool;
 use crate::stream::stage::{cat_columns, Stager};
 use crate::weights::mat::Mat;
@@ -82,7 +83,8 @@ pub fn slice_rows(slice_bytes: u64, row_bytes: u64, rows: usize) -> usize {
 
 /// What the reader reads each step.
 pub struct ReadSpec {
-    pub schema: LayerSchema,
+    /// Every layer's schema, by layer index.
+    pub schemas: Vec<LayerSchema>,
     pub layers: Vec<usize>,
     /// The head's tensor name and rows, when the head is streamed.
     pub head: Option<(String, usize)>,
@@ -120,7 +122,7 @@ impl ReadSpec {
         let mut layers = Vec::new();
         for &l in &self.layers {
             layers.push(Item::Small(l));
-            for t in self.schema.matrices() {
+            for t in self.schemas[l].matrices() {
                 layers.extend(Self::rows_items(
                     src,
                     Target::Layer(l, t.role),
@@ -173,7 +175,7 @@ fn read_loop<'a>(
                 // an error for that piece instead.
                 let read = std::panic::AssertUnwindSafe(|| match (item, buf) {
                     (Item::Small(l), _) => {
-                        Small::load(&spec.schema, src, *l, spec.norm_offset, &spec.device)
+                        Small::load(&spec.schemas[*l], src, *l, spec.norm_offset, &spec.device)
                             .map(|s| Piece::Small(*l, s))
                     }
                     (
@@ -418,6 +420,8 @@ pub struct StreamedMats<'a> {
     pub stager: Option<&'a mut Stager>,
     pub schema: &'a LayerSchema,
     pub layer: usize,
+    /// A sparse layer's experts.
+    pub experts: Option<ExpertAccess<'a>>,
     pub read: Duration,
     pub wait: Duration,
 }
@@ -437,5 +441,14 @@ impl Matrices for StreamedMats<'_> {
         self.read += read;
         self.wait += wait;
         Ok(y)
+    }
+
+    fn experts(
+        &mut self,
+        experts: &[usize],
+        f: &mut dyn FnMut(usize, &mut dyn Matrices) -> Result<()>,
+    ) -> Result<()> {
+        let access = self.experts.as_mut().ok_or_else(no_experts)?;
+        access.run(experts, self.stager.as_deref_mut(), f)
     }
 }

@@ -5,6 +5,7 @@ use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::block::{Matrices, Small};
+use crate::stream::experts::{no_experts, ExpertAccess};
 use crate::stream::stage::{DevMat, Stager};
 use crate::weights::mat::AlignedBuf;
 use crate::weights::schema::{LayerSchema, Role};
@@ -60,26 +61,54 @@ impl HeldLayer {
             .ok_or_else(|| Error::Invalid(format!("internal error: the layer has no {role:?}")))
     }
 
-    /// The layer's small tensors and its matrices, for the block.
-    pub fn parts(&self) -> (&Small, HeldMats<'_>) {
-        (&self.small, HeldMats(self))
+    /// The layer's matrices, multiplied where they are held; a sparse layer's experts come
+    /// from `experts`, staged through `stager` when there is a device.
+    pub fn held<'a>(
+        &'a self,
+        experts: Option<ExpertAccess<'a>>,
+        stager: Option<&'a mut Stager>,
+    ) -> HeldMats<'a> {
+        HeldMats {
+            layer: self,
+            experts,
+            stager,
+        }
     }
 
     /// Its matrices staged to the device through `stager` (the host tier of a device run).
-    pub fn staged<'a>(&'a self, stager: &'a mut Stager) -> StagedMats<'a> {
+    pub fn staged<'a>(
+        &'a self,
+        stager: &'a mut Stager,
+        experts: Option<ExpertAccess<'a>>,
+    ) -> StagedMats<'a> {
         StagedMats {
             layer: self,
             stager,
+            experts,
         }
     }
 }
 
 /// The matrices of a held layer, multiplied where they are held.
-pub struct HeldMats<'a>(&'a HeldLayer);
+pub struct HeldMats<'a> {
+    layer: &'a HeldLayer,
+    experts: Option<ExpertAccess<'a>>,
+    /// Only for the experts, which stay in host memory.
+    stager: Option<&'a mut Stager>,
+}
 
 impl Matrices for HeldMats<'_> {
     fn matmul(&mut self, role: Role, x: &Tensor) -> Result<Tensor> {
-        self.0.mat(role)?.matmul(x)
+        self.layer.mat(role)?.matmul(x)
+    }
+
+    fn experts(
+        &mut self,
+        experts: &[usize],
+        f: &mut dyn FnMut(usize, &mut dyn Matrices) -> Result<()>,
+    ) -> Result<()> {
+        let access = self.experts.as_mut().ok_or_else(no_experts)?;
+        access.run(experts, self.stager.as_deref_mut(), f)
     }
 }
 
@@ -87,6 +116,7 @@ impl Matrices for HeldMats<'_> {
 pub struct StagedMats<'a> {
     layer: &'a HeldLayer,
     stager: &'a mut Stager,
+    experts: Option<ExpertAccess<'a>>,
 }
 
 impl Matrices for StagedMats<'_> {
@@ -95,5 +125,14 @@ impl Matrices for StagedMats<'_> {
             DevMat::Host(m) => self.stager.matmul_held(m.view(), x),
             other => other.matmul(x),
         }
+    }
+
+    fn experts(
+        &mut self,
+        experts: &[usize],
+        f: &mut dyn FnMut(usize, &mut dyn Matrices) -> Result<()>,
+    ) -> Result<()> {
+        let access = self.experts.as_mut().ok_or_else(no_experts)?;
+        access.run(experts, Some(self.stager), f)
     }
 }

@@ -48,7 +48,7 @@ impl TensorMeta {
     /// Bytes a read buffer needs per row of this matrix: its file bytes land there first, and
     /// its held form (which may be larger, as for `dequantize`) replaces them.
     pub fn buffer_row_bytes(&self) -> u64 {
-        let rows = self.shape.first().copied().unwrap_or(1).max(1) as u64;
+        let rows = flat_rows(&self.shape).1.max(1) as u64;
         self.file_bytes.max(self.compute_bytes).div_ceil(rows)
     }
 }
@@ -266,6 +266,15 @@ impl WeightSource for SafetensorsSource {
     }
 }
 
+/// Columns, and rows laid end to end, of a tensor of two or more dimensions.
+fn flat_rows(shape: &[usize]) -> (usize, usize) {
+    let cols = *shape.last().unwrap_or(&1);
+    (
+        cols,
+        shape[..shape.len().saturating_sub(1)].iter().product(),
+    )
+}
+
 fn check_row(id: u32, rows: usize) -> Result<()> {
     if id as usize >= rows {
         return Err(Error::Invalid(format!(
@@ -348,8 +357,10 @@ impl WeightSource for GgufSource {
         self.file.tensors.get(name).map(|t| TensorMeta {
             shape: t.shape.clone(),
             file_bytes: t.nbytes,
-            compute_bytes: if t.shape.len() == 2 {
-                (self.held(t).row_bytes(t.shape[1]) * t.shape[0]) as u64
+            // Matrices and stacks of them (a layer's experts) are held in the file's form.
+            compute_bytes: if t.shape.len() >= 2 {
+                let (cols, rows) = flat_rows(&t.shape);
+                (self.held(t).row_bytes(cols) * rows) as u64
             } else {
                 t.numel() as u64 * 4
             },
@@ -382,13 +393,15 @@ impl WeightSource for GgufSource {
     fn read_rows(&self, name: &str, start: usize, len: usize, mut buf: AlignedBuf) -> Result<Mat> {
         let t = self.get(name)?;
         let path = &self.file.path;
-        let [rows, cols] = t.shape[..] else {
+        // A stack of matrices (a layer's experts) is read as its rows laid end to end.
+        if t.shape.len() < 2 {
             return Err(Error::tensor(
                 path,
                 name,
-                format!("expected a 2-D tensor, got shape {:?}", t.shape),
+                format!("expected a matrix, got shape {:?}", t.shape),
             ));
-        };
+        }
+        let (cols, rows) = flat_rows(&t.shape);
         check_range(path, name, start, len, rows)?;
         let rb = t.row_bytes();
         let f = &self.file;

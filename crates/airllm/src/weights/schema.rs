@@ -3,7 +3,7 @@
 //! formats. The engine, the streamer, the size accounting, the validator and the converter all
 //! read this table, so adding a tensor to an architecture is one edit here.
 
-use crate::config::{Arch, BlockSpec, ModelConfig};
+use crate::config::{BlockSpec, ModelConfig, MoeStyle};
 
 /// What a layer tensor does in the block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -31,6 +31,18 @@ pub enum Role {
     GateBias,
     UpBias,
     DownBias,
+    /// The MoE router: `[experts, hidden]`.
+    Router,
+    /// One expert's gate, up and down projections (one tensor per expert in transformers, one
+    /// `[experts, rows, cols]` tensor per layer in GGUF).
+    ExpertGate,
+    ExpertUp,
+    ExpertDown,
+    /// Qwen2-MoE's shared expert and its sigmoid gate `[1, hidden]`.
+    SharedGate,
+    SharedUp,
+    SharedDown,
+    SharedExpertGate,
 }
 
 /// The part of the block a tensor belongs to (attention, MLP; later router and experts), so
@@ -39,6 +51,10 @@ pub enum Role {
 pub enum Group {
     Attention,
     Mlp,
+    /// The router and the shared expert: read with the attention, before routing.
+    Router,
+    /// The routed experts: read only when routing picks them.
+    Experts,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +65,8 @@ pub enum Kind {
     Norm,
     /// A projection bias (f32 in memory).
     Bias,
+    /// One expert's `[out, in]` projection, held in the expert cache when routing picks it.
+    Expert,
 }
 
 /// How a tensor's stored values differ between the Hugging Face and GGUF forms.
@@ -80,6 +98,29 @@ struct Dims {
     kv: usize,
     hd: usize,
     im: usize,
+    /// Experts, an expert's width, the shared expert's width.
+    ne: usize,
+    ex: usize,
+    sh: usize,
+}
+
+/// What a layer's MLP is: the options an entry's `when` tests besides the block's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerMlp {
+    Dense,
+    Sparse { style: MoeStyle, shared: bool },
+}
+
+impl LayerMlp {
+    fn sparse(self) -> bool {
+        self != LayerMlp::Dense
+    }
+    fn style(self, s: MoeStyle) -> bool {
+        matches!(self, LayerMlp::Sparse { style, .. } if style == s)
+    }
+    fn shared(self) -> bool {
+        matches!(self, LayerMlp::Sparse { shared: true, .. })
+    }
 }
 
 /// One row of the table.
@@ -90,8 +131,8 @@ struct Entry {
     hf: &'static str,
     gguf: &'static str,
     shape: fn(&Dims) -> Vec<usize>,
-    /// Whether a block with these options has the tensor.
-    when: fn(&BlockSpec) -> bool,
+    /// Whether a layer with these options has the tensor.
+    when: fn(&BlockSpec, LayerMlp) -> bool,
 }
 
 const fn e(
@@ -101,7 +142,7 @@ const fn e(
     hf: &'static str,
     gguf: &'static str,
     shape: fn(&Dims) -> Vec<usize>,
-    when: fn(&BlockSpec) -> bool,
+    when: fn(&BlockSpec, LayerMlp) -> bool,
 ) -> Entry {
     Entry {
         role,
@@ -114,36 +155,50 @@ const fn e(
     }
 }
 
-use Group::{Attention as A, Mlp as M};
-use Kind::{Bias, Matrix, Norm};
+use Group::{Attention as A, Experts as X, Mlp as M, Router as R};
+use Kind::{Bias, Expert, Matrix, Norm};
+use MoeStyle::{Mixtral as MX, Qwen as QW};
 
 /// Every layer tensor, in the order the block uses them (which is also the order the
 /// converter lays them out and the streamer reads them).
 #[rustfmt::skip]
 const TABLE: &[Entry] = &[
-    e(Role::AttnNorm, A, Norm, "input_layernorm.weight", "attn_norm.weight", |d| vec![d.h], |_| true),
-    e(Role::Q, A, Matrix, "self_attn.q_proj.weight", "attn_q.weight", |d| vec![d.q, d.h], |_| true),
-    e(Role::QBias, A, Bias, "self_attn.q_proj.bias", "attn_q.bias", |d| vec![d.q], |b| b.qkv_bias),
-    e(Role::K, A, Matrix, "self_attn.k_proj.weight", "attn_k.weight", |d| vec![d.kv, d.h], |_| true),
-    e(Role::KBias, A, Bias, "self_attn.k_proj.bias", "attn_k.bias", |d| vec![d.kv], |b| b.qkv_bias),
-    e(Role::V, A, Matrix, "self_attn.v_proj.weight", "attn_v.weight", |d| vec![d.kv, d.h], |_| true),
-    e(Role::VBias, A, Bias, "self_attn.v_proj.bias", "attn_v.bias", |d| vec![d.kv], |b| b.qkv_bias),
-    e(Role::QNorm, A, Norm, "self_attn.q_norm.weight", "attn_q_norm.weight", |d| vec![d.hd], |b| b.qk_norm),
-    e(Role::KNorm, A, Norm, "self_attn.k_norm.weight", "attn_k_norm.weight", |d| vec![d.hd], |b| b.qk_norm),
-    e(Role::O, A, Matrix, "self_attn.o_proj.weight", "attn_output.weight", |d| vec![d.h, d.q], |_| true),
-    e(Role::OBias, A, Bias, "self_attn.o_proj.bias", "attn_output.bias", |d| vec![d.h], |b| b.o_bias),
+    e(Role::AttnNorm, A, Norm, "input_layernorm.weight", "attn_norm.weight", |d| vec![d.h], |_, _| true),
+    e(Role::Q, A, Matrix, "self_attn.q_proj.weight", "attn_q.weight", |d| vec![d.q, d.h], |_, _| true),
+    e(Role::QBias, A, Bias, "self_attn.q_proj.bias", "attn_q.bias", |d| vec![d.q], |b, _| b.qkv_bias),
+    e(Role::K, A, Matrix, "self_attn.k_proj.weight", "attn_k.weight", |d| vec![d.kv, d.h], |_, _| true),
+    e(Role::KBias, A, Bias, "self_attn.k_proj.bias", "attn_k.bias", |d| vec![d.kv], |b, _| b.qkv_bias),
+    e(Role::V, A, Matrix, "self_attn.v_proj.weight", "attn_v.weight", |d| vec![d.kv, d.h], |_, _| true),
+    e(Role::VBias, A, Bias, "self_attn.v_proj.bias", "attn_v.bias", |d| vec![d.kv], |b, _| b.qkv_bias),
+    e(Role::QNorm, A, Norm, "self_attn.q_norm.weight", "attn_q_norm.weight", |d| vec![d.hd], |b, _| b.qk_norm),
+    e(Role::KNorm, A, Norm, "self_attn.k_norm.weight", "attn_k_norm.weight", |d| vec![d.hd], |b, _| b.qk_norm),
+    e(Role::O, A, Matrix, "self_attn.o_proj.weight", "attn_output.weight", |d| vec![d.h, d.q], |_, _| true),
+    e(Role::OBias, A, Bias, "self_attn.o_proj.bias", "attn_output.bias", |d| vec![d.h], |b, _| b.o_bias),
     // In transformers' names Gemma 3's attention-output norm takes the name Llama uses for its
     // pre-MLP norm.
-    e(Role::PostAttnNorm, A, Norm, "post_attention_layernorm.weight", "post_attention_norm.weight", |d| vec![d.h], |b| b.sandwich_norms),
-    e(Role::MlpNorm, M, Norm, "pre_feedforward_layernorm.weight", "ffn_norm.weight", |d| vec![d.h], |b| b.sandwich_norms),
-    e(Role::MlpNorm, M, Norm, "post_attention_layernorm.weight", "ffn_norm.weight", |d| vec![d.h], |b| !b.sandwich_norms),
-    e(Role::Gate, M, Matrix, "mlp.gate_proj.weight", "ffn_gate.weight", |d| vec![d.im, d.h], |_| true),
-    e(Role::GateBias, M, Bias, "mlp.gate_proj.bias", "ffn_gate.bias", |d| vec![d.im], |b| b.mlp_bias),
-    e(Role::Up, M, Matrix, "mlp.up_proj.weight", "ffn_up.weight", |d| vec![d.im, d.h], |_| true),
-    e(Role::UpBias, M, Bias, "mlp.up_proj.bias", "ffn_up.bias", |d| vec![d.im], |b| b.mlp_bias),
-    e(Role::Down, M, Matrix, "mlp.down_proj.weight", "ffn_down.weight", |d| vec![d.h, d.im], |_| true),
-    e(Role::DownBias, M, Bias, "mlp.down_proj.bias", "ffn_down.bias", |d| vec![d.h], |b| b.mlp_bias),
-    e(Role::PostMlpNorm, M, Norm, "post_feedforward_layernorm.weight", "post_ffw_norm.weight", |d| vec![d.h], |b| b.sandwich_norms),
+    e(Role::PostAttnNorm, A, Norm, "post_attention_layernorm.weight", "post_attention_norm.weight", |d| vec![d.h], |b, _| b.sandwich_norms),
+    e(Role::MlpNorm, M, Norm, "pre_feedforward_layernorm.weight", "ffn_norm.weight", |d| vec![d.h], |b, _| b.sandwich_norms),
+    e(Role::MlpNorm, M, Norm, "post_attention_layernorm.weight", "ffn_norm.weight", |d| vec![d.h], |b, _| !b.sandwich_norms),
+    e(Role::Gate, M, Matrix, "mlp.gate_proj.weight", "ffn_gate.weight", |d| vec![d.im, d.h], |_, m| !m.sparse()),
+    e(Role::GateBias, M, Bias, "mlp.gate_proj.bias", "ffn_gate.bias", |d| vec![d.im], |b, m| b.mlp_bias && !m.sparse()),
+    e(Role::Up, M, Matrix, "mlp.up_proj.weight", "ffn_up.weight", |d| vec![d.im, d.h], |_, m| !m.sparse()),
+    e(Role::UpBias, M, Bias, "mlp.up_proj.bias", "ffn_up.bias", |d| vec![d.im], |b, m| b.mlp_bias && !m.sparse()),
+    e(Role::Down, M, Matrix, "mlp.down_proj.weight", "ffn_down.weight", |d| vec![d.h, d.im], |_, m| !m.sparse()),
+    e(Role::DownBias, M, Bias, "mlp.down_proj.bias", "ffn_down.bias", |d| vec![d.h], |b, m| b.mlp_bias && !m.sparse()),
+    e(Role::Router, R, Matrix, "block_sparse_moe.gate.weight", "ffn_gate_inp.weight", |d| vec![d.ne, d.h], |_, m| m.style(MX)),
+    e(Role::Router, R, Matrix, "mlp.gate.weight", "ffn_gate_inp.weight", |d| vec![d.ne, d.h], |_, m| m.style(QW)),
+    e(Role::SharedGate, R, Matrix, "mlp.shared_expert.gate_proj.weight", "ffn_gate_shexp.weight", |d| vec![d.sh, d.h], |_, m| m.shared()),
+    e(Role::SharedUp, R, Matrix, "mlp.shared_expert.up_proj.weight", "ffn_up_shexp.weight", |d| vec![d.sh, d.h], |_, m| m.shared()),
+    e(Role::SharedDown, R, Matrix, "mlp.shared_expert.down_proj.weight", "ffn_down_shexp.weight", |d| vec![d.h, d.sh], |_, m| m.shared()),
+    e(Role::SharedExpertGate, R, Bias, "mlp.shared_expert_gate.weight", "ffn_gate_inp_shexp.weight", |d| vec![1, d.h], |_, m| m.shared()),
+    // Experts: `{e}` is the expert's index in transformers' names; GGUF stacks them.
+    e(Role::ExpertGate, X, Expert, "block_sparse_moe.experts.{e}.w1.weight", "ffn_gate_exps.weight", |d| vec![d.ex, d.h], |_, m| m.style(MX)),
+    e(Role::ExpertUp, X, Expert, "block_sparse_moe.experts.{e}.w3.weight", "ffn_up_exps.weight", |d| vec![d.ex, d.h], |_, m| m.style(MX)),
+    e(Role::ExpertDown, X, Expert, "block_sparse_moe.experts.{e}.w2.weight", "ffn_down_exps.weight", |d| vec![d.h, d.ex], |_, m| m.style(MX)),
+    e(Role::ExpertGate, X, Expert, "mlp.experts.{e}.gate_proj.weight", "ffn_gate_exps.weight", |d| vec![d.ex, d.h], |_, m| m.style(QW)),
+    e(Role::ExpertUp, X, Expert, "mlp.experts.{e}.up_proj.weight", "ffn_up_exps.weight", |d| vec![d.ex, d.h], |_, m| m.style(QW)),
+    e(Role::ExpertDown, X, Expert, "mlp.experts.{e}.down_proj.weight", "ffn_down_exps.weight", |d| vec![d.h, d.ex], |_, m| m.style(QW)),
+    e(Role::PostMlpNorm, M, Norm, "post_feedforward_layernorm.weight", "post_ffw_norm.weight", |d| vec![d.h], |b, _| b.sandwich_norms),
 ];
 
 /// One tensor of a layer, as a given model has it.
@@ -156,19 +211,47 @@ pub struct TensorSpec {
     hf: &'static str,
     gguf: &'static str,
     pub transform: Transform,
+    /// Experts in the layer (for an expert's tensor; 0 otherwise).
+    pub experts: usize,
 }
 
 impl TensorSpec {
-    /// The tensor's name in layer `layer` under `naming`.
+    /// The tensor's name in layer `layer` under `naming`. For an expert's tensor this is
+    /// expert 0's in transformers' naming, and the stacked tensor's in GGUF's.
     pub fn name(&self, naming: Naming, layer: usize) -> String {
+        self.expert_name(naming, layer, 0).0
+    }
+    /// Where expert `expert`'s matrix is: the tensor's name and its first row there (GGUF
+    /// stacks a layer's experts in one tensor of `experts × rows` rows).
+    pub fn expert_name(&self, naming: Naming, layer: usize, expert: usize) -> (String, usize) {
         match naming {
-            Naming::Hf => format!("model.layers.{layer}.{}", self.hf),
-            Naming::Gguf => format!("blk.{layer}.{}", self.gguf),
+            Naming::Hf => (
+                format!(
+                    "model.layers.{layer}.{}",
+                    self.hf.replace("{e}", &expert.to_string())
+                ),
+                0,
+            ),
+            Naming::Gguf => (format!("blk.{layer}.{}", self.gguf), expert * self.shape[0]),
+        }
+    }
+    /// The stored shape under `naming`: GGUF stacks experts, and keeps 1-row vectors 1-D.
+    pub fn stored_shape(&self, naming: Naming) -> Vec<usize> {
+        match (naming, self.kind) {
+            (Naming::Gguf, Kind::Expert) => {
+                let mut s = vec![self.experts];
+                s.extend(&self.shape);
+                s
+            }
+            (Naming::Gguf, Kind::Bias | Kind::Norm) => {
+                self.shape.iter().copied().filter(|&d| d != 1).collect()
+            }
+            _ => self.shape.clone(),
         }
     }
     /// Whether the tensor is a norm or bias (small, f32 in memory).
     pub fn is_small(&self) -> bool {
-        self.kind != Kind::Matrix
+        matches!(self.kind, Kind::Norm | Kind::Bias)
     }
 }
 
@@ -186,18 +269,30 @@ pub struct LayerSchema {
 }
 
 impl LayerSchema {
-    pub fn new(cfg: &ModelConfig) -> Self {
+    /// Layer `layer`'s tensors (MoE models mix sparse and dense layers).
+    pub fn new(cfg: &ModelConfig, layer: usize) -> Self {
+        let moe = cfg.moe.as_ref();
         let d = Dims {
             h: cfg.hidden_size,
             q: cfg.num_heads * cfg.head_dim,
             kv: cfg.num_kv_heads * cfg.head_dim,
             hd: cfg.head_dim,
             im: cfg.intermediate_size,
+            ne: moe.map_or(0, |m| m.experts),
+            ex: moe.map_or(0, |m| m.expert_size),
+            sh: moe.and_then(|m| m.shared_size).unwrap_or(0),
         };
-        let permute = matches!(cfg.arch, Arch::Llama | Arch::Mistral);
+        let mlp = match cfg.sparse_layer(layer) {
+            Some(m) => LayerMlp::Sparse {
+                style: m.style,
+                shared: m.shared_size.is_some(),
+            },
+            None => LayerMlp::Dense,
+        };
+        let permute = cfg.arch.permutes_qk();
         let tensors = TABLE
             .iter()
-            .filter(|t| (t.when)(&cfg.block))
+            .filter(|t| (t.when)(&cfg.block, mlp))
             .map(|t| TensorSpec {
                 role: t.role,
                 group: t.group,
@@ -216,18 +311,34 @@ impl LayerSchema {
                     }
                     _ => Transform::None,
                 },
+                experts: if t.kind == Kind::Expert { d.ne } else { 0 },
             })
             .collect();
         LayerSchema { tensors }
+    }
+
+    /// Every layer's schema.
+    pub fn all(cfg: &ModelConfig) -> Vec<LayerSchema> {
+        (0..cfg.num_layers).map(|l| Self::new(cfg, l)).collect()
     }
 
     pub fn get(&self, role: Role) -> Option<&TensorSpec> {
         self.tensors.iter().find(|t| t.role == role)
     }
 
-    /// The matrices, in execution order.
+    /// The matrices read with the layer (all but the experts), in execution order.
     pub fn matrices(&self) -> impl Iterator<Item = &TensorSpec> {
         self.tensors.iter().filter(|t| t.kind == Kind::Matrix)
+    }
+
+    /// One expert's matrices (gate, up, down), empty for a dense layer.
+    pub fn experts(&self) -> impl Iterator<Item = &TensorSpec> {
+        self.tensors.iter().filter(|t| t.kind == Kind::Expert)
+    }
+
+    /// Whether routing picks experts in this layer.
+    pub fn is_sparse(&self) -> bool {
+        self.get(Role::Router).is_some()
     }
 
     /// The norms and biases, in execution order.
@@ -268,7 +379,18 @@ mod tests {
 
     #[test]
     fn roles_are_unique_per_model() {
-        for sandwich in [false, true] {
+        let mlps = [
+            LayerMlp::Dense,
+            LayerMlp::Sparse {
+                style: MX,
+                shared: false,
+            },
+            LayerMlp::Sparse {
+                style: QW,
+                shared: true,
+            },
+        ];
+        for (sandwich, mlp) in [false, true].into_iter().flat_map(|s| mlps.map(|m| (s, m))) {
             let mut b = BlockSpec::plain();
             b.sandwich_norms = sandwich;
             b.qkv_bias = true;
@@ -277,7 +399,7 @@ mod tests {
             b.qk_norm = true;
             let roles: Vec<Role> = TABLE
                 .iter()
-                .filter(|t| (t.when)(&b))
+                .filter(|t| (t.when)(&b, mlp))
                 .map(|t| t.role)
                 .collect();
             let mut dedup = roles.clone();

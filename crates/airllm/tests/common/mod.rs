@@ -18,6 +18,9 @@ pub const MODELS: &[&str] = &[
     "qwen3-qknorm-headdim",
     "gemma3-sliding-global",
     "gemma2-softcap-alternating",
+    "qwen2moe-shared-expert",
+    "qwen3moe-dense-layer",
+    "mixtral-moe",
 ];
 
 pub struct Reference {
