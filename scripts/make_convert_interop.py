@@ -2,9 +2,10 @@
 """Records what llama.cpp does with the GGUF files `airllm convert` writes, for the interop
 test (crates/airllm-cli/tests/convert.rs).
 
-For each tiny transformers fixture, the test converts it to Q8_0 with `airllm convert`; this
+For each tiny transformers fixture, the test converts it (to Q8_0, or F32 for MoE) with
+`airllm convert`; this
 script runs llama.cpp (through llama-cpp-python, pinned in scripts/requirements-llamacpp.txt) on
-the same conversion and writes tests/fixtures/gguf/convert/<fixture>-q8_0.json with:
+the same conversion and writes tests/fixtures/gguf/convert/<fixture>-<type>.json with:
   - the file's size and FNV-1a 64 hash, so the test knows llama.cpp saw the very bytes it made;
   - llama.cpp's tokenization of the prompts, and 24 greedy tokens per prompt with the margin
     between the top two logits at each step.
@@ -30,12 +31,18 @@ BIN = os.environ.get("AIRLLM_BIN") or os.path.join(
 
 # mistral-sliding-window is left out: llama.cpp runs the `llama` architecture without a sliding
 # window, so past the window it computes a different function from transformers (and us).
+# The MoE conversions are checked in F32: this machine's llama-cpp-python build stops on an
+# illegal instruction in Q8_0 MoE files. qwen3moe-sparse stands for Qwen3-MoE, whose dense
+# layers llama.cpp's qwen3moe cannot hold.
 FIXTURES = [
-    "llama-gqa2-llama3rope",
-    "llama-mqa-tied-linear-bf16",
-    "qwen2-bias-mha-sharded",
-    "qwen3-qknorm-headdim",
-    "gemma3-sliding-global",
+    ("llama-gqa2-llama3rope", "q8_0"),
+    ("llama-mqa-tied-linear-bf16", "q8_0"),
+    ("qwen2-bias-mha-sharded", "q8_0"),
+    ("qwen3-qknorm-headdim", "q8_0"),
+    ("gemma3-sliding-global", "q8_0"),
+    ("mixtral-moe", "f32"),
+    ("qwen2moe-shared-expert", "f32"),
+    ("qwen3moe-sparse", "f32"),
 ]
 PROMPTS = ["Hello world, this is", "The quick brown fox jumps over"]
 STEPS = 24
@@ -52,10 +59,13 @@ def fnv1a64(path):
 
 def main():
     os.makedirs(OUT, exist_ok=True)
+    only = set(sys.argv[1:])
     with tempfile.TemporaryDirectory() as tmp:
-        for name in FIXTURES:
-            path = os.path.join(tmp, f"{name}-q8_0.gguf")
-            subprocess.run([BIN, "convert", "-m", os.path.join(HF, name), "-q", "q8_0", "-o", path],
+        for name, quant in FIXTURES:
+            if only and name not in only:
+                continue
+            path = os.path.join(tmp, f"{name}-{quant}.gguf")
+            subprocess.run([BIN, "convert", "-m", os.path.join(HF, name), "-q", quant, "-o", path],
                            check=True)
             llm = Llama(model_path=path, n_ctx=256, n_batch=256, n_threads=2, logits_all=True,
                         flash_attn=False, type_k=0, type_v=0, verbose=False)
@@ -76,7 +86,7 @@ def main():
                 ref["greedy"].append(out)
                 ref["margins"].append(margins)
             del llm
-            with open(os.path.join(OUT, f"{name}-q8_0.json"), "w") as f:
+            with open(os.path.join(OUT, f"{name}-{quant}.json"), "w") as f:
                 json.dump(ref, f)
             print(f"{name}: min greedy margin {min(min(m) for m in ref['margins']):.4f}",
                   file=sys.stderr)

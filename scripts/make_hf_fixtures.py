@@ -369,6 +369,24 @@ def main():
         add_bos=False,
         f64=True,
     )
+    make(
+        "qwen3moe-sparse",
+        "qwen3_moe",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            norm_topk_prob=True,
+            rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
+        ),
+        tie=True,
+        bos_post=True,
+        add_bos=True,
+        f64=True,
+    )
 
 
 if __name__ == "__main__":

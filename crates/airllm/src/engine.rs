@@ -734,13 +734,7 @@ impl Engine {
         for (i, schema) in schemas.iter().enumerate() {
             let on_device = i < device_layers;
             device_small.push(if i >= held_layers && !device.is_cpu() {
-                Some(Small::load(
-                    schema,
-                    src.as_ref(),
-                    i,
-                    norm_offset,
-                    &device,
-                )?)
+                Some(Small::load(schema, src.as_ref(), i, norm_offset, &device)?)
             } else {
                 None
             });

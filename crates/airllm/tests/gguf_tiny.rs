@@ -18,9 +18,13 @@ const MODELS: &[&str] = &[
     "qwen3",
     "gemma3",
     "gemma2",
+    "mixtral",
+    "qwen2moe",
+    "qwen3moe",
 ];
-/// The Q8_0 references. Gemma 2 has none yet: the llama-cpp-python 0.3.36 build of the fixture
-/// machine stopped with an illegal instruction on the Q8_0 Gemma 2 file (the F32 one ran).
+/// The Q8_0 references. Gemma 2 and the MoE models have none yet: the llama-cpp-python 0.3.36
+/// build of the fixture machine stopped with an illegal instruction on their Q8_0 files (the
+/// F32 ones ran).
 const Q8_MODELS: &[&str] = &["llama", "mistral-as-llama", "qwen2", "qwen3", "gemma3"];
 
 fn dir() -> PathBuf {

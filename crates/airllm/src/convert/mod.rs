@@ -202,6 +202,14 @@ pub fn to_gguf(
         plan.set(k.clone(), v.clone());
     }
     check_round_trip(&info.cfg, &plan)?;
+    if let Some(m) = info.cfg.moe.as_ref().filter(|m| m.sparse.contains(&false)) {
+        let dense: Vec<usize> = (0..m.sparse.len()).filter(|&l| !m.sparse[l]).collect();
+        tracing::warn!(
+            "{}: layers {dense:?} are dense among sparse ones; this engine reads the GGUF file, but llama.cpp expects every layer of a {} model to have experts",
+            src.display(),
+            gguf_arch(&info.cfg)
+        );
+    }
     write_gguf(&info, &plan, &items, progress)
 }
 

@@ -89,11 +89,19 @@ pub trait Matrices {
 /// experts than the config names is refused too.
 pub fn validate_layers(cfg: &ModelConfig, src: &dyn WeightSource) -> Result<()> {
     let naming = src.naming();
-    let check = |name: &str, want: &[usize], what: &str| -> Result<()> {
+    // Vectors may be stored with extra dimensions of 1 (llama.cpp's converter keeps
+    // Qwen2-MoE's `[1, hidden]` gate 2-D; ours writes it 1-D); they are read whole either way.
+    let squeeze = |s: &[usize]| -> Vec<usize> { s.iter().copied().filter(|&d| d != 1).collect() };
+    let check = |name: &str, want: &[usize], small: bool, what: &str| -> Result<()> {
         let meta = src
             .meta(name)
             .ok_or_else(|| Error::tensor(src.path(), name, "missing from the checkpoint"))?;
-        if meta.shape != want {
+        let same = if small {
+            squeeze(&meta.shape) == squeeze(want)
+        } else {
+            meta.shape == want
+        };
+        if !same {
             return Err(Error::tensor(
                 src.path(),
                 name,
@@ -110,16 +118,16 @@ pub fn validate_layers(cfg: &ModelConfig, src: &dyn WeightSource) -> Result<()> 
         for t in &schema.tensors {
             let want = t.stored_shape(naming);
             if t.kind != Kind::Expert {
-                check(&t.name(naming, layer), &want, "")?;
+                check(&t.name(naming, layer), &want, t.is_small(), "")?;
                 continue;
             }
             let counted = format!(" ({} experts)", t.experts);
             if naming == Naming::Gguf {
-                check(&t.name(naming, layer), &want, &counted)?;
+                check(&t.name(naming, layer), &want, false, &counted)?;
                 continue;
             }
             for e in 0..t.experts {
-                check(&t.expert_name(naming, layer, e).0, &want, "")?;
+                check(&t.expert_name(naming, layer, e).0, &want, false, "")?;
             }
             let extra = t.expert_name(naming, layer, t.experts).0;
             if src.meta(&extra).is_some() {

@@ -21,6 +21,7 @@ pub const MODELS: &[&str] = &[
     "qwen2moe-shared-expert",
     "qwen3moe-dense-layer",
     "mixtral-moe",
+    "qwen3moe-sparse",
 ];
 
 pub struct Reference {
