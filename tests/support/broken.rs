@@ -160,5 +160,69 @@ pub fn cases() -> Vec<(&'static str, tempfile::TempDir, PathBuf, Vec<String>)> {
         vec!["GPTBigFooForCausalLM".into(), "LlamaForCausalLM".into()],
     ));
 
+    // Mixtures of experts: the expert count disagrees with the tensors either way, an expert
+    // is missing, a router has the wrong shape, top-k exceeds the experts.
+    let (t, d) = copy_fixture("mixtral-moe");
+    edit_json(&d.join("config.json"), |c| {
+        c["num_local_experts"] = serde_json::json!(3)
+    });
+    out.push((
+        "fewer experts in the config than the checkpoint",
+        t,
+        d,
+        vec![
+            "block_sparse_moe.gate.weight".into(),
+            "[4, 64]".into(),
+            "(3 experts)".into(),
+        ],
+    ));
+
+    let (t, d) = copy_fixture("qwen3moe-dense-layer");
+    edit_json(&d.join("config.json"), |c| {
+        c["num_local_experts"] = serde_json::json!(9)
+    });
+    out.push((
+        "more experts in the config than the checkpoint",
+        t,
+        d,
+        vec!["mlp.gate.weight".into(), "(9 experts)".into()],
+    ));
+
+    let (t, d) = copy_fixture("mixtral-moe");
+    let missing = "model.layers.2.block_sparse_moe.experts.1.w3.weight";
+    edit_header(&d.join("model.safetensors"), |h| {
+        let v = h.as_object_mut().unwrap().remove(missing).unwrap();
+        h["unrelated.extra.weight"] = v;
+    });
+    out.push((
+        "missing expert",
+        t,
+        d,
+        vec![missing.into(), "missing".into()],
+    ));
+
+    let (t, d) = copy_fixture("qwen2moe-shared-expert");
+    let router = "model.layers.1.mlp.gate.weight";
+    edit_header(&d.join("model.safetensors"), |h| {
+        h[router]["shape"] = serde_json::json!([3, 128]);
+    });
+    out.push((
+        "router of the wrong shape",
+        t,
+        d,
+        vec![router.into(), "[3, 128]".into(), "[6, 64]".into()],
+    ));
+
+    let (t, d) = copy_fixture("qwen2moe-shared-expert");
+    edit_json(&d.join("config.json"), |c| {
+        c["num_experts_per_tok"] = serde_json::json!(7)
+    });
+    out.push((
+        "top-k beyond the experts",
+        t,
+        d,
+        vec!["config.json".into(), "num_experts_per_tok".into()],
+    ));
+
     out
 }

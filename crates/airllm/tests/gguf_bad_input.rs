@@ -216,3 +216,34 @@ fn broken_files_give_one_line_errors_naming_the_file() {
         assert!(!e.contains('\n'), "{what}: multi-line error");
     }
 }
+
+/// A copy of the llama.cpp-converted Mixtral fixture with `llama.expert_count` set to `n`.
+fn mixtral_with_expert_count(n: u32) -> Vec<u8> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/gguf/tiny/mixtral-f32.gguf");
+    let mut bytes = std::fs::read(path).unwrap();
+    let key = b"llama.expert_count";
+    let at = bytes
+        .windows(key.len())
+        .position(|w| w == key)
+        .expect("the fixture has llama.expert_count")
+        + key.len();
+    // The value's type (u32 = 4), then the value.
+    assert_eq!(bytes[at..at + 4], 4u32.to_le_bytes());
+    bytes[at + 4..at + 8].copy_from_slice(&n.to_le_bytes());
+    bytes
+}
+
+#[test]
+fn an_expert_count_that_disagrees_with_the_tensors_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    assert_eq!(
+        open(&mixtral_with_expert_count(4), tmp.path(), "four.gguf"),
+        "OK"
+    );
+    let e = open(&mixtral_with_expert_count(3), tmp.path(), "three.gguf");
+    assert!(e.contains("three.gguf"), "{e}");
+    assert!(e.contains("blk.0.ffn_gate_inp.weight"), "{e}");
+    assert!(e.contains("(3 experts)") && e.contains("[4, 64]"), "{e}");
+    assert!(!e.contains('\n'), "{e}");
+}

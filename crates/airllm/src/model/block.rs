@@ -117,11 +117,13 @@ pub fn validate_layers(cfg: &ModelConfig, src: &dyn WeightSource) -> Result<()> 
         let schema = LayerSchema::new(cfg, layer);
         for t in &schema.tensors {
             let want = t.stored_shape(naming);
+            let experts = cfg.moe.as_ref().map_or(0, |m| m.experts);
+            let counted = format!(" ({experts} experts)");
             if t.kind != Kind::Expert {
-                check(&t.name(naming, layer), &want, t.is_small(), "")?;
+                let what = if t.role == Role::Router { &counted } else { "" };
+                check(&t.name(naming, layer), &want, t.is_small(), what)?;
                 continue;
             }
-            let counted = format!(" ({} experts)", t.experts);
             if naming == Naming::Gguf {
                 check(&t.name(naming, layer), &want, false, &counted)?;
                 continue;
