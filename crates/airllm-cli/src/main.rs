@@ -111,7 +111,8 @@ struct BenchArgs {
 
 #[derive(Args)]
 struct SynthArgs {
-    /// A named shape: llama-7b, llama-13b, mistral-7b, qwen2-7b, llama-70b, tiny.
+    /// A named shape: llama-7b, llama-13b, mistral-7b, qwen2-7b, llama-70b, tiny; mixtures of
+    /// experts mixtral-8x7b, qwen3-30b-a3b, tiny-moe.
     #[arg(long, default_value = "tiny")]
     shape: String,
     /// Override the number of layers (e.g. a 70B shape with fewer layers).
@@ -127,6 +128,12 @@ struct SynthArgs {
     kv_heads: Option<usize>,
     #[arg(long)]
     vocab: Option<usize>,
+    /// Experts per MoE layer (MoE shapes only).
+    #[arg(long)]
+    experts: Option<usize>,
+    /// Experts each token is routed to (MoE shapes only).
+    #[arg(long)]
+    top_k: Option<usize>,
     /// bf16, f16 or f32.
     #[arg(long, default_value = "bf16")]
     dtype: String,
@@ -734,6 +741,19 @@ fn synth(a: SynthArgs) -> Result<()> {
     shape.heads = a.heads.unwrap_or(shape.heads);
     shape.kv_heads = a.kv_heads.unwrap_or(shape.kv_heads);
     shape.vocab = a.vocab.unwrap_or(shape.vocab);
+    match (&mut shape.moe, a.experts, a.top_k) {
+        (Some(m), e, k) => {
+            m.experts = e.unwrap_or(m.experts);
+            m.top_k = k.unwrap_or(m.top_k);
+            if shape.arch == airllm::config::Arch::Mixtral {
+                m.expert_size = shape.intermediate;
+            }
+        }
+        (None, None, None) => {}
+        (None, _, _) => bail!(
+            "--experts and --top-k apply to mixture-of-experts shapes (mixtral-8x7b, qwen3-30b-a3b, tiny-moe)"
+        ),
+    }
     let dtype = match a.dtype.to_ascii_lowercase().as_str() {
         "bf16" | "bfloat16" => DType::BF16,
         "f16" | "float16" => DType::F16,
@@ -895,6 +915,35 @@ fn bench(a: BenchArgs) -> Result<()> {
         "page_cache": if a.keep_page_cache { "kept" } else { "dropped after reads" },
     });
     let mut report = report;
+    let disk_bound = (read / a.gen as u64) as f64 / raw_bw.max(1.0);
+    let mut extra = serde_json::json!({
+        "disk_bound_s_per_token": disk_bound,
+        "decode_vs_disk_bound": per_step / disk_bound.max(1e-12),
+    });
+    if let Some(total) = Some(engine.plan().experts_total).filter(|&n| n > 0) {
+        let e = &d.experts;
+        let per = |n: u64| n as f64 / a.gen as f64;
+        extra.as_object_mut().map(|o| {
+            o.extend(
+                serde_json::json!({
+                    "experts_total": total,
+                    "expert_cache_slots": engine.plan().expert_slots,
+                    "expert_cache_bytes": engine.plan().expert_slots as u64 * engine.plan().expert_bytes,
+                    "expert_hit_rate": e.hit_rate(),
+                    "experts_used_per_token": per(e.hits + e.misses),
+                    "experts_read_per_token": per(e.misses),
+                    "expert_bytes_read_per_token": e.bytes_read / a.gen as u64,
+                    "cold_cache_bytes_read_per_token": engine.plan().bytes_read_per_token,
+                })
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
+            )
+        });
+    }
+    if let (Some(r), Some(e)) = (report.as_object_mut(), extra.as_object()) {
+        r.extend(e.clone());
+    }
     if let Some(dp) = &engine.plan().device {
         let moved = d.moved / d.steps.max(1) as u64;
         // The slower link bounds a token: host→GPU for what is not resident there, and
@@ -968,6 +1017,24 @@ fn bench(a: BenchArgs) -> Result<()> {
                     fmt_bytes(report["device_budget_bytes"].as_u64().unwrap_or(0))
                 );
             }
+        }
+        println!(
+            "| decode vs the disk's bound (bytes read / raw bandwidth) | {per_step:.3} / {disk_bound:.3} s = {:.2}× |",
+            per_step / disk_bound.max(1e-12)
+        );
+        if let Some(rate) = report["expert_hit_rate"].as_f64() {
+            println!(
+                "| experts per token: used, read, hit rate | {:.1}, {:.1}, {:.0}% ({} cache slots of {}) |",
+                report["experts_used_per_token"].as_f64().unwrap_or(0.0),
+                report["experts_read_per_token"].as_f64().unwrap_or(0.0),
+                100.0 * rate,
+                report["expert_cache_slots"],
+                report["experts_total"]
+            );
+            println!(
+                "| expert bytes read per token | {} |",
+                fmt_bytes(report["expert_bytes_read_per_token"].as_u64().unwrap_or(0))
+            );
         }
         println!(
             "| compute waiting for I/O | {:.0}% |",

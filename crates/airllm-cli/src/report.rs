@@ -65,6 +65,17 @@ fn print_phase(name: &str, p: &Profile) {
         ms(p.head_read, n),
         ms(p.head_compute, n)
     );
+    let e = &p.experts;
+    if let Some(rate) = e.hit_rate() {
+        let used = e.hits + e.misses;
+        eprintln!(
+            "  experts per step: {:.1} used, {:.1} read ({}), cache hit rate {:.0}%",
+            used as f64 / n as f64,
+            e.misses as f64 / n as f64,
+            fmt_bytes(e.bytes_read / n as u64),
+            100.0 * rate
+        );
+    }
     let wall = p.wall.as_secs_f64();
     let wait = p.total_wait().as_secs_f64();
     eprintln!(

@@ -23,7 +23,7 @@ use crate::stream::experts::ExpertAccess;
 use crate::stream::pool::Pool;
 use crate::stream::reader::{ReadSpec, StreamedMats, Target};
 use crate::stream::stage::{DevMat, Link, SimLink, Stager};
-use crate::stream::ExpertCache;
+use crate::stream::{ExpertCache, ExpertStats};
 use crate::stream::{
     Charge, DeviceInput, DevicePlan, HeldLayer, Ledger, Plan, PlanInput, Prefetcher,
 };
@@ -145,6 +145,8 @@ pub struct Profile {
     pub wall: Duration,
     /// Weight bytes copied host→device.
     pub moved: u64,
+    /// The expert cache's hits, misses and bytes read (MoE models).
+    pub experts: ExpertStats,
 }
 
 impl Profile {
@@ -880,6 +882,10 @@ impl Engine {
     pub fn options(&self) -> &EngineOptions {
         &self.opts
     }
+    /// The expert cache's counts so far (MoE models).
+    pub fn expert_stats(&self) -> Option<ExpertStats> {
+        self.experts.as_ref().map(|c| c.stats)
+    }
     /// Bytes read from the checkpoint so far.
     pub fn bytes_read(&self) -> u64 {
         self.src.io().bytes_read()
@@ -998,6 +1004,7 @@ impl Engine {
         });
 
         let moved0 = self.bytes_moved();
+        let experts0 = self.expert_stats().unwrap_or_default();
         let result = (|| -> Result<Vec<Tensor>> {
             let t = Instant::now();
             let mut x = self
@@ -1025,6 +1032,7 @@ impl Engine {
                     (Some(cache), true) => Some(ExpertAccess { cache, layer }),
                     _ => None,
                 };
+                let expert_wait = experts.as_ref().map_or(Duration::ZERO, |a| a.cache.wait);
                 let t = Instant::now();
                 if let Some(w) = &self.resident[layer] {
                     let stager = self.stager.as_mut();
@@ -1065,6 +1073,12 @@ impl Engine {
                     timing.wait += mats.wait;
                     timing.compute += t.elapsed().saturating_sub(mats.wait);
                 }
+                // Time spent waiting for experts being read is I/O wait, not compute.
+                if let Some(c) = self.experts.as_ref().filter(|_| kind.sparse) {
+                    let w = c.wait.saturating_sub(expert_wait);
+                    timing.wait += w;
+                    timing.compute = timing.compute.saturating_sub(w);
+                }
             }
             // Only the rows whose logits are wanted go through the norm and the head.
             let h = match which {
@@ -1097,6 +1111,10 @@ impl Engine {
         prof.steps += 1;
         prof.wall += t0.elapsed();
         prof.moved += self.bytes_moved() - moved0;
+        let e = self.expert_stats().unwrap_or_default().since(&experts0);
+        prof.experts.hits += e.hits;
+        prof.experts.misses += e.misses;
+        prof.experts.bytes_read += e.bytes_read;
         *(if prefill {
             &mut self.prefill_profile
         } else {

@@ -11,9 +11,10 @@ use std::path::Path;
 
 use serde_json::json;
 
-use crate::config::Arch;
+use crate::config::{Arch, ModelConfig};
 use crate::error::{Error, Result};
 use crate::weights::safetensors::DType;
+use crate::weights::schema::{Kind, LayerSchema, Naming, HF_EMBED, HF_FINAL_NORM, HF_LM_HEAD};
 
 #[derive(Debug, Clone)]
 pub struct SynthShape {
@@ -26,6 +27,18 @@ pub struct SynthShape {
     pub vocab: usize,
     pub rope_theta: f64,
     pub tie: bool,
+    /// When not hidden / heads (Qwen3-MoE).
+    pub head_dim: Option<usize>,
+    pub moe: Option<SynthMoe>,
+}
+
+/// The experts of a mixture-of-experts shape.
+#[derive(Debug, Clone)]
+pub struct SynthMoe {
+    pub experts: usize,
+    pub top_k: usize,
+    /// Each expert's width (Mixtral's is `intermediate`).
+    pub expert_size: usize,
 }
 
 /// Named shapes of well-known models.
@@ -40,6 +53,8 @@ pub fn preset(name: &str) -> Option<SynthShape> {
         vocab,
         rope_theta,
         tie: false,
+        head_dim: None,
+        moe: None,
     };
     Some(match name {
         "llama-7b" => s(Arch::Llama, 4096, 11008, 32, 32, 32, 32000, 10000.0),
@@ -48,6 +63,31 @@ pub fn preset(name: &str) -> Option<SynthShape> {
         "qwen2-7b" => s(Arch::Qwen2, 3584, 18944, 28, 28, 4, 152064, 1e6),
         "llama-70b" => s(Arch::Llama, 8192, 28672, 80, 64, 8, 128256, 500000.0),
         "tiny" => s(Arch::Llama, 256, 688, 8, 8, 4, 512, 10000.0),
+        "mixtral-8x7b" => SynthShape {
+            moe: Some(SynthMoe {
+                experts: 8,
+                top_k: 2,
+                expert_size: 14336,
+            }),
+            ..s(Arch::Mixtral, 4096, 14336, 32, 32, 8, 32000, 1e6)
+        },
+        "qwen3-30b-a3b" => SynthShape {
+            head_dim: Some(128),
+            moe: Some(SynthMoe {
+                experts: 128,
+                top_k: 8,
+                expert_size: 768,
+            }),
+            ..s(Arch::Qwen3Moe, 2048, 6144, 48, 32, 4, 151936, 1e6)
+        },
+        "tiny-moe" => SynthShape {
+            moe: Some(SynthMoe {
+                experts: 8,
+                top_k: 2,
+                expert_size: 512,
+            }),
+            ..s(Arch::Mixtral, 256, 512, 4, 8, 4, 512, 1e6)
+        },
         _ => return None,
     })
 }
@@ -59,58 +99,38 @@ pub const PRESETS: &[&str] = &[
     "qwen2-7b",
     "llama-70b",
     "tiny",
+    "mixtral-8x7b",
+    "qwen3-30b-a3b",
+    "tiny-moe",
 ];
 
 impl SynthShape {
-    /// Every tensor of the checkpoint in execution order, with its shape.
-    pub fn tensors(&self) -> Vec<(String, Vec<usize>)> {
-        let hd = self.hidden / self.heads;
-        let (h, im) = (self.hidden, self.intermediate);
-        let mut t = vec![("model.embed_tokens.weight".to_string(), vec![self.vocab, h])];
-        for i in 0..self.layers {
-            let p = format!("model.layers.{i}");
-            t.push((format!("{p}.input_layernorm.weight"), vec![h]));
-            t.push((
-                format!("{p}.self_attn.q_proj.weight"),
-                vec![self.heads * hd, h],
-            ));
-            t.push((
-                format!("{p}.self_attn.k_proj.weight"),
-                vec![self.kv_heads * hd, h],
-            ));
-            t.push((
-                format!("{p}.self_attn.v_proj.weight"),
-                vec![self.kv_heads * hd, h],
-            ));
-            if self.arch == Arch::Qwen2 {
-                t.push((format!("{p}.self_attn.q_proj.bias"), vec![self.heads * hd]));
-                t.push((
-                    format!("{p}.self_attn.k_proj.bias"),
-                    vec![self.kv_heads * hd],
-                ));
-                t.push((
-                    format!("{p}.self_attn.v_proj.bias"),
-                    vec![self.kv_heads * hd],
-                ));
+    /// Every tensor of the checkpoint in execution order, with its shape, as the layer schema
+    /// lists them for this shape's config.
+    pub fn tensors(&self) -> Result<Vec<(String, Vec<usize>)>> {
+        let cfg = ModelConfig::from_value(Path::new("config.json"), &self.config(DType::BF16))?;
+        let h = self.hidden;
+        let mut t = vec![(HF_EMBED.to_string(), vec![self.vocab, h])];
+        for l in 0..self.layers {
+            for spec in LayerSchema::new(&cfg, l).tensors {
+                if spec.kind == Kind::Expert {
+                    for e in 0..spec.experts {
+                        t.push((spec.expert_name(Naming::Hf, l, e).0, spec.shape.clone()));
+                    }
+                } else {
+                    t.push((spec.name(Naming::Hf, l), spec.shape.clone()));
+                }
             }
-            t.push((
-                format!("{p}.self_attn.o_proj.weight"),
-                vec![h, self.heads * hd],
-            ));
-            t.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-            t.push((format!("{p}.mlp.gate_proj.weight"), vec![im, h]));
-            t.push((format!("{p}.mlp.up_proj.weight"), vec![im, h]));
-            t.push((format!("{p}.mlp.down_proj.weight"), vec![h, im]));
         }
-        t.push(("model.norm.weight".to_string(), vec![h]));
+        t.push((HF_FINAL_NORM.to_string(), vec![h]));
         if !self.tie {
-            t.push(("lm_head.weight".to_string(), vec![self.vocab, h]));
+            t.push((HF_LM_HEAD.to_string(), vec![self.vocab, h]));
         }
-        t
+        Ok(t)
     }
 
     fn config(&self, dtype: DType) -> serde_json::Value {
-        json!({
+        let mut v = json!({
             "architectures": [self.arch.hf_name()],
             "model_type": self.arch.model_type(),
             "hidden_size": self.hidden,
@@ -127,7 +147,23 @@ impl SynthShape {
             "bos_token_id": 256,
             "eos_token_id": 257,
             "dtype": match dtype { DType::F32 => "float32", DType::F16 => "float16", DType::BF16 => "bfloat16" },
-        })
+        });
+        if let Some(d) = self.head_dim {
+            v["head_dim"] = json!(d);
+        }
+        if let Some(m) = &self.moe {
+            v["num_experts_per_tok"] = json!(m.top_k);
+            if self.arch == Arch::Mixtral {
+                v["num_local_experts"] = json!(m.experts);
+            } else {
+                v["num_experts"] = json!(m.experts);
+                v["moe_intermediate_size"] = json!(m.expert_size);
+                v["norm_topk_prob"] = json!(true);
+                v["decoder_sparse_step"] = json!(1);
+                v["mlp_only_layers"] = json!([]);
+            }
+        }
+        v
     }
 }
 
@@ -229,13 +265,21 @@ pub fn write_hf(
 ) -> Result<()> {
     if shape.heads == 0
         || shape.kv_heads == 0
-        || !shape.hidden.is_multiple_of(shape.heads)
+        || (shape.head_dim.is_none() && !shape.hidden.is_multiple_of(shape.heads))
         || !shape.heads.is_multiple_of(shape.kv_heads)
     {
         return Err(Error::Invalid(format!(
             "shape: hidden {} must divide by heads {}, which must divide by kv heads {}",
             shape.hidden, shape.heads, shape.kv_heads
         )));
+    }
+    if let Some(m) = &shape.moe {
+        if m.experts == 0 || m.top_k == 0 || m.top_k > m.experts {
+            return Err(Error::Invalid(format!(
+                "shape: top-k {} must be between 1 and the {} experts",
+                m.top_k, m.experts
+            )));
+        }
     }
     crate::util::write_folder(out, |tmp| {
         write_into(shape, dtype, seed, shard_bytes, tmp, &mut progress)
@@ -250,7 +294,7 @@ fn write_into(
     dir: &Path,
     progress: &mut impl FnMut(u64, u64),
 ) -> Result<()> {
-    let tensors = shape.tensors();
+    let tensors = shape.tensors()?;
     let es = dtype.size() as u64;
     let total: u64 = tensors
         .iter()
