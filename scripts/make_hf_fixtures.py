@@ -387,6 +387,31 @@ def main():
         add_bos=True,
         f64=True,
     )
+    # Phi-3: fused qkv_proj and gate_up_proj, partial rotary, LongRoPE. The original context is
+    # 8 tokens, so every prompt runs on the long factors and the attention factor of a 32×
+    # extension (max_position_embeddings 256), as in transformers past the original context.
+    make(
+        "phi3-longrope-partial",
+        "phi3",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            original_max_position_embeddings=8,
+            sliding_window=None,
+            rope_parameters=dict(
+                rope_type="longrope",
+                rope_theta=10000.0,
+                partial_rotary_factor=0.5,
+                original_max_position_embeddings=8,
+                short_factor=[1.0, 1.3, 1.9, 2.6],
+                long_factor=[1.1, 2.4, 5.3, 11.0],
+            ),
+            partial_rotary_factor=0.5,
+        ),
+        tie=False,
+        bos_post=True,
+        add_bos=True,
+    )
 
 
 if __name__ == "__main__":

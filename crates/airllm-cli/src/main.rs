@@ -920,26 +920,18 @@ fn bench(a: BenchArgs) -> Result<()> {
         "disk_bound_s_per_token": disk_bound,
         "decode_vs_disk_bound": per_step / disk_bound.max(1e-12),
     });
-    if let Some(total) = Some(engine.plan().experts_total).filter(|&n| n > 0) {
+    let plan = engine.plan();
+    if plan.experts_total > 0 {
         let e = &d.experts;
         let per = |n: u64| n as f64 / a.gen as f64;
-        extra.as_object_mut().map(|o| {
-            o.extend(
-                serde_json::json!({
-                    "experts_total": total,
-                    "expert_cache_slots": engine.plan().expert_slots,
-                    "expert_cache_bytes": engine.plan().expert_slots as u64 * engine.plan().expert_bytes,
-                    "expert_hit_rate": e.hit_rate(),
-                    "experts_used_per_token": per(e.hits + e.misses),
-                    "experts_read_per_token": per(e.misses),
-                    "expert_bytes_read_per_token": e.bytes_read / a.gen as u64,
-                    "cold_cache_bytes_read_per_token": engine.plan().bytes_read_per_token,
-                })
-                .as_object()
-                .cloned()
-                .unwrap_or_default(),
-            )
-        });
+        extra["experts_total"] = plan.experts_total.into();
+        extra["expert_cache_slots"] = plan.expert_slots.into();
+        extra["expert_cache_bytes"] = (plan.expert_slots as u64 * plan.expert_bytes).into();
+        extra["expert_hit_rate"] = e.hit_rate().into();
+        extra["experts_used_per_token"] = per(e.hits + e.misses).into();
+        extra["experts_read_per_token"] = per(e.misses).into();
+        extra["expert_bytes_read_per_token"] = (e.bytes_read / a.gen as u64).into();
+        extra["cold_cache_bytes_read_per_token"] = plan.bytes_read_per_token.into();
     }
     if let (Some(r), Some(e)) = (report.as_object_mut(), extra.as_object()) {
         r.extend(e.clone());

@@ -23,12 +23,12 @@ use crate::stream::experts::ExpertAccess;
 use crate::stream::pool::Pool;
 use crate::stream::reader::{ReadSpec, StreamedMats, Target};
 use crate::stream::stage::{DevMat, Link, SimLink, Stager};
-use crate::stream::{ExpertCache, ExpertStats};
 use crate::stream::{
     Charge, DeviceInput, DevicePlan, HeldLayer, Ledger, Plan, PlanInput, Prefetcher,
 };
+use crate::stream::{ExpertCache, ExpertStats};
 use crate::weights::io::read_capacity;
-use crate::weights::schema::{Kind, LayerSchema, Naming};
+use crate::weights::schema::{Kind, LayerSchema, Naming, Role};
 use crate::weights::{GgufSource, SafetensorsSource, WeightSource};
 
 /// How the engine is sized. The plan reserves memory for `max_batch` sequences of `context`
@@ -416,6 +416,13 @@ impl ModelInfo {
             let cfg = ModelConfig::from_file(&path.join("config.json"))?;
             let mut st = SafetensorsSource::open(path)?;
             st.f16 = f16;
+            st.keep_f32 = (0..cfg.num_layers)
+                .filter_map(|l| {
+                    LayerSchema::new(&cfg, l)
+                        .get(Role::Router)
+                        .map(|t| t.name(Naming::Hf, l))
+                })
+                .collect();
             (cfg, Arc::new(st))
         };
         validate_layers(&cfg, src.as_ref())?;
@@ -497,6 +504,10 @@ impl ModelInfo {
             },
             dev_budget,
         )?;
+        // Experts stay in host memory (the expert cache) and are copied over when they run:
+        // top-k per sparse layer for each token.
+        let mut dev = dev;
+        dev.bytes_moved_per_token += inp.experts_per_token as u64 * self.sizes.expert_file_bytes;
         // The host holds what the device does not, and only the embedding rows and logits
         // of the working set.
         let host_work = 4

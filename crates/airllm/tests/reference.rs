@@ -203,6 +203,18 @@ fn streams_in_slices_under_less_than_a_layer() {
     assert_eq!(got, common::greedy(&mut all, &tok, &r.prompt_ids, 8));
 }
 
+/// The first MoE router's name, for MoE models.
+fn moe_router(info: &ModelInfo) -> Option<String> {
+    let m = info.cfg.moe.as_ref()?;
+    let l = m.sparse.iter().position(|&s| s)?;
+    let schema = airllm::weights::LayerSchema::new(&info.cfg, l);
+    Some(
+        schema
+            .get(airllm::weights::Role::Router)?
+            .name(airllm::weights::Naming::Hf, l),
+    )
+}
+
 #[test]
 fn f16_form_halves_f32_checkpoints_and_stays_close() {
     for name in MODELS {
@@ -222,9 +234,15 @@ fn f16_form_halves_f32_checkpoints_and_stays_close() {
         assert_eq!(f16_info.src.form(q).unwrap(), Form::F16, "{name}");
         let mut e = Engine::from_info(f16_info, options(None, &r)).unwrap();
         let got = batched_logits(&mut e, &r);
-        // f16 rounding of the weights: close, not exact.
+        // f16 rounding of the weights: close, not exact. In a mixture of experts the rounding
+        // can also move a token across a routing tie to another expert (routers stay f32).
         let diff = max_abs_diff(&got, &r.logits);
-        assert!(diff <= 0.1, "{name}: max abs logit diff {diff} in f16");
+        let bound = if f32_info.cfg.moe.is_some() { 0.5 } else { 0.1 };
+        assert!(diff <= bound, "{name}: max abs logit diff {diff} in f16");
+        if let Some(router) = moe_router(&f32_info) {
+            let st = ModelInfo::open_opts(&dir, false, true).unwrap();
+            assert_eq!(st.src.form(&router).unwrap(), Form::F32, "{name}: router");
+        }
         assert!(diff > 0.0, "{name}: f16 form should not be bit-exact");
     }
 }

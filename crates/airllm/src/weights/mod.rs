@@ -124,6 +124,9 @@ pub struct SafetensorsSource {
     /// f16 (opt-in, not exact); streamed ones are still read as f32. 16-bit checkpoints are held
     /// in their own form either way.
     pub f16: bool,
+    /// Matrices `f16` leaves in f32: MoE routers, which are small and whose top-k choice a
+    /// rounding can flip.
+    pub keep_f32: std::collections::HashSet<String>,
 }
 
 impl SafetensorsSource {
@@ -133,6 +136,7 @@ impl SafetensorsSource {
             set: SafetensorsSet::open_dir(dir)?,
             io: io::Io::default(),
             f16: false,
+            keep_f32: Default::default(),
         })
     }
 
@@ -156,9 +160,9 @@ impl SafetensorsSource {
         }
     }
 
-    fn held(&self, info: &TensorInfo) -> Form {
+    fn held(&self, name: &str, info: &TensorInfo) -> Form {
         match info.dtype {
-            safetensors::DType::F32 if self.f16 => Form::F16,
+            safetensors::DType::F32 if self.f16 && !self.keep_f32.contains(name) => Form::F16,
             safetensors::DType::F32 => Form::F32,
             safetensors::DType::F16 => Form::F16,
             safetensors::DType::BF16 => Form::BF16,
@@ -206,7 +210,7 @@ impl WeightSource for SafetensorsSource {
             shape: i.shape.clone(),
             file_bytes: i.nbytes,
             compute_bytes: match i.shape.as_slice() {
-                [r, c] => (self.held(i).row_bytes(*c) * r) as u64,
+                [r, c] => (self.held(name, i).row_bytes(*c) * r) as u64,
                 _ => i.numel() as u64 * 4,
             },
             dtype: i.dtype.name(),
@@ -238,7 +242,7 @@ impl WeightSource for SafetensorsSource {
     }
 
     fn form(&self, name: &str) -> Result<Form> {
-        Ok(self.held(self.get(name)?.0))
+        Ok(self.held(name, self.get(name)?.0))
     }
 
     fn read_rows(&self, name: &str, start: usize, len: usize, mut buf: AlignedBuf) -> Result<Mat> {
@@ -257,7 +261,7 @@ impl WeightSource for SafetensorsSource {
                 &mut buf,
             )
             .map_err(|e| Error::tensor(&shard.path, name, format!("read failed: {e}")))?;
-        let form = self.held(info);
+        let form = self.held(name, info);
         if form == Form::F16 && info.dtype == safetensors::DType::F32 {
             let n = len * cols;
             f32_to_f16_in_place(&mut buf.bytes_mut(off + 4 * n)[off..], n);
