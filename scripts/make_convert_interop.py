@@ -31,9 +31,9 @@ BIN = os.environ.get("AIRLLM_BIN") or os.path.join(
 
 # mistral-sliding-window is left out: llama.cpp runs the `llama` architecture without a sliding
 # window, so past the window it computes a different function from transformers (and us).
-# The MoE conversions are checked in F32: this machine's llama-cpp-python build stops on an
-# illegal instruction in Q8_0 MoE files. qwen3moe-sparse stands for Qwen3-MoE, whose dense
-# layers llama.cpp's qwen3moe cannot hold.
+# The later conversions are checked in F32: the llama-cpp-python build of the machine that made
+# their references stops on an illegal instruction in Q8_0 files. qwen3moe-sparse stands for
+# Qwen3-MoE, whose dense layers llama.cpp's qwen3moe cannot hold.
 FIXTURES = [
     ("llama-gqa2-llama3rope", "q8_0"),
     ("llama-mqa-tied-linear-bf16", "q8_0"),
@@ -43,6 +43,7 @@ FIXTURES = [
     ("mixtral-moe", "f32"),
     ("qwen2moe-shared-expert", "f32"),
     ("qwen3moe-sparse", "f32"),
+    ("phi-three-longrope-partial", "f32"),
 ]
 PROMPTS = ["Hello world, this is", "The quick brown fox jumps over"]
 STEPS = 24

@@ -387,11 +387,12 @@ def main():
         add_bos=True,
         f64=True,
     )
-    # Phi-3: fused qkv_proj and gate_up_proj, partial rotary, LongRoPE. The original context is
+    # Phi-3: fused qkv_proj and gate_up_proj, partial rotary, LongRoPE. (Named without "phi3":
+    # llama.cpp gives models of that name tokenizer attributes for tokens this vocabulary lacks.) The original context is
     # 8 tokens, so every prompt runs on the long factors and the attention factor of a 32×
     # extension (max_position_embeddings 256), as in transformers past the original context.
     make(
-        "phi3-longrope-partial",
+        "phi-three-longrope-partial",
         "phi3",
         dict(
             num_attention_heads=4,

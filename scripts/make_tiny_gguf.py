@@ -37,11 +37,12 @@ MODELS = [
     ("mixtral", "mixtral-moe"),
     ("qwen2moe", "qwen2moe-shared-expert"),
     ("qwen3moe", "qwen3moe-sparse"),
+    ("phi3", "phi-three-longrope-partial"),
 ]
 
-# This machine's llama-cpp-python build stops on an illegal instruction in these models' Q8_0
-# paths, so they get F32 only.
-F32_ONLY = {"gemma2", "mixtral", "qwen2moe", "qwen3moe"}
+# The later fixtures get F32 only: the llama-cpp-python build of the machine that made them stops
+# on an illegal instruction in Q8_0 files (the earlier Q8_0 fixtures came from another machine).
+F32_ONLY = {"gemma2", "mixtral", "qwen2moe", "qwen3moe", "phi3"}
 
 TOKENIZE = [
     "Hello world",
@@ -62,6 +63,11 @@ import conversion.gemma as gm
 _g2_vocab = gm.Gemma2Model.set_vocab
 gm.Gemma2Model.set_vocab = lambda self: (
     _g2_vocab(self) if (self.dir_model / "tokenizer.model").is_file() else self._set_vocab_gpt2())
+# Phi-3's converter takes the BPE path only for a GPT2Tokenizer; ours is a BPE tokenizer.json.
+import conversion.phi as ph
+_p3_vocab = ph.Phi3MiniModel.set_vocab
+ph.Phi3MiniModel.set_vocab = lambda self: (
+    _p3_vocab(self) if (self.dir_model / "tokenizer.model").is_file() else self._set_vocab_gpt2())
 # transformers 5 picks Qwen2Tokenizer for a qwen2 folder, which adds tokens of its own; the
 # fixture's tokenizer.json is the whole truth.
 import os, transformers

@@ -20,6 +20,7 @@ pub const SUPPORTED_ARCHS: &[&str] = &[
     "MixtralForCausalLM",
     "Qwen2MoeForCausalLM",
     "Qwen3MoeForCausalLM",
+    "Phi3ForCausalLM",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +34,7 @@ pub enum Arch {
     Mixtral,
     Qwen2Moe,
     Qwen3Moe,
+    Phi3,
 }
 
 impl Arch {
@@ -47,6 +49,7 @@ impl Arch {
             Arch::Mixtral => "MixtralForCausalLM",
             Arch::Qwen2Moe => "Qwen2MoeForCausalLM",
             Arch::Qwen3Moe => "Qwen3MoeForCausalLM",
+            Arch::Phi3 => "Phi3ForCausalLM",
         }
     }
     /// Gemma's family traits: norms stored as w and applied as 1 + w (llama.cpp stores 1 + w),
@@ -65,6 +68,7 @@ impl Arch {
             Arch::Mixtral => "mixtral",
             Arch::Qwen2Moe => "qwen2_moe",
             Arch::Qwen3Moe => "qwen3_moe",
+            Arch::Phi3 => "phi3",
         }
     }
     /// transformers' Llama layout of q/k rows, which llama.cpp's converter permutes.
@@ -113,6 +117,15 @@ pub enum RopeScaling {
         high_freq_factor: f32,
         original_max_position_embeddings: usize,
     },
+    /// LongRoPE (Phi-3): each frequency divided by its own factor, the long set when the
+    /// context passes the original one, and cos/sin scaled by `attention_factor`. A GGUF file
+    /// keeps the factors as tensors; its config has them empty until the model is opened.
+    LongRope {
+        short_factor: Vec<f32>,
+        long_factor: Vec<f32>,
+        original_max_position_embeddings: usize,
+        attention_factor: f32,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -141,6 +154,10 @@ pub struct BlockSpec {
     /// RoPE rotates adjacent pairs (llama.cpp's layout for Llama GGUF files, whose q/k rows the
     /// converter permuted) instead of the two halves (transformers' layout).
     pub rope_interleaved: bool,
+    /// q, k and v in one `qkv_proj` matrix (Phi-3).
+    pub fused_qkv: bool,
+    /// gate and up in one `gate_up_proj` matrix, gate rows first (Phi-3).
+    pub fused_gate_up: bool,
 }
 
 /// The MLP's gate activation.
@@ -165,6 +182,8 @@ pub struct ModelConfig {
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
+    /// Dimensions of each head that RoPE rotates (the first ones; Phi-3's partial rotary).
+    pub rotary_dim: usize,
     pub vocab_size: usize,
     pub rms_norm_eps: f64,
     pub rope: RopeConfig,
@@ -307,6 +326,7 @@ impl ModelConfig {
             "MixtralForCausalLM" | "mixtral" => Arch::Mixtral,
             "Qwen2MoeForCausalLM" | "qwen2_moe" => Arch::Qwen2Moe,
             "Qwen3MoeForCausalLM" | "qwen3_moe" => Arch::Qwen3Moe,
+            "Phi3ForCausalLM" | "phi3" => Arch::Phi3,
             other => {
                 return Err(Error::UnknownArch {
                     path: path.to_path_buf(),
@@ -397,7 +417,7 @@ impl ModelConfig {
                 .collect::<Result<Vec<_>>>()?
         } else {
             match arch {
-                Arch::Mistral | Arch::Mixtral => vec![sliding_window; num_layers],
+                Arch::Mistral | Arch::Mixtral | Arch::Phi3 => vec![sliding_window; num_layers],
                 Arch::Gemma3 => {
                     // Older Gemma 3 configs give a pattern: every n-th layer is global.
                     let n = r.usize_opt("sliding_window_pattern")?.unwrap_or(6).max(1);
@@ -445,6 +465,10 @@ impl ModelConfig {
                 block.mlp_bias = mlp_bias;
             }
             Arch::Mixtral => {}
+            Arch::Phi3 => {
+                block.fused_qkv = true;
+                block.fused_gate_up = true;
+            }
             // Qwen2-MoE's `qkv_bias` defaults to true, like Qwen2's fixed biases.
             Arch::Qwen2 => block.qkv_bias = true,
             Arch::Qwen2Moe => block.qkv_bias = r.bool_opt("qkv_bias")?.unwrap_or(true),
@@ -501,6 +525,7 @@ impl ModelConfig {
         };
 
         let moe = read_moe(&r, arch, num_layers)?;
+        let rotary_dim = read_rotary_dim(&r, head_dim)?;
         let declared_dtype = get(v, "dtype")
             .or_else(|| get(v, "torch_dtype"))
             .and_then(|d| d.as_str())
@@ -531,8 +556,31 @@ impl ModelConfig {
             final_logit_softcap: softcap("final_logit_softcapping")?,
             attn_logit_softcap: softcap("attn_logit_softcapping")?,
             moe,
+            rotary_dim,
         })
     }
+}
+
+/// Head dimensions RoPE rotates: `partial_rotary_factor` (top level or in the RoPE parameters)
+/// of the head, as transformers rounds it.
+fn read_rotary_dim(r: &Reader, head_dim: usize) -> Result<usize> {
+    let params = get(r.v, "rope_parameters").or_else(|| get(r.v, "rope_scaling"));
+    let (key, f) = match params.map(|p| r.f64_opt(p, "partial_rotary_factor")) {
+        Some(Ok(Some(f))) => ("rope_parameters.partial_rotary_factor", f),
+        _ => (
+            "partial_rotary_factor",
+            r.f64_opt(r.v, "partial_rotary_factor")?.unwrap_or(1.0),
+        ),
+    };
+    let dim = (head_dim as f64 * f) as usize;
+    if !(f > 0.0 && f <= 1.0) || dim < 2 || dim % 2 == 1 {
+        return Err(Error::config(
+            r.path,
+            key,
+            format!("{f} gives {dim} rotary dimensions of a {head_dim}-wide head; they must be even and at least 2"),
+        ));
+    }
+    Ok(dim)
 }
 
 /// The MoE options of a transformers config: both spellings of the expert count, Qwen's
@@ -621,6 +669,8 @@ impl BlockSpec {
             sandwich_norms: false,
             act: Activation::Silu,
             rope_interleaved: false,
+            fused_qkv: false,
+            fused_gate_up: false,
         }
     }
 }
@@ -693,11 +743,59 @@ fn read_rope(r: &Reader, nested: Option<(&Value, &str)>) -> Result<RopeConfig> {
             high_freq_factor: need("high_freq_factor")? as f32,
             original_max_position_embeddings: need("original_max_position_embeddings")? as usize,
         },
+        "longrope" | "su" => {
+            let list = |key: &str| -> Result<Vec<f32>> {
+                get(p, key)
+                    .and_then(|v| v.as_array())
+                    .and_then(|a| a.iter().map(|x| x.as_f64().map(|f| f as f32)).collect())
+                    .ok_or_else(|| {
+                        Error::config(
+                            r.path,
+                            &format!("{field}.{key}"),
+                            "required list of numbers is missing",
+                        )
+                    })
+            };
+            let (short_factor, long_factor) = (list("short_factor")?, list("long_factor")?);
+            if short_factor.len() != long_factor.len() {
+                return Err(Error::config(
+                    r.path,
+                    &format!("{field}.long_factor"),
+                    format!(
+                        "has {} entries, short_factor {}",
+                        long_factor.len(),
+                        short_factor.len()
+                    ),
+                ));
+            }
+            let original = match r.f64_opt(p, "original_max_position_embeddings")? {
+                Some(n) => n as usize,
+                None => r.usize_req("original_max_position_embeddings")?,
+            };
+            let max = r.usize_opt("max_position_embeddings")?.unwrap_or(original);
+            // As transformers: the attention factor follows the extension's ratio unless given.
+            let factor = r
+                .f64_opt(p, "factor")?
+                .unwrap_or(max as f64 / original.max(1) as f64);
+            let attention_factor = match r.f64_opt(p, "attention_factor")? {
+                Some(a) => a,
+                None if factor <= 1.0 => 1.0,
+                None => (1.0 + factor.ln() / (original as f64).ln()).sqrt(),
+            } as f32;
+            RopeScaling::LongRope {
+                short_factor,
+                long_factor,
+                original_max_position_embeddings: original,
+                attention_factor,
+            }
+        }
         other => {
             return Err(Error::config(
                 r.path,
                 &format!("{field}.rope_type"),
-                format!("`{other}` is not supported (supported: default, linear, llama3)"),
+                format!(
+                    "`{other}` is not supported (supported: default, linear, llama3, longrope)"
+                ),
             ))
         }
     };
@@ -706,7 +804,7 @@ fn read_rope(r: &Reader, nested: Option<(&Value, &str)>) -> Result<RopeConfig> {
 
 /// GGUF architectures and the metadata prefix they use.
 pub const SUPPORTED_GGUF_ARCHS: &[&str] = &[
-    "llama", "qwen2", "qwen3", "gemma2", "gemma3", "qwen2moe", "qwen3moe",
+    "llama", "qwen2", "qwen3", "gemma2", "gemma3", "qwen2moe", "qwen3moe", "phi3",
 ];
 
 impl ModelConfig {
@@ -732,6 +830,7 @@ impl ModelConfig {
             "llama" => Arch::Llama,
             "qwen2moe" => Arch::Qwen2Moe,
             "qwen3moe" => Arch::Qwen3Moe,
+            "phi3" => Arch::Phi3,
             "qwen2" => Arch::Qwen2,
             "qwen3" => Arch::Qwen3,
             "gemma2" => Arch::Gemma2,
@@ -822,7 +921,28 @@ impl ModelConfig {
                 ))
             }
         };
+        // LongRoPE's factors are tensors (read when the model opens); the rest is metadata.
+        let scaling = if g.tensor_shape("rope_factors_long.weight").is_some() {
+            RopeScaling::LongRope {
+                short_factor: vec![],
+                long_factor: vec![],
+                original_max_position_embeddings: opt_u("rope.scaling.original_context_length")
+                    .or(opt_u("context_length"))
+                    .unwrap_or(4096),
+                attention_factor: opt_f("rope.scaling.attn_factor").unwrap_or(1.0) as f32,
+            }
+        } else {
+            scaling
+        };
         let rope = RopeConfig { theta, scaling };
+        let rotary_dim = opt_u("rope.dimension_count").unwrap_or(head_dim);
+        if rotary_dim == 0 || rotary_dim % 2 == 1 || rotary_dim > head_dim {
+            return Err(Error::config(
+                path,
+                &key("rope.dimension_count"),
+                format!("{rotary_dim} must be even, positive and at most the head's {head_dim}"),
+            ));
+        }
         let mut block = BlockSpec::plain();
         let window = opt_u("attention.sliding_window").filter(|&w| w > 0);
         let mut layer_windows = vec![None; num_layers];
@@ -833,6 +953,11 @@ impl ModelConfig {
                 // llama.cpp's converter permutes q/k so that RoPE rotates adjacent pairs.
                 block.rope_interleaved = true;
                 layer_windows = vec![window; num_layers];
+            }
+            // llama.cpp runs Phi-3 without its sliding window.
+            Arch::Phi3 => {
+                block.fused_qkv = true;
+                block.fused_gate_up = true;
             }
             Arch::Qwen2 | Arch::Qwen2Moe => block.qkv_bias = true,
             Arch::Qwen3 | Arch::Qwen3Moe => block.qk_norm = true,
@@ -963,6 +1088,7 @@ impl ModelConfig {
             final_logit_softcap: opt_f("final_logit_softcapping").filter(|&c| c > 0.0),
             attn_logit_softcap: opt_f("attn_logit_softcapping").filter(|&c| c > 0.0),
             moe,
+            rotary_dim,
         })
     }
 }
@@ -1027,6 +1153,75 @@ mod tests {
             .to_string();
         assert!(
             e.contains("c.json") && e.contains("attn_logit_softcapping"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn phi3_reads_longrope_partial_rotary_and_fused_projections() {
+        let mut v = base();
+        v["architectures"] = json!(["Phi3ForCausalLM"]);
+        v["max_position_embeddings"] = json!(131072);
+        v["partial_rotary_factor"] = json!(0.5);
+        v["rope_scaling"] = json!({"type": "longrope", "short_factor": [1.0, 2.0, 3.0, 4.0],
+                                   "long_factor": [2.0, 3.0, 4.0, 5.0]});
+        v["original_max_position_embeddings"] = json!(4096);
+        v["sliding_window"] = json!(2047);
+        let c = ModelConfig::from_value(Path::new("c.json"), &v).unwrap();
+        assert_eq!(c.rotary_dim, 8);
+        assert!(c.block.fused_qkv && c.block.fused_gate_up);
+        assert_eq!(c.layer_windows, vec![Some(2047); 2]);
+        let RopeScaling::LongRope {
+            original_max_position_embeddings,
+            attention_factor,
+            ..
+        } = c.rope.scaling
+        else {
+            panic!("{:?}", c.rope.scaling)
+        };
+        assert_eq!(original_max_position_embeddings, 4096);
+        // transformers: sqrt(1 + ln(131072 / 4096) / ln(4096)).
+        assert!(
+            (attention_factor - 1.190_238_9).abs() < 1e-6,
+            "{attention_factor}"
+        );
+        v["rope_scaling"]
+            .as_object_mut()
+            .unwrap()
+            .remove("long_factor");
+        let e = ModelConfig::from_value(Path::new("c.json"), &v)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rope_scaling.long_factor"), "{e}");
+    }
+
+    #[test]
+    fn moe_configs_read_both_expert_count_spellings_and_dense_layers() {
+        let mut v = base();
+        v["architectures"] = json!(["Qwen3MoeForCausalLM"]);
+        v["num_hidden_layers"] = json!(4);
+        v["num_experts"] = json!(8);
+        v["num_experts_per_tok"] = json!(2);
+        v["moe_intermediate_size"] = json!(32);
+        v["mlp_only_layers"] = json!([1]);
+        v["decoder_sparse_step"] = json!(1);
+        v["norm_topk_prob"] = json!(true);
+        let c = ModelConfig::from_value(Path::new("c.json"), &v).unwrap();
+        let m = c.moe.clone().unwrap();
+        assert_eq!((m.experts, m.top_k, m.expert_size), (8, 2, 32));
+        assert_eq!(m.sparse, vec![true, false, true, true]);
+        assert!(m.norm_topk && m.shared_size.is_none());
+        let obj = v.as_object_mut().unwrap();
+        obj.remove("num_experts");
+        obj.insert("num_local_experts".into(), json!(8));
+        let c2 = ModelConfig::from_value(Path::new("c.json"), &v).unwrap();
+        assert_eq!(c2.moe, c.moe);
+        v["mlp_only_layers"] = json!([9]);
+        let e = ModelConfig::from_value(Path::new("c.json"), &v)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("mlp_only_layers") && e.contains("layer 9"),
             "{e}"
         );
     }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, RopeScaling};
 use crate::error::{Error, Result};
 use crate::model::block::validate_layers;
 use crate::model::block::LayerKind;
@@ -411,7 +411,21 @@ impl ModelInfo {
                     crate::weights::gguf::Value::U(n),
                 );
             }
-            (ModelConfig::from_gguf(&g.file)?, Arc::new(g))
+            let mut cfg = ModelConfig::from_gguf(&g.file)?;
+            // LongRoPE's factor sets are tensors in GGUF.
+            if let RopeScaling::LongRope {
+                short_factor,
+                long_factor,
+                ..
+            } = &mut cfg.rope.scaling
+            {
+                let load = |n: &str| -> Result<Vec<f32>> {
+                    Ok(g.load(n, &Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
+                };
+                *long_factor = load("rope_factors_long.weight")?;
+                *short_factor = load("rope_factors_short.weight")?;
+            }
+            (cfg, Arc::new(g))
         } else {
             let cfg = ModelConfig::from_file(&path.join("config.json"))?;
             let mut st = SafetensorsSource::open(path)?;
@@ -425,6 +439,24 @@ impl ModelInfo {
                 .collect();
             (cfg, Arc::new(st))
         };
+        if let RopeScaling::LongRope {
+            short_factor,
+            long_factor,
+            ..
+        } = &cfg.rope.scaling
+        {
+            let half = cfg.rotary_dim / 2;
+            if short_factor.len() != half || long_factor.len() != half {
+                return Err(Error::file(
+                    path,
+                    format!(
+                        "LongRoPE has {} short and {} long factors; {half} rotated pairs need as many",
+                        short_factor.len(),
+                        long_factor.len()
+                    ),
+                ));
+            }
+        }
         validate_layers(&cfg, src.as_ref())?;
         let naming = src.naming();
         let check = |name: &str, shape: &[usize]| -> Result<()> {
@@ -736,9 +768,10 @@ impl Engine {
             Some(_) => Some(src.load("rope_freqs.weight", &device)?.to_vec1::<f32>()?),
             None => None,
         };
-        let mut ropes = vec![Rope::new(&cfg.rope, cfg.head_dim, factors.as_deref())];
+        let dim = cfg.rotary_dim;
+        let mut ropes = vec![Rope::new(&cfg.rope, dim, factors.as_deref(), opts.context)];
         if let Some(local) = &cfg.rope_local {
-            ropes.push(Rope::new(local, cfg.head_dim, None));
+            ropes.push(Rope::new(local, dim, None, opts.context));
         }
         let schemas = LayerSchema::all(&cfg);
         let mut resident = Vec::with_capacity(cfg.num_layers);

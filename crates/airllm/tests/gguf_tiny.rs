@@ -21,10 +21,11 @@ const MODELS: &[&str] = &[
     "mixtral",
     "qwen2moe",
     "qwen3moe",
+    "phi3",
 ];
-/// The Q8_0 references. Gemma 2 and the MoE models have none yet: the llama-cpp-python 0.3.36
-/// build of the fixture machine stopped with an illegal instruction on their Q8_0 files (the
-/// F32 ones ran).
+/// The Q8_0 references. Gemma 2, the MoE models and Phi-3 have none yet: the llama-cpp-python
+/// 0.3.36 build of the machine that made them stopped with an illegal instruction on Q8_0 files
+/// (the F32 ones ran).
 const Q8_MODELS: &[&str] = &["llama", "mistral-as-llama", "qwen2", "qwen3", "gemma3"];
 
 fn dir() -> PathBuf {

@@ -222,7 +222,12 @@ fn f16_form_halves_f32_checkpoints_and_stays_close() {
         let dir = fixtures().join(name);
         let f32_info = ModelInfo::open(&dir).unwrap();
         let f16_info = ModelInfo::open_opts(&dir, false, true).unwrap();
-        let q = "model.layers.0.self_attn.q_proj.weight";
+        // The first projection (q_proj, or Phi-3's fused qkv_proj).
+        let q = &airllm::weights::LayerSchema::new(&f32_info.cfg, 0)
+            .matrices()
+            .next()
+            .unwrap()
+            .name(airllm::weights::Naming::Hf, 0);
         let (a, b) = (f32_info.src.meta(q).unwrap(), f16_info.src.meta(q).unwrap());
         if f32_info.sizes.dtypes != ["F32"] {
             // 16-bit checkpoints are held in their own form either way.

@@ -223,6 +223,7 @@ fn gguf_arch(cfg: &ModelConfig) -> &'static str {
         Arch::Mixtral => "llama",
         Arch::Qwen2Moe => "qwen2moe",
         Arch::Qwen3Moe => "qwen3moe",
+        Arch::Phi3 => "phi3",
     }
 }
 
@@ -253,7 +254,7 @@ fn gguf_plan(info: &ModelInfo, quant: Quant, out: &Path) -> Result<(GgufPlan, Ve
     plan.set(format!("{a}.attention.head_count_kv"), u(cfg.num_kv_heads));
     plan.set(format!("{a}.attention.key_length"), u(cfg.head_dim));
     plan.set(format!("{a}.attention.value_length"), u(cfg.head_dim));
-    plan.set(format!("{a}.rope.dimension_count"), u(cfg.head_dim));
+    plan.set(format!("{a}.rope.dimension_count"), u(cfg.rotary_dim));
     plan.set(format!("{a}.vocab_size"), u(cfg.vocab_size));
     plan.set(
         format!("{a}.attention.layer_norm_rms_epsilon"),
@@ -264,9 +265,10 @@ fn gguf_plan(info: &ModelInfo, quant: Quant, out: &Path) -> Result<(GgufPlan, Ve
         Value::F(cfg.rope.theta as f64),
     );
     let mut rope_freqs = None;
-    match cfg.rope.scaling {
+    let mut long_rope = None;
+    match &cfg.rope.scaling {
         RopeScaling::None => {}
-        RopeScaling::Linear { factor } => {
+        &RopeScaling::Linear { factor } => {
             plan.set(
                 format!("{a}.rope.scaling.type"),
                 Value::Str("linear".into()),
@@ -279,8 +281,8 @@ fn gguf_plan(info: &ModelInfo, quant: Quant, out: &Path) -> Result<(GgufPlan, Ve
                 theta: cfg.rope.theta,
                 scaling: RopeScaling::None,
             };
-            let base = crate::model::rope::Rope::new(&plain, cfg.head_dim, None);
-            let scaled = crate::model::rope::Rope::new(&cfg.rope, cfg.head_dim, None);
+            let base = crate::model::rope::Rope::new(&plain, cfg.rotary_dim, None, 0);
+            let scaled = crate::model::rope::Rope::new(&cfg.rope, cfg.rotary_dim, None, 0);
             rope_freqs = Some(
                 base.inv_freq()
                     .iter()
@@ -288,6 +290,23 @@ fn gguf_plan(info: &ModelInfo, quant: Quant, out: &Path) -> Result<(GgufPlan, Ve
                     .map(|(b, s)| b / s)
                     .collect::<Vec<f32>>(),
             );
+        }
+        RopeScaling::LongRope {
+            short_factor,
+            long_factor,
+            original_max_position_embeddings,
+            attention_factor,
+        } => {
+            // llama.cpp keeps the factor sets as tensors and the rest as metadata.
+            plan.set(
+                format!("{a}.rope.scaling.original_context_length"),
+                u(*original_max_position_embeddings),
+            );
+            plan.set(
+                format!("{a}.rope.scaling.attn_factor"),
+                Value::F(*attention_factor as f64),
+            );
+            long_rope = Some((long_factor.clone(), short_factor.clone()));
         }
     }
     let windows: Vec<usize> = cfg.layer_windows.iter().flatten().copied().collect();
@@ -405,9 +424,17 @@ fn gguf_plan(info: &ModelInfo, quant: Quant, out: &Path) -> Result<(GgufPlan, Ve
         None,
         Transform::None,
     )?;
+    let mut values = vec![];
     if let Some(f) = rope_freqs {
+        values.push(("rope_freqs.weight", f));
+    }
+    if let Some((long, short)) = long_rope {
+        values.push(("rope_factors_long.weight", long));
+        values.push(("rope_factors_short.weight", short));
+    }
+    for (name, f) in values {
         let out = TensorPlan {
-            name: "rope_freqs.weight".into(),
+            name: name.into(),
             shape: vec![f.len()],
             dtype: GgmlDType::F32,
         };
@@ -503,7 +530,16 @@ fn check_round_trip(cfg: &ModelConfig, plan: &GgufPlan) -> Result<()> {
     same!(num_kv_heads);
     same!(head_dim);
     same!(vocab_size);
-    same!(layer_windows);
+    // llama.cpp runs Phi-3 without its sliding window; the key is written, and ignored.
+    if cfg.arch != Arch::Phi3 {
+        same!(layer_windows);
+    } else if cfg.layer_windows.iter().any(Option::is_some) {
+        tracing::warn!(
+            "{}: llama.cpp runs Phi-3 without its sliding window, so past the window its output differs from transformers'",
+            cfg.path.display()
+        );
+    }
+    same!(rotary_dim);
     same!(tie_word_embeddings);
     same!(block.qkv_bias);
     same!(block.o_bias);
@@ -522,8 +558,22 @@ fn check_round_trip(cfg: &ModelConfig, plan: &GgufPlan) -> Result<()> {
     if g.rope.theta != cfg.rope.theta {
         same!(rope.theta);
     }
-    if !matches!(cfg.rope.scaling, RopeScaling::Llama3 { .. }) {
-        same!(rope.scaling);
+    match (&cfg.rope.scaling, &g.rope.scaling) {
+        (RopeScaling::Llama3 { .. }, _) => {}
+        // The factor sets travel as tensors.
+        (
+            RopeScaling::LongRope {
+                original_max_position_embeddings: a,
+                attention_factor: x,
+                ..
+            },
+            RopeScaling::LongRope {
+                original_max_position_embeddings: b,
+                attention_factor: y,
+                ..
+            },
+        ) if a == b && (x - y).abs() <= 1e-6 * x.abs() => {}
+        _ => same!(rope.scaling),
     }
     if cfg.rope_local.is_some() {
         same!(rope_local);
@@ -980,11 +1030,21 @@ pub fn cached(
 /// The transformers `config.json` for a config.
 pub fn hf_config_json(cfg: &ModelConfig) -> serde_json::Value {
     use serde_json::json;
-    let rope = |r: &RopeConfig| match r.scaling {
+    let rope = |r: &RopeConfig| match &r.scaling {
         RopeScaling::None => json!({"rope_type": "default", "rope_theta": r.theta}),
         RopeScaling::Linear { factor } => {
             json!({"rope_type": "linear", "rope_theta": r.theta, "factor": factor})
         }
+        RopeScaling::LongRope {
+            short_factor,
+            long_factor,
+            original_max_position_embeddings,
+            attention_factor,
+        } => json!({"rope_type": "longrope", "rope_theta": r.theta,
+                    "short_factor": short_factor, "long_factor": long_factor,
+                    "original_max_position_embeddings": original_max_position_embeddings,
+                    "attention_factor": attention_factor,
+                    "partial_rotary_factor": cfg.rotary_dim as f64 / cfg.head_dim as f64}),
         RopeScaling::Llama3 {
             factor,
             low_freq_factor,
@@ -1011,6 +1071,16 @@ pub fn hf_config_json(cfg: &ModelConfig) -> serde_json::Value {
         "eos_token_id": cfg.eos_token_ids,
         "dtype": "float32",
     });
+    if cfg.rotary_dim != cfg.head_dim {
+        v["partial_rotary_factor"] = json!(cfg.rotary_dim as f64 / cfg.head_dim as f64);
+    }
+    if let RopeScaling::LongRope {
+        original_max_position_embeddings,
+        ..
+    } = &cfg.rope.scaling
+    {
+        v["original_max_position_embeddings"] = json!(original_max_position_embeddings);
+    }
     if let Some(m) = &cfg.moe {
         v["num_experts_per_tok"] = json!(m.top_k);
         v["norm_topk_prob"] = json!(m.norm_topk);

@@ -166,6 +166,10 @@ pub struct Block {
     pub scores_bytes: u64,
     pub act: Activation,
     pub rope_interleaved: bool,
+    /// Dimensions of each head RoPE rotates (the first ones); the rest pass through.
+    pub rotary_dim: usize,
+    pub fused_qkv: bool,
+    pub fused_gate_up: bool,
     /// Scores become cap·tanh(scores/cap) before the mask (Gemma 2).
     pub softcap: Option<f64>,
     /// Experts each token is routed to, and whether their weights are renormalized.
@@ -193,6 +197,9 @@ impl Block {
             scores_bytes: ATTN_SCORES_BYTES,
             act: cfg.block.act,
             rope_interleaved: cfg.block.rope_interleaved,
+            rotary_dim: cfg.rotary_dim,
+            fused_qkv: cfg.block.fused_qkv,
+            fused_gate_up: cfg.block.fused_gate_up,
             softcap: cfg.attn_logit_softcap,
             top_k: cfg.moe.as_ref().map_or(0, |m| m.top_k),
             norm_topk: cfg.moe.as_ref().is_some_and(|m| m.norm_topk),
@@ -238,11 +245,25 @@ impl Block {
 
         // Attention.
         let h = self.norm(x, small.req(Role::AttnNorm)?)?;
-        let mut q =
-            Self::linear(small, mats, Role::Q, Role::QBias, &h)?.reshape((1, rows, nh, hd))?;
-        let mut k =
-            Self::linear(small, mats, Role::K, Role::KBias, &h)?.reshape((1, rows, nkv, hd))?;
-        let v = Self::linear(small, mats, Role::V, Role::VBias, &h)?.reshape((rows, nkv, hd))?;
+        let (q, k, v) = if self.fused_qkv {
+            let qkv = mats.matmul(Role::Qkv, &h)?;
+            let part =
+                |at: usize, n: usize| -> Result<Tensor> { Ok(qkv.narrow(1, at, n)?.contiguous()?) };
+            (
+                part(0, nh * hd)?,
+                part(nh * hd, nkv * hd)?,
+                part((nh + nkv) * hd, nkv * hd)?,
+            )
+        } else {
+            (
+                Self::linear(small, mats, Role::Q, Role::QBias, &h)?,
+                Self::linear(small, mats, Role::K, Role::KBias, &h)?,
+                Self::linear(small, mats, Role::V, Role::VBias, &h)?,
+            )
+        };
+        let mut q = q.reshape((1, rows, nh, hd))?;
+        let mut k = k.reshape((1, rows, nkv, hd))?;
+        let v = v.reshape((rows, nkv, hd))?;
         if let (Some(qn), Some(kn)) = (small.get(Role::QNorm), small.get(Role::KNorm)) {
             q = self.norm(&q, qn)?;
             k = self.norm(&k, kn)?;
@@ -271,13 +292,12 @@ impl Block {
             self.moe(small, mats, &h)?
         } else {
             let bias = [Role::GateBias, Role::UpBias, Role::DownBias];
-            self.gated(
-                small,
-                mats,
-                [Role::Gate, Role::Up, Role::Down],
-                Some(bias),
-                &h,
-            )?
+            let w = if self.fused_gate_up {
+                [Role::GateUp, Role::GateUp, Role::Down]
+            } else {
+                [Role::Gate, Role::Up, Role::Down]
+            };
+            self.gated(small, mats, w, Some(bias), &h)?
         };
         if let Some(n) = small.get(Role::PostMlpNorm) {
             m = self.norm(&m, n)?;
@@ -299,14 +319,23 @@ impl Block {
             Some(b) => Self::linear(small, mats, w[i], b[i], x),
             None => mats.matmul(w[i], x),
         };
-        let g = lin(mats, 0, x)?;
-        let g = match self.act {
-            Activation::Silu => g.silu()?,
-            Activation::GeluTanh => g.gelu()?,
-            Activation::GeluTanhF16 => gelu_f16_table(&g)?,
+        let act = |g: Tensor| -> Result<Tensor> {
+            Ok(match self.act {
+                Activation::Silu => g.silu()?,
+                Activation::GeluTanh => g.gelu()?,
+                Activation::GeluTanhF16 => gelu_f16_table(&g)?,
+            })
         };
-        let u = lin(mats, 1, x)?;
-        lin(mats, 2, &(g * u)?)
+        let gu = if w[0] == Role::GateUp {
+            // One product for both; the gate's rows come first.
+            let y = mats.matmul(Role::GateUp, x)?;
+            let n = y.dim(1)? / 2;
+            (act(y.narrow(1, 0, n)?)? * y.narrow(1, n, n)?)?
+        } else {
+            let g = act(lin(mats, 0, x)?)?;
+            (g * lin(mats, 1, x)?)?
+        };
+        lin(mats, 2, &gu)
     }
 
     /// A mixture of experts: the router's softmax picks `top_k` experts per row; each picked
@@ -353,8 +382,20 @@ impl Block {
         Ok(out)
     }
 
-    /// RoPE on `[1, rows, heads, hd]`, returning `[rows, heads, hd]`.
+    /// RoPE on `[1, rows, heads, hd]`, returning `[rows, heads, hd]`. With a partial rotary
+    /// dimension only the first `rotary_dim` of each head turn.
     fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let hd = x.dim(3)?;
+        if self.rotary_dim < hd {
+            let r = self.rotary_dim;
+            let turned = self.rope_full(&x.narrow(3, 0, r)?.contiguous()?, cos, sin)?;
+            let kept = x.narrow(3, r, hd - r)?.squeeze(0)?;
+            return Ok(Tensor::cat(&[&turned, &kept], 2)?.contiguous()?);
+        }
+        self.rope_full(x, cos, sin)
+    }
+
+    fn rope_full(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         if self.rope_interleaved {
             // candle's interleaved kernel wants `[b, heads, rows, hd]`.
             let t = x.transpose(1, 2)?.contiguous()?;

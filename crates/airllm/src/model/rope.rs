@@ -9,19 +9,42 @@ use crate::error::Result;
 
 pub struct Rope {
     inv_freq: Vec<f32>,
+    /// cos and sin are multiplied by this (LongRoPE's attention factor).
+    scale: f32,
 }
 
 impl Rope {
+    /// Frequencies for `dim` rotated dimensions of a head, for sequences of up to `context`
+    /// tokens (LongRoPE picks its factor set by it, as llama.cpp does by its context size).
     /// `factors`, when given, divide each frequency (llama.cpp's `rope_freqs` tensor).
-    pub fn new(cfg: &RopeConfig, head_dim: usize, factors: Option<&[f32]>) -> Self {
-        let half = head_dim / 2;
+    pub fn new(cfg: &RopeConfig, dim: usize, factors: Option<&[f32]>, context: usize) -> Self {
+        let half = dim / 2;
+        let mut scale = 1.0;
         let mut inv_freq: Vec<f32> = (0..half)
-            .map(|i| 1.0 / cfg.theta.powf((2 * i) as f32 / head_dim as f32))
+            .map(|i| 1.0 / cfg.theta.powf((2 * i) as f32 / dim as f32))
             .collect();
-        match cfg.scaling {
+        match &cfg.scaling {
             RopeScaling::None => {}
             RopeScaling::Linear { factor } => inv_freq.iter_mut().for_each(|f| *f /= factor),
-            RopeScaling::Llama3 {
+            RopeScaling::LongRope {
+                short_factor,
+                long_factor,
+                original_max_position_embeddings,
+                attention_factor,
+            } => {
+                let ext = if context > *original_max_position_embeddings {
+                    long_factor
+                } else {
+                    short_factor
+                };
+                // As transformers: 1 / (ext · θ^(2i/d)), in f32. (A GGUF config has no
+                // factors here: they come as `factors`, the file's tensors.)
+                for (i, (f, e)) in inv_freq.iter_mut().zip(ext).enumerate() {
+                    *f = 1.0 / (e * cfg.theta.powf((2 * i) as f32 / dim as f32));
+                }
+                scale = *attention_factor;
+            }
+            &RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
                 high_freq_factor,
@@ -49,7 +72,7 @@ impl Rope {
                 *x /= d;
             }
         }
-        Rope { inv_freq }
+        Rope { inv_freq, scale }
     }
 
     /// The rotation frequency of each pair of dimensions.
@@ -65,8 +88,8 @@ impl Rope {
         for &p in positions {
             for &f in &self.inv_freq {
                 let a = p as f32 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
+                cos.push(a.cos() * self.scale);
+                sin.push(a.sin() * self.scale);
             }
         }
         let n = positions.len();

@@ -9,6 +9,8 @@ use crate::config::{BlockSpec, ModelConfig, MoeStyle};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Role {
     AttnNorm,
+    /// q, k and v in one matrix (Phi-3), rows in that order.
+    Qkv,
     Q,
     K,
     V,
@@ -25,6 +27,8 @@ pub enum Role {
     PostAttnNorm,
     /// Gemma 3: norm of the MLP output, before the residual add.
     PostMlpNorm,
+    /// gate and up in one matrix (Phi-3), gate rows first.
+    GateUp,
     Gate,
     Up,
     Down,
@@ -164,11 +168,12 @@ use MoeStyle::{Mixtral as MX, Qwen as QW};
 #[rustfmt::skip]
 const TABLE: &[Entry] = &[
     e(Role::AttnNorm, A, Norm, "input_layernorm.weight", "attn_norm.weight", |d| vec![d.h], |_, _| true),
-    e(Role::Q, A, Matrix, "self_attn.q_proj.weight", "attn_q.weight", |d| vec![d.q, d.h], |_, _| true),
+    e(Role::Qkv, A, Matrix, "self_attn.qkv_proj.weight", "attn_qkv.weight", |d| vec![d.q + 2 * d.kv, d.h], |b, _| b.fused_qkv),
+    e(Role::Q, A, Matrix, "self_attn.q_proj.weight", "attn_q.weight", |d| vec![d.q, d.h], |b, _| !b.fused_qkv),
     e(Role::QBias, A, Bias, "self_attn.q_proj.bias", "attn_q.bias", |d| vec![d.q], |b, _| b.qkv_bias),
-    e(Role::K, A, Matrix, "self_attn.k_proj.weight", "attn_k.weight", |d| vec![d.kv, d.h], |_, _| true),
+    e(Role::K, A, Matrix, "self_attn.k_proj.weight", "attn_k.weight", |d| vec![d.kv, d.h], |b, _| !b.fused_qkv),
     e(Role::KBias, A, Bias, "self_attn.k_proj.bias", "attn_k.bias", |d| vec![d.kv], |b, _| b.qkv_bias),
-    e(Role::V, A, Matrix, "self_attn.v_proj.weight", "attn_v.weight", |d| vec![d.kv, d.h], |_, _| true),
+    e(Role::V, A, Matrix, "self_attn.v_proj.weight", "attn_v.weight", |d| vec![d.kv, d.h], |b, _| !b.fused_qkv),
     e(Role::VBias, A, Bias, "self_attn.v_proj.bias", "attn_v.bias", |d| vec![d.kv], |b, _| b.qkv_bias),
     e(Role::QNorm, A, Norm, "self_attn.q_norm.weight", "attn_q_norm.weight", |d| vec![d.hd], |b, _| b.qk_norm),
     e(Role::KNorm, A, Norm, "self_attn.k_norm.weight", "attn_k_norm.weight", |d| vec![d.hd], |b, _| b.qk_norm),
@@ -179,9 +184,10 @@ const TABLE: &[Entry] = &[
     e(Role::PostAttnNorm, A, Norm, "post_attention_layernorm.weight", "post_attention_norm.weight", |d| vec![d.h], |b, _| b.sandwich_norms),
     e(Role::MlpNorm, M, Norm, "pre_feedforward_layernorm.weight", "ffn_norm.weight", |d| vec![d.h], |b, _| b.sandwich_norms),
     e(Role::MlpNorm, M, Norm, "post_attention_layernorm.weight", "ffn_norm.weight", |d| vec![d.h], |b, _| !b.sandwich_norms),
-    e(Role::Gate, M, Matrix, "mlp.gate_proj.weight", "ffn_gate.weight", |d| vec![d.im, d.h], |_, m| !m.sparse()),
+    e(Role::GateUp, M, Matrix, "mlp.gate_up_proj.weight", "ffn_up.weight", |d| vec![2 * d.im, d.h], |b, m| b.fused_gate_up && !m.sparse()),
+    e(Role::Gate, M, Matrix, "mlp.gate_proj.weight", "ffn_gate.weight", |d| vec![d.im, d.h], |b, m| !b.fused_gate_up && !m.sparse()),
     e(Role::GateBias, M, Bias, "mlp.gate_proj.bias", "ffn_gate.bias", |d| vec![d.im], |b, m| b.mlp_bias && !m.sparse()),
-    e(Role::Up, M, Matrix, "mlp.up_proj.weight", "ffn_up.weight", |d| vec![d.im, d.h], |_, m| !m.sparse()),
+    e(Role::Up, M, Matrix, "mlp.up_proj.weight", "ffn_up.weight", |d| vec![d.im, d.h], |b, m| !b.fused_gate_up && !m.sparse()),
     e(Role::UpBias, M, Bias, "mlp.up_proj.bias", "ffn_up.bias", |d| vec![d.im], |b, m| b.mlp_bias && !m.sparse()),
     e(Role::Down, M, Matrix, "mlp.down_proj.weight", "ffn_down.weight", |d| vec![d.h, d.im], |_, m| !m.sparse()),
     e(Role::DownBias, M, Bias, "mlp.down_proj.bias", "ffn_down.bias", |d| vec![d.h], |b, m| b.mlp_bias && !m.sparse()),
@@ -397,6 +403,8 @@ mod tests {
             b.mlp_bias = true;
             b.o_bias = true;
             b.qk_norm = true;
+            b.fused_qkv = sandwich;
+            b.fused_gate_up = sandwich;
             let roles: Vec<Role> = TABLE
                 .iter()
                 .filter(|t| (t.when)(&b, mlp))

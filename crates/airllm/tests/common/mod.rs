@@ -22,6 +22,7 @@ pub const MODELS: &[&str] = &[
     "qwen3moe-dense-layer",
     "mixtral-moe",
     "qwen3moe-sparse",
+    "phi-three-longrope-partial",
 ];
 
 pub struct Reference {
