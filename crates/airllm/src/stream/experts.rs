@@ -112,14 +112,28 @@ impl ExpertCache {
             .name("airllm-experts".into())
             .spawn(move || {
                 for job in job_rx {
+                    // The expert's matrices are read at once, so the disk's queue stays full
+                    // from the first request of the expert to its last.
                     let mats = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        job.reads
-                            .iter()
-                            .zip(job.bufs)
-                            .map(|((name, start, rows), buf)| {
-                                reader.read_rows(name, *start, *rows, buf)
-                            })
-                            .collect::<Result<Vec<Mat>>>()
+                        std::thread::scope(|sc| {
+                            let reads: Vec<_> = job
+                                .reads
+                                .iter()
+                                .zip(job.bufs)
+                                .map(|((name, start, rows), buf)| {
+                                    let reader = &reader;
+                                    sc.spawn(move || reader.read_rows(name, *start, *rows, buf))
+                                })
+                                .collect();
+                            reads
+                                .into_iter()
+                                .map(|h| {
+                                    h.join().unwrap_or_else(|_| {
+                                        Err(Error::Reader("reading an expert panicked".into()))
+                                    })
+                                })
+                                .collect::<Result<Vec<Mat>>>()
+                        })
                     }))
                     .unwrap_or_else(|_| Err(Error::Reader("reading an expert panicked".into())));
                     if done_tx
