@@ -4,7 +4,8 @@
 #   1. the transformers fixtures on CUDA against their goldens (f32 logits within 1e-3,
 #      identical greedy tokens), in four placements: all on the GPU, staged from host memory,
 #      staged from disk, and mixed (one layer on the GPU, one in host memory, the rest on disk);
-#   1b. random-weight f16 and bf16 models: CUDA's greedy tokens equal the CPU's;
+#   1b. random-weight f16 and bf16 models and a bf16 mixture of experts (tiny-moe, its experts
+#       staged from host memory): CUDA's greedy tokens equal the CPU's;
 #   2. the default model (Gemma 3 270M Q4_K_M) on CUDA: llama.cpp's Q4_K_M criteria, and the
 #      CPU's greedy tokens;
 #   3. `synth --shape llama-70b --layers 8` (bf16) at --gpu-memory 4GiB: decode s/token against
@@ -35,10 +36,12 @@ fail=0
 echo "== 1. transformers fixtures on CUDA"
 "$WORK/device_check" --device cuda hf "$REPO"/tests/fixtures/hf/*/ || fail=1
 
-echo "== 1b. f16 and bf16 models (random weights): CUDA's greedy tokens = CPU's"
-for dt in f16 bf16; do
-  S="$WORK/synth-$dt"
-  [ -f "$S/config.json" ] || "$WORK/airllm" synth --shape tiny --layers 4 --dtype $dt --out "$S" >/dev/null
+echo "== 1b. f16 and bf16 models, and a bf16 mixture of experts (random weights): CUDA's greedy tokens = CPU's"
+for case in tiny:f16 tiny:bf16 tiny-moe:bf16; do
+  shape=${case%%:*} dt=${case##*:}
+  S="$WORK/synth-$shape-$dt"
+  [ -f "$S/config.json" ] || "$WORK/airllm" synth --shape "$shape" --layers 4 --dtype $dt --out "$S" >/dev/null
+  dt="$shape-$dt"
   for d in cpu cuda; do
     "$WORK/airllm" run -m "$S" --device $d -p "The quick brown fox" -p "Once upon a time" -n 24 \
       --temperature 0 --ignore-eos --json 2>/dev/null | python3 -c 'import json,sys; print([json.loads(l)["token_ids"] for l in sys.stdin])' >"$WORK/$dt-$d.txt"
