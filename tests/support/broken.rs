@@ -188,6 +188,18 @@ pub fn cases() -> Vec<(&'static str, tempfile::TempDir, PathBuf, Vec<String>)> {
         vec!["mlp.gate.weight".into(), "(9 experts)".into()],
     ));
 
+    let (t, d) = copy_fixture("qwen3moe-dense-layer");
+    let extra = "model.layers.0.mlp.experts.8.up_proj.weight";
+    edit_header(&d.join("model.safetensors"), |h| {
+        h[extra] = h["model.layers.0.mlp.experts.7.up_proj.weight"].clone();
+    });
+    out.push((
+        "an expert more than the config names",
+        t,
+        d,
+        vec![extra.into(), "more than the 8 the config names".into()],
+    ));
+
     let (t, d) = copy_fixture("mixtral-moe");
     let missing = "model.layers.2.block_sparse_moe.experts.1.w3.weight";
     edit_header(&d.join("model.safetensors"), |h| {
