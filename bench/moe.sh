@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# Mixture-of-experts benchmark: a Mixtral-8x7B-shaped synthetic model (bf16, LAYERS layers) as one
-# GGUF file, run by this project at two budgets below its size (the minimum, where the expert
+# Mixture-of-experts benchmark: a synthetic model of SHAPE (mixtral-8x7b by default; bf16, LAYERS
+# layers) as one GGUF file, run by this project at two budgets below its size (the minimum, where the expert
 # cache has only its two working slots, and BUDGET_MIB, where it holds more) and by llama.cpp, all
 # in the same memory cgroup with the page cache dropped before each run. Prints one JSON line per
 # run (and keeps them in $WORK/results.jsonl).
 #
 # usage: bench/moe.sh            (root is needed for the cgroup and for dropping caches)
-# env:   LAYERS (4), GEN (8), PROMPT_LEN (16), CAP_MIB (4608), BUDGET_MIB (4096),
+# env:   SHAPE (mixtral-8x7b, or qwen3-30b-a3b), LAYERS (4), GEN (8), PROMPT_LEN (16), CAP_MIB (4608), BUDGET_MIB (4096),
 #        MIN_MIB (1280), WORK (/tmp/airllm-moe), LLAMA_PY (a Python with llama-cpp-python,
 #        default bench/.venv-peers/bin/python as bench/compare.sh makes it)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+SHAPE=${SHAPE:-mixtral-8x7b}
 LAYERS=${LAYERS:-4}
 GEN=${GEN:-8}
 PROMPT_LEN=${PROMPT_LEN:-16}
@@ -25,9 +26,9 @@ PROMPT="The history of the printing press begins in the fifteenth century, when"
 
 (cd "$ROOT" && cargo build --release -q)
 mkdir -p "$WORK"
-GGUF=$WORK/mixtral-${LAYERS}l-bf16.gguf
+GGUF=$WORK/$SHAPE-${LAYERS}l-bf16.gguf
 if [ ! -f "$GGUF" ]; then
-  "$BIN" synth --shape mixtral-8x7b --layers "$LAYERS" --dtype bf16 --out "$WORK/hf" --gguf "$GGUF"
+  "$BIN" synth --shape "$SHAPE" --layers "$LAYERS" --dtype bf16 --out "$WORK/hf" --gguf "$GGUF"
   rm -rf "$WORK/hf"
 fi
 RESULTS=$WORK/results.jsonl

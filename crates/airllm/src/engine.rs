@@ -283,23 +283,24 @@ impl ModelSizes {
             let (mut held, mut file, mut n) = (0, 0, 0);
             for t in schema.experts() {
                 n = t.experts;
-                let names: Vec<String> = match naming {
-                    Naming::Gguf => vec![t.name(naming, layer)],
-                    Naming::Hf => (0..t.experts)
-                        .map(|e| t.expert_name(naming, layer, e).0)
-                        .collect(),
+                // transformers has a tensor per expert; GGUF one stack of them all.
+                let (names, stacked): (Vec<String>, u64) = match naming {
+                    Naming::Gguf => (vec![t.name(naming, layer)], t.experts as u64),
+                    Naming::Hf => (
+                        (0..t.experts)
+                            .map(|e| t.expert_name(naming, layer, e).0)
+                            .collect(),
+                        1,
+                    ),
                 };
-                let mut per_file = 0;
-                let mut per_held = 0;
+                let (mut per_held, mut per_file) = (0u64, 0u64);
                 for name in &names {
                     let m = add(name, &mut s)?;
-                    let rows = t.shape[0] as u64;
-                    per_held = per_held.max(read_capacity((m.buffer_row_bytes() * rows) as usize));
-                    per_file = per_file.max(
-                        m.file_bytes / (t.experts as u64).pow(u32::from(naming == Naming::Gguf)),
-                    );
+                    let bytes = m.buffer_row_bytes() * t.shape[0] as u64;
+                    per_held = per_held.max(read_capacity(bytes as usize) as u64);
+                    per_file = per_file.max(m.file_bytes / stacked.max(1));
                 }
-                held += per_held as u64;
+                held += per_held;
                 file += per_file;
             }
             s.expert_bytes = s.expert_bytes.max(held);
