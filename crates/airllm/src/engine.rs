@@ -822,8 +822,13 @@ impl Engine {
         let streamed: Vec<usize> = (held_layers..cfg.num_layers).collect();
         let experts = if plan.experts_total > 0 {
             let charge = ledger.charge(plan.expert_slots as u64 * plan.expert_bytes);
-            let mut cache =
-                ExpertCache::new(src.clone(), schemas.clone(), plan.expert_slots, charge)?;
+            let mut cache = ExpertCache::new(
+                src.clone(),
+                schemas.clone(),
+                plan.expert_slots,
+                plan.expert_bytes,
+                charge,
+            )?;
             if plan.expert_slots == plan.experts_total {
                 let sparse: Vec<usize> = (0..cfg.num_layers)
                     .filter(|&l| schemas[l].is_sparse())

@@ -69,6 +69,40 @@ struct Slot {
     pinned: bool,
 }
 
+/// Small experts (Qwen3-MoE's are 9 MiB in bf16) are read two at a time, which keeps the disk's
+/// queue full across the boundary between experts: 5–10% faster decode on the Qwen3-30B-A3B
+/// shape. Large ones (Mixtral's 336 MiB) one at a time, so the first arrives, and computes,
+/// sooner: two at a time was 10% slower there.
+const SMALL_EXPERT: u64 = 64 << 20;
+
+/// Reads one expert's matrices, all at once, so the disk's queue stays full from the first
+/// request of the expert to its last.
+fn read_expert(
+    src: &dyn WeightSource,
+    reads: Vec<(String, usize, usize)>,
+    bufs: Vec<AlignedBuf>,
+) -> Result<Vec<Mat>> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        std::thread::scope(|sc| {
+            let handles: Vec<_> = reads
+                .iter()
+                .zip(bufs)
+                .map(|((name, start, rows), buf)| {
+                    sc.spawn(move || src.read_rows(name, *start, *rows, buf))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(Error::Reader("reading an expert panicked".into())))
+                })
+                .collect::<Result<Vec<Mat>>>()
+        })
+    }))
+    .unwrap_or_else(|_| Err(Error::Reader("reading an expert panicked".into())))
+}
+
 /// One expert to read into a slot.
 struct Job {
     slot: usize,
@@ -89,7 +123,7 @@ pub struct ExpertCache {
     clock: u64,
     jobs: Option<Sender<Job>>,
     done: Receiver<Done>,
-    handle: Option<JoinHandle<()>>,
+    handles: Vec<JoinHandle<()>>,
     pub stats: ExpertStats,
     /// Time compute waited for experts being read.
     pub wait: Duration,
@@ -97,57 +131,41 @@ pub struct ExpertCache {
 }
 
 impl ExpertCache {
-    /// A cache of `slots` experts over the sparse layers of `schemas`, its memory charged as
-    /// `charge`.
+    /// A cache of `slots` experts of up to `expert_bytes` over the sparse layers of `schemas`,
+    /// its memory charged as `charge`.
     pub fn new(
         src: Arc<dyn WeightSource>,
         schemas: Vec<LayerSchema>,
         slots: usize,
+        expert_bytes: u64,
         charge: Charge,
     ) -> Result<Self> {
+        let lanes = if expert_bytes <= SMALL_EXPERT { 2 } else { 1 };
         let (job_tx, job_rx) = channel::<Job>();
         let (done_tx, done_rx) = channel::<Done>();
-        let reader = src.clone();
-        let handle = std::thread::Builder::new()
-            .name("airllm-experts".into())
-            .spawn(move || {
-                for job in job_rx {
-                    // The expert's matrices are read at once, so the disk's queue stays full
-                    // from the first request of the expert to its last.
-                    let mats = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        std::thread::scope(|sc| {
-                            let reads: Vec<_> = job
-                                .reads
-                                .iter()
-                                .zip(job.bufs)
-                                .map(|((name, start, rows), buf)| {
-                                    let reader = &reader;
-                                    sc.spawn(move || reader.read_rows(name, *start, *rows, buf))
-                                })
-                                .collect();
-                            reads
-                                .into_iter()
-                                .map(|h| {
-                                    h.join().unwrap_or_else(|_| {
-                                        Err(Error::Reader("reading an expert panicked".into()))
-                                    })
-                                })
-                                .collect::<Result<Vec<Mat>>>()
-                        })
-                    }))
-                    .unwrap_or_else(|_| Err(Error::Reader("reading an expert panicked".into())));
-                    if done_tx
-                        .send(Done {
-                            slot: job.slot,
-                            mats,
-                        })
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
+        let jobs = Arc::new(std::sync::Mutex::new(job_rx));
+        let handles = (0..lanes)
+            .map(|i| {
+                let (reader, jobs, done_tx) = (src.clone(), jobs.clone(), done_tx.clone());
+                std::thread::Builder::new()
+                    .name(format!("airllm-experts-{i}"))
+                    .spawn(move || loop {
+                        let job = jobs.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                        let Ok(job) = job else { return };
+                        let mats = read_expert(reader.as_ref(), job.reads, job.bufs);
+                        if done_tx
+                            .send(Done {
+                                slot: job.slot,
+                                mats,
+                            })
+                            .is_err()
+                        {
+                            return;
+                        }
+                    })
+                    .map_err(|e| Error::Reader(format!("cannot start the expert reader: {e}")))
             })
-            .map_err(|e| Error::Reader(format!("cannot start the expert reader: {e}")))?;
+            .collect::<Result<Vec<_>>>()?;
         Ok(ExpertCache {
             src,
             schemas,
@@ -165,7 +183,7 @@ impl ExpertCache {
             clock: 0,
             jobs: Some(job_tx),
             done: done_rx,
-            handle: Some(handle),
+            handles,
             stats: ExpertStats::default(),
             wait: Duration::ZERO,
             _charge: charge,
@@ -370,7 +388,7 @@ impl ExpertCache {
 impl Drop for ExpertCache {
     fn drop(&mut self) {
         self.jobs.take();
-        if let Some(h) = self.handle.take() {
+        for h in self.handles.drain(..) {
             let _ = h.join();
         }
     }
