@@ -564,14 +564,20 @@ impl ModelConfig {
 /// Head dimensions RoPE rotates: `partial_rotary_factor` (top level or in the RoPE parameters)
 /// of the head, as transformers rounds it.
 fn read_rotary_dim(r: &Reader, head_dim: usize) -> Result<usize> {
-    let params = get(r.v, "rope_parameters").or_else(|| get(r.v, "rope_scaling"));
-    let (key, f) = match params.map(|p| r.f64_opt(p, "partial_rotary_factor")) {
-        Some(Ok(Some(f))) => ("rope_parameters.partial_rotary_factor", f),
+    let nested = ["rope_parameters", "rope_scaling"]
+        .into_iter()
+        .find_map(|k| get(r.v, k).map(|p| (k, p)));
+    let (key, f) = match nested {
+        Some((k, p)) if get(p, "partial_rotary_factor").is_some() => (
+            format!("{k}.partial_rotary_factor"),
+            r.f64_opt(p, "partial_rotary_factor")?.unwrap_or(1.0),
+        ),
         _ => (
-            "partial_rotary_factor",
+            "partial_rotary_factor".to_string(),
             r.f64_opt(r.v, "partial_rotary_factor")?.unwrap_or(1.0),
         ),
     };
+    let key = key.as_str();
     let dim = (head_dim as f64 * f) as usize;
     if !(f > 0.0 && f <= 1.0) || dim < 2 || dim % 2 == 1 {
         return Err(Error::config(

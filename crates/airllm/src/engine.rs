@@ -261,6 +261,8 @@ impl ModelSizes {
             Ok(m)
         };
         let naming = src.naming();
+        // The largest buffer each expert matrix (gate, up, down) needs over the layers.
+        let mut role_bytes: Vec<u64> = vec![];
         for layer in 0..cfg.num_layers {
             let schema = LayerSchema::new(cfg, layer);
             let (mut held, mut file, mut small) = (0, 0, 0);
@@ -279,9 +281,10 @@ impl ModelSizes {
             s.layer_bytes = s.layer_bytes.max(held);
             s.layer_file_bytes = s.layer_file_bytes.max(file);
             s.small_bytes = s.small_bytes.max(small);
-            // Experts: each is read whole into a cache slot, one buffer per matrix.
-            let (mut held, mut file, mut n) = (0, 0, 0);
-            for t in schema.experts() {
+            // Experts: each is read whole into a cache slot, one buffer per matrix; a slot's
+            // buffer for a role serves every layer, so it grows to that role's largest.
+            let (mut file, mut n) = (0, 0);
+            for (i, t) in schema.experts().enumerate() {
                 n = t.experts;
                 // transformers has a tensor per expert; GGUF one stack of them all.
                 let (names, stacked): (Vec<String>, u64) = match naming {
@@ -293,17 +296,21 @@ impl ModelSizes {
                         1,
                     ),
                 };
-                let (mut per_held, mut per_file) = (0u64, 0u64);
+                let mut per_file = 0u64;
                 for name in &names {
                     let m = add(name, &mut s)?;
                     let bytes = m.buffer_row_bytes() * t.shape[0] as u64;
-                    per_held = per_held.max(read_capacity(bytes as usize) as u64);
+                    if role_bytes.len() <= i {
+                        role_bytes.resize(i + 1, 0);
+                    }
+                    role_bytes[i] = role_bytes[i].max(read_capacity(bytes as usize) as u64);
                     per_file = per_file.max(m.file_bytes / stacked.max(1));
+                    // Staged to a device, an expert goes through the slots in row tiles.
+                    s.max_row_bytes = s.max_row_bytes.max(m.buffer_row_bytes());
                 }
-                held += per_held;
                 file += per_file;
             }
-            s.expert_bytes = s.expert_bytes.max(held);
+            s.expert_bytes = role_bytes.iter().sum();
             s.expert_file_bytes = s.expert_file_bytes.max(file);
             s.experts_total += n;
         }
@@ -319,6 +326,14 @@ impl ModelSizes {
         }
         Ok(s)
     }
+}
+
+/// The widest activation row: hidden, or an MLP's (dense, expert or shared expert).
+fn widest(cfg: &ModelConfig) -> usize {
+    let moe = cfg.moe.as_ref();
+    cfg.hidden_size
+        .max(cfg.intermediate_size)
+        .max(moe.map_or(0, |m| m.expert_size.max(m.shared_size.unwrap_or(0))))
 }
 
 /// Bytes of activations for the largest step the options allow, generously counted, and the
@@ -339,7 +354,7 @@ fn work_bytes(cfg: &ModelConfig, o: &EngineOptions) -> u64 {
     let scores = (4 * cfg.num_heads as u64 * per_seq_new * o.context as u64)
         .min(o.attention_scores_bytes / 4);
     let logits = 2 * o.max_logit_rows as u64 * cfg.vocab_size as u64;
-    let widest = cfg.hidden_size.max(cfg.intermediate_size) as u64;
+    let widest = widest(cfg) as u64;
     // Compacting a sliding window copies its keys and values once.
     let window_copy = cfg
         .layer_windows
@@ -448,10 +463,19 @@ impl ModelInfo {
         {
             let half = cfg.rotary_dim / 2;
             if short_factor.len() != half || long_factor.len() != half {
-                return Err(Error::file(
-                    path,
+                let (file, field) = if crate::weights::is_gguf(path) {
+                    (path.to_path_buf(), "rope_factors_short/long.weight")
+                } else {
+                    (
+                        path.join("config.json"),
+                        "rope_scaling.short_factor/long_factor",
+                    )
+                };
+                return Err(Error::config(
+                    &file,
+                    field,
                     format!(
-                        "LongRoPE has {} short and {} long factors; {half} rotated pairs need as many",
+                        "{} short and {} long factors; the {half} rotated pairs need {half} each",
                         short_factor.len(),
                         long_factor.len()
                     ),
@@ -516,9 +540,9 @@ impl ModelInfo {
                     + if opts.device.is_cpu() {
                         0
                     } else {
-                        16 * opts.max_step_tokens as u64
-                            * c.hidden_size.max(c.intermediate_size) as u64
+                        16 * opts.max_step_tokens as u64 * widest(c) as u64
                     },
+                experts: self.sizes.experts_total > 0,
                 extra_slots: usize::from(
                     !opts.device.is_cpu()
                         && self
@@ -708,7 +732,8 @@ impl Engine {
         if opts.keep_page_cache {
             src.io().keep_page_cache();
         } else {
-            src.io().set_drop_cache(plan.streams());
+            src.io()
+                .set_drop_cache(plan.streams() || plan.expert_slots < plan.experts_total);
         }
         // The working set, fixed tensors and what the caller holds are charged for the
         // engine's life.

@@ -166,3 +166,33 @@ fn a_batch_routed_to_more_experts_than_the_cache_holds_runs_in_waves() {
         assert!(d <= 1e-4, "max abs logit diff {d}");
     }
 }
+
+#[test]
+fn on_a_device_that_holds_every_layer_experts_pass_through_its_staging_slots() {
+    // Experts stay in the host's cache, so even a device that holds all else stages them.
+    let name = "mixtral-moe";
+    let dir = fixtures().join(name);
+    let r = reference(name);
+    let plain = common::last_logits(
+        &mut Engine::open(&dir, single(1 << 30)).unwrap(),
+        &r.prompt_ids[..1],
+    );
+    let mut e = Engine::open(
+        &dir,
+        EngineOptions {
+            device_memory: Some(1 << 30),
+            ..single(1 << 30)
+        },
+    )
+    .unwrap();
+    let d = e.plan().device.clone().unwrap();
+    assert_eq!(d.resident_layers, 4, "{}", e.plan());
+    assert!(d.stages(), "{}", e.plan());
+    let got = common::last_logits(&mut e, &r.prompt_ids[..1]);
+    assert_eq!(got, plain);
+    let used = e.expert_stats().unwrap().hits + e.expert_stats().unwrap().misses;
+    assert_eq!(
+        e.bytes_moved(),
+        used * ModelInfo::open(&dir).unwrap().sizes.expert_file_bytes
+    );
+}

@@ -127,6 +127,8 @@ pub struct ExpertCache {
     pub stats: ExpertStats,
     /// Time compute waited for experts being read.
     pub wait: Duration,
+    /// An expert was multiplied on the device since the stager last finished its copies.
+    unsynced: bool,
     _charge: Charge,
 }
 
@@ -186,6 +188,7 @@ impl ExpertCache {
             handles,
             stats: ExpertStats::default(),
             wait: Duration::ZERO,
+            unsynced: false,
             _charge: charge,
         })
     }
@@ -224,9 +227,14 @@ impl ExpertCache {
         let mut pending = VecDeque::new();
         for &e in experts {
             match self.index.get(&(layer, e)) {
-                Some(&s) => {
+                Some(&s) if self.slots[s].state == State::Ready => {
                     self.slots[s].pinned = true;
                     hits.push((e, s));
+                }
+                Some(_) => {
+                    return Err(Error::Reader(format!(
+                        "internal error: expert {e} of layer {layer} is indexed but not read"
+                    )))
                 }
                 None => pending.push_back(e),
             }
@@ -235,10 +243,10 @@ impl ExpertCache {
         self.stats.misses += pending.len() as u64;
         let mut loading: HashMap<usize, usize> = HashMap::new();
         let r = (|| -> Result<()> {
-            self.issue(layer, &mut pending, &mut loading)?;
+            self.issue(layer, &mut pending, &mut loading, stager.as_deref_mut())?;
             for (e, s) in hits {
                 self.compute(s, e, &roles, stager.as_deref_mut(), f)?;
-                self.issue(layer, &mut pending, &mut loading)?;
+                self.issue(layer, &mut pending, &mut loading, stager.as_deref_mut())?;
             }
             while !loading.is_empty() {
                 let t = Instant::now();
@@ -265,7 +273,7 @@ impl ExpertCache {
                     }
                 }
                 self.compute(d.slot, e, &roles, stager.as_deref_mut(), f)?;
-                self.issue(layer, &mut pending, &mut loading)?;
+                self.issue(layer, &mut pending, &mut loading, stager.as_deref_mut())?;
             }
             if !pending.is_empty() {
                 return Err(Error::Reader(
@@ -287,7 +295,16 @@ impl ExpertCache {
         layer: usize,
         pending: &mut VecDeque<usize>,
         loading: &mut HashMap<usize, usize>,
+        stager: Option<&mut Stager>,
     ) -> Result<()> {
+        // A slot computed on a device may still be the source of a copy in flight: those
+        // copies finish before any slot is read into again.
+        if !pending.is_empty() && self.unsynced {
+            if let Some(st) = stager {
+                st.finish()?;
+            }
+            self.unsynced = false;
+        }
         while let Some(&e) = pending.front() {
             let victim = self
                 .slots
@@ -328,17 +345,26 @@ impl ExpertCache {
                     self.stats.bytes_read += m.file_bytes / stacked.max(1) as u64;
                 }
             }
-            let jobs = self
-                .jobs
-                .as_ref()
-                .ok_or_else(|| Error::Reader("the expert reader is closed".into()))?;
-            jobs.send(Job {
-                slot: v,
-                reads,
-                bufs,
-            })
-            .map_err(|_| Error::Reader("the expert reader exited".into()))?;
+            // Counted as loading before the send, so a failed send is cleaned up like a
+            // failed read.
             loading.insert(v, e);
+            let sent = self.jobs.as_ref().is_some_and(|jobs| {
+                jobs.send(Job {
+                    slot: v,
+                    reads,
+                    bufs,
+                })
+                .is_ok()
+            });
+            if !sent {
+                loading.remove(&v);
+                let slot = &mut self.slots[v];
+                slot.state = State::Empty;
+                slot.key = None;
+                slot.pinned = false;
+                self.index.remove(&(layer, e));
+                return Err(Error::Reader("the expert reader exited".into()));
+            }
         }
         Ok(())
     }
@@ -352,6 +378,7 @@ impl ExpertCache {
         f: &mut dyn FnMut(usize, &mut dyn Matrices) -> Result<()>,
     ) -> Result<()> {
         self.clock += 1;
+        self.unsynced |= stager.is_some();
         let slot = &mut self.slots[s];
         slot.used = self.clock;
         let mut mats = ExpertMats {

@@ -94,6 +94,9 @@ pub struct DeviceInput {
     /// Transient slot-sized allocations beside the slots (a GPU's quantized slices get a
     /// device copy of their own).
     pub extra_slots: usize,
+    /// The model has experts, which stay in the host's expert cache and pass through the
+    /// staging slots, so there are slots even when everything else fits.
+    pub experts: bool,
 }
 
 /// The device tier: what stays in device memory, and the slots the other tiers' slices are
@@ -125,7 +128,12 @@ impl DevicePlan {
     pub fn new(inp: &DeviceInput, budget: u64) -> Result<DevicePlan> {
         let base = inp.kv_bytes + inp.work_bytes + inp.fixed_bytes;
         let min_slot = inp.min_slot_bytes.max(1);
-        let all = inp.num_layers as u64 * inp.layer_bytes + inp.head_bytes + base;
+        let staged_experts = if inp.experts {
+            (2 + inp.extra_slots) as u64 * min_slot
+        } else {
+            0
+        };
+        let all = inp.num_layers as u64 * inp.layer_bytes + inp.head_bytes + base + staged_experts;
         let minimum = (base + (2 + inp.extra_slots) as u64 * min_slot).min(all);
         let mut plan = DevicePlan {
             budget,
@@ -142,7 +150,7 @@ impl DevicePlan {
             minimum,
             bytes_moved_per_token: 0,
         };
-        if all <= budget {
+        if all <= budget && !inp.experts {
             return Ok(plan);
         }
         if budget < minimum {
@@ -511,6 +519,7 @@ mod tests {
             work_bytes: 32 << 20,
             fixed_bytes: 0,
             extra_slots: 0,
+            experts: false,
         }
     }
 
@@ -538,6 +547,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("device budget") && e.contains("minimum"), "{e}");
+    }
+
+    #[test]
+    fn experts_keep_staging_slots_when_everything_else_fits() {
+        let inp = DeviceInput {
+            experts: true,
+            ..device_input()
+        };
+        let d = DevicePlan::new(&inp, 20 << 30).unwrap();
+        assert_eq!((d.resident_layers, d.head_resident), (10, true));
+        assert!(d.stages() && d.slots >= 2, "{d:?}");
+        assert!(d.total_bytes() <= 20 << 30);
     }
 
     #[test]
