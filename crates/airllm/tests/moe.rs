@@ -137,17 +137,7 @@ fn a_batch_routed_to_more_experts_than_the_cache_holds_runs_in_waves() {
     )
     .unwrap();
     assert_eq!(e.plan().expert_slots, 2);
-    let mut seqs: Vec<_> = r
-        .prompt_ids
-        .iter()
-        .map(|_| e.new_sequence().unwrap())
-        .collect();
-    let mut batch: Vec<_> = seqs
-        .iter_mut()
-        .zip(&r.prompt_ids)
-        .map(|(s, p)| (s, p.as_slice()))
-        .collect();
-    let got = e.step(&mut batch, LogitsFor::All).unwrap();
+    let got = common::step_prompts(&mut e, &r.prompt_ids, LogitsFor::All);
     let s = e.expert_stats().unwrap();
     let moe = e.config().moe.clone().unwrap();
     assert_eq!(

@@ -34,19 +34,7 @@ fn minimum_budget(name: &str, r: &common::Reference) -> u64 {
 
 /// Logits for both prompts, computed in one batched step.
 fn batched_logits(engine: &mut Engine, r: &common::Reference) -> Vec<Vec<Vec<f32>>> {
-    let mut seqs: Vec<_> = r
-        .prompt_ids
-        .iter()
-        .map(|_| engine.new_sequence().unwrap())
-        .collect();
-    let mut batch: Vec<_> = seqs
-        .iter_mut()
-        .zip(&r.prompt_ids)
-        .map(|(s, p)| (s, p.as_slice()))
-        .collect();
-    engine
-        .step(&mut batch, LogitsFor::All)
-        .unwrap()
+    common::step_prompts(engine, &r.prompt_ids, LogitsFor::All)
         .into_iter()
         .map(|t| t.to_vec2::<f32>().unwrap())
         .collect()

@@ -97,16 +97,24 @@ pub fn float_list(v: &serde_json::Value) -> Vec<f32> {
         .collect()
 }
 
-/// Last-position logits of every prompt, in one batched step.
-pub fn last_logits(e: &mut airllm::Engine, prompts: &[Vec<u32>]) -> Vec<Vec<f32>> {
+/// Every prompt as a new sequence, in one batched step; each sequence's logits per `which`.
+pub fn step_prompts(
+    e: &mut airllm::Engine,
+    prompts: &[Vec<u32>],
+    which: airllm::LogitsFor,
+) -> Vec<candle_core::Tensor> {
     let mut seqs: Vec<_> = prompts.iter().map(|_| e.new_sequence().unwrap()).collect();
     let mut batch: Vec<_> = seqs
         .iter_mut()
         .zip(prompts)
         .map(|(s, p)| (s, p.as_slice()))
         .collect();
-    e.step(&mut batch, airllm::LogitsFor::Last)
-        .unwrap()
+    e.step(&mut batch, which).unwrap()
+}
+
+/// Last-position logits of every prompt, in one batched step.
+pub fn last_logits(e: &mut airllm::Engine, prompts: &[Vec<u32>]) -> Vec<Vec<f32>> {
+    step_prompts(e, prompts, airllm::LogitsFor::Last)
         .into_iter()
         .map(|t| t.squeeze(0).unwrap().to_vec1::<f32>().unwrap())
         .collect()
