@@ -12,8 +12,6 @@
 //! row count picks, and tiles start at multiples of [`ROW_TILE`]: a matrix computed in slices of
 //! whole tiles gives bit-identical results to the whole matrix.
 
-use candle_core::quantized::k_quants::{self as kq, GgmlType};
-use candle_core::quantized::GgmlDType;
 use candle_core::Tensor;
 use rayon::prelude::*;
 
@@ -51,7 +49,7 @@ pub fn matmul_into(
         return Ok(());
     }
     match w.form {
-        Form::Q(t) => quant(x, m, w, t, y, ldy, col0),
+        Form::Q(t) => super::qmatmul::quant(x, m, w, t, y, ldy, col0),
         _ if m <= GEMV_MAX_ROWS => {
             gemv(x, m, w, y, ldy, col0);
             Ok(())
@@ -97,14 +95,14 @@ pub fn with_rows(
 
 /// `y`'s storage, shared by tasks that write disjoint elements.
 #[derive(Clone, Copy)]
-struct Out(*mut f32);
+pub(super) struct Out(pub(super) *mut f32);
 // SAFETY: every task writes a disjoint set of elements (its own output columns).
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
 impl Out {
     /// The element `i` of `y` (a method, so closures capture the whole `Out`, which is `Send`).
-    fn at(self, i: usize) -> *mut f32 {
+    pub(super) fn at(self, i: usize) -> *mut f32 {
         self.0.wrapping_add(i)
     }
 }
@@ -143,29 +141,47 @@ thread_local! {
 fn tiled(x: &[f32], m: usize, w: MatView, y: &mut [f32], ldy: usize, col0: usize) {
     let (n, k) = (w.rows, w.cols);
     let rb = w.form.row_bytes(k);
+    let data = &w.data[..rb * n];
+    // f32 rows are multiplied where they lie; 16-bit rows are widened into scratch first.
+    let direct = (w.form == Form::F32 && (data.as_ptr() as usize).is_multiple_of(4))
+        .then(|| bytemuck::cast_slice::<u8, f32>(data));
+    gemm_tiles(x, m, n, k, y, ldy, col0, direct, |r, dst| {
+        widen(w.form, &data[r * rb..(r + 1) * rb], dst)
+    });
+}
+
+/// `x · Wᵀ` into columns `col0 .. col0 + n` of `y`, a tile of [`ROW_TILE`] weight rows per
+/// task: `direct` holds the weights as f32 `[n, k]` where they already are; otherwise
+/// `widen(r, dst)` writes weight row `r` as f32 into a reused per-thread scratch.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn gemm_tiles(
+    x: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    y: &mut [f32],
+    ldy: usize,
+    col0: usize,
+    direct: Option<&[f32]>,
+    widen: impl Fn(usize, &mut [f32]) + Sync,
+) {
     let out = Out(y.as_mut_ptr());
     (0..n.div_ceil(ROW_TILE)).into_par_iter().for_each(|t| {
         let j0 = t * ROW_TILE;
         let nt = ROW_TILE.min(n - j0);
-        let tile = &w.data[j0 * rb..(j0 + nt) * rb];
-        // f32 rows are multiplied where they lie; 16-bit rows are widened into scratch first.
-        let direct = w.form == Form::F32 && (tile.as_ptr() as usize).is_multiple_of(4);
         SCRATCH.with(|s| {
             let mut s = s.borrow_mut();
-            let rhs: *const f32 = if direct {
-                tile.as_ptr() as *const f32
-            } else {
-                if s.len() < nt * k {
-                    s.resize(nt * k, 0.0);
+            let rhs: *const f32 = match direct {
+                Some(d) => d[j0 * k..].as_ptr(),
+                None => {
+                    if s.len() < nt * k {
+                        s.resize(nt * k, 0.0);
+                    }
+                    for r in 0..nt {
+                        widen(j0 + r, &mut s[r * k..(r + 1) * k]);
+                    }
+                    s.as_ptr()
                 }
-                for r in 0..nt {
-                    widen(
-                        w.form,
-                        &tile[r * rb..(r + 1) * rb],
-                        &mut s[r * k..(r + 1) * k],
-                    );
-                }
-                s.as_ptr()
             };
             // SAFETY: x is [m, k]; rhs holds nt rows of k f32 values; the destination columns
             // col0 + j0 .. + nt of every row of y belong to this tile alone.
@@ -222,74 +238,6 @@ fn widen(form: Form, row: &[u8], dst: &mut [f32]) {
         }
         Form::Q(_) => unreachable!("quantized rows take the block kernels"),
     }
-}
-
-/// Quantized blocks: candle's kernels over the stored blocks, then the slice's columns are
-/// placed in `y`.
-fn quant(
-    x: &[f32],
-    m: usize,
-    w: MatView,
-    t: GgmlDType,
-    y: &mut [f32],
-    ldy: usize,
-    col0: usize,
-) -> Result<()> {
-    fn go<T: GgmlType>(
-        mkn: (usize, usize, usize),
-        lhs: &[f32],
-        bytes: &[u8],
-        dst: &mut [f32],
-    ) -> Result<()> {
-        let size = std::mem::size_of::<T>();
-        if !bytes.len().is_multiple_of(size)
-            || !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>())
-        {
-            return Err(Error::Invalid(
-                "internal error: quantized rows are not whole, aligned blocks".into(),
-            ));
-        }
-        // SAFETY: checked above to be whole and aligned blocks; block types are plain data.
-        let blocks =
-            unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const T, bytes.len() / size) };
-        kq::matmul(mkn, lhs, blocks, dst)?;
-        Ok(())
-    }
-    let (n, k) = (w.rows, w.cols);
-    let bytes = &w.data[..w.form.row_bytes(k) * n];
-    let lhs = &x[..m * k];
-    let mkn = (m, k, n);
-    let direct = col0 == 0 && n == ldy;
-    let mut tmp = if direct {
-        Vec::new()
-    } else {
-        vec![0f32; m * n]
-    };
-    let dst: &mut [f32] = if direct { &mut y[..m * n] } else { &mut tmp };
-    match t {
-        GgmlDType::Q4_0 => go::<kq::BlockQ4_0>(mkn, lhs, bytes, dst)?,
-        GgmlDType::Q4_1 => go::<kq::BlockQ4_1>(mkn, lhs, bytes, dst)?,
-        GgmlDType::Q5_0 => go::<kq::BlockQ5_0>(mkn, lhs, bytes, dst)?,
-        GgmlDType::Q5_1 => go::<kq::BlockQ5_1>(mkn, lhs, bytes, dst)?,
-        GgmlDType::Q8_0 => go::<kq::BlockQ8_0>(mkn, lhs, bytes, dst)?,
-        GgmlDType::Q2K => go::<kq::BlockQ2K>(mkn, lhs, bytes, dst)?,
-        GgmlDType::Q3K => go::<kq::BlockQ3K>(mkn, lhs, bytes, dst)?,
-        GgmlDType::Q4K => go::<kq::BlockQ4K>(mkn, lhs, bytes, dst)?,
-        GgmlDType::Q5K => go::<kq::BlockQ5K>(mkn, lhs, bytes, dst)?,
-        GgmlDType::Q6K => go::<kq::BlockQ6K>(mkn, lhs, bytes, dst)?,
-        other => {
-            return Err(Error::Invalid(format!(
-                "matrices of type {} cannot be multiplied",
-                crate::weights::gguf::type_name(other)
-            )))
-        }
-    }
-    if !direct {
-        for i in 0..m {
-            y[i * ldy + col0..i * ldy + col0 + n].copy_from_slice(&tmp[i * n..(i + 1) * n]);
-        }
-    }
-    Ok(())
 }
 
 /// The dot-product kernel this CPU runs, picked once.

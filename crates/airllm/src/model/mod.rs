@@ -4,6 +4,7 @@
 pub mod block;
 pub mod kv;
 pub mod matmul;
+pub mod qmatmul;
 pub mod rope;
 
 pub use block::{Block, Matrices, SeqRows, Small};

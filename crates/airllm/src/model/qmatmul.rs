@@ -1,0 +1,426 @@
+//! `y = x Wᵀ` for GGUF block-quantized `W`, in llama.cpp's arithmetic: each row of `x` is
+//! quantized to the weight type's dot partner (Q8_0, Q8_1 or Q8_K) and the products are those
+//! of the two sets of quantized values, so results match llama.cpp's to float rounding.
+//!
+//! - Few rows (decode): integer dot products straight from the stored blocks (candle's kernels,
+//!   and ours for Q5_0, which candle computes in scalar code), spread over rayon's threads.
+//! - Many rows (prefill): one tile of [`super::matmul::ROW_TILE`] weight rows at a time is dequantized into a
+//!   reused per-thread scratch and multiplied with `gemm` against the activations as the dot
+//!   products see them (quantized, then widened). The dequantization costs one pass over the
+//!   weights per call, which the rows amortize; the row count where it starts to pay was
+//!   measured per type (`cargo run --release --example quant_matmul`, docs/benchmarks.md).
+//!
+//! Either way an output column depends only on its weight row, the activations and which path
+//! the row count picked, so a matrix computed in slices of whole tiles gives the same bits as
+//! the whole matrix.
+
+use candle_core::quantized::k_quants::{self as kq, GgmlType};
+use candle_core::quantized::GgmlDType;
+use rayon::prelude::*;
+
+#[cfg(test)]
+use super::matmul::ROW_TILE;
+use super::matmul::{gemm_tiles, Out};
+use crate::error::{Error, Result};
+use crate::weights::mat::MatView;
+
+/// From this many rows of `x` on, a quantized matrix is dequantized per tile and multiplied
+/// with gemm; below, integer dot products run on the blocks. Measured on a 2-core AVX-512 Xeon
+/// with `examples/quant_matmul.rs` (docs/benchmarks.md): the 32-value types cross between 8
+/// and 12 rows, the K-quants (slower to dequantize, faster to dot) between 32 and 48.
+pub fn gemm_rows(t: GgmlDType) -> usize {
+    match t {
+        GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q8_0 => {
+            12
+        }
+        _ => 40,
+    }
+}
+
+/// Writes `x · wᵀ` into columns `col0 .. col0 + w.rows` of `y` (`[m, ldy]`); the caller has
+/// checked the lengths.
+pub(super) fn quant(
+    x: &[f32],
+    m: usize,
+    w: MatView,
+    t: GgmlDType,
+    y: &mut [f32],
+    ldy: usize,
+    col0: usize,
+) -> Result<()> {
+    quant_with(x, m, w, t, y, ldy, col0, m >= gemm_rows(t))
+}
+
+/// [`quant`] on the path given: dequantized tiles and gemm, or integer dot products. Public
+/// for the measurement that picks [`gemm_rows`] (`examples/quant_matmul.rs`).
+#[allow(clippy::too_many_arguments)]
+pub fn quant_with(
+    x: &[f32],
+    m: usize,
+    w: MatView,
+    t: GgmlDType,
+    y: &mut [f32],
+    ldy: usize,
+    col0: usize,
+    gemm: bool,
+) -> Result<()> {
+    let (n, k) = (w.rows, w.cols);
+    if x.len() < m * k
+        || y.len() < m * ldy
+        || col0 + n > ldy
+        || w.data.len() < w.form.row_bytes(k) * n
+    {
+        return Err(Error::Invalid(
+            "internal error: quantized matmul of mismatched sizes".into(),
+        ));
+    }
+    match t {
+        GgmlDType::Q4_0 => run::<kq::BlockQ4_0>(x, m, w, y, ldy, col0, gemm),
+        GgmlDType::Q4_1 => run::<kq::BlockQ4_1>(x, m, w, y, ldy, col0, gemm),
+        GgmlDType::Q5_0 => run::<kq::BlockQ5_0>(x, m, w, y, ldy, col0, gemm),
+        GgmlDType::Q5_1 => run::<kq::BlockQ5_1>(x, m, w, y, ldy, col0, gemm),
+        GgmlDType::Q8_0 => run::<kq::BlockQ8_0>(x, m, w, y, ldy, col0, gemm),
+        GgmlDType::Q2K => run::<kq::BlockQ2K>(x, m, w, y, ldy, col0, gemm),
+        GgmlDType::Q3K => run::<kq::BlockQ3K>(x, m, w, y, ldy, col0, gemm),
+        GgmlDType::Q4K => run::<kq::BlockQ4K>(x, m, w, y, ldy, col0, gemm),
+        GgmlDType::Q5K => run::<kq::BlockQ5K>(x, m, w, y, ldy, col0, gemm),
+        GgmlDType::Q6K => run::<kq::BlockQ6K>(x, m, w, y, ldy, col0, gemm),
+        other => Err(Error::Invalid(format!(
+            "matrices of type {} cannot be multiplied",
+            crate::weights::gguf::type_name(other)
+        ))),
+    }
+}
+
+/// `bytes` as whole, aligned blocks of `T`.
+fn blocks<T>(bytes: &[u8]) -> Result<&[T]> {
+    let size = std::mem::size_of::<T>();
+    if !bytes.len().is_multiple_of(size)
+        || !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>())
+    {
+        return Err(Error::Invalid(
+            "internal error: quantized rows are not whole, aligned blocks".into(),
+        ));
+    }
+    // SAFETY: whole and aligned blocks (checked above); block types are plain data.
+    Ok(unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const T, bytes.len() / size) })
+}
+
+thread_local! {
+    /// The quantized rows of `x`, reused across calls (u64 for any block's alignment).
+    static XQ: std::cell::RefCell<Vec<u64>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run<T: GgmlType>(
+    x: &[f32],
+    m: usize,
+    w: MatView,
+    y: &mut [f32],
+    ldy: usize,
+    col0: usize,
+    gemm: bool,
+) -> Result<()> {
+    let (n, k) = (w.rows, w.cols);
+    if !k.is_multiple_of(T::BLCK_SIZE) {
+        return Err(Error::Invalid(format!(
+            "internal error: rows of {k} values are not whole {}-value blocks",
+            T::BLCK_SIZE
+        )));
+    }
+    let kb = k / T::BLCK_SIZE;
+    let wb: &[T] = blocks(&w.data[..w.form.row_bytes(k) * n])?;
+    XQ.with(|cell| {
+        let mut scratch = cell.borrow_mut();
+        let words = (m * kb * std::mem::size_of::<T::VecDotType>()).div_ceil(8);
+        if scratch.len() < words {
+            scratch.resize(words, 0);
+        }
+        // SAFETY: the scratch holds at least m·kb blocks, u64-aligned; every block is written
+        // by `from_float` below before it is read.
+        let xq: &mut [T::VecDotType] = unsafe {
+            std::slice::from_raw_parts_mut(scratch.as_mut_ptr() as *mut T::VecDotType, m * kb)
+        };
+        for (xr, qr) in x[..m * k].chunks_exact(k).zip(xq.chunks_exact_mut(kb)) {
+            T::VecDotType::from_float(xr, qr);
+        }
+        if gemm {
+            // The activations as the dot products see them.
+            let mut xr = vec![0f32; m * k];
+            for (qr, dst) in xq.chunks_exact(kb).zip(xr.chunks_exact_mut(k)) {
+                T::VecDotType::to_float(qr, dst);
+            }
+            gemm_tiles(&xr, m, n, k, y, ldy, col0, None, |r, dst| {
+                T::to_float(&wb[r * kb..(r + 1) * kb], dst)
+            });
+        } else {
+            dots::<T>(xq, m, wb, n, k, y, ldy, col0);
+        }
+        Ok(())
+    })
+}
+
+/// Integer dot products of every weight row with every quantized row of `x`; each task takes
+/// a run of weight rows, so a row is read from memory once for all rows of `x`.
+#[allow(clippy::too_many_arguments)]
+fn dots<T: GgmlType>(
+    xq: &[T::VecDotType],
+    m: usize,
+    wb: &[T],
+    n: usize,
+    k: usize,
+    y: &mut [f32],
+    ldy: usize,
+    col0: usize,
+) {
+    let kb = k / T::BLCK_SIZE;
+    let out = Out(y.as_mut_ptr());
+    let per = (n / (rayon::current_num_threads() * 8)).clamp(16, 512);
+    (0..n.div_ceil(per)).into_par_iter().for_each(|t| {
+        for j in t * per..((t + 1) * per).min(n) {
+            let row = &wb[j * kb..(j + 1) * kb];
+            for i in 0..m {
+                let v = dot::<T>(k, row, &xq[i * kb..(i + 1) * kb]);
+                // SAFETY: in bounds (checked by the caller); column col0 + j belongs to this
+                // task alone.
+                unsafe { *out.at(i * ldy + col0 + j) = v };
+            }
+        }
+    });
+}
+
+/// One integer dot product: ours for Q5_0 (candle's is scalar) and Q8_0 (candle's widens each
+/// block's scales through a call), candle's kernel for the others.
+#[inline]
+fn dot<T: GgmlType>(k: usize, w: &[T], x: &[T::VecDotType]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if x86::has_avx2() {
+        let (wp, xp) = (w.as_ptr() as *const u8, x.as_ptr() as *const u8);
+        // SAFETY: the DTYPE names the block layouts (Q5_0: 22 bytes, Q8_0: 34, each with its
+        // Q8_0 partner); the slices hold k/32 blocks each; the CPU has AVX2, FMA and F16C.
+        match T::DTYPE {
+            GgmlDType::Q5_0 => return unsafe { x86::dot_q5_0_q8_0(k / 32, wp, xp) },
+            GgmlDType::Q8_0 => return unsafe { x86::dot_q8_0_q8_0(k / 32, wp, xp) },
+            _ => {}
+        }
+    }
+    T::vec_dot(k, w, x)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    pub fn has_avx2() -> bool {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| {
+            std::env::var_os("AIRLLM_PORTABLE_KERNEL").is_none()
+                && std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
+        })
+    }
+
+    /// The f16 at `p`, widened in a register (a call into `half` per block costs as much as
+    /// the block's arithmetic).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn half(p: *const u8) -> f32 {
+        let h = (p as *const u16).read_unaligned() as i32;
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h)))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn hsum(acc: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// Sum of the products of two vectors of 32 signed bytes, as 8 floats.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn mul_i8(a: __m256i, b: __m256i) -> __m256 {
+        // |a| times b with a's sign moved onto b: maddubs wants unsigned times signed.
+        let p = _mm256_maddubs_epi16(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)))
+    }
+
+    /// Q8_0 (`d: f16, qs: [i8; 32]`) times Q8_0, over `nb` blocks.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q8_0_q8_0(nb: usize, w: *const u8, x: *const u8) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        for b in 0..nb {
+            let wp = w.add(b * 34);
+            let xp = x.add(b * 34);
+            let qw = _mm256_loadu_si256(wp.add(2) as *const __m256i);
+            let qx = _mm256_loadu_si256(xp.add(2) as *const __m256i);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(half(wp) * half(xp)), mul_i8(qw, qx), acc);
+        }
+        hsum(acc)
+    }
+
+    /// Q5_0 (`d: f16, qh: u32, qs: [u8; 16]`: value `j` is nibble `j` of `qs` — low nibbles
+    /// first — with bit `j` of `qh` as its fifth bit, minus 16) times Q8_0 (`d: f16,
+    /// qs: [i8; 32]`), over `nb` blocks.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q5_0_q8_0(nb: usize, w: *const u8, x: *const u8) -> f32 {
+        let low4 = _mm_set1_epi8(0x0f);
+        // Byte i of the expanded high bits reads byte i/8 of qh and tests bit i%8.
+        let pick = _mm256_setr_epi8(
+            0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3,
+            3, 3, 3,
+        );
+        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        let fifth = _mm256_set1_epi8(0x10);
+        let sixteen = _mm256_set1_epi8(16);
+        let mut acc = _mm256_setzero_ps();
+        for b in 0..nb {
+            let wp = w.add(b * 22);
+            let xp = x.add(b * 34);
+            let qh = (wp.add(2) as *const u32).read_unaligned();
+            let qs = _mm_loadu_si128(wp.add(6) as *const __m128i);
+            let lo = _mm_and_si128(qs, low4);
+            let hi = _mm_and_si128(_mm_srli_epi16::<4>(qs), low4);
+            let nib = _mm256_set_m128i(hi, lo);
+            let h = _mm256_shuffle_epi8(_mm256_set1_epi32(qh as i32), pick);
+            let h = _mm256_cmpeq_epi8(_mm256_and_si256(h, bit), bit);
+            let v = _mm256_sub_epi8(_mm256_or_si256(nib, _mm256_and_si256(h, fifth)), sixteen);
+            let q = _mm256_loadu_si256(xp.add(2) as *const __m256i);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(half(wp) * half(xp)), mul_i8(v, q), acc);
+        }
+        hsum(acc)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::weights::mat::Form;
+    use candle_core::quantized::QTensor;
+    use candle_core::{Device, Tensor};
+
+    /// The exact product of the quantized weights and the quantized activations, in f64, and
+    /// the sum of the products' magnitudes (the scale of rounding errors).
+    fn reference<T: GgmlType>(
+        x: &[f32],
+        m: usize,
+        wb: &[T],
+        n: usize,
+        k: usize,
+    ) -> Vec<(f64, f64)> {
+        let kb = k / T::BLCK_SIZE;
+        let mut wf = vec![0f32; n * k];
+        T::to_float(wb, &mut wf);
+        let mut xf = vec![0f32; m * k];
+        for i in 0..m {
+            let mut q = vec![T::VecDotType::zeros(); kb];
+            T::VecDotType::from_float(&x[i * k..(i + 1) * k], &mut q);
+            T::VecDotType::to_float(&q, &mut xf[i * k..(i + 1) * k]);
+        }
+        let mut y = vec![(0f64, 0f64); m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let p = (0..k).map(|l| xf[i * k + l] as f64 * wf[j * k + l] as f64);
+                y[i * n + j] = p.fold((0.0, 0.0), |(s, a), v| (s + v, a + v.abs()));
+            }
+        }
+        y
+    }
+
+    fn check<T: GgmlType>(t: GgmlDType) {
+        let dev = Device::Cpu;
+        let (n, k) = (2 * ROW_TILE + 7, 512);
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+        let data = QTensor::quantize(&w, t)
+            .unwrap()
+            .data()
+            .unwrap()
+            .into_owned();
+        // Copy into u64 storage so the blocks are aligned.
+        let mut store = vec![0u64; data.len().div_ceil(8)];
+        bytemuck::cast_slice_mut::<u64, u8>(&mut store)[..data.len()].copy_from_slice(&data);
+        let bytes = &bytemuck::cast_slice::<u64, u8>(&store)[..data.len()];
+        let view = MatView {
+            form: Form::Q(t),
+            rows: n,
+            cols: k,
+            data: bytes,
+        };
+        let wb: &[T] = blocks(bytes).unwrap();
+        for m in [1, gemm_rows(t) - 1, gemm_rows(t), 19] {
+            let x: Vec<f32> = Tensor::randn(0f32, 1.0, (m, k), &dev)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let want = reference(&x, m, wb, n, k);
+            let mut y = vec![0f32; m * n];
+            quant(&x, m, view, t, &mut y, n, 0).unwrap();
+            // Q4_1 and Q5_1 dot products use the activations' block sums rounded to f16, as
+            // llama.cpp's do: a relative error of 2^-11 on a term of the size of the magnitudes.
+            for (a, (b, mag)) in y.iter().zip(&want) {
+                assert!(
+                    (*a as f64 - b).abs() < 1e-3 * mag,
+                    "{t:?} m={m}: {a} vs {b}"
+                );
+            }
+            // In slices of whole tiles and the rest: the same bits.
+            let rb = view.form.row_bytes(k);
+            let mut sliced = vec![0f32; m * n];
+            for (s, len) in [(0, ROW_TILE), (ROW_TILE, n - ROW_TILE)] {
+                let v = MatView {
+                    form: view.form,
+                    rows: len,
+                    cols: k,
+                    data: &bytes[s * rb..(s + len) * rb],
+                };
+                quant(&x, m, v, t, &mut sliced, n, s).unwrap();
+            }
+            assert_eq!(y, sliced, "{t:?} m={m}");
+        }
+    }
+
+    #[test]
+    fn every_type_and_path_is_the_product_of_the_quantized_values() {
+        check::<kq::BlockQ4_0>(GgmlDType::Q4_0);
+        check::<kq::BlockQ4_1>(GgmlDType::Q4_1);
+        check::<kq::BlockQ5_0>(GgmlDType::Q5_0);
+        check::<kq::BlockQ5_1>(GgmlDType::Q5_1);
+        check::<kq::BlockQ8_0>(GgmlDType::Q8_0);
+        check::<kq::BlockQ2K>(GgmlDType::Q2K);
+        check::<kq::BlockQ3K>(GgmlDType::Q3K);
+        check::<kq::BlockQ4K>(GgmlDType::Q4K);
+        check::<kq::BlockQ5K>(GgmlDType::Q5K);
+        check::<kq::BlockQ6K>(GgmlDType::Q6K);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn q5_0_kernel_agrees_with_candles() {
+        if !x86::has_avx2() {
+            return;
+        }
+        let k = 640;
+        let w = Tensor::randn(0f32, 1.0, (1, k), &Device::Cpu).unwrap();
+        let wq = QTensor::quantize(&w, GgmlDType::Q5_0).unwrap();
+        let data = wq.data().unwrap().into_owned();
+        let mut ws = vec![kq::BlockQ5_0::zeros(); k / 32];
+        // SAFETY: the same number of bytes, plain-data blocks.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), ws.as_mut_ptr() as *mut u8, data.len())
+        };
+        let x: Vec<f32> = (0..k).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mut xq = vec![kq::BlockQ8_0::zeros(); k / 32];
+        kq::BlockQ8_0::from_float(&x, &mut xq);
+        let want = kq::BlockQ5_0::vec_dot(k, &ws, &xq);
+        let got = dot::<kq::BlockQ5_0>(k, &ws, &xq);
+        assert!(
+            (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+            "{got} vs {want}"
+        );
+    }
+}
