@@ -271,15 +271,22 @@ impl Block {
         let q = self.rope(&q, cos, sin)?;
         let k = self.rope(&k, cos, sin)?;
 
-        let mut outs = Vec::with_capacity(seqs.len());
+        let mut cached = Vec::with_capacity(seqs.len());
         for (s, cache) in seqs.iter().zip(kv.iter_mut()) {
-            let qs = q.narrow(0, s.row, s.len)?.transpose(0, 1)?.contiguous()?; // [nh, n, hd]
             let ks = k.narrow(0, s.row, s.len)?.transpose(0, 1)?; // [nkv, n, hd]
             let vs = v.narrow(0, s.row, s.len)?.transpose(0, 1)?;
-            let (kall, vall, k0) = cache.append(&ks, &vs)?;
-            outs.push(self.attend(&qs, &kall, &vall, k0, s, window)?);
+            cached.push(cache.append(&ks, &vs)?);
         }
-        let attn = Tensor::cat(&outs, 0)?; // [rows, nh*hd]
+        let attn = if x.device().is_cpu() {
+            self.attend_cpu(&q, seqs, &cached, window)?
+        } else {
+            let mut outs = Vec::with_capacity(seqs.len());
+            for (s, (kall, vall, k0)) in seqs.iter().zip(&cached) {
+                let qs = q.narrow(0, s.row, s.len)?.transpose(0, 1)?.contiguous()?; // [nh, n, hd]
+                outs.push(self.attend(&qs, kall, vall, *k0, s, window)?);
+            }
+            Tensor::cat(&outs, 0)? // [rows, nh*hd]
+        };
         let mut a = Self::linear(small, mats, Role::O, Role::OBias, &attn)?;
         if let Some(n) = small.get(Role::PostAttnNorm) {
             a = self.norm(&a, n)?;
@@ -404,6 +411,68 @@ impl Block {
         } else {
             Ok(candle_nn::rotary_emb::rope_thd(&x.contiguous()?, cos, sin)?.squeeze(0)?)
         }
+    }
+
+    /// Attention of every sequence on the CPU ([`super::attention`]): `q` `[rows, nh, hd]`,
+    /// `cached[i]` sequence `i`'s keys and values after this step's append and the position
+    /// of its first slot. Returns `[rows, nh * hd]`.
+    fn attend_cpu(
+        &self,
+        q: &Tensor,
+        seqs: &[SeqRows],
+        cached: &[(Tensor, Tensor, usize)],
+        window: Option<usize>,
+    ) -> Result<Tensor> {
+        let (nh, hd) = (self.num_heads, self.head_dim);
+        let rows = q.dim(0)?;
+        let q = q.contiguous()?;
+        let (qg, ql) = q.storage_and_layout();
+        let guards: Vec<_> = cached
+            .iter()
+            .map(|(k, v, _)| (k.storage_and_layout(), v.storage_and_layout()))
+            .collect();
+        fn cpu<'a>(g: &'a candle_core::Storage, l: &candle_core::Layout) -> Result<&'a [f32]> {
+            match g {
+                candle_core::Storage::Cpu(c) => Ok(&c.as_slice::<f32>()?[l.start_offset()..]),
+                _ => Err(Error::Invalid(
+                    "internal error: CPU attention on device tensors".into(),
+                )),
+            }
+        }
+        let mut parts = Vec::with_capacity(seqs.len());
+        for ((s, (_, _, k0)), ((kg, kl), (vg, vl))) in seqs.iter().zip(cached).zip(&guards) {
+            let st = kl.stride();
+            if st[1] != hd || st[2] != 1 || vl.stride() != st {
+                return Err(Error::Invalid(
+                    "internal error: the KV cache is not laid out as [heads, slots, head_dim]"
+                        .into(),
+                ));
+            }
+            parts.push(super::attention::Seq {
+                row: s.row,
+                len: s.len,
+                pos: s.pos,
+                k: cpu(kg, kl)?,
+                v: cpu(vg, vl)?,
+                head_stride: st[0],
+                total: kl.dims()[1],
+                k0: *k0,
+            });
+        }
+        let shape = super::attention::Shape {
+            heads: nh,
+            kv_heads: self.num_kv_heads,
+            head_dim: hd,
+            scale: self.scale as f32,
+            softcap: self.softcap.map(|c| c as f32),
+            window,
+        };
+        let mut out = vec![0f32; rows * nh * hd];
+        super::attention::attend(shape, &cpu(&qg, ql)?[..rows * nh * hd], &parts, &mut out);
+        drop(parts);
+        drop(guards);
+        drop(qg);
+        Ok(Tensor::from_vec(out, (rows, nh * hd), q.device())?)
     }
 
     /// Scaled dot-product attention of one sequence, `q` `[nh, n, hd]`. Query heads that share a

@@ -1,6 +1,7 @@
 //! The model: one generic decoder block, its matmul over weights in the file's form, RoPE and
 //! the KV cache.
 
+pub mod attention;
 pub mod block;
 pub mod kv;
 pub mod matmul;
