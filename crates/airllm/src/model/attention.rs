@@ -252,7 +252,7 @@ mod tests {
 
     #[test]
     fn tiles_agree_with_the_definition() {
-        let val = |i: usize, f: f32| ((i as f32 * f).sin() * 2.0);
+        let val = |i: usize, f: f32| (i as f32 * f).sin() * 2.0;
         for (window, softcap, n, pos, k0) in [
             (None, None, 1, 300, 0),
             (None, None, 70, 0, 0),
