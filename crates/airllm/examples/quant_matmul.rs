@@ -3,7 +3,7 @@
 //! `k_quants::matmul` (what the engine called before) for comparison. Picks
 //! `qmatmul::gemm_rows`. Shapes: Gemma 3 270M's MLP (2048×640) and a 7B's (11008×4096, k
 //! whole 256-value blocks).
-//! Run: cargo run --release --example quant_matmul [ROWS...]
+//! Run: [SHAPES=NxK,...] cargo run --release --example quant_matmul [ROWS...]
 use std::time::Instant;
 
 use airllm::model::qmatmul::quant_with;
@@ -47,7 +47,18 @@ fn main() -> airllm::Result<()> {
     let dev = Device::Cpu;
     println!("| type | shape (n×k) | rows | dots ms | gemm ms | candle ms | best |");
     println!("|---|---|---|---|---|---|---|");
-    for (n, k) in [(2048usize, 640usize), (11008, 4096)] {
+    // SHAPES=NxK,... measures other shapes (e.g. 262144x640, Gemma 3's head).
+    let shapes: Vec<(usize, usize)> = match std::env::var("SHAPES") {
+        Ok(v) => v
+            .split(',')
+            .map(|s| {
+                let (n, k) = s.split_once('x').expect("SHAPES=NxK,...");
+                (n.parse().expect("N"), k.parse().expect("K"))
+            })
+            .collect(),
+        Err(_) => vec![(2048, 640), (11008, 4096)],
+    };
+    for (n, k) in shapes {
         let w = Tensor::randn(0f32, 0.02, (n, k), &dev)?;
         for t in [
             GgmlDType::Q4_0,

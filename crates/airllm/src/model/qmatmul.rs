@@ -159,7 +159,20 @@ fn run<T: GgmlType>(
                 T::to_float(&wb[r * kb..(r + 1) * kb], dst)
             });
         } else {
-            dots::<T>(xq, m, wb, n, k, y, ldy, col0);
+            // The activations' block scales, widened once for every weight row to use (our
+            // Q5_0 and Q8_0 kernels read them; each partner block starts with its f16 scale).
+            let xd: Vec<f32> = if matches!(T::DTYPE, GgmlDType::Q5_0 | GgmlDType::Q8_0) {
+                let bytes = std::mem::size_of::<T::VecDotType>();
+                // SAFETY: xq is m·kb plain-data blocks.
+                let raw =
+                    unsafe { std::slice::from_raw_parts(xq.as_ptr() as *const u8, m * kb * bytes) };
+                raw.chunks_exact(bytes)
+                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            dots::<T>(xq, &xd, m, wb, n, k, y, ldy, col0);
         }
         Ok(())
     })
@@ -170,6 +183,7 @@ fn run<T: GgmlType>(
 #[allow(clippy::too_many_arguments)]
 fn dots<T: GgmlType>(
     xq: &[T::VecDotType],
+    xd: &[f32],
     m: usize,
     wb: &[T],
     n: usize,
@@ -182,34 +196,58 @@ fn dots<T: GgmlType>(
     let out = Out(y.as_mut_ptr());
     let per = (n / (rayon::current_num_threads() * 8)).clamp(16, 512);
     (0..n.div_ceil(per)).into_par_iter().for_each(|t| {
+        let mut v = [0f32; 4];
         for j in t * per..((t + 1) * per).min(n) {
             let row = &wb[j * kb..(j + 1) * kb];
-            for i in 0..m {
-                let v = dot::<T>(k, row, &xq[i * kb..(i + 1) * kb]);
-                // SAFETY: in bounds (checked by the caller); column col0 + j belongs to this
-                // task alone.
-                unsafe { *out.at(i * ldy + col0 + j) = v };
+            let mut i = 0;
+            while i < m {
+                let nx = (m - i).min(4);
+                let x = &xq[i * kb..(i + nx) * kb];
+                dot_rows::<T>(k, row, x, xd.get(i * kb..(i + nx) * kb), nx, &mut v);
+                for (r, v) in v[..nx].iter().enumerate() {
+                    // SAFETY: in bounds (checked by the caller); column col0 + j belongs to
+                    // this task alone.
+                    unsafe { *out.at((i + r) * ldy + col0 + j) = *v };
+                }
+                i += nx;
             }
         }
     });
 }
 
-/// One integer dot product: ours for Q5_0 (candle's is scalar) and Q8_0 (candle's widens each
-/// block's scales through a call), candle's kernel for the others.
+/// `out[r] = w · x[r]` for the `nx` (1 to 4) quantized rows of `x`: ours for Q5_0 (candle's is
+/// scalar) and Q8_0 (candle's widens each block's scales through a call), which decode each
+/// weight block once for all rows and take the rows' block scales `xd` already widened;
+/// candle's kernel per row for the others.
 #[inline]
-fn dot<T: GgmlType>(k: usize, w: &[T], x: &[T::VecDotType]) -> f32 {
+fn dot_rows<T: GgmlType>(
+    k: usize,
+    w: &[T],
+    x: &[T::VecDotType],
+    xd: Option<&[f32]>,
+    nx: usize,
+    out: &mut [f32; 4],
+) {
+    let kb = k / T::BLCK_SIZE;
     #[cfg(target_arch = "x86_64")]
-    if x86::has_avx2() {
-        let (wp, xp) = (w.as_ptr() as *const u8, x.as_ptr() as *const u8);
-        // SAFETY: the DTYPE names the block layouts (Q5_0: 22 bytes, Q8_0: 34, each with its
-        // Q8_0 partner); the slices hold k/32 blocks each; the CPU has AVX2, FMA and F16C.
-        match T::DTYPE {
-            GgmlDType::Q5_0 => return unsafe { x86::dot_q5_0_q8_0(k / 32, wp, xp) },
-            GgmlDType::Q8_0 => return unsafe { x86::dot_q8_0_q8_0(k / 32, wp, xp) },
-            _ => {}
+    if let (true, Some(xd)) = (x86::has_avx2(), xd) {
+        if matches!(T::DTYPE, GgmlDType::Q5_0 | GgmlDType::Q8_0) && xd.len() == nx * kb {
+            let wp = w.as_ptr() as *const u8;
+            let xp = x.as_ptr() as *const u8;
+            let at = |r: usize| r.min(nx - 1) * kb;
+            let rows: [*const u8; 4] = std::array::from_fn(|r| xp.wrapping_add(at(r) * 34));
+            let scales: [*const f32; 4] = std::array::from_fn(|r| xd[at(r)..].as_ptr());
+            // SAFETY: the DTYPE names the block layouts (Q5_0: 22 bytes, Q8_0: 34, each with
+            // its Q8_0 partner of 34 bytes); w holds kb blocks, x nx rows of kb and xd nx rows
+            // of kb scales; the CPU has AVX2, FMA and F16C.
+            unsafe { x86::dot_rows(T::DTYPE == GgmlDType::Q5_0, kb, wp, &rows, &scales, nx, out) };
+            return;
         }
     }
-    T::vec_dot(k, w, x)
+    let _ = xd;
+    for (r, o) in out[..nx].iter_mut().enumerate() {
+        *o = T::vec_dot(k, w, &x[r * kb..(r + 1) * kb]);
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -244,34 +282,40 @@ mod x86 {
         _mm_cvtss_f32(s)
     }
 
-    /// Sum of the products of two vectors of 32 signed bytes, as 8 floats.
+    /// A Q5_0 or Q8_0 weight row (`q5`) times `nx` (1 to 4) Q8_0 rows `x`, over `nb` blocks.
     #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    unsafe fn mul_i8(a: __m256i, b: __m256i) -> __m256 {
-        // |a| times b with a's sign moved onto b: maddubs wants unsigned times signed.
-        let p = _mm256_maddubs_epi16(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)))
-    }
-
-    /// Q8_0 (`d: f16, qs: [i8; 32]`) times Q8_0, over `nb` blocks.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q8_0_q8_0(nb: usize, w: *const u8, x: *const u8) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        for b in 0..nb {
-            let wp = w.add(b * 34);
-            let xp = x.add(b * 34);
-            let qw = _mm256_loadu_si256(wp.add(2) as *const __m256i);
-            let qx = _mm256_loadu_si256(xp.add(2) as *const __m256i);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(half(wp) * half(xp)), mul_i8(qw, qx), acc);
+    pub unsafe fn dot_rows(
+        q5: bool,
+        nb: usize,
+        w: *const u8,
+        x: &[*const u8; 4],
+        xd: &[*const f32; 4],
+        nx: usize,
+        out: &mut [f32; 4],
+    ) {
+        match (q5, nx) {
+            (true, 1) => rows::<true, 1>(nb, w, x, xd, out),
+            (true, 2) => rows::<true, 2>(nb, w, x, xd, out),
+            (true, 3) => rows::<true, 3>(nb, w, x, xd, out),
+            (true, _) => rows::<true, 4>(nb, w, x, xd, out),
+            (false, 1) => rows::<false, 1>(nb, w, x, xd, out),
+            (false, 2) => rows::<false, 2>(nb, w, x, xd, out),
+            (false, 3) => rows::<false, 3>(nb, w, x, xd, out),
+            (false, _) => rows::<false, 4>(nb, w, x, xd, out),
         }
-        hsum(acc)
     }
 
-    /// Q5_0 (`d: f16, qh: u32, qs: [u8; 16]`: value `j` is nibble `j` of `qs` — low nibbles
-    /// first — with bit `j` of `qh` as its fifth bit, minus 16) times Q8_0 (`d: f16,
-    /// qs: [i8; 32]`), over `nb` blocks.
+    /// Q8_0 blocks are `d: f16, qs: [i8; 32]`. Q5_0 blocks are `d: f16, qh: u32, qs: [u8; 16]`:
+    /// value `j` is nibble `j` of `qs` (low nibbles first) with bit `j` of `qh` as its fifth
+    /// bit, minus 16. Each weight block is decoded once and multiplied with every row.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q5_0_q8_0(nb: usize, w: *const u8, x: *const u8) -> f32 {
+    unsafe fn rows<const Q5: bool, const NX: usize>(
+        nb: usize,
+        w: *const u8,
+        x: &[*const u8; 4],
+        xd: &[*const f32; 4],
+        out: &mut [f32; 4],
+    ) {
         let low4 = _mm_set1_epi8(0x0f);
         // Byte i of the expanded high bits reads byte i/8 of qh and tests bit i%8.
         let pick = _mm256_setr_epi8(
@@ -281,22 +325,40 @@ mod x86 {
         let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
         let fifth = _mm256_set1_epi8(0x10);
         let sixteen = _mm256_set1_epi8(16);
-        let mut acc = _mm256_setzero_ps();
+        let ones = _mm256_set1_epi16(1);
+        let wsize = if Q5 { 22 } else { 34 };
+        // Two accumulators per row, alternating by block: rows are short (20 blocks in Gemma
+        // 3's head), and one chain of dependent FMAs would set the pace.
+        let mut acc = [[_mm256_setzero_ps(); 2]; NX];
         for b in 0..nb {
-            let wp = w.add(b * 22);
-            let xp = x.add(b * 34);
-            let qh = (wp.add(2) as *const u32).read_unaligned();
-            let qs = _mm_loadu_si128(wp.add(6) as *const __m128i);
-            let lo = _mm_and_si128(qs, low4);
-            let hi = _mm_and_si128(_mm_srli_epi16::<4>(qs), low4);
-            let nib = _mm256_set_m128i(hi, lo);
-            let h = _mm256_shuffle_epi8(_mm256_set1_epi32(qh as i32), pick);
-            let h = _mm256_cmpeq_epi8(_mm256_and_si256(h, bit), bit);
-            let v = _mm256_sub_epi8(_mm256_or_si256(nib, _mm256_and_si256(h, fifth)), sixteen);
-            let q = _mm256_loadu_si256(xp.add(2) as *const __m256i);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(half(wp) * half(xp)), mul_i8(v, q), acc);
+            let wp = w.add(b * wsize);
+            let v = if Q5 {
+                let qh = (wp.add(2) as *const u32).read_unaligned();
+                let qs = _mm_loadu_si128(wp.add(6) as *const __m128i);
+                let lo = _mm_and_si128(qs, low4);
+                let hi = _mm_and_si128(_mm_srli_epi16::<4>(qs), low4);
+                let nib = _mm256_set_m128i(hi, lo);
+                let h = _mm256_shuffle_epi8(_mm256_set1_epi32(qh as i32), pick);
+                let h = _mm256_cmpeq_epi8(_mm256_and_si256(h, bit), bit);
+                _mm256_sub_epi8(_mm256_or_si256(nib, _mm256_and_si256(h, fifth)), sixteen)
+            } else {
+                _mm256_loadu_si256(wp.add(2) as *const __m256i)
+            };
+            // maddubs wants unsigned times signed: |v| times q with v's sign moved onto q.
+            let av = _mm256_sign_epi8(v, v);
+            let dw = half(wp);
+            for (r, a) in acc.iter_mut().enumerate() {
+                let xp = x[r].add(b * 34);
+                let q = _mm256_loadu_si256(xp.add(2) as *const __m256i);
+                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(av, _mm256_sign_epi8(q, v)), ones);
+                let d = dw * *xd[r].add(b);
+                let a = &mut a[b & 1];
+                *a = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(p), *a);
+            }
         }
-        hsum(acc)
+        for (o, a) in out.iter_mut().zip(&acc) {
+            *o = hsum(_mm256_add_ps(a[0], a[1]));
+        }
     }
 }
 
@@ -403,29 +465,51 @@ mod tests {
         check::<kq::BlockQ6K>(GgmlDType::Q6K);
     }
 
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn q5_0_kernel_agrees_with_candles() {
-        if !x86::has_avx2() {
-            return;
-        }
-        let k = 640;
+    fn agrees_with_candle<T: GgmlType>(t: GgmlDType) {
+        let k = 768;
         let w = Tensor::randn(0f32, 1.0, (1, k), &Device::Cpu).unwrap();
-        let wq = QTensor::quantize(&w, GgmlDType::Q5_0).unwrap();
-        let data = wq.data().unwrap().into_owned();
-        let mut ws = vec![kq::BlockQ5_0::zeros(); k / 32];
+        let data = QTensor::quantize(&w, t)
+            .unwrap()
+            .data()
+            .unwrap()
+            .into_owned();
+        let mut ws = vec![T::zeros(); k / T::BLCK_SIZE];
         // SAFETY: the same number of bytes, plain-data blocks.
         unsafe {
             std::ptr::copy_nonoverlapping(data.as_ptr(), ws.as_mut_ptr() as *mut u8, data.len())
         };
-        let x: Vec<f32> = (0..k).map(|i| (i as f32 * 0.37).sin()).collect();
-        let mut xq = vec![kq::BlockQ8_0::zeros(); k / 32];
-        kq::BlockQ8_0::from_float(&x, &mut xq);
-        let want = kq::BlockQ5_0::vec_dot(k, &ws, &xq);
-        let got = dot::<kq::BlockQ5_0>(k, &ws, &xq);
-        assert!(
-            (got - want).abs() < 1e-4 * (1.0 + want.abs()),
-            "{got} vs {want}"
-        );
+        let kb = k / T::BLCK_SIZE;
+        let mut xs = vec![T::VecDotType::zeros(); 4 * kb];
+        let mut want = [0f32; 4];
+        for r in 0..4 {
+            let x: Vec<f32> = (0..k).map(|i| (i as f32 * 0.37 + r as f32).sin()).collect();
+            T::VecDotType::from_float(&x, &mut xs[r * kb..(r + 1) * kb]);
+            want[r] = T::vec_dot_unopt(k, &ws, &xs[r * kb..(r + 1) * kb]);
+        }
+        for nx in 1..=4 {
+            let mut got = [0f32; 4];
+            let bytes = std::mem::size_of::<T::VecDotType>();
+            // SAFETY: xs is plain-data blocks.
+            let raw =
+                unsafe { std::slice::from_raw_parts(xs.as_ptr() as *const u8, xs.len() * bytes) };
+            let xd: Vec<f32> = raw
+                .chunks_exact(bytes)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect();
+            dot_rows::<T>(k, &ws, &xs[..nx * kb], Some(&xd[..nx * kb]), nx, &mut got);
+            for (g, w) in got[..nx].iter().zip(&want) {
+                assert!(
+                    (g - w).abs() < 1e-4 * (1.0 + w.abs()),
+                    "{t:?} nx={nx}: {g} vs {w}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn our_dot_kernels_agree_with_candles_portable_ones() {
+        agrees_with_candle::<kq::BlockQ5_0>(GgmlDType::Q5_0);
+        agrees_with_candle::<kq::BlockQ8_0>(GgmlDType::Q8_0);
+        agrees_with_candle::<kq::BlockQ4K>(GgmlDType::Q4K);
     }
 }
