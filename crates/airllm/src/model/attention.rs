@@ -7,7 +7,7 @@
 
 use rayon::prelude::*;
 
-use super::matmul::Out;
+use super::matmul::{gemm1, Out};
 
 /// Query positions per tile (times the query heads of a group, the rows of one gemm).
 const Q_TILE: usize = 32;
@@ -98,31 +98,23 @@ fn tile(
     while j0 < hi {
         let bk = K_TILE.min(hi - j0);
         // S = Q Kᵀ over this key tile.
-        // SAFETY: qt is [m, hd]; keys j0 .. j0 + bk are rows of hd values within k; s has
-        // room for [m, bk] with row stride bk.
+        // SAFETY: qt is [m, hd]; keys j0 .. j0 + bk are rows of hd values within k (so Kᵀ's
+        // (d, j) is k[(j0 + j)·hd + d]); s has room for [m, bk].
         unsafe {
-            gemm::gemm(
+            gemm1(
                 m,
                 bk,
                 hd,
                 s.as_mut_ptr(),
-                1,
-                bk as isize,
+                bk,
                 false,
                 qt.as_ptr(),
-                1,
-                hd as isize,
+                hd,
                 k[j0 * hd..].as_ptr(),
-                hd as isize,
                 1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
+                hd,
+            )
+        };
         for r in 0..m {
             let p = seq.pos + i0 + r % n;
             let row = &mut s[r * bk..(r + 1) * bk];
@@ -161,28 +153,20 @@ fn tile(
         // O += P V over this key tile.
         // SAFETY: s holds [m, bk]; values j0 .. j0 + bk are rows of hd within v; o is [m, hd].
         unsafe {
-            gemm::gemm(
+            gemm1(
                 m,
                 hd,
                 bk,
                 o.as_mut_ptr(),
-                1,
-                hd as isize,
+                hd,
                 true,
                 s.as_ptr(),
-                1,
-                bk as isize,
+                bk,
                 v[j0 * hd..].as_ptr(),
+                hd,
                 1,
-                hd as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
+            )
+        };
         j0 += bk;
     }
     for r in 0..m {

@@ -49,7 +49,9 @@ pub fn matmul_into(
         return Ok(());
     }
     match w.form {
-        Form::Q(t) => super::qmatmul::quant(x, m, w, t, y, ldy, col0),
+        Form::Q(t) => {
+            super::qmatmul::quant_with(x, m, w, t, y, ldy, col0, m >= super::qmatmul::gemm_rows(t))
+        }
         _ if m <= GEMV_MAX_ROWS => {
             gemv(x, m, w, y, ldy, col0);
             Ok(())
@@ -183,33 +185,69 @@ pub(super) fn gemm_tiles(
                     s.as_ptr()
                 }
             };
-            // SAFETY: x is [m, k]; rhs holds nt rows of k f32 values; the destination columns
-            // col0 + j0 .. + nt of every row of y belong to this tile alone.
+            // SAFETY: x is [m, k]; rhs holds nt rows of k f32 values (so the product's
+            // (l, j) is rhs[j·k + l]); the destination columns col0 + j0 .. + nt of every row
+            // of y belong to this tile alone.
             unsafe {
-                gemm::gemm(
+                gemm1(
                     m,
                     nt,
                     k,
                     out.at(col0 + j0),
-                    1,
-                    ldy as isize,
+                    ldy,
                     false,
                     x.as_ptr(),
-                    1,
-                    k as isize,
+                    k,
                     rhs,
-                    k as isize,
                     1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
+                    k,
+                )
+            };
         });
     });
+}
+
+/// `d = a · b`, or `d += a · b` with `add`, on the calling thread: `a` is `[m, k]` with row
+/// stride `lda`; `b`'s element (l, j) is at `b[l · b_rs + j · b_cs]`; `d` is `[m, n]` with row
+/// stride `ldd`.
+///
+/// # Safety
+/// The pointers cover those extents, and `d` overlaps neither `a` nor `b`.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn gemm1(
+    m: usize,
+    n: usize,
+    k: usize,
+    d: *mut f32,
+    ldd: usize,
+    add: bool,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    b_rs: usize,
+    b_cs: usize,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        d,
+        1,
+        ldd as isize,
+        add,
+        a,
+        1,
+        lda as isize,
+        b,
+        b_cs as isize,
+        b_rs as isize,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
 }
 
 /// Widens one stored row to f32.
@@ -334,7 +372,7 @@ mod portable {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(super) mod x86 {
     use super::*;
     use std::arch::x86_64::*;
 
@@ -420,8 +458,9 @@ mod x86 {
         }
     }
 
+    /// The sum of the eight lanes.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn hsum(v: __m256) -> f32 {
+    pub(in crate::model) unsafe fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));

@@ -37,22 +37,9 @@ pub fn gemm_rows(t: GgmlDType) -> usize {
     }
 }
 
-/// Writes `x · wᵀ` into columns `col0 .. col0 + w.rows` of `y` (`[m, ldy]`); the caller has
-/// checked the lengths.
-pub(super) fn quant(
-    x: &[f32],
-    m: usize,
-    w: MatView,
-    t: GgmlDType,
-    y: &mut [f32],
-    ldy: usize,
-    col0: usize,
-) -> Result<()> {
-    quant_with(x, m, w, t, y, ldy, col0, m >= gemm_rows(t))
-}
-
-/// [`quant`] on the path given: dequantized tiles and gemm, or integer dot products. Public
-/// for the measurement that picks [`gemm_rows`] (`examples/quant_matmul.rs`).
+/// Writes `x · wᵀ` into columns `col0 .. col0 + w.rows` of `y` (`[m, ldy]`) on the path given:
+/// dequantized tiles and gemm, or integer dot products. The engine picks the path by
+/// [`gemm_rows`]; the measurement that chose it (`examples/quant_matmul.rs`) picks both.
 #[allow(clippy::too_many_arguments)]
 pub fn quant_with(
     x: &[f32],
@@ -252,6 +239,7 @@ fn dot_rows<T: GgmlType>(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use crate::model::matmul::x86::hsum;
     use std::arch::x86_64::*;
 
     pub fn has_avx2() -> bool {
@@ -271,15 +259,6 @@ mod x86 {
     unsafe fn half(p: *const u8) -> f32 {
         let h = (p as *const u16).read_unaligned() as i32;
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h)))
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    unsafe fn hsum(acc: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
-        _mm_cvtss_f32(s)
     }
 
     /// A Q5_0 or Q8_0 weight row (`q5`) times `nx` (1 to 4) Q8_0 rows `x`, over `nb` blocks.
@@ -426,7 +405,8 @@ mod tests {
                 .unwrap();
             let want = reference(&x, m, wb, n, k);
             let mut y = vec![0f32; m * n];
-            quant(&x, m, view, t, &mut y, n, 0).unwrap();
+            let gemm = m >= gemm_rows(t);
+            quant_with(&x, m, view, t, &mut y, n, 0, gemm).unwrap();
             // Q4_1 and Q5_1 dot products use the activations' block sums rounded to f16, as
             // llama.cpp's do: a relative error of 2^-11 on a term of the size of the magnitudes.
             for (a, (b, mag)) in y.iter().zip(&want) {
@@ -445,7 +425,7 @@ mod tests {
                     cols: k,
                     data: &bytes[s * rb..(s + len) * rb],
                 };
-                quant(&x, m, v, t, &mut sliced, n, s).unwrap();
+                quant_with(&x, m, v, t, &mut sliced, n, s, gemm).unwrap();
             }
             assert_eq!(y, sliced, "{t:?} m={m}");
         }
