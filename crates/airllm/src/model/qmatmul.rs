@@ -27,12 +27,14 @@ use crate::weights::mat::MatView;
 /// From this many rows of `x` on, a quantized matrix is dequantized per tile and multiplied
 /// with gemm; below, integer dot products run on the blocks. Measured on a 2-core AVX-512 Xeon
 /// with `examples/quant_matmul.rs` (docs/benchmarks.md): the 32-value types cross between 8
-/// and 12 rows, the K-quants (slower to dequantize, faster to dot) between 32 and 48.
+/// and 12 rows, the other K-quants (slower to dequantize) between 32 and 48, and Q4_K, whose
+/// dot kernel serves four rows per weight block, between 64 and 96.
 pub fn gemm_rows(t: GgmlDType) -> usize {
     match t {
         GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q8_0 => {
             12
         }
+        GgmlDType::Q4K => 80,
         _ => 40,
     }
 }
@@ -146,24 +148,42 @@ fn run<T: GgmlType>(
                 T::to_float(&wb[r * kb..(r + 1) * kb], dst)
             });
         } else {
-            // The activations' block scales, widened once for every weight row to use (our
-            // Q5_0 and Q8_0 kernels read them; each partner block starts with its f16 scale).
-            let xd: Vec<f32> = if matches!(T::DTYPE, GgmlDType::Q5_0 | GgmlDType::Q8_0) {
-                let bytes = std::mem::size_of::<T::VecDotType>();
-                // SAFETY: xq is m·kb plain-data blocks.
-                let raw =
-                    unsafe { std::slice::from_raw_parts(xq.as_ptr() as *const u8, m * kb * bytes) };
-                raw.chunks_exact(bytes)
-                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                    .collect()
-            } else {
-                Vec::new()
-            };
+            let xd = block_sums::<T>(xq);
             dots::<T>(xq, &xd, m, wb, n, k, y, ldy, col0);
         }
         Ok(())
     })
 }
+
+/// What our kernels read of each activation block, worked out once for every weight row to
+/// use: for Q5_0 and Q8_0 the block's scale (each Q8_0 block starts with its f16 scale); for
+/// Q4_K the Q8_K block's scale and its eight sums of 32 values (from its sixteen sums of 16),
+/// [`Q4K_AUX`] floats a block. Empty for the types candle's kernels compute.
+fn block_sums<T: GgmlType>(xq: &[T::VecDotType]) -> Vec<f32> {
+    let bytes = std::mem::size_of::<T::VecDotType>();
+    // SAFETY: xq is plain-data blocks.
+    let raw = unsafe { std::slice::from_raw_parts(xq.as_ptr() as *const u8, xq.len() * bytes) };
+    let i16_at = |b: &[u8], o: usize| i16::from_le_bytes([b[o], b[o + 1]]) as f32;
+    match T::DTYPE {
+        GgmlDType::Q5_0 | GgmlDType::Q8_0 => raw
+            .chunks_exact(bytes)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        GgmlDType::Q4K => raw
+            .chunks_exact(bytes)
+            .flat_map(|b| {
+                let d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                let sums: [f32; 8] =
+                    std::array::from_fn(|j| i16_at(b, 260 + 4 * j) + i16_at(b, 262 + 4 * j));
+                std::iter::once(d).chain(sums)
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Floats of [`block_sums`] per Q8_K block, for Q4_K.
+const Q4K_AUX: usize = 9;
 
 /// Integer dot products of every weight row with every quantized row of `x`; each task takes
 /// a run of weight rows, so a row is read from memory once for all rows of `x`.
@@ -190,7 +210,9 @@ fn dots<T: GgmlType>(
             while i < m {
                 let nx = (m - i).min(4);
                 let x = &xq[i * kb..(i + nx) * kb];
-                dot_rows::<T>(k, row, x, xd.get(i * kb..(i + nx) * kb), nx, &mut v);
+                let per = xd.len() / (m * kb).max(1);
+                let aux = xd.get(i * kb * per..(i + nx) * kb * per);
+                dot_rows::<T>(k, row, x, aux, nx, &mut v);
                 for (r, v) in v[..nx].iter().enumerate() {
                     // SAFETY: in bounds (checked by the caller); column col0 + j belongs to
                     // this task alone.
@@ -203,9 +225,9 @@ fn dots<T: GgmlType>(
 }
 
 /// `out[r] = w · x[r]` for the `nx` (1 to 4) quantized rows of `x`: ours for Q5_0 (candle's is
-/// scalar) and Q8_0 (candle's widens each block's scales through a call), which decode each
-/// weight block once for all rows and take the rows' block scales `xd` already widened;
-/// candle's kernel per row for the others.
+/// scalar), Q8_0 (candle's widens each block's scales through a call) and Q4_K, which decode
+/// each weight block once for all rows (Q5_0 and Q8_0 take the rows' block scales `xd` already
+/// widened); candle's kernel per row for the others.
 #[inline]
 fn dot_rows<T: GgmlType>(
     k: usize,
@@ -228,6 +250,20 @@ fn dot_rows<T: GgmlType>(
             // its Q8_0 partner of 34 bytes); w holds kb blocks, x nx rows of kb and xd nx rows
             // of kb scales; the CPU has AVX2, FMA and F16C.
             unsafe { x86::dot_rows(T::DTYPE == GgmlDType::Q5_0, kb, wp, &rows, &scales, nx, out) };
+            return;
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if let (true, Some(xd)) = (x86::has_avx2(), xd) {
+        if T::DTYPE == GgmlDType::Q4K && xd.len() == nx * kb * Q4K_AUX {
+            let xp = x.as_ptr() as *const u8;
+            let at = |r: usize| r.min(nx - 1) * kb;
+            let rows: [*const u8; 4] = std::array::from_fn(|r| xp.wrapping_add(at(r) * 292));
+            let aux: [*const f32; 4] = std::array::from_fn(|r| xd[at(r) * Q4K_AUX..].as_ptr());
+            // SAFETY: Q4_K blocks are 144 bytes and their Q8_K partners 292; w holds kb
+            // blocks, x nx rows of kb and xd their Q4K_AUX floats a block; the CPU has AVX2,
+            // FMA and F16C.
+            unsafe { x86::dot_rows_q4k(kb, w.as_ptr() as *const u8, &rows, &aux, nx, out) };
             return;
         }
     }
@@ -259,6 +295,94 @@ mod x86 {
     unsafe fn half(p: *const u8) -> f32 {
         let h = (p as *const u16).read_unaligned() as i32;
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h)))
+    }
+
+    /// A Q4_K weight row times `nx` (1 to 4) Q8_K rows `x`, over `nb` 256-value blocks.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_rows_q4k(
+        nb: usize,
+        w: *const u8,
+        x: &[*const u8; 4],
+        aux: &[*const f32; 4],
+        nx: usize,
+        out: &mut [f32; 4],
+    ) {
+        match nx {
+            1 => rows_q4k::<1>(nb, w, x, aux, out),
+            2 => rows_q4k::<2>(nb, w, x, aux, out),
+            3 => rows_q4k::<3>(nb, w, x, aux, out),
+            _ => rows_q4k::<4>(nb, w, x, aux, out),
+        }
+    }
+
+    /// Q4_K blocks (144 bytes) are `d: f16, dmin: f16, scales: [u8; 12], qs: [u8; 128]`: eight
+    /// runs of 32 values, run `j` worth `d·sc_j·q - dmin·m_j` with 6-bit `sc_j`, `m_j` packed in
+    /// `scales`; each 32 bytes of `qs` hold two runs, low nibbles first. Q8_K blocks (292 bytes)
+    /// are `d: f32, qs: [i8; 256], bsums: [i16; 16]`; the minimums need only the sums of each
+    /// run, which `aux` holds after the block's scale (`super::block_sums`). Each weight block
+    /// is decoded once for every row.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn rows_q4k<const NX: usize>(
+        nb: usize,
+        w: *const u8,
+        x: &[*const u8; 4],
+        aux: &[*const f32; 4],
+        out: &mut [f32; 4],
+    ) {
+        let low4 = _mm256_set1_epi8(0x0f);
+        let mut acc = [_mm256_setzero_ps(); NX];
+        let mut mins = [_mm256_setzero_ps(); NX];
+        for b in 0..nb {
+            let wp = w.add(b * 144);
+            let d = half(wp);
+            let dmin = half(wp.add(2));
+            let s = std::slice::from_raw_parts(wp.add(4), 12);
+            let mut sc = [0i16; 8];
+            let mut mn = [0f32; 8];
+            for j in 0..8 {
+                let (a, m) = if j < 4 {
+                    (s[j] & 63, s[j + 4] & 63)
+                } else {
+                    (
+                        (s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4),
+                        (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
+                    )
+                };
+                sc[j] = a as i16;
+                mn[j] = m as f32;
+            }
+            let qs = wp.add(16);
+            let mut sum = [_mm256_setzero_si256(); NX];
+            for c in 0..4 {
+                let q = _mm256_loadu_si256(qs.add(32 * c) as *const __m256i);
+                let lo = _mm256_and_si256(q, low4);
+                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), low4);
+                let (s0, s1) = (
+                    _mm256_set1_epi16(sc[2 * c]),
+                    _mm256_set1_epi16(sc[2 * c + 1]),
+                );
+                for (r, acc) in sum.iter_mut().enumerate() {
+                    let xq = x[r].add(b * 292 + 4 + 64 * c);
+                    let x0 = _mm256_loadu_si256(xq as *const __m256i);
+                    let x1 = _mm256_loadu_si256(xq.add(32) as *const __m256i);
+                    let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, x0), s0);
+                    let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x1), s1);
+                    *acc = _mm256_add_epi32(*acc, _mm256_add_epi32(p0, p1));
+                }
+            }
+            let mn = _mm256_loadu_ps(mn.as_ptr());
+            for r in 0..NX {
+                let a = aux[r].add(b * super::Q4K_AUX);
+                let dx = *a;
+                let m = _mm256_mul_ps(mn, _mm256_loadu_ps(a.add(1)));
+                mins[r] = _mm256_fmadd_ps(_mm256_set1_ps(dmin * dx), m, mins[r]);
+                acc[r] =
+                    _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(sum[r]), acc[r]);
+            }
+        }
+        for r in 0..NX {
+            out[r] = hsum(_mm256_sub_ps(acc[r], mins[r]));
+        }
     }
 
     /// A Q5_0 or Q8_0 weight row (`q5`) times `nx` (1 to 4) Q8_0 rows `x`, over `nb` blocks.
@@ -468,15 +592,8 @@ mod tests {
         }
         for nx in 1..=4 {
             let mut got = [0f32; 4];
-            let bytes = std::mem::size_of::<T::VecDotType>();
-            // SAFETY: xs is plain-data blocks.
-            let raw =
-                unsafe { std::slice::from_raw_parts(xs.as_ptr() as *const u8, xs.len() * bytes) };
-            let xd: Vec<f32> = raw
-                .chunks_exact(bytes)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect();
-            dot_rows::<T>(k, &ws, &xs[..nx * kb], Some(&xd[..nx * kb]), nx, &mut got);
+            let xd = block_sums::<T>(&xs[..nx * kb]);
+            dot_rows::<T>(k, &ws, &xs[..nx * kb], Some(&xd), nx, &mut got);
             for (g, w) in got[..nx].iter().zip(&want) {
                 assert!(
                     (g - w).abs() < 1e-4 * (1.0 + w.abs()),
