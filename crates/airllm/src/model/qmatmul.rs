@@ -162,7 +162,8 @@ fn run<T: GgmlType>(
 fn block_sums<T: GgmlType>(xq: &[T::VecDotType]) -> Vec<f32> {
     let bytes = std::mem::size_of::<T::VecDotType>();
     // SAFETY: xq is plain-data blocks.
-    let raw = unsafe { std::slice::from_raw_parts(xq.as_ptr() as *const u8, xq.len() * bytes) };
+    let raw =
+        unsafe { std::slice::from_raw_parts(xq.as_ptr() as *const u8, std::mem::size_of_val(xq)) };
     let i16_at = |b: &[u8], o: usize| i16::from_le_bytes([b[o], b[o + 1]]) as f32;
     match T::DTYPE {
         GgmlDType::Q5_0 | GgmlDType::Q8_0 => raw
