@@ -226,7 +226,7 @@ fn dots<T: GgmlType>(
 }
 
 /// `out[r] = w · x[r]` for the `nx` (1 to 4) quantized rows of `x`: ours for Q5_0 (candle's is
-/// scalar), Q8_0 (candle's widens each block's scales through a call) and Q4_K, which decode
+/// scalar), Q8_0 (candle's widens each block's scales through a call), Q4_K and Q6_K, which decode
 /// each weight block once for all rows (Q5_0 and Q8_0 take the rows' block scales `xd` already
 /// widened); candle's kernel per row for the others.
 #[inline]
@@ -267,6 +267,16 @@ fn dot_rows<T: GgmlType>(
             unsafe { x86::dot_rows_q4k(kb, w.as_ptr() as *const u8, &rows, &aux, nx, out) };
             return;
         }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if T::DTYPE == GgmlDType::Q6K && x86::has_avx2() {
+        let xp = x.as_ptr() as *const u8;
+        let rows: [*const u8; 4] =
+            std::array::from_fn(|r| xp.wrapping_add(r.min(nx - 1) * kb * 292));
+        // SAFETY: Q6_K blocks are 210 bytes and their Q8_K partners 292; w holds kb blocks
+        // and x nx rows of kb; the CPU has AVX2, FMA and F16C.
+        unsafe { x86::dot_rows_q6k(kb, w.as_ptr() as *const u8, &rows, nx, out) };
+        return;
     }
     let _ = xd;
     for (r, o) in out[..nx].iter_mut().enumerate() {
@@ -383,6 +393,93 @@ mod x86 {
         }
         for r in 0..NX {
             out[r] = hsum(_mm256_sub_ps(acc[r], mins[r]));
+        }
+    }
+
+    /// A Q6_K weight row times `nx` (1 to 4) Q8_K rows `x`, over `nb` 256-value blocks.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_rows_q6k(
+        nb: usize,
+        w: *const u8,
+        x: &[*const u8; 4],
+        nx: usize,
+        out: &mut [f32; 4],
+    ) {
+        match nx {
+            1 => rows_q6k::<1>(nb, w, x, out),
+            2 => rows_q6k::<2>(nb, w, x, out),
+            3 => rows_q6k::<3>(nb, w, x, out),
+            _ => rows_q6k::<4>(nb, w, x, out),
+        }
+    }
+
+    /// Q6_K blocks (210 bytes) are `ql: [u8; 128], qh: [u8; 64], scales: [i8; 16], d: f16`:
+    /// each half of 128 values takes 64 bytes of `ql` (low 4 bits: values 0–31 and 32–63 in
+    /// the low nibbles of its two 32-byte rows, 64–127 in the high nibbles) and 32 of `qh` (2
+    /// bits a value, four values a byte), minus 32, with one scale per 16 values. The products
+    /// use the unsigned values, and 32 times the scaled sums of `x` (its `bsums`) come off.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn rows_q6k<const NX: usize>(
+        nb: usize,
+        w: *const u8,
+        x: &[*const u8; 4],
+        out: &mut [f32; 4],
+    ) {
+        let low4 = _mm256_set1_epi8(0x0f);
+        let two = _mm256_set1_epi8(0x03);
+        let mut acc = [_mm256_setzero_ps(); NX];
+        for b in 0..nb {
+            let wp = w.add(b * 210);
+            let d = half(wp.add(208));
+            let sc8 = _mm_loadu_si128(wp.add(192) as *const __m128i);
+            let sc16 = _mm256_cvtepi8_epi16(sc8);
+            let scale = |i: usize| *(wp.add(192 + i) as *const i8) as i16;
+            let mut sum = [_mm256_setzero_si256(); NX];
+            for h in 0..2 {
+                let ql = wp.add(64 * h);
+                let qh = _mm256_loadu_si256(wp.add(128 + 32 * h) as *const __m256i);
+                let l0 = _mm256_loadu_si256(ql as *const __m256i);
+                let l1 = _mm256_loadu_si256(ql.add(32) as *const __m256i);
+                let hi = |s: i32| -> __m256i {
+                    let v = match s {
+                        0 => qh,
+                        2 => _mm256_srli_epi16::<2>(qh),
+                        4 => _mm256_srli_epi16::<4>(qh),
+                        _ => _mm256_srli_epi16::<6>(qh),
+                    };
+                    _mm256_slli_epi16::<4>(_mm256_and_si256(v, two))
+                };
+                let q = [
+                    _mm256_or_si256(_mm256_and_si256(l0, low4), hi(0)),
+                    _mm256_or_si256(_mm256_and_si256(l1, low4), hi(2)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(l0), low4), hi(4)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(l1), low4), hi(6)),
+                ];
+                // Values 0–15 of each 32 sit in the low 128 bits, 16–31 in the high.
+                let s: [__m256i; 4] = std::array::from_fn(|c| {
+                    let i = 8 * h + 2 * c;
+                    _mm256_set_m128i(_mm_set1_epi16(scale(i + 1)), _mm_set1_epi16(scale(i)))
+                });
+                for (r, acc) in sum.iter_mut().enumerate() {
+                    let xq = x[r].add(b * 292 + 4 + 128 * h);
+                    for c in 0..4 {
+                        let xv = _mm256_loadu_si256(xq.add(32 * c) as *const __m256i);
+                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q[c], xv), s[c]);
+                        *acc = _mm256_add_epi32(*acc, p);
+                    }
+                }
+            }
+            for r in 0..NX {
+                let xb = x[r].add(b * 292);
+                let dx = (xb as *const f32).read_unaligned();
+                let bs = _mm256_loadu_si256(xb.add(260) as *const __m256i);
+                let off = _mm256_slli_epi32::<5>(_mm256_madd_epi16(sc16, bs));
+                let s = _mm256_cvtepi32_ps(_mm256_sub_epi32(sum[r], off));
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), s, acc[r]);
+            }
+        }
+        for r in 0..NX {
+            out[r] = hsum(acc[r]);
         }
     }
 
@@ -609,5 +706,6 @@ mod tests {
         agrees_with_candle::<kq::BlockQ5_0>(GgmlDType::Q5_0);
         agrees_with_candle::<kq::BlockQ8_0>(GgmlDType::Q8_0);
         agrees_with_candle::<kq::BlockQ4K>(GgmlDType::Q4K);
+        agrees_with_candle::<kq::BlockQ6K>(GgmlDType::Q6K);
     }
 }
