@@ -598,8 +598,49 @@ pub fn query_chunk(scores_bytes: u64, nh: usize, total: usize) -> usize {
 }
 
 /// llama.cpp's CPU GELU: exact pass-through at and beyond ±10, otherwise the f16-rounded input
-/// mapped through an f16 table of GELU values.
+/// mapped through an f16 table of GELU values. On the CPU the table is built once (from
+/// candle's GELU, so the values are the ones the tensor path gives) and applied in one pass on
+/// every thread; a prefill step of the default model spent 6% of its time in the eight tensor
+/// passes this replaces.
 fn gelu_f16_table(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() {
+        static TABLE: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
+        let table = match TABLE.get() {
+            Some(t) => t,
+            None => {
+                let all: Vec<half::f16> = (0..=u16::MAX).map(half::f16::from_bits).collect();
+                let t = gelu_f16_tensor(
+                    &Tensor::new(all.as_slice(), x.device())?.to_dtype(DType::F32)?,
+                )?;
+                TABLE.get_or_init(|| t.to_vec1::<f32>().unwrap_or_default())
+            }
+        };
+        if table.len() == 1 << 16 {
+            use rayon::prelude::*;
+            let n = x.dim(x.rank() - 1)?;
+            return super::matmul::with_rows(x, n, |xs, _, y| {
+                y.par_chunks_mut(4096)
+                    .zip(xs.par_chunks(4096))
+                    .for_each(|(y, xs)| {
+                        for (y, &v) in y.iter_mut().zip(xs) {
+                            *y = if v >= 10.0 {
+                                v
+                            } else if v <= -10.0 {
+                                0.0
+                            } else {
+                                table[half::f16::from_f32(v).to_bits() as usize]
+                            };
+                        }
+                    });
+                Ok(())
+            });
+        }
+    }
+    gelu_f16_tensor(x)
+}
+
+/// [`gelu_f16_table`] as tensor operations (any device).
+fn gelu_f16_tensor(x: &Tensor) -> Result<Tensor> {
     let f16 = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F16)?.to_dtype(DType::F32)?) };
     let table = f16(&f16(x)?.gelu()?)?;
     let high = x.ge(10f32)?;
@@ -611,4 +652,34 @@ fn gelu_f16_table(x: &Tensor) -> Result<Tensor> {
 /// The final RMSNorm, applied before the output head.
 pub fn final_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
     Ok(candle_nn::ops::rms_norm(x, w, eps)?)
+}
+
+#[cfg(test)]
+mod gelu_tests {
+    use super::*;
+
+    #[test]
+    fn the_cpu_table_gives_the_tensor_paths_values() {
+        let v: Vec<f32> = (-1300..1305)
+            .map(|i| i as f32 * 0.01 + 0.003)
+            .chain([10.0, -10.0, 1e-6, 65504.0, -7e4])
+            .collect();
+        let x = Tensor::new(v.as_slice(), &Device::Cpu)
+            .unwrap()
+            .reshape((10, v.len() / 10))
+            .unwrap();
+        let a: Vec<f32> = gelu_f16_table(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let b: Vec<f32> = gelu_f16_tensor(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(a, b);
+    }
 }
