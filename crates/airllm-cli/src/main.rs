@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use airllm::chat::{ChatTemplate, Message};
-use airllm::generate::{continue_batch, generate, GenerationParams, SamplingParams};
+use airllm::generate::{generate, run_requests, GenerationParams, Request, SamplingParams};
 use airllm::tokenizer::TextTokenizer;
 use airllm::util::{fmt_bytes, parse_size};
 use airllm::{Engine, EngineOptions, ModelInfo};
@@ -587,8 +587,9 @@ fn chat(a: ChatArgs) -> Result<()> {
         );
     }
     let mut messages: Vec<Message> = a.system.iter().map(|s| Message::new("system", s)).collect();
-    let mut seq = engine.new_sequence()?;
-    // The token ids whose keys and values are in `seq`, to reuse the shared prefix each turn.
+    // The conversation's sequence between turns, and the token ids whose keys and values it
+    // holds, to reuse the shared prefix each turn.
+    let mut seq: Option<airllm::Sequence> = None;
     let mut cached: Vec<u32> = Vec::new();
     eprintln!("chat: type a message; /reset clears the conversation, /exit or Ctrl-D quits");
     let stdin = std::io::stdin();
@@ -610,42 +611,36 @@ fn chat(a: ChatArgs) -> Result<()> {
         }
         messages.push(Message::new("user", line));
         let prompt = chat_prompt(&tok, &messages)?;
-        let mut keep = cached
+        let keep = cached
             .iter()
             .zip(&prompt)
             .take_while(|(a, b)| a == b)
-            .count();
-        keep = keep.min(prompt.len() - 1);
-        let keep = seq.truncate(keep);
-        let feed = prompt[keep..].to_vec();
+            .count()
+            .min(prompt.len() - 1);
+        let req = Request {
+            resume: seq.take().map(|s| (s, keep)),
+            ..Request::new(prompt.clone(), gp.clone())
+        };
         let mut stdout = std::io::stdout();
         let t = Instant::now();
-        let mut out = continue_batch(
-            &mut engine,
-            &tok,
-            &mut [&mut seq],
-            vec![feed],
-            vec![prompt.clone()],
-            &gp,
-            |_, piece| {
-                let _ = stdout.write_all(piece.as_bytes());
-                let _ = stdout.flush();
-            },
-        );
-        let c = match out.as_mut() {
-            Ok(list) => list.remove(0),
+        let out = run_requests(&mut engine, &tok, vec![req], |_, piece| {
+            let _ = stdout.write_all(piece.as_bytes());
+            let _ = stdout.flush();
+        });
+        let (c, s) = match out {
+            Ok(mut list) => list.remove(0),
             Err(e) => {
                 // A failed step leaves the cache half-written: drop this turn, start the next
                 // from an empty cache, and keep the REPL alive.
                 eprintln!("error: {e}");
                 messages.pop();
-                seq.truncate(0);
                 cached.clear();
                 continue;
             }
         };
         println!();
         report::summary(&engine, c.token_ids.len(), t.elapsed());
+        seq = Some(s);
         cached = prompt;
         cached.extend(&c.token_ids);
         // The last sampled token was never fed through the model.

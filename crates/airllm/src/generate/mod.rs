@@ -1,13 +1,15 @@
-//! Generation: batched prefill and decode over [`Engine::step`], with sampling and stop rules.
-//! Sequences that finish leave the batch; the rest go on in the next sweep.
+//! Generation: the [`Scheduler`] (per-request state, continuous batching over [`Engine::step`]),
+//! sampling and stop rules, and [`generate`] for a fixed set of prompts.
 
 pub mod perplexity;
 pub mod sampling;
+pub mod scheduler;
 
-use crate::engine::{Engine, LogitsFor, Sequence};
+use crate::engine::{Engine, Sequence};
 use crate::error::{Error, Result};
 use crate::tokenizer::TextTokenizer;
 pub use sampling::{argmax, Sampler, SamplingParams};
+pub use scheduler::{Event, Request, RequestId, RequestStats, Scheduler, TokenLogprob};
 
 #[derive(Debug, Clone)]
 pub struct GenerationParams {
@@ -114,131 +116,49 @@ pub fn generate(
     params: &GenerationParams,
     on_text: impl FnMut(usize, &str),
 ) -> Result<Vec<Completion>> {
-    let mut seqs: Vec<Sequence> = prompts
+    let reqs = prompts
         .iter()
-        .map(|_| engine.new_sequence())
-        .collect::<Result<_>>()?;
-    let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
-    continue_batch(
-        engine,
-        tok,
-        &mut refs,
-        prompts.to_vec(),
-        prompts.to_vec(),
-        params,
-        on_text,
-    )
-}
-
-/// Continues existing sequences: `feeds[i]` are the tokens sequence `i` has not cached yet and
-/// `prompts[i]` its whole prompt (for the repetition penalty and the result). Used by chat to
-/// reuse the cached conversation.
-pub fn continue_batch(
-    engine: &mut Engine,
-    tok: &TextTokenizer,
-    seqs: &mut [&mut Sequence],
-    feeds: Vec<Vec<u32>>,
-    prompts: Vec<Vec<u32>>,
-    params: &GenerationParams,
-    mut on_text: impl FnMut(usize, &str),
-) -> Result<Vec<Completion>> {
-    if feeds.iter().any(|p| p.is_empty()) {
-        return Err(Error::Invalid("a prompt tokenized to zero tokens".into()));
-    }
-    let context = engine.options().context;
-    if let Some(p) = prompts.iter().find(|p| p.len() >= context) {
-        return Err(Error::Invalid(format!(
-            "a prompt of {} tokens does not fit the context size of {context}",
-            p.len()
-        )));
-    }
-    let mut outs: Vec<Output> = prompts
-        .into_iter()
         .enumerate()
-        .map(|(i, p)| Output {
-            prompt_ids: p,
-            ids: vec![],
-            text: String::new(),
-            shown: 0,
-            done: if params.max_new_tokens == 0 {
-                Some(FinishReason::Length)
-            } else {
-                None
-            },
-            sampler: Sampler::new(params.sampling.clone(), i as u64),
+        .map(|(i, p)| Request {
+            stream: i as u64,
+            ..Request::new(p.clone(), params.clone())
         })
         .collect();
-    let eos = &tok.eos_ids;
-    // Tokens each sequence has yet to feed. A long prefill is split over several sweeps so no
-    // step carries more than the engine's `max_step_tokens`.
-    let mut pending = feeds;
-    let cap = engine.options().max_step_tokens;
-    loop {
-        let mut room = cap;
-        let mut parts: Vec<(usize, usize)> = Vec::new();
-        for i in (0..outs.len()).filter(|&i| outs[i].done.is_none()) {
-            let n = pending[i].len().min(room);
-            if n > 0 {
-                parts.push((i, n));
-                room -= n;
-            }
-        }
-        if parts.is_empty() {
-            break;
-        }
-        let logits = {
-            let mut batch: Vec<(&mut Sequence, &[u32])> = Vec::with_capacity(parts.len());
-            let mut it = parts.iter().peekable();
-            for (i, s) in seqs.iter_mut().enumerate() {
-                if let Some(&&(j, n)) = it.peek() {
-                    if i == j {
-                        batch.push((&mut **s, &pending[i][..n]));
-                        it.next();
-                    }
-                }
-            }
-            // Skip the output head when every sequence in this step is mid-prefill.
-            let which = if parts.iter().any(|&(i, n)| n == pending[i].len()) {
-                LogitsFor::Last
-            } else {
-                LogitsFor::None
-            };
-            engine.step(&mut batch, which)?
-        };
-        let mut logits = logits.into_iter();
-        for &(i, n) in &parts {
-            let l = logits.next();
-            pending[i].drain(..n);
-            if !pending[i].is_empty() {
-                continue; // mid-prefill: these logits are not the prompt's last
-            }
-            let l = l.ok_or_else(|| Error::Invalid("step returned no logits".into()))?;
-            let row: Vec<f32> = l.squeeze(0)?.to_vec1()?;
-            let o = &mut outs[i];
-            let history: Vec<u32> = o.prompt_ids.iter().chain(&o.ids).copied().collect();
-            let t = o.sampler.sample(&row, &history);
-            if !params.ignore_eos && eos.contains(&t) {
-                o.done = Some(FinishReason::Stop);
-            } else {
-                o.ids.push(t);
-                pending[i] = vec![t];
-                if o.ids.len() >= params.max_new_tokens || seqs[i].len() + 1 >= context {
-                    o.done = Some(FinishReason::Length);
-                }
-            }
-            let piece = o.update(tok, &params.stop_strings)?;
-            if !piece.is_empty() {
-                on_text(i, &piece);
+    Ok(run_requests(engine, tok, reqs, on_text)?
+        .into_iter()
+        .map(|(c, _)| c)
+        .collect())
+}
+
+/// Runs requests to the end on a [`Scheduler`] of their own. `on_text(i, piece)` receives
+/// request `i`'s text as it becomes final. Returns each completion with its sequence (a chat
+/// continues from it); the first request that fails fails the call.
+pub fn run_requests(
+    engine: &mut Engine,
+    tok: &TextTokenizer,
+    reqs: Vec<Request>,
+    mut on_text: impl FnMut(usize, &str),
+) -> Result<Vec<(Completion, Sequence)>> {
+    let mut sched = Scheduler::new();
+    let ids: Vec<RequestId> = reqs.into_iter().map(|r| sched.submit(r)).collect();
+    let index = |id: RequestId| ids.iter().position(|&x| x == id).unwrap_or(0);
+    let mut done: Vec<Option<(Completion, Sequence)>> = ids.iter().map(|_| None).collect();
+    while !sched.is_idle() {
+        for ev in sched.tick(engine, tok) {
+            match ev {
+                Event::Tokens { id, text, .. } if !text.is_empty() => on_text(index(id), &text),
+                Event::Tokens { .. } => {}
+                Event::Done {
+                    id,
+                    completion,
+                    seq,
+                    ..
+                } => done[index(id)] = Some((completion, seq)),
+                Event::Failed { error, .. } => return Err(error),
             }
         }
     }
-    Ok(outs
-        .into_iter()
-        .map(|o| Completion {
-            prompt_ids: o.prompt_ids,
-            token_ids: o.ids,
-            text: o.text,
-            finish_reason: o.done.unwrap_or(FinishReason::Length),
-        })
-        .collect())
+    done.into_iter()
+        .map(|d| d.ok_or_else(|| Error::Invalid("internal error: a request never ended".into())))
+        .collect()
 }

@@ -1,0 +1,451 @@
+//! The scheduler: every request's state (sampler, stop rules, where its prefill stands, its
+//! token limit) and the sweeps that serve them. Each [`Scheduler::tick`] runs one sweep over the
+//! active sequences: decode rows first, then prefill chunks in the room left. Requests join
+//! and leave between sweeps, so a streamed layer read once serves everyone in flight.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use super::{Completion, FinishReason, GenerationParams, Output, Sampler};
+use crate::engine::{Engine, LogitsFor, Sequence};
+use crate::error::{Error, Result};
+use crate::tokenizer::TextTokenizer;
+
+pub type RequestId = u64;
+
+/// One generation to run.
+pub struct Request {
+    /// The whole prompt (the repetition penalty and the result see all of it).
+    pub prompt: Vec<u32>,
+    pub params: GenerationParams,
+    /// Separates random streams: requests with the same seed and stream sample the same
+    /// tokens, whatever else shares their sweeps.
+    pub stream: u64,
+    /// Report each sampled token's log-probability and this many alternatives.
+    pub logprobs: Option<usize>,
+    /// A sequence whose cache already holds the first `n` prompt tokens (a conversation's
+    /// earlier turns), and that `n`; the rest of the prompt is fed from there.
+    pub resume: Option<(Sequence, usize)>,
+}
+
+impl Request {
+    pub fn new(prompt: Vec<u32>, params: GenerationParams) -> Self {
+        Request {
+            prompt,
+            params,
+            stream: 0,
+            logprobs: None,
+            resume: None,
+        }
+    }
+}
+
+/// A sampled token's log-probability under the model (before any sampling filter), and the
+/// most likely tokens at that position with theirs.
+#[derive(Debug, Clone)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Where a request's time went.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RequestStats {
+    /// From submission to admission (its KV cache allocated).
+    pub queued: Duration,
+    /// From submission to the first sampled token.
+    pub first_token: Option<Duration>,
+    /// From submission to the end.
+    pub total: Duration,
+    /// Tokens fed through the model for the prompt (less than the prompt when resumed).
+    pub prefilled: usize,
+}
+
+pub enum Event {
+    /// Tokens sampled in this sweep and the text that became final with them (text that may
+    /// still turn into a stop string is held back).
+    Tokens {
+        id: RequestId,
+        tokens: Vec<u32>,
+        text: String,
+        logprobs: Vec<TokenLogprob>,
+    },
+    /// The request ended. Its sequence comes back, holding the prompt and the output except
+    /// the last sampled token, for a caller that continues the conversation.
+    Done {
+        id: RequestId,
+        completion: Completion,
+        seq: Sequence,
+        stats: RequestStats,
+    },
+    /// The request could not run; the others go on.
+    Failed { id: RequestId, error: Error },
+}
+
+struct Waiting {
+    id: RequestId,
+    req: Request,
+    since: Instant,
+}
+
+struct Active {
+    id: RequestId,
+    out: Output,
+    params: GenerationParams,
+    logprobs: Option<usize>,
+    seq: Sequence,
+    /// Tokens not yet fed: the rest of the prompt, then each sampled token.
+    pending: Vec<u32>,
+    submitted: Instant,
+    stats: RequestStats,
+    /// Sampled since the last report.
+    new_tokens: Vec<u32>,
+    new_text: String,
+    new_logprobs: Vec<TokenLogprob>,
+    failed: bool,
+}
+
+/// Continuous batching over one engine. Admission is bounded by the engine's plan: at most
+/// `max_batch` sequences are active, and each one's KV cache is charged to the budget when it
+/// is admitted; the others wait in order.
+pub struct Scheduler {
+    waiting: VecDeque<Waiting>,
+    active: Vec<Active>,
+    next_id: RequestId,
+}
+
+impl Default for Scheduler {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Scheduler {
+    pub fn new() -> Self {
+        Scheduler {
+            waiting: VecDeque::new(),
+            active: Vec::new(),
+            next_id: 0,
+        }
+    }
+
+    /// Queues a request; it joins the next sweep that has room for it.
+    pub fn submit(&mut self, req: Request) -> RequestId {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.waiting.push_back(Waiting {
+            id,
+            req,
+            since: Instant::now(),
+        });
+        id
+    }
+
+    /// Drops a request, waiting or active; its KV cache is freed now.
+    pub fn cancel(&mut self, id: RequestId) {
+        self.waiting.retain(|w| w.id != id);
+        self.active.retain(|a| a.id != id);
+    }
+
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+    pub fn active(&self) -> usize {
+        self.active.len()
+    }
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.active.is_empty()
+    }
+
+    /// Moves waiting requests in while the plan has room. A request that cannot fit even
+    /// alone fails; one that waits for others to finish stays queued.
+    fn admit(&mut self, engine: &Engine, events: &mut Vec<Event>) {
+        let context = engine.options().context;
+        while self.active.len() < engine.options().max_batch.max(1) {
+            let Some(w) = self.waiting.pop_front() else {
+                break;
+            };
+            let Waiting { id, req, since } = w;
+            let p = &req.prompt;
+            let cached = req.resume.as_ref().map_or(0, |(_, n)| *n);
+            let bad = if p.is_empty() {
+                Some("the prompt has no tokens".to_string())
+            } else if p.len() >= context {
+                Some(format!(
+                    "a prompt of {} tokens does not fit the context size of {context}",
+                    p.len()
+                ))
+            } else if cached >= p.len() {
+                Some("a resumed sequence must leave a prompt token to feed".to_string())
+            } else {
+                None
+            };
+            if let Some(msg) = bad {
+                events.push(Event::Failed {
+                    id,
+                    error: Error::Invalid(msg),
+                });
+                continue;
+            }
+            let seq = match req.resume {
+                Some((mut s, n)) => {
+                    if s.truncate(n) != n {
+                        // A sliding window dropped keys the rest needs: start over.
+                        s.truncate(0);
+                        (s, 0)
+                    } else {
+                        (s, n)
+                    }
+                }
+                None => match engine.new_sequence() {
+                    Ok(s) => (s, 0),
+                    Err(e) if !self.active.is_empty() => {
+                        // The budget is held by running sequences: wait for one to end.
+                        tracing::debug!("request {id} waits for room: {e}");
+                        self.waiting.push_front(Waiting {
+                            id,
+                            req: Request { resume: None, ..req },
+                            since,
+                        });
+                        break;
+                    }
+                    Err(e) => {
+                        events.push(Event::Failed { id, error: e });
+                        continue;
+                    }
+                },
+            };
+            let (seq, fed) = seq;
+            let params = req.params;
+            let done = (params.max_new_tokens == 0).then_some(FinishReason::Length);
+            self.active.push(Active {
+                id,
+                pending: req.prompt[fed..].to_vec(),
+                out: Output {
+                    prompt_ids: req.prompt,
+                    ids: vec![],
+                    text: String::new(),
+                    shown: 0,
+                    done,
+                    sampler: Sampler::new(params.sampling.clone(), req.stream),
+                },
+                logprobs: req.logprobs,
+                params,
+                seq,
+                submitted: since,
+                stats: RequestStats {
+                    queued: since.elapsed(),
+                    ..Default::default()
+                },
+                new_tokens: Vec::new(),
+                new_text: String::new(),
+                new_logprobs: Vec::new(),
+                failed: false,
+            });
+        }
+    }
+
+    /// One sweep over the active sequences, after admitting what fits. Returns what happened
+    /// to each request; an idle scheduler returns nothing at once.
+    pub fn tick(&mut self, engine: &mut Engine, tok: &TextTokenizer) -> Vec<Event> {
+        let mut events = Vec::new();
+        self.admit(engine, &mut events);
+        self.finish_done(&mut events);
+        if self.active.is_empty() {
+            return events;
+        }
+        let context = engine.options().context;
+        let mut room = engine.options().max_step_tokens.max(1);
+        let rows = engine.options().max_logit_rows.max(1);
+        // Decode rows first (one token each, latency matters), then prefill chunks in
+        // admission order.
+        let mut order: Vec<usize> = (0..self.active.len()).collect();
+        order.sort_by_key(|&i| self.active[i].pending.len() > 1);
+        let mut parts: Vec<(usize, usize)> = Vec::new();
+        for i in order {
+            if parts.len() == rows || room == 0 {
+                break;
+            }
+            let n = self.active[i].pending.len().min(room);
+            parts.push((i, n));
+            room -= n;
+        }
+        parts.sort_unstable();
+        let which = if parts
+            .iter()
+            .any(|&(i, n)| n == self.active[i].pending.len())
+        {
+            LogitsFor::Last
+        } else {
+            // Every sequence here is mid-prefill: skip the output head.
+            LogitsFor::None
+        };
+        let result = {
+            let mut batch: Vec<(&mut Sequence, &[u32])> = Vec::with_capacity(parts.len());
+            let mut it = parts.iter().peekable();
+            for (i, a) in self.active.iter_mut().enumerate() {
+                if let Some(&&(j, n)) = it.peek() {
+                    if i == j {
+                        batch.push((&mut a.seq, &a.pending[..n]));
+                        it.next();
+                    }
+                }
+            }
+            engine.step(&mut batch, which)
+        };
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => {
+                // The step may have cached some layers' tokens and not others: the
+                // sequences in it cannot go on.
+                let msg = e.to_string();
+                let ids: Vec<RequestId> = parts.iter().map(|&(i, _)| self.active[i].id).collect();
+                for id in ids {
+                    self.cancel(id);
+                    events.push(Event::Failed {
+                        id,
+                        error: Error::Invalid(msg.clone()),
+                    });
+                }
+                return events;
+            }
+        };
+        let mut logits = logits.into_iter();
+        for &(i, n) in &parts {
+            let l = logits.next();
+            let a = &mut self.active[i];
+            a.pending.drain(..n);
+            a.stats.prefilled += if a.out.ids.is_empty() { n } else { 0 };
+            if !a.pending.is_empty() {
+                continue; // mid-prefill: these logits are not the prompt's last
+            }
+            if let Err(e) = a.sample(l, tok, context) {
+                events.push(Event::Failed { id: a.id, error: e });
+                a.out.done = Some(FinishReason::Stop);
+                a.failed = true;
+                continue;
+            }
+            if let Some(ev) = a.take_tokens() {
+                events.push(ev);
+            }
+        }
+        self.finish_done(&mut events);
+        events
+    }
+
+    /// Ends the requests that are done: their results go out and their sequences leave.
+    fn finish_done(&mut self, events: &mut Vec<Event>) {
+        let mut i = 0;
+        while i < self.active.len() {
+            if self.active[i].out.done.is_none() {
+                i += 1;
+                continue;
+            }
+            let a = self.active.swap_remove(i);
+            if a.failed {
+                continue; // already reported
+            }
+            let mut stats = a.stats;
+            stats.total = a.submitted.elapsed();
+            events.push(Event::Done {
+                id: a.id,
+                completion: Completion {
+                    prompt_ids: a.out.prompt_ids,
+                    token_ids: a.out.ids,
+                    text: a.out.text,
+                    finish_reason: a.out.done.unwrap_or(FinishReason::Length),
+                },
+                seq: a.seq,
+                stats,
+            });
+        }
+        // Keep admission order: swap_remove moved the last entry forward.
+        self.active.sort_by_key(|a| a.id);
+    }
+}
+
+impl Active {
+    /// What was sampled since the last report, if anything.
+    fn take_tokens(&mut self) -> Option<Event> {
+        if self.new_tokens.is_empty() && self.new_text.is_empty() {
+            return None;
+        }
+        Some(Event::Tokens {
+            id: self.id,
+            tokens: std::mem::take(&mut self.new_tokens),
+            text: std::mem::take(&mut self.new_text),
+            logprobs: std::mem::take(&mut self.new_logprobs),
+        })
+    }
+
+    /// Samples the next token from the step's last-row logits and applies the stop rules.
+    fn sample(
+        &mut self,
+        l: Option<candle_core::Tensor>,
+        tok: &TextTokenizer,
+        context: usize,
+    ) -> Result<()> {
+        let l = l.ok_or_else(|| Error::Invalid("internal error: step returned no logits".into()))?;
+        let row: Vec<f32> = l.squeeze(0)?.to_vec1()?;
+        let o = &mut self.out;
+        let history: Vec<u32> = o.prompt_ids.iter().chain(&o.ids).copied().collect();
+        let t = o.sampler.sample(&row, &history);
+        if self.stats.first_token.is_none() {
+            self.stats.first_token = Some(self.submitted.elapsed());
+        }
+        let lp = self.logprobs.map(|k| logprobs_of(&row, t, k));
+        if !self.params.ignore_eos && tok.eos_ids.contains(&t) {
+            o.done = Some(FinishReason::Stop);
+        } else {
+            o.ids.push(t);
+            self.new_tokens.push(t);
+            self.pending = vec![t];
+            if o.ids.len() >= self.params.max_new_tokens || self.seq.len() + 1 >= context {
+                o.done = Some(FinishReason::Length);
+            }
+            if let Some(lp) = lp {
+                self.new_logprobs.push(lp);
+            }
+        }
+        let piece = o.update(tok, &self.params.stop_strings)?;
+        self.new_text.push_str(&piece);
+        Ok(())
+    }
+}
+
+/// The log-probability of `t` under `row`'s softmax, and the `k` most likely tokens with
+/// theirs (ties to the lower id), in f64.
+fn logprobs_of(row: &[f32], t: u32, k: usize) -> TokenLogprob {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let log_sum = row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() + max;
+    let lp = |i: usize| (row[i] as f64 - log_sum) as f32;
+    let mut idx: Vec<u32> = (0..row.len() as u32).collect();
+    let k = k.min(row.len());
+    let by_logit = |a: &u32, b: &u32| row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b));
+    if k > 0 && k < idx.len() {
+        idx.select_nth_unstable_by(k - 1, by_logit);
+    }
+    idx.truncate(k);
+    idx.sort_unstable_by(by_logit);
+    TokenLogprob {
+        token: t,
+        logprob: row.get(t as usize).map_or(f32::NEG_INFINITY, |_| lp(t as usize)),
+        top: idx.into_iter().map(|i| (i, lp(i as usize))).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logprobs_are_a_log_softmax() {
+        let row = [1.0f32, 3.0, 2.0, 3.0];
+        let l = logprobs_of(&row, 2, 2);
+        let z: f64 = row.iter().map(|&x| (x as f64).exp()).sum();
+        assert!((l.logprob as f64 - (2.0 - z.ln())).abs() < 1e-6);
+        assert_eq!(l.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 3]);
+        assert!(logprobs_of(&row, 0, 0).top.is_empty());
+    }
+}
