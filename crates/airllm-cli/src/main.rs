@@ -2,6 +2,7 @@
 //! and errors go to stderr.
 
 mod report;
+mod serve;
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -48,6 +49,34 @@ enum Cmd {
     Convert(ConvertArgs),
     /// Perplexity of a text file, computed as llama.cpp's llama-perplexity does.
     Perplexity(PerplexityArgs),
+    /// An OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models,
+    /// /health); concurrent requests share each layer sweep.
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Address to listen on. The default accepts local clients only.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Require `Authorization: Bearer KEY` on /v1 requests. Default: $AIRLLM_API_KEY, else no key.
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Sequences served together (each sweep carries all of them); each one's KV cache for the
+    /// full context is part of the plan.
+    #[arg(long, short = 'P', default_value_t = 8)]
+    parallel: usize,
+    /// Sequences that may wait for a place beyond the running ones; beyond that, requests get
+    /// 429.
+    #[arg(long, default_value_t = 128)]
+    queue: usize,
+    /// The model id clients name. Default: the model file's or folder's name.
+    #[arg(long)]
+    alias: Option<String>,
 }
 
 #[derive(Args)]
@@ -290,6 +319,7 @@ fn main() -> ExitCode {
         Cmd::Bench(a) => bench(a),
         Cmd::Convert(a) => convert(a),
         Cmd::Perplexity(a) => perplexity(a),
+        Cmd::Serve(a) => serve_cmd(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -651,6 +681,50 @@ fn chat(a: ChatArgs) -> Result<()> {
         report::profile(&engine);
     }
     Ok(())
+}
+
+fn serve_cmd(a: ServeArgs) -> Result<()> {
+    if a.parallel == 0 {
+        bail!("--parallel must be at least 1");
+    }
+    let (info, tok, tok_bytes) = open_model(&a.model)?;
+    let model_id = a.alias.clone().unwrap_or_else(|| {
+        let p = &info.dir;
+        p.file_stem()
+            .or(p.file_name())
+            .map_or("model".into(), |s| s.to_string_lossy().into_owned())
+    });
+    let context = a
+        .model
+        .ctx_size
+        .unwrap_or_else(|| info.cfg.max_position_embeddings.min(2048));
+    let opts = EngineOptions {
+        max_memory: budget(&a.model.max_memory)?,
+        context,
+        max_batch: a.parallel,
+        max_step_tokens: a.model.batch_size.min(context).max(a.parallel),
+        max_logit_rows: a.parallel,
+        ..Default::default()
+    };
+    let engine = start_engine(info, &a.model, opts, tok_bytes)?;
+    let api_key = a
+        .api_key
+        .clone()
+        .or_else(|| std::env::var("AIRLLM_API_KEY").ok())
+        .filter(|k| !k.is_empty());
+    let host: std::net::IpAddr = a
+        .host
+        .parse()
+        .with_context(|| format!("--host {}: expected an IP address", a.host))?;
+    if !host.is_loopback() && api_key.is_none() {
+        eprintln!("serve: listening beyond this machine without an API key (--api-key)");
+    }
+    let cfg = serve::Config {
+        model_id,
+        api_key,
+        queue: a.queue,
+    };
+    serve::serve(engine, tok, cfg, std::net::SocketAddr::new(host, a.port))
 }
 
 fn inspect(a: InspectArgs) -> Result<()> {

@@ -205,7 +205,10 @@ impl Scheduler {
                         tracing::debug!("request {id} waits for room: {e}");
                         self.waiting.push_front(Waiting {
                             id,
-                            req: Request { resume: None, ..req },
+                            req: Request {
+                                resume: None,
+                                ..req
+                            },
                             since,
                         });
                         break;
@@ -386,7 +389,8 @@ impl Active {
         tok: &TextTokenizer,
         context: usize,
     ) -> Result<()> {
-        let l = l.ok_or_else(|| Error::Invalid("internal error: step returned no logits".into()))?;
+        let l =
+            l.ok_or_else(|| Error::Invalid("internal error: step returned no logits".into()))?;
         let row: Vec<f32> = l.squeeze(0)?.to_vec1()?;
         let o = &mut self.out;
         let history: Vec<u32> = o.prompt_ids.iter().chain(&o.ids).copied().collect();
@@ -418,7 +422,12 @@ impl Active {
 /// theirs (ties to the lower id), in f64.
 fn logprobs_of(row: &[f32], t: u32, k: usize) -> TokenLogprob {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let log_sum = row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() + max;
+    let log_sum = row
+        .iter()
+        .map(|&x| (x as f64 - max).exp())
+        .sum::<f64>()
+        .ln()
+        + max;
     let lp = |i: usize| (row[i] as f64 - log_sum) as f32;
     let mut idx: Vec<u32> = (0..row.len() as u32).collect();
     let k = k.min(row.len());
@@ -430,7 +439,9 @@ fn logprobs_of(row: &[f32], t: u32, k: usize) -> TokenLogprob {
     idx.sort_unstable_by(by_logit);
     TokenLogprob {
         token: t,
-        logprob: row.get(t as usize).map_or(f32::NEG_INFINITY, |_| lp(t as usize)),
+        logprob: row
+            .get(t as usize)
+            .map_or(f32::NEG_INFINITY, |_| lp(t as usize)),
         top: idx.into_iter().map(|i| (i, lp(i as usize))).collect(),
     }
 }

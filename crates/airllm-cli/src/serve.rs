@@ -1,0 +1,1064 @@
+//! `airllm serve`: an OpenAI-compatible HTTP server over one engine.
+//!
+//! One thread owns the engine and a [`Scheduler`]; HTTP handlers (axum on tokio) tokenize and
+//! check a request, hand its sequences to that thread, and read the events back. Concurrent
+//! requests therefore share each layer sweep: the point of a streaming engine, where a sweep
+//! costs about the same for 1 sequence as for 16.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use airllm::chat::{ChatTemplate, Message};
+use airllm::generate::{
+    Event, FinishReason, GenerationParams, Request, RequestId, RequestStats, SamplingParams,
+    Scheduler, TokenLogprob,
+};
+use airllm::tokenizer::TextTokenizer;
+use airllm::Engine;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Request as HttpRequest, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+/// Most bytes a request body may have.
+pub const BODY_LIMIT: usize = 4 << 20;
+/// Most choices (`n`) one request may ask for.
+const MAX_N: usize = 16;
+/// Most `top_logprobs` (OpenAI's own limit is 20).
+const MAX_TOP_LOGPROBS: usize = 20;
+
+/// A template for models without one (base models): plain "User:"/"Assistant:" turns.
+const FALLBACK_TEMPLATE: &str = "{{ bos_token }}{% for m in messages %}{% if m.role == 'system' %}{{ m.content }}\n\n{% elif m.role == 'user' %}User: {{ m.content }}\n{% else %}Assistant: {{ m.content }}\n{% endif %}{% endfor %}Assistant:";
+
+pub struct Config {
+    pub model_id: String,
+    pub api_key: Option<String>,
+    /// Requests (counted in sequences) allowed to wait beyond the running ones.
+    pub queue: usize,
+}
+
+/// Work for the engine thread: one HTTP request's sequences, and where their events go.
+struct Job {
+    reqs: Vec<Request>,
+    events: mpsc::UnboundedSender<(usize, Event)>,
+}
+
+struct App {
+    tok: Arc<TextTokenizer>,
+    template: ChatTemplate,
+    model_id: String,
+    context: usize,
+    api_key: Option<String>,
+    /// Sequences admitted to the server, running or waiting, and the most it takes.
+    in_flight: AtomicUsize,
+    capacity: usize,
+    jobs: std_mpsc::Sender<Job>,
+}
+
+/// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+struct ApiError {
+    status: StatusCode,
+    message: String,
+    param: Option<&'static str>,
+    code: Option<&'static str>,
+    retry_after: Option<u64>,
+}
+
+impl ApiError {
+    fn bad(message: impl Into<String>, param: Option<&'static str>) -> Self {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            param,
+            code: None,
+            retry_after: None,
+        }
+    }
+    fn with_code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
+    }
+    fn status(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            ..ApiError::bad(message, None)
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let kind = match self.status.as_u16() {
+            401 => "authentication_error",
+            404 => "not_found_error",
+            429 => "rate_limit_error",
+            500..=599 => "server_error",
+            _ => "invalid_request_error",
+        };
+        let body = json!({"error": {
+            "message": self.message, "type": kind, "param": self.param, "code": self.code,
+        }});
+        let mut r = (self.status, Json(body)).into_response();
+        if let Some(s) = self.retry_after {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        r
+    }
+}
+
+/// Starts the engine thread and serves until Ctrl-C. Prints the address once listening.
+pub fn serve(
+    engine: Engine,
+    tok: TextTokenizer,
+    cfg: Config,
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<()> {
+    let template_src = match tok.chat_template.clone() {
+        Some(t) => t,
+        None => {
+            eprintln!(
+                "serve: this model has no chat template; /v1/chat/completions uses plain \"User:\"/\"Assistant:\" turns. A base model's chat output may be meaningless: use /v1/completions for it."
+            );
+            FALLBACK_TEMPLATE.to_string()
+        }
+    };
+    let template = ChatTemplate::new(
+        &template_src,
+        tok.bos_token.as_deref(),
+        tok.eos_token.as_deref(),
+    )?;
+    let tok = Arc::new(tok);
+    let context = engine.options().context;
+    let running = engine.options().max_batch.max(1);
+    let (jobs, rx) = std_mpsc::channel::<Job>();
+    let engine_tok = tok.clone();
+    std::thread::Builder::new()
+        .name("airllm-engine".into())
+        .spawn(move || engine_loop(engine, &engine_tok, rx))?;
+    let app = Arc::new(App {
+        tok,
+        template,
+        model_id: cfg.model_id,
+        context,
+        api_key: cfg.api_key,
+        in_flight: AtomicUsize::new(0),
+        capacity: running + cfg.queue,
+        jobs,
+    });
+    let v1 = Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route_layer(axum::middleware::from_fn_with_state(app.clone(), auth));
+    let router = Router::new()
+        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .merge(v1)
+        .fallback(|| async {
+            ApiError::status(StatusCode::NOT_FOUND, "no such endpoint").with_code("not_found")
+        })
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(app);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+        eprintln!(
+            "serve: listening on http://{} (context {context}, {running} sequences per sweep)",
+            listener.local_addr()?
+        );
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await?;
+        anyhow::Ok(())
+    })
+}
+
+/// The engine thread: takes jobs, runs sweeps while there is work, and routes each event to
+/// its request. A request whose client went away is cancelled before the next sweep, which
+/// frees its KV cache.
+fn engine_loop(mut engine: Engine, tok: &TextTokenizer, jobs: std_mpsc::Receiver<Job>) {
+    let mut sched = Scheduler::new();
+    let mut owners: HashMap<RequestId, (usize, mpsc::UnboundedSender<(usize, Event)>)> =
+        HashMap::new();
+    loop {
+        let first = if sched.is_idle() {
+            match jobs.recv() {
+                Ok(j) => Some(j),
+                Err(_) => return, // the server is gone
+            }
+        } else {
+            None
+        };
+        for job in first.into_iter().chain(jobs.try_iter()) {
+            for (i, r) in job.reqs.into_iter().enumerate() {
+                let id = sched.submit(r);
+                owners.insert(id, (i, job.events.clone()));
+            }
+        }
+        owners.retain(|&id, (_, tx)| {
+            let open = !tx.is_closed();
+            if !open {
+                sched.cancel(id);
+            }
+            open
+        });
+        for ev in sched.tick(&mut engine, tok) {
+            let id = match &ev {
+                Event::Tokens { id, .. } | Event::Done { id, .. } | Event::Failed { id, .. } => *id,
+            };
+            let end = !matches!(ev, Event::Tokens { .. });
+            let Some((i, tx)) = owners.get(&id) else {
+                continue;
+            };
+            if tx.send((*i, ev)).is_err() {
+                sched.cancel(id);
+                owners.remove(&id);
+            } else if end {
+                owners.remove(&id);
+            }
+        }
+    }
+}
+
+async fn auth(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    req: HttpRequest,
+    next: Next,
+) -> Response {
+    if let Some(key) = &app.api_key {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if given != Some(key.as_str()) {
+            return ApiError::status(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong API key: send it as `Authorization: Bearer <key>`",
+            )
+            .with_code("invalid_api_key")
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+async fn models(State(app): State<Arc<App>>) -> Json<Value> {
+    Json(json!({"object": "list", "data": [{
+        "id": app.model_id, "object": "model", "created": now(), "owned_by": "airllm",
+        "context_length": app.context,
+    }]}))
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T> OneOrMany<T> {
+    fn into_vec(self) -> Vec<T> {
+        match self {
+            OneOrMany::One(t) => vec![t],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct StreamOptions {
+    include_usage: Option<bool>,
+}
+
+/// The sampling and limit fields both endpoints take.
+#[derive(Deserialize, Default)]
+struct Common {
+    model: Option<String>,
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<usize>,
+    min_p: Option<f32>,
+    repeat_penalty: Option<f32>,
+    seed: Option<u64>,
+    stop: Option<OneOrMany<String>>,
+    n: Option<usize>,
+    stream: Option<bool>,
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Deserialize)]
+struct ContentPart {
+    #[serde(rename = "type")]
+    kind: String,
+    text: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ChatMessage {
+    role: String,
+    content: Option<Content>,
+}
+
+#[derive(Deserialize)]
+struct ChatBody {
+    messages: Vec<ChatMessage>,
+    logprobs: Option<bool>,
+    top_logprobs: Option<usize>,
+    #[serde(flatten)]
+    common: Common,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PromptInput {
+    Text(String),
+    Texts(Vec<String>),
+    Ids(Vec<u32>),
+    IdLists(Vec<Vec<u32>>),
+}
+
+#[derive(Deserialize)]
+struct CompletionBody {
+    prompt: PromptInput,
+    logprobs: Option<usize>,
+    echo: Option<bool>,
+    #[serde(flatten)]
+    common: Common,
+}
+
+/// Which endpoint a request came through: it decides the response's shape.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Chat,
+    Text,
+}
+
+/// A checked request: its prompts, each run `n` times, and how to answer.
+struct Prepared {
+    kind: Kind,
+    prompts: Vec<Vec<u32>>,
+    n: usize,
+    params: GenerationParams,
+    logprobs: Option<usize>,
+    stream: bool,
+    include_usage: bool,
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(
+    body: &Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<T, ApiError> {
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => {
+            return Err(ApiError {
+                status: e.status(),
+                ..ApiError::bad(format!("cannot read the request body: {e}"), None)
+            })
+        }
+    };
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad(format!("the body is not a valid request: {e}"), None))
+}
+
+impl App {
+    fn check_model(&self, c: &Common) -> Result<(), ApiError> {
+        match &c.model {
+            Some(m) if m != &self.model_id => Err(ApiError {
+                status: StatusCode::NOT_FOUND,
+                ..ApiError::bad(
+                    format!(
+                        "the model `{m}` does not exist; this server serves `{}`",
+                        self.model_id
+                    ),
+                    Some("model"),
+                )
+                .with_code("model_not_found")
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// The request's generation settings, checked, with OpenAI's defaults (temperature 1,
+    /// top_p 1); top_k, min_p and repeat_penalty are extensions, off unless given.
+    fn prepare(
+        &self,
+        kind: Kind,
+        prompts: Vec<Vec<u32>>,
+        c: Common,
+        logprobs: Option<usize>,
+    ) -> Result<Prepared, ApiError> {
+        self.check_model(&c)?;
+        let temperature = c.temperature.unwrap_or(1.0);
+        if !(temperature.is_finite() && (0.0..=2.0).contains(&temperature)) {
+            return Err(ApiError::bad(
+                "temperature must be between 0 and 2",
+                Some("temperature"),
+            ));
+        }
+        let top_p = c.top_p.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(ApiError::bad("top_p must be in (0, 1]", Some("top_p")));
+        }
+        let min_p = c.min_p.unwrap_or(0.0);
+        if !(0.0..=1.0).contains(&min_p) {
+            return Err(ApiError::bad("min_p must be in [0, 1]", Some("min_p")));
+        }
+        let repeat = c.repeat_penalty.unwrap_or(1.0);
+        if !(repeat.is_finite() && repeat > 0.0) {
+            return Err(ApiError::bad(
+                "repeat_penalty must be a number > 0",
+                Some("repeat_penalty"),
+            ));
+        }
+        let n = c.n.unwrap_or(1);
+        if !(1..=MAX_N).contains(&n) {
+            return Err(ApiError::bad(
+                format!("n must be between 1 and {MAX_N}"),
+                Some("n"),
+            ));
+        }
+        let stop = c.stop.map(OneOrMany::into_vec).unwrap_or_default();
+        if stop.len() > 4 || stop.iter().any(String::is_empty) {
+            return Err(ApiError::bad(
+                "stop takes up to 4 non-empty strings",
+                Some("stop"),
+            ));
+        }
+        if logprobs.is_some_and(|k| k > MAX_TOP_LOGPROBS) {
+            return Err(ApiError::bad(
+                format!("at most {MAX_TOP_LOGPROBS} top log-probabilities"),
+                Some(if kind == Kind::Chat {
+                    "top_logprobs"
+                } else {
+                    "logprobs"
+                }),
+            ));
+        }
+        if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
+            return Err(ApiError::bad(
+                "the prompt is empty",
+                Some(if kind == Kind::Chat {
+                    "messages"
+                } else {
+                    "prompt"
+                }),
+            ));
+        }
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let asked = c.max_completion_tokens.or(c.max_tokens);
+        let param = if c.max_completion_tokens.is_some() {
+            "max_completion_tokens"
+        } else {
+            "max_tokens"
+        };
+        if asked == Some(0) {
+            return Err(ApiError::bad(
+                format!("{param} must be at least 1"),
+                Some(param),
+            ));
+        }
+        let room = self.context.saturating_sub(longest);
+        if room == 0 || asked.is_some_and(|m| m > room as u64) {
+            let what = match asked {
+                Some(m) => format!("{longest} prompt tokens plus {param} {m}"),
+                None => format!("{longest} prompt tokens"),
+            };
+            return Err(ApiError::bad(
+                format!(
+                    "{what} exceed this server's context of {} tokens (--ctx-size)",
+                    self.context
+                ),
+                Some(if asked.is_some() {
+                    param
+                } else if kind == Kind::Chat {
+                    "messages"
+                } else {
+                    "prompt"
+                }),
+            )
+            .with_code("context_length_exceeded"));
+        }
+        let seed = c.seed.unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
+        });
+        Ok(Prepared {
+            kind,
+            prompts,
+            n,
+            params: GenerationParams {
+                max_new_tokens: asked.map_or(room, |m| m as usize),
+                sampling: SamplingParams {
+                    temperature,
+                    top_k: c.top_k.unwrap_or(0),
+                    top_p,
+                    min_p,
+                    repetition_penalty: repeat,
+                    seed,
+                },
+                stop_strings: stop,
+                ignore_eos: false,
+            },
+            logprobs,
+            stream: c.stream.unwrap_or(false),
+            include_usage: c
+                .stream_options
+                .and_then(|o| o.include_usage)
+                .unwrap_or(false),
+        })
+    }
+
+    /// Takes `n` sequences' room, or answers 429: the running sequences and the queue are
+    /// full. The returned guard gives the room back when the response is done or dropped.
+    fn admit(self: &Arc<Self>, n: usize) -> Result<Slot, ApiError> {
+        let mut cur = self.in_flight.load(Ordering::Relaxed);
+        loop {
+            if cur + n > self.capacity {
+                return Err(ApiError {
+                    status: StatusCode::TOO_MANY_REQUESTS,
+                    retry_after: Some(1),
+                    ..ApiError::bad(
+                        format!(
+                            "the server is busy: {cur} sequences running or queued, at most {}",
+                            self.capacity
+                        ),
+                        None,
+                    )
+                    .with_code("rate_limit_exceeded")
+                });
+            }
+            match self
+                .in_flight
+                .compare_exchange(cur, cur + n, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => {
+                    return Ok(Slot {
+                        app: self.clone(),
+                        n,
+                    })
+                }
+                Err(now) => cur = now,
+            }
+        }
+    }
+}
+
+struct Slot {
+    app: Arc<App>,
+    n: usize,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.app.in_flight.fetch_sub(self.n, Ordering::AcqRel);
+    }
+}
+
+async fn chat_completions(
+    State(app): State<Arc<App>>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    let run = || -> Result<Prepared, ApiError> {
+        let b: ChatBody = parse(&body)?;
+        if b.messages.is_empty() {
+            return Err(ApiError::bad(
+                "messages must not be empty",
+                Some("messages"),
+            ));
+        }
+        let mut msgs = Vec::with_capacity(b.messages.len());
+        for m in &b.messages {
+            let text = match &m.content {
+                None => String::new(),
+                Some(Content::Text(t)) => t.clone(),
+                Some(Content::Parts(parts)) => {
+                    let mut t = String::new();
+                    for p in parts {
+                        match (p.kind.as_str(), &p.text) {
+                            ("text", Some(s)) => t.push_str(s),
+                            (k, _) => {
+                                return Err(ApiError::bad(
+                                    format!("content parts of type `{k}` are not supported; this model reads text"),
+                                    Some("messages"),
+                                ))
+                            }
+                        }
+                    }
+                    t
+                }
+            };
+            msgs.push(Message::new(&m.role, &text));
+        }
+        let rendered = app.template.render(&msgs).map_err(|e| {
+            ApiError::bad(
+                format!("the chat template refused the messages: {e}"),
+                Some("messages"),
+            )
+        })?;
+        let ids = app.tok.encode_special(&rendered).map_err(|e| {
+            ApiError::bad(
+                format!("cannot tokenize the messages: {e}"),
+                Some("messages"),
+            )
+        })?;
+        let top = match (b.logprobs, b.top_logprobs) {
+            (Some(true), k) => Some(k.unwrap_or(0)),
+            (_, Some(_)) => {
+                return Err(ApiError::bad(
+                    "top_logprobs needs logprobs: true",
+                    Some("top_logprobs"),
+                ))
+            }
+            _ => None,
+        };
+        app.prepare(Kind::Chat, vec![ids], b.common, top)
+    };
+    match run() {
+        Ok(p) => respond(app, p).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn completions(
+    State(app): State<Arc<App>>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    let run = || -> Result<Prepared, ApiError> {
+        let b: CompletionBody = parse(&body)?;
+        if b.echo == Some(true) {
+            return Err(ApiError::bad("echo is not supported", Some("echo")));
+        }
+        let vocab = app.tok.vocab_size() as u32;
+        let enc = |t: &str| {
+            app.tok.encode(t).map_err(|e| {
+                ApiError::bad(format!("cannot tokenize the prompt: {e}"), Some("prompt"))
+            })
+        };
+        let prompts = match b.prompt {
+            PromptInput::Text(t) => vec![enc(&t)?],
+            PromptInput::Texts(ts) => ts.iter().map(|t| enc(t)).collect::<Result<_, _>>()?,
+            PromptInput::Ids(ids) => vec![ids],
+            PromptInput::IdLists(l) => l,
+        };
+        if prompts.iter().flatten().any(|&t| t >= vocab) {
+            return Err(ApiError::bad(
+                format!("a prompt token id is outside the vocabulary of {vocab}"),
+                Some("prompt"),
+            ));
+        }
+        app.prepare(Kind::Text, prompts, b.common, b.logprobs)
+    };
+    match run() {
+        Ok(p) => respond(app, p).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// One choice's progress.
+#[derive(Default)]
+struct Choice {
+    text: String,
+    tokens: usize,
+    logprobs: Vec<TokenLogprob>,
+    finish: Option<&'static str>,
+    stats: RequestStats,
+}
+
+/// What a response needs besides the choices: its id, the request's shape and its sizes.
+struct Meta {
+    id: String,
+    kind: Kind,
+    model: String,
+    created: u64,
+    prompt_tokens: usize,
+    n: usize,
+    logprobs: bool,
+    include_usage: bool,
+    started: Instant,
+}
+
+async fn respond(app: Arc<App>, p: Prepared) -> Response {
+    let total = p.prompts.len() * p.n;
+    let slot = match app.admit(total) {
+        Ok(s) => s,
+        Err(e) => return e.into_response(),
+    };
+    let mut reqs = Vec::with_capacity(total);
+    for prompt in &p.prompts {
+        for j in 0..p.n {
+            reqs.push(Request {
+                stream: j as u64,
+                logprobs: p.logprobs,
+                ..Request::new(prompt.clone(), p.params.clone())
+            });
+        }
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    if app.jobs.send(Job { reqs, events: tx }).is_err() {
+        return ApiError::status(StatusCode::SERVICE_UNAVAILABLE, "the engine has stopped")
+            .into_response();
+    }
+    let meta = Meta {
+        id: format!(
+            "{}-{:x}",
+            if p.kind == Kind::Chat {
+                "chatcmpl"
+            } else {
+                "cmpl"
+            },
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        ),
+        kind: p.kind,
+        model: app.model_id.clone(),
+        created: now(),
+        prompt_tokens: p.prompts.iter().map(Vec::len).sum::<usize>() * p.n,
+        n: total,
+        logprobs: p.logprobs.is_some(),
+        include_usage: p.include_usage,
+        started: Instant::now(),
+    };
+    if p.stream {
+        stream_response(app, meta, rx, slot)
+    } else {
+        whole_response(app, meta, rx, slot).await
+    }
+}
+
+/// Applies one event to its choice. Returns the text and logprobs that are new, or the
+/// request's error.
+fn apply(c: &mut Choice, ev: Event) -> Result<(String, Vec<TokenLogprob>), String> {
+    match ev {
+        Event::Tokens {
+            tokens,
+            text,
+            logprobs,
+            ..
+        } => {
+            c.tokens += tokens.len();
+            c.text.push_str(&text);
+            c.logprobs.extend(logprobs.iter().cloned());
+            Ok((text, logprobs))
+        }
+        Event::Done {
+            completion, stats, ..
+        } => {
+            c.tokens = completion.token_ids.len();
+            // The final text may release what was held back for a stop string.
+            let rest = completion
+                .text
+                .get(c.text.len()..)
+                .unwrap_or_default()
+                .to_string();
+            c.text = completion.text;
+            c.finish = Some(match completion.finish_reason {
+                FinishReason::Stop => "stop",
+                FinishReason::Length => "length",
+            });
+            c.stats = stats;
+            Ok((rest, Vec::new()))
+        }
+        Event::Failed { error, .. } => Err(error.to_string()),
+    }
+}
+
+fn usage(meta: &Meta, choices: &[Choice]) -> Value {
+    let completion: usize = choices.iter().map(|c| c.tokens).sum();
+    json!({"prompt_tokens": meta.prompt_tokens, "completion_tokens": completion,
+           "total_tokens": meta.prompt_tokens + completion})
+}
+
+/// The `logprobs` object of a choice in the endpoint's format.
+fn logprobs_json(app: &App, kind: Kind, lps: &[TokenLogprob]) -> Value {
+    let text = |t: u32| app.tok.decode(&[t]).unwrap_or_default();
+    match kind {
+        Kind::Chat => {
+            let entry = |t: u32, lp: f32| {
+                let s = text(t);
+                json!({"token": s, "logprob": lp, "bytes": s.as_bytes()})
+            };
+            let content: Vec<Value> = lps
+                .iter()
+                .map(|l| {
+                    let mut e = entry(l.token, l.logprob);
+                    e["top_logprobs"] = l.top.iter().map(|&(t, lp)| entry(t, lp)).collect();
+                    e
+                })
+                .collect();
+            json!({"content": content})
+        }
+        Kind::Text => {
+            let mut offset = 0;
+            let mut offsets = Vec::new();
+            let mut tokens = Vec::new();
+            for l in lps {
+                let s = text(l.token);
+                offsets.push(offset);
+                offset += s.len();
+                tokens.push(s);
+            }
+            let tops: Vec<Value> = lps
+                .iter()
+                .map(|l| {
+                    let m: serde_json::Map<String, Value> =
+                        l.top.iter().map(|&(t, lp)| (text(t), json!(lp))).collect();
+                    Value::Object(m)
+                })
+                .collect();
+            json!({"tokens": tokens, "token_logprobs": lps.iter().map(|l| l.logprob).collect::<Vec<_>>(),
+                   "top_logprobs": tops, "text_offset": offsets})
+        }
+    }
+}
+
+/// One line per request on stderr: tokens, queue wait, time to first token and speed.
+fn log_request(meta: &Meta, choices: &[Choice], outcome: &str) {
+    let completion: usize = choices.iter().map(|c| c.tokens).sum();
+    let queued = choices
+        .iter()
+        .map(|c| c.stats.queued)
+        .max()
+        .unwrap_or_default();
+    let first = choices.iter().filter_map(|c| c.stats.first_token).min();
+    let secs = meta.started.elapsed().as_secs_f64();
+    let decode = first.map_or(secs, |f| (secs - f.as_secs_f64()).max(1e-9));
+    eprintln!(
+        "{} {}: {} prompt + {} completion tokens, queued {:.2} s, first token {}, {:.1} tokens/s, {outcome}",
+        meta.id,
+        if meta.kind == Kind::Chat { "chat" } else { "completion" },
+        meta.prompt_tokens,
+        completion,
+        queued.as_secs_f64(),
+        first.map_or("-".into(), |f| format!("{:.2} s", f.as_secs_f64())),
+        completion.saturating_sub(meta.n) as f64 / decode,
+    );
+}
+
+async fn whole_response(
+    app: Arc<App>,
+    meta: Meta,
+    mut rx: mpsc::UnboundedReceiver<(usize, Event)>,
+    _slot: Slot,
+) -> Response {
+    let mut choices: Vec<Choice> = (0..meta.n).map(|_| Choice::default()).collect();
+    let mut left = meta.n;
+    while left > 0 {
+        let Some((i, ev)) = rx.recv().await else {
+            break;
+        };
+        let Some(c) = choices.get_mut(i) else {
+            continue;
+        };
+        match apply(c, ev) {
+            Ok(_) => {
+                if c.finish.is_some() {
+                    left -= 1;
+                }
+            }
+            Err(e) => {
+                log_request(&meta, &choices, "failed");
+                return ApiError::status(StatusCode::INTERNAL_SERVER_ERROR, e).into_response();
+            }
+        }
+    }
+    if left > 0 {
+        return ApiError::status(StatusCode::INTERNAL_SERVER_ERROR, "the engine stopped")
+            .into_response();
+    }
+    log_request(&meta, &choices, "done");
+    let out: Vec<Value> = choices
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let lp = if meta.logprobs {
+                logprobs_json(&app, meta.kind, &c.logprobs)
+            } else {
+                Value::Null
+            };
+            match meta.kind {
+                Kind::Chat => {
+                    json!({"index": i, "message": {"role": "assistant", "content": c.text},
+                                     "logprobs": lp, "finish_reason": c.finish})
+                }
+                Kind::Text => json!({"index": i, "text": c.text, "logprobs": lp,
+                                     "finish_reason": c.finish}),
+            }
+        })
+        .collect();
+    Json(json!({
+        "id": meta.id,
+        "object": if meta.kind == Kind::Chat { "chat.completion" } else { "text_completion" },
+        "created": meta.created,
+        "model": meta.model,
+        "choices": out,
+        "usage": usage(&meta, &choices),
+    }))
+    .into_response()
+}
+
+/// A chunk of a streamed response.
+fn chunk(meta: &Meta, choices: Vec<Value>, usage: Option<Value>) -> SseEvent {
+    let mut v = json!({
+        "id": meta.id,
+        "object": if meta.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" },
+        "created": meta.created,
+        "model": meta.model,
+        "choices": choices,
+    });
+    if meta.include_usage {
+        v["usage"] = usage.unwrap_or(Value::Null);
+    }
+    SseEvent::default().data(v.to_string())
+}
+
+fn stream_response(
+    app: Arc<App>,
+    meta: Meta,
+    rx: mpsc::UnboundedReceiver<(usize, Event)>,
+    slot: Slot,
+) -> Response {
+    struct St {
+        app: Arc<App>,
+        meta: Meta,
+        rx: mpsc::UnboundedReceiver<(usize, Event)>,
+        choices: Vec<Choice>,
+        left: usize,
+        opened: bool,
+        /// Chunks still to send, then `[DONE]`.
+        end: Option<Vec<SseEvent>>,
+        _slot: Slot,
+    }
+    let st = St {
+        app,
+        choices: (0..meta.n).map(|_| Choice::default()).collect(),
+        left: meta.n,
+        meta,
+        rx,
+        opened: false,
+        end: None,
+        _slot: slot,
+    };
+    let s = futures_util::stream::unfold(st, |mut st| async move {
+        if let Some(rest) = st.end.as_mut() {
+            return if rest.is_empty() {
+                None
+            } else {
+                let e = rest.remove(0);
+                Some((Ok::<_, std::convert::Infallible>(e), st))
+            };
+        }
+        if st.meta.kind == Kind::Chat && !st.opened {
+            st.opened = true;
+            let first: Vec<Value> = (0..st.meta.n)
+                .map(|i| {
+                    json!({"index": i, "delta": {"role": "assistant", "content": ""},
+                                "logprobs": null, "finish_reason": null})
+                })
+                .collect();
+            let e = chunk(&st.meta, first, None);
+            return Some((Ok(e), st));
+        }
+        loop {
+            let Some((i, ev)) = st.rx.recv().await else {
+                // The engine went away mid-request.
+                st.end = Some(vec![SseEvent::default().data(
+                    json!({"error": {"message": "the engine stopped", "type": "server_error"}})
+                        .to_string(),
+                )]);
+                log_request(&st.meta, &st.choices, "failed");
+                let e = st.end.as_mut().map(|v| v.remove(0))?;
+                return Some((Ok(e), st));
+            };
+            let Some(c) = st.choices.get_mut(i) else {
+                continue;
+            };
+            match apply(c, ev) {
+                Err(msg) => {
+                    log_request(&st.meta, &st.choices, "failed");
+                    st.end = Some(vec![SseEvent::default().data("[DONE]")]);
+                    let e = SseEvent::default().data(
+                        json!({"error": {"message": msg, "type": "server_error"}}).to_string(),
+                    );
+                    return Some((Ok(e), st));
+                }
+                Ok((text, lps)) => {
+                    let finish = c.finish;
+                    if text.is_empty() && lps.is_empty() && finish.is_none() {
+                        continue;
+                    }
+                    let lp = if st.meta.logprobs && !lps.is_empty() {
+                        logprobs_json(&st.app, st.meta.kind, &lps)
+                    } else {
+                        Value::Null
+                    };
+                    let choice = match st.meta.kind {
+                        Kind::Chat => {
+                            let delta = if text.is_empty() {
+                                json!({})
+                            } else {
+                                json!({"content": text})
+                            };
+                            json!({"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish})
+                        }
+                        Kind::Text => {
+                            json!({"index": i, "text": text, "logprobs": lp, "finish_reason": finish})
+                        }
+                    };
+                    let e = chunk(&st.meta, vec![choice], None);
+                    if finish.is_some() {
+                        st.left -= 1;
+                        if st.left == 0 {
+                            log_request(&st.meta, &st.choices, "done");
+                            let mut rest = Vec::new();
+                            if st.meta.include_usage {
+                                let u = usage(&st.meta, &st.choices);
+                                rest.push(chunk(&st.meta, vec![], Some(u)));
+                            }
+                            rest.push(SseEvent::default().data("[DONE]"));
+                            st.end = Some(rest);
+                        }
+                    }
+                    return Some((Ok(e), st));
+                }
+            }
+        }
+    });
+    Sse::new(s)
+        .keep_alive(axum::response::sse::KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response()
+}
