@@ -50,7 +50,43 @@ pub struct Config {
 /// Work for the engine thread: one HTTP request's sequences, and where their events go.
 struct Job {
     reqs: Vec<Request>,
-    events: mpsc::UnboundedSender<(usize, Event)>,
+    events: mpsc::UnboundedSender<(usize, Msg)>,
+}
+
+/// A scheduler event as a handler sees it. A finished sequence stays on the engine thread and
+/// is dropped there, so its KV cache is free for the next sweep's admissions.
+enum Msg {
+    Tokens {
+        count: usize,
+        text: String,
+        logprobs: Vec<TokenLogprob>,
+    },
+    Done {
+        completion: airllm::generate::Completion,
+        stats: RequestStats,
+    },
+    Failed(String),
+}
+
+impl From<Event> for Msg {
+    fn from(ev: Event) -> Self {
+        match ev {
+            Event::Tokens {
+                tokens,
+                text,
+                logprobs,
+                ..
+            } => Msg::Tokens {
+                count: tokens.len(),
+                text,
+                logprobs,
+            },
+            Event::Done {
+                completion, stats, ..
+            } => Msg::Done { completion, stats },
+            Event::Failed { error, .. } => Msg::Failed(error.to_string()),
+        }
+    }
 }
 
 struct App {
@@ -63,6 +99,14 @@ struct App {
     in_flight: AtomicUsize,
     capacity: usize,
     jobs: std_mpsc::Sender<Job>,
+    /// The scheduler's running and waiting sequences after its latest sweep, for /health.
+    load: Arc<Load>,
+}
+
+#[derive(Default)]
+struct Load {
+    running: AtomicUsize,
+    waiting: AtomicUsize,
 }
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
@@ -143,9 +187,11 @@ pub fn serve(
     let running = engine.options().max_batch.max(1);
     let (jobs, rx) = std_mpsc::channel::<Job>();
     let engine_tok = tok.clone();
+    let load = Arc::new(Load::default());
+    let engine_load = load.clone();
     std::thread::Builder::new()
         .name("airllm-engine".into())
-        .spawn(move || engine_loop(engine, &engine_tok, rx))?;
+        .spawn(move || engine_loop(engine, &engine_tok, rx, &engine_load))?;
     let app = Arc::new(App {
         tok,
         template,
@@ -155,6 +201,7 @@ pub fn serve(
         in_flight: AtomicUsize::new(0),
         capacity: running + cfg.queue,
         jobs,
+        load,
     });
     let v1 = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
@@ -162,7 +209,7 @@ pub fn serve(
         .route("/v1/models", get(models))
         .route_layer(axum::middleware::from_fn_with_state(app.clone(), auth));
     let router = Router::new()
-        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/health", get(health))
         .merge(v1)
         .fallback(|| async {
             ApiError::status(StatusCode::NOT_FOUND, "no such endpoint").with_code("not_found")
@@ -193,9 +240,14 @@ pub fn serve(
 /// The engine thread: takes jobs, runs sweeps while there is work, and routes each event to
 /// its request. A request whose client went away is cancelled before the next sweep, which
 /// frees its KV cache.
-fn engine_loop(mut engine: Engine, tok: &TextTokenizer, jobs: std_mpsc::Receiver<Job>) {
+fn engine_loop(
+    mut engine: Engine,
+    tok: &TextTokenizer,
+    jobs: std_mpsc::Receiver<Job>,
+    load: &Load,
+) {
     let mut sched = Scheduler::new();
-    let mut owners: HashMap<RequestId, (usize, mpsc::UnboundedSender<(usize, Event)>)> =
+    let mut owners: HashMap<RequestId, (usize, mpsc::UnboundedSender<(usize, Msg)>)> =
         HashMap::new();
     loop {
         let first = if sched.is_idle() {
@@ -219,7 +271,8 @@ fn engine_loop(mut engine: Engine, tok: &TextTokenizer, jobs: std_mpsc::Receiver
             }
             open
         });
-        for ev in sched.tick(&mut engine, tok) {
+        let events = sched.tick(&mut engine, tok);
+        for ev in events {
             let id = match &ev {
                 Event::Tokens { id, .. } | Event::Done { id, .. } | Event::Failed { id, .. } => *id,
             };
@@ -227,14 +280,25 @@ fn engine_loop(mut engine: Engine, tok: &TextTokenizer, jobs: std_mpsc::Receiver
             let Some((i, tx)) = owners.get(&id) else {
                 continue;
             };
-            if tx.send((*i, ev)).is_err() {
+            if tx.send((*i, Msg::from(ev))).is_err() {
                 sched.cancel(id);
                 owners.remove(&id);
             } else if end {
                 owners.remove(&id);
             }
         }
+        load.running.store(sched.active(), Ordering::Relaxed);
+        load.waiting.store(sched.waiting(), Ordering::Relaxed);
     }
+}
+
+/// Liveness, and the sequences running and waiting after the latest sweep.
+async fn health(State(app): State<Arc<App>>) -> Json<Value> {
+    Json(json!({
+        "status": "ok",
+        "running": app.load.running.load(Ordering::Relaxed),
+        "waiting": app.load.waiting.load(Ordering::Relaxed),
+    }))
 }
 
 async fn auth(
@@ -762,22 +826,19 @@ async fn respond(app: Arc<App>, p: Prepared) -> Response {
 
 /// Applies one event to its choice. Returns the text and logprobs that are new, or the
 /// request's error.
-fn apply(c: &mut Choice, ev: Event) -> Result<(String, Vec<TokenLogprob>), String> {
+fn apply(c: &mut Choice, ev: Msg) -> Result<(String, Vec<TokenLogprob>), String> {
     match ev {
-        Event::Tokens {
-            tokens,
+        Msg::Tokens {
+            count,
             text,
             logprobs,
-            ..
         } => {
-            c.tokens += tokens.len();
+            c.tokens += count;
             c.text.push_str(&text);
             c.logprobs.extend(logprobs.iter().cloned());
             Ok((text, logprobs))
         }
-        Event::Done {
-            completion, stats, ..
-        } => {
+        Msg::Done { completion, stats } => {
             c.tokens = completion.token_ids.len();
             // The final text may release what was held back for a stop string.
             let rest = completion
@@ -793,7 +854,7 @@ fn apply(c: &mut Choice, ev: Event) -> Result<(String, Vec<TokenLogprob>), Strin
             c.stats = stats;
             Ok((rest, Vec::new()))
         }
-        Event::Failed { error, .. } => Err(error.to_string()),
+        Msg::Failed(e) => Err(e),
     }
 }
 
@@ -872,7 +933,7 @@ fn log_request(meta: &Meta, choices: &[Choice], outcome: &str) {
 async fn whole_response(
     app: Arc<App>,
     meta: Meta,
-    mut rx: mpsc::UnboundedReceiver<(usize, Event)>,
+    mut rx: mpsc::UnboundedReceiver<(usize, Msg)>,
     _slot: Slot,
 ) -> Response {
     let mut choices: Vec<Choice> = (0..meta.n).map(|_| Choice::default()).collect();
@@ -949,13 +1010,13 @@ fn chunk(meta: &Meta, choices: Vec<Value>, usage: Option<Value>) -> SseEvent {
 fn stream_response(
     app: Arc<App>,
     meta: Meta,
-    rx: mpsc::UnboundedReceiver<(usize, Event)>,
+    rx: mpsc::UnboundedReceiver<(usize, Msg)>,
     slot: Slot,
 ) -> Response {
     struct St {
         app: Arc<App>,
         meta: Meta,
-        rx: mpsc::UnboundedReceiver<(usize, Event)>,
+        rx: mpsc::UnboundedReceiver<(usize, Msg)>,
         choices: Vec<Choice>,
         left: usize,
         opened: bool,
