@@ -855,7 +855,6 @@ fn synth(a: SynthArgs) -> Result<()> {
 }
 
 fn bench(a: BenchArgs) -> Result<()> {
-    use airllm::LogitsFor;
     if a.prompt_len == 0 || a.gen == 0 || a.batch == 0 {
         bail!("--prompt-len, --gen and --batch must be at least 1");
     }
@@ -897,9 +896,6 @@ fn bench(a: BenchArgs) -> Result<()> {
         Ok(())
     };
     sample(&mut dev_peak)?;
-    let mut seqs: Vec<_> = (0..a.batch)
-        .map(|_| engine.new_sequence())
-        .collect::<airllm::Result<_>>()?;
     // Deterministic pseudo-random prompts.
     let mut x = 0x2545_F491_4F6C_DD1Du64;
     let mut next = || {
@@ -911,44 +907,39 @@ fn bench(a: BenchArgs) -> Result<()> {
     let prompts: Vec<Vec<u32>> = (0..a.batch)
         .map(|_| (0..a.prompt_len).map(|_| next()).collect())
         .collect();
-    // Prefill, in chunks of at most --batch-size tokens per sweep.
-    let step = engine.options().max_step_tokens;
-    let t = Instant::now();
-    let mut last = vec![0u32; a.batch];
-    let mut fed = vec![0usize; a.batch];
-    while fed.iter().any(|&f| f < a.prompt_len) {
-        let mut room = step;
-        let mut batch = Vec::new();
-        let mut who = Vec::new();
-        for (i, s) in seqs.iter_mut().enumerate() {
-            let n = (a.prompt_len - fed[i]).min(room);
-            if n > 0 {
-                batch.push((s, &prompts[i][fed[i]..fed[i] + n]));
-                who.push((i, n));
-                room -= n;
+    // The scheduler runs it as it runs requests: prefill in chunks of at most --batch-size
+    // tokens per sweep, then one sweep per decode step for all sequences. Greedy, past EOS.
+    let gp = GenerationParams {
+        max_new_tokens: a.gen + 1,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let mut sched = airllm::generate::Scheduler::new();
+    for p in &prompts {
+        sched.submit(Request::new(p.clone(), gp.clone()));
+    }
+    let mut tick = |engine: &mut Engine| -> Result<usize> {
+        let mut sampled = 0;
+        for ev in sched.tick(engine, None) {
+            match ev {
+                airllm::generate::Event::Tokens { tokens, .. } => sampled += tokens.len(),
+                airllm::generate::Event::Failed { error, .. } => return Err(error.into()),
+                airllm::generate::Event::Done { .. } => {}
             }
         }
-        let logits = engine.step(&mut batch, LogitsFor::Last)?;
-        for ((i, n), l) in who.into_iter().zip(logits) {
-            fed[i] += n;
-            last[i] = airllm::generate::argmax(&l.squeeze(0)?.to_vec1::<f32>()?);
-        }
+        Ok(sampled)
+    };
+    let t = Instant::now();
+    let mut first = 0;
+    while first < a.batch {
+        first += tick(&mut engine)?;
     }
     let prefill = t.elapsed();
     // Decode.
     let read0 = engine.bytes_read();
     let t = Instant::now();
     for _ in 0..a.gen {
-        let toks: Vec<[u32; 1]> = last.iter().map(|&t| [t]).collect();
-        let mut batch: Vec<_> = seqs
-            .iter_mut()
-            .zip(&toks)
-            .map(|(s, t)| (s, &t[..]))
-            .collect();
-        let logits = engine.step(&mut batch, LogitsFor::Last)?;
-        for (i, l) in logits.into_iter().enumerate() {
-            last[i] = airllm::generate::argmax(&l.squeeze(0)?.to_vec1::<f32>()?);
-        }
+        tick(&mut engine)?;
         sample(&mut dev_peak)?;
     }
     let decode = t.elapsed();

@@ -271,7 +271,7 @@ fn engine_loop(
             }
             open
         });
-        let events = sched.tick(&mut engine, tok);
+        let events = sched.tick(&mut engine, Some(tok));
         for ev in events {
             let id = match &ev {
                 Event::Tokens { id, .. } | Event::Done { id, .. } | Event::Failed { id, .. } => *id,
@@ -372,6 +372,8 @@ struct Common {
     seed: Option<u64>,
     stop: Option<OneOrMany<String>>,
     n: Option<usize>,
+    /// Extension (llama.cpp's server has it): generate past the end-of-sequence token.
+    ignore_eos: Option<bool>,
     stream: Option<bool>,
     stream_options: Option<StreamOptions>,
 }
@@ -595,7 +597,7 @@ impl App {
                     seed,
                 },
                 stop_strings: stop,
-                ignore_eos: false,
+                ignore_eos: c.ignore_eos.unwrap_or(false),
             },
             logprobs,
             stream: c.stream.unwrap_or(false),

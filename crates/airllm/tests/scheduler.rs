@@ -25,7 +25,7 @@ fn collect(
     tok: &TextTokenizer,
     done: &mut std::collections::HashMap<RequestId, Vec<u32>>,
 ) {
-    for ev in sched.tick(engine, tok) {
+    for ev in sched.tick(engine, Some(tok)) {
         match ev {
             Event::Done { id, completion, .. } => {
                 done.insert(id, completion.token_ids);
@@ -100,7 +100,7 @@ fn bad_requests_fail_alone() {
     let mut failed = Vec::new();
     let mut ok = None;
     while !sched.is_idle() {
-        for ev in sched.tick(&mut engine, &tok) {
+        for ev in sched.tick(&mut engine, Some(&tok)) {
             match ev {
                 Event::Failed { id, error } => failed.push((id, error.to_string())),
                 Event::Done { id, completion, .. } => ok = Some((id, completion.token_ids)),

@@ -52,6 +52,8 @@ impl FinishReason {
 #[derive(Debug, Clone)]
 pub struct Completion {
     pub prompt_ids: Vec<u32>,
+    /// With [`Request::score_from`]: the log-probability (nats) of each prompt token after it.
+    pub prompt_logprobs: Vec<f64>,
     /// Generated ids, without the EOS that ended them.
     pub token_ids: Vec<u32>,
     pub text: String,
@@ -144,7 +146,7 @@ pub fn run_requests(
     let index = |id: RequestId| ids.iter().position(|&x| x == id).unwrap_or(0);
     let mut done: Vec<Option<(Completion, Sequence)>> = ids.iter().map(|_| None).collect();
     while !sched.is_idle() {
-        for ev in sched.tick(engine, tok) {
+        for ev in sched.tick(engine, Some(tok)) {
             match ev {
                 Event::Tokens { id, text, .. } if !text.is_empty() => on_text(index(id), &text),
                 Event::Tokens { .. } => {}

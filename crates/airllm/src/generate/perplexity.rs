@@ -3,7 +3,8 @@
 //! its first token replaced by BOS (when the model adds one), and only the second half of each
 //! window is scored, so every scored token has at least `ctx / 2` tokens of context.
 
-use crate::engine::{Engine, LogitsFor};
+use super::{Event, GenerationParams, Request, Scheduler};
+use crate::engine::Engine;
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -38,45 +39,55 @@ pub fn perplexity(
             tokens.len()
         )));
     }
-    let step = engine.options().max_step_tokens.min(ctx);
+    // Each window is a request that scores its second half and generates nothing; the
+    // scheduler runs as many windows per sweep as the plan has sequences.
     let first = ctx / 2;
-    let (mut nll, mut scored) = (0f64, 0usize);
-    let mut running = Vec::with_capacity(windows);
-    for w in 0..windows {
-        let mut win = tokens[w * ctx..(w + 1) * ctx].to_vec();
-        if let Some(b) = bos {
-            win[0] = b;
-        }
-        let mut seq = engine.new_sequence()?;
-        let mut pos = 0;
-        while pos < ctx {
-            // Rows before `first` are not scored: they go in steps of their own, which skip the
-            // output head (for a large vocabulary, the costliest matmul of the window).
-            let end = if pos < first { first } else { ctx };
-            let n = step.min(end - pos);
-            let which = if pos < first {
-                LogitsFor::None
-            } else {
-                LogitsFor::All
-            };
-            let out = engine.step(&mut [(&mut seq, &win[pos..pos + n])], which)?;
-            if which == LogitsFor::All {
-                let rows: Vec<Vec<f32>> = out[0].to_vec2()?;
-                for (k, row) in rows.iter().enumerate() {
-                    let j = pos + k;
-                    if j < first || j + 1 >= ctx {
-                        continue;
-                    }
-                    nll -= log_softmax_at(row, win[j + 1] as usize);
-                    scored += 1;
-                }
+    let mut sched = Scheduler::new();
+    let ids: Vec<_> = (0..windows)
+        .map(|w| {
+            let mut win = tokens[w * ctx..(w + 1) * ctx].to_vec();
+            if let Some(b) = bos {
+                win[0] = b;
             }
-            pos += n;
+            let params = GenerationParams {
+                max_new_tokens: 0,
+                ..Default::default()
+            };
+            sched.submit(Request {
+                score_from: Some(first),
+                ..Request::new(win, params)
+            })
+        })
+        .collect();
+    let mut per_window: Vec<Option<Vec<f64>>> = vec![None; windows];
+    let (mut nll, mut scored, mut next) = (0f64, 0usize, 0usize);
+    let mut running = Vec::with_capacity(windows);
+    while !sched.is_idle() {
+        for ev in sched.tick(engine, None) {
+            match ev {
+                Event::Done { id, completion, .. } => {
+                    if let Some(w) = ids.iter().position(|&x| x == id) {
+                        per_window[w] = Some(completion.prompt_logprobs);
+                    }
+                }
+                Event::Failed { error, .. } => return Err(error),
+                Event::Tokens { .. } => {}
+            }
         }
-        drop(seq);
-        let ppl = (nll / scored as f64).exp();
-        running.push(ppl);
-        on_window(w + 1, windows, ppl);
+        // Windows are reported in order, as they complete.
+        while let Some(Some(lps)) = per_window.get(next) {
+            nll -= lps.iter().sum::<f64>();
+            scored += lps.len();
+            let ppl = (nll / scored as f64).exp();
+            running.push(ppl);
+            next += 1;
+            on_window(next, windows, ppl);
+        }
+    }
+    if next < windows {
+        return Err(Error::Invalid(
+            "internal error: a window was never scored".into(),
+        ));
     }
     let mean = nll / scored as f64;
     Ok(PerplexityReport {
@@ -90,7 +101,7 @@ pub fn perplexity(
 }
 
 /// log softmax(row)[i], in f64.
-fn log_softmax_at(row: &[f32], i: usize) -> f64 {
+pub(crate) fn log_softmax_at(row: &[f32], i: usize) -> f64 {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
     row[i] as f64 - max - sum.ln()

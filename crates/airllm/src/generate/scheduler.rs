@@ -26,6 +26,9 @@ pub struct Request {
     /// A sequence whose cache already holds the first `n` prompt tokens (a conversation's
     /// earlier turns), and that `n`; the rest of the prompt is fed from there.
     pub resume: Option<(Sequence, usize)>,
+    /// Score the prompt from this position on: the completion carries the log-probability of
+    /// each prompt token after it (perplexity). Prefill sweeps before it skip the output head.
+    pub score_from: Option<usize>,
 }
 
 impl Request {
@@ -36,6 +39,7 @@ impl Request {
             stream: 0,
             logprobs: None,
             resume: None,
+            score_from: None,
         }
     }
 }
@@ -97,6 +101,8 @@ struct Active {
     seq: Sequence,
     /// Tokens not yet fed: the rest of the prompt, then each sampled token.
     pending: Vec<u32>,
+    score_from: Option<usize>,
+    prompt_logprobs: Vec<f64>,
     submitted: Instant,
     stats: RequestStats,
     /// Sampled since the last report.
@@ -171,7 +177,8 @@ impl Scheduler {
             let cached = req.resume.as_ref().map_or(0, |(_, n)| *n);
             let bad = if p.is_empty() {
                 Some("the prompt has no tokens".to_string())
-            } else if p.len() >= context {
+            } else if p.len() + usize::from(req.params.max_new_tokens > 0) > context {
+                // A request that generates needs a place for its first new token.
                 Some(format!(
                     "a prompt of {} tokens does not fit the context size of {context}",
                     p.len()
@@ -221,10 +228,14 @@ impl Scheduler {
             };
             let (seq, fed) = seq;
             let params = req.params;
-            let done = (params.max_new_tokens == 0).then_some(FinishReason::Length);
+            // A scored prompt ends after its prefill, however few tokens it may generate.
+            let done = (params.max_new_tokens == 0 && req.score_from.is_none())
+                .then_some(FinishReason::Length);
             self.active.push(Active {
                 id,
                 pending: req.prompt[fed..].to_vec(),
+                score_from: req.score_from,
+                prompt_logprobs: Vec::new(),
                 out: Output {
                     prompt_ids: req.prompt,
                     ids: vec![],
@@ -250,8 +261,9 @@ impl Scheduler {
     }
 
     /// One sweep over the active sequences, after admitting what fits. Returns what happened
-    /// to each request; an idle scheduler returns nothing at once.
-    pub fn tick(&mut self, engine: &mut Engine, tok: &TextTokenizer) -> Vec<Event> {
+    /// to each request; an idle scheduler returns nothing at once. Without a tokenizer (a
+    /// benchmark) there is no text, no EOS and no stop string: requests run to their limit.
+    pub fn tick(&mut self, engine: &mut Engine, tok: Option<&TextTokenizer>) -> Vec<Event> {
         let mut events = Vec::new();
         self.admit(engine, &mut events);
         self.finish_done(&mut events);
@@ -270,12 +282,28 @@ impl Scheduler {
             if parts.len() == rows || room == 0 {
                 break;
             }
-            let n = self.active[i].pending.len().min(room);
+            let a = &self.active[i];
+            let mut n = a.pending.len().min(room);
+            // Rows before a scored range go in sweeps of their own, which skip the head.
+            if let Some(from) = a.score_from {
+                let at = a.seq.len();
+                if at < from {
+                    n = n.min(from - at);
+                }
+            }
             parts.push((i, n));
             room -= n;
         }
         parts.sort_unstable();
-        let which = if parts
+        // Does the chunk of `n` rows of sequence `i` reach its scored range?
+        let scoring = |&(i, n): &(usize, usize)| {
+            let a = &self.active[i];
+            a.out.ids.is_empty() && a.score_from.is_some_and(|f| a.seq.len() + n > f)
+        };
+        let which = if parts.iter().any(scoring) {
+            // Every row of every sequence; the others take their last row.
+            LogitsFor::All
+        } else if parts
             .iter()
             .any(|&(i, n)| n == self.active[i].pending.len())
         {
@@ -316,12 +344,28 @@ impl Scheduler {
         };
         let mut logits = logits.into_iter();
         for &(i, n) in &parts {
-            let l = logits.next();
+            let mut l = logits.next();
             let a = &mut self.active[i];
+            let at = a.seq.len() - n; // the position of this chunk's first row
+            if which == LogitsFor::All {
+                match a.score(l.as_ref(), at, n) {
+                    Ok(last) => l = last,
+                    Err(e) => {
+                        events.push(Event::Failed { id: a.id, error: e });
+                        a.out.done = Some(FinishReason::Stop);
+                        a.failed = true;
+                        continue;
+                    }
+                }
+            }
             a.pending.drain(..n);
             a.stats.prefilled += if a.out.ids.is_empty() { n } else { 0 };
             if !a.pending.is_empty() {
                 continue; // mid-prefill: these logits are not the prompt's last
+            }
+            if a.score_from.is_some() && a.out.ids.is_empty() && a.params.max_new_tokens == 0 {
+                a.out.done = Some(FinishReason::Length);
+                continue;
             }
             if let Err(e) = a.sample(l, tok, context) {
                 events.push(Event::Failed { id: a.id, error: e });
@@ -354,6 +398,7 @@ impl Scheduler {
             events.push(Event::Done {
                 id: a.id,
                 completion: Completion {
+                    prompt_logprobs: a.prompt_logprobs,
                     prompt_ids: a.out.prompt_ids,
                     token_ids: a.out.ids,
                     text: a.out.text,
@@ -369,6 +414,31 @@ impl Scheduler {
 }
 
 impl Active {
+    /// Scores the rows of a chunk whose first row sits at position `at` from `all` (`[n,
+    /// vocab]`), and returns the last row as a step for `Last` would have.
+    fn score(
+        &mut self,
+        all: Option<&candle_core::Tensor>,
+        at: usize,
+        n: usize,
+    ) -> Result<Option<candle_core::Tensor>> {
+        let Some(all) = all else {
+            return Ok(None);
+        };
+        if let (Some(from), true) = (self.score_from, self.out.ids.is_empty()) {
+            let rows: Vec<Vec<f32>> = all.to_vec2()?;
+            let p = &self.out.prompt_ids;
+            for (k, row) in rows.iter().enumerate() {
+                let j = at + k;
+                if j >= from && j + 1 < p.len() {
+                    self.prompt_logprobs
+                        .push(super::perplexity::log_softmax_at(row, p[j + 1] as usize));
+                }
+            }
+        }
+        Ok(Some(all.narrow(0, n - 1, 1)?))
+    }
+
     /// What was sampled since the last report, if anything.
     fn take_tokens(&mut self) -> Option<Event> {
         if self.new_tokens.is_empty() && self.new_text.is_empty() {
@@ -386,7 +456,7 @@ impl Active {
     fn sample(
         &mut self,
         l: Option<candle_core::Tensor>,
-        tok: &TextTokenizer,
+        tok: Option<&TextTokenizer>,
         context: usize,
     ) -> Result<()> {
         let l =
@@ -399,7 +469,8 @@ impl Active {
             self.stats.first_token = Some(self.submitted.elapsed());
         }
         let lp = self.logprobs.map(|k| logprobs_of(&row, t, k));
-        if !self.params.ignore_eos && tok.eos_ids.contains(&t) {
+        let eos = tok.is_some_and(|tok| tok.eos_ids.contains(&t));
+        if !self.params.ignore_eos && eos {
             o.done = Some(FinishReason::Stop);
         } else {
             o.ids.push(t);
@@ -412,8 +483,10 @@ impl Active {
                 self.new_logprobs.push(lp);
             }
         }
-        let piece = o.update(tok, &self.params.stop_strings)?;
-        self.new_text.push_str(&piece);
+        if let Some(tok) = tok {
+            let piece = o.update(tok, &self.params.stop_strings)?;
+            self.new_text.push_str(&piece);
+        }
         Ok(())
     }
 }
