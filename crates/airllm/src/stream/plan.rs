@@ -318,6 +318,14 @@ impl Plan {
         } else {
             inp.experts_per_token as u64 * inp.expert_file_bytes
         };
+        // What no layer, head or expert can use deepens the read-ahead: while a batch computes
+        // the resident layers, the reader keeps filling buffers instead of waiting for one.
+        let (mut buffers, mut inflight) = (buffers, inflight);
+        if inp.experts_total == 0 {
+            let more = (left / buf(slice)) as usize;
+            buffers += more;
+            inflight += more as u64 * buf(slice);
+        }
         plan.resident_layers = resident;
         plan.streamed_layers = inp.num_layers - resident;
         plan.head_resident = head_resident;
@@ -559,6 +567,22 @@ mod tests {
         assert_eq!((d.resident_layers, d.head_resident), (10, true));
         assert!(d.stages() && d.slots >= 2, "{d:?}");
         assert!(d.total_bytes() <= 20 << 30);
+    }
+
+    #[test]
+    fn what_no_layer_can_use_deepens_the_read_ahead() {
+        let inp = input();
+        // 3.5 GiB: after the read buffers, three 1 GiB layers fit and 150 MiB is left; it goes
+        // to more buffers of the same slice.
+        let p = Plan::new(&inp, 3584 << 20).unwrap();
+        let per = (p.inflight_bytes - 2 * inp.small_bytes) / p.buffers as u64;
+        let spare = p.budget - p.total_bytes();
+        assert!(
+            spare < per,
+            "{spare} left over with buffers of {per}: {p:?}"
+        );
+        assert!(p.inflight_bytes > STREAM_TARGET, "{p:?}");
+        assert_eq!(p.resident_layers, 3);
     }
 
     #[test]
