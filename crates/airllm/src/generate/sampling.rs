@@ -48,6 +48,9 @@ impl Sampler {
 
     /// Picks the next token from `logits`, given the tokens seen so far (prompt and output).
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        if self.p.temperature <= 0.0 && self.p.repetition_penalty == 1.0 {
+            return argmax(logits); // greedy: no copy of a 262k-entry row per token
+        }
         let mut l = logits.to_vec();
         if self.p.repetition_penalty != 1.0 {
             let mut seen = history.to_vec();

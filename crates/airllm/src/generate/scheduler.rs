@@ -463,7 +463,12 @@ impl Active {
             l.ok_or_else(|| Error::Invalid("internal error: step returned no logits".into()))?;
         let row: Vec<f32> = l.squeeze(0)?.to_vec1()?;
         let o = &mut self.out;
-        let history: Vec<u32> = o.prompt_ids.iter().chain(&o.ids).copied().collect();
+        // The history matters only to the repetition penalty.
+        let history: Vec<u32> = if self.params.sampling.repetition_penalty != 1.0 {
+            o.prompt_ids.iter().chain(&o.ids).copied().collect()
+        } else {
+            Vec::new()
+        };
         let t = o.sampler.sample(&row, &history);
         if self.stats.first_token.is_none() {
             self.stats.first_token = Some(self.submitted.elapsed());
