@@ -96,6 +96,8 @@ def test_seed_repeats():
     texts = [c.text for c in sorted(n.choices, key=lambda c: c.index)]
     assert len(texts) == 3 and len(set(texts)) > 1, texts
     assert n.usage.completion_tokens == 3 * 16, n.usage
+    single = client.completions.create(**kw).usage.prompt_tokens
+    assert n.usage.prompt_tokens == single, (n.usage, single)  # the prompt counts once
 
 
 def test_max_tokens():
@@ -106,6 +108,13 @@ def test_max_tokens():
         model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_completion_tokens=3, temperature=0
     )
     assert r.usage.completion_tokens <= 3, r.usage
+
+
+def test_default_max_tokens():
+    # OpenAI's default for a completion is 16 tokens.
+    r = client.completions.create(model=MODEL, prompt=PROMPT, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 16 and r.choices[0].finish_reason == "length", r.usage
 
 
 def test_greedy_matches_run():
@@ -162,6 +171,9 @@ def test_errors():
                  {"prompt": [[]]}, {"prompt": [99999999]}, {"prompt": "x", "max_tokens": -3}):
         r = httpx.post(BASE + "/v1/completions", json=body, headers=h)
         assert r.status_code == 400 and r.json()["error"]["message"], (body, r.status_code, r.text)
+    # More sequences than the server ever takes at once: 400, not a 429 to retry forever.
+    r = httpx.post(BASE + "/v1/completions", json={"prompt": ["a"] * 10, "n": 16}, headers=h)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n", (r.status_code, r.text)
     r = httpx.post(BASE + "/v1/completions", content=b"x" * (5 << 20), headers=h)
     assert r.status_code == 413, r.status_code
     assert httpx.get(BASE + "/health").status_code == 200
@@ -207,6 +219,20 @@ def test_disconnect_mid_stream():
         time.sleep(0.05)
     r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0)
     assert r.usage.completion_tokens == 4
+
+
+def test_disconnect_without_streaming():
+    h = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 400, "temperature": 0}
+    try:
+        httpx.post(BASE + "/v1/completions", json=body, headers=h, timeout=1.0)
+        raise AssertionError("400 tokens came back within a second")
+    except httpx.TimeoutException:
+        pass  # the client hangs up while the server generates
+    t = time.time()
+    while httpx.get(BASE + "/health").json()["running"] != 0:
+        assert time.time() - t < 10, "the abandoned sequence is still running"
+        time.sleep(0.05)
 
 
 def main():

@@ -918,28 +918,31 @@ fn bench(a: BenchArgs) -> Result<()> {
     for p in &prompts {
         sched.submit(Request::new(p.clone(), gp.clone()));
     }
-    let mut tick = |engine: &mut Engine| -> Result<usize> {
-        let mut sampled = 0;
-        for ev in sched.tick(engine, None) {
-            match ev {
-                airllm::generate::Event::Tokens { tokens, .. } => sampled += tokens.len(),
-                airllm::generate::Event::Failed { error, .. } => return Err(error.into()),
-                airllm::generate::Event::Done { .. } => {}
+    // The requests that have sampled their first token: prefill ends when all have.
+    let mut started = std::collections::HashSet::new();
+    let mut tick =
+        |engine: &mut Engine, started: &mut std::collections::HashSet<_>| -> Result<()> {
+            for ev in sched.tick(engine, None) {
+                match ev {
+                    airllm::generate::Event::Tokens { id, .. } => {
+                        started.insert(id);
+                    }
+                    airllm::generate::Event::Failed { error, .. } => return Err(error.into()),
+                    airllm::generate::Event::Done { .. } => {}
+                }
             }
-        }
-        Ok(sampled)
-    };
+            Ok(())
+        };
     let t = Instant::now();
-    let mut first = 0;
-    while first < a.batch {
-        first += tick(&mut engine)?;
+    while started.len() < a.batch {
+        tick(&mut engine, &mut started)?;
     }
     let prefill = t.elapsed();
     // Decode.
     let read0 = engine.bytes_read();
     let t = Instant::now();
     for _ in 0..a.gen {
-        tick(&mut engine)?;
+        tick(&mut engine, &mut started)?;
         sample(&mut dev_peak)?;
     }
     let decode = t.elapsed();

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use airllm::chat::{ChatTemplate, Message};
 use airllm::generate::{
-    Event, FinishReason, GenerationParams, Request, RequestId, RequestStats, SamplingParams,
-    Scheduler, TokenLogprob,
+    Event, GenerationParams, Request, RequestId, RequestStats, SamplingParams, Scheduler,
+    TokenLogprob,
 };
 use airllm::tokenizer::TextTokenizer;
 use airllm::Engine;
@@ -94,6 +94,8 @@ struct App {
     template: ChatTemplate,
     model_id: String,
     context: usize,
+    /// Token ids a prompt may hold: the tokenizer's and the embedding's, whichever is smaller.
+    vocab: usize,
     api_key: Option<String>,
     /// Sequences admitted to the server, running or waiting, and the most it takes.
     in_flight: AtomicUsize,
@@ -107,6 +109,17 @@ struct App {
 struct Load {
     running: AtomicUsize,
     waiting: AtomicUsize,
+    /// Set when the engine thread has ended (only by a bug: it runs as long as the server).
+    stopped: std::sync::atomic::AtomicBool,
+}
+
+/// Marks the engine stopped however its thread ends, a panic included.
+struct StopMark<'a>(&'a Load);
+
+impl Drop for StopMark<'_> {
+    fn drop(&mut self) {
+        self.0.stopped.store(true, Ordering::Relaxed);
+    }
 }
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
@@ -185,6 +198,7 @@ pub fn serve(
     let tok = Arc::new(tok);
     let context = engine.options().context;
     let running = engine.options().max_batch.max(1);
+    let vocab = engine.config().vocab_size.min(tok.vocab_size());
     let (jobs, rx) = std_mpsc::channel::<Job>();
     let engine_tok = tok.clone();
     let load = Arc::new(Load::default());
@@ -197,6 +211,7 @@ pub fn serve(
         template,
         model_id: cfg.model_id,
         context,
+        vocab,
         api_key: cfg.api_key,
         in_flight: AtomicUsize::new(0),
         capacity: running + cfg.queue,
@@ -228,11 +243,18 @@ pub fn serve(
             "serve: listening on http://{} (context {context}, {running} sequences per sweep)",
             listener.local_addr()?
         );
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await?;
+        // Ctrl-C stops new connections; streams in progress get a few seconds to finish.
+        let server = axum::serve(listener, router).with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        });
+        let deadline = async {
+            let _ = tokio::signal::ctrl_c().await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        };
+        tokio::select! {
+            r = server => r?,
+            _ = deadline => eprintln!("serve: stopping with requests still running"),
+        }
         anyhow::Ok(())
     })
 }
@@ -246,6 +268,7 @@ fn engine_loop(
     jobs: std_mpsc::Receiver<Job>,
     load: &Load,
 ) {
+    let _mark = StopMark(load);
     let mut sched = Scheduler::new();
     let mut owners: HashMap<RequestId, (usize, mpsc::UnboundedSender<(usize, Msg)>)> =
         HashMap::new();
@@ -293,12 +316,17 @@ fn engine_loop(
 }
 
 /// Liveness, and the sequences running and waiting after the latest sweep.
-async fn health(State(app): State<Arc<App>>) -> Json<Value> {
+async fn health(State(app): State<Arc<App>>) -> Response {
+    if app.load.stopped.load(Ordering::Relaxed) {
+        return ApiError::status(StatusCode::SERVICE_UNAVAILABLE, "the engine has stopped")
+            .into_response();
+    }
     Json(json!({
         "status": "ok",
         "running": app.load.running.load(Ordering::Relaxed),
         "waiting": app.load.waiting.load(Ordering::Relaxed),
     }))
+    .into_response()
 }
 
 async fn auth(
@@ -331,10 +359,16 @@ async fn models(State(app): State<Arc<App>>) -> Json<Value> {
     }]}))
 }
 
+/// Seconds since the epoch (OpenAI's `created`).
 fn now() -> u64 {
+    now_nanos() as u64 / 1_000_000_000
+}
+
+/// Nanoseconds since the epoch: request ids and default seeds.
+fn now_nanos() -> u128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+        .map_or(0, |d| d.as_nanos())
 }
 
 #[derive(Deserialize)]
@@ -366,8 +400,10 @@ struct Common {
     max_completion_tokens: Option<u64>,
     temperature: Option<f32>,
     top_p: Option<f32>,
-    top_k: Option<usize>,
+    /// 0 or -1 (vLLM's spelling) is off.
+    top_k: Option<i64>,
     min_p: Option<f32>,
+    #[serde(alias = "repetition_penalty")]
     repeat_penalty: Option<f32>,
     seed: Option<u64>,
     stop: Option<OneOrMany<String>>,
@@ -556,7 +592,7 @@ impl App {
                 Some(param),
             ));
         }
-        let room = self.context.saturating_sub(longest);
+        let room = airllm::generate::scheduler::new_token_room(self.context, longest);
         if room == 0 || asked.is_some_and(|m| m > room as u64) {
             let what = match asked {
                 Some(m) => format!("{longest} prompt tokens plus {param} {m}"),
@@ -577,20 +613,24 @@ impl App {
             )
             .with_code("context_length_exceeded"));
         }
-        let seed = c.seed.unwrap_or_else(|| {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos() as u64)
-        });
+        let seed = c.seed.unwrap_or_else(|| now_nanos() as u64);
         Ok(Prepared {
             kind,
             prompts,
             n,
             params: GenerationParams {
-                max_new_tokens: asked.map_or(room, |m| m as usize),
+                // OpenAI's defaults: 16 tokens for a completion, the context's rest for a chat.
+                max_new_tokens: asked.map_or(
+                    if kind == Kind::Text {
+                        room.min(16)
+                    } else {
+                        room
+                    },
+                    |m| m as usize,
+                ),
                 sampling: SamplingParams {
                     temperature,
-                    top_k: c.top_k.unwrap_or(0),
+                    top_k: c.top_k.map_or(0, |k| k.max(0) as usize),
                     top_p,
                     min_p,
                     repetition_penalty: repeat,
@@ -658,7 +698,9 @@ async fn chat_completions(
     State(app): State<Arc<App>>,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
-    let run = || -> Result<Prepared, ApiError> {
+    let a = app.clone();
+    let run = move || -> Result<Prepared, ApiError> {
+        let app = a;
         let b: ChatBody = parse(&body)?;
         if b.messages.is_empty() {
             return Err(ApiError::bad(
@@ -713,22 +755,21 @@ async fn chat_completions(
         };
         app.prepare(Kind::Chat, vec![ids], b.common, top)
     };
-    match run() {
-        Ok(p) => respond(app, p).await,
-        Err(e) => e.into_response(),
-    }
+    prepared(app, run).await
 }
 
 async fn completions(
     State(app): State<Arc<App>>,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
-    let run = || -> Result<Prepared, ApiError> {
+    let a = app.clone();
+    let run = move || -> Result<Prepared, ApiError> {
+        let app = a;
         let b: CompletionBody = parse(&body)?;
         if b.echo == Some(true) {
             return Err(ApiError::bad("echo is not supported", Some("echo")));
         }
-        let vocab = app.tok.vocab_size() as u32;
+        let vocab = app.vocab as u32;
         let enc = |t: &str| {
             app.tok.encode(t).map_err(|e| {
                 ApiError::bad(format!("cannot tokenize the prompt: {e}"), Some("prompt"))
@@ -748,9 +789,23 @@ async fn completions(
         }
         app.prepare(Kind::Text, prompts, b.common, b.logprobs)
     };
-    match run() {
-        Ok(p) => respond(app, p).await,
-        Err(e) => e.into_response(),
+    prepared(app, run).await
+}
+
+/// Parses, renders and tokenizes off the async workers (a 4 MiB body takes a while, and the
+/// runtime's two threads carry every stream), then answers.
+async fn prepared(
+    app: Arc<App>,
+    run: impl FnOnce() -> Result<Prepared, ApiError> + Send + 'static,
+) -> Response {
+    match tokio::task::spawn_blocking(run).await {
+        Ok(Ok(p)) => respond(app, p).await,
+        Ok(Err(e)) => e.into_response(),
+        Err(_) => ApiError::status(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal error while reading the request",
+        )
+        .into_response(),
     }
 }
 
@@ -762,6 +817,8 @@ struct Choice {
     logprobs: Vec<TokenLogprob>,
     finish: Option<&'static str>,
     stats: RequestStats,
+    /// Text bytes the streamed logprobs have covered (`text_offset`).
+    offset: usize,
 }
 
 /// What a response needs besides the choices: its id, the request's shape and its sizes.
@@ -779,6 +836,16 @@ struct Meta {
 
 async fn respond(app: Arc<App>, p: Prepared) -> Response {
     let total = p.prompts.len() * p.n;
+    if total > app.capacity {
+        return ApiError::bad(
+            format!(
+                "{total} sequences (prompts × n) exceed the {} this server takes at once (--parallel plus --queue)",
+                app.capacity
+            ),
+            Some("n"),
+        )
+        .into_response();
+    }
     let slot = match app.admit(total) {
         Ok(s) => s,
         Err(e) => return e.into_response(),
@@ -806,14 +873,13 @@ async fn respond(app: Arc<App>, p: Prepared) -> Response {
             } else {
                 "cmpl"
             },
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos())
+            now_nanos()
         ),
         kind: p.kind,
         model: app.model_id.clone(),
         created: now(),
-        prompt_tokens: p.prompts.iter().map(Vec::len).sum::<usize>() * p.n,
+        // Each prompt counts once, however many choices it has (as OpenAI counts).
+        prompt_tokens: p.prompts.iter().map(Vec::len).sum::<usize>(),
         n: total,
         logprobs: p.logprobs.is_some(),
         include_usage: p.include_usage,
@@ -849,10 +915,7 @@ fn apply(c: &mut Choice, ev: Msg) -> Result<(String, Vec<TokenLogprob>), String>
                 .unwrap_or_default()
                 .to_string();
             c.text = completion.text;
-            c.finish = Some(match completion.finish_reason {
-                FinishReason::Stop => "stop",
-                FinishReason::Length => "length",
-            });
+            c.finish = Some(completion.finish_reason.as_str());
             c.stats = stats;
             Ok((rest, Vec::new()))
         }
@@ -867,7 +930,9 @@ fn usage(meta: &Meta, choices: &[Choice]) -> Value {
 }
 
 /// The `logprobs` object of a choice in the endpoint's format.
-fn logprobs_json(app: &App, kind: Kind, lps: &[TokenLogprob]) -> Value {
+/// `offset` is where the first token's text starts in the completion (a stream's later chunks
+/// go on from the earlier ones); it comes back advanced past these tokens.
+fn logprobs_json(app: &App, kind: Kind, lps: &[TokenLogprob], offset: &mut usize) -> Value {
     let text = |t: u32| app.tok.decode(&[t]).unwrap_or_default();
     match kind {
         Kind::Chat => {
@@ -886,13 +951,12 @@ fn logprobs_json(app: &App, kind: Kind, lps: &[TokenLogprob]) -> Value {
             json!({"content": content})
         }
         Kind::Text => {
-            let mut offset = 0;
             let mut offsets = Vec::new();
             let mut tokens = Vec::new();
             for l in lps {
                 let s = text(l.token);
-                offsets.push(offset);
-                offset += s.len();
+                offsets.push(*offset);
+                *offset += s.len();
                 tokens.push(s);
             }
             let tops: Vec<Value> = lps
@@ -969,7 +1033,7 @@ async fn whole_response(
         .enumerate()
         .map(|(i, c)| {
             let lp = if meta.logprobs {
-                logprobs_json(&app, meta.kind, &c.logprobs)
+                logprobs_json(&app, meta.kind, &c.logprobs, &mut 0)
             } else {
                 Value::Null
             };
@@ -1059,10 +1123,13 @@ fn stream_response(
         loop {
             let Some((i, ev)) = st.rx.recv().await else {
                 // The engine went away mid-request.
-                st.end = Some(vec![SseEvent::default().data(
-                    json!({"error": {"message": "the engine stopped", "type": "server_error"}})
-                        .to_string(),
-                )]);
+                st.end = Some(vec![
+                    SseEvent::default().data(
+                        json!({"error": {"message": "the engine stopped", "type": "server_error"}})
+                            .to_string(),
+                    ),
+                    SseEvent::default().data("[DONE]"),
+                ]);
                 log_request(&st.meta, &st.choices, "failed");
                 let e = st.end.as_mut().map(|v| v.remove(0))?;
                 return Some((Ok(e), st));
@@ -1085,7 +1152,7 @@ fn stream_response(
                         continue;
                     }
                     let lp = if st.meta.logprobs && !lps.is_empty() {
-                        logprobs_json(&st.app, st.meta.kind, &lps)
+                        logprobs_json(&st.app, st.meta.kind, &lps, &mut c.offset)
                     } else {
                         Value::Null
                     };

@@ -40,7 +40,7 @@ pub fn perplexity(
         )));
     }
     // Each window is a request that scores its second half and generates nothing; the
-    // scheduler runs as many windows per sweep as the plan has sequences.
+    // scheduler runs as many windows per sweep as the plan has sequences and logit rows.
     let first = ctx / 2;
     let mut sched = Scheduler::new();
     let ids: Vec<_> = (0..windows)
@@ -102,9 +102,7 @@ pub fn perplexity(
 
 /// log softmax(row)[i], in f64.
 pub(crate) fn log_softmax_at(row: &[f32], i: usize) -> f64 {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
-    row[i] as f64 - max - sum.ln()
+    row[i] as f64 - super::sampling::log_sum_exp(row)
 }
 
 #[cfg(test)]

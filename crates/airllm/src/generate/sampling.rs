@@ -108,6 +108,17 @@ impl Sampler {
     }
 }
 
+/// log Σ exp(row), in f64 (shifted by the maximum): the softmax's normalizer for
+/// log-probabilities.
+pub(crate) fn log_sum_exp(row: &[f32]) -> f64 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    row.iter()
+        .map(|&x| (x as f64 - max).exp())
+        .sum::<f64>()
+        .ln()
+        + max
+}
+
 /// Index of the largest logit; the lowest index wins ties, as in torch.argmax.
 pub fn argmax(l: &[f32]) -> u32 {
     let mut best = 0;

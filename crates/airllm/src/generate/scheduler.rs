@@ -13,6 +13,12 @@ use crate::tokenizer::TextTokenizer;
 
 pub type RequestId = u64;
 
+/// New tokens a prompt of `prompt_len` leaves room for in a context of `context`: a request
+/// that generates needs at least one. The one rule for the scheduler and the server.
+pub fn new_token_room(context: usize, prompt_len: usize) -> usize {
+    context.saturating_sub(prompt_len)
+}
+
 /// One generation to run.
 pub struct Request {
     /// The whole prompt (the repetition penalty and the result see all of it).
@@ -75,8 +81,9 @@ pub enum Event {
         text: String,
         logprobs: Vec<TokenLogprob>,
     },
-    /// The request ended. Its sequence comes back, holding the prompt and the output except
-    /// the last sampled token, for a caller that continues the conversation.
+    /// The request ended. Its sequence comes back for a caller that continues the
+    /// conversation: it holds the prompt and every token fed after it (all of the output but
+    /// the last token, or all of it when EOS ended the request).
     Done {
         id: RequestId,
         completion: Completion,
@@ -177,8 +184,9 @@ impl Scheduler {
             let cached = req.resume.as_ref().map_or(0, |(_, n)| *n);
             let bad = if p.is_empty() {
                 Some("the prompt has no tokens".to_string())
-            } else if p.len() + usize::from(req.params.max_new_tokens > 0) > context {
-                // A request that generates needs a place for its first new token.
+            } else if p.len() > context
+                || (req.params.max_new_tokens > 0 && new_token_room(context, p.len()) == 0)
+            {
                 Some(format!(
                     "a prompt of {} tokens does not fit the context size of {context}",
                     p.len()
@@ -228,7 +236,7 @@ impl Scheduler {
             };
             let (seq, fed) = seq;
             let params = req.params;
-            // A scored prompt ends after its prefill, however few tokens it may generate.
+            // A scored prompt that generates nothing ends after its prefill, not before it.
             let done = (params.max_new_tokens == 0 && req.score_from.is_none())
                 .then_some(FinishReason::Length);
             self.active.push(Active {
@@ -273,6 +281,14 @@ impl Scheduler {
         let context = engine.options().context;
         let mut room = engine.options().max_step_tokens.max(1);
         let rows = engine.options().max_logit_rows.max(1);
+        if self
+            .active
+            .iter()
+            .any(|a| a.score_from.is_some() && a.out.ids.is_empty())
+        {
+            // A scoring sweep returns a row of logits for every token it carries.
+            room = room.min(rows);
+        }
         // Decode rows first (one token each, latency matters), then prefill chunks in
         // admission order.
         let mut order: Vec<usize> = (0..self.active.len()).collect();
@@ -499,13 +515,7 @@ impl Active {
 /// The log-probability of `t` under `row`'s softmax, and the `k` most likely tokens with
 /// theirs (ties to the lower id), in f64.
 fn logprobs_of(row: &[f32], t: u32, k: usize) -> TokenLogprob {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let log_sum = row
-        .iter()
-        .map(|&x| (x as f64 - max).exp())
-        .sum::<f64>()
-        .ln()
-        + max;
+    let log_sum = super::sampling::log_sum_exp(row);
     let lp = |i: usize| (row[i] as f64 - log_sum) as f32;
     let mut idx: Vec<u32> = (0..row.len() as u32).collect();
     let k = k.min(row.len());
