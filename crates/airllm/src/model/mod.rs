@@ -6,6 +6,8 @@ pub mod block;
 pub mod kv;
 pub mod matmul;
 pub mod qmatmul;
+#[cfg(target_arch = "x86_64")]
+mod qmatmul_vnni;
 pub mod rope;
 
 pub use block::{Block, Matrices, SeqRows, Small};

@@ -29,12 +29,15 @@ use crate::weights::mat::MatView;
 /// with `examples/quant_matmul.rs` (docs/benchmarks.md): the 32-value types cross between 8
 /// and 12 rows, the other K-quants (slower to dequantize) between 32 and 48, and Q4_K and Q6_K,
 /// whose dot kernels serve four rows per weight block, between 64 and 96 and between 96 and
-/// 128.
+/// 128. With AVX-512 VNNI, Q4_K's many-row path stays in integers (`qmatmul_vnni`) and wins
+/// from between 16 and 24 rows.
 pub fn gemm_rows(t: GgmlDType) -> usize {
     match t {
         GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q8_0 => {
             12
         }
+        #[cfg(target_arch = "x86_64")]
+        GgmlDType::Q4K if super::qmatmul_vnni::available() => 20,
         GgmlDType::Q4K => 80,
         GgmlDType::Q6K => 112,
         _ => 40,
@@ -139,6 +142,20 @@ fn run<T: GgmlType>(
             .zip(xq.par_chunks_exact_mut(kb));
         rows.with_min_len(4)
             .for_each(|(xr, qr)| T::VecDotType::from_float(xr, qr));
+        #[cfg(target_arch = "x86_64")]
+        if gemm && T::DTYPE == GgmlDType::Q4K && super::qmatmul_vnni::available() {
+            // Integers all the way (llama.cpp's arithmetic): no widened tiles.
+            let aux = block_sums::<T>(xq);
+            // SAFETY: plain-data blocks viewed as their bytes.
+            let (xb, wbytes) = unsafe {
+                (
+                    std::slice::from_raw_parts(xq.as_ptr() as *const u8, std::mem::size_of_val(xq)),
+                    std::slice::from_raw_parts(wb.as_ptr() as *const u8, std::mem::size_of_val(wb)),
+                )
+            };
+            super::qmatmul_vnni::matmul(xb, &aux, m, wbytes, n, kb, y, ldy, col0);
+            return Ok(());
+        }
         if gemm {
             // The activations as the dot products see them.
             let mut xr = vec![0f32; m * k];
@@ -714,7 +731,9 @@ mod tests {
             data: bytes,
         };
         let wb: &[T] = blocks(bytes).unwrap();
-        for m in [1, gemm_rows(t) - 1, gemm_rows(t), 19] {
+        // From the threshold on, every remainder of the integer tiles' four rows.
+        let g = gemm_rows(t);
+        for m in [1, g - 1, g, g + 1, g + 2, g + 3, 19] {
             let x: Vec<f32> = Tensor::randn(0f32, 1.0, (m, k), &dev)
                 .unwrap()
                 .flatten_all()
