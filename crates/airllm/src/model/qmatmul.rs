@@ -29,8 +29,8 @@ use crate::weights::mat::MatView;
 /// with `examples/quant_matmul.rs` (docs/benchmarks.md): the 32-value types cross between 8
 /// and 12 rows, the other K-quants (slower to dequantize) between 32 and 48, and Q4_K and Q6_K,
 /// whose dot kernels serve four rows per weight block, between 64 and 96 and between 96 and
-/// 128. With AVX-512 VNNI, Q4_K's many-row path stays in integers (`qmatmul_vnni`) and wins
-/// from between 16 and 24 rows.
+/// 128. With AVX-512 VNNI, Q4_K's and Q6_K's many-row paths stay in integers
+/// (`qmatmul_vnni`) and win from between 16 and 24 rows and between 24 and 32.
 pub fn gemm_rows(t: GgmlDType) -> usize {
     match t {
         GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q8_0 => {
@@ -38,6 +38,8 @@ pub fn gemm_rows(t: GgmlDType) -> usize {
         }
         #[cfg(target_arch = "x86_64")]
         GgmlDType::Q4K if super::qmatmul_vnni::available() => 20,
+        #[cfg(target_arch = "x86_64")]
+        GgmlDType::Q6K if super::qmatmul_vnni::available() => 28,
         GgmlDType::Q4K => 80,
         GgmlDType::Q6K => 112,
         _ => 40,
@@ -143,8 +145,17 @@ fn run<T: GgmlType>(
         rows.with_min_len(4)
             .for_each(|(xr, qr)| T::VecDotType::from_float(xr, qr));
         #[cfg(target_arch = "x86_64")]
-        if gemm && T::DTYPE == GgmlDType::Q4K && super::qmatmul_vnni::available() {
+        if gemm
+            && matches!(T::DTYPE, GgmlDType::Q4K | GgmlDType::Q6K)
+            && super::qmatmul_vnni::available()
+        {
+            use super::qmatmul_vnni::Kind;
             // Integers all the way (llama.cpp's arithmetic): no widened tiles.
+            let kind = if T::DTYPE == GgmlDType::Q4K {
+                Kind::Q4K
+            } else {
+                Kind::Q6K
+            };
             let aux = block_sums::<T>(xq);
             // SAFETY: plain-data blocks viewed as their bytes.
             let (xb, wbytes) = unsafe {
@@ -153,7 +164,7 @@ fn run<T: GgmlType>(
                     std::slice::from_raw_parts(wb.as_ptr() as *const u8, std::mem::size_of_val(wb)),
                 )
             };
-            super::qmatmul_vnni::matmul(xb, &aux, m, wbytes, n, kb, y, ldy, col0);
+            super::qmatmul_vnni::matmul(kind, xb, &aux, m, wbytes, n, kb, y, ldy, col0);
             return Ok(());
         }
         if gemm {
