@@ -502,6 +502,13 @@ fn start_engine(
     Ok(engine)
 }
 
+/// The context of `chat` and `serve`, which do not know their prompts in advance: -c, else
+/// min(2048, the model's maximum).
+fn interactive_context(m: &ModelArgs, info: &ModelInfo) -> usize {
+    m.ctx_size
+        .unwrap_or_else(|| info.cfg.max_position_embeddings.min(2048))
+}
+
 fn chat_prompt(tok: &TextTokenizer, messages: &[Message]) -> Result<Vec<u32>> {
     let src = tok
         .chat_template
@@ -597,10 +604,7 @@ fn chat(a: ChatArgs) -> Result<()> {
         bail!("this model has no chat_template in tokenizer_config.json");
     }
     let gp = params(&a.sample, a.max_new_tokens)?;
-    let context = a
-        .model
-        .ctx_size
-        .unwrap_or_else(|| info.cfg.max_position_embeddings.min(2048));
+    let context = interactive_context(&a.model, &info);
     let opts = EngineOptions {
         max_memory: budget(&a.model.max_memory)?,
         context,
@@ -694,10 +698,7 @@ fn serve_cmd(a: ServeArgs) -> Result<()> {
             .or(p.file_name())
             .map_or("model".into(), |s| s.to_string_lossy().into_owned())
     });
-    let context = a
-        .model
-        .ctx_size
-        .unwrap_or_else(|| info.cfg.max_position_embeddings.min(2048));
+    let context = interactive_context(&a.model, &info);
     let opts = EngineOptions {
         max_memory: budget(&a.model.max_memory)?,
         context,

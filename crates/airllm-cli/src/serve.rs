@@ -479,9 +479,7 @@ struct Prepared {
     include_usage: bool,
 }
 
-fn parse<T: for<'de> Deserialize<'de>>(
-    body: &Result<Bytes, axum::extract::rejection::BytesRejection>,
-) -> Result<T, ApiError> {
+fn parse<T: for<'de> Deserialize<'de>>(body: &Body) -> Result<T, ApiError> {
     let body = match body {
         Ok(b) => b,
         Err(e) => {
@@ -694,29 +692,34 @@ impl Drop for Slot {
     }
 }
 
-async fn chat_completions(
-    State(app): State<Arc<App>>,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
-) -> Response {
-    let a = app.clone();
-    let run = move || -> Result<Prepared, ApiError> {
-        let app = a;
-        let b: ChatBody = parse(&body)?;
-        if b.messages.is_empty() {
-            return Err(ApiError::bad(
-                "messages must not be empty",
-                Some("messages"),
-            ));
-        }
-        let mut msgs = Vec::with_capacity(b.messages.len());
-        for m in &b.messages {
-            let text = match &m.content {
-                None => String::new(),
-                Some(Content::Text(t)) => t.clone(),
-                Some(Content::Parts(parts)) => {
-                    let mut t = String::new();
-                    for p in parts {
-                        match (p.kind.as_str(), &p.text) {
+type Body = Result<Bytes, axum::extract::rejection::BytesRejection>;
+
+async fn chat_completions(State(app): State<Arc<App>>, body: Body) -> Response {
+    prepared(app, body, chat_request).await
+}
+
+async fn completions(State(app): State<Arc<App>>, body: Body) -> Response {
+    prepared(app, body, completion_request).await
+}
+
+/// A chat request: the messages through the template, tokenized.
+fn chat_request(app: &App, body: &Body) -> Result<Prepared, ApiError> {
+    let b: ChatBody = parse(body)?;
+    if b.messages.is_empty() {
+        return Err(ApiError::bad(
+            "messages must not be empty",
+            Some("messages"),
+        ));
+    }
+    let mut msgs = Vec::with_capacity(b.messages.len());
+    for m in &b.messages {
+        let text = match &m.content {
+            None => String::new(),
+            Some(Content::Text(t)) => t.clone(),
+            Some(Content::Parts(parts)) => {
+                let mut t = String::new();
+                for p in parts {
+                    match (p.kind.as_str(), &p.text) {
                             ("text", Some(s)) => t.push_str(s),
                             (k, _) => {
                                 return Err(ApiError::bad(
@@ -725,80 +728,73 @@ async fn chat_completions(
                                 ))
                             }
                         }
-                    }
-                    t
                 }
-            };
-            msgs.push(Message::new(&m.role, &text));
-        }
-        let rendered = app.template.render(&msgs).map_err(|e| {
-            ApiError::bad(
-                format!("the chat template refused the messages: {e}"),
-                Some("messages"),
-            )
-        })?;
-        let ids = app.tok.encode_special(&rendered).map_err(|e| {
-            ApiError::bad(
-                format!("cannot tokenize the messages: {e}"),
-                Some("messages"),
-            )
-        })?;
-        let top = match (b.logprobs, b.top_logprobs) {
-            (Some(true), k) => Some(k.unwrap_or(0)),
-            (_, Some(_)) => {
-                return Err(ApiError::bad(
-                    "top_logprobs needs logprobs: true",
-                    Some("top_logprobs"),
-                ))
+                t
             }
-            _ => None,
         };
-        app.prepare(Kind::Chat, vec![ids], b.common, top)
+        msgs.push(Message::new(&m.role, &text));
+    }
+    let rendered = app.template.render(&msgs).map_err(|e| {
+        ApiError::bad(
+            format!("the chat template refused the messages: {e}"),
+            Some("messages"),
+        )
+    })?;
+    let ids = app.tok.encode_special(&rendered).map_err(|e| {
+        ApiError::bad(
+            format!("cannot tokenize the messages: {e}"),
+            Some("messages"),
+        )
+    })?;
+    let top = match (b.logprobs, b.top_logprobs) {
+        (Some(true), k) => Some(k.unwrap_or(0)),
+        (_, Some(_)) => {
+            return Err(ApiError::bad(
+                "top_logprobs needs logprobs: true",
+                Some("top_logprobs"),
+            ))
+        }
+        _ => None,
     };
-    prepared(app, run).await
+    app.prepare(Kind::Chat, vec![ids], b.common, top)
 }
 
-async fn completions(
-    State(app): State<Arc<App>>,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
-) -> Response {
-    let a = app.clone();
-    let run = move || -> Result<Prepared, ApiError> {
-        let app = a;
-        let b: CompletionBody = parse(&body)?;
-        if b.echo == Some(true) {
-            return Err(ApiError::bad("echo is not supported", Some("echo")));
-        }
-        let vocab = app.vocab as u32;
-        let enc = |t: &str| {
-            app.tok.encode(t).map_err(|e| {
-                ApiError::bad(format!("cannot tokenize the prompt: {e}"), Some("prompt"))
-            })
-        };
-        let prompts = match b.prompt {
-            PromptInput::Text(t) => vec![enc(&t)?],
-            PromptInput::Texts(ts) => ts.iter().map(|t| enc(t)).collect::<Result<_, _>>()?,
-            PromptInput::Ids(ids) => vec![ids],
-            PromptInput::IdLists(l) => l,
-        };
-        if prompts.iter().flatten().any(|&t| t >= vocab) {
-            return Err(ApiError::bad(
-                format!("a prompt token id is outside the vocabulary of {vocab}"),
-                Some("prompt"),
-            ));
-        }
-        app.prepare(Kind::Text, prompts, b.common, b.logprobs)
+/// A completion request: its prompts, tokenized or given as ids.
+fn completion_request(app: &App, body: &Body) -> Result<Prepared, ApiError> {
+    let b: CompletionBody = parse(body)?;
+    if b.echo == Some(true) {
+        return Err(ApiError::bad("echo is not supported", Some("echo")));
+    }
+    let vocab = app.vocab as u32;
+    let enc = |t: &str| {
+        app.tok
+            .encode(t)
+            .map_err(|e| ApiError::bad(format!("cannot tokenize the prompt: {e}"), Some("prompt")))
     };
-    prepared(app, run).await
+    let prompts = match b.prompt {
+        PromptInput::Text(t) => vec![enc(&t)?],
+        PromptInput::Texts(ts) => ts.iter().map(|t| enc(t)).collect::<Result<_, _>>()?,
+        PromptInput::Ids(ids) => vec![ids],
+        PromptInput::IdLists(l) => l,
+    };
+    if prompts.iter().flatten().any(|&t| t >= vocab) {
+        return Err(ApiError::bad(
+            format!("a prompt token id is outside the vocabulary of {vocab}"),
+            Some("prompt"),
+        ));
+    }
+    app.prepare(Kind::Text, prompts, b.common, b.logprobs)
 }
 
 /// Parses, renders and tokenizes off the async workers (a 4 MiB body takes a while, and the
 /// runtime's two threads carry every stream), then answers.
 async fn prepared(
     app: Arc<App>,
-    run: impl FnOnce() -> Result<Prepared, ApiError> + Send + 'static,
+    body: Body,
+    read: fn(&App, &Body) -> Result<Prepared, ApiError>,
 ) -> Response {
-    match tokio::task::spawn_blocking(run).await {
+    let a = app.clone();
+    match tokio::task::spawn_blocking(move || read(&a, &body)).await {
         Ok(Ok(p)) => respond(app, p).await,
         Ok(Err(e)) => e.into_response(),
         Err(_) => ApiError::status(
