@@ -367,9 +367,7 @@ impl Scheduler {
                 match a.score(l.as_ref(), at, n) {
                     Ok(last) => l = last,
                     Err(e) => {
-                        events.push(Event::Failed { id: a.id, error: e });
-                        a.out.done = Some(FinishReason::Stop);
-                        a.failed = true;
+                        events.push(a.fail(e));
                         continue;
                     }
                 }
@@ -384,9 +382,7 @@ impl Scheduler {
                 continue;
             }
             if let Err(e) = a.sample(l, tok, context) {
-                events.push(Event::Failed { id: a.id, error: e });
-                a.out.done = Some(FinishReason::Stop);
-                a.failed = true;
+                events.push(a.fail(e));
                 continue;
             }
             if let Some(ev) = a.take_tokens() {
@@ -430,6 +426,13 @@ impl Scheduler {
 }
 
 impl Active {
+    /// Ends the request with `error`; [`Scheduler::finish_done`] then drops it unreported.
+    fn fail(&mut self, error: Error) -> Event {
+        self.out.done = Some(FinishReason::Stop);
+        self.failed = true;
+        Event::Failed { id: self.id, error }
+    }
+
     /// Scores the rows of a chunk whose first row sits at position `at` from `all` (`[n,
     /// vocab]`), and returns the last row as a step for `Last` would have.
     fn score(

@@ -213,6 +213,18 @@ fn block_sums<T: GgmlType>(xq: &[T::VecDotType]) -> Vec<f32> {
     }
 }
 
+/// The 6-bit scale and minimum of run `j` from a Q4_K block's 12 packed scale bytes.
+pub(super) fn q4k_scale_min(s: &[u8], j: usize) -> (u8, u8) {
+    if j < 4 {
+        (s[j] & 63, s[j + 4] & 63)
+    } else {
+        (
+            (s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4),
+            (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
+        )
+    }
+}
+
 /// Floats of [`block_sums`] per Q8_K block, for Q4_K.
 const Q4K_AUX: usize = 9;
 
@@ -431,14 +443,7 @@ mod x86 {
             let mut sc = [0i16; 8];
             let mut mn = [0f32; 8];
             for j in 0..8 {
-                let (a, m) = if j < 4 {
-                    (s[j] & 63, s[j + 4] & 63)
-                } else {
-                    (
-                        (s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4),
-                        (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
-                    )
-                };
+                let (a, m) = super::q4k_scale_min(s, j);
                 sc[j] = a as i16;
                 mn[j] = m as f32;
             }

@@ -77,18 +77,6 @@ struct Packed {
     dmin: Vec<f32>,
 }
 
-/// The 6-bit scale and minimum of run `j` from a Q4_K block's 12 packed bytes.
-fn scale_min(s: &[u8], j: usize) -> (u8, u8) {
-    if j < 4 {
-        (s[j] & 63, s[j + 4] & 63)
-    } else {
-        (
-            (s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4),
-            (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
-        )
-    }
-}
-
 impl Packed {
     /// Packs weight rows `r0 .. r0 + rows` (`rows <= TILE`) of `w` (`kb` blocks a row).
     fn pack(&mut self, kind: Kind, w: &[u8], kb: usize, r0: usize, rows: usize) {
@@ -113,7 +101,7 @@ impl Packed {
                 self.d[b * TILE + r] = f16(&blk[0..2]);
                 self.dmin[b * TILE + r] = f16(&blk[2..4]);
                 for j in 0..8 {
-                    let (sc, m) = scale_min(&blk[4..16], j);
+                    let (sc, m) = super::qmatmul::q4k_scale_min(&blk[4..16], j);
                     self.sc[(b * 8 + j) * TILE + r] = sc as i32;
                     self.m[(b * 8 + j) * TILE + r] = m as f32;
                 }
