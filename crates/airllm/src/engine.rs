@@ -207,6 +207,8 @@ pub struct Engine {
     /// The experts of sparse layers, read as routing picks them.
     experts: Option<ExpertCache>,
     _held: Vec<Charge>,
+    /// Rows a step may carry with each row's logits exactly as a one-row step gives them.
+    exact_rows: usize,
     pub prefill_profile: Profile,
     pub decode_profile: Profile,
 }
@@ -680,6 +682,25 @@ fn make_link(device: &Device, slots: usize, slot_bytes: u64) -> Result<Box<dyn L
     }
 }
 
+/// [`crate::model::matmul::exact_rows`] over the matrices of every layer and the head.
+fn exact_rows(schemas: &[LayerSchema], src: &dyn WeightSource, head: &str) -> usize {
+    let naming = src.naming();
+    schemas
+        .iter()
+        .enumerate()
+        .flat_map(|(i, s)| {
+            s.tensors
+                .iter()
+                .filter(|t| t.kind != Kind::Expert && !t.is_small())
+                .map(move |t| t.name(naming, i))
+        })
+        .chain(std::iter::once(head.to_string()))
+        .filter_map(|name| src.meta(&name))
+        .map(|m| crate::model::matmul::exact_rows(m.dtype))
+        .min()
+        .unwrap_or(1)
+}
+
 /// The default budget: 90% of what the kernel says is available.
 pub fn resolve_budget(max_memory: Option<u64>) -> Result<u64> {
     match max_memory {
@@ -866,7 +887,9 @@ impl Engine {
         } else {
             None
         };
+        let exact_rows = exact_rows(&schemas, src.as_ref(), &head_name);
         let mut engine = Engine {
+            exact_rows,
             experts,
             stager,
             head_tier,
@@ -961,6 +984,12 @@ impl Engine {
     pub fn expert_stats(&self) -> Option<ExpertStats> {
         self.experts.as_ref().map(|c| c.stats)
     }
+    /// The most rows a step may carry (over all its sequences) while every row's logits
+    /// keep the bits a one-row step gives: below it each kernel computes rows one by one.
+    /// Speculative verification stays within it so drafts never change greedy output.
+    pub fn exact_rows(&self) -> usize {
+        self.exact_rows
+    }
     /// Bytes read from the checkpoint so far.
     pub fn bytes_read(&self) -> u64 {
         self.src.io().bytes_read()
@@ -1011,7 +1040,8 @@ impl Engine {
     }
 
     /// One sweep over all layers for `batch`: each entry is a sequence and its new tokens.
-    /// Returns each sequence's logits `[rows, vocab]`, rows per `which`.
+    /// Returns each sequence's logits `[rows, vocab]`, rows per `which` (none at all for
+    /// [`LogitsFor::None`]).
     ///
     /// On error the reader is restarted and the sequences in the batch must be discarded, since
     /// some layers may have cached their tokens and others not.
@@ -1020,7 +1050,28 @@ impl Engine {
         batch: &mut [(&mut Sequence, &[u32])],
         which: LogitsFor,
     ) -> Result<Vec<Tensor>> {
-        let r = self.sweep(batch, which);
+        let tails: Vec<usize> = batch
+            .iter()
+            .map(|(_, t)| match which {
+                LogitsFor::Last => 1,
+                LogitsFor::All => t.len(),
+                LogitsFor::None => 0,
+            })
+            .collect();
+        self.step_rows(batch, &tails)
+    }
+
+    /// [`Engine::step`] with the logits of the last `tails[i]` new tokens of sequence `i`
+    /// (at most its new tokens): a sequence mid-prefill wants none, one that decodes its
+    /// last, a speculative verification every draft position. Every sequence gets its
+    /// `[tails[i], vocab]` rows, unless no rows are wanted at all: then the output head is
+    /// skipped and the result is empty.
+    pub fn step_rows(
+        &mut self,
+        batch: &mut [(&mut Sequence, &[u32])],
+        tails: &[usize],
+    ) -> Result<Vec<Tensor>> {
+        let r = self.sweep(batch, tails);
         if r.is_err() {
             // The step's own error is the one to report; a failed restart shows at the next
             // step.
@@ -1034,9 +1085,14 @@ impl Engine {
     fn sweep(
         &mut self,
         batch: &mut [(&mut Sequence, &[u32])],
-        which: LogitsFor,
+        tails: &[usize],
     ) -> Result<Vec<Tensor>> {
         let t0 = Instant::now();
+        if tails.len() != batch.len() || batch.iter().zip(tails).any(|((_, t), &n)| n > t.len()) {
+            return Err(Error::Invalid(
+                "internal error: rows of logits asked for that the step does not carry".into(),
+            ));
+        }
         let mut ids = Vec::new();
         let mut positions = Vec::new();
         let mut seqs = Vec::with_capacity(batch.len());
@@ -1055,11 +1111,7 @@ impl Engine {
             ids.extend_from_slice(toks);
             positions.extend(pos..pos + toks.len());
         }
-        let logit_rows = match which {
-            LogitsFor::Last => batch.len(),
-            LogitsFor::All => ids.len(),
-            LogitsFor::None => 0,
-        };
+        let logit_rows: usize = tails.iter().sum();
         if ids.len() > self.opts.max_step_tokens || logit_rows > self.opts.max_logit_rows {
             return Err(Error::Invalid(format!(
                 "a step of {} tokens with {logit_rows} rows of logits exceeds what the plan reserved ({} tokens, {} rows)",
@@ -1069,7 +1121,7 @@ impl Engine {
             )));
         }
         if let Some(p) = &self.prefetch {
-            p.begin_step(which != LogitsFor::None);
+            p.begin_step(logit_rows > 0);
         }
         let prefill = seqs.iter().any(|s| s.len > 1);
         let mut prof = std::mem::take(if prefill {
@@ -1156,13 +1208,18 @@ impl Engine {
                 }
             }
             // Only the rows whose logits are wanted go through the norm and the head.
-            let h = match which {
-                LogitsFor::None => return Ok(vec![]),
-                LogitsFor::All => x.clone(),
-                LogitsFor::Last => {
-                    let rows: Vec<u32> = seqs.iter().map(|s| (s.row + s.len - 1) as u32).collect();
-                    x.index_select(&Tensor::new(rows, &self.device)?, 0)?
-                }
+            if logit_rows == 0 {
+                return Ok(vec![]);
+            }
+            let h = if logit_rows == ids.len() {
+                x.clone()
+            } else {
+                let rows: Vec<u32> = seqs
+                    .iter()
+                    .zip(tails)
+                    .flat_map(|(s, &n)| (s.row + s.len - n..s.row + s.len).map(|r| r as u32))
+                    .collect();
+                x.index_select(&Tensor::new(rows, &self.device)?, 0)?
             };
             let h = crate::model::block::final_norm(&h, &self.final_norm, self.block.eps)?;
             let logits = self.head_forward(&h, &mut prof)?;
@@ -1170,8 +1227,7 @@ impl Engine {
             let logits = logits.to_device(&Device::Cpu)?;
             let mut out = Vec::with_capacity(seqs.len());
             let mut row = 0;
-            for s in &seqs {
-                let n = if which == LogitsFor::All { s.len } else { 1 };
+            for &n in tails {
                 out.push(logits.narrow(0, row, n)?);
                 row += n;
             }

@@ -4,12 +4,14 @@
 pub mod perplexity;
 pub mod sampling;
 pub mod scheduler;
+pub mod speculative;
 
 use crate::engine::{Engine, Sequence};
 use crate::error::{Error, Result};
 use crate::tokenizer::TextTokenizer;
-pub use sampling::{argmax, Sampler, SamplingParams};
+pub use sampling::{argmax, Dist, Sampler, SamplingParams};
 pub use scheduler::{Event, Request, RequestId, RequestStats, Scheduler, TokenLogprob};
+pub use speculative::{DraftSource, SpecStats, Speculator};
 
 #[derive(Debug, Clone)]
 pub struct GenerationParams {

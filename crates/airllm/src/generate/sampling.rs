@@ -48,8 +48,16 @@ impl Sampler {
 
     /// Picks the next token from `logits`, given the tokens seen so far (prompt and output).
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        let d = self.distribution(logits, history);
+        self.draw(&d)
+    }
+
+    /// The distribution the next token is drawn from: the logits after the repetition
+    /// penalty, temperature, top-k, top-p and min-p. Speculative decoding compares the
+    /// target's and the draft's.
+    pub fn distribution(&self, logits: &[f32], history: &[u32]) -> Dist {
         if self.p.temperature <= 0.0 && self.p.repetition_penalty == 1.0 {
-            return argmax(logits); // greedy: no copy of a 262k-entry row per token
+            return Dist::Token(argmax(logits)); // greedy: no copy of a 262k-entry row per token
         }
         let mut l = logits.to_vec();
         if self.p.repetition_penalty != 1.0 {
@@ -67,17 +75,20 @@ impl Sampler {
             }
         }
         if self.p.temperature <= 0.0 {
-            return argmax(&l);
+            return Dist::Token(argmax(&l));
         }
         for x in l.iter_mut() {
             *x /= self.p.temperature;
         }
         // Candidates sorted by logit, best first.
         let mut idx: Vec<u32> = (0..l.len() as u32).collect();
-        idx.sort_unstable_by(|&a, &b| l[b as usize].total_cmp(&l[a as usize]).then(a.cmp(&b)));
+        let by_logit = |a: &u32, b: &u32| l[*b as usize].total_cmp(&l[*a as usize]).then(a.cmp(b));
         if self.p.top_k > 0 && self.p.top_k < idx.len() {
+            // Only the best k need sorting.
+            idx.select_nth_unstable_by(self.p.top_k - 1, by_logit);
             idx.truncate(self.p.top_k);
         }
+        idx.sort_unstable_by(by_logit);
         let max = l[idx[0] as usize];
         let mut probs: Vec<f32> = idx.iter().map(|&i| (l[i as usize] - max).exp()).collect();
         let sum: f32 = probs.iter().sum();
@@ -101,9 +112,47 @@ impl Sampler {
             idx.truncate(keep);
             probs.truncate(keep);
         }
-        match WeightedIndex::new(&probs) {
-            Ok(d) => idx[d.sample(&mut self.rng)],
-            Err(_) => idx[0],
+        // Renormalized over what the filters kept.
+        let sum: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= sum);
+        Dist::Weighted { ids: idx, probs }
+    }
+
+    /// A token from `d`, with this sampler's random stream.
+    pub fn draw(&mut self, d: &Dist) -> u32 {
+        match d {
+            Dist::Token(t) => *t,
+            Dist::Weighted { ids, probs } => match WeightedIndex::new(probs) {
+                Ok(w) => ids[w.sample(&mut self.rng)],
+                Err(_) => ids[0],
+            },
+        }
+    }
+
+    /// A uniform number in [0, 1) from this sampler's random stream.
+    pub fn uniform(&mut self) -> f32 {
+        use rand::Rng;
+        self.rng.random::<f32>()
+    }
+}
+
+/// What the next token is drawn from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Dist {
+    /// Certainly this token (greedy decoding).
+    Token(u32),
+    /// These tokens with these probabilities (summing to 1); the rest have none.
+    Weighted { ids: Vec<u32>, probs: Vec<f32> },
+}
+
+impl Dist {
+    /// The probability of `t`.
+    pub fn prob(&self, t: u32) -> f32 {
+        match self {
+            Dist::Token(x) => (*x == t) as u32 as f32,
+            Dist::Weighted { ids, probs } => {
+                ids.iter().position(|&x| x == t).map_or(0.0, |i| probs[i])
+            }
         }
     }
 }

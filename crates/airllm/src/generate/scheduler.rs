@@ -6,8 +6,9 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use super::speculative::{self, DraftSource, DraftState, Speculator};
 use super::{Completion, FinishReason, GenerationParams, Output, Sampler};
-use crate::engine::{Engine, LogitsFor, Sequence};
+use crate::engine::{Engine, Sequence};
 use crate::error::{Error, Result};
 use crate::tokenizer::TextTokenizer;
 
@@ -117,6 +118,8 @@ struct Active {
     new_text: String,
     new_logprobs: Vec<TokenLogprob>,
     failed: bool,
+    /// Guess state, when the scheduler speculates.
+    draft: Option<DraftState>,
 }
 
 /// Continuous batching over one engine. Admission is bounded by the engine's plan: at most
@@ -126,6 +129,7 @@ pub struct Scheduler {
     waiting: VecDeque<Waiting>,
     active: Vec<Active>,
     next_id: RequestId,
+    spec: Option<Speculator>,
 }
 
 impl Default for Scheduler {
@@ -140,7 +144,20 @@ impl Scheduler {
             waiting: VecDeque::new(),
             active: Vec::new(),
             next_id: 0,
+            spec: None,
         }
+    }
+
+    /// A scheduler whose decode sweeps verify guesses from `spec`.
+    pub fn with_speculation(spec: Speculator) -> Self {
+        Scheduler {
+            spec: Some(spec),
+            ..Self::new()
+        }
+    }
+
+    pub fn speculation(&self) -> Option<&Speculator> {
+        self.spec.as_ref()
     }
 
     /// Queues a request; it joins the next sweep that has room for it.
@@ -235,6 +252,30 @@ impl Scheduler {
                 },
             };
             let (seq, fed) = seq;
+            let draft = match self.spec.as_mut().map(|s| &mut s.source) {
+                None => None,
+                Some(src) => {
+                    let dseq = match src {
+                        DraftSource::Model(e) => match e.new_sequence() {
+                            Ok(s) => Some(s),
+                            Err(e) => {
+                                events.push(Event::Failed {
+                                    id,
+                                    error: Error::Invalid(format!("draft model: {e}")),
+                                });
+                                continue;
+                            }
+                        },
+                        DraftSource::Lookup => None,
+                    };
+                    // The draft's own random stream, apart from the request's.
+                    let stream = req.stream ^ (1 << 62);
+                    Some(DraftState::new(
+                        dseq,
+                        Sampler::new(req.params.sampling.clone(), stream),
+                    ))
+                }
+            };
             let params = req.params;
             // A scored prompt that generates nothing ends after its prefill, not before it.
             let done = (params.max_new_tokens == 0 && req.score_from.is_none())
@@ -264,6 +305,7 @@ impl Scheduler {
                 new_text: String::new(),
                 new_logprobs: Vec::new(),
                 failed: false,
+                draft,
             });
         }
     }
@@ -280,66 +322,76 @@ impl Scheduler {
         }
         let context = engine.options().context;
         let mut room = engine.options().max_step_tokens.max(1);
-        let rows = engine.options().max_logit_rows.max(1);
-        if self
-            .active
-            .iter()
-            .any(|a| a.score_from.is_some() && a.out.ids.is_empty())
-        {
-            // A scoring sweep returns a row of logits for every token it carries.
-            room = room.min(rows);
+        let mut rows_left = engine.options().max_logit_rows.max(1);
+        // Guesses ride on sweeps that only decode: a prefill chunk beside them would move
+        // the sweep past the rows computed exactly as alone.
+        if self.spec.is_some() && self.active.iter().all(Active::decoding) {
+            if let Err(e) = self.guess(engine) {
+                // The draft's caches may be half-written: the requests that drafted stop.
+                let msg = format!("draft model: {e}");
+                for a in self.active.iter_mut().filter(|a| a.draft.is_some()) {
+                    events.push(a.fail(Error::Invalid(msg.clone())));
+                }
+                self.finish_done(&mut events);
+                return events;
+            }
         }
-        // Decode rows first (one token each, latency matters), then prefill chunks in
-        // admission order.
+        // Decode rows first (latency matters), then prefill chunks in admission order.
         let mut order: Vec<usize> = (0..self.active.len()).collect();
-        order.sort_by_key(|&i| self.active[i].pending.len() > 1);
-        let mut parts: Vec<(usize, usize)> = Vec::new();
+        order.sort_by_key(|&i| !self.active[i].decoding());
+        // Each part: the sequence, its new tokens, and its rows of logits.
+        let mut parts: Vec<(usize, usize, usize)> = Vec::new();
         for i in order {
-            if parts.len() == rows || room == 0 {
+            if room == 0 || rows_left == 0 {
                 break;
             }
             let a = &self.active[i];
+            if a.decoding() {
+                // One row per token: the token sampled last and the guesses after it.
+                let n = a.pending.len();
+                if n > room || n > rows_left {
+                    break;
+                }
+                parts.push((i, n, n));
+                room -= n;
+                rows_left -= n;
+                continue;
+            }
             let mut n = a.pending.len().min(room);
             // Rows before a scored range go in sweeps of their own, which skip the head.
+            let at = a.seq.len();
             if let Some(from) = a.score_from {
-                let at = a.seq.len();
                 if at < from {
                     n = n.min(from - at);
                 }
             }
-            parts.push((i, n));
+            let tail = if a.score_from.is_some_and(|f| at + n > f) {
+                // A scored chunk returns a row for every token it carries.
+                n = n.min(rows_left);
+                n
+            } else {
+                (n == a.pending.len()) as usize
+            };
+            parts.push((i, n, tail));
             room -= n;
+            rows_left -= tail;
         }
         parts.sort_unstable();
-        // Does the chunk of `n` rows of sequence `i` reach its scored range?
-        let scoring = |&(i, n): &(usize, usize)| {
-            let a = &self.active[i];
-            a.out.ids.is_empty() && a.score_from.is_some_and(|f| a.seq.len() + n > f)
-        };
-        let which = if parts.iter().any(scoring) {
-            // Every row of every sequence; the others take their last row.
-            LogitsFor::All
-        } else if parts
-            .iter()
-            .any(|&(i, n)| n == self.active[i].pending.len())
-        {
-            LogitsFor::Last
-        } else {
-            // Every sequence here is mid-prefill: skip the output head.
-            LogitsFor::None
-        };
+        let decode_only = parts.iter().all(|&(i, _, _)| self.active[i].decoding());
+        let t = Instant::now();
         let result = {
             let mut batch: Vec<(&mut Sequence, &[u32])> = Vec::with_capacity(parts.len());
+            let tails: Vec<usize> = parts.iter().map(|p| p.2).collect();
             let mut it = parts.iter().peekable();
             for (i, a) in self.active.iter_mut().enumerate() {
-                if let Some(&&(j, n)) = it.peek() {
+                if let Some(&&(j, n, _)) = it.peek() {
                     if i == j {
                         batch.push((&mut a.seq, &a.pending[..n]));
                         it.next();
                     }
                 }
             }
-            engine.step(&mut batch, which)
+            engine.step_rows(&mut batch, &tails)
         };
         let logits = match result {
             Ok(l) => l,
@@ -347,7 +399,8 @@ impl Scheduler {
                 // The step may have cached some layers' tokens and not others: the
                 // sequences in it cannot go on.
                 let msg = e.to_string();
-                let ids: Vec<RequestId> = parts.iter().map(|&(i, _)| self.active[i].id).collect();
+                let ids: Vec<RequestId> =
+                    parts.iter().map(|&(i, _, _)| self.active[i].id).collect();
                 for id in ids {
                     self.cancel(id);
                     events.push(Event::Failed {
@@ -358,12 +411,28 @@ impl Scheduler {
                 return events;
             }
         };
+        if let (Some(spec), true) = (self.spec.as_mut(), decode_only) {
+            let rows: usize = parts.iter().map(|p| p.2).sum();
+            spec.sweep_took(rows, t.elapsed().as_secs_f64());
+        }
         let mut logits = logits.into_iter();
-        for &(i, n) in &parts {
-            let mut l = logits.next();
+        for &(i, n, _) in &parts {
+            let l = logits.next();
             let a = &mut self.active[i];
+            if a.decoding() {
+                let stats = self.spec.as_mut().map(|s| &mut s.stats);
+                if let Err(e) = a.advance(l, tok, context, stats) {
+                    events.push(a.fail(e));
+                    continue;
+                }
+                if let Some(ev) = a.take_tokens() {
+                    events.push(ev);
+                }
+                continue;
+            }
             let at = a.seq.len() - n; // the position of this chunk's first row
-            if which == LogitsFor::All {
+            let mut l = l;
+            if a.score_from.is_some_and(|f| at + n > f) {
                 match a.score(l.as_ref(), at, n) {
                     Ok(last) => l = last,
                     Err(e) => {
@@ -373,15 +442,15 @@ impl Scheduler {
                 }
             }
             a.pending.drain(..n);
-            a.stats.prefilled += if a.out.ids.is_empty() { n } else { 0 };
+            a.stats.prefilled += n;
             if !a.pending.is_empty() {
                 continue; // mid-prefill: these logits are not the prompt's last
             }
-            if a.score_from.is_some() && a.out.ids.is_empty() && a.params.max_new_tokens == 0 {
+            if a.score_from.is_some() && a.params.max_new_tokens == 0 {
                 a.out.done = Some(FinishReason::Length);
                 continue;
             }
-            if let Err(e) = a.sample(l, tok, context) {
+            if let Err(e) = a.advance(l, tok, context, None) {
                 events.push(a.fail(e));
                 continue;
             }
@@ -391,6 +460,70 @@ impl Scheduler {
         }
         self.finish_done(&mut events);
         events
+    }
+
+    /// Puts guesses after each decoding sequence's pending token, as many as the measured
+    /// costs and acceptance favour, within the rows the engine computes exactly as alone.
+    fn guess(&mut self, engine: &Engine) -> Result<()> {
+        let Some(spec) = self.spec.as_mut() else {
+            return Ok(());
+        };
+        let o = engine.options();
+        let limit = engine
+            .exact_rows()
+            .min(o.max_logit_rows)
+            .min(o.max_step_tokens);
+        let n = self.active.len();
+        let spare = limit.saturating_sub(n);
+        let context = o.context;
+        let vocab = engine.config().vocab_size;
+        let mut wants: Vec<usize> = Vec::with_capacity(n);
+        for (j, a) in self.active.iter_mut().enumerate() {
+            let share = spare / n + (j < spare % n) as usize;
+            let room_new = a.params.max_new_tokens.saturating_sub(a.out.ids.len() + 1);
+            let room_ctx = context.saturating_sub(a.seq.len() + 2);
+            let cap = share.min(room_new).min(room_ctx);
+            let st = a
+                .draft
+                .as_mut()
+                .expect("speculating requests have draft state");
+            let k = spec.draft_len(st.alpha(), n - 1, cap);
+            wants.push(st.explore(k, cap));
+        }
+        let tokens: Vec<Vec<u32>> = self
+            .active
+            .iter()
+            .map(|a| a.out.prompt_ids.iter().chain(&a.out.ids).copied().collect())
+            .collect();
+        match spec.source {
+            DraftSource::Lookup => {
+                for ((a, toks), &k) in self.active.iter_mut().zip(&tokens).zip(&wants) {
+                    let st = a.draft.as_mut().expect("draft state");
+                    st.guesses = speculative::lookup(toks, k);
+                    st.dists = st
+                        .guesses
+                        .iter()
+                        .map(|&g| super::sampling::Dist::Token(g))
+                        .collect();
+                }
+            }
+            DraftSource::Model(_) => {
+                let mut reqs: Vec<(&mut DraftState, &[u32], usize)> = self
+                    .active
+                    .iter_mut()
+                    .zip(&tokens)
+                    .zip(&wants)
+                    .map(|((a, t), &k)| (a.draft.as_mut().expect("draft state"), t.as_slice(), k))
+                    .collect();
+                speculative::draft_model(spec, &mut reqs, vocab)?;
+            }
+        }
+        for a in &mut self.active {
+            let st = a.draft.as_ref().expect("draft state");
+            a.pending.truncate(1);
+            a.pending.extend(&st.guesses);
+        }
+        Ok(())
     }
 
     /// Ends the requests that are done: their results go out and their sequences leave.
@@ -471,36 +604,120 @@ impl Active {
         })
     }
 
-    /// Samples the next token from the step's last-row logits and applies the stop rules.
-    fn sample(
+    /// Whether the request has sampled a token: its sweeps decode (and may carry guesses).
+    fn decoding(&self) -> bool {
+        !self.out.ids.is_empty()
+    }
+
+    /// Takes the step's logits for this request's new tokens: the last row of a prompt, or
+    /// a decode step's rows (the token sampled last, then each guess). Samples from the first
+    /// row, keeps guesses as speculative sampling accepts them, stops at the first rejected
+    /// one or a stop rule, and rolls the caches back to what was kept.
+    fn advance(
         &mut self,
         l: Option<candle_core::Tensor>,
         tok: Option<&TextTokenizer>,
         context: usize,
+        stats: Option<&mut speculative::SpecStats>,
     ) -> Result<()> {
         let l =
             l.ok_or_else(|| Error::Invalid("internal error: step returned no logits".into()))?;
-        let row: Vec<f32> = l.squeeze(0)?.to_vec1()?;
-        let o = &mut self.out;
-        // The history matters only to the repetition penalty.
-        let history: Vec<u32> = if self.params.sampling.repetition_penalty != 1.0 {
-            o.prompt_ids.iter().chain(&o.ids).copied().collect()
-        } else {
-            Vec::new()
+        let rows: Vec<Vec<f32>> = l.to_vec2()?;
+        let decoding = self.decoding();
+        let (guesses, dists) = match &mut self.draft {
+            Some(d) if decoding => (std::mem::take(&mut d.guesses), std::mem::take(&mut d.dists)),
+            _ => (Vec::new(), Vec::new()),
         };
-        let t = o.sampler.sample(&row, &history);
+        let k = guesses.len();
+        if rows.len() != k + 1 {
+            return Err(Error::Invalid(format!(
+                "internal error: {} rows of logits for {} guesses",
+                rows.len(),
+                k
+            )));
+        }
+        // Tokens in the cache up to the first row's token.
+        let base = self.seq.len() - k;
+        let (mut accepted, mut rejected, mut emitted) = (0, false, 0);
+        let mut eos = false;
+        for (i, row) in rows.iter().enumerate() {
+            let o = &self.out;
+            // The history matters only to the repetition penalty.
+            let history: Vec<u32> = if self.params.sampling.repetition_penalty != 1.0 {
+                o.prompt_ids.iter().chain(&o.ids).copied().collect()
+            } else {
+                Vec::new()
+            };
+            let p = self.out.sampler.distribution(row, &history);
+            let t = if i < k {
+                match speculative::verify(&p, &dists[i], guesses[i], &mut self.out.sampler) {
+                    Ok(g) => {
+                        accepted += 1;
+                        g
+                    }
+                    Err(t) => {
+                        rejected = true;
+                        t
+                    }
+                }
+            } else {
+                self.out.sampler.draw(&p)
+            };
+            emitted += 1;
+            eos = self.emit(t, row, base + i, tok, context)?;
+            if self.out.done.is_some() || rejected {
+                break;
+            }
+        }
+        if let Some(st) = self.draft.as_mut() {
+            if k > 0 {
+                st.record(accepted, rejected);
+            }
+        }
+        if let (Some(s), true) = (stats, decoding) {
+            s.seq_sweeps += 1;
+            s.rounds += (k > 0) as usize;
+            s.drafted += k;
+            s.accepted += accepted;
+            s.tokens += emitted;
+        }
+        // Roll back what was not kept: the cache holds every token but the last sampled one
+        // (which is fed next), or every one when EOS ended the request.
+        let total = self.out.prompt_ids.len() + self.out.ids.len();
+        let want = if eos { total } else { total - 1 };
+        let kept = self.seq.truncate(want.min(self.seq.len()));
+        if let Some(d) = self.draft.as_mut().and_then(|d| d.seq.as_mut()) {
+            d.truncate(d.len().min(kept));
+        }
+        if self.out.done.is_none() {
+            let all = self.out.prompt_ids.iter().chain(&self.out.ids);
+            self.pending = all.skip(kept).copied().collect();
+        }
+        Ok(())
+    }
+
+    /// Applies token `t`, sampled from `row` (whose token made the cache `fed` long), to the
+    /// output and the stop rules. Returns whether it was an EOS that ended the request.
+    fn emit(
+        &mut self,
+        t: u32,
+        row: &[f32],
+        fed: usize,
+        tok: Option<&TextTokenizer>,
+        context: usize,
+    ) -> Result<bool> {
         if self.stats.first_token.is_none() {
             self.stats.first_token = Some(self.submitted.elapsed());
         }
-        let lp = self.logprobs.map(|k| logprobs_of(&row, t, k));
-        let eos = tok.is_some_and(|tok| tok.eos_ids.contains(&t));
-        if !self.params.ignore_eos && eos {
+        let lp = self.logprobs.map(|k| logprobs_of(row, t, k));
+        let o = &mut self.out;
+        let eos = tok.is_some_and(|tok| tok.eos_ids.contains(&t)) && !self.params.ignore_eos;
+        if eos {
             o.done = Some(FinishReason::Stop);
         } else {
             o.ids.push(t);
             self.new_tokens.push(t);
-            self.pending = vec![t];
-            if o.ids.len() >= self.params.max_new_tokens || self.seq.len() + 1 >= context {
+            if o.ids.len() >= self.params.max_new_tokens || fed + 1 >= context {
                 o.done = Some(FinishReason::Length);
             }
             if let Some(lp) = lp {
@@ -511,7 +728,7 @@ impl Active {
             let piece = o.update(tok, &self.params.stop_strings)?;
             self.new_text.push_str(&piece);
         }
-        Ok(())
+        Ok(eos)
     }
 }
 

@@ -13,6 +13,10 @@ use super::matmul::{gemm1, Out};
 const Q_TILE: usize = 32;
 /// Keys per tile.
 const K_TILE: usize = 256;
+/// Chunks of up to this many query rows are attended one row at a time, each exactly as a
+/// decode step would (same key range, same tile shapes), so a row's output does not depend
+/// on the rows beside it: speculative verification then reproduces plain decoding bit for bit.
+pub const ROW_EXACT: usize = 16;
 
 /// The shape of one layer's attention.
 #[derive(Debug, Clone, Copy)]
@@ -50,14 +54,16 @@ pub fn attend(shape: Shape, q: &[f32], seqs: &[Seq], out: &mut [f32]) {
         .iter()
         .enumerate()
         .flat_map(|(s, seq)| {
+            let rows = if seq.len <= ROW_EXACT { 1 } else { Q_TILE };
             (0..shape.kv_heads)
-                .flat_map(move |g| (0..seq.len.div_ceil(Q_TILE)).map(move |t| (s, g, t * Q_TILE)))
+                .flat_map(move |g| (0..seq.len.div_ceil(rows)).map(move |t| (s, g, t * rows)))
         })
         .collect();
     let dst = Out(out.as_mut_ptr());
     tasks.par_iter().for_each(|&(s, g, i0)| {
         let seq = &seqs[s];
-        let n = Q_TILE.min(seq.len - i0);
+        let rows = if seq.len <= ROW_EXACT { 1 } else { Q_TILE };
+        let n = rows.min(seq.len - i0);
         tile(shape, groups, q, seq, g, i0, n, dst);
     });
 }

@@ -12,6 +12,7 @@
 //! row count picks, and tiles start at multiples of [`ROW_TILE`]: a matrix computed in slices of
 //! whole tiles gives bit-identical results to the whole matrix.
 
+use candle_core::quantized::GgmlDType;
 use candle_core::Tensor;
 use rayon::prelude::*;
 
@@ -23,6 +24,23 @@ pub const ROW_TILE: usize = 128;
 
 /// Up to this many rows of `x` use the GEMV kernel; more use widened tiles and gemm.
 pub const GEMV_MAX_ROWS: usize = 8;
+
+/// Rows of `x` up to which each row of a product with a matrix of `dtype` (as
+/// [`crate::weights::TensorMeta`] names it) has the bits it has alone: below the switch to
+/// tiles, every kernel computes a row by itself in a fixed order. Speculative verification
+/// scores several rows of one sequence and must reproduce decoding them one at a time.
+pub fn exact_rows(dtype: &str) -> usize {
+    match (0..31)
+        .filter_map(crate::weights::gguf::ggml_type)
+        .find(|(_, n)| *n == dtype)
+    {
+        Some((t, _)) if !matches!(t, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => {
+            super::qmatmul::gemm_rows(t) - 1
+        }
+        _ => GEMV_MAX_ROWS,
+    }
+    .min(super::attention::ROW_EXACT)
+}
 
 /// Writes `x · wᵀ` into columns `col0 .. col0 + w.rows` of `y` (`[m, ldy]`, row-major).
 /// `x` is `[m, w.cols]`, row-major.

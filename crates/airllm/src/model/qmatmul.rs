@@ -345,9 +345,9 @@ fn dot_rows<T: GgmlType>(
         }
     }
     #[cfg(target_arch = "x86_64")]
-    // One row goes to candle's Q6_K kernel, which is faster alone (1.7 against 2.3 ms on a
-    // 11008×4096 matrix); ours pays from two rows on.
-    if T::DTYPE == GgmlDType::Q6K && nx > 1 && x86::has_avx2() {
+    // Ours for every row count, one row included (candle's is faster alone, 1.7 against
+    // 2.3 ms on a 11008×4096 matrix): a row must get the same bits alone and beside others.
+    if T::DTYPE == GgmlDType::Q6K && x86::has_avx2() {
         let xp = x.as_ptr() as *const u8;
         let rows: [*const u8; 8] =
             std::array::from_fn(|r| xp.wrapping_add(r.min(nx - 1) * kb * 292));
@@ -666,9 +666,10 @@ mod x86 {
     ) {
         let wsize = if Q5 { 22 } else { 34 };
         let ones = _mm256_set1_epi16(1);
-        // Two accumulators per row (up to four rows), alternating by block: rows are short (20
-        // blocks in Gemma 3's head), and one chain of dependent FMAs would set the pace.
-        let mut acc = [[_mm256_setzero_ps(); 2]; NX];
+        // One chain of FMAs per row, block after block, as in `rows_by_four`: a row's sum
+        // then has the same bits however many rows share the pass (speculative verification
+        // relies on it). Several rows give several independent chains.
+        let mut acc = [_mm256_setzero_ps(); NX];
         for b in 0..nb {
             let wp = w.add(b * wsize);
             prefetch(wp, wsize);
@@ -681,13 +682,11 @@ mod x86 {
                 let q = _mm256_loadu_si256(xp.add(2) as *const __m256i);
                 let p = _mm256_madd_epi16(_mm256_maddubs_epi16(av, _mm256_sign_epi8(q, v)), ones);
                 let d = dw * *xd[r].add(b);
-                // Eight rows fill the registers with one chain each.
-                let a = &mut a[if NX <= 4 { b & 1 } else { 0 }];
                 *a = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(p), *a);
             }
         }
         for (o, a) in out.iter_mut().zip(&acc) {
-            *o = hsum(_mm256_add_ps(a[0], a[1]));
+            *o = hsum(*a);
         }
     }
 }
@@ -781,6 +780,16 @@ mod tests {
                 quant_with(&x, m, v, t, &mut sliced, n, s, gemm).unwrap();
             }
             assert_eq!(y, sliced, "{t:?} m={m}");
+            // Below the threshold each row has the bits it has alone (speculative
+            // verification scores several rows and must match decoding one).
+            if !gemm {
+                for i in 0..m {
+                    let mut alone = vec![0f32; n];
+                    quant_with(&x[i * k..(i + 1) * k], 1, view, t, &mut alone, n, 0, false)
+                        .unwrap();
+                    assert_eq!(&y[i * n..(i + 1) * n], &alone[..], "{t:?} m={m} row {i}");
+                }
+            }
         }
     }
 
