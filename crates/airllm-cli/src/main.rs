@@ -10,7 +10,10 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use airllm::chat::{ChatTemplate, Message};
-use airllm::generate::{generate, run_requests, GenerationParams, Request, SamplingParams};
+use airllm::generate::{
+    generate_on, run_requests_on, DraftSource, GenerationParams, Request, SamplingParams,
+    Scheduler, Speculator,
+};
 use airllm::tokenizer::TextTokenizer;
 use airllm::util::{fmt_bytes, parse_size};
 use airllm::{Engine, EngineOptions, ModelInfo};
@@ -77,6 +80,8 @@ struct ServeArgs {
     /// The model id clients name. Default: the model file's or folder's name.
     #[arg(long)]
     alias: Option<String>,
+    #[command(flatten)]
+    spec: SpecArgs,
 }
 
 #[derive(Args)]
@@ -136,6 +141,8 @@ struct BenchArgs {
     /// One JSON object on stdout instead of a table.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    spec: SpecArgs,
 }
 
 #[derive(Args)]
@@ -256,6 +263,23 @@ struct SampleArgs {
     ignore_eos: bool,
 }
 
+#[derive(Args, Clone)]
+struct SpecArgs {
+    /// A draft model (.gguf, folder or repo id) with the model's tokenizer, kept resident in
+    /// the budget: it guesses the next tokens and one sweep of the model checks them all.
+    /// Output is distributed exactly as without it (identical at temperature 0).
+    #[arg(long)]
+    draft: Option<String>,
+    /// Most tokens the draft model guesses per sweep (fewer when its guesses are often
+    /// rejected or cost more than they save, as measured).
+    #[arg(long, default_value_t = 16)]
+    draft_max: usize,
+    /// Guess up to N tokens per sweep from n-gram matches in the sequence's own tokens
+    /// (prompt lookup): no second model; pays on summaries, edits and code.
+    #[arg(long, value_name = "N", conflicts_with = "draft")]
+    lookup: Option<usize>,
+}
+
 #[derive(Args)]
 struct RunArgs {
     #[command(flatten)]
@@ -276,6 +300,8 @@ struct RunArgs {
     /// One JSON object per prompt on stdout, one per line.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    spec: SpecArgs,
 }
 
 #[derive(Args)]
@@ -290,6 +316,8 @@ struct ChatArgs {
     /// A system message that opens the conversation.
     #[arg(long)]
     system: Option<String>,
+    #[command(flatten)]
+    spec: SpecArgs,
 }
 
 #[derive(Args)]
@@ -472,6 +500,69 @@ fn apply_device(m: &ModelArgs, opts: &mut EngineOptions) -> Result<()> {
     Ok(())
 }
 
+/// The guess source `--draft` or `--lookup` asks for, sized for the engine `opts` describes.
+/// A draft model is opened first, so the model's budget is what is left (with --max-memory,
+/// its bytes are reserved from the model's budget), and its tokenizer must be the model's.
+/// The model's step then returns a row of logits per guess.
+fn speculation(
+    s: &SpecArgs,
+    m: &ModelArgs,
+    tok: Option<&TextTokenizer>,
+    opts: &mut EngineOptions,
+) -> Result<Option<Speculator>> {
+    // A verifying sweep carries a row per guess, within the rows computed exactly as alone.
+    let most = |opts: &mut EngineOptions, n: usize| {
+        let rows = (n + 1).min(airllm::model::attention::ROW_EXACT);
+        opts.max_logit_rows = opts.max_logit_rows.max(rows);
+        opts.max_step_tokens = opts.max_step_tokens.max(rows);
+    };
+    if let Some(n) = s.lookup {
+        if n == 0 {
+            bail!("--lookup must be at least 1");
+        }
+        most(opts, n);
+        return Ok(Some(Speculator::new(DraftSource::Lookup, n)));
+    }
+    let Some(spec) = &s.draft else {
+        return Ok(None);
+    };
+    if s.draft_max == 0 {
+        bail!("--draft-max must be at least 1");
+    }
+    let path = airllm::hub::resolve_model(spec).with_context(|| format!("--draft {spec}"))?;
+    if let Some(tok) = tok {
+        let theirs = TextTokenizer::open(&path).with_context(|| format!("--draft {spec}"))?;
+        if let Some(why) = tok.difference(&theirs) {
+            bail!("--draft {spec}: its tokenizer is not the model's: {why}");
+        }
+    }
+    apply_device(m, opts)?;
+    let info = ModelInfo::open(&path).with_context(|| format!("--draft {spec}"))?;
+    let draft = airllm::generate::speculative::open_draft(info, opts)
+        .with_context(|| format!("--draft {spec}"))?;
+    let held = draft.plan().total_bytes();
+    eprintln!(
+        "draft: {} ({} resident, up to {} guesses per sweep)",
+        path.display(),
+        fmt_bytes(held),
+        s.draft_max
+    );
+    opts.reserved_bytes += held;
+    most(opts, s.draft_max);
+    Ok(Some(Speculator::new(
+        DraftSource::Model(Box::new(draft)),
+        s.draft_max,
+    )))
+}
+
+/// A scheduler, speculating when `spec` is some.
+fn scheduler(spec: Option<Speculator>) -> Scheduler {
+    match spec {
+        Some(s) => Scheduler::with_speculation(s),
+        None => Scheduler::new(),
+    }
+}
+
 fn start_engine(
     info: ModelInfo,
     m: &ModelArgs,
@@ -482,7 +573,10 @@ fn start_engine(
     // Without --max-memory the budget is read from the available memory after the tokenizer
     // was built, so it is already left out.
     if m.max_memory.is_some() {
-        opts.reserved_bytes = tok_bytes;
+        opts.reserved_bytes += tok_bytes;
+    } else {
+        // The available memory is read after the draft was loaded: it is already left out.
+        opts.reserved_bytes = 0;
     }
     if m.max_memory.is_none() {
         eprintln!(
@@ -542,7 +636,7 @@ fn run(a: RunArgs) -> Result<()> {
         .model
         .ctx_size
         .unwrap_or(longest.saturating_add(a.max_new_tokens).saturating_add(1));
-    let opts = EngineOptions {
+    let mut opts = EngineOptions {
         max_memory: budget(&a.model.max_memory)?,
         context,
         max_batch: prompts.len(),
@@ -555,7 +649,9 @@ fn run(a: RunArgs) -> Result<()> {
         max_logit_rows: prompts.len(),
         ..Default::default()
     };
+    let spec = speculation(&a.spec, &a.model, Some(&tok), &mut opts)?;
     let mut engine = start_engine(info, &a.model, opts, tok_bytes)?;
+    let mut sched = scheduler(spec);
     if a.sample.seed.is_none() && gp.sampling.temperature > 0.0 {
         eprintln!(
             "seed: {} (pass --seed to repeat this run)",
@@ -565,7 +661,7 @@ fn run(a: RunArgs) -> Result<()> {
     let t = Instant::now();
     let stream = !a.json;
     let mut stdout = std::io::stdout();
-    let out = generate(&mut engine, &tok, &prompts, &gp, |i, piece| {
+    let out = generate_on(&mut sched, &mut engine, &tok, &prompts, &gp, |i, piece| {
         // The first prompt streams live; the others print when the batch is done.
         if stream && i == 0 {
             let _ = stdout.write_all(piece.as_bytes());
@@ -592,6 +688,7 @@ fn run(a: RunArgs) -> Result<()> {
     }
     let generated: usize = out.iter().map(|c| c.token_ids.len()).sum();
     report::summary(&engine, generated, elapsed);
+    report::speculation(&sched);
     if a.model.profile {
         report::profile(&engine);
     }
@@ -605,7 +702,7 @@ fn chat(a: ChatArgs) -> Result<()> {
     }
     let gp = params(&a.sample, a.max_new_tokens)?;
     let context = interactive_context(&a.model, &info);
-    let opts = EngineOptions {
+    let mut opts = EngineOptions {
         max_memory: budget(&a.model.max_memory)?,
         context,
         max_batch: 1,
@@ -613,7 +710,9 @@ fn chat(a: ChatArgs) -> Result<()> {
         max_logit_rows: 1,
         ..Default::default()
     };
+    let spec = speculation(&a.spec, &a.model, Some(&tok), &mut opts)?;
     let mut engine = start_engine(info, &a.model, opts, tok_bytes)?;
+    let mut sched = scheduler(spec);
     if a.sample.seed.is_none() && gp.sampling.temperature > 0.0 {
         eprintln!(
             "seed: {} (pass --seed to repeat this run)",
@@ -657,7 +756,7 @@ fn chat(a: ChatArgs) -> Result<()> {
         };
         let mut stdout = std::io::stdout();
         let t = Instant::now();
-        let out = run_requests(&mut engine, &tok, vec![req], |_, piece| {
+        let out = run_requests_on(&mut sched, &mut engine, &tok, vec![req], |_, piece| {
             let _ = stdout.write_all(piece.as_bytes());
             let _ = stdout.flush();
         });
@@ -674,6 +773,7 @@ fn chat(a: ChatArgs) -> Result<()> {
         };
         println!();
         report::summary(&engine, c.token_ids.len(), t.elapsed());
+        report::speculation(&sched);
         seq = Some(s);
         cached = prompt;
         cached.extend(&c.token_ids);
@@ -699,7 +799,7 @@ fn serve_cmd(a: ServeArgs) -> Result<()> {
             .map_or("model".into(), |s| s.to_string_lossy().into_owned())
     });
     let context = interactive_context(&a.model, &info);
-    let opts = EngineOptions {
+    let mut opts = EngineOptions {
         max_memory: budget(&a.model.max_memory)?,
         context,
         max_batch: a.parallel,
@@ -707,6 +807,7 @@ fn serve_cmd(a: ServeArgs) -> Result<()> {
         max_logit_rows: a.parallel,
         ..Default::default()
     };
+    let spec = speculation(&a.spec, &a.model, Some(&tok), &mut opts)?;
     let engine = start_engine(info, &a.model, opts, tok_bytes)?;
     let api_key = a
         .api_key
@@ -725,7 +826,13 @@ fn serve_cmd(a: ServeArgs) -> Result<()> {
         api_key,
         queue: a.queue,
     };
-    serve::serve(engine, tok, cfg, std::net::SocketAddr::new(host, a.port))
+    serve::serve(
+        engine,
+        scheduler(spec),
+        tok,
+        cfg,
+        std::net::SocketAddr::new(host, a.port),
+    )
 }
 
 fn inspect(a: InspectArgs) -> Result<()> {
@@ -874,7 +981,7 @@ fn bench(a: BenchArgs) -> Result<()> {
     let raw_queued = airllm::bench::raw_read_bandwidth_queued(&files, raw_cap, 4)?
         .map(|(n, t)| n as f64 / t.as_secs_f64().max(1e-9));
     let raw_bw = raw_seq.max(raw_queued.unwrap_or(0.0));
-    let opts = EngineOptions {
+    let mut opts = EngineOptions {
         max_memory: budget(&a.model.max_memory)?,
         context: a.prompt_len + a.gen + 1,
         max_batch: a.batch,
@@ -888,6 +995,8 @@ fn bench(a: BenchArgs) -> Result<()> {
     let h2d = airllm::bench::device::h2d_bandwidth(&device, 256 << 20)?;
     let dev_base = airllm::bench::device::used(&device)?;
     airllm::bench::device::pool_peak(&device, true)?;
+    // No tokenizer is loaded here, so a draft's is not checked.
+    let spec = speculation(&a.spec, &a.model, None, &mut opts)?;
     let mut engine = start_engine(info, &a.model, opts, 0)?;
     let mut dev_peak = 0u64;
     let sample = |dev_peak: &mut u64| -> Result<()> {
@@ -915,36 +1024,44 @@ fn bench(a: BenchArgs) -> Result<()> {
         ignore_eos: true,
         ..Default::default()
     };
-    let mut sched = airllm::generate::Scheduler::new();
+    let mut sched = scheduler(spec);
     for p in &prompts {
         sched.submit(Request::new(p.clone(), gp.clone()));
     }
-    // The requests that have sampled their first token: prefill ends when all have.
+    // The requests that have sampled their first token: prefill ends when all have. Tokens
+    // after the first are decode's.
     let mut started = std::collections::HashSet::new();
-    let mut tick =
-        |engine: &mut Engine, started: &mut std::collections::HashSet<_>| -> Result<()> {
-            for ev in sched.tick(engine, None) {
-                match ev {
-                    airllm::generate::Event::Tokens { id, .. } => {
-                        started.insert(id);
-                    }
-                    airllm::generate::Event::Failed { error, .. } => return Err(error.into()),
-                    airllm::generate::Event::Done { .. } => {}
+    let mut decoded = 0usize;
+    let tick = |sched: &mut Scheduler,
+                engine: &mut Engine,
+                started: &mut std::collections::HashSet<_>,
+                decoded: &mut usize|
+     -> Result<()> {
+        for ev in sched.tick(engine, None) {
+            match ev {
+                airllm::generate::Event::Tokens { id, tokens, .. } => {
+                    *decoded += tokens.len() - (started.insert(id) as usize);
                 }
+                airllm::generate::Event::Failed { error, .. } => return Err(error.into()),
+                airllm::generate::Event::Done { .. } => {}
             }
-            Ok(())
-        };
+        }
+        Ok(())
+    };
     let t = Instant::now();
     while started.len() < a.batch {
-        tick(&mut engine, &mut started)?;
+        tick(&mut sched, &mut engine, &mut started, &mut decoded)?;
     }
     let prefill = t.elapsed();
-    // Decode.
+    // Decode: --gen tokens per sequence, one sweep each (fewer when speculating).
     let read0 = engine.bytes_read();
     let t = Instant::now();
-    for _ in 0..a.gen {
-        tick(&mut engine, &mut started)?;
+    decoded = 0;
+    let mut sweeps = 0usize;
+    while !sched.is_idle() {
+        tick(&mut sched, &mut engine, &mut started, &mut decoded)?;
         sample(&mut dev_peak)?;
+        sweeps += 1;
     }
     let decode = t.elapsed();
     let dev_pool_peak = airllm::bench::device::pool_peak(&device, false)?;
@@ -984,6 +1101,24 @@ fn bench(a: BenchArgs) -> Result<()> {
         "disk_bound_s_per_token": disk_bound,
         "decode_vs_disk_bound": per_step / disk_bound.max(1e-12),
     });
+    extra["decode_tokens"] = decoded.into();
+    extra["decode_sweeps"] = sweeps.into();
+    if let Some(sp) = sched.speculation() {
+        let st = &sp.stats;
+        extra["speculation"] = serde_json::json!({
+            "source": match sp.source {
+                DraftSource::Model(_) => "draft",
+                DraftSource::Lookup => "lookup",
+            },
+            "max_draft": sp.max_draft,
+            "drafted": st.drafted,
+            "accepted": st.accepted,
+            "acceptance_rate": st.acceptance(),
+            "tokens_per_sweep": st.tokens_per_sweep(),
+            "draft_sweeps": st.draft_sweeps,
+            "draft_s": st.draft_time.as_secs_f64(),
+        });
+    }
     let plan = engine.plan();
     if plan.experts_total > 0 {
         let e = &d.experts;
@@ -1054,6 +1189,14 @@ fn bench(a: BenchArgs) -> Result<()> {
             fmt_bytes(read / a.gen as u64)
         );
         println!("| effective read bandwidth | {} |", gb(eff_bw));
+        if let Some(sp) = report.get("speculation") {
+            println!(
+                "| speculation ({}) | {:.1}% of guesses accepted, {:.2} tokens per sweep |",
+                sp["source"].as_str().unwrap_or("?"),
+                100.0 * sp["acceptance_rate"].as_f64().unwrap_or(0.0),
+                sp["tokens_per_sweep"].as_f64().unwrap_or(0.0)
+            );
+        }
         if let Some(m) = report["bytes_moved_per_token"].as_u64() {
             println!("| bytes moved host→device per token | {} |", fmt_bytes(m));
             if let Some(bw) = report["h2d_bandwidth_pinned"].as_f64() {

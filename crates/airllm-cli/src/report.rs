@@ -22,6 +22,30 @@ pub fn summary(engine: &Engine, generated: usize, elapsed: Duration) {
     );
 }
 
+/// What speculation did, when the scheduler speculates.
+pub fn speculation(sched: &airllm::generate::Scheduler) {
+    let Some(s) = sched.speculation() else {
+        return;
+    };
+    let st = &s.stats;
+    eprintln!(
+        "speculation: {} of {} guesses accepted ({:.1}%), {:.2} tokens per sweep{}",
+        st.accepted,
+        st.drafted,
+        100.0 * st.acceptance(),
+        st.tokens_per_sweep(),
+        if st.draft_sweeps > 0 {
+            format!(
+                "; draft model {} sweeps, {:.2}s",
+                st.draft_sweeps,
+                st.draft_time.as_secs_f64()
+            )
+        } else {
+            String::new()
+        }
+    );
+}
+
 fn per_step(d: Duration, steps: usize) -> f64 {
     if steps == 0 {
         0.0

@@ -177,6 +177,7 @@ impl IntoResponse for ApiError {
 /// Starts the engine thread and serves until Ctrl-C. Prints the address once listening.
 pub fn serve(
     engine: Engine,
+    sched: Scheduler,
     tok: TextTokenizer,
     cfg: Config,
     addr: std::net::SocketAddr,
@@ -205,7 +206,7 @@ pub fn serve(
     let engine_load = load.clone();
     std::thread::Builder::new()
         .name("airllm-engine".into())
-        .spawn(move || engine_loop(engine, &engine_tok, rx, &engine_load))?;
+        .spawn(move || engine_loop(engine, sched, &engine_tok, rx, &engine_load))?;
     let app = Arc::new(App {
         tok,
         template,
@@ -264,12 +265,12 @@ pub fn serve(
 /// frees its KV cache.
 fn engine_loop(
     mut engine: Engine,
+    mut sched: Scheduler,
     tok: &TextTokenizer,
     jobs: std_mpsc::Receiver<Job>,
     load: &Load,
 ) {
     let _mark = StopMark(load);
-    let mut sched = Scheduler::new();
     let mut owners: HashMap<RequestId, (usize, mpsc::UnboundedSender<(usize, Msg)>)> =
         HashMap::new();
     loop {

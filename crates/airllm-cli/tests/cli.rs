@@ -537,3 +537,135 @@ fn synth_then_bench_reports_every_field_within_budget() {
     );
     assert!(v["ledger_peak_bytes"].as_u64().unwrap() <= budget);
 }
+
+#[test]
+fn run_with_a_draft_or_lookup_gives_transformers_greedy_tokens() {
+    let name = "llama-gqa2-llama3rope";
+    let r = reference(name);
+    let m = fixture(name);
+    let draft = fixture("mistral-sliding-window");
+    for spec in [
+        vec!["--draft", draft.to_str().unwrap()],
+        vec!["--lookup", "6"],
+    ] {
+        let mut args = vec![
+            "run",
+            "--model",
+            m.to_str().unwrap(),
+            "--max-new-tokens",
+            "16",
+            "--temperature",
+            "0",
+            "--ignore-eos",
+            "--json",
+            // The model streamed, the draft resident beside it.
+            "--max-memory",
+            "24MiB",
+        ];
+        let prompts: Vec<&str> = (0..2).map(|i| r["prompts"][i].as_str().unwrap()).collect();
+        for p in &prompts {
+            args.extend(["--prompt", p]);
+        }
+        args.extend(&spec);
+        let out = airllm(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{spec:?}: {stderr}");
+        assert!(stderr.contains("speculation: "), "{spec:?}: {stderr}");
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        for (i, l) in stdout.lines().enumerate() {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            assert_eq!(
+                v["token_ids"], r["greedy_token_ids"][i],
+                "{spec:?}: prompt {i}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_draft_is_checked_and_reported() {
+    let m = fixture("llama-gqa2-llama3rope");
+    let other = fixture("qwen2-bias-mha-sharded");
+    let out = airllm(&[
+        "run",
+        "-m",
+        m.to_str().unwrap(),
+        "-p",
+        "Hi",
+        "--draft",
+        m.to_str().unwrap(),
+        "--lookup",
+        "4",
+    ]);
+    assert!(!out.status.success(), "--draft and --lookup together");
+    // A draft that cannot be opened: one line naming it.
+    let out = airllm(&[
+        "run",
+        "-m",
+        other.to_str().unwrap(),
+        "-p",
+        "Hi",
+        "--draft",
+        "/nonexistent/draft",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("--draft /nonexistent/draft"), "{stderr}");
+    // bench --json reports acceptance and tokens per sweep.
+    let out = airllm(&[
+        "bench",
+        "-m",
+        m.to_str().unwrap(),
+        "--gen",
+        "12",
+        "--json",
+        "--draft",
+        fixture("mistral-sliding-window").to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let s = &v["speculation"];
+    assert_eq!(s["source"], "draft", "{v}");
+    assert!(s["tokens_per_sweep"].as_f64().unwrap() >= 1.0, "{v}");
+    assert!(s["acceptance_rate"].as_f64().is_some(), "{v}");
+    assert_eq!(v["decode_tokens"], 12, "{v}");
+}
+
+#[test]
+fn chat_with_lookup_keeps_the_conversation() {
+    use std::io::Write;
+    let m = fixture("qwen3-qknorm-headdim");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_airllm"))
+        .args([
+            "chat",
+            "-m",
+            m.to_str().unwrap(),
+            "-n",
+            "12",
+            "--temperature",
+            "0",
+            "--max-memory",
+            "64MiB",
+            "-c",
+            "256",
+            "--lookup",
+            "4",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Hello there\nAnd again\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stderr.matches("speculation: ").count(), 2, "{stderr}");
+}

@@ -1123,7 +1123,12 @@ impl Engine {
         if let Some(p) = &self.prefetch {
             p.begin_step(logit_rows > 0);
         }
-        let prefill = seqs.iter().any(|s| s.len > 1);
+        // Prefill: chunks that want few of their rows, or too many for verification. A step
+        // whose every row is scored and short is decode, speculative or not.
+        let prefill = seqs
+            .iter()
+            .zip(tails)
+            .any(|(s, &n)| s.len > 1 && (n < s.len || s.len > crate::model::attention::ROW_EXACT));
         let mut prof = std::mem::take(if prefill {
             &mut self.prefill_profile
         } else {

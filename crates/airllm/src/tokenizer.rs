@@ -198,6 +198,38 @@ impl TextTokenizer {
     pub fn vocab_size(&self) -> usize {
         self.tok.get_vocab_size(true)
     }
+
+    /// How `other` differs from this tokenizer, if it does: the vocabulary (every token's
+    /// text and id) and the special ids generation depends on. A draft model must match, or
+    /// its guesses would mean other text.
+    pub fn difference(&self, other: &TextTokenizer) -> Option<String> {
+        let (a, b) = (self.tok.get_vocab(true), other.tok.get_vocab(true));
+        if a.len() != b.len() {
+            return Some(format!("{} tokens against {}", b.len(), a.len()));
+        }
+        let mut diff: Vec<(&String, &u32)> =
+            a.iter().filter(|(t, id)| b.get(*t) != Some(id)).collect();
+        diff.sort_by_key(|(_, id)| **id);
+        if let Some((t, id)) = diff.first() {
+            return Some(match b.get(*t) {
+                Some(other) => format!("token {t:?} is id {other}, not {id}"),
+                None => format!("it lacks token {t:?} (id {id})"),
+            });
+        }
+        if self.eos_ids != other.eos_ids {
+            return Some(format!(
+                "its end-of-sequence ids are {:?}, not {:?}",
+                other.eos_ids, self.eos_ids
+            ));
+        }
+        if self.bos_id != other.bos_id {
+            return Some(format!(
+                "its beginning-of-sequence id is {:?}, not {:?}",
+                other.bos_id, self.bos_id
+            ));
+        }
+        None
+    }
 }
 
 /// Templates for files that carry none, as llama.cpp has built in. Gemma has no system role, so a

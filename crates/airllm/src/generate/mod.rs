@@ -120,6 +120,18 @@ pub fn generate(
     params: &GenerationParams,
     on_text: impl FnMut(usize, &str),
 ) -> Result<Vec<Completion>> {
+    generate_on(&mut Scheduler::new(), engine, tok, prompts, params, on_text)
+}
+
+/// [`generate`] on a given scheduler (one that speculates, say).
+pub fn generate_on(
+    sched: &mut Scheduler,
+    engine: &mut Engine,
+    tok: &TextTokenizer,
+    prompts: &[Vec<u32>],
+    params: &GenerationParams,
+    on_text: impl FnMut(usize, &str),
+) -> Result<Vec<Completion>> {
     let reqs = prompts
         .iter()
         .enumerate()
@@ -128,7 +140,7 @@ pub fn generate(
             ..Request::new(p.clone(), params.clone())
         })
         .collect();
-    Ok(run_requests(engine, tok, reqs, on_text)?
+    Ok(run_requests_on(sched, engine, tok, reqs, on_text)?
         .into_iter()
         .map(|(c, _)| c)
         .collect())
@@ -141,9 +153,19 @@ pub fn run_requests(
     engine: &mut Engine,
     tok: &TextTokenizer,
     reqs: Vec<Request>,
+    on_text: impl FnMut(usize, &str),
+) -> Result<Vec<(Completion, Sequence)>> {
+    run_requests_on(&mut Scheduler::new(), engine, tok, reqs, on_text)
+}
+
+/// [`run_requests`] on a given scheduler, which must be idle.
+pub fn run_requests_on(
+    sched: &mut Scheduler,
+    engine: &mut Engine,
+    tok: &TextTokenizer,
+    reqs: Vec<Request>,
     mut on_text: impl FnMut(usize, &str),
 ) -> Result<Vec<(Completion, Sequence)>> {
-    let mut sched = Scheduler::new();
     let ids: Vec<RequestId> = reqs.into_iter().map(|r| sched.submit(r)).collect();
     let index = |id: RequestId| ids.iter().position(|&x| x == id).unwrap_or(0);
     let mut done: Vec<Option<(Completion, Sequence)>> = ids.iter().map(|_| None).collect();
@@ -158,7 +180,13 @@ pub fn run_requests(
                     seq,
                     ..
                 } => done[index(id)] = Some((completion, seq)),
-                Event::Failed { error, .. } => return Err(error),
+                Event::Failed { error, .. } => {
+                    // The others stop too: the scheduler is left idle for the next call.
+                    for &id in &ids {
+                        sched.cancel(id);
+                    }
+                    return Err(error);
+                }
             }
         }
     }

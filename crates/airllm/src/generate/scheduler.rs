@@ -345,16 +345,29 @@ impl Scheduler {
             if room == 0 || rows_left == 0 {
                 break;
             }
-            let a = &self.active[i];
-            if a.decoding() {
+            let a = &mut self.active[i];
+            if let Some(d) = a.draft.as_mut().filter(|d| !d.guesses.is_empty()) {
                 // One row per token: the token sampled last and the guesses after it.
                 let n = a.pending.len();
-                if n > room || n > rows_left {
-                    break;
+                if n <= room && n <= rows_left {
+                    parts.push((i, n, n));
+                    room -= n;
+                    rows_left -= n;
+                    continue;
                 }
-                parts.push((i, n, n));
+                // No room for them (guesses are sized to fit, so this is a safeguard).
+                a.pending.truncate(n - d.guesses.len());
+                d.guesses.clear();
+                d.dists.clear();
+            }
+            if a.decoding() {
+                // The token sampled last; or, after a rollback that a sliding window cut
+                // short, the tokens to feed again, in chunks like a prefill's.
+                let n = a.pending.len().min(room);
+                let tail = (n == a.pending.len()) as usize;
+                parts.push((i, n, tail));
                 room -= n;
-                rows_left -= n;
+                rows_left -= tail;
                 continue;
             }
             let mut n = a.pending.len().min(room);
@@ -420,6 +433,10 @@ impl Scheduler {
             let l = logits.next();
             let a = &mut self.active[i];
             if a.decoding() {
+                if n < a.pending.len() {
+                    a.pending.drain(..n);
+                    continue;
+                }
                 let stats = self.spec.as_mut().map(|s| &mut s.stats);
                 if let Err(e) = a.advance(l, tok, context, stats) {
                     events.push(a.fail(e));
@@ -482,7 +499,12 @@ impl Scheduler {
             let share = spare / n + (j < spare % n) as usize;
             let room_new = a.params.max_new_tokens.saturating_sub(a.out.ids.len() + 1);
             let room_ctx = context.saturating_sub(a.seq.len() + 2);
-            let cap = share.min(room_new).min(room_ctx);
+            // Only a sequence with just its last token to feed takes guesses.
+            let cap = if a.pending.len() == 1 {
+                share.min(room_new).min(room_ctx)
+            } else {
+                0
+            };
             let st = a
                 .draft
                 .as_mut()
@@ -520,8 +542,9 @@ impl Scheduler {
         }
         for a in &mut self.active {
             let st = a.draft.as_ref().expect("draft state");
-            a.pending.truncate(1);
-            a.pending.extend(&st.guesses);
+            if !st.guesses.is_empty() {
+                a.pending.extend(&st.guesses);
+            }
         }
         Ok(())
     }

@@ -67,6 +67,9 @@ pub struct Speculator {
     pub source: DraftSource,
     /// The most tokens guessed per sequence and sweep.
     pub max_draft: usize,
+    /// The fewest, where room allows, whatever the measurements say (llama.cpp's
+    /// `--draft-min`).
+    pub min_draft: usize,
     pub stats: SpecStats,
     /// Seconds per sweep of the model by rows carried (decode sweeps only), as running means.
     sweep_cost: [Option<f64>; MAX_ROWS + 1],
@@ -82,6 +85,7 @@ impl Speculator {
         Speculator {
             source,
             max_draft,
+            min_draft: 0,
             stats: SpecStats::default(),
             sweep_cost: [None; MAX_ROWS + 1],
             draft_cost: None,
@@ -144,6 +148,11 @@ impl Speculator {
     /// `k` draft steps and one sweep of `others + k + 1` rows.
     pub(crate) fn draft_len(&self, alpha: f64, others: usize, cap: usize) -> usize {
         let cap = cap.min(self.max_draft);
+        self.best_len(alpha, others, cap)
+            .max(self.min_draft.min(cap))
+    }
+
+    fn best_len(&self, alpha: f64, others: usize, cap: usize) -> usize {
         let draft = match self.source {
             DraftSource::Model(_) => self.draft_cost.unwrap_or(0.0),
             DraftSource::Lookup => 0.0,
@@ -164,6 +173,31 @@ impl Speculator {
         }
         best.0
     }
+}
+
+/// Opens `info` as a resident draft for a model run with `target`'s options: the same
+/// context, batch and step size, with all of it in memory (a draft that streamed would cost
+/// as much as the sweep it saves). The caller counts `engine.plan().total_bytes()` against
+/// the model's budget.
+pub fn open_draft(info: crate::engine::ModelInfo, target: &crate::EngineOptions) -> Result<Engine> {
+    let mut opts = crate::EngineOptions {
+        max_memory: Some(u64::MAX / 4),
+        max_logit_rows: target.max_batch.max(1),
+        reserved_bytes: 0,
+        // On a GPU it takes what it needs of the device's free memory before the model plans.
+        device_memory: None,
+        ..target.clone()
+    };
+    // The whole model: its plan at an unbounded budget, then exactly that budget.
+    let need = info.plan(&opts)?.total_bytes();
+    opts.max_memory = Some(need);
+    let e = Engine::from_info(info, opts)?;
+    if e.plan().streams() {
+        return Err(Error::Invalid(
+            "internal error: the draft model's plan streams".into(),
+        ));
+    }
+    Ok(e)
 }
 
 /// One request's draft state, kept by the scheduler.

@@ -277,7 +277,10 @@ impl Plan {
                     fmt_bytes(inp.kv_bytes),
                     fmt_bytes(inp.work_bytes + inp.fixed_bytes),
                     if inp.reserved_bytes > 0 {
-                        format!(" + tokenizer {}", fmt_bytes(inp.reserved_bytes))
+                        format!(
+                            " + tokenizer (and any draft model) {}",
+                            fmt_bytes(inp.reserved_bytes)
+                        )
                     } else {
                         String::new()
                     }
