@@ -224,24 +224,24 @@ fn bad_inputs_exit_nonzero_with_one_line() {
     }
 }
 
-#[test]
-fn chat_keeps_the_conversation() {
+/// `airllm chat` on the qwen3 fixture with `extra` flags, two user turns on stdin.
+fn chat_two_turns(extra: &[&str]) -> (std::process::ExitStatus, String) {
     use std::io::Write;
     let m = fixture("qwen3-qknorm-headdim");
+    let mut args = vec![
+        "chat",
+        "-m",
+        m.to_str().unwrap(),
+        "--temperature",
+        "0",
+        "--max-memory",
+        "64MiB",
+        "-c",
+        "256",
+    ];
+    args.extend(extra);
     let mut child = Command::new(env!("CARGO_BIN_EXE_airllm"))
-        .args([
-            "chat",
-            "-m",
-            m.to_str().unwrap(),
-            "-n",
-            "4",
-            "--temperature",
-            "0",
-            "--max-memory",
-            "64MiB",
-            "-c",
-            "256",
-        ])
+        .args(&args)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -254,8 +254,16 @@ fn chat_keeps_the_conversation() {
         .write_all(b"Hello there\nAnd again\n")
         .unwrap();
     let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn chat_keeps_the_conversation() {
+    let (status, stderr) = chat_two_turns(&["-n", "4"]);
+    assert!(status.success(), "{stderr}");
     // One summary line per turn.
     assert_eq!(stderr.matches("generated").count(), 2, "{stderr}");
 }
@@ -635,37 +643,7 @@ fn a_draft_is_checked_and_reported() {
 
 #[test]
 fn chat_with_lookup_keeps_the_conversation() {
-    use std::io::Write;
-    let m = fixture("qwen3-qknorm-headdim");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_airllm"))
-        .args([
-            "chat",
-            "-m",
-            m.to_str().unwrap(),
-            "-n",
-            "12",
-            "--temperature",
-            "0",
-            "--max-memory",
-            "64MiB",
-            "-c",
-            "256",
-            "--lookup",
-            "4",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"Hello there\nAnd again\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
+    let (status, stderr) = chat_two_turns(&["-n", "12", "--lookup", "4"]);
+    assert!(status.success(), "{stderr}");
     assert_eq!(stderr.matches("speculation: ").count(), 2, "{stderr}");
 }
