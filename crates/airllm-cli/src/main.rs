@@ -1111,6 +1111,7 @@ fn bench(a: BenchArgs) -> Result<()> {
                 DraftSource::Lookup => "lookup",
             },
             "max_draft": sp.max_draft,
+            "rounds": st.rounds,
             "drafted": st.drafted,
             "accepted": st.accepted,
             "acceptance_rate": st.acceptance(),

@@ -682,21 +682,27 @@ fn make_link(device: &Device, slots: usize, slot_bytes: u64) -> Result<Box<dyn L
     }
 }
 
-/// [`crate::model::matmul::exact_rows`] over the matrices of every layer and the head.
+/// [`crate::model::matmul::exact_rows`] over the matrices of every layer (experts included)
+/// and the head, in the forms they are held in. Only our CPU kernels promise it: on a GPU,
+/// cuBLAS and candle's kernels may sum a row differently beside others, so there it only
+/// bounds the rows a verifying sweep carries.
 fn exact_rows(schemas: &[LayerSchema], src: &dyn WeightSource, head: &str) -> usize {
     let naming = src.naming();
     schemas
         .iter()
         .enumerate()
         .flat_map(|(i, s)| {
-            s.tensors
-                .iter()
-                .filter(|t| t.kind != Kind::Expert && !t.is_small())
-                .map(move |t| t.name(naming, i))
+            s.tensors.iter().filter(|t| !t.is_small()).map(move |t| {
+                if t.kind == Kind::Expert && naming == Naming::Hf {
+                    t.expert_name(naming, i, 0).0
+                } else {
+                    t.name(naming, i)
+                }
+            })
         })
         .chain(std::iter::once(head.to_string()))
-        .filter_map(|name| src.meta(&name))
-        .map(|m| crate::model::matmul::exact_rows(m.dtype))
+        .filter_map(|name| src.form(&name).ok())
+        .map(crate::model::matmul::exact_rows)
         .min()
         .unwrap_or(1)
 }

@@ -129,6 +129,11 @@ impl Sampler {
         }
     }
 
+    /// Whether the distribution depends on the history (a repetition penalty).
+    pub fn penalizes(&self) -> bool {
+        self.p.repetition_penalty != 1.0
+    }
+
     /// A uniform number in [0, 1) from this sampler's random stream.
     pub fn uniform(&mut self) -> f32 {
         use rand::Rng;

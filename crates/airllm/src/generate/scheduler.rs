@@ -323,17 +323,21 @@ impl Scheduler {
         let context = engine.options().context;
         let mut room = engine.options().max_step_tokens.max(1);
         let mut rows_left = engine.options().max_logit_rows.max(1);
-        // Guesses ride on sweeps that only decode: a prefill chunk beside them would move
-        // the sweep past the rows computed exactly as alone.
-        if self.spec.is_some() && self.active.iter().all(Active::decoding) {
+        // Guesses ride on sweeps that only decode one pending token a sequence: a prefill
+        // chunk beside them would move the sweep past the rows computed exactly as alone.
+        if self.spec.is_some()
+            && self
+                .active
+                .iter()
+                .all(|a| a.decoding() && a.pending.len() == 1)
+        {
             if let Err(e) = self.guess(engine) {
-                // The draft's caches may be half-written: the requests that drafted stop.
-                let msg = format!("draft model: {e}");
-                for a in self.active.iter_mut().filter(|a| a.draft.is_some()) {
-                    events.push(a.fail(Error::Invalid(msg.clone())));
+                // The draft only helps: without it every request decodes as it would have.
+                tracing::warn!("draft model failed, speculation is off from here: {e}");
+                self.spec = None;
+                for a in &mut self.active {
+                    a.drop_guesses();
                 }
-                self.finish_done(&mut events);
-                return events;
             }
         }
         // Decode rows first (latency matters), then prefill chunks in admission order.
@@ -346,7 +350,7 @@ impl Scheduler {
                 break;
             }
             let a = &mut self.active[i];
-            if let Some(d) = a.draft.as_mut().filter(|d| !d.guesses.is_empty()) {
+            if a.draft.as_ref().is_some_and(|d| !d.guesses.is_empty()) {
                 // One row per token: the token sampled last and the guesses after it.
                 let n = a.pending.len();
                 if n <= room && n <= rows_left {
@@ -356,9 +360,7 @@ impl Scheduler {
                     continue;
                 }
                 // No room for them (guesses are sized to fit, so this is a safeguard).
-                a.pending.truncate(n - d.guesses.len());
-                d.guesses.clear();
-                d.dists.clear();
+                a.drop_guesses();
             }
             if a.decoding() {
                 // The token sampled last; or, after a rollback that a sliding window cut
@@ -390,6 +392,12 @@ impl Scheduler {
             rows_left -= tail;
         }
         parts.sort_unstable();
+        // Guesses of a sequence left out of this sweep are not fed later as if sampled.
+        for (i, a) in self.active.iter_mut().enumerate() {
+            if !parts.iter().any(|p| p.0 == i) {
+                a.drop_guesses();
+            }
+        }
         let decode_only = parts.iter().all(|&(i, _, _)| self.active[i].decoding());
         let t = Instant::now();
         let result = {
@@ -625,6 +633,16 @@ impl Active {
             text: std::mem::take(&mut self.new_text),
             logprobs: std::mem::take(&mut self.new_logprobs),
         })
+    }
+
+    /// Takes this sweep's guesses back out of the pending tokens.
+    fn drop_guesses(&mut self) {
+        if let Some(d) = self.draft.as_mut() {
+            let n = self.pending.len().saturating_sub(d.guesses.len());
+            self.pending.truncate(n.max(1).min(self.pending.len()));
+            d.guesses.clear();
+            d.dists.clear();
+        }
     }
 
     /// Whether the request has sampled a token: its sweeps decode (and may carry guesses).

@@ -92,13 +92,6 @@ impl Speculator {
         }
     }
 
-    pub fn draft_engine(&mut self) -> Option<&mut Engine> {
-        match &mut self.source {
-            DraftSource::Model(e) => Some(e),
-            DraftSource::Lookup => None,
-        }
-    }
-
     /// Records a decode sweep of the model that carried `rows` rows.
     pub(crate) fn sweep_took(&mut self, rows: usize, secs: f64) {
         if let Some(c) = self.sweep_cost.get_mut(rows) {
@@ -301,10 +294,27 @@ pub fn verify(p: &Dist, q: &Dist, d: u32, sampler: &mut Sampler) -> std::result:
             if pd >= qd || sampler.uniform() * qd < pd {
                 return Ok(d);
             }
+            // q as a dense table: both may span the whole vocabulary, and a lookup per
+            // token would be quadratic in it.
+            let mut dense = vec![0f32; ids.iter().max().map_or(0, |&m| m as usize + 1)];
+            match q {
+                Dist::Token(t) => {
+                    if let Some(x) = dense.get_mut(*t as usize) {
+                        *x = 1.0;
+                    }
+                }
+                Dist::Weighted { ids, probs } => {
+                    for (&t, &pt) in ids.iter().zip(probs) {
+                        if let Some(x) = dense.get_mut(t as usize) {
+                            *x = pt;
+                        }
+                    }
+                }
+            }
             let mut rest: Vec<(u32, f32)> = ids
                 .iter()
                 .zip(probs)
-                .map(|(&t, &pt)| (t, (pt - q.prob(t)).max(0.0)))
+                .map(|(&t, &pt)| (t, (pt - dense[t as usize]).max(0.0)))
                 .filter(|&(_, r)| r > 0.0)
                 .collect();
             if rest.is_empty() {
@@ -394,7 +404,11 @@ pub(crate) fn draft_model(
             let mut row: Vec<f32> = l.squeeze(0)?.to_vec1()?;
             // Tokens the model cannot produce are not guessed.
             row.truncate(vocab);
-            let history: Vec<u32> = toks.iter().chain(&st.guesses).copied().collect();
+            let history: Vec<u32> = if st.sampler.penalizes() {
+                toks.iter().chain(&st.guesses).copied().collect()
+            } else {
+                Vec::new()
+            };
             let dist = st.sampler.distribution(&row, &history);
             let g = st.sampler.draw(&dist);
             st.guesses.push(g);

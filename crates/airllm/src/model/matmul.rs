@@ -12,7 +12,6 @@
 //! row count picks, and tiles start at multiples of [`ROW_TILE`]: a matrix computed in slices of
 //! whole tiles gives bit-identical results to the whole matrix.
 
-use candle_core::quantized::GgmlDType;
 use candle_core::Tensor;
 use rayon::prelude::*;
 
@@ -38,19 +37,14 @@ pub fn gemv_max_rows(form: Form) -> usize {
     }
 }
 
-/// Rows of `x` up to which each row of a product with a matrix of `dtype` (as
-/// [`crate::weights::TensorMeta`] names it) has the bits it has alone: below the switch to
-/// tiles, every kernel computes a row by itself in a fixed order. Speculative verification
-/// scores several rows of one sequence and must reproduce decoding them one at a time.
-pub fn exact_rows(dtype: &str) -> usize {
-    match (0..31)
-        .filter_map(crate::weights::gguf::ggml_type)
-        .find(|(_, n)| *n == dtype)
-    {
-        Some((GgmlDType::F16, _)) => gemv_max_rows(Form::F16),
-        Some((GgmlDType::BF16, _)) => gemv_max_rows(Form::BF16),
-        Some((GgmlDType::F32, _)) | None => gemv_max_rows(Form::F32),
-        Some((t, _)) => super::qmatmul::gemm_rows(t) - 1,
+/// Rows of `x` up to which each row of a product with a matrix held in `form` has the bits
+/// it has alone: below the switch to tiles, every kernel computes a row by itself in a fixed
+/// order. Speculative verification scores several rows of one sequence and must reproduce
+/// decoding them one at a time.
+pub fn exact_rows(form: Form) -> usize {
+    match form {
+        Form::Q(t) => super::qmatmul::gemm_rows(t) - 1,
+        f => gemv_max_rows(f),
     }
     .min(super::attention::ROW_EXACT)
 }
