@@ -634,7 +634,8 @@ mod x86 {
     ) {
         let wsize = if Q5 { 22 } else { 34 };
         let ones = _mm256_set1_epi16(1);
-        let mut acc = [_mm256_setzero_ps(); 4];
+        // Two accumulators per row, alternating by block, as in `rows`: the same sums.
+        let mut acc = [[_mm256_setzero_ps(); 2]; 4];
         for b in 0..nb {
             let q = _mm256_loadu_si256(x.add(b * 34 + 2) as *const __m256i);
             let dx = *xd.add(b);
@@ -645,11 +646,12 @@ mod x86 {
                 let p = _mm256_maddubs_epi16(_mm256_sign_epi8(v, v), _mm256_sign_epi8(q, v));
                 let p = _mm256_madd_epi16(p, ones);
                 let d = _mm256_set1_ps(half(wp) * dx);
+                let a = &mut a[b & 1];
                 *a = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), *a);
             }
         }
         for (o, a) in out.iter_mut().zip(&acc) {
-            *o = hsum(*a);
+            *o = hsum(_mm256_add_ps(a[0], a[1]));
         }
     }
 
@@ -666,10 +668,11 @@ mod x86 {
     ) {
         let wsize = if Q5 { 22 } else { 34 };
         let ones = _mm256_set1_epi16(1);
-        // One chain of FMAs per row, block after block, as in `rows_by_four`: a row's sum
-        // then has the same bits however many rows share the pass (speculative verification
-        // relies on it). Several rows give several independent chains.
-        let mut acc = [_mm256_setzero_ps(); NX];
+        // Two accumulators per row, alternating by block (one chain of dependent FMAs would
+        // set the pace), for every row count and in `rows_by_four` alike: a row's sum then has
+        // the same bits however many rows share the pass (speculative verification relies
+        // on it).
+        let mut acc = [[_mm256_setzero_ps(); 2]; NX];
         for b in 0..nb {
             let wp = w.add(b * wsize);
             prefetch(wp, wsize);
@@ -682,11 +685,12 @@ mod x86 {
                 let q = _mm256_loadu_si256(xp.add(2) as *const __m256i);
                 let p = _mm256_madd_epi16(_mm256_maddubs_epi16(av, _mm256_sign_epi8(q, v)), ones);
                 let d = dw * *xd[r].add(b);
+                let a = &mut a[b & 1];
                 *a = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(p), *a);
             }
         }
         for (o, a) in out.iter_mut().zip(&acc) {
-            *o = hsum(*a);
+            *o = hsum(_mm256_add_ps(a[0], a[1]));
         }
     }
 }
