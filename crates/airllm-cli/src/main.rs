@@ -722,7 +722,7 @@ fn chat(a: ChatArgs) -> Result<()> {
     let mut messages: Vec<Message> = a.system.iter().map(|s| Message::new("system", s)).collect();
     // The conversation's sequence between turns, and the token ids whose keys and values it
     // holds, to reuse the shared prefix each turn.
-    let mut seq: Option<airllm::Sequence> = None;
+    let mut seq: Option<airllm::generate::Caches> = None;
     let mut cached: Vec<u32> = Vec::new();
     eprintln!("chat: type a message; /reset clears the conversation, /exit or Ctrl-D quits");
     let stdin = std::io::stdin();
@@ -750,8 +750,13 @@ fn chat(a: ChatArgs) -> Result<()> {
             .take_while(|(a, b)| a == b)
             .count()
             .min(prompt.len() - 1);
+        let (resume, resume_draft) = match seq.take() {
+            Some(c) => (Some((c.seq, keep)), c.draft),
+            None => (None, None),
+        };
         let req = Request {
-            resume: seq.take().map(|s| (s, keep)),
+            resume,
+            resume_draft,
             ..Request::new(prompt.clone(), gp.clone())
         };
         let mut stdout = std::io::stdout();

@@ -642,8 +642,17 @@ fn a_draft_is_checked_and_reported() {
 }
 
 #[test]
-fn chat_with_lookup_keeps_the_conversation() {
-    let (status, stderr) = chat_two_turns(&["-n", "12", "--lookup", "4"]);
-    assert!(status.success(), "{stderr}");
-    assert_eq!(stderr.matches("speculation: ").count(), 2, "{stderr}");
+fn chat_with_guesses_keeps_the_conversation() {
+    // The draft's cache goes on from turn to turn, as the model's does.
+    let draft = fixture("qwen2-bias-mha-sharded");
+    for spec in [
+        vec!["--lookup", "4"],
+        vec!["--draft", draft.to_str().unwrap()],
+    ] {
+        let mut args = vec!["-n", "12"];
+        args.extend(&spec);
+        let (status, stderr) = chat_two_turns(&args);
+        assert!(status.success(), "{spec:?}: {stderr}");
+        assert_eq!(stderr.matches("speculation: ").count(), 2, "{stderr}");
+    }
 }

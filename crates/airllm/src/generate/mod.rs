@@ -146,15 +146,22 @@ pub fn generate_on(
         .collect())
 }
 
+/// A finished request's caches, to continue its conversation ([`Request::resume`] and
+/// [`Request::resume_draft`]).
+pub struct Caches {
+    pub seq: Sequence,
+    pub draft: Option<Sequence>,
+}
+
 /// Runs requests to the end on a [`Scheduler`] of their own. `on_text(i, piece)` receives
-/// request `i`'s text as it becomes final. Returns each completion with its sequence (a chat
-/// continues from it); the first request that fails fails the call.
+/// request `i`'s text as it becomes final. Returns each completion with its caches (a chat
+/// continues from them); the first request that fails fails the call.
 pub fn run_requests(
     engine: &mut Engine,
     tok: &TextTokenizer,
     reqs: Vec<Request>,
     on_text: impl FnMut(usize, &str),
-) -> Result<Vec<(Completion, Sequence)>> {
+) -> Result<Vec<(Completion, Caches)>> {
     run_requests_on(&mut Scheduler::new(), engine, tok, reqs, on_text)
 }
 
@@ -165,10 +172,10 @@ pub fn run_requests_on(
     tok: &TextTokenizer,
     reqs: Vec<Request>,
     mut on_text: impl FnMut(usize, &str),
-) -> Result<Vec<(Completion, Sequence)>> {
+) -> Result<Vec<(Completion, Caches)>> {
     let ids: Vec<RequestId> = reqs.into_iter().map(|r| sched.submit(r)).collect();
     let index = |id: RequestId| ids.iter().position(|&x| x == id).unwrap_or(0);
-    let mut done: Vec<Option<(Completion, Sequence)>> = ids.iter().map(|_| None).collect();
+    let mut done: Vec<Option<(Completion, Caches)>> = ids.iter().map(|_| None).collect();
     while !sched.is_idle() {
         for ev in sched.tick(engine, Some(tok)) {
             match ev {
@@ -178,8 +185,15 @@ pub fn run_requests_on(
                     id,
                     completion,
                     seq,
+                    draft_seq,
                     ..
-                } => done[index(id)] = Some((completion, seq)),
+                } => {
+                    let caches = Caches {
+                        seq,
+                        draft: draft_seq,
+                    };
+                    done[index(id)] = Some((completion, caches));
+                }
                 Event::Failed { error, .. } => {
                     // The others stop too: the scheduler is left idle for the next call.
                     for &id in &ids {

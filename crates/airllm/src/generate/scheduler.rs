@@ -33,6 +33,9 @@ pub struct Request {
     /// A sequence whose cache already holds the first `n` prompt tokens (a conversation's
     /// earlier turns), and that `n`; the rest of the prompt is fed from there.
     pub resume: Option<(Sequence, usize)>,
+    /// With `resume`, the draft model's sequence of the same conversation (it holds a prefix
+    /// of the resumed tokens), so a speculating chat does not prefill the draft again.
+    pub resume_draft: Option<Sequence>,
     /// Score the prompt from this position on: the completion carries the log-probability of
     /// each prompt token after it (perplexity). Prefill sweeps before it skip the output head.
     pub score_from: Option<usize>,
@@ -46,6 +49,7 @@ impl Request {
             stream: 0,
             logprobs: None,
             resume: None,
+            resume_draft: None,
             score_from: None,
         }
     }
@@ -89,6 +93,9 @@ pub enum Event {
         id: RequestId,
         completion: Completion,
         seq: Sequence,
+        /// The draft model's sequence, when the scheduler speculates with one: it holds a
+        /// prefix of `seq`'s tokens, for [`Request::resume_draft`].
+        draft_seq: Option<Sequence>,
         stats: RequestStats,
     },
     /// The request could not run; the others go on.
@@ -196,7 +203,8 @@ impl Scheduler {
             let Some(w) = self.waiting.pop_front() else {
                 break;
             };
-            let Waiting { id, req, since } = w;
+            let Waiting { id, mut req, since } = w;
+            let resume_draft = req.resume_draft.take();
             let p = &req.prompt;
             let cached = req.resume.as_ref().map_or(0, |(_, n)| *n);
             let bad = if p.is_empty() {
@@ -256,7 +264,14 @@ impl Scheduler {
                 None => None,
                 Some(src) => {
                     let dseq = match src {
-                        DraftSource::Model(e) => match e.new_sequence() {
+                        DraftSource::Model(e) => match resume_draft.map_or_else(
+                            || e.new_sequence(),
+                            |mut d| {
+                                // What it holds of the prompt; the rest is fed when it guesses.
+                                d.truncate(d.len().min(fed));
+                                Ok(d)
+                            },
+                        ) {
                             Ok(s) => Some(s),
                             Err(e) => {
                                 events.push(Event::Failed {
@@ -581,6 +596,7 @@ impl Scheduler {
                     finish_reason: a.out.done.unwrap_or(FinishReason::Length),
                 },
                 seq: a.seq,
+                draft_seq: a.draft.and_then(|d| d.seq),
                 stats,
             });
         }

@@ -623,7 +623,7 @@ mod x86 {
 
     /// Four Q5_0 or Q8_0 weight rows `w` times one Q8_0 row `x`, over `nb` blocks: the decode
     /// step. A call per weight row of 20 blocks (Gemma 3) spends as long on the call as on the
-    /// row; four rows share each activation block and give four independent FMA chains.
+    /// row; four rows share each activation block, each with two FMA chains (as in `rows`).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn rows_by_four<const Q5: bool>(
         nb: usize,
