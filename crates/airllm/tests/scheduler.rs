@@ -3,9 +3,11 @@
 
 mod common;
 
-use airllm::generate::{Event, GenerationParams, Request, RequestId, Scheduler};
+use airllm::generate::{
+    DraftSource, Event, GenerationParams, Request, RequestId, Scheduler, Speculator,
+};
 use airllm::tokenizer::TextTokenizer;
-use airllm::{Engine, EngineOptions};
+use airllm::{Engine, EngineOptions, ModelInfo};
 use common::{fixtures, reference};
 
 const NAME: &str = "llama-gqa2-llama3rope";
@@ -38,6 +40,17 @@ fn collect(
 
 #[test]
 fn requests_join_and_leave_between_sweeps() {
+    join_and_leave(false);
+}
+
+/// The same with guesses from a draft model of other weights: decode rows carry guesses,
+/// beside prefill chunks too, and every request still gets transformers' greedy tokens.
+#[test]
+fn requests_join_and_leave_while_speculating() {
+    join_and_leave(true);
+}
+
+fn join_and_leave(speculate: bool) {
     let r = reference(NAME);
     let dir = fixtures().join(NAME);
     let tok = TextTokenizer::from_dir(&dir).unwrap();
@@ -48,12 +61,20 @@ fn requests_join_and_leave_between_sweeps() {
         context: 64,
         max_batch: 2,
         max_step_tokens: 5,
-        max_logit_rows: 2,
+        max_logit_rows: if speculate { 5 } else { 2 },
         ..Default::default()
     };
-    let mut engine = Engine::open(&dir, opts).unwrap();
+    let mut engine = Engine::open(&dir, opts.clone()).unwrap();
     let (a, b) = (&r.prompt_ids[0], &r.prompt_ids[1]);
-    let mut sched = Scheduler::new();
+    let mut sched = if speculate {
+        let draft = ModelInfo::open(&fixtures().join("mistral-sliding-window")).unwrap();
+        let e = airllm::generate::speculative::open_draft(draft, &opts).unwrap();
+        let mut spec = Speculator::new(DraftSource::Model(Box::new(e)), 4);
+        spec.min_draft = 1;
+        Scheduler::with_speculation(spec)
+    } else {
+        Scheduler::new()
+    };
     let mut done = std::collections::HashMap::new();
     let first = sched.submit(Request::new(a.clone(), greedy(16)));
     for _ in 0..3 {
@@ -77,6 +98,9 @@ fn requests_join_and_leave_between_sweeps() {
     assert_eq!(done[&second], r.greedy[1]);
     assert_eq!(done[&third], r.greedy[1][..6]);
     assert!(!done.contains_key(&cancelled));
+    if let Some(s) = sched.speculation() {
+        assert!(s.stats.drafted > 0, "{:?}", s.stats);
+    }
 }
 
 #[test]

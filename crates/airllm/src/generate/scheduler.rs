@@ -338,14 +338,10 @@ impl Scheduler {
         let context = engine.options().context;
         let mut room = engine.options().max_step_tokens.max(1);
         let mut rows_left = engine.options().max_logit_rows.max(1);
-        // Guesses ride on sweeps that only decode one pending token a sequence: a prefill
-        // chunk beside them would move the sweep past the rows computed exactly as alone.
-        if self.spec.is_some()
-            && self
-                .active
-                .iter()
-                .all(|a| a.decoding() && a.pending.len() == 1)
-        {
+        // Decoding sequences take guesses. In a sweep that only decodes, all rows stay within
+        // the rows computed exactly as alone (greedy output is plain greedy output); a prefill
+        // chunk beside them takes the sweep past that whether or not guesses ride along.
+        if self.spec.is_some() {
             if let Err(e) = self.guess(engine) {
                 // The draft only helps: without it every request decodes as it would have.
                 tracing::warn!("draft model failed, speculation is off from here: {e}");
@@ -509,25 +505,32 @@ impl Scheduler {
             return Ok(());
         };
         let o = engine.options();
+        // Only a sequence that decodes, with just its last token to feed, takes guesses; the
+        // others (prefill chunks) keep a row of logits each.
+        let eligible = |a: &Active| a.decoding() && a.pending.len() == 1;
+        let n = self.active.iter().filter(|a| eligible(a)).count();
+        if n == 0 {
+            return Ok(());
+        }
         let limit = engine
             .exact_rows()
-            .min(o.max_logit_rows)
+            .min(o.max_logit_rows.saturating_sub(self.active.len() - n))
             .min(o.max_step_tokens);
-        let n = self.active.len();
         let spare = limit.saturating_sub(n);
         let context = o.context;
         let vocab = engine.config().vocab_size;
-        let mut wants: Vec<usize> = Vec::with_capacity(n);
-        for (j, a) in self.active.iter_mut().enumerate() {
+        let mut wants: Vec<usize> = Vec::with_capacity(self.active.len());
+        let mut j = 0;
+        for a in self.active.iter_mut() {
+            if !eligible(a) {
+                wants.push(0);
+                continue;
+            }
             let share = spare / n + (j < spare % n) as usize;
+            j += 1;
             let room_new = a.params.max_new_tokens.saturating_sub(a.out.ids.len() + 1);
             let room_ctx = context.saturating_sub(a.seq.len() + 2);
-            // Only a sequence with just its last token to feed takes guesses.
-            let cap = if a.pending.len() == 1 {
-                share.min(room_new).min(room_ctx)
-            } else {
-                0
-            };
+            let cap = share.min(room_new).min(room_ctx);
             let st = a
                 .draft
                 .as_mut()
