@@ -24,21 +24,15 @@ fn reference(name: &str) -> serde_json::Value {
         .unwrap()
 }
 
-#[test]
-fn run_json_gives_one_object_per_prompt_matching_transformers() {
-    let name = "llama-gqa2-llama3rope";
-    let r = reference(name);
-    let m = fixture(name);
-    let p0 = r["prompts"][0].as_str().unwrap();
-    let p1 = r["prompts"][1].as_str().unwrap();
-    let out = airllm(&[
+/// `airllm run --json` greedy (16 tokens, past EOS) on both prompts of the llama fixture at
+/// `budget`, with `extra` flags: stderr and one JSON object per line of stdout.
+fn run_llama_json(budget: &str, extra: &[&str]) -> (String, Vec<serde_json::Value>) {
+    let r = reference("llama-gqa2-llama3rope");
+    let m = fixture("llama-gqa2-llama3rope");
+    let mut args = vec![
         "run",
         "--model",
         m.to_str().unwrap(),
-        "--prompt",
-        p0,
-        "--prompt",
-        p1,
         "--max-new-tokens",
         "16",
         "--temperature",
@@ -46,16 +40,30 @@ fn run_json_gives_one_object_per_prompt_matching_transformers() {
         "--ignore-eos",
         "--json",
         "--max-memory",
-        "8MiB",
-    ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    assert!(stderr.contains("streamed"), "the plan is printed: {stderr}");
+        budget,
+    ];
+    for i in 0..2 {
+        args.extend(["--prompt", r["prompts"][i].as_str().unwrap()]);
+    }
+    args.extend(extra);
+    let out = airllm(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{extra:?}: {stderr}");
     let stdout = String::from_utf8(out.stdout).unwrap();
-    let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines.len(), 2, "{stdout}");
-    for (i, l) in lines.iter().enumerate() {
-        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+    let lines = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (stderr, lines)
+}
+
+#[test]
+fn run_json_gives_one_object_per_prompt_matching_transformers() {
+    let r = reference("llama-gqa2-llama3rope");
+    let (stderr, lines) = run_llama_json("8MiB", &[]);
+    assert!(stderr.contains("streamed"), "the plan is printed: {stderr}");
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    for (i, v) in lines.iter().enumerate() {
         assert_eq!(v["prompt"], r["prompts"][i]);
         assert_eq!(v["prompt_token_ids"], r["prompt_token_ids"][i]);
         assert_eq!(v["token_ids"], r["greedy_token_ids"][i]);
@@ -548,40 +556,17 @@ fn synth_then_bench_reports_every_field_within_budget() {
 
 #[test]
 fn run_with_a_draft_or_lookup_gives_transformers_greedy_tokens() {
-    let name = "llama-gqa2-llama3rope";
-    let r = reference(name);
-    let m = fixture(name);
+    let r = reference("llama-gqa2-llama3rope");
     let draft = fixture("mistral-sliding-window");
     for spec in [
         vec!["--draft", draft.to_str().unwrap()],
         vec!["--lookup", "6"],
     ] {
-        let mut args = vec![
-            "run",
-            "--model",
-            m.to_str().unwrap(),
-            "--max-new-tokens",
-            "16",
-            "--temperature",
-            "0",
-            "--ignore-eos",
-            "--json",
-            // The model streamed, the draft resident beside it.
-            "--max-memory",
-            "24MiB",
-        ];
-        let prompts: Vec<&str> = (0..2).map(|i| r["prompts"][i].as_str().unwrap()).collect();
-        for p in &prompts {
-            args.extend(["--prompt", p]);
-        }
-        args.extend(&spec);
-        let out = airllm(&args);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "{spec:?}: {stderr}");
+        // The model streamed, the draft resident beside it.
+        let (stderr, lines) = run_llama_json("24MiB", &spec);
         assert!(stderr.contains("speculation: "), "{spec:?}: {stderr}");
-        let stdout = String::from_utf8(out.stdout).unwrap();
-        for (i, l) in stdout.lines().enumerate() {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        for (i, v) in lines.iter().enumerate() {
             assert_eq!(
                 v["token_ids"], r["greedy_token_ids"][i],
                 "{spec:?}: prompt {i}"
