@@ -74,6 +74,11 @@ struct Output {
 }
 
 impl Output {
+    /// Every token of the sequence so far: the prompt, then the output.
+    fn tokens(&self) -> impl Iterator<Item = &u32> {
+        self.prompt_ids.iter().chain(&self.ids)
+    }
+
     /// Re-decodes the output and returns the newly safe text.
     fn update(&mut self, tok: &TextTokenizer, stops: &[String]) -> Result<String> {
         let mut text = tok.decode(&self.ids)?;

@@ -538,10 +538,15 @@ impl Scheduler {
             let k = spec.draft_len(st.alpha(), n - 1, cap);
             wants.push(st.explore(k, cap));
         }
+        // The sequences' tokens, for those that guess.
         let tokens: Vec<Vec<u32>> = self
             .active
             .iter()
-            .map(|a| a.out.prompt_ids.iter().chain(&a.out.ids).copied().collect())
+            .zip(&wants)
+            .map(|(a, &k)| match k {
+                0 => Vec::new(),
+                _ => a.out.tokens().copied().collect(),
+            })
             .collect();
         match spec.source {
             DraftSource::Lookup => {
@@ -701,10 +706,9 @@ impl Active {
         let (mut accepted, mut rejected, mut emitted) = (0, false, 0);
         let mut eos = false;
         for (i, row) in rows.iter().enumerate() {
-            let o = &self.out;
             // The history matters only to the repetition penalty.
-            let history: Vec<u32> = if self.params.sampling.repetition_penalty != 1.0 {
-                o.prompt_ids.iter().chain(&o.ids).copied().collect()
+            let history: Vec<u32> = if self.out.sampler.penalizes() {
+                self.out.tokens().copied().collect()
             } else {
                 Vec::new()
             };
@@ -750,8 +754,7 @@ impl Active {
             d.truncate(d.len().min(kept));
         }
         if self.out.done.is_none() {
-            let all = self.out.prompt_ids.iter().chain(&self.out.ids);
-            self.pending = all.skip(kept).copied().collect();
+            self.pending = self.out.tokens().skip(kept).copied().collect();
         }
         Ok(())
     }
