@@ -52,9 +52,26 @@ enum Cmd {
     Convert(ConvertArgs),
     /// Perplexity of a text file, computed as llama.cpp's llama-perplexity does.
     Perplexity(PerplexityArgs),
+    /// Download a model from the Hugging Face hub into its cache (HF_HUB_CACHE, else
+    /// HF_HOME/hub, else ~/.cache/huggingface/hub): only the files the model needs, resuming
+    /// partial downloads. Prints the path to open. HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE apply.
+    Pull(PullArgs),
     /// An OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models,
     /// /health); concurrent requests share each layer sweep.
     Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct PullArgs {
+    /// ORG/NAME (safetensors weights with their config and tokenizer), ORG/NAME:QUANT (the GGUF
+    /// file of that type, e.g. Q4_K_M) or ORG/NAME/FILE.gguf.
+    model: String,
+    /// Branch, tag or commit. Default: main.
+    #[arg(long)]
+    revision: Option<String>,
+    /// No progress bars.
+    #[arg(long, short = 'q')]
+    quiet: bool,
 }
 
 #[derive(Args)]
@@ -89,6 +106,9 @@ struct ConvertArgs {
     /// The source: a Hugging Face folder or repo id (or a .gguf with --dequantize).
     #[arg(long, short = 'm')]
     model: String,
+    /// The hub revision of a repo id. Default: main.
+    #[arg(long)]
+    revision: Option<String>,
     /// Storage type of the matrices: q8_0, q4_k, q4_k_m, q5_k, q6_k, q4_0, f16, bf16 or f32.
     /// Norms, biases and other vectors stay f32.
     #[arg(long, short = 'q', default_value = "f16")]
@@ -188,10 +208,15 @@ struct SynthArgs {
 
 #[derive(Args, Clone)]
 struct ModelArgs {
-    /// A .gguf file, a model folder, or a repo id (org/name) in the Hugging Face cache.
+    /// A .gguf file, a model folder, or a model on the Hugging Face hub: ORG/NAME, ORG/NAME:QUANT
+    /// (one GGUF file by its type) or ORG/NAME/FILE.gguf, taken from the HF cache when there and
+    /// downloaded into it when not (see `airllm pull`).
     /// Default: Gemma 3 270M, fetched by scripts/fetch_default_model.sh.
     #[arg(long, short = 'm')]
     model: Option<String>,
+    /// The hub revision (branch, tag or commit) of a repo id. Default: main.
+    #[arg(long)]
+    revision: Option<String>,
     /// Memory budget, e.g. 512MiB or 6GiB. Default: 90% of available memory.
     #[arg(long)]
     max_memory: Option<String>,
@@ -348,6 +373,7 @@ fn main() -> ExitCode {
         Cmd::Convert(a) => convert(a),
         Cmd::Perplexity(a) => perplexity(a),
         Cmd::Serve(a) => serve_cmd(a),
+        Cmd::Pull(a) => pull(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -401,91 +427,52 @@ fn params(s: &SampleArgs, max_new_tokens: usize) -> Result<GenerationParams> {
     })
 }
 
-/// A progress bar counting bytes, on stderr.
-fn byte_bar() -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
-        )
-        .expect("static template"),
-    );
-    bar
+/// How --model, --revision, --compress, --cache-dir and --f16 ask to open the model.
+fn load_options(m: &ModelArgs) -> Result<airllm::load::LoadOptions> {
+    Ok(airllm::load::LoadOptions {
+        revision: m.revision.clone(),
+        compress: m
+            .compress
+            .as_deref()
+            .map(airllm::load::compress_type)
+            .transpose()
+            .context("--compress")?,
+        cache_dir: m.cache_dir.clone(),
+        f16: m.f16,
+        progress: true,
+    })
 }
 
-/// The weights to run and the model the tokenizer comes from: the model itself, or with
-/// --compress its cached GGUF conversion (the tokenizer stays the original's).
-fn model_paths(m: &ModelArgs) -> Result<(PathBuf, PathBuf)> {
-    let dir: PathBuf = match &m.model {
-        Some(spec) => airllm::hub::resolve_model(spec)?,
-        None => airllm::hub::default_model()?,
-    };
-    let Some(q) = &m.compress else {
-        return Ok((dir.clone(), dir));
-    };
-    let quant: airllm::convert::Quant = q.parse().context("--compress")?;
-    if !matches!(
-        quant,
-        airllm::convert::Quant::Q8_0 | airllm::convert::Quant::Q4K | airllm::convert::Quant::Q4KM
-    ) {
-        bail!(
-            "--compress {q}: expected q8_0, q4_k or q4_k_m (`airllm convert` writes other types)"
-        );
-    }
-    let cache = m
-        .cache_dir
-        .clone()
-        .unwrap_or_else(airllm::convert::default_cache_dir);
-    let bar = byte_bar();
-    let (file, built) = airllm::convert::cached(&dir, quant, &cache, &mut |d, t| {
-        bar.set_length(t);
-        bar.set_position(d);
-    })?;
-    bar.finish_and_clear();
-    eprintln!(
-        "{} {} ({})",
-        if built {
+/// Says which compressed conversion a model runs.
+fn report_compressed(compressed: &Option<(PathBuf, bool)>) {
+    if let Some((file, built)) = compressed {
+        let verb = if *built {
             "compressed into"
         } else {
             "using cached"
-        },
-        file.display(),
-        quant.name()
-    );
-    Ok((file, dir))
+        };
+        eprintln!("{verb} {}", file.display());
+    }
+}
+
+/// The weights to run (the model, or its --compress conversion), without a tokenizer.
+fn model_weights(m: &ModelArgs) -> Result<PathBuf> {
+    let at = airllm::load::locate(m.model.as_deref(), &load_options(m)?)?;
+    report_compressed(&at.compressed);
+    Ok(at.weights)
 }
 
 /// Opens the model and its tokenizer, and measures what the tokenizer holds (for a 262k
 /// vocabulary, over 100 MiB), so the plan can count it against the budget.
 fn open_model(m: &ModelArgs) -> Result<(ModelInfo, TextTokenizer, u64)> {
-    let (weights, tok_dir) = model_paths(m)?;
-    let info = ModelInfo::open_opts(&weights, false, m.f16)?;
-    let before = airllm::util::rss().unwrap_or(0);
-    let tok = TextTokenizer::open(&tok_dir)?;
-    let tok_bytes = airllm::util::rss().unwrap_or(0).saturating_sub(before);
-    Ok((info, tok, tok_bytes))
+    let l = airllm::load::load(m.model.as_deref(), &load_options(m)?)?;
+    report_compressed(&l.compressed);
+    Ok((l.info, l.tok, l.tok_bytes))
 }
 
 /// The compute device `--device` names.
 fn parse_device(s: &str) -> Result<candle_core::Device> {
-    let s = s.trim();
-    if s == "cpu" {
-        return Ok(candle_core::Device::Cpu);
-    }
-    let ordinal = match s.strip_prefix("cuda") {
-        Some("") => 0,
-        Some(n) => match n.strip_prefix(':').and_then(|n| n.parse::<usize>().ok()) {
-            Some(i) => i,
-            None => bail!("--device {s}: expected cpu, cuda or cuda:N"),
-        },
-        None => bail!("--device {s}: expected cpu, cuda or cuda:N"),
-    };
-    if !cfg!(feature = "cuda") {
-        bail!(
-            "--device {s}: this binary was built without CUDA; build one with scripts/build_cuda.sh (cargo build --release --features cuda)"
-        );
-    }
-    candle_core::Device::new_cuda(ordinal).with_context(|| format!("--device {s}"))
+    airllm::load::parse_device(s).context("--device")
 }
 
 /// Sets the device and its budget from --device and --gpu-memory.
@@ -529,7 +516,7 @@ fn speculation(
     if s.draft_max == 0 {
         bail!("--draft-max must be at least 1");
     }
-    let path = airllm::hub::resolve_model(spec).with_context(|| format!("--draft {spec}"))?;
+    let path = airllm::hub::resolve(spec, None, true).with_context(|| format!("--draft {spec}"))?;
     if let Some(tok) = tok {
         let theirs = TextTokenizer::open(&path).with_context(|| format!("--draft {spec}"))?;
         if let Some(why) = tok.difference(&theirs) {
@@ -846,7 +833,7 @@ fn inspect(a: InspectArgs) -> Result<()> {
     let (info, tok_bytes) = match open_model(&a.model) {
         Ok((info, _tok, n)) => (info, n),
         Err(e) => {
-            let (weights, _) = model_paths(&a.model)?;
+            let weights = model_weights(&a.model)?;
             let info = ModelInfo::open_opts(&weights, false, a.model.f16)?;
             eprintln!("note: no tokenizer counted in the plan ({e:#})");
             (info, 0)
@@ -943,7 +930,7 @@ fn synth(a: SynthArgs) -> Result<()> {
         other => bail!("--dtype `{other}`: expected bf16, f16 or f32"),
     };
     let shard = parse_size(&a.shard_size).context("--shard-size")?;
-    let bar = byte_bar();
+    let bar = airllm::load::byte_bar();
     write_hf(&shape, dtype, a.seed, shard, &a.out, |done, total| {
         bar.set_length(total);
         bar.set_position(done);
@@ -956,7 +943,7 @@ fn synth(a: SynthArgs) -> Result<()> {
             DType::F16 => airllm::convert::Quant::F16,
             DType::F32 => airllm::convert::Quant::F32,
         };
-        let bar = byte_bar();
+        let bar = airllm::load::byte_bar();
         airllm::convert::to_gguf(&a.out, quant, g, &[], &mut |d, t| {
             bar.set_length(t);
             bar.set_position(d);
@@ -971,7 +958,7 @@ fn bench(a: BenchArgs) -> Result<()> {
     if a.prompt_len == 0 || a.gen == 0 || a.batch == 0 {
         bail!("--prompt-len, --gen and --batch must be at least 1");
     }
-    let (dir, _) = model_paths(&a.model)?;
+    let dir = model_weights(&a.model)?;
     let info = ModelInfo::open_opts(&dir, false, a.model.f16)?;
     let vocab = info.cfg.vocab_size as u64;
     let model_bytes = info.sizes.file_bytes;
@@ -1275,9 +1262,15 @@ fn bench(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+fn pull(a: PullArgs) -> Result<()> {
+    let path = airllm::hub::update(&a.model, a.revision.as_deref(), !a.quiet)?;
+    println!("{}", path.display());
+    Ok(())
+}
+
 fn convert(a: ConvertArgs) -> Result<()> {
-    let src = airllm::hub::resolve_model(&a.model)?;
-    let bar = byte_bar();
+    let src = airllm::hub::resolve(&a.model, a.revision.as_deref(), true)?;
+    let bar = airllm::load::byte_bar();
     let mut progress = |d: u64, t: u64| {
         bar.set_length(t);
         bar.set_position(d);

@@ -46,6 +46,10 @@ pub enum Error {
         device: bool,
     },
 
+    /// A model on the Hugging Face hub that cannot be fetched, and what to do about it.
+    #[error("{repo}: {msg}")]
+    Hub { repo: String, msg: String },
+
     #[error("invalid argument: {0}")]
     Invalid(String),
 

@@ -24,4 +24,5 @@ pub mod bench;
 pub mod chat;
 pub mod generate;
 pub mod hub;
+pub mod load;
 pub mod tokenizer;

@@ -29,15 +29,20 @@ fn broken_models_give_one_line_errors() {
 
 /// Both cases share one test because they set process-wide environment variables.
 #[test]
-fn repo_ids_resolve_from_the_cache_or_name_the_paths_looked_at() {
+fn repo_ids_resolve_from_the_cache_offline_or_name_the_cache() {
     let tmp = tempfile::tempdir().unwrap();
     std::env::set_var("HF_HUB_CACHE", tmp.path());
     std::env::remove_var("HF_HOME");
+    std::env::set_var("HF_HUB_OFFLINE", "1");
     let e = airllm::hub::resolve_model("nobody/no-such-model")
         .unwrap_err()
         .to_string();
-    assert!(e.contains("models--nobody--no-such-model"), "{e}");
+    assert!(
+        e.starts_with("nobody/no-such-model: not in the cache"),
+        "{e}"
+    );
     assert!(e.contains(&tmp.path().display().to_string()), "{e}");
+    assert!(e.contains("HF_HUB_OFFLINE"), "{e}");
 
     let snap = tmp.path().join("models--tiny--llama/snapshots/abc123");
     std::fs::create_dir_all(&snap).unwrap();
