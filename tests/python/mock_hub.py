@@ -20,10 +20,10 @@ import threading
 
 
 class Repo:
-    def __init__(self, folder, files, commit, gated_token=None):
+    def __init__(self, files, commit, gated_token=None):
         self.files = {}
-        for name in files:
-            with open(os.path.join(folder, name), "rb") as f:
+        for name, path in files.items():
+            with open(path, "rb") as f:
                 self.files[name] = f.read()
         self.commit = commit
         self.gated_token = gated_token
@@ -63,8 +63,13 @@ class MockHub:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def add(self, repo_id, folder, files, commit="0123456789abcdef0123456789abcdef01234567", gated_token=None):
-        self.repos[repo_id] = Repo(folder, files, commit, gated_token)
+    def add(self, repo_id, files, commit="0123456789abcdef0123456789abcdef01234567", gated_token=None):
+        """Serves ``files`` (repo path -> local path) as ``repo_id`` at ``main`` = ``commit``."""
+        self.repos[repo_id] = Repo(files, commit, gated_token)
+
+    def add_folder(self, repo_id, folder, **kw):
+        """Serves every file of ``folder`` as ``repo_id``."""
+        self.add(repo_id, {n: os.path.join(folder, n) for n in sorted(os.listdir(folder))}, **kw)
 
     def start(self):
         self.thread.start()

@@ -392,27 +392,12 @@ fn budget(s: &Option<String>) -> Result<Option<u64>> {
 }
 
 fn params(s: &SampleArgs, max_new_tokens: usize) -> Result<GenerationParams> {
-    if !(s.temperature.is_finite() && s.temperature >= 0.0) {
-        bail!("--temperature {} must be a number >= 0", s.temperature);
-    }
-    if !(s.top_p > 0.0 && s.top_p <= 1.0) {
-        bail!("--top-p {} must be in (0, 1]", s.top_p);
-    }
-    if !(0.0..=1.0).contains(&s.min_p) {
-        bail!("--min-p {} must be in [0, 1]", s.min_p);
-    }
-    if !(s.repeat_penalty.is_finite() && s.repeat_penalty > 0.0) {
-        bail!("--repeat-penalty {} must be a number > 0", s.repeat_penalty);
-    }
-    if s.stop.iter().any(String::is_empty) {
-        bail!("--stop: a stop string must not be empty");
-    }
     let seed = s.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64)
     });
-    Ok(GenerationParams {
+    let gp = GenerationParams {
         max_new_tokens,
         sampling: SamplingParams {
             temperature: s.temperature,
@@ -424,7 +409,9 @@ fn params(s: &SampleArgs, max_new_tokens: usize) -> Result<GenerationParams> {
         },
         stop_strings: s.stop.clone(),
         ignore_eos: s.ignore_eos,
-    })
+    };
+    gp.check()?;
+    Ok(gp)
 }
 
 /// How --model, --revision, --compress, --cache-dir and --f16 ask to open the model.
@@ -591,12 +578,7 @@ fn interactive_context(m: &ModelArgs, info: &ModelInfo) -> usize {
 }
 
 fn chat_prompt(tok: &TextTokenizer, messages: &[Message]) -> Result<Vec<u32>> {
-    let src = tok
-        .chat_template
-        .as_deref()
-        .context("this model has no chat_template in tokenizer_config.json")?;
-    let t = ChatTemplate::new(src, tok.bos_token.as_deref(), tok.eos_token.as_deref())?;
-    Ok(tok.encode_special(&t.render(messages)?)?)
+    Ok(ChatTemplate::of(tok)?.prompt(tok, messages)?)
 }
 
 fn run(a: RunArgs) -> Result<()> {
@@ -1279,7 +1261,7 @@ fn convert(a: ConvertArgs) -> Result<()> {
     if a.dequantize {
         airllm::convert::to_hf(&src, &a.out, &mut progress)?;
     } else {
-        let quant: airllm::convert::Quant = a.quantize.parse()?;
+        let quant: airllm::convert::Quant = a.quantize.parse().context("--quantize")?;
         airllm::convert::to_gguf(&src, quant, &a.out, &[], &mut progress)?;
     }
     bar.finish_and_clear();

@@ -67,6 +67,27 @@ impl ChatTemplate {
     }
 }
 
+impl ChatTemplate {
+    /// The template of a model's tokenizer, with its BOS and EOS texts.
+    pub fn of(tok: &crate::tokenizer::TextTokenizer) -> Result<Self> {
+        let src = tok.chat_template.as_deref().ok_or_else(|| {
+            Error::Template(
+                "this model has none (no chat_template in tokenizer_config.json or chat_template.jinja, no tokenizer.chat_template in the GGUF)".into(),
+            )
+        })?;
+        ChatTemplate::new(src, tok.bos_token.as_deref(), tok.eos_token.as_deref())
+    }
+
+    /// The conversation rendered and tokenized, the assistant's turn opened.
+    pub fn prompt(
+        &self,
+        tok: &crate::tokenizer::TextTokenizer,
+        messages: &[Message],
+    ) -> Result<Vec<u32>> {
+        tok.encode_special(&self.render(messages)?)
+    }
+}
+
 /// Today's date (UTC) formatted with the strftime codes chat templates use (%d %m %Y %b %B %y).
 fn strftime_today(fmt: &str) -> String {
     let secs = std::time::SystemTime::now()

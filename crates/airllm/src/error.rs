@@ -34,7 +34,7 @@ pub enum Error {
 
     #[error(
         "{what} {budget} is below the minimum of {minimum} ({detail})",
-        what = if *.device { "the device budget (--gpu-memory)" } else { "--max-memory" },
+        what = if *.device { "the device budget (gpu_memory)" } else { "the memory budget (max_memory)" },
         budget = crate::util::fmt_bytes(*.budget),
         minimum = crate::util::fmt_bytes(*.minimum)
     )]

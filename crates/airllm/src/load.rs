@@ -35,9 +35,8 @@ pub struct Loaded {
 
 /// The compression types a model can be run through: the ones with fast kernels.
 pub fn compress_type(name: &str) -> Result<Quant> {
-    let q: Quant = name.parse()?;
-    match q {
-        Quant::Q8_0 | Quant::Q4K | Quant::Q4KM => Ok(q),
+    match name.parse::<Quant>() {
+        Ok(q @ (Quant::Q8_0 | Quant::Q4K | Quant::Q4KM)) => Ok(q),
         _ => Err(Error::Invalid(format!(
             "compression `{name}`: expected q8_0, q4_k or q4_k_m (`airllm convert` writes other types)"
         ))),

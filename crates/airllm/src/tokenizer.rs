@@ -188,6 +188,13 @@ impl TextTokenizer {
             .map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
+    /// Decodes with special tokens kept as text, as transformers' `decode` does by default.
+    pub fn decode_special(&self, ids: &[u32]) -> Result<String> {
+        self.tok
+            .decode(ids, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
     /// Writes the tokenizer as a `tokenizer.json`.
     pub fn save_json(&self, path: &Path) -> Result<()> {
         self.tok

@@ -61,7 +61,7 @@ impl std::str::FromStr for Quant {
             "q6_k" => Quant::Q6K,
             other => {
                 return Err(Error::Invalid(format!(
-                    "--quantize `{other}` is not supported (supported: {QUANT_NAMES})"
+                    "type `{other}` is not supported (supported: {QUANT_NAMES})"
                 )))
             }
         })

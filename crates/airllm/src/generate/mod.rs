@@ -34,6 +34,36 @@ impl Default for GenerationParams {
     }
 }
 
+impl GenerationParams {
+    /// Refuses settings the sampler cannot use, naming the field, before any work starts.
+    pub fn check(&self) -> Result<()> {
+        let s = &self.sampling;
+        let bad = |m: String| Err(Error::Invalid(m));
+        if !(s.temperature.is_finite() && s.temperature >= 0.0) {
+            return bad(format!(
+                "temperature {} must be a number >= 0",
+                s.temperature
+            ));
+        }
+        if !(s.top_p > 0.0 && s.top_p <= 1.0) {
+            return bad(format!("top_p {} must be in (0, 1]", s.top_p));
+        }
+        if !(0.0..=1.0).contains(&s.min_p) {
+            return bad(format!("min_p {} must be in [0, 1]", s.min_p));
+        }
+        if !(s.repetition_penalty.is_finite() && s.repetition_penalty > 0.0) {
+            return bad(format!(
+                "repetition_penalty {} must be a number > 0",
+                s.repetition_penalty
+            ));
+        }
+        if self.stop_strings.iter().any(String::is_empty) {
+            return bad("stop: a stop string must not be empty".into());
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
     /// An EOS token or a stop string.

@@ -1,0 +1,543 @@
+//! The native half of the `airllm_rs` Python package: a model held by the engine, its tokenizer,
+//! and generation on the scheduler. The Python half (`python/airllm_rs`) gives it AirLLM's and
+//! transformers' shapes (tokenizer dicts, `.sequences`, numpy and torch inputs).
+//!
+//! Every sweep runs with the GIL released, so other Python threads go on while layers stream.
+//! Errors carry the library's one-line messages.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use airllm::chat::{ChatTemplate, Message};
+use airllm::generate::{Event, GenerationParams, Request, RequestId, SamplingParams, Scheduler};
+use airllm::load::{LoadOptions, Loaded};
+use airllm::tokenizer::TextTokenizer;
+use airllm::{Engine, EngineOptions};
+use pyo3::create_exception;
+use pyo3::exceptions::{PyFileNotFoundError, PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+
+create_exception!(
+    _airllm,
+    AirLLMError,
+    PyRuntimeError,
+    "A model that cannot be opened or run: a bad file, a budget too small, a failed download."
+);
+
+fn py_err(e: airllm::Error) -> PyErr {
+    let msg = e.to_string();
+    match e {
+        airllm::Error::ModelNotFound(..) => PyFileNotFoundError::new_err(msg),
+        airllm::Error::Invalid(_) => PyValueError::new_err(msg),
+        _ => AirLLMError::new_err(msg),
+    }
+}
+
+fn size(field: &str, s: Option<&str>) -> PyResult<Option<u64>> {
+    s.map(|s| {
+        airllm::util::parse_size(s).map_err(|_| {
+            PyValueError::new_err(format!(
+                "{field} `{s}`: expected a size such as 512MiB or 4GiB, or a byte count"
+            ))
+        })
+    })
+    .transpose()
+}
+
+/// What the engine and the scheduler hold; one sweep at a time.
+struct Running {
+    engine: Engine,
+    sched: Scheduler,
+    /// A stream that has not finished owns the scheduler until it ends or is closed.
+    streaming: bool,
+}
+
+/// A model opened for generation.
+#[pyclass(module = "airllm_rs._airllm", frozen)]
+struct Model {
+    running: Arc<Mutex<Running>>,
+    tok: Arc<TextTokenizer>,
+    template: Option<Arc<ChatTemplate>>,
+    plan: String,
+    path: String,
+    arch: String,
+    context: usize,
+}
+
+fn lock(m: &Mutex<Running>) -> MutexGuard<'_, Running> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn params(
+    max_new_tokens: usize,
+    temperature: f32,
+    top_k: usize,
+    top_p: f32,
+    min_p: f32,
+    repetition_penalty: f32,
+    seed: Option<u64>,
+    stop: Vec<String>,
+    ignore_eos: bool,
+) -> PyResult<GenerationParams> {
+    let seed = seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    });
+    let gp = GenerationParams {
+        max_new_tokens,
+        sampling: SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repetition_penalty,
+            seed,
+        },
+        stop_strings: stop,
+        ignore_eos,
+    };
+    gp.check().map_err(py_err)?;
+    Ok(gp)
+}
+
+#[pymethods]
+impl Model {
+    /// Opens `model` (a .gguf file, a folder, a hub repo id; `None` for the default model) and
+    /// plans it under `max_memory` (e.g. "4GiB"; `None` takes 90% of available memory).
+    #[new]
+    #[pyo3(signature = (model=None, *, max_memory=None, device="cpu".to_string(), gpu_memory=None,
+        compress=None, max_seq_len=None, max_batch=1, batch_size=512, revision=None, f16=false,
+        cache_dir=None, progress=true))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        model: Option<String>,
+        max_memory: Option<String>,
+        device: String,
+        gpu_memory: Option<String>,
+        compress: Option<String>,
+        max_seq_len: Option<usize>,
+        max_batch: usize,
+        batch_size: usize,
+        revision: Option<String>,
+        f16: bool,
+        cache_dir: Option<std::path::PathBuf>,
+        progress: bool,
+    ) -> PyResult<Self> {
+        let max_memory = size("max_memory", max_memory.as_deref())?;
+        let gpu_memory = size("gpu_memory", gpu_memory.as_deref())?;
+        if max_batch == 0 || batch_size == 0 {
+            return Err(PyValueError::new_err(
+                "max_batch and batch_size must be at least 1",
+            ));
+        }
+        let compress = compress
+            .as_deref()
+            .map(airllm::load::compress_type)
+            .transpose()
+            .map_err(py_err)?;
+        let opts = LoadOptions {
+            revision,
+            compress,
+            cache_dir,
+            f16,
+            progress,
+        };
+        let device = airllm::load::parse_device(&device).map_err(py_err)?;
+        let (tok, engine) = py
+            .detach(|| -> airllm::Result<(TextTokenizer, Engine)> {
+                let Loaded {
+                    info,
+                    tok,
+                    tok_bytes,
+                    ..
+                } = airllm::load::load(model.as_deref(), &opts)?;
+                let context =
+                    max_seq_len.unwrap_or_else(|| info.cfg.max_position_embeddings.min(2048));
+                let eo = EngineOptions {
+                    max_memory,
+                    context,
+                    max_batch,
+                    max_step_tokens: batch_size.min(context * max_batch).max(max_batch),
+                    max_logit_rows: max_batch,
+                    // Without a budget, the available memory is read after the tokenizer was
+                    // built, so it is already left out.
+                    reserved_bytes: if max_memory.is_some() { tok_bytes } else { 0 },
+                    device,
+                    device_memory: gpu_memory,
+                    ..Default::default()
+                };
+                Ok((tok, Engine::from_info(info, eo)?))
+            })
+            .map_err(py_err)?;
+        let template = match &tok.chat_template {
+            Some(_) => Some(Arc::new(ChatTemplate::of(&tok).map_err(py_err)?)),
+            None => None,
+        };
+        Ok(Model {
+            plan: engine.plan().to_string(),
+            path: engine.dir().display().to_string(),
+            arch: engine.config().arch.hf_name().to_string(),
+            context: engine.options().context,
+            tok: Arc::new(tok),
+            template,
+            running: Arc::new(Mutex::new(Running {
+                engine,
+                sched: Scheduler::new(),
+                streaming: false,
+            })),
+        })
+    }
+
+    /// The memory plan: what stays resident, what streams, and the budget it fits.
+    #[getter]
+    fn plan(&self) -> String {
+        self.plan.clone()
+    }
+
+    /// The file or folder the weights come from (a hub model's snapshot in the cache).
+    #[getter]
+    fn path(&self) -> String {
+        self.path.clone()
+    }
+
+    /// The architecture as transformers names it, e.g. `LlamaForCausalLM`.
+    #[getter]
+    fn architecture(&self) -> String {
+        self.arch.clone()
+    }
+
+    /// Tokens each sequence can hold, prompt and output together.
+    #[getter]
+    fn max_seq_len(&self) -> usize {
+        self.context
+    }
+
+    #[getter]
+    fn bos_token_id(&self) -> Option<u32> {
+        self.tok.bos_id
+    }
+
+    #[getter]
+    fn eos_token_ids(&self) -> Vec<u32> {
+        self.tok.eos_ids.clone()
+    }
+
+    #[getter]
+    fn vocab_size(&self) -> usize {
+        self.tok.vocab_size()
+    }
+
+    #[getter]
+    fn has_chat_template(&self) -> bool {
+        self.template.is_some()
+    }
+
+    /// Token ids of `text`; with `add_special_tokens`, BOS where the model wants it.
+    #[pyo3(signature = (text, add_special_tokens=true))]
+    fn encode(&self, text: &str, add_special_tokens: bool) -> PyResult<Vec<u32>> {
+        if add_special_tokens {
+            self.tok.encode(text)
+        } else {
+            self.tok.encode_special(text)
+        }
+        .map_err(py_err)
+    }
+
+    #[pyo3(signature = (ids, skip_special_tokens=false))]
+    fn decode(&self, ids: Vec<u32>, skip_special_tokens: bool) -> PyResult<String> {
+        if skip_special_tokens {
+            self.tok.decode(&ids)
+        } else {
+            self.tok.decode_special(&ids)
+        }
+        .map_err(py_err)
+    }
+
+    /// The conversation (role, content pairs) rendered with the model's chat template, the
+    /// assistant's turn opened.
+    fn render_chat(&self, messages: Vec<(String, String)>) -> PyResult<String> {
+        self.chat_template()?
+            .render(&to_messages(&messages))
+            .map_err(py_err)
+    }
+
+    /// Generates for each prompt (token ids), batched: each layer is read once per sweep for
+    /// all of them. Returns `(new token ids, text, finish reason)` per prompt.
+    #[pyo3(signature = (prompts, *, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0,
+        min_p=0.0, repetition_penalty=1.0, seed=None, stop=vec![], ignore_eos=false))]
+    #[allow(clippy::too_many_arguments)]
+    fn generate(
+        &self,
+        py: Python<'_>,
+        prompts: Vec<Vec<u32>>,
+        max_new_tokens: usize,
+        temperature: f32,
+        top_k: usize,
+        top_p: f32,
+        min_p: f32,
+        repetition_penalty: f32,
+        seed: Option<u64>,
+        stop: Vec<String>,
+        ignore_eos: bool,
+    ) -> PyResult<Vec<(Vec<u32>, String, String)>> {
+        let gp = params(
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repetition_penalty,
+            seed,
+            stop,
+            ignore_eos,
+        )?;
+        let mut guard = lock(&self.running);
+        let r = &mut *guard;
+        if r.streaming {
+            return Err(busy());
+        }
+        let ids: Vec<RequestId> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                r.sched.submit(Request {
+                    stream: i as u64,
+                    ..Request::new(p.clone(), gp.clone())
+                })
+            })
+            .collect();
+        let mut out: Vec<Option<(Vec<u32>, String, String)>> = vec![None; ids.len()];
+        while !r.sched.is_idle() {
+            let tok = &*self.tok;
+            let events = py.detach(|| r.sched.tick(&mut r.engine, Some(tok)));
+            for ev in events {
+                match ev {
+                    Event::Done { id, completion, .. } => {
+                        if let Some(i) = ids.iter().position(|&x| x == id) {
+                            out[i] = Some((
+                                completion.token_ids,
+                                completion.text,
+                                completion.finish_reason.as_str().to_string(),
+                            ));
+                        }
+                    }
+                    Event::Failed { error, .. } => {
+                        ids.iter().for_each(|&id| r.sched.cancel(id));
+                        return Err(py_err(error));
+                    }
+                    Event::Tokens { .. } => {}
+                }
+            }
+            // Ctrl-C between sweeps stops the batch and frees its caches.
+            if let Err(e) = py.check_signals() {
+                ids.iter().for_each(|&id| r.sched.cancel(id));
+                return Err(e);
+            }
+        }
+        out.into_iter()
+            .map(|o| o.ok_or_else(|| AirLLMError::new_err("internal error: a request never ended")))
+            .collect()
+    }
+
+    /// Starts generating for one prompt; the returned iterator yields text pieces as they
+    /// become final (text that could still become a stop string is held back).
+    #[pyo3(signature = (prompt, *, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0,
+        min_p=0.0, repetition_penalty=1.0, seed=None, stop=vec![], ignore_eos=false))]
+    #[allow(clippy::too_many_arguments)]
+    fn stream(
+        &self,
+        prompt: Vec<u32>,
+        max_new_tokens: usize,
+        temperature: f32,
+        top_k: usize,
+        top_p: f32,
+        min_p: f32,
+        repetition_penalty: f32,
+        seed: Option<u64>,
+        stop: Vec<String>,
+        ignore_eos: bool,
+    ) -> PyResult<TextStream> {
+        let gp = params(
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repetition_penalty,
+            seed,
+            stop,
+            ignore_eos,
+        )?;
+        let mut r = lock(&self.running);
+        if r.streaming {
+            return Err(busy());
+        }
+        r.streaming = true;
+        let id = r.sched.submit(Request::new(prompt, gp));
+        Ok(TextStream {
+            state: Mutex::new(StreamState {
+                pieces: VecDeque::new(),
+                done: false,
+                token_ids: Vec::new(),
+                finish_reason: None,
+            }),
+            running: self.running.clone(),
+            tok: self.tok.clone(),
+            id,
+        })
+    }
+}
+
+impl Model {
+    fn chat_template(&self) -> PyResult<&ChatTemplate> {
+        self.template.as_deref().ok_or_else(|| {
+            AirLLMError::new_err(format!(
+                "chat template: {} has none (no chat_template in tokenizer_config.json or chat_template.jinja, no tokenizer.chat_template in the GGUF)",
+                self.path
+            ))
+        })
+    }
+}
+
+fn to_messages(m: &[(String, String)]) -> Vec<Message> {
+    m.iter().map(|(r, c)| Message::new(r, c)).collect()
+}
+
+fn busy() -> PyErr {
+    AirLLMError::new_err(
+        "a stream of this model is still running: read it to the end or close() it first",
+    )
+}
+
+struct StreamState {
+    pieces: VecDeque<String>,
+    done: bool,
+    token_ids: Vec<u32>,
+    finish_reason: Option<String>,
+}
+
+/// The text of one generation, piece by piece. Each `next()` runs sweeps (GIL released) until a
+/// piece is final.
+#[pyclass(module = "airllm_rs._airllm", frozen)]
+struct TextStream {
+    state: Mutex<StreamState>,
+    running: Arc<Mutex<Running>>,
+    tok: Arc<TextTokenizer>,
+    id: RequestId,
+}
+
+#[pymethods]
+impl TextStream {
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__(&self, py: Python<'_>) -> PyResult<Option<String>> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(p) = st.pieces.pop_front() {
+                return Ok(Some(p));
+            }
+            if st.done {
+                return Ok(None);
+            }
+            let mut guard = lock(&self.running);
+            let r = &mut *guard;
+            let tok = &*self.tok;
+            let events = py.detach(|| r.sched.tick(&mut r.engine, Some(tok)));
+            for ev in events {
+                match ev {
+                    Event::Tokens { id, text, .. } if id == self.id && !text.is_empty() => {
+                        st.pieces.push_back(text)
+                    }
+                    Event::Done { id, completion, .. } if id == self.id => {
+                        st.done = true;
+                        st.token_ids = completion.token_ids;
+                        st.finish_reason = Some(completion.finish_reason.as_str().to_string());
+                        r.streaming = false;
+                    }
+                    Event::Failed { id, error } if id == self.id => {
+                        st.done = true;
+                        r.streaming = false;
+                        return Err(py_err(error));
+                    }
+                    _ => {}
+                }
+            }
+            if r.sched.is_idle() && !st.done {
+                st.done = true;
+                r.streaming = false;
+            }
+            drop(guard);
+            if let Err(e) = py.check_signals() {
+                drop(st);
+                self.close();
+                return Err(e);
+            }
+        }
+    }
+
+    /// Stops the generation and frees its cache.
+    fn close(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if !st.done {
+            st.done = true;
+            let mut r = lock(&self.running);
+            r.sched.cancel(self.id);
+            r.streaming = false;
+        }
+    }
+
+    /// The generated token ids, once the stream has ended.
+    #[getter]
+    fn token_ids(&self) -> Vec<u32> {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .token_ids
+            .clone()
+    }
+
+    /// `stop` or `length` once the stream has ended, else `None`.
+    #[getter]
+    fn finish_reason(&self) -> Option<String> {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .finish_reason
+            .clone()
+    }
+}
+
+impl Drop for TextStream {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+#[pymodule]
+fn _airllm(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Model>()?;
+    m.add_class::<TextStream>()?;
+    m.add("AirLLMError", m.py().get_type::<AirLLMError>())?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    /// Downloads a hub model (ORG/NAME, ORG/NAME:QUANT, ORG/NAME/FILE.gguf) into the HF cache
+    /// and returns the path to open.
+    #[pyfunction]
+    #[pyo3(signature = (model, revision=None, progress=true))]
+    fn pull(
+        py: Python<'_>,
+        model: String,
+        revision: Option<String>,
+        progress: bool,
+    ) -> PyResult<String> {
+        py.detach(|| airllm::hub::update(&model, revision.as_deref(), progress))
+            .map(|p| p.display().to_string())
+            .map_err(py_err)
+    }
+    m.add_function(wrap_pyfunction!(pull, m)?)?;
+    Ok(())
+}
