@@ -151,7 +151,7 @@ def test_the_gil_is_released_during_sweeps():
 
 
 def test_bad_input_raises_one_line_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"model `/no/such/model` not found"):
+    with pytest.raises(FileNotFoundError, match=r"model `/no/such/model` not found: no such file or folder"):
         AutoModel.from_pretrained("/no/such/model", progress=False)
     bad = tmp_path / "bad.gguf"
     bad.write_bytes((GGUF / "qwen3-q8_0.gguf").read_bytes()[:5000])

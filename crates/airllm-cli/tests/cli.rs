@@ -193,7 +193,10 @@ fn bad_inputs_exit_nonzero_with_one_line() {
     let (junk, missing) = (junk.display().to_string(), missing.display().to_string());
     let mut cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["run", "-m", &junk, "-p", "x"], "not a GGUF file"),
-        (vec!["run", "-m", &missing, "-p", "x"], "no such folder"),
+        (
+            vec!["run", "-m", &missing, "-p", "x"],
+            "no such file or folder",
+        ),
         (
             vec!["run", "-m", &qwen3, "-p", "x", "--max-memory", "lots"],
             "--max-memory",

@@ -29,7 +29,7 @@ pub enum Error {
         supported: String,
     },
 
-    #[error("model `{0}` not found; looked in: {1}")]
+    #[error("model `{0}` not found: {1}")]
     ModelNotFound(String, String),
 
     #[error(

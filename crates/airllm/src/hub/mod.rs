@@ -32,7 +32,7 @@ pub fn default_model() -> Result<PathBuf> {
         Err(Error::ModelNotFound(
             DEFAULT_MODEL.to_string(),
             format!(
-                "{} (fetch it with scripts/fetch_default_model.sh, or pass --model)",
+                "no {} (fetch it with scripts/fetch_default_model.sh, or name a model)",
                 p.display()
             ),
         ))
@@ -62,7 +62,7 @@ pub fn resolve(spec: &str, revision: Option<&str>, progress: bool) -> Result<Pat
     let Some(repo) = RepoSpec::parse(spec) else {
         return Err(Error::ModelNotFound(
             spec.to_string(),
-            "no such file or folder, and not a repo id (ORG/NAME)".to_string(),
+            "no such file or folder (nor a repo id: ORG/NAME)".to_string(),
         ));
     };
     let revision = revision.unwrap_or("main");
