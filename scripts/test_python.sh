@@ -10,7 +10,7 @@ VENV=$PWD/target/test-venv
 if ! "$VENV/bin/python" -c "import pytest, numpy" 2>/dev/null; then
   "$VENV/bin/pip" install -q --disable-pip-version-check -r tests/python/requirements.txt
 fi
-[ -x target/release/airllm ] || cargo build --release -q -p airllm-cli
+cargo build --release -q -p airllm-cli
 WHEEL=$(./scripts/build_wheel.sh)
 "$VENV/bin/pip" install -q --disable-pip-version-check --force-reinstall --no-deps "$WHEEL"
 # Run from tests/python so `import airllm_rs` finds the installed wheel, not a source folder.

@@ -108,7 +108,10 @@ class MockHub:
                 {
                     "id": repo_id,
                     "sha": repo.commit,
-                    "siblings": [{"rfilename": n, "size": len(d)} for n, d in repo.files.items()],
+                    "siblings": [
+                        {"rfilename": n, "size": len(d), "lfs": {"sha256": hashlib.sha256(d).hexdigest()}}
+                        for n, d in repo.files.items()
+                    ],
                 }
             ).encode()
             h.send_response(200)

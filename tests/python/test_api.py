@@ -123,12 +123,55 @@ def test_sampling_repeats_with_a_seed(model):
     a = model.generate(ids, do_sample=True, temperature=0.9, top_p=0.95, seed=7, max_new_tokens=10)
     b = model.generate(ids, do_sample=True, temperature=0.9, top_p=0.95, seed=7, max_new_tokens=10)
     assert a == b
+    others = {tuple(model.generate(ids, do_sample=True, temperature=0.9, seed=s, max_new_tokens=10))
+              for s in range(8, 12)}
+    greedy = tuple(model.generate(ids, max_new_tokens=10))
+    assert len(others | {tuple(a), greedy}) > 2, "sampling does not depend on the seed"
+
+
+def test_threads_share_a_model(model):
+    prompts = [PROMPT, "The quick brown fox", "Hello there", "One two three"]
+    alone = [model.generate(model.tokenizer(p)["input_ids"], max_new_tokens=8) for p in prompts]
+    got = [None] * len(prompts)
+
+    def work(i):
+        got[i] = model.generate(model.tokenizer(prompts[i])["input_ids"], max_new_tokens=8)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert got == alone
+
+
+def test_a_stream_closed_from_another_thread(model):
+    s = model.stream(PROMPT, max_new_tokens=100)
+    first = next(s)
+    assert first
+    closer = threading.Thread(target=s.close)
+    closer.start()
+    closer.join(30)
+    assert not closer.is_alive(), "close() from another thread hung"
+    rest = list(s)
+    assert len(rest) < 99
+    model.generate([1, 2], max_new_tokens=1)  # the model is free again
+
+
+def test_airllm_architecture_classes_open_models():
+    from airllm_rs import AirLLMLlama2
+
+    m = AirLLMLlama2(str(CHAT_MODEL), max_memory=BUDGET, max_seq_len=64, batch_size=16, progress=False)
+    assert m.architecture == "Qwen3ForCausalLM"
 
 
 def test_the_gil_is_released_during_sweeps():
     # The default model (fetched by scripts/test.sh) prefilling ~1000 tokens in one sweep takes
     # long enough that a held GIL would stop this thread's loop for the whole sweep.
-    m = AutoModel.from_pretrained(max_memory="512MiB", max_seq_len=1100, batch_size=1100, progress=False)
+    try:
+        m = AutoModel.from_pretrained(max_memory="512MiB", max_seq_len=1100, batch_size=1100, progress=False)
+    except FileNotFoundError:
+        pytest.skip("no default model: scripts/fetch_default_model.sh fetches it")
     ids = m.tokenizer(" ".join(["the quick brown fox jumps over the lazy dog"] * 110))["input_ids"][:1000]
     done = threading.Event()
     took = []
@@ -146,7 +189,8 @@ def test_the_gil_is_released_during_sweeps():
         now = time.perf_counter()
         gap, last = max(gap, now - last), now
     worker.join()
-    assert took[0] > 0.2, f"the sweep took only {took[0]:.3f} s: too short to tell"
+    if took[0] < 0.2:
+        pytest.skip(f"the sweep took only {took[0]:.3f} s: too short to tell")
     assert gap < 0.3 * took[0], f"this thread stalled {gap:.3f} s during a {took[0]:.3f} s sweep"
 
 
@@ -158,7 +202,7 @@ def test_bad_input_raises_one_line_errors(tmp_path):
     with pytest.raises(AirLLMError) as e:
         AutoModel.from_pretrained(str(bad), progress=False)
     assert str(bad) in str(e.value) and "\n" not in str(e.value)
-    with pytest.raises(ValueError, match="compression `3bit`"):
+    with pytest.raises(ValueError, match="compression `3bit`: expected 4bit or 8bit"):
         AutoModel.from_pretrained(str(CHAT_MODEL), compression="3bit", progress=False)
     with pytest.raises(ValueError, match="max_memory `lots`: expected a size"):
         AutoModel.from_pretrained(str(CHAT_MODEL), max_memory="lots", progress=False)
@@ -173,6 +217,9 @@ def test_bad_generate_arguments(model):
         model.generate([1, 2], do_sample=True, top_p=1.5)
     with pytest.raises(TypeError, match="unexpected generate argument"):
         model.generate([1, 2], max_new_tokenz=3)
+    with pytest.raises(ValueError, match="input_ids: no rows"):
+        model.generate([])
+    assert 3 < len(model.generate([1, 2, 3], max_length=5, pad_token_id=0)) <= 5
     with pytest.raises(ValueError, match="a prompt of 5000 tokens does not fit the context size of 128"):
         model.generate([1] * 5000, max_new_tokens=1)
 

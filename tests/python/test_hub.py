@@ -82,7 +82,11 @@ def test_an_interrupted_pull_resumes_from_its_part_file(hub, airllm_bin):
         raise AssertionError("the download never stalled at 3000 bytes")
     p.send_signal(signal.SIGKILL)
     p.wait()
-    run_cli(airllm_bin, "pull", "tiny/qwen2")
+    # A partial snapshot is not taken for the model: offline it is refused, online completed.
+    off = dict(os.environ, HF_HUB_OFFLINE="1")
+    e = run_cli(airllm_bin, "run", "-m", "tiny/qwen2", "-p", "x", "-n", "2", env=off, check=False)
+    assert "not in the cache" in e.stderr and e.returncode != 0
+    run_cli(airllm_bin, "run", "-m", "tiny/qwen2", "-p", "x", "-n", "2")
     assert [r[1] for r in hub.downloads(shard)] == ["bytes=0-", "bytes=3000-"]
     snap = hub.cache / "models--tiny--qwen2" / "snapshots" / COMMIT
     assert (snap / shard).read_bytes() == (SHARDED_MODEL / shard).read_bytes()
@@ -129,3 +133,43 @@ def test_one_gguf_file_by_its_type(hub, airllm_bin):
     m = AutoModel.from_pretrained("tiny/gguf/m-Q8_0.gguf", progress=False)
     assert m.path == out
     assert len(m.generate([1, 2, 3], max_new_tokens=3)) == 6
+
+
+def test_a_new_commit_reuses_unchanged_files_and_moves_main(hub, airllm_bin):
+    hub.add_folder("tiny/qwen2", SHARDED_MODEL, commit=COMMIT)
+    run_cli(airllm_bin, "pull", "tiny/qwen2")
+    new = "fedcba9876543210fedcba9876543210fedcba98"
+    files = {n: SHARDED_MODEL / n for n in NEEDED}
+    files["tokenizer_config.json"] = CHAT_MODEL / "tokenizer_config.json"  # one file changed
+    hub.add("tiny/qwen2", files, commit=new)
+    seen = len(hub.requests)
+    out = run_cli(airllm_bin, "pull", "tiny/qwen2").stdout.strip()
+    repo = hub.cache / "models--tiny--qwen2"
+    assert out == str(repo / "snapshots" / new)
+    assert (repo / "refs" / "main").read_text() == new
+    assert not (repo / "refs" / new).exists()
+    bodies = [r for r in hub.requests[seen:] if "/resolve/" in r[0] and r[1] != "bytes=0-0"]
+    assert [r[0].rsplit("/", 1)[1] for r in bodies] == ["tokenizer_config.json"]
+    assert {p.name for p in (repo / "snapshots" / new).iterdir()} == NEEDED
+    assert (repo / "snapshots" / new / "tokenizer_config.json").read_bytes() == files["tokenizer_config.json"].read_bytes()
+    run_cli(airllm_bin, "run", "-m", "tiny/qwen2", "-p", "x", "-n", "2")
+
+
+def test_a_gguf_in_a_subfolder_is_found_in_the_cache(hub, airllm_bin):
+    hub.add("tiny/sub", {"Q8_0/m-Q8_0.gguf": GGUF / "qwen3-q8_0.gguf"}, commit=COMMIT)
+    out = run_cli(airllm_bin, "pull", "tiny/sub:Q8_0").stdout.strip()
+    assert out.endswith(f"snapshots/{COMMIT}/Q8_0/m-Q8_0.gguf")
+    seen = len(hub.requests)
+    for spec in ("tiny/sub:Q8_0", "tiny/sub", "tiny/sub/Q8_0/m-Q8_0.gguf"):
+        run_cli(airllm_bin, "run", "-m", spec, "-p", "x", "-n", "2")
+    assert len(hub.requests) == seen
+
+
+def test_a_repo_without_tokenizer_json_is_refused_before_downloading(hub, airllm_bin):
+    hub.add("tiny/notok", {"config.json": CHAT_MODEL / "config.json",
+                           "model.safetensors": CHAT_MODEL / "model.safetensors"}, commit=COMMIT)
+    e = run_cli(airllm_bin, "pull", "tiny/notok", check=False)
+    assert e.stderr.strip().splitlines() == [
+        "error: tiny/notok: has no tokenizer.json (airllm reads tokenizers in that form; a repo with only tokenizer.model needs converting, or use a GGUF of the model)"
+    ]
+    assert not [r for r in hub.requests if "/resolve/" in r[0]]

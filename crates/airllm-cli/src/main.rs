@@ -392,11 +392,7 @@ fn budget(s: &Option<String>) -> Result<Option<u64>> {
 }
 
 fn params(s: &SampleArgs, max_new_tokens: usize) -> Result<GenerationParams> {
-    let seed = s.seed.unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64)
-    });
+    let seed = s.seed.unwrap_or_else(SamplingParams::clock_seed);
     let gp = GenerationParams {
         max_new_tokens,
         sampling: SamplingParams {
@@ -574,7 +570,7 @@ fn start_engine(
 /// min(2048, the model's maximum).
 fn interactive_context(m: &ModelArgs, info: &ModelInfo) -> usize {
     m.ctx_size
-        .unwrap_or_else(|| info.cfg.max_position_embeddings.min(2048))
+        .unwrap_or_else(|| airllm::load::default_context(&info.cfg))
 }
 
 fn chat_prompt(tok: &TextTokenizer, messages: &[Message]) -> Result<Vec<u32>> {
@@ -766,12 +762,21 @@ fn serve_cmd(a: ServeArgs) -> Result<()> {
         bail!("--parallel must be at least 1");
     }
     let (info, tok, tok_bytes) = open_model(&a.model)?;
-    let model_id = a.alias.clone().unwrap_or_else(|| {
-        let p = &info.dir;
-        p.file_stem()
-            .or(p.file_name())
-            .map_or("model".into(), |s| s.to_string_lossy().into_owned())
-    });
+    // A hub model is named by its repo spec, not by its snapshot's commit folder.
+    let from_hub =
+        a.model.model.as_deref().filter(|m| {
+            airllm::hub::RepoSpec::parse(m).is_some() && !std::path::Path::new(m).exists()
+        });
+    let model_id = a
+        .alias
+        .clone()
+        .or(from_hub.map(str::to_string))
+        .unwrap_or_else(|| {
+            let p = &info.dir;
+            p.file_stem()
+                .or(p.file_name())
+                .map_or("model".into(), |s| s.to_string_lossy().into_owned())
+        });
     let context = interactive_context(&a.model, &info);
     let mut opts = EngineOptions {
         max_memory: budget(&a.model.max_memory)?,

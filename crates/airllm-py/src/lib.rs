@@ -16,9 +16,16 @@ use airllm::{Engine, EngineOptions};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyFileNotFoundError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::sync::MutexExt;
+
+/// Streamed layers allocate and free hundreds of MB per token: the same huge-page allocator as
+/// the CLI's (a shared library's Rust allocations use it; Python's own do not). Without it a
+/// streamed decode step took twice as long (bench/python_api.py).
+#[global_allocator]
+static ALLOC: airllm::alloc::LargePageAlloc = airllm::alloc::LargePageAlloc;
 
 create_exception!(
-    _airllm,
+    airllm_rs,
     AirLLMError,
     PyRuntimeError,
     "A model that cannot be opened or run: a bad file, a budget too small, a failed download."
@@ -44,6 +51,10 @@ fn size(field: &str, s: Option<&str>) -> PyResult<Option<u64>> {
     .transpose()
 }
 
+/// One prompt's result as Python sees it: the new token ids, the EOS that ended them (if one
+/// did), the text, and the finish reason.
+type Generated = (Vec<u32>, Option<u32>, String, String);
+
 /// What the engine and the scheduler hold; one sweep at a time.
 struct Running {
     engine: Engine,
@@ -57,15 +68,18 @@ struct Running {
 struct Model {
     running: Arc<Mutex<Running>>,
     tok: Arc<TextTokenizer>,
-    template: Option<Arc<ChatTemplate>>,
+    /// The chat template, or why there is none usable (raised by the chat calls only).
+    template: Result<Arc<ChatTemplate>, String>,
     plan: String,
     path: String,
     arch: String,
     context: usize,
 }
 
-fn lock(m: &Mutex<Running>) -> MutexGuard<'_, Running> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+/// Takes a lock, releasing the GIL while it waits: the holder may be sweeping with the GIL
+/// released and need it back before it lets go.
+fn lock<'a, T>(py: Python<'_>, m: &'a Mutex<T>) -> MutexGuard<'a, T> {
+    m.lock_py_attached(py).unwrap_or_else(|e| e.into_inner())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -80,11 +94,7 @@ fn params(
     stop: Vec<String>,
     ignore_eos: bool,
 ) -> PyResult<GenerationParams> {
-    let seed = seed.unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64)
-    });
+    let seed = seed.unwrap_or_else(SamplingParams::clock_seed);
     let gp = GenerationParams {
         max_new_tokens,
         sampling: SamplingParams {
@@ -146,36 +156,42 @@ impl Model {
             progress,
         };
         let device = airllm::load::parse_device(&device).map_err(py_err)?;
-        let (tok, engine) = py
-            .detach(|| -> airllm::Result<(TextTokenizer, Engine)> {
-                let Loaded {
-                    info,
-                    tok,
-                    tok_bytes,
-                    ..
-                } = airllm::load::load(model.as_deref(), &opts)?;
-                let context =
-                    max_seq_len.unwrap_or_else(|| info.cfg.max_position_embeddings.min(2048));
-                let eo = EngineOptions {
-                    max_memory,
-                    context,
-                    max_batch,
-                    max_step_tokens: batch_size.min(context * max_batch).max(max_batch),
-                    max_logit_rows: max_batch,
-                    // Without a budget, the available memory is read after the tokenizer was
-                    // built, so it is already left out.
-                    reserved_bytes: if max_memory.is_some() { tok_bytes } else { 0 },
-                    device,
-                    device_memory: gpu_memory,
-                    ..Default::default()
-                };
-                Ok((tok, Engine::from_info(info, eo)?))
-            })
+        // On a thread of its own, so Ctrl-C can stop the wait for a download or a conversion
+        // (they go on in the background until they end; what they wrote is reused).
+        let work = std::thread::spawn(move || -> airllm::Result<(TextTokenizer, Engine)> {
+            let Loaded {
+                info,
+                tok,
+                tok_bytes,
+                ..
+            } = airllm::load::load(model.as_deref(), &opts)?;
+            let context = max_seq_len.unwrap_or_else(|| airllm::load::default_context(&info.cfg));
+            let eo = EngineOptions {
+                max_memory,
+                context,
+                max_batch,
+                max_step_tokens: batch_size.min(context * max_batch).max(max_batch),
+                max_logit_rows: max_batch,
+                // Without a budget, the available memory is read after the tokenizer was
+                // built, so it is already left out.
+                reserved_bytes: if max_memory.is_some() { tok_bytes } else { 0 },
+                device,
+                device_memory: gpu_memory,
+                ..Default::default()
+            };
+            Ok((tok, Engine::from_info(info, eo)?))
+        });
+        while !work.is_finished() {
+            py.detach(|| std::thread::sleep(std::time::Duration::from_millis(20)));
+            py.check_signals()?;
+        }
+        let (tok, engine) = work
+            .join()
+            .map_err(|_| AirLLMError::new_err("internal error: loading the model panicked"))?
             .map_err(py_err)?;
-        let template = match &tok.chat_template {
-            Some(_) => Some(Arc::new(ChatTemplate::of(&tok).map_err(py_err)?)),
-            None => None,
-        };
+        let template = ChatTemplate::of(&tok)
+            .map(Arc::new)
+            .map_err(|e| e.to_string());
         Ok(Model {
             plan: engine.plan().to_string(),
             path: engine.dir().display().to_string(),
@@ -232,7 +248,7 @@ impl Model {
 
     #[getter]
     fn has_chat_template(&self) -> bool {
-        self.template.is_some()
+        self.template.is_ok()
     }
 
     /// Token ids of `text`; with `add_special_tokens`, BOS where the model wants it.
@@ -265,7 +281,8 @@ impl Model {
     }
 
     /// Generates for each prompt (token ids), batched: each layer is read once per sweep for
-    /// all of them. Returns `(new token ids, text, finish reason)` per prompt.
+    /// all of them. Returns `(new token ids, the EOS that ended them or None, text, finish
+    /// reason)` per prompt.
     #[pyo3(signature = (prompts, *, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0,
         min_p=0.0, repetition_penalty=1.0, seed=None, stop=vec![], ignore_eos=false))]
     #[allow(clippy::too_many_arguments)]
@@ -282,7 +299,7 @@ impl Model {
         seed: Option<u64>,
         stop: Vec<String>,
         ignore_eos: bool,
-    ) -> PyResult<Vec<(Vec<u32>, String, String)>> {
+    ) -> PyResult<Vec<Generated>> {
         let gp = params(
             max_new_tokens,
             temperature,
@@ -294,7 +311,9 @@ impl Model {
             stop,
             ignore_eos,
         )?;
-        let mut guard = lock(&self.running);
+        // Held for the whole batch, so another thread's batch waits its turn (with the GIL
+        // released) instead of mixing its events with these.
+        let mut guard = lock(py, &self.running);
         let r = &mut *guard;
         if r.streaming {
             return Err(busy());
@@ -309,7 +328,7 @@ impl Model {
                 })
             })
             .collect();
-        let mut out: Vec<Option<(Vec<u32>, String, String)>> = vec![None; ids.len()];
+        let mut out: Vec<Option<Generated>> = vec![None; ids.len()];
         while !r.sched.is_idle() {
             let tok = &*self.tok;
             let events = py.detach(|| r.sched.tick(&mut r.engine, Some(tok)));
@@ -319,6 +338,7 @@ impl Model {
                         if let Some(i) = ids.iter().position(|&x| x == id) {
                             out[i] = Some((
                                 completion.token_ids,
+                                completion.eos,
                                 completion.text,
                                 completion.finish_reason.as_str().to_string(),
                             ));
@@ -349,6 +369,7 @@ impl Model {
     #[allow(clippy::too_many_arguments)]
     fn stream(
         &self,
+        py: Python<'_>,
         prompt: Vec<u32>,
         max_new_tokens: usize,
         temperature: f32,
@@ -371,7 +392,7 @@ impl Model {
             stop,
             ignore_eos,
         )?;
-        let mut r = lock(&self.running);
+        let mut r = lock(py, &self.running);
         if r.streaming {
             return Err(busy());
         }
@@ -393,12 +414,9 @@ impl Model {
 
 impl Model {
     fn chat_template(&self) -> PyResult<&ChatTemplate> {
-        self.template.as_deref().ok_or_else(|| {
-            AirLLMError::new_err(format!(
-                "chat template: {} has none (no chat_template in tokenizer_config.json or chat_template.jinja, no tokenizer.chat_template in the GGUF)",
-                self.path
-            ))
-        })
+        self.template
+            .as_deref()
+            .map_err(|e| AirLLMError::new_err(e.clone()))
     }
 }
 
@@ -436,18 +454,26 @@ impl TextStream {
     }
 
     fn __next__(&self, py: Python<'_>) -> PyResult<Option<String>> {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            if let Some(p) = st.pieces.pop_front() {
-                return Ok(Some(p));
+            {
+                let mut st = lock(py, &self.state);
+                if let Some(p) = st.pieces.pop_front() {
+                    return Ok(Some(p));
+                }
+                if st.done {
+                    return Ok(None);
+                }
             }
-            if st.done {
-                return Ok(None);
-            }
-            let mut guard = lock(&self.running);
+            // Locks are taken in one order, the model's then the stream's, and the stream's is
+            // not held during the sweep, so other threads can read it or close the stream.
+            let mut guard = lock(py, &self.running);
             let r = &mut *guard;
+            if lock(py, &self.state).done {
+                continue; // closed while this thread waited for the model
+            }
             let tok = &*self.tok;
             let events = py.detach(|| r.sched.tick(&mut r.engine, Some(tok)));
+            let mut st = lock(py, &self.state);
             for ev in events {
                 match ev {
                     Event::Tokens { id, text, .. } if id == self.id && !text.is_empty() => {
@@ -457,7 +483,6 @@ impl TextStream {
                         st.done = true;
                         st.token_ids = completion.token_ids;
                         st.finish_reason = Some(completion.finish_reason.as_str().to_string());
-                        r.streaming = false;
                     }
                     Event::Failed { id, error } if id == self.id => {
                         st.done = true;
@@ -467,25 +492,28 @@ impl TextStream {
                     _ => {}
                 }
             }
-            if r.sched.is_idle() && !st.done {
+            if r.sched.is_idle() {
                 st.done = true;
+            }
+            if st.done {
                 r.streaming = false;
             }
+            drop(st);
             drop(guard);
+            // Signal handlers run with no lock held (one may close this stream).
             if let Err(e) = py.check_signals() {
-                drop(st);
-                self.close();
+                self.close(py);
                 return Err(e);
             }
         }
     }
 
     /// Stops the generation and frees its cache.
-    fn close(&self) {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+    fn close(&self, py: Python<'_>) {
+        let mut r = lock(py, &self.running);
+        let mut st = lock(py, &self.state);
         if !st.done {
             st.done = true;
-            let mut r = lock(&self.running);
             r.sched.cancel(self.id);
             r.streaming = false;
         }
@@ -493,28 +521,22 @@ impl TextStream {
 
     /// The generated token ids, once the stream has ended.
     #[getter]
-    fn token_ids(&self) -> Vec<u32> {
-        self.state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .token_ids
-            .clone()
+    fn token_ids(&self, py: Python<'_>) -> Vec<u32> {
+        lock(py, &self.state).token_ids.clone()
     }
 
     /// `stop` or `length` once the stream has ended, else `None`.
     #[getter]
-    fn finish_reason(&self) -> Option<String> {
-        self.state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .finish_reason
-            .clone()
+    fn finish_reason(&self, py: Python<'_>) -> Option<String> {
+        lock(py, &self.state).finish_reason.clone()
     }
 }
 
 impl Drop for TextStream {
+    /// A stream dropped before its end frees its cache and the model. Python drops objects
+    /// with the GIL held, so attaching is free here.
     fn drop(&mut self) {
-        self.close();
+        Python::attach(|py| self.close(py));
     }
 }
 

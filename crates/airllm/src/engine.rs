@@ -714,7 +714,9 @@ pub fn resolve_budget(max_memory: Option<u64>) -> Result<u64> {
         None => crate::util::available_memory()
             .map(|a| a / 10 * 9)
             .ok_or_else(|| {
-                Error::Invalid("cannot read available memory; pass --max-memory".into())
+                Error::Invalid(
+                    "cannot read available memory; set a memory budget (max_memory)".into(),
+                )
             }),
     }
 }

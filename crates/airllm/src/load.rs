@@ -38,7 +38,7 @@ pub fn compress_type(name: &str) -> Result<Quant> {
     match name.parse::<Quant>() {
         Ok(q @ (Quant::Q8_0 | Quant::Q4K | Quant::Q4KM)) => Ok(q),
         _ => Err(Error::Invalid(format!(
-            "compression `{name}`: expected q8_0, q4_k or q4_k_m (`airllm convert` writes other types)"
+            "compression `{name}`: expected q8_0, q4_k or q4_k_m"
         ))),
     }
 }
@@ -114,6 +114,12 @@ pub fn load(spec: Option<&str>, o: &LoadOptions) -> Result<Loaded> {
         tok_bytes,
         compressed: at.compressed,
     })
+}
+
+/// The context of a front end that does not know its prompts in advance (chat, a server, the
+/// Python API): min(2048, the model's maximum).
+pub fn default_context(cfg: &crate::ModelConfig) -> usize {
+    cfg.max_position_embeddings.min(2048)
 }
 
 /// The compute device `cpu`, `cuda` or `cuda:N` names.

@@ -97,7 +97,9 @@ def _tensor(rows, kind):
 class Tokenizer:
     """The model's tokenizer, called as a transformers tokenizer is."""
 
+    # Left padding, as generation wants; both can be set as in transformers.
     padding_side = "left"
+    truncation_side = "right"
 
     def __init__(self, model):
         self._m = model
@@ -140,13 +142,22 @@ class Tokenizer:
         single = isinstance(text, str)
         texts = [text] if single else list(text)
         rows = [self._m.encode(t, add_special_tokens) for t in texts]
-        if truncation and max_length is not None:
-            rows = [r[:max_length] for r in rows]
+        if truncation:
+            limit = max_length or self._m.max_seq_len
+            rows = [r[:limit] if self.truncation_side == "right" else r[-limit:] for r in rows]
         longest = max((len(r) for r in rows), default=0)
+        if padding == "max_length" and not max_length:
+            raise ValueError("padding='max_length' needs max_length")
         if padding in (True, "longest", "max_length"):
-            width = max_length if padding == "max_length" and max_length else longest
-            masks = [[0] * (width - len(r)) + [1] * len(r) for r in rows]
-            rows = [[self.pad_token_id] * (width - len(r)) + r for r in rows]
+            width = max(longest, max_length or 0) if padding == "max_length" else longest
+            pads = [[self.pad_token_id] * (width - len(r)) for r in rows]
+            zeros = [[0] * (width - len(r)) for r in rows]
+            if self.padding_side == "left":
+                masks = [z + [1] * len(r) for z, r in zip(zeros, rows)]
+                rows = [p + r for p, r in zip(pads, rows)]
+            else:
+                masks = [[1] * len(r) + z for z, r in zip(zeros, rows)]
+                rows = [r + p for p, r in zip(pads, rows)]
         else:
             if return_tensors is not None and len({len(r) for r in rows}) > 1:
                 raise ValueError(
@@ -185,9 +196,12 @@ def _messages(messages):
     out = []
     for i, m in enumerate(messages):
         try:
-            out.append((str(m["role"]), str(m["content"])))
+            role, content = m["role"], m["content"]
         except (KeyError, TypeError):
             raise ValueError(f"messages[{i}]: expected a dict with 'role' and 'content'") from None
+        if not isinstance(role, str) or not isinstance(content, str):
+            raise ValueError(f"messages[{i}]: 'role' and 'content' must be strings")
+        out.append((role, content))
     return out
 
 
@@ -266,17 +280,24 @@ class AirLLMModel:
         seed=None,
         use_cache=True,
         num_beams=1,
+        pad_token_id=None,
+        max_length=None,
         **kwargs,
     ):
         """Generates for each row of ``input_ids`` (a list, numpy array or torch tensor; one
         row or a batch) in one batch, and returns the rows with their new tokens appended, in
         the input's form. Left padding marked by ``attention_mask`` is dropped before the
-        model sees it. ``stop`` (a string or strings) ends a row where its text appears."""
+        model sees it. ``stop`` (a string or strings) ends a row where its text appears. A row
+        that ends with EOS keeps it, as in transformers; shorter rows are padded with
+        ``pad_token_id`` (default: the tokenizer's). ``max_length`` counts the prompt, as in
+        transformers, and overrides ``max_new_tokens``."""
         if kwargs:
             raise TypeError(f"unexpected generate argument(s): {', '.join(sorted(kwargs))}")
         if num_beams != 1:
             raise ValueError("num_beams: beam search is not supported; use num_beams=1")
         rows, single = _rows(input_ids)
+        if not rows:
+            raise ValueError("input_ids: no rows")
         prompts = rows
         if attention_mask is not None:
             masks, _ = _rows(attention_mask)
@@ -285,16 +306,18 @@ class AirLLMModel:
             prompts = [[t for t, k in zip(r, m) if k] for r, m in zip(rows, masks)]
         if any(len(p) == 0 for p in prompts):
             raise ValueError("input_ids: a row has no tokens")
+        if max_length is not None:
+            max_new_tokens = max(max_length - max(len(r) for r in rows), 0)
         params = _sampling(do_sample, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, max_new_tokens)
         results = self._m.generate(prompts, **params)
-        new = [r[0] for r in results]
+        new = [ids + ([] if eos is None else [eos]) for ids, eos, _, _ in results]
         width = max(len(n) for n in new)
-        pad = self.tokenizer.pad_token_id
+        pad = self.tokenizer.pad_token_id if pad_token_id is None else pad_token_id
         seqs = [list(r) + n + [pad] * (width - len(n)) for r, n in zip(rows, new)]
         sequences = _like(seqs, input_ids, single)
         if not return_dict_in_generate:
             return sequences
-        return GenerateOutput(sequences, [r[1] for r in results], [r[2] for r in results])
+        return GenerateOutput(sequences, [r[2] for r in results], [r[3] for r in results])
 
     def stream(
         self,
@@ -355,24 +378,45 @@ class AutoModel:
         unknown = set(kwargs) - _AIRLLM_IGNORED
         if unknown:
             raise TypeError(f"unexpected from_pretrained argument(s): {', '.join(sorted(unknown))}")
+        if compression and compression not in _COMPRESSION and compression not in ("q8_0", "q4_k", "q4_k_m"):
+            raise ValueError(f"compression `{compression}`: expected 4bit or 8bit (or q8_0, q4_k, q4_k_m)")
+        compress = _COMPRESSION.get(compression, compression) if compression else None
+        # The token is read from the environment while the model is fetched, and only then.
+        saved = os.environ.get("HF_TOKEN")
         if hf_token:
             os.environ["HF_TOKEN"] = hf_token
-        compress = _COMPRESSION.get(compression, compression) if compression else None
-        native = _Model(
-            None if pretrained_model_name_or_path is None else os.fspath(pretrained_model_name_or_path),
-            max_memory=_size(max_memory, "max_memory"),
-            device=device,
-            gpu_memory=_size(gpu_memory, "gpu_memory"),
-            compress=compress,
-            max_seq_len=max_seq_len,
-            max_batch=max_batch,
-            batch_size=batch_size,
-            revision=revision,
-            progress=progress,
-        )
+        try:
+            native = _Model(
+                None if pretrained_model_name_or_path is None else os.fspath(pretrained_model_name_or_path),
+                max_memory=_size(max_memory, "max_memory"),
+                device=device,
+                gpu_memory=_size(gpu_memory, "gpu_memory"),
+                compress=compress,
+                max_seq_len=max_seq_len,
+                max_batch=max_batch,
+                batch_size=batch_size,
+                revision=revision,
+                progress=progress,
+            )
+        finally:
+            if hf_token:
+                if saved is None:
+                    del os.environ["HF_TOKEN"]
+                else:
+                    os.environ["HF_TOKEN"] = saved
         return AirLLMModel(native)
 
 
-# AirLLM's per-architecture classes: the architecture is read from the model here, so each is
-# AutoModel under the name AirLLM code imports.
-AirLLMLlama2 = AirLLMMistral = AirLLMMixtral = AirLLMQWen = AirLLMQWen2 = AutoModel
+class _ArchModel(AutoModel):
+    """AirLLM's per-architecture classes, called as ``AirLLMLlama2("repo", ...)`` or through
+    ``from_pretrained``; the architecture is read from the model either way."""
+
+    def __new__(cls, *args, **kwargs):
+        return AutoModel.from_pretrained(*args, **kwargs)
+
+
+AirLLMLlama2 = type("AirLLMLlama2", (_ArchModel,), {})
+AirLLMMistral = type("AirLLMMistral", (_ArchModel,), {})
+AirLLMMixtral = type("AirLLMMixtral", (_ArchModel,), {})
+AirLLMQWen = type("AirLLMQWen", (_ArchModel,), {})
+AirLLMQWen2 = type("AirLLMQWen2", (_ArchModel,), {})

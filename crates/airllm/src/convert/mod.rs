@@ -990,7 +990,7 @@ pub fn cached(
     if crate::weights::is_gguf(src) {
         return Err(Error::file(
             src,
-            "is already a GGUF file; --compress applies to Hugging Face folders",
+            "is already a GGUF file; compression applies to Hugging Face folders",
         ));
     }
     let stamp = source_stamp(src)?;

@@ -88,6 +88,8 @@ pub struct Completion {
     pub prompt_logprobs: Vec<f64>,
     /// Generated ids, without the EOS that ended them.
     pub token_ids: Vec<u32>,
+    /// The EOS token that ended them, if one did (transformers' sequences end with it).
+    pub eos: Option<u32>,
     pub text: String,
     pub finish_reason: FinishReason,
 }
@@ -97,6 +99,7 @@ pub struct Completion {
 struct Output {
     prompt_ids: Vec<u32>,
     ids: Vec<u32>,
+    eos: Option<u32>,
     text: String,
     shown: usize,
     done: Option<FinishReason>,

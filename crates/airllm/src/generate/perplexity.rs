@@ -30,7 +30,9 @@ pub fn perplexity(
     mut on_window: impl FnMut(usize, usize, f64),
 ) -> Result<PerplexityReport> {
     if ctx < 4 {
-        return Err(Error::Invalid(format!("--ctx {ctx} must be at least 4")));
+        return Err(Error::Invalid(format!(
+            "context {ctx} must be at least 4 tokens"
+        )));
     }
     let windows = tokens.len() / ctx;
     if windows == 0 {

@@ -20,6 +20,15 @@ pub struct SamplingParams {
     pub seed: u64,
 }
 
+impl SamplingParams {
+    /// A seed from the clock, for runs that were given none.
+    pub fn clock_seed() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    }
+}
+
 impl Default for SamplingParams {
     fn default() -> Self {
         SamplingParams {

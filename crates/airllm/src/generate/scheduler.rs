@@ -303,6 +303,7 @@ impl Scheduler {
                 out: Output {
                     prompt_ids: req.prompt,
                     ids: vec![],
+                    eos: None,
                     text: String::new(),
                     shown: 0,
                     done,
@@ -600,6 +601,7 @@ impl Scheduler {
                     prompt_logprobs: a.prompt_logprobs,
                     prompt_ids: a.out.prompt_ids,
                     token_ids: a.out.ids,
+                    eos: a.out.eos,
                     text: a.out.text,
                     finish_reason: a.out.done.unwrap_or(FinishReason::Length),
                 },
@@ -777,6 +779,7 @@ impl Active {
         let eos = tok.is_some_and(|tok| tok.eos_ids.contains(&t)) && !self.params.ignore_eos;
         if eos {
             o.done = Some(FinishReason::Stop);
+            o.eos = Some(t);
         } else {
             o.ids.push(t);
             self.new_tokens.push(t);

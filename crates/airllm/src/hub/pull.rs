@@ -10,14 +10,14 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 
-/// What tokenizer and template files a Hugging Face folder may carry; those present are fetched.
-const FOLDER_FILES: [&str; 6] = [
+/// The tokenizer, template and generation files a Hugging Face folder may carry that airllm
+/// reads; those present are fetched.
+const FOLDER_FILES: [&str; 5] = [
     "generation_config.json",
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
     "chat_template.jinja",
-    "chat_template.json",
 ];
 
 /// A model named on the hub: `ORG/NAME`, `ORG/NAME:QUANT` (one GGUF file by its quantization,
@@ -82,32 +82,40 @@ pub struct HubEnv {
 impl HubEnv {
     pub fn from_env() -> HubEnv {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+        let truthy = |k: &str| {
+            var(k).is_some_and(|v| {
+                matches!(
+                    v.trim().to_ascii_lowercase().as_str(),
+                    "1" | "true" | "yes" | "on"
+                )
+            })
+        };
         let home = var("HF_HOME").map(PathBuf::from).unwrap_or_else(|| {
-            Path::new(&std::env::var("HOME").unwrap_or_default()).join(".cache/huggingface")
-        });
-        let token = var("HF_TOKEN").or_else(|| {
-            let path = var("HF_TOKEN_PATH")
+            var("XDG_CACHE_HOME")
                 .map(PathBuf::from)
-                .unwrap_or_else(|| home.join("token"));
-            std::fs::read_to_string(path)
-                .ok()
-                .map(|t| t.trim().to_string())
-                .filter(|t| !t.is_empty())
+                .unwrap_or_else(|| Path::new(&var("HOME").unwrap_or_default()).join(".cache"))
+                .join("huggingface")
         });
-        let offline = var("HF_HUB_OFFLINE").is_some_and(|v| {
-            matches!(
-                v.trim().to_ascii_lowercase().as_str(),
-                "1" | "true" | "yes" | "on"
-            )
-        });
+        let token = var("HF_TOKEN")
+            .or_else(|| var("HUGGING_FACE_HUB_TOKEN"))
+            .or_else(|| {
+                let path = var("HF_TOKEN_PATH")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| home.join("token"));
+                std::fs::read_to_string(path)
+                    .ok()
+                    .map(|t| t.trim().to_string())
+                    .filter(|t| !t.is_empty())
+            });
         HubEnv {
             endpoint: var("HF_ENDPOINT")
                 .unwrap_or_else(|| "https://huggingface.co".into())
                 .trim_end_matches('/')
                 .to_string(),
             token,
-            offline,
+            offline: truthy("HF_HUB_OFFLINE") || truthy("TRANSFORMERS_OFFLINE"),
             cache: var("HF_HUB_CACHE")
+                .or_else(|| var("HUGGINGFACE_HUB_CACHE"))
                 .map(PathBuf::from)
                 .unwrap_or_else(|| home.join("hub")),
         }
@@ -121,18 +129,33 @@ pub fn repo_folder(cache: &Path, repo: &str) -> PathBuf {
 
 /// The snapshot a revision names in a cache: a commit hash directly, a branch or tag through
 /// `refs/`.
+/// A cache without `refs/main` (copied, or filled by commit) offers its newest snapshot for
+/// `main`.
 fn snapshot(cache: &Path, repo: &str, revision: &str) -> Option<PathBuf> {
     let folder = repo_folder(cache, repo);
-    let commit = if revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit()) {
+    let snapshots = folder.join("snapshots");
+    let commit = if is_commit(revision) {
         revision.to_string()
     } else {
-        std::fs::read_to_string(folder.join("refs").join(revision))
-            .ok()?
-            .trim()
-            .to_string()
+        match std::fs::read_to_string(folder.join("refs").join(revision)) {
+            Ok(c) => c.trim().to_string(),
+            Err(_) if revision == "main" => {
+                return std::fs::read_dir(&snapshots)
+                    .ok()?
+                    .filter_map(|e| e.ok())
+                    .map(|e| e.path())
+                    .filter(|p| p.is_dir())
+                    .max_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
+            }
+            Err(_) => return None,
+        }
     };
-    let dir = folder.join("snapshots").join(commit);
+    let dir = snapshots.join(commit);
     dir.is_dir().then_some(dir)
+}
+
+fn is_commit(revision: &str) -> bool {
+    revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit())
 }
 
 /// The GGUF files of a listing that hold a model (not a vision projector).
@@ -281,14 +304,35 @@ fn complete_in(dir: &Path, spec: &RepoSpec) -> Option<PathBuf> {
         let p = dir.join(f);
         return p.is_file().then_some(p);
     }
-    let names: Vec<String> = std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().into_string().ok())
-        .collect();
+    let mut names = Vec::new();
+    list_files(dir, "", &mut names);
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    // Without a choice, the cache answers only when it holds one model file: the hub may hold
+    // others, and the choice among them is made against its listing.
+    if spec.file.is_none() && model_ggufs(refs.iter().copied()).len() != 1 {
+        return None;
+    }
     let f = pick_gguf(&spec.repo, &refs, spec.file.as_ref()).ok()??;
     Some(dir.join(f))
+}
+
+/// Every file under `dir` (following the snapshot's links), as paths relative to it.
+fn list_files(dir: &Path, prefix: &str, out: &mut Vec<String>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.filter_map(|e| e.ok()) {
+        let Ok(name) = e.file_name().into_string() else {
+            continue;
+        };
+        let rel = format!("{prefix}{name}");
+        let path = e.path();
+        if path.is_dir() {
+            list_files(&path, &format!("{rel}/"), out);
+        } else if path.is_file() {
+            out.push(rel);
+        }
+    }
 }
 
 /// The model `spec` names at `revision`, if a cache already holds everything it needs.
@@ -303,6 +347,25 @@ pub fn cached(spec: &RepoSpec, revision: &str, caches: &[PathBuf]) -> Option<Pat
 struct Sibling {
     rfilename: String,
     size: Option<u64>,
+    #[serde(rename = "blobId")]
+    blob_id: Option<String>,
+    lfs: Option<Lfs>,
+}
+
+#[derive(Deserialize)]
+struct Lfs {
+    sha256: String,
+}
+
+impl Sibling {
+    /// The name the file's blob has in the cache: the ETag the hub serves it with, which is
+    /// the LFS object's SHA-256 or the git blob id.
+    fn blob_name(&self) -> Option<&str> {
+        self.lfs
+            .as_ref()
+            .map(|l| l.sha256.as_str())
+            .or(self.blob_id.as_deref())
+    }
 }
 
 #[derive(Deserialize)]
@@ -327,43 +390,50 @@ pub fn pull(spec: &RepoSpec, revision: &str, env: &HubEnv, progress: bool) -> Re
             env.cache.display()
         )));
     }
-    let api = ApiBuilder::new()
+    // From the cache folder itself: `ApiBuilder::new` would look up a home folder first.
+    let api = ApiBuilder::from_cache(hf_hub::Cache::new(env.cache.clone()))
         .with_endpoint(env.endpoint.clone())
-        .with_cache_dir(env.cache.clone())
         .with_token(env.token.clone())
         .with_progress(progress)
         .with_retries(5)
         .with_user_agent("airllm-rs", env!("CARGO_PKG_VERSION"))
         .build()
         .map_err(|e| hub_err(format!("cannot start a client: {e}")))?;
-    let repo = api.repo(Repo::with_revision(
-        repo_id.clone(),
-        RepoType::Model,
-        revision.to_string(),
-    ));
     let explain = |e: ApiError, file: Option<&str>| explain(e, repo_id, revision, file, env);
-    let info: RepoInfo = repo
+    let info: RepoInfo = api
+        .repo(Repo::with_revision(
+            repo_id.clone(),
+            RepoType::Model,
+            revision.to_string(),
+        ))
         .info_request()
         .query("blobs", "true")
         .call()
         .map_err(|e| explain(ApiError::RequestError(Box::new(e)), None))?
         .into_json()
         .map_err(|e| hub_err(format!("unreadable answer from {}: {e}", env.endpoint)))?;
+    // Every file comes from the commit the listing describes, even if the branch moves on.
+    let repo = api.repo(Repo::with_revision(
+        repo_id.clone(),
+        RepoType::Model,
+        info.sha.clone(),
+    ));
+    let folder = repo_folder(&env.cache, repo_id);
+    let snap = folder.join("snapshots").join(&info.sha);
     let files: Vec<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
-    let snap = repo_folder(&env.cache, repo_id)
-        .join("snapshots")
-        .join(&info.sha);
     let fetch = |f: &str| -> Result<PathBuf> {
         let local = snap.join(f);
         if local.is_file() {
             return Ok(local);
         }
+        // A link left dangling (its blob deleted) would make the new link fail.
+        let _ = std::fs::remove_file(&local);
+        let sib = info.siblings.iter().find(|s| s.rfilename == f);
+        if let Some(path) = sib.and_then(|s| link_existing_blob(&folder, &local, s)) {
+            return Ok(path);
+        }
         let path = repo.download(f).map_err(|e| explain(e, Some(f)))?;
-        let want = info
-            .siblings
-            .iter()
-            .find(|s| s.rfilename == f)
-            .and_then(|s| s.size);
+        let want = sib.and_then(|s| s.size);
         let got = std::fs::metadata(&path).map(|m| m.len()).ok();
         if let (Some(want), Some(got)) = (want, got) {
             if want != got {
@@ -379,10 +449,15 @@ pub fn pull(spec: &RepoSpec, revision: &str, env: &HubEnv, progress: bool) -> Re
         Ok(path)
     };
     let has = |f: &str| files.contains(&f);
-    if spec.file.is_none()
+    let found = if spec.file.is_none()
         && has("config.json")
         && files.iter().any(|f| f.ends_with(".safetensors"))
     {
+        if !has("tokenizer.json") {
+            return Err(hub_err(
+                "has no tokenizer.json (airllm reads tokenizers in that form; a repo with only tokenizer.model needs converting, or use a GGUF of the model)".into(),
+            ));
+        }
         fetch("config.json")?;
         let shards = if has("model.safetensors.index.json") {
             index_shards(&fetch("model.safetensors.index.json")?)?
@@ -404,17 +479,60 @@ pub fn pull(spec: &RepoSpec, revision: &str, env: &HubEnv, progress: bool) -> Re
             }
             fetch(s)?;
         }
-        return Ok(snap);
+        snap.clone()
+    } else {
+        match pick_gguf(repo_id, &files, spec.file.as_ref())? {
+            Some(f) => fetch(&f)?,
+            None if files.iter().any(|f| f.ends_with(".bin") || f.ends_with(".pth")) => {
+                return Err(hub_err(
+                    "holds only PyTorch pickles (.bin/.pth); airllm reads safetensors or GGUF: pick a repo with one of those".into(),
+                ))
+            }
+            None => {
+                return Err(hub_err(
+                    "holds neither safetensors weights with a config.json nor a GGUF file".into(),
+                ))
+            }
+        }
+    };
+    set_ref(&folder, revision, &info.sha).map_err(|e| {
+        hub_err(format!(
+            "cannot write to the cache {}: {e}",
+            folder.display()
+        ))
+    })?;
+    Ok(found)
+}
+
+/// Links `local` to a blob the cache already holds for `sib` (the same file in another
+/// commit), so an unchanged file is not downloaded again.
+fn link_existing_blob(folder: &Path, local: &Path, sib: &Sibling) -> Option<PathBuf> {
+    let name = sib.blob_name()?;
+    let blob = folder.join("blobs").join(name);
+    let len = std::fs::metadata(&blob).ok()?.len();
+    if sib.size.is_some_and(|s| s != len) {
+        return None;
     }
-    match pick_gguf(repo_id, &files, spec.file.as_ref())? {
-        Some(f) => fetch(&f),
-        None if files.iter().any(|f| f.ends_with(".bin") || f.ends_with(".pth")) => Err(hub_err(
-            "holds only PyTorch pickles (.bin/.pth); airllm reads safetensors or GGUF: pick a repo with one of those".into(),
-        )),
-        None => Err(hub_err(
-            "holds neither safetensors weights with a config.json nor a GGUF file".into(),
-        )),
+    std::fs::create_dir_all(local.parent()?).ok()?;
+    let depth = local.strip_prefix(folder).ok()?.components().count() - 1;
+    let target = Path::new(&"../".repeat(depth)).join("blobs").join(name);
+    std::os::unix::fs::symlink(target, local).ok()?;
+    local.is_file().then(|| local.to_path_buf())
+}
+
+/// Points `refs/REVISION` at `commit` (written whole, then renamed into place). hf-hub names
+/// the ref after the revision it downloaded by, here the commit itself; that stray ref goes.
+fn set_ref(folder: &Path, revision: &str, commit: &str) -> std::io::Result<()> {
+    let refs = folder.join("refs");
+    if !is_commit(revision) {
+        let _ = std::fs::remove_file(refs.join(commit));
+        let path = refs.join(revision);
+        std::fs::create_dir_all(path.parent().unwrap_or(&refs))?;
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, commit)?;
+        std::fs::rename(tmp, path)?;
     }
+    Ok(())
 }
 
 /// One line for a failed hub request: what went wrong and what to do.
@@ -429,7 +547,10 @@ fn explain(e: ApiError, repo: &str, revision: &str, file: Option<&str>, env: &Hu
                 let kind = resp.header("x-error-code").unwrap_or("").to_string();
                 let url = format!("{}/{repo}", env.endpoint);
                 match (kind.as_str(), code) {
-                    ("GatedRepo", _) | ("", 403) => format!(
+                    ("", 403) => format!(
+                        "access to {what} was refused (HTTP 403): if the repo is gated, accept its terms at {url} and set HF_TOKEN to a token of that account"
+                    ),
+                    ("GatedRepo", _) => format!(
                         "is gated: accept its terms at {url} while logged in, then set HF_TOKEN to a token of that account{}",
                         if env.token.is_some() { " (the token in use has no access yet)" } else { "" }
                     ),
