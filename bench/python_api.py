@@ -1,5 +1,6 @@
 """Decode speed through the Python API against `airllm run` on the same model, budget and prompt
-(greedy, the same tokens), to show what the binding costs per token. Run with the wheel
+(greedy, the same tokens), to show what the binding costs per token, with the disk's raw read
+bandwidth (dd, O_DIRECT, on the model file) measured in the same run. Run with the wheel
 installed (scripts/test_python.sh installs it into target/test-venv):
 
     target/test-venv/bin/python bench/python_api.py [--model M] [--max-memory 160MiB] [--gen 64]
@@ -30,6 +31,10 @@ if a.model:
 m = AutoModel.from_pretrained(a.model, max_memory=a.max_memory, max_seq_len=128, batch_size=16,
                                progress=False)
 ids = m.tokenizer(PROMPT)["input_ids"]
+dd = subprocess.run(["dd", f"if={m.path}", "of=/dev/null", "bs=8M", "iflag=direct"],
+                    capture_output=True, text=True)
+print(json.dumps({"model": m.path, "max_memory": a.max_memory,
+                  "raw_disk": dd.stderr.strip().splitlines()[-1]}))
 for run in range(a.runs):
     p = subprocess.run(cli_args, capture_output=True, text=True, check=True)
     cli = json.loads(p.stdout.splitlines()[0])
