@@ -82,8 +82,10 @@ fn lock<'a, T>(py: Python<'_>, m: &'a Mutex<T>) -> MutexGuard<'a, T> {
     m.lock_py_attached(py).unwrap_or_else(|e| e.into_inner())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn params(
+/// Generation settings, from a dict with every key (the Python half fills in the defaults).
+#[derive(FromPyObject)]
+#[pyo3(from_item_all)]
+struct Settings {
     max_new_tokens: usize,
     temperature: f32,
     top_k: usize,
@@ -92,24 +94,27 @@ fn params(
     repetition_penalty: f32,
     seed: Option<u64>,
     stop: Vec<String>,
-    ignore_eos: bool,
-) -> PyResult<GenerationParams> {
-    let seed = seed.unwrap_or_else(SamplingParams::clock_seed);
-    let gp = GenerationParams {
-        max_new_tokens,
-        sampling: SamplingParams {
-            temperature,
-            top_k,
-            top_p,
-            min_p,
-            repetition_penalty,
-            seed,
-        },
-        stop_strings: stop,
-        ignore_eos,
-    };
-    gp.check().map_err(py_err)?;
-    Ok(gp)
+}
+
+impl Settings {
+    /// Checked, with a seed from the clock when none was given.
+    fn params(self) -> PyResult<GenerationParams> {
+        let gp = GenerationParams {
+            max_new_tokens: self.max_new_tokens,
+            sampling: SamplingParams {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                min_p: self.min_p,
+                repetition_penalty: self.repetition_penalty,
+                seed: self.seed.unwrap_or_else(SamplingParams::clock_seed),
+            },
+            stop_strings: self.stop,
+            ignore_eos: false,
+        };
+        gp.check().map_err(py_err)?;
+        Ok(gp)
+    }
 }
 
 #[pymethods]
@@ -283,34 +288,13 @@ impl Model {
     /// Generates for each prompt (token ids), batched: each layer is read once per sweep for
     /// all of them. Returns `(new token ids, the EOS that ended them or None, text, finish
     /// reason)` per prompt.
-    #[pyo3(signature = (prompts, *, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0,
-        min_p=0.0, repetition_penalty=1.0, seed=None, stop=vec![], ignore_eos=false))]
-    #[allow(clippy::too_many_arguments)]
     fn generate(
         &self,
         py: Python<'_>,
         prompts: Vec<Vec<u32>>,
-        max_new_tokens: usize,
-        temperature: f32,
-        top_k: usize,
-        top_p: f32,
-        min_p: f32,
-        repetition_penalty: f32,
-        seed: Option<u64>,
-        stop: Vec<String>,
-        ignore_eos: bool,
+        settings: Settings,
     ) -> PyResult<Vec<Generated>> {
-        let gp = params(
-            max_new_tokens,
-            temperature,
-            top_k,
-            top_p,
-            min_p,
-            repetition_penalty,
-            seed,
-            stop,
-            ignore_eos,
-        )?;
+        let gp = settings.params()?;
         // Held for the whole batch, so another thread's batch waits its turn (with the GIL
         // released) instead of mixing its events with these.
         let mut guard = lock(py, &self.running);
@@ -364,34 +348,8 @@ impl Model {
 
     /// Starts generating for one prompt; the returned iterator yields text pieces as they
     /// become final (text that could still become a stop string is held back).
-    #[pyo3(signature = (prompt, *, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0,
-        min_p=0.0, repetition_penalty=1.0, seed=None, stop=vec![], ignore_eos=false))]
-    #[allow(clippy::too_many_arguments)]
-    fn stream(
-        &self,
-        py: Python<'_>,
-        prompt: Vec<u32>,
-        max_new_tokens: usize,
-        temperature: f32,
-        top_k: usize,
-        top_p: f32,
-        min_p: f32,
-        repetition_penalty: f32,
-        seed: Option<u64>,
-        stop: Vec<String>,
-        ignore_eos: bool,
-    ) -> PyResult<TextStream> {
-        let gp = params(
-            max_new_tokens,
-            temperature,
-            top_k,
-            top_p,
-            min_p,
-            repetition_penalty,
-            seed,
-            stop,
-            ignore_eos,
-        )?;
+    fn stream(&self, py: Python<'_>, prompt: Vec<u32>, settings: Settings) -> PyResult<TextStream> {
+        let gp = settings.params()?;
         let mut r = lock(py, &self.running);
         if r.streaming {
             return Err(busy());

@@ -223,19 +223,28 @@ class GenerateOutput:
         return f"GenerateOutput(sequences={self.sequences!r}, finish_reasons={self.finish_reasons!r})"
 
 
-def _sampling(do_sample, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, max_new_tokens):
-    if isinstance(stop, str):
-        stop = [stop]
+# transformers' defaults for the sampling settings generate() and stream() take.
+_SAMPLING_DEFAULTS = dict(do_sample=False, temperature=1.0, top_p=1.0, top_k=50, min_p=None,
+                          repetition_penalty=1.0, stop=None, seed=None)
+
+
+def _sampling(max_new_tokens, settings, caller):
+    """The native call's settings from transformers-style keywords; unknown ones are refused."""
+    unknown = set(settings) - set(_SAMPLING_DEFAULTS)
+    if unknown:
+        raise TypeError(f"unexpected {caller} argument(s): {', '.join(sorted(unknown))}")
+    o = {**_SAMPLING_DEFAULTS, **settings}
+    stop = [o["stop"]] if isinstance(o["stop"], str) else list(o["stop"] or [])
     return dict(
         max_new_tokens=int(max_new_tokens),
         # transformers' greedy search ignores temperature and the filters unless do_sample.
-        temperature=float(temperature) if do_sample else 0.0,
-        top_k=int(top_k or 0),
-        top_p=float(top_p),
-        min_p=float(min_p or 0.0),
-        repetition_penalty=float(repetition_penalty),
-        seed=seed,
-        stop=list(stop or []),
+        temperature=float(o["temperature"]) if o["do_sample"] else 0.0,
+        top_k=int(o["top_k"] or 0),
+        top_p=float(o["top_p"]),
+        min_p=float(o["min_p"] or 0.0),
+        repetition_penalty=float(o["repetition_penalty"]),
+        seed=o["seed"],
+        stop=stop,
     )
 
 
@@ -268,31 +277,23 @@ class AirLLMModel:
         self,
         input_ids,
         max_new_tokens=20,
-        do_sample=False,
-        temperature=1.0,
-        top_p=1.0,
-        top_k=50,
-        min_p=None,
-        repetition_penalty=1.0,
         attention_mask=None,
         return_dict_in_generate=False,
-        stop=None,
-        seed=None,
         use_cache=True,
         num_beams=1,
         pad_token_id=None,
         max_length=None,
-        **kwargs,
+        **sampling,
     ):
         """Generates for each row of ``input_ids`` (a list, numpy array or torch tensor; one
         row or a batch) in one batch, and returns the rows with their new tokens appended, in
         the input's form. Left padding marked by ``attention_mask`` is dropped before the
-        model sees it. ``stop`` (a string or strings) ends a row where its text appears. A row
-        that ends with EOS keeps it, as in transformers; shorter rows are padded with
-        ``pad_token_id`` (default: the tokenizer's). ``max_length`` counts the prompt, as in
-        transformers, and overrides ``max_new_tokens``."""
-        if kwargs:
-            raise TypeError(f"unexpected generate argument(s): {', '.join(sorted(kwargs))}")
+        model sees it. ``sampling``: ``do_sample`` (default False: greedy), ``temperature``,
+        ``top_p``, ``top_k`` (50), ``min_p``, ``repetition_penalty``, ``seed``, and ``stop`` (a
+        string or strings that end a row where its text appears). A row that ends with EOS
+        keeps it, as in transformers; shorter rows are padded with ``pad_token_id`` (default:
+        the tokenizer's). ``max_length`` counts the prompt, as in transformers, and overrides
+        ``max_new_tokens``."""
         if num_beams != 1:
             raise ValueError("num_beams: beam search is not supported; use num_beams=1")
         rows, single = _rows(input_ids)
@@ -308,8 +309,7 @@ class AirLLMModel:
             raise ValueError("input_ids: a row has no tokens")
         if max_length is not None:
             max_new_tokens = max(max_length - max(len(r) for r in rows), 0)
-        params = _sampling(do_sample, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, max_new_tokens)
-        results = self._m.generate(prompts, **params)
+        results = self._m.generate(prompts, _sampling(max_new_tokens, sampling, "generate"))
         new = [ids + ([] if eos is None else [eos]) for ids, eos, _, _ in results]
         width = max(len(n) for n in new)
         pad = self.tokenizer.pad_token_id if pad_token_id is None else pad_token_id
@@ -319,24 +319,11 @@ class AirLLMModel:
             return sequences
         return GenerateOutput(sequences, [r[2] for r in results], [r[3] for r in results])
 
-    def stream(
-        self,
-        prompt,
-        max_new_tokens=128,
-        do_sample=False,
-        temperature=1.0,
-        top_p=1.0,
-        top_k=50,
-        min_p=None,
-        repetition_penalty=1.0,
-        stop=None,
-        seed=None,
-    ):
+    def stream(self, prompt, max_new_tokens=128, **sampling):
         """Yields the text of a generation piece by piece. ``prompt`` is text (tokenized with
-        BOS where the model wants it) or token ids."""
+        BOS where the model wants it) or token ids; ``sampling`` as :meth:`generate` takes it."""
         ids = self._m.encode(prompt, True) if isinstance(prompt, str) else _rows(prompt)[0][0]
-        params = _sampling(do_sample, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, max_new_tokens)
-        return self._m.stream(ids, **params)
+        return self._m.stream(ids, _sampling(max_new_tokens, sampling, "stream"))
 
     def chat(self, messages, stream=False, max_new_tokens=256, **kwargs):
         """The assistant's reply to ``messages`` (dicts with ``role`` and ``content``), through
