@@ -101,7 +101,8 @@ class MockHub:
             repo_id, rev = "/".join(parts[2:4]), parts[5]
             repo = self.repos.get(repo_id)
             if repo is None:
-                return self.error(h, 404, "RepoNotFound", "Repository not found")
+                # As the hub answers a client without a token: 401, not 404.
+                return self.error(h, 401, "RepoNotFound", "Repository not found")
             if rev not in ("main", repo.commit):
                 return self.error(h, 404, "RevisionNotFound", "Invalid rev id")
             body = json.dumps(
@@ -124,7 +125,8 @@ class MockHub:
             repo_id, rev, name = "/".join(parts[:2]), parts[3], "/".join(parts[4:])
             repo = self.repos.get(repo_id)
             if repo is None:
-                return self.error(h, 404, "RepoNotFound", "Repository not found")
+                # As the hub answers a client without a token: 401, not 404.
+                return self.error(h, 401, "RepoNotFound", "Repository not found")
             if rev not in ("main", repo.commit):
                 return self.error(h, 404, "RevisionNotFound", "Invalid rev id")
             if repo.gated_token and h.headers.get("Authorization") != f"Bearer {repo.gated_token}":

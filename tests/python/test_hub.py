@@ -1,9 +1,11 @@
 """Models by repo id, through hf-hub, against a mock hub on 127.0.0.1 (tests/python/mock_hub.py)."""
 
 import os
+import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -114,10 +116,23 @@ def test_a_gated_repo_says_what_to_do_and_opens_with_a_token(hub, airllm_bin, mo
     assert e.stderr.strip().splitlines() == [
         f"error: org/gated: is gated: accept its terms at {hub.url}/org/gated while logged in, then set HF_TOKEN to a token of that account"
     ]
+    # The token file `hf auth login` writes, then HF_TOKEN, then from_pretrained(hf_token=...).
+    token_file = Path(os.environ["HF_HOME"]) / "token"
+    token_file.parent.mkdir(parents=True, exist_ok=True)
+    token_file.write_text("hf_secret\n")
+    assert run_cli(airllm_bin, "pull", "org/gated").stdout.strip().endswith(COMMIT)
+    assert hub.requests[-1][2] == "Bearer hf_secret"
+    token_file.unlink()
+    shutil.rmtree(hub.cache)
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
     path = pull("org/gated", progress=False)
     assert path.endswith(COMMIT)
     assert hub.requests[-1][2] == "Bearer hf_secret"
+    monkeypatch.delenv("HF_TOKEN")
+    shutil.rmtree(hub.cache)
+    m = AutoModel.from_pretrained("org/gated", hf_token="hf_secret", revision=COMMIT, progress=False)
+    assert m.path.endswith(COMMIT) and "HF_TOKEN" not in os.environ
+    assert not (hub.cache / "models--org--gated" / "refs" / COMMIT).exists()
 
 
 def test_one_gguf_file_by_its_type(hub, airllm_bin):

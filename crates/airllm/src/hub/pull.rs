@@ -524,8 +524,8 @@ fn link_existing_blob(folder: &Path, local: &Path, sib: &Sibling) -> Option<Path
 /// the ref after the revision it downloaded by, here the commit itself; that stray ref goes.
 fn set_ref(folder: &Path, revision: &str, commit: &str) -> std::io::Result<()> {
     let refs = folder.join("refs");
+    let _ = std::fs::remove_file(refs.join(commit));
     if !is_commit(revision) {
-        let _ = std::fs::remove_file(refs.join(commit));
         let path = refs.join(revision);
         std::fs::create_dir_all(path.parent().unwrap_or(&refs))?;
         let tmp = path.with_extension("tmp");
