@@ -2,6 +2,7 @@
 //! files a model needs are fetched; a partly downloaded file resumes from its `.part` file; a
 //! snapshot that already holds them is used without the network.
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use hf_hub::api::sync::{ApiBuilder, ApiError};
@@ -432,7 +433,11 @@ pub fn pull(spec: &RepoSpec, revision: &str, env: &HubEnv, progress: bool) -> Re
         if let Some(path) = sib.and_then(|s| link_existing_blob(&folder, &local, s)) {
             return Ok(path);
         }
-        let path = repo.download(f).map_err(|e| explain(e, Some(f)))?;
+        let path = repo.download(f).map_err(|e| explain(e, Some(f)));
+        if progress && std::io::stderr().is_terminal() {
+            eprintln!(); // hf-hub leaves its finished bar without a line end
+        }
+        let path = path?;
         let want = sib.and_then(|s| s.size);
         let got = std::fs::metadata(&path).map(|m| m.len()).ok();
         if let (Some(want), Some(got)) = (want, got) {
