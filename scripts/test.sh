@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/fetch_default_model.sh
 cargo fmt --all --check
-cargo clippy --release --all-targets -- -D warnings
+cargo clippy --release --workspace --all-targets -- -D warnings
 # The Python module is tested through its wheel (test_python.sh), not as a Rust test binary.
 cargo test --release --workspace --exclude airllm-py
 cargo build --release -q -p airllm-cli
