@@ -217,6 +217,9 @@ def test_bad_generate_arguments(model):
         model.generate([1, 2], do_sample=True, top_p=1.5)
     with pytest.raises(TypeError, match="unexpected generate argument"):
         model.generate([1, 2], max_new_tokenz=3)
+    with pytest.raises(ValueError, match=r"^invalid argument: token id 1000000 is outside the embedding table of 320 rows$"):
+        model.generate([1, 1000000], max_new_tokens=1)
+    model.generate([1, 2], max_new_tokens=1)  # a failed batch leaves the model usable
     with pytest.raises(ValueError, match="input_ids: no rows"):
         model.generate([])
     assert 3 < len(model.generate([1, 2, 3], max_length=5, pad_token_id=0)) <= 5

@@ -175,7 +175,9 @@ impl Model {
                 max_memory,
                 context,
                 max_batch,
-                max_step_tokens: batch_size.min(context * max_batch).max(max_batch),
+                max_step_tokens: batch_size
+                    .min(context.saturating_mul(max_batch))
+                    .max(max_batch),
                 max_logit_rows: max_batch,
                 // Without a budget, the available memory is read after the tokenizer was
                 // built, so it is already left out.

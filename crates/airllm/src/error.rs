@@ -67,6 +67,58 @@ pub enum Error {
 }
 
 impl Error {
+    /// The same error again, for each of several requests one failure ends (a candle error
+    /// becomes its message).
+    pub fn duplicate(&self) -> Error {
+        use Error::*;
+        match self {
+            File { path, msg } => File {
+                path: path.clone(),
+                msg: msg.clone(),
+            },
+            Config { path, field, msg } => Config {
+                path: path.clone(),
+                field: field.clone(),
+                msg: msg.clone(),
+            },
+            Tensor { path, tensor, msg } => Tensor {
+                path: path.clone(),
+                tensor: tensor.clone(),
+                msg: msg.clone(),
+            },
+            UnknownArch {
+                path,
+                arch,
+                supported,
+            } => UnknownArch {
+                path: path.clone(),
+                arch: arch.clone(),
+                supported: supported.clone(),
+            },
+            ModelNotFound(a, b) => ModelNotFound(a.clone(), b.clone()),
+            BudgetTooSmall {
+                budget,
+                minimum,
+                detail,
+                device,
+            } => BudgetTooSmall {
+                budget: *budget,
+                minimum: *minimum,
+                detail: detail.clone(),
+                device: *device,
+            },
+            Hub { repo, msg } => Hub {
+                repo: repo.clone(),
+                msg: msg.clone(),
+            },
+            Invalid(m) => Invalid(m.clone()),
+            Tokenizer(m) => Tokenizer(m.clone()),
+            Template(m) => Template(m.clone()),
+            Reader(m) => Reader(m.clone()),
+            Candle(e) => Reader(format!("tensor op: {e}")),
+        }
+    }
+
     pub fn file(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
         Error::File {
             path: path.into(),

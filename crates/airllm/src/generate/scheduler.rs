@@ -431,14 +431,13 @@ impl Scheduler {
             Err(e) => {
                 // The step may have cached some layers' tokens and not others: the
                 // sequences in it cannot go on.
-                let msg = e.to_string();
                 let ids: Vec<RequestId> =
                     parts.iter().map(|&(i, _, _)| self.active[i].id).collect();
                 for id in ids {
                     self.cancel(id);
                     events.push(Event::Failed {
                         id,
-                        error: Error::Invalid(msg.clone()),
+                        error: e.duplicate(),
                     });
                 }
                 return events;
