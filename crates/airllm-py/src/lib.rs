@@ -70,10 +70,18 @@ struct Model {
     tok: Arc<TextTokenizer>,
     /// The chat template, or why there is none usable (raised by the chat calls only).
     template: Result<Arc<ChatTemplate>, String>,
+    /// The memory plan: what stays resident, what streams, and the budget it fits.
+    #[pyo3(get)]
     plan: String,
+    /// The file or folder the weights come from (a hub model's snapshot in the cache).
+    #[pyo3(get)]
     path: String,
-    arch: String,
-    context: usize,
+    /// The architecture as transformers names it, e.g. `LlamaForCausalLM`.
+    #[pyo3(get)]
+    architecture: String,
+    /// Tokens each sequence can hold, prompt and output together.
+    #[pyo3(get)]
+    max_seq_len: usize,
 }
 
 /// Takes a lock, releasing the GIL while it waits: the holder may be sweeping with the GIL
@@ -202,8 +210,8 @@ impl Model {
         Ok(Model {
             plan: engine.plan().to_string(),
             path: engine.dir().display().to_string(),
-            arch: engine.config().arch.hf_name().to_string(),
-            context: engine.options().context,
+            architecture: engine.config().arch.hf_name().to_string(),
+            max_seq_len: engine.options().context,
             tok: Arc::new(tok),
             template,
             running: Arc::new(Mutex::new(Running {
@@ -212,30 +220,6 @@ impl Model {
                 streaming: false,
             })),
         })
-    }
-
-    /// The memory plan: what stays resident, what streams, and the budget it fits.
-    #[getter]
-    fn plan(&self) -> String {
-        self.plan.clone()
-    }
-
-    /// The file or folder the weights come from (a hub model's snapshot in the cache).
-    #[getter]
-    fn path(&self) -> String {
-        self.path.clone()
-    }
-
-    /// The architecture as transformers names it, e.g. `LlamaForCausalLM`.
-    #[getter]
-    fn architecture(&self) -> String {
-        self.arch.clone()
-    }
-
-    /// Tokens each sequence can hold, prompt and output together.
-    #[getter]
-    fn max_seq_len(&self) -> usize {
-        self.context
     }
 
     #[getter]

@@ -34,7 +34,7 @@ fn repo_ids_resolve_from_the_cache_offline_or_name_the_cache() {
     std::env::set_var("HF_HUB_CACHE", tmp.path());
     std::env::remove_var("HF_HOME");
     std::env::set_var("HF_HUB_OFFLINE", "1");
-    let e = airllm::hub::resolve_model("nobody/no-such-model")
+    let e = airllm::hub::resolve("nobody/no-such-model", None, false)
         .unwrap_err()
         .to_string();
     assert!(
@@ -53,6 +53,6 @@ fn repo_ids_resolve_from_the_cache_offline_or_name_the_cache() {
         let e = e.unwrap();
         std::fs::copy(e.path(), snap.join(e.file_name())).unwrap();
     }
-    let dir = airllm::hub::resolve_model("tiny/llama").unwrap();
+    let dir = airllm::hub::resolve("tiny/llama", None, false).unwrap();
     assert_eq!(dir, snap);
 }

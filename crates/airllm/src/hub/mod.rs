@@ -72,11 +72,6 @@ pub fn resolve(spec: &str, revision: Option<&str>, progress: bool) -> Result<Pat
     pull::pull(&repo, revision, &HubEnv::from_env(), progress)
 }
 
-/// [`resolve`] at `main`, with progress bars.
-pub fn resolve_model(spec: &str) -> Result<PathBuf> {
-    resolve(spec, None, true)
-}
-
 /// Brings a hub model up to date with `revision` (default `main`): asks the hub which commit
 /// that is and fetches what its snapshot lacks. With `HF_HUB_OFFLINE` set, the cache must hold
 /// it already.
