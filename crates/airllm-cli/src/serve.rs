@@ -13,11 +13,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use airllm::chat::{ChatTemplate, Message};
 use airllm::generate::{
-    Event, GenerationParams, Request, RequestId, RequestStats, SamplingParams, Scheduler,
-    TokenLogprob,
+    Event, GenerationParams, Request, RequestId, RequestStats, SamplingParams, TokenLogprob,
 };
 use airllm::tokenizer::TextTokenizer;
-use airllm::Engine;
+use airllm::Session;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Request as HttpRequest, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -175,13 +174,11 @@ impl IntoResponse for ApiError {
 }
 
 /// Starts the engine thread and serves until Ctrl-C. Prints the address once listening.
-pub fn serve(
-    engine: Engine,
-    sched: Scheduler,
-    tok: TextTokenizer,
-    cfg: Config,
-    addr: std::net::SocketAddr,
-) -> anyhow::Result<()> {
+pub fn serve(session: Session, cfg: Config, addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    let tok = session
+        .tokenizer()
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("internal error: a server session without a tokenizer"))?;
     let template_src = match tok.chat_template.clone() {
         Some(t) => t,
         None => {
@@ -196,17 +193,15 @@ pub fn serve(
         tok.bos_token.as_deref(),
         tok.eos_token.as_deref(),
     )?;
-    let tok = Arc::new(tok);
-    let context = engine.options().context;
-    let running = engine.options().max_batch.max(1);
-    let vocab = engine.config().vocab_size.min(tok.vocab_size());
+    let context = session.engine().options().context;
+    let running = session.engine().options().max_batch.max(1);
+    let vocab = session.engine().config().vocab_size.min(tok.vocab_size());
     let (jobs, rx) = std_mpsc::channel::<Job>();
-    let engine_tok = tok.clone();
     let load = Arc::new(Load::default());
     let engine_load = load.clone();
     std::thread::Builder::new()
         .name("airllm-engine".into())
-        .spawn(move || engine_loop(engine, sched, &engine_tok, rx, &engine_load))?;
+        .spawn(move || engine_loop(session, rx, &engine_load))?;
     let app = Arc::new(App {
         tok,
         template,
@@ -263,13 +258,7 @@ pub fn serve(
 /// The engine thread: takes jobs, runs sweeps while there is work, and routes each event to
 /// its request. A request whose client went away is cancelled before the next sweep, which
 /// frees its KV cache.
-fn engine_loop(
-    mut engine: Engine,
-    mut sched: Scheduler,
-    tok: &TextTokenizer,
-    jobs: std_mpsc::Receiver<Job>,
-    load: &Load,
-) {
+fn engine_loop(mut sched: Session, jobs: std_mpsc::Receiver<Job>, load: &Load) {
     let _mark = StopMark(load);
     let mut owners: HashMap<RequestId, (usize, mpsc::UnboundedSender<(usize, Msg)>)> =
         HashMap::new();
@@ -295,11 +284,8 @@ fn engine_loop(
             }
             open
         });
-        let events = sched.tick(&mut engine, Some(tok));
-        for ev in events {
-            let id = match &ev {
-                Event::Tokens { id, .. } | Event::Done { id, .. } | Event::Failed { id, .. } => *id,
-            };
+        for ev in sched.step() {
+            let id = ev.id();
             let end = !matches!(ev, Event::Tokens { .. });
             let Some((i, tx)) = owners.get(&id) else {
                 continue;
@@ -311,8 +297,9 @@ fn engine_loop(
                 owners.remove(&id);
             }
         }
-        load.running.store(sched.active(), Ordering::Relaxed);
-        load.waiting.store(sched.waiting(), Ordering::Relaxed);
+        let (running, waiting) = sched.load();
+        load.running.store(running, Ordering::Relaxed);
+        load.waiting.store(waiting, Ordering::Relaxed);
     }
 }
 

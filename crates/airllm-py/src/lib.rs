@@ -9,10 +9,10 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use airllm::chat::{ChatTemplate, Message};
-use airllm::generate::{Event, GenerationParams, Request, RequestId, SamplingParams, Scheduler};
-use airllm::load::{LoadOptions, Loaded};
+use airllm::generate::{Event, GenerationParams, Hook, Request, RequestId, SamplingParams};
+use airllm::load::LoadOptions;
+use airllm::session::{Session, SessionOptions, Workload};
 use airllm::tokenizer::TextTokenizer;
-use airllm::{Engine, EngineOptions};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyFileNotFoundError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
@@ -55,10 +55,9 @@ fn size(field: &str, s: Option<&str>) -> PyResult<Option<u64>> {
 /// did), the text, and the finish reason.
 type Generated = (Vec<u32>, Option<u32>, String, String);
 
-/// What the engine and the scheduler hold; one sweep at a time.
+/// The session (engine, scheduler, tokenizer); one sweep at a time.
 struct Running {
-    engine: Engine,
-    sched: Scheduler,
+    session: Session,
     /// A stream that has not finished owns the scheduler until it ends or is closed.
     streaming: bool,
 }
@@ -161,62 +160,53 @@ impl Model {
             .map(airllm::load::compress_type)
             .transpose()
             .map_err(py_err)?;
-        let opts = LoadOptions {
-            revision,
-            compress,
-            cache_dir,
-            f16,
-            progress,
+        let opts = SessionOptions {
+            load: LoadOptions {
+                revision,
+                compress,
+                cache_dir,
+                f16,
+                progress,
+            },
+            max_memory,
+            device: airllm::device::parse(&device).map_err(py_err)?,
+            device_memory: gpu_memory,
+            ..Default::default()
         };
-        let device = airllm::load::parse_device(&device).map_err(py_err)?;
+        let work = Workload {
+            context: max_seq_len,
+            sequences: max_batch,
+            prefill_chunk: batch_size,
+            score_prompts: false,
+        };
         // On a thread of its own, so Ctrl-C can stop the wait for a download or a conversion
         // (they go on in the background until they end; what they wrote is reused).
-        let work = std::thread::spawn(move || -> airllm::Result<(TextTokenizer, Engine)> {
-            let Loaded {
-                info,
-                tok,
-                tok_bytes,
-                ..
-            } = airllm::load::load(model.as_deref(), &opts)?;
-            let context = max_seq_len.unwrap_or_else(|| airllm::load::default_context(&info.cfg));
-            let eo = EngineOptions {
-                max_memory,
-                context,
-                max_batch,
-                max_step_tokens: batch_size
-                    .min(context.saturating_mul(max_batch))
-                    .max(max_batch),
-                max_logit_rows: max_batch,
-                // Without a budget, the available memory is read after the tokenizer was
-                // built, so it is already left out.
-                reserved_bytes: if max_memory.is_some() { tok_bytes } else { 0 },
-                device,
-                device_memory: gpu_memory,
-                ..Default::default()
-            };
-            Ok((tok, Engine::from_info(info, eo)?))
-        });
-        while !work.is_finished() {
+        let job = std::thread::spawn(move || Session::open(model.as_deref(), &opts, &work));
+        while !job.is_finished() {
             py.detach(|| std::thread::sleep(std::time::Duration::from_millis(20)));
             py.check_signals()?;
         }
-        let (tok, engine) = work
+        let session = job
             .join()
             .map_err(|_| AirLLMError::new_err("internal error: loading the model panicked"))?
             .map_err(py_err)?;
+        let tok = session
+            .tokenizer()
+            .cloned()
+            .ok_or_else(|| AirLLMError::new_err("internal error: no tokenizer"))?;
         let template = ChatTemplate::of(&tok)
             .map(Arc::new)
             .map_err(|e| e.to_string());
+        let engine = session.engine();
         Ok(Model {
             plan: engine.plan().to_string(),
             path: engine.dir().display().to_string(),
             architecture: engine.config().arch.hf_name().to_string(),
             max_seq_len: engine.options().context,
-            tok: Arc::new(tok),
+            tok,
             template,
             running: Arc::new(Mutex::new(Running {
-                engine,
-                sched: Scheduler::new(),
+                session,
                 streaming: false,
             })),
         })
@@ -288,48 +278,43 @@ impl Model {
         if r.streaming {
             return Err(busy());
         }
-        let ids: Vec<RequestId> = prompts
+        let reqs = prompts
             .iter()
             .enumerate()
-            .map(|(i, p)| {
-                r.sched.submit(Request {
-                    stream: i as u64,
-                    ..Request::new(p.clone(), gp.clone())
-                })
+            .map(|(i, p)| Request {
+                stream: i as u64,
+                ..Request::new(p.clone(), gp.clone())
             })
             .collect();
-        let mut out: Vec<Option<Generated>> = vec![None; ids.len()];
-        while !r.sched.is_idle() {
-            let tok = &*self.tok;
-            let events = py.detach(|| r.sched.tick(&mut r.engine, Some(tok)));
-            for ev in events {
-                match ev {
-                    Event::Done { id, completion, .. } => {
-                        if let Some(i) = ids.iter().position(|&x| x == id) {
-                            out[i] = Some((
-                                completion.token_ids,
-                                completion.eos,
-                                completion.text,
-                                completion.finish_reason.as_str().to_string(),
-                            ));
-                        }
+        // Sweeps run with the GIL released; Ctrl-C between sweeps stops the batch and frees
+        // its caches.
+        let mut interrupted = None;
+        let out = py.detach(|| {
+            r.session.run(reqs, |h| {
+                if let Hook::Swept(_) = h {
+                    if let Err(e) = Python::attach(|py| py.check_signals()) {
+                        interrupted = Some(e);
+                        return Err(airllm::Error::Invalid("interrupted".into()));
                     }
-                    Event::Failed { error, .. } => {
-                        ids.iter().for_each(|&id| r.sched.cancel(id));
-                        return Err(py_err(error));
-                    }
-                    Event::Tokens { .. } => {}
                 }
-            }
-            // Ctrl-C between sweeps stops the batch and frees its caches.
-            if let Err(e) = py.check_signals() {
-                ids.iter().for_each(|&id| r.sched.cancel(id));
-                return Err(e);
-            }
+                Ok(())
+            })
+        });
+        if let Some(e) = interrupted {
+            return Err(e);
         }
-        out.into_iter()
-            .map(|o| o.ok_or_else(|| AirLLMError::new_err("internal error: a request never ended")))
-            .collect()
+        Ok(out
+            .map_err(py_err)?
+            .into_iter()
+            .map(|(c, _)| {
+                (
+                    c.token_ids,
+                    c.eos,
+                    c.text,
+                    c.finish_reason.as_str().to_string(),
+                )
+            })
+            .collect())
     }
 
     /// Starts generating for one prompt; the returned iterator yields text pieces as they
@@ -341,7 +326,7 @@ impl Model {
             return Err(busy());
         }
         r.streaming = true;
-        let id = r.sched.submit(Request::new(prompt, gp));
+        let id = r.session.submit(Request::new(prompt, gp));
         Ok(TextStream {
             state: Mutex::new(StreamState {
                 pieces: VecDeque::new(),
@@ -350,7 +335,6 @@ impl Model {
                 finish_reason: None,
             }),
             running: self.running.clone(),
-            tok: self.tok.clone(),
             id,
         })
     }
@@ -387,7 +371,6 @@ struct StreamState {
 struct TextStream {
     state: Mutex<StreamState>,
     running: Arc<Mutex<Running>>,
-    tok: Arc<TextTokenizer>,
     id: RequestId,
 }
 
@@ -415,8 +398,7 @@ impl TextStream {
             if lock(py, &self.state).done {
                 continue; // closed while this thread waited for the model
             }
-            let tok = &*self.tok;
-            let events = py.detach(|| r.sched.tick(&mut r.engine, Some(tok)));
+            let events = py.detach(|| r.session.step());
             let mut st = lock(py, &self.state);
             for ev in events {
                 match ev {
@@ -436,7 +418,7 @@ impl TextStream {
                     _ => {}
                 }
             }
-            if r.sched.is_idle() {
+            if r.session.is_idle() {
                 st.done = true;
             }
             if st.done {
@@ -458,7 +440,7 @@ impl TextStream {
         let mut st = lock(py, &self.state);
         if !st.done {
             st.done = true;
-            r.sched.cancel(self.id);
+            r.session.cancel(self.id);
             r.streaming = false;
         }
     }

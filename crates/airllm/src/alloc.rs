@@ -8,8 +8,46 @@
 //! airllm::alloc::LargePageAlloc;`.
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
 pub struct LargePageAlloc;
+
+/// Bytes allocated through [`LargePageAlloc`] and not yet freed, and whether it is installed.
+static LIVE: AtomicI64 = AtomicI64::new(0);
+static INSTALLED: AtomicBool = AtomicBool::new(false);
+
+/// What an allocation of `size` takes from the process: whole pages for our mappings; for the
+/// system allocator's chunks, a header word and rounding to 16 bytes (glibc's layout).
+fn footprint(size: usize) -> i64 {
+    if cfg!(target_os = "linux") && size >= LARGE {
+        size.next_multiple_of(PAGE) as i64
+    } else {
+        (size + 8).next_multiple_of(16).max(32) as i64
+    }
+}
+
+fn count(delta: i64) {
+    LIVE.fetch_add(delta, Ordering::Relaxed);
+    if !INSTALLED.load(Ordering::Relaxed) {
+        INSTALLED.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Runs `f` and returns what it left allocated: the allocator's count of live bytes when
+/// [`LargePageAlloc`] is the global allocator (exact, so every process that builds the same
+/// thing counts the same), else the growth of the resident set.
+pub fn measure<T>(f: impl FnOnce() -> T) -> (T, u64) {
+    if INSTALLED.load(Ordering::Relaxed) {
+        let before = LIVE.load(Ordering::Relaxed);
+        let r = f();
+        let after = LIVE.load(Ordering::Relaxed);
+        (r, after.saturating_sub(before).max(0) as u64)
+    } else {
+        let before = crate::util::rss().unwrap_or(0);
+        let r = f();
+        (r, crate::util::rss().unwrap_or(0).saturating_sub(before))
+    }
+}
 
 const LARGE: usize = 1 << 20;
 const HUGE: usize = 2 << 20;
@@ -47,6 +85,7 @@ unsafe fn map(size: usize) -> *mut u8 {
 
 unsafe impl GlobalAlloc for LargePageAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        count(footprint(layout.size()));
         #[cfg(target_os = "linux")]
         if layout.size() >= LARGE && layout.align() <= HUGE {
             return map(layout.size());
@@ -55,6 +94,7 @@ unsafe impl GlobalAlloc for LargePageAlloc {
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        count(footprint(layout.size()));
         // Fresh anonymous mappings are already zero.
         #[cfg(target_os = "linux")]
         if layout.size() >= LARGE && layout.align() <= HUGE {
@@ -64,6 +104,7 @@ unsafe impl GlobalAlloc for LargePageAlloc {
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        count(-footprint(layout.size()));
         #[cfg(target_os = "linux")]
         if layout.size() >= LARGE && layout.align() <= HUGE {
             libc::munmap(

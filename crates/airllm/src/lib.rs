@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod convert;
+pub mod device;
 pub mod engine;
 pub mod error;
 pub mod model;
@@ -19,10 +20,12 @@ pub mod weights;
 pub use config::{Arch, ModelConfig};
 pub use engine::{Engine, EngineOptions, LogitsFor, ModelInfo, Sequence};
 pub use error::{Error, Result};
+pub use session::{Session, SessionOptions, Workload};
 pub mod alloc;
 pub mod bench;
 pub mod chat;
 pub mod generate;
 pub mod hub;
 pub mod load;
+pub mod session;
 pub mod tokenizer;

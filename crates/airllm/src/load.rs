@@ -4,9 +4,7 @@
 use std::path::PathBuf;
 
 use crate::convert::Quant;
-use crate::engine::ModelInfo;
 use crate::error::{Error, Result};
-use crate::tokenizer::TextTokenizer;
 
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
@@ -20,17 +18,6 @@ pub struct LoadOptions {
     pub f16: bool,
     /// Draw download and conversion progress bars on stderr.
     pub progress: bool,
-}
-
-/// An opened model, ready for [`crate::Engine::from_info`].
-pub struct Loaded {
-    pub info: ModelInfo,
-    pub tok: TextTokenizer,
-    /// What building the tokenizer took from the process (over 100 MiB for a 262k vocabulary),
-    /// to count against a budget.
-    pub tok_bytes: u64,
-    /// With compression: the conversion used, and whether this call built it.
-    pub compressed: Option<(PathBuf, bool)>,
 }
 
 /// The compression types a model can be run through: the ones with fast kernels.
@@ -98,49 +85,4 @@ pub fn locate(spec: Option<&str>, o: &LoadOptions) -> Result<Located> {
         source,
         compressed: Some((file, built)),
     })
-}
-
-/// Opens the model `spec` names (see [`locate`]) and its tokenizer.
-pub fn load(spec: Option<&str>, o: &LoadOptions) -> Result<Loaded> {
-    let at = locate(spec, o)?;
-    let info = ModelInfo::open_opts(&at.weights, false, o.f16)?;
-    let before = crate::util::rss().unwrap_or(0);
-    // The tokenizer stays the original's: a conversion keeps only what GGUF metadata can hold.
-    let tok = TextTokenizer::open(&at.source)?;
-    let tok_bytes = crate::util::rss().unwrap_or(0).saturating_sub(before);
-    Ok(Loaded {
-        info,
-        tok,
-        tok_bytes,
-        compressed: at.compressed,
-    })
-}
-
-/// The context of a front end that does not know its prompts in advance (chat, a server, the
-/// Python API): min(2048, the model's maximum).
-pub fn default_context(cfg: &crate::ModelConfig) -> usize {
-    cfg.max_position_embeddings.min(2048)
-}
-
-/// The compute device `cpu`, `cuda` or `cuda:N` names.
-pub fn parse_device(s: &str) -> Result<candle_core::Device> {
-    let s = s.trim();
-    if s == "cpu" {
-        return Ok(candle_core::Device::Cpu);
-    }
-    let bad = || Error::Invalid(format!("device `{s}`: expected cpu, cuda or cuda:N"));
-    let ordinal = match s.strip_prefix("cuda") {
-        Some("") => 0,
-        Some(n) => n
-            .strip_prefix(':')
-            .and_then(|n| n.parse::<usize>().ok())
-            .ok_or_else(bad)?,
-        None => return Err(bad()),
-    };
-    if !cfg!(feature = "cuda") {
-        return Err(Error::Invalid(format!(
-            "device `{s}`: this build has no CUDA; build one with scripts/build_cuda.sh (the `cuda` feature)"
-        )));
-    }
-    Ok(candle_core::Device::new_cuda(ordinal)?)
 }

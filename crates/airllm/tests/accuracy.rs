@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use airllm::convert::{to_gguf, to_hf, Quant};
 use airllm::generate::perplexity::perplexity;
 use airllm::tokenizer::TextTokenizer;
-use airllm::{Engine, EngineOptions};
+use airllm::{Engine, EngineOptions, Session};
 
 /// The protocol of docs/accuracy.md: all six 512-token windows of the text.
 const CTX: usize = 512;
@@ -31,8 +31,8 @@ fn ppl(model: &Path, tok: &TextTokenizer) -> f64 {
         max_logit_rows: CTX,
         ..Default::default()
     };
-    let mut e = Engine::open(model, opts).unwrap();
-    perplexity(&mut e, &tokens, CTX, bos, |_, _, _| {})
+    let mut s = Session::new(Engine::open(model, opts).unwrap(), None, None);
+    perplexity(&mut s, &tokens, CTX, bos, |_, _, _| {})
         .unwrap()
         .ppl
 }

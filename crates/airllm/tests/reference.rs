@@ -4,7 +4,7 @@
 mod common;
 
 use airllm::chat::{ChatTemplate, Message};
-use airllm::generate::{generate, GenerationParams};
+use airllm::generate::{GenerationParams, Scheduler};
 use airllm::tokenizer::TextTokenizer;
 use airllm::weights::mat::Form;
 use airllm::{Engine, EngineOptions, LogitsFor, ModelInfo};
@@ -126,7 +126,13 @@ fn greedy_tokens_match_transformers() {
         for opts in configs {
             let budget = opts.max_memory;
             let mut engine = Engine::open(&dir, opts).unwrap();
-            let out = generate(&mut engine, &tok, &r.prompt_ids, &params, |_, _| {}).unwrap();
+            let out = common::complete(
+                &mut Scheduler::new(),
+                &mut engine,
+                &tok,
+                &r.prompt_ids,
+                &params,
+            );
             for (c, want) in out.iter().zip(&r.greedy) {
                 assert_eq!(&c.token_ids, want, "{name} (budget {budget:?})");
             }

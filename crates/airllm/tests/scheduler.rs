@@ -68,7 +68,7 @@ fn join_and_leave(speculate: bool) {
     let (a, b) = (&r.prompt_ids[0], &r.prompt_ids[1]);
     let mut sched = if speculate {
         let draft = ModelInfo::open(&fixtures().join("mistral-sliding-window")).unwrap();
-        let e = airllm::generate::speculative::open_draft(draft, &opts).unwrap();
+        let e = airllm::session::open_draft(draft, &opts).unwrap();
         let mut spec = Speculator::new(DraftSource::Model(Box::new(e)), 4);
         spec.min_draft = 1;
         Scheduler::with_speculation(spec)

@@ -7,11 +7,10 @@ mod common;
 
 use std::path::Path;
 
-use airllm::generate::speculative::open_draft;
 use airllm::generate::{
-    generate_on, DraftSource, GenerationParams, Request, Sampler, SamplingParams, Scheduler,
-    Speculator,
+    DraftSource, GenerationParams, Request, Sampler, SamplingParams, Scheduler, Speculator,
 };
+use airllm::session::open_draft;
 use airllm::tokenizer::TextTokenizer;
 use airllm::{Engine, EngineOptions, LogitsFor, ModelInfo};
 use common::{fixtures, reference};
@@ -55,7 +54,7 @@ fn check_greedy(name: &str, source: impl Fn(&EngineOptions) -> Speculator) -> (u
         let mut engine = Engine::open(&dir, opts.clone()).unwrap();
         let mut sched = Scheduler::with_speculation(source(&opts));
         let prompts: Vec<Vec<u32>> = group.iter().map(|&i| r.prompt_ids[i].clone()).collect();
-        let out = generate_on(&mut sched, &mut engine, &tok, &prompts, &p, |_, _| {}).unwrap();
+        let out = common::complete(&mut sched, &mut engine, &tok, &prompts, &p);
         for (c, &i) in out.iter().zip(&group) {
             assert_eq!(
                 c.token_ids,
@@ -273,21 +272,13 @@ fn default_model_greedy_output_is_unchanged_by_guesses() {
     };
     let mut engine = Engine::open(&path, opts.clone()).unwrap();
     let prompts = [prompt];
-    let plain = generate_on(
-        &mut Scheduler::new(),
-        &mut engine,
-        &tok,
-        &prompts,
-        &p,
-        |_, _| {},
-    )
-    .unwrap();
+    let plain = common::complete(&mut Scheduler::new(), &mut engine, &tok, &prompts, &p);
     for (what, spec) in [
         ("lookup", Speculator::new(DraftSource::Lookup, 10)),
         ("draft", draft(&path, &opts, 10)),
     ] {
         let mut sched = Scheduler::with_speculation(spec);
-        let out = generate_on(&mut sched, &mut engine, &tok, &prompts, &p, |_, _| {}).unwrap();
+        let out = common::complete(&mut sched, &mut engine, &tok, &prompts, &p);
         assert_eq!(out[0].token_ids, plain[0].token_ids, "{what}");
         let st = sched.speculation().unwrap().stats;
         assert!(st.accepted > 0, "{what}: {st:?}");

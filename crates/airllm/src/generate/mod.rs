@@ -1,16 +1,16 @@
 //! Generation: the [`Scheduler`] (per-request state, continuous batching over [`Engine::step`]),
-//! sampling and stop rules, and [`generate`] for a fixed set of prompts.
+//! sampling and stop rules. [`crate::session::Session`] runs requests on it.
 
 pub mod perplexity;
 pub mod sampling;
 pub mod scheduler;
 pub mod speculative;
 
-use crate::engine::{Engine, Sequence};
+use crate::engine::Sequence;
 use crate::error::{Error, Result};
 use crate::tokenizer::TextTokenizer;
 pub use sampling::{argmax, Dist, Sampler, SamplingParams};
-pub use scheduler::{Event, Request, RequestId, RequestStats, Scheduler, TokenLogprob};
+pub use scheduler::{Event, Hook, Request, RequestId, RequestStats, Scheduler, TokenLogprob};
 pub use speculative::{DraftSource, SpecStats, Speculator};
 
 #[derive(Debug, Clone)]
@@ -149,100 +149,9 @@ impl Output {
     }
 }
 
-/// Generates for each prompt (token ids) in one batch. `on_text(i, piece)` receives the text of
-/// prompt `i` as it becomes final.
-pub fn generate(
-    engine: &mut Engine,
-    tok: &TextTokenizer,
-    prompts: &[Vec<u32>],
-    params: &GenerationParams,
-    on_text: impl FnMut(usize, &str),
-) -> Result<Vec<Completion>> {
-    generate_on(&mut Scheduler::new(), engine, tok, prompts, params, on_text)
-}
-
-/// [`generate`] on a given scheduler (one that speculates, say).
-pub fn generate_on(
-    sched: &mut Scheduler,
-    engine: &mut Engine,
-    tok: &TextTokenizer,
-    prompts: &[Vec<u32>],
-    params: &GenerationParams,
-    on_text: impl FnMut(usize, &str),
-) -> Result<Vec<Completion>> {
-    let reqs = prompts
-        .iter()
-        .enumerate()
-        .map(|(i, p)| Request {
-            stream: i as u64,
-            ..Request::new(p.clone(), params.clone())
-        })
-        .collect();
-    Ok(run_requests_on(sched, engine, tok, reqs, on_text)?
-        .into_iter()
-        .map(|(c, _)| c)
-        .collect())
-}
-
 /// A finished request's caches, to continue its conversation ([`Request::resume`] and
 /// [`Request::resume_draft`]).
 pub struct Caches {
     pub seq: Sequence,
     pub draft: Option<Sequence>,
-}
-
-/// Runs requests to the end on a [`Scheduler`] of their own. `on_text(i, piece)` receives
-/// request `i`'s text as it becomes final. Returns each completion with its caches (a chat
-/// continues from them); the first request that fails fails the call.
-pub fn run_requests(
-    engine: &mut Engine,
-    tok: &TextTokenizer,
-    reqs: Vec<Request>,
-    on_text: impl FnMut(usize, &str),
-) -> Result<Vec<(Completion, Caches)>> {
-    run_requests_on(&mut Scheduler::new(), engine, tok, reqs, on_text)
-}
-
-/// [`run_requests`] on a given scheduler, which must be idle.
-pub fn run_requests_on(
-    sched: &mut Scheduler,
-    engine: &mut Engine,
-    tok: &TextTokenizer,
-    reqs: Vec<Request>,
-    mut on_text: impl FnMut(usize, &str),
-) -> Result<Vec<(Completion, Caches)>> {
-    let ids: Vec<RequestId> = reqs.into_iter().map(|r| sched.submit(r)).collect();
-    let index = |id: RequestId| ids.iter().position(|&x| x == id).unwrap_or(0);
-    let mut done: Vec<Option<(Completion, Caches)>> = ids.iter().map(|_| None).collect();
-    while !sched.is_idle() {
-        for ev in sched.tick(engine, Some(tok)) {
-            match ev {
-                Event::Tokens { id, text, .. } if !text.is_empty() => on_text(index(id), &text),
-                Event::Tokens { .. } => {}
-                Event::Done {
-                    id,
-                    completion,
-                    seq,
-                    draft_seq,
-                    ..
-                } => {
-                    let caches = Caches {
-                        seq,
-                        draft: draft_seq,
-                    };
-                    done[index(id)] = Some((completion, caches));
-                }
-                Event::Failed { error, .. } => {
-                    // The others stop too: the scheduler is left idle for the next call.
-                    for &id in &ids {
-                        sched.cancel(id);
-                    }
-                    return Err(error);
-                }
-            }
-        }
-    }
-    done.into_iter()
-        .map(|d| d.ok_or_else(|| Error::Invalid("internal error: a request never ended".into())))
-        .collect()
 }

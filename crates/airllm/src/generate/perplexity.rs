@@ -3,9 +3,9 @@
 //! its first token replaced by BOS (when the model adds one), and only the second half of each
 //! window is scored, so every scored token has at least `ctx / 2` tokens of context.
 
-use super::{Event, GenerationParams, Request, Scheduler};
-use crate::engine::Engine;
+use super::{Event, GenerationParams, Request};
 use crate::error::{Error, Result};
+use crate::session::{Hook, Session};
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PerplexityReport {
@@ -23,7 +23,7 @@ pub struct PerplexityReport {
 /// Scores `tokens` (the whole text, tokenized once). `on_window(i, n, running_ppl)` reports
 /// progress.
 pub fn perplexity(
-    engine: &mut Engine,
+    session: &mut Session,
     tokens: &[u32],
     ctx: usize,
     bos: Option<u32>,
@@ -44,8 +44,7 @@ pub fn perplexity(
     // Each window is a request that scores its second half and generates nothing; the
     // scheduler runs as many windows per sweep as the plan has sequences and logit rows.
     let first = ctx / 2;
-    let mut sched = Scheduler::new();
-    let ids: Vec<_> = (0..windows)
+    let reqs: Vec<Request> = (0..windows)
         .map(|w| {
             let mut win = tokens[w * ctx..(w + 1) * ctx].to_vec();
             if let Some(b) = bos {
@@ -55,26 +54,18 @@ pub fn perplexity(
                 max_new_tokens: 0,
                 ..Default::default()
             };
-            sched.submit(Request {
+            Request {
                 score_from: Some(first),
                 ..Request::new(win, params)
-            })
+            }
         })
         .collect();
     let mut per_window: Vec<Option<Vec<f64>>> = vec![None; windows];
     let (mut nll, mut scored, mut next) = (0f64, 0usize, 0usize);
     let mut running = Vec::with_capacity(windows);
-    while !sched.is_idle() {
-        for ev in sched.tick(engine, None) {
-            match ev {
-                Event::Done { id, completion, .. } => {
-                    if let Some(w) = ids.iter().position(|&x| x == id) {
-                        per_window[w] = Some(completion.prompt_logprobs);
-                    }
-                }
-                Event::Failed { error, .. } => return Err(error),
-                Event::Tokens { .. } => {}
-            }
+    session.run(reqs, |h| {
+        if let Hook::Event(w, Event::Done { completion, .. }) = h {
+            per_window[w] = Some(completion.prompt_logprobs.clone());
         }
         // Windows are reported in order, as they complete.
         while let Some(Some(lps)) = per_window.get(next) {
@@ -85,7 +76,8 @@ pub fn perplexity(
             next += 1;
             on_window(next, windows, ppl);
         }
-    }
+        Ok(())
+    })?;
     if next < windows {
         return Err(Error::Invalid(
             "internal error: a window was never scored".into(),

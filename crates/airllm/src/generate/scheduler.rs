@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use super::speculative::{self, DraftSource, DraftState, Speculator};
-use super::{Completion, FinishReason, GenerationParams, Output, Sampler};
+use super::{Caches, Completion, FinishReason, GenerationParams, Output, Sampler};
 use crate::engine::{Engine, Sequence};
 use crate::error::{Error, Result};
 use crate::tokenizer::TextTokenizer;
@@ -102,6 +102,23 @@ pub enum Event {
     Failed { id: RequestId, error: Error },
 }
 
+impl Event {
+    /// The request the event is about.
+    pub fn id(&self) -> RequestId {
+        match self {
+            Event::Tokens { id, .. } | Event::Done { id, .. } | Event::Failed { id, .. } => *id,
+        }
+    }
+}
+
+/// What [`Scheduler::run`] reports as it goes.
+pub enum Hook<'a> {
+    /// An event of the request at this index of the call's requests.
+    Event(usize, &'a Event),
+    /// A sweep ended; the engine as it stands.
+    Swept(&'a Engine),
+}
+
 struct Waiting {
     id: RequestId,
     req: Request,
@@ -193,6 +210,62 @@ impl Scheduler {
     }
     pub fn is_idle(&self) -> bool {
         self.waiting.is_empty() && self.active.is_empty()
+    }
+
+    /// Runs `reqs` to the end on an idle scheduler (the one run-to-completion loop). `on(Hook::Event(i, event))` sees each event of request `i` as
+    /// it happens, and `on(Hook::Swept(engine))` follows each sweep; an error from `on` stops
+    /// the run there (the requests are cancelled) and is returned. Returns each completion with
+    /// its caches (a chat continues from them); the first request that fails fails the call,
+    /// and the others are cancelled.
+    pub fn run(
+        &mut self,
+        engine: &mut Engine,
+        tok: Option<&TextTokenizer>,
+        reqs: Vec<Request>,
+        mut on: impl FnMut(Hook<'_>) -> Result<()>,
+    ) -> Result<Vec<(Completion, Caches)>> {
+        let ids: Vec<RequestId> = reqs.into_iter().map(|r| self.submit(r)).collect();
+        let mut done: Vec<Option<(Completion, Caches)>> = ids.iter().map(|_| None).collect();
+        let r = (|| -> Result<()> {
+            while !self.is_idle() {
+                for ev in self.tick(engine, tok) {
+                    let Some(i) = ids.iter().position(|&x| x == ev.id()) else {
+                        continue;
+                    };
+                    on(Hook::Event(i, &ev))?;
+                    match ev {
+                        Event::Done {
+                            completion,
+                            seq,
+                            draft_seq,
+                            ..
+                        } => {
+                            let caches = Caches {
+                                seq,
+                                draft: draft_seq,
+                            };
+                            done[i] = Some((completion, caches));
+                        }
+                        Event::Failed { error, .. } => return Err(error),
+                        Event::Tokens { .. } => {}
+                    }
+                }
+                on(Hook::Swept(engine))?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = r {
+            // The others stop too: the scheduler is left idle for the next call.
+            for &id in &ids {
+                self.cancel(id);
+            }
+            return Err(e);
+        }
+        done.into_iter()
+            .map(|d| {
+                d.ok_or_else(|| Error::Invalid("internal error: a request never ended".into()))
+            })
+            .collect()
     }
 
     /// Moves waiting requests in while the plan has room. A request that cannot fit even

@@ -168,31 +168,6 @@ impl Speculator {
     }
 }
 
-/// Opens `info` as a resident draft for a model run with `target`'s options: the same
-/// context, batch and step size, with all of it in memory (a draft that streamed would cost
-/// as much as the sweep it saves). The caller counts `engine.plan().total_bytes()` against
-/// the model's budget.
-pub fn open_draft(info: crate::engine::ModelInfo, target: &crate::EngineOptions) -> Result<Engine> {
-    let mut opts = crate::EngineOptions {
-        max_memory: Some(u64::MAX / 4),
-        max_logit_rows: target.max_batch.max(1),
-        reserved_bytes: 0,
-        // On a GPU it takes what it needs of the device's free memory before the model plans.
-        device_memory: None,
-        ..target.clone()
-    };
-    // The whole model: its plan at an unbounded budget, then exactly that budget.
-    let need = info.plan(&opts)?.total_bytes();
-    opts.max_memory = Some(need);
-    let e = Engine::from_info(info, opts)?;
-    if e.plan().streams() {
-        return Err(Error::Invalid(
-            "internal error: the draft model's plan streams".into(),
-        ));
-    }
-    Ok(e)
-}
-
 /// One request's draft state, kept by the scheduler.
 pub(crate) struct DraftState {
     /// The draft model's cache for this request: a prefix of the request's tokens.

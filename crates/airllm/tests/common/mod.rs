@@ -120,6 +120,30 @@ pub fn last_logits(e: &mut airllm::Engine, prompts: &[Vec<u32>]) -> Vec<Vec<f32>
         .collect()
 }
 
+/// Completions of `prompts` in one batch on `sched` (each prompt its own random stream).
+pub fn complete(
+    sched: &mut airllm::generate::Scheduler,
+    e: &mut airllm::Engine,
+    tok: &airllm::tokenizer::TextTokenizer,
+    prompts: &[Vec<u32>],
+    p: &airllm::generate::GenerationParams,
+) -> Vec<airllm::generate::Completion> {
+    let reqs = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, x)| airllm::generate::Request {
+            stream: i as u64,
+            ..airllm::generate::Request::new(x.clone(), p.clone())
+        })
+        .collect();
+    sched
+        .run(e, Some(tok), reqs, |_| Ok(()))
+        .unwrap()
+        .into_iter()
+        .map(|(c, _)| c)
+        .collect()
+}
+
 /// `n` greedy tokens per prompt, past EOS, in one batch.
 pub fn greedy(
     e: &mut airllm::Engine,
@@ -132,8 +156,7 @@ pub fn greedy(
         ignore_eos: true,
         ..Default::default()
     };
-    airllm::generate::generate(e, tok, prompts, &p, |_, _| {})
-        .unwrap()
+    complete(&mut airllm::generate::Scheduler::new(), e, tok, prompts, &p)
         .into_iter()
         .map(|c| c.token_ids)
         .collect()

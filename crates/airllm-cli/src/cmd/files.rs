@@ -1,0 +1,92 @@
+//! The commands that write or fetch model files: `synth`, `convert` and `pull`.
+
+use std::time::Instant;
+
+use airllm::util::parse_size;
+use anyhow::{bail, Context, Result};
+
+use crate::args::{ConvertArgs, PullArgs, SynthArgs};
+
+pub fn synth(a: SynthArgs) -> Result<()> {
+    use airllm::synth::{preset, write_hf, PRESETS};
+    use airllm::weights::safetensors::DType;
+    let mut shape = preset(&a.shape)
+        .with_context(|| format!("--shape `{}` is not one of {}", a.shape, PRESETS.join(", ")))?;
+    shape.layers = a.layers.unwrap_or(shape.layers);
+    shape.hidden = a.hidden.unwrap_or(shape.hidden);
+    shape.intermediate = a.intermediate.unwrap_or(shape.intermediate);
+    shape.heads = a.heads.unwrap_or(shape.heads);
+    shape.kv_heads = a.kv_heads.unwrap_or(shape.kv_heads);
+    shape.vocab = a.vocab.unwrap_or(shape.vocab);
+    match (&mut shape.moe, a.experts, a.top_k) {
+        (Some(m), e, k) => {
+            m.experts = e.unwrap_or(m.experts);
+            m.top_k = k.unwrap_or(m.top_k);
+            if shape.arch == airllm::config::Arch::Mixtral {
+                m.expert_size = shape.intermediate;
+            }
+        }
+        (None, None, None) => {}
+        (None, _, _) => bail!(
+            "--experts and --top-k apply to mixture-of-experts shapes (mixtral-8x7b, qwen3-30b-a3b, tiny-moe)"
+        ),
+    }
+    let dtype = match a.dtype.to_ascii_lowercase().as_str() {
+        "bf16" | "bfloat16" => DType::BF16,
+        "f16" | "float16" => DType::F16,
+        "f32" | "float32" => DType::F32,
+        other => bail!("--dtype `{other}`: expected bf16, f16 or f32"),
+    };
+    let shard = parse_size(&a.shard_size).context("--shard-size")?;
+    let bar = airllm::load::byte_bar();
+    write_hf(&shape, dtype, a.seed, shard, &a.out, |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    })?;
+    bar.finish_and_clear();
+    eprintln!("wrote {} ({shape:?}, {})", a.out.display(), dtype.name());
+    if let Some(g) = &a.gguf {
+        let quant = match dtype {
+            DType::BF16 => airllm::convert::Quant::BF16,
+            DType::F16 => airllm::convert::Quant::F16,
+            DType::F32 => airllm::convert::Quant::F32,
+        };
+        let bar = airllm::load::byte_bar();
+        airllm::convert::to_gguf(&a.out, quant, g, &[], &mut |d, t| {
+            bar.set_length(t);
+            bar.set_position(d);
+        })?;
+        bar.finish_and_clear();
+        eprintln!("wrote {}", g.display());
+    }
+    Ok(())
+}
+
+pub fn pull(a: PullArgs) -> Result<()> {
+    let path = airllm::hub::update(&a.model, a.revision.as_deref(), !a.quiet)?;
+    println!("{}", path.display());
+    Ok(())
+}
+
+pub fn convert(a: ConvertArgs) -> Result<()> {
+    let src = airllm::hub::resolve(&a.model, a.revision.as_deref(), true)?;
+    let bar = airllm::load::byte_bar();
+    let mut progress = |d: u64, t: u64| {
+        bar.set_length(t);
+        bar.set_position(d);
+    };
+    let t = Instant::now();
+    if a.dequantize {
+        airllm::convert::to_hf(&src, &a.out, &mut progress)?;
+    } else {
+        let quant: airllm::convert::Quant = a.quantize.parse().context("--quantize")?;
+        airllm::convert::to_gguf(&src, quant, &a.out, &[], &mut progress)?;
+    }
+    bar.finish_and_clear();
+    eprintln!(
+        "wrote {} in {:.1} s",
+        a.out.display(),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

@@ -1,0 +1,72 @@
+//! `airllm inspect`: a model's shape and the plan a session with the same options would make.
+
+use airllm::session::{Prepared, Session};
+use airllm::util::fmt_bytes;
+use anyhow::Result;
+
+use crate::args::{report_compressed, InspectArgs};
+
+pub fn inspect(a: InspectArgs) -> Result<()> {
+    let mut o = a.model.session_options(Some(&a.spec))?;
+    let work = a.model.workload(None, a.batch, None);
+    // The tokenizer is built as `run` builds it, to count what it holds; a folder without one
+    // can still be inspected.
+    let p: Prepared = match Session::plan(a.model.model.as_deref(), &o, &work) {
+        Ok(p) => p,
+        Err(e) => {
+            o.tokenizer = false;
+            let p = Session::plan(a.model.model.as_deref(), &o, &work)?;
+            eprintln!("note: no tokenizer counted in the plan ({e})");
+            p
+        }
+    };
+    report_compressed(&p.compressed);
+    let c = &p.info.cfg;
+    let s = &p.info.sizes;
+    println!("model:        {}", p.info.dir.display());
+    println!("architecture: {}", c.arch.hf_name());
+    println!(
+        "parameters:   {} ({:.2} B)",
+        s.params,
+        s.params as f64 / 1e9
+    );
+    println!(
+        "dtype:        {} (declared: {})",
+        s.dtypes.join(", "),
+        c.declared_dtype.as_deref().unwrap_or("none")
+    );
+    println!("on disk:      {}", fmt_bytes(s.file_bytes));
+    println!(
+        "layers:       {} × {} on disk, {} as held",
+        c.num_layers,
+        fmt_bytes(s.layer_file_bytes),
+        fmt_bytes(s.layer_bytes)
+    );
+    println!(
+        "shape:        hidden {}, intermediate {}, heads {} (kv {}), head_dim {}, vocab {}",
+        c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size
+    );
+    let windows: Vec<String> = c
+        .layer_windows
+        .iter()
+        .map(|w| w.map_or("full".into(), |w| w.to_string()))
+        .collect();
+    println!("attention:    {}", windows.join(" "));
+    println!("rope:         {:?}", c.rope);
+    println!("tied head:    {}", c.tie_word_embeddings);
+    let e = &p.opts;
+    println!(
+        "workload:     context {}, {} sequence(s), {} tokens per sweep; tokenizer {}{}",
+        e.context,
+        e.max_batch,
+        e.max_step_tokens,
+        fmt_bytes(p.tok_bytes),
+        if p.draft_bytes > 0 {
+            format!(", draft {}", fmt_bytes(p.draft_bytes))
+        } else {
+            String::new()
+        }
+    );
+    println!("{}", p.plan()?);
+    Ok(())
+}
