@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import airllm_rs
-from airllm_rs import AirLLMError, AutoModel
+from airllm_rs import AirLLMError, AutoModel, BudgetError
 from conftest import BUDGET, CHAT_MODEL, GGUF, run_cli
 
 PROMPT = "Once upon a time there was a little model"
@@ -206,8 +206,10 @@ def test_bad_input_raises_one_line_errors(tmp_path):
         AutoModel.from_pretrained(str(CHAT_MODEL), compression="3bit", progress=False)
     with pytest.raises(ValueError, match="max_memory `lots`: expected a size"):
         AutoModel.from_pretrained(str(CHAT_MODEL), max_memory="lots", progress=False)
-    with pytest.raises(AirLLMError, match="is below the minimum"):
+    # The budget's own class, still an AirLLMError for callers that catch that.
+    with pytest.raises(BudgetError, match="is below the minimum"):
         AutoModel.from_pretrained(str(CHAT_MODEL), max_memory="100KiB", progress=False)
+    assert issubclass(BudgetError, AirLLMError)
     with pytest.raises(TypeError, match="unexpected from_pretrained argument"):
         AutoModel.from_pretrained(str(CHAT_MODEL), max_memroy="1GiB")
 

@@ -302,6 +302,9 @@ pub struct InspectArgs {
     /// Sequences decoded together.
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
+    /// One JSON object on stdout: the workload and the plan, in bytes.
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub spec: SpecArgs,
 }
@@ -333,13 +336,17 @@ impl SampleArgs {
             ignore_eos: self.ignore_eos,
         };
         gp.check()?;
+        Ok(gp)
+    }
+
+    /// Says which seed a sampling run drew, so it can be repeated.
+    pub fn report_seed(&self, gp: &GenerationParams) {
         if self.seed.is_none() && gp.sampling.temperature > 0.0 {
             eprintln!(
                 "seed: {} (pass --seed to repeat this run)",
                 gp.sampling.seed
             );
         }
-        Ok(gp)
     }
 }
 

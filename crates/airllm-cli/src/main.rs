@@ -75,7 +75,13 @@ fn main() -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // The library names its fields; the draft's is a flag here.
+            match e.downcast_ref::<airllm::Error>() {
+                Some(airllm::Error::Draft { spec, source }) => {
+                    eprintln!("error: --draft {spec}: {source}")
+                }
+                _ => eprintln!("error: {e:#}"),
+            }
             ExitCode::FAILURE
         }
     }

@@ -644,3 +644,57 @@ fn chat_with_guesses_keeps_the_conversation() {
         assert_eq!(stderr.matches("speculation: ").count(), 2, "{stderr}");
     }
 }
+
+/// `inspect` plans what `run` does with the same options: on the default model (whose 262k
+/// vocabulary makes the tokenizer a large part of the budget), over contexts, batches and
+/// sweep sizes, `inspect`'s minimum is exactly where `run` starts to refuse, and at budgets
+/// above it both print the same plan.
+#[test]
+fn inspect_plans_what_run_runs() {
+    for (ctx, batch, chunk) in [(64, 1, 16), (64, 3, 512), (700, 1, 512), (700, 3, 16)] {
+        let (c, n, b) = (ctx.to_string(), batch.to_string(), chunk.to_string());
+        let shape = ["-c", c.as_str(), "-b", b.as_str()];
+        let inspect = |budget: &str, json: bool| {
+            let mut args = vec!["inspect", "--max-memory", budget, "--batch", n.as_str()];
+            args.extend(shape);
+            if json {
+                args.push("--json");
+            }
+            airllm(&args)
+        };
+        let run = |budget: u64| {
+            let budget = budget.to_string();
+            let mut args = vec!["run", "--max-memory", budget.as_str(), "-n", "1"];
+            args.extend(shape);
+            for _ in 0..batch {
+                args.extend(["-p", "Hello"]);
+            }
+            airllm(&args)
+        };
+        let what = format!("-c {ctx} --batch {batch} -b {chunk}");
+        let out = inspect("1TiB", true);
+        assert!(out.status.success(), "{what}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let min = v["plan"]["minimum"].as_u64().unwrap();
+        let all = v["plan"]["layer_bytes"].as_u64().unwrap() * v["layers"].as_u64().unwrap() + min;
+        assert!(v["tokenizer_bytes"].as_u64().unwrap() > 10 << 20, "{v}");
+        let below = run(min - 1);
+        let stderr = String::from_utf8_lossy(&below.stderr);
+        assert!(!below.status.success(), "{what}: run at {}", min - 1);
+        assert!(stderr.contains("is below the minimum"), "{what}: {stderr}");
+        // At the minimum and above, run's plan is inspect's, line for line.
+        for budget in [min, min + (all - min) / 3] {
+            let out = inspect(&budget.to_string(), false);
+            assert!(out.status.success(), "{what}: inspect at {budget}");
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let plan = &stdout[stdout.find("plan: ").unwrap()..];
+            let ran = run(budget);
+            let stderr = String::from_utf8_lossy(&ran.stderr);
+            assert!(ran.status.success(), "{what}: run at {budget}: {stderr}");
+            assert!(
+                stderr.contains(plan.trim()),
+                "{what} at {budget}:\n{plan}\nvs\n{stderr}"
+            );
+        }
+    }
+}

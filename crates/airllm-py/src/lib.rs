@@ -14,7 +14,7 @@ use airllm::load::LoadOptions;
 use airllm::session::{Session, SessionOptions, Workload};
 use airllm::tokenizer::TextTokenizer;
 use pyo3::create_exception;
-use pyo3::exceptions::{PyFileNotFoundError, PyRuntimeError, PyValueError};
+use pyo3::exceptions::{PyFileNotFoundError, PyKeyboardInterrupt, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::MutexExt;
 
@@ -31,12 +31,37 @@ create_exception!(
     "A model that cannot be opened or run: a bad file, a budget too small, a failed download."
 );
 
+create_exception!(
+    airllm_rs,
+    BudgetError,
+    AirLLMError,
+    "The memory budget (max_memory or gpu_memory) is too small for what was asked."
+);
+create_exception!(
+    airllm_rs,
+    DeviceError,
+    AirLLMError,
+    "The compute device failed, or this build has no support for it."
+);
+create_exception!(
+    airllm_rs,
+    InternalError,
+    AirLLMError,
+    "A bug in airllm_rs: please report it with the message."
+);
+
+/// Each kind of library error as the Python exception a caller would catch.
 fn py_err(e: airllm::Error) -> PyErr {
+    use airllm::error::Kind;
     let msg = e.to_string();
-    match e {
-        airllm::Error::ModelNotFound(..) => PyFileNotFoundError::new_err(msg),
-        airllm::Error::Invalid(_) => PyValueError::new_err(msg),
-        _ => AirLLMError::new_err(msg),
+    match e.kind() {
+        Kind::NotFound => PyFileNotFoundError::new_err(msg),
+        Kind::Argument => PyValueError::new_err(msg),
+        Kind::Budget => BudgetError::new_err(msg),
+        Kind::Device => DeviceError::new_err(msg),
+        Kind::Internal => InternalError::new_err(msg),
+        Kind::Interrupted => PyKeyboardInterrupt::new_err(msg),
+        Kind::Model | Kind::Hub | Kind::Io => AirLLMError::new_err(msg),
     }
 }
 
@@ -188,7 +213,7 @@ impl Model {
         }
         let session = job
             .join()
-            .map_err(|_| AirLLMError::new_err("internal error: loading the model panicked"))?
+            .map_err(|_| InternalError::new_err("internal error: loading the model panicked"))?
             .map_err(py_err)?;
         let tok = session
             .tokenizer()
@@ -294,7 +319,7 @@ impl Model {
                 if let Hook::Swept(_) = h {
                     if let Err(e) = Python::attach(|py| py.check_signals()) {
                         interrupted = Some(e);
-                        return Err(airllm::Error::Invalid("interrupted".into()));
+                        return Err(airllm::Error::Interrupted);
                     }
                 }
                 Ok(())
@@ -471,6 +496,9 @@ fn _airllm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Model>()?;
     m.add_class::<TextStream>()?;
     m.add("AirLLMError", m.py().get_type::<AirLLMError>())?;
+    m.add("BudgetError", m.py().get_type::<BudgetError>())?;
+    m.add("DeviceError", m.py().get_type::<DeviceError>())?;
+    m.add("InternalError", m.py().get_type::<InternalError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     /// Downloads a hub model (ORG/NAME, ORG/NAME:QUANT, ORG/NAME/FILE.gguf) into the HF cache
     /// and returns the path to open.

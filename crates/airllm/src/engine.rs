@@ -659,7 +659,7 @@ fn device_free_memory(device: &Device) -> Result<u64> {
 
 #[cfg(not(feature = "cuda"))]
 fn device_free_memory(_device: &Device) -> Result<u64> {
-    Err(Error::Invalid(
+    Err(Error::Device(
         "this build has no GPU support; build with the `cuda` feature (scripts/build_cuda.sh)"
             .into(),
     ))
@@ -754,9 +754,7 @@ impl Engine {
             _ => Tier::Disk,
         };
         if !device.is_cpu() && dplan.is_none() {
-            return Err(Error::Invalid(
-                "internal error: a GPU engine without a device plan".into(),
-            ));
+            return Err(Error::Internal("a GPU engine without a device plan".into()));
         }
         if opts.keep_page_cache {
             src.io().keep_page_cache();
@@ -1019,7 +1017,7 @@ impl Engine {
             .unwrap_or(&self.ledger)
             .try_charge(kv_bytes_per_seq(c, o))
             .ok_or_else(|| {
-                Error::Invalid(format!(
+                Error::NoRoom(format!(
                 "no room in the budget for another sequence's KV cache of {} (planned for {} sequences of {} tokens; {} of {} held)",
                 crate::util::fmt_bytes(kv_bytes_per_seq(c, o)),
                 o.max_batch, o.context,
@@ -1097,8 +1095,8 @@ impl Engine {
     ) -> Result<Vec<Tensor>> {
         let t0 = Instant::now();
         if tails.len() != batch.len() || batch.iter().zip(tails).any(|((_, t), &n)| n > t.len()) {
-            return Err(Error::Invalid(
-                "internal error: rows of logits asked for that the step does not carry".into(),
+            return Err(Error::Internal(
+                "rows of logits asked for that the step does not carry".into(),
             ));
         }
         let mut ids = Vec::new();

@@ -29,3 +29,4 @@ pub mod hub;
 pub mod load;
 pub mod session;
 pub mod tokenizer;
+pub mod units;

@@ -155,9 +155,7 @@ pub fn open_draft(info: ModelInfo, target: &EngineOptions) -> Result<Engine> {
     let opts = draft_options(&info, target)?;
     let e = Engine::from_info(info, opts)?;
     if e.plan().streams() {
-        return Err(Error::Invalid(
-            "internal error: the draft model's plan streams".into(),
-        ));
+        return Err(Error::Internal("the draft model's plan streams".into()));
     }
     Ok(e)
 }
@@ -244,14 +242,17 @@ impl Prepared {
                 if *max == 0 {
                     return Err(Error::Invalid("draft max must be at least 1".into()));
                 }
-                let ctx = |e: Error| Error::Invalid(format!("draft {model}: {e}"));
+                let ctx = |e: Error| Error::Draft {
+                    spec: model.clone(),
+                    source: Box::new(e),
+                };
                 let path = crate::hub::resolve(model, None, o.load.progress).map_err(ctx)?;
                 if let Some(tok) = &self.tok {
                     let theirs = TextTokenizer::open(&path).map_err(ctx)?;
                     if let Some(why) = tok.difference(&theirs) {
-                        return Err(Error::Invalid(format!(
-                            "draft {model}: its tokenizer is not the model's: {why}"
-                        )));
+                        return Err(ctx(Error::Invalid(format!(
+                            "its tokenizer is not the model's: {why}"
+                        ))));
                     }
                 }
                 let dinfo = ModelInfo::open(&path).map_err(ctx)?;

@@ -33,20 +33,7 @@ pub fn parse_size(s: &str) -> Result<u64> {
     Ok((value * mult).round() as u64)
 }
 
-pub fn fmt_bytes(b: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i + 1 < UNITS.len() {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.2} {}", UNITS[i])
-    }
-}
+pub use crate::units::fmt_bytes;
 
 /// FNV-1a, 64-bit: a fast, stable hash for names and paths (not for security).
 pub fn fnv1a64(bytes: &[u8]) -> u64 {

@@ -19,6 +19,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
     }
     let gp = a.sample.params(a.max_new_tokens)?;
     let mut s = start(prep, &a.model.workload(None, 1, None))?;
+    a.sample.report_seed(&gp);
     let Some(tok) = s.tokenizer().cloned() else {
         bail!("internal error: a chat session without a tokenizer");
     };

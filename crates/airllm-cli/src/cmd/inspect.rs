@@ -21,6 +21,24 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
         }
     };
     report_compressed(&p.compressed);
+    if a.json {
+        let e = &p.opts;
+        let v = serde_json::json!({
+            "model": p.info.dir.display().to_string(),
+            "architecture": p.info.cfg.arch.hf_name(),
+            "file_bytes": p.info.sizes.file_bytes,
+            "layers": p.info.cfg.num_layers,
+            "context": e.context,
+            "sequences": e.max_batch,
+            "tokens_per_sweep": e.max_step_tokens,
+            "logit_rows": e.max_logit_rows,
+            "tokenizer_bytes": p.tok_bytes,
+            "draft_bytes": p.draft_bytes,
+            "plan": p.plan()?,
+        });
+        println!("{v}");
+        return Ok(());
+    }
     let c = &p.info.cfg;
     let s = &p.info.sizes;
     println!("model:        {}", p.info.dir.display());

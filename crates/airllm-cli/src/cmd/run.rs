@@ -40,6 +40,7 @@ pub fn run(a: RunArgs) -> Result<()> {
     let context = longest.saturating_add(a.max_new_tokens).saturating_add(1);
     let work = a.model.workload(Some(context), prompts.len(), Some(total));
     let mut s = start(prep, &work)?;
+    a.sample.report_seed(&gp);
     let t = Instant::now();
     let stream = !a.json;
     let mut stdout = std::io::stdout();

@@ -15,7 +15,16 @@ the same one-line messages as the ``airllm`` command.
 
 import os
 
-from ._airllm import AirLLMError, Model as _Model, TextStream, __version__, pull
+from ._airllm import (
+    AirLLMError,
+    BudgetError,
+    DeviceError,
+    InternalError,
+    Model as _Model,
+    TextStream,
+    __version__,
+    pull,
+)
 
 __all__ = [
     "AutoModel",
@@ -24,6 +33,9 @@ __all__ = [
     "GenerateOutput",
     "TextStream",
     "AirLLMError",
+    "BudgetError",
+    "DeviceError",
+    "InternalError",
     "pull",
     "__version__",
 ]

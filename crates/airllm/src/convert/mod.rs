@@ -759,8 +759,8 @@ fn stream_items(
         let finish = |out: &mut OutFile, i: usize, item_start: &mut u64| -> Result<()> {
             let got = out.written() - *item_start;
             if got != items[i].out.bytes() {
-                return Err(Error::Invalid(format!(
-                    "internal error: tensor {} encoded to {got} bytes, planned {}",
+                return Err(Error::Internal(format!(
+                    "tensor {} encoded to {got} bytes, planned {}",
                     items[i].out.name,
                     items[i].out.bytes()
                 )));

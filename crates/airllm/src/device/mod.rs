@@ -20,8 +20,8 @@ pub fn parse(s: &str) -> Result<Device> {
         None => return Err(bad()),
     };
     if !cfg!(feature = "cuda") {
-        return Err(Error::Invalid(format!(
-            "device `{s}`: this build has no CUDA; build one with scripts/build_cuda.sh (the `cuda` feature)"
+        return Err(Error::Device(format!(
+            "`{s}`: this build has no CUDA; build one with scripts/build_cuda.sh (the `cuda` feature)"
         )));
     }
     Ok(Device::new_cuda(ordinal)?)

@@ -79,9 +79,7 @@ pub fn perplexity(
         Ok(())
     })?;
     if next < windows {
-        return Err(Error::Invalid(
-            "internal error: a window was never scored".into(),
-        ));
+        return Err(Error::Internal("a window was never scored".into()));
     }
     let mean = nll / scored as f64;
     Ok(PerplexityReport {

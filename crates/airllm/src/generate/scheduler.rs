@@ -262,9 +262,7 @@ impl Scheduler {
             return Err(e);
         }
         done.into_iter()
-            .map(|d| {
-                d.ok_or_else(|| Error::Invalid("internal error: a request never ended".into()))
-            })
+            .map(|d| d.ok_or_else(|| Error::Internal("a request never ended".into())))
             .collect()
     }
 
@@ -759,8 +757,7 @@ impl Active {
         context: usize,
         stats: Option<&mut speculative::SpecStats>,
     ) -> Result<()> {
-        let l =
-            l.ok_or_else(|| Error::Invalid("internal error: step returned no logits".into()))?;
+        let l = l.ok_or_else(|| Error::Internal("step returned no logits".into()))?;
         let rows: Vec<Vec<f32>> = l.to_vec2()?;
         let decoding = self.decoding();
         let (guesses, dists) = match &mut self.draft {
@@ -769,8 +766,8 @@ impl Active {
         };
         let k = guesses.len();
         if rows.len() != k + 1 {
-            return Err(Error::Invalid(format!(
-                "internal error: {} rows of logits for {} guesses",
+            return Err(Error::Internal(format!(
+                "{} rows of logits for {} guesses",
                 rows.len(),
                 k
             )));

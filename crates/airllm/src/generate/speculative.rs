@@ -355,9 +355,10 @@ pub(crate) fn draft_model(
             for (i, (st, _, _)) in reqs.iter_mut().enumerate() {
                 if let Some(&&(j, n)) = it.peek() {
                     if i == j {
-                        let seq = st.seq.as_mut().ok_or_else(|| {
-                            Error::Invalid("internal error: no draft sequence".into())
-                        })?;
+                        let seq = st
+                            .seq
+                            .as_mut()
+                            .ok_or_else(|| Error::Internal("no draft sequence".into()))?;
                         batch.push((seq, &feed[i][..n]));
                         tails.push((n == feed[i].len()) as usize);
                         it.next();
@@ -375,7 +376,7 @@ pub(crate) fn draft_model(
                 continue;
             }
             let (st, toks, k) = &mut reqs[i];
-            let l = l.ok_or_else(|| Error::Invalid("internal error: no draft logits".into()))?;
+            let l = l.ok_or_else(|| Error::Internal("no draft logits".into()))?;
             let mut row: Vec<f32> = l.squeeze(0)?.to_vec1()?;
             // Tokens the model cannot produce are not guessed.
             row.truncate(vocab);

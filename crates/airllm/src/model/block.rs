@@ -52,7 +52,7 @@ impl Small {
 
     fn req(&self, role: Role) -> Result<&Tensor> {
         self.get(role)
-            .ok_or_else(|| Error::Invalid(format!("internal error: the layer has no {role:?}")))
+            .ok_or_else(|| Error::Internal(format!("the layer has no {role:?}")))
     }
 
     pub fn bytes(&self) -> u64 {
@@ -77,8 +77,8 @@ pub trait Matrices {
         f: &mut dyn FnMut(usize, &mut dyn Matrices) -> Result<()>,
     ) -> Result<()> {
         let _ = (experts, f);
-        Err(Error::Invalid(
-            "internal error: this layer's matrices have no experts".into(),
+        Err(Error::Internal(
+            "this layer's matrices have no experts".into(),
         ))
     }
 }
@@ -367,8 +367,8 @@ impl Block {
             Ok(())
         })?;
         if outs.len() != experts.len() {
-            return Err(Error::Reader(format!(
-                "internal error: {} of {} routed experts ran",
+            return Err(Error::Internal(format!(
+                "{} of {} routed experts ran",
                 outs.len(),
                 experts.len()
             )));
@@ -434,18 +434,15 @@ impl Block {
         fn cpu<'a>(g: &'a candle_core::Storage, l: &candle_core::Layout) -> Result<&'a [f32]> {
             match g {
                 candle_core::Storage::Cpu(c) => Ok(&c.as_slice::<f32>()?[l.start_offset()..]),
-                _ => Err(Error::Invalid(
-                    "internal error: CPU attention on device tensors".into(),
-                )),
+                _ => Err(Error::Internal("CPU attention on device tensors".into())),
             }
         }
         let mut parts = Vec::with_capacity(seqs.len());
         for ((s, (_, _, k0)), ((kg, kl), (vg, vl))) in seqs.iter().zip(cached).zip(&guards) {
             let st = kl.stride();
             if st[1] != hd || st[2] != 1 || vl.stride() != st {
-                return Err(Error::Invalid(
-                    "internal error: the KV cache is not laid out as [heads, slots, head_dim]"
-                        .into(),
+                return Err(Error::Internal(
+                    "the KV cache is not laid out as [heads, slots, head_dim]".into(),
                 ));
             }
             parts.push(super::attention::Seq {

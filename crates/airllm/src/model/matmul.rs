@@ -65,8 +65,8 @@ pub fn matmul_into(
         || col0 + n > ldy
         || w.data.len() < w.form.row_bytes(k) * n
     {
-        return Err(Error::Invalid(format!(
-            "internal error: matmul of x [{m}, {k}] by a {n}×{k} {} matrix into columns {col0}.. of [{m}, {ldy}]",
+        return Err(Error::Internal(format!(
+            "matmul of x [{m}, {k}] by a {n}×{k} {} matrix into columns {col0}.. of [{m}, {ldy}]",
             w.form.name()
         )));
     }

@@ -66,8 +66,8 @@ pub fn quant_with(
         || col0 + n > ldy
         || w.data.len() < w.form.row_bytes(k) * n
     {
-        return Err(Error::Invalid(
-            "internal error: quantized matmul of mismatched sizes".into(),
+        return Err(Error::Internal(
+            "quantized matmul of mismatched sizes".into(),
         ));
     }
     match t {
@@ -94,8 +94,8 @@ fn blocks<T>(bytes: &[u8]) -> Result<&[T]> {
     if !bytes.len().is_multiple_of(size)
         || !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>())
     {
-        return Err(Error::Invalid(
-            "internal error: quantized rows are not whole, aligned blocks".into(),
+        return Err(Error::Internal(
+            "quantized rows are not whole, aligned blocks".into(),
         ));
     }
     // SAFETY: whole and aligned blocks (checked above); block types are plain data.
@@ -119,8 +119,8 @@ fn run<T: GgmlType>(
 ) -> Result<()> {
     let (n, k) = (w.rows, w.cols);
     if !k.is_multiple_of(T::BLCK_SIZE) {
-        return Err(Error::Invalid(format!(
-            "internal error: rows of {k} values are not whole {}-value blocks",
+        return Err(Error::Internal(format!(
+            "rows of {k} values are not whole {}-value blocks",
             T::BLCK_SIZE
         )));
     }

@@ -33,15 +33,13 @@ fn view_tensor(v: MatView<'_>, dt: DType, device: &Device) -> Result<Tensor> {
 }
 
 fn cuda_err(what: &str, e: impl std::fmt::Debug) -> Error {
-    Error::Invalid(format!("CUDA: {what}: {e:?}"))
+    Error::Device(format!("CUDA: {what}: {e:?}"))
 }
 
 fn cuda_device(device: &Device) -> Result<&candle_core::CudaDevice> {
     match device {
         Device::Cuda(d) => Ok(d),
-        _ => Err(Error::Invalid(
-            "internal error: the CUDA link needs a CUDA device".into(),
-        )),
+        _ => Err(Error::Internal("the CUDA link needs a CUDA device".into())),
     }
 }
 
@@ -139,7 +137,7 @@ impl CudaLink {
             let ptr = {
                 let (st, _) = t.storage_and_layout();
                 let Storage::Cuda(cs) = &*st else {
-                    return Err(Error::Invalid("internal error: slot not on the GPU".into()));
+                    return Err(Error::Internal("slot not on the GPU".into()));
                 };
                 let p = match dt {
                     DType::BF16 => {
@@ -203,7 +201,7 @@ impl CudaLink {
         let slot = &mut self.slots[i];
         let len = v.rows * v.form.row_bytes(v.cols);
         if len > slot.bytes {
-            return Err(Error::Reader(format!(
+            return Err(Error::Internal(format!(
                 "a slice of {len} bytes does not fit a staging slot of {}",
                 slot.bytes
             )));
@@ -326,7 +324,7 @@ pub fn h2d_bandwidth(device: &Device, bytes: usize) -> Result<f64> {
     set_host_pinning(Box::new(DriverPin { ctx: ctx.clone() }));
     let host = crate::weights::mat::AlignedBuf::with_capacity(bytes);
     if !host.is_pinned() {
-        return Err(Error::Invalid(
+        return Err(Error::Device(
             "CUDA: could not pin a host buffer to measure the link".into(),
         ));
     }
@@ -337,9 +335,7 @@ pub fn h2d_bandwidth(device: &Device, bytes: usize) -> Result<f64> {
     let ptr = {
         let (st, _) = dst.storage_and_layout();
         let Storage::Cuda(cs) = &*st else {
-            return Err(Error::Invalid(
-                "internal error: buffer not on the GPU".into(),
-            ));
+            return Err(Error::Internal("buffer not on the GPU".into()));
         };
         let p = cs.as_cuda_slice::<u8>()?.device_ptr(&stream).0;
         p
@@ -375,20 +371,14 @@ pub fn h2d_bandwidth(device: &Device, bytes: usize) -> Result<f64> {
 fn tensor_ptr(t: &Tensor, stream: &CudaStream) -> Result<sys::CUdeviceptr> {
     let (st, layout) = t.storage_and_layout();
     let Storage::Cuda(cs) = &*st else {
-        return Err(Error::Invalid(
-            "internal error: a tensor not on the GPU".into(),
-        ));
+        return Err(Error::Internal("a tensor not on the GPU".into()));
     };
     let off = (layout.start_offset() * t.dtype().size_in_bytes()) as u64;
     let p = match t.dtype() {
         DType::BF16 => cs.as_cuda_slice::<half::bf16>()?.device_ptr(stream).0,
         DType::F16 => cs.as_cuda_slice::<half::f16>()?.device_ptr(stream).0,
         DType::F32 => cs.as_cuda_slice::<f32>()?.device_ptr(stream).0,
-        other => {
-            return Err(Error::Invalid(format!(
-                "internal error: no GPU product for {other:?}"
-            )))
-        }
+        other => return Err(Error::Internal(format!("no GPU product for {other:?}"))),
     };
     Ok(p + off)
 }

@@ -218,8 +218,8 @@ impl ExpertCache {
         f: &mut dyn FnMut(usize, &mut dyn Matrices) -> Result<()>,
     ) -> Result<()> {
         if self.slots.is_empty() {
-            return Err(Error::Invalid(
-                "internal error: a sparse layer with no expert cache".into(),
+            return Err(Error::Internal(
+                "a sparse layer with no expert cache".into(),
             ));
         }
         let roles: Vec<Role> = self.schemas[layer].experts().map(|t| t.role).collect();
@@ -232,8 +232,8 @@ impl ExpertCache {
                     hits.push((e, s));
                 }
                 Some(_) => {
-                    return Err(Error::Reader(format!(
-                        "internal error: expert {e} of layer {layer} is indexed but not read"
+                    return Err(Error::Internal(format!(
+                        "expert {e} of layer {layer} is indexed but not read"
                     )))
                 }
                 None => pending.push_back(e),
@@ -255,9 +255,9 @@ impl ExpertCache {
                     .recv()
                     .map_err(|_| Error::Reader("the expert reader exited".into()))?;
                 self.wait += t.elapsed();
-                let e = loading.remove(&d.slot).ok_or_else(|| {
-                    Error::Reader("internal error: an expert arrived unasked".into())
-                })?;
+                let e = loading
+                    .remove(&d.slot)
+                    .ok_or_else(|| Error::Internal("an expert arrived unasked".into()))?;
                 let slot = &mut self.slots[d.slot];
                 match d.mats {
                     Ok(m) => {
@@ -276,9 +276,7 @@ impl ExpertCache {
                 self.issue(layer, &mut pending, &mut loading, stager.as_deref_mut())?;
             }
             if !pending.is_empty() {
-                return Err(Error::Reader(
-                    "internal error: no expert slot could be freed".into(),
-                ));
+                return Err(Error::Internal("no expert slot could be freed".into()));
             }
             Ok(())
         })();
@@ -435,7 +433,7 @@ impl Matrices for ExpertMats<'_, '_> {
             .iter()
             .position(|r| *r == role)
             .filter(|&i| i < self.mats.len())
-            .ok_or_else(|| Error::Invalid(format!("internal error: an expert has no {role:?}")))?;
+            .ok_or_else(|| Error::Internal(format!("an expert has no {role:?}")))?;
         let w = self.mats[i].view();
         match self.stager.as_deref_mut() {
             Some(st) => st.matmul_held(w, x),
@@ -464,5 +462,5 @@ impl ExpertAccess<'_> {
 
 /// The error of a sparse layer computed without the cache.
 pub fn no_experts() -> Error {
-    Error::Invalid("internal error: a sparse layer was given no expert cache".into())
+    Error::Internal("a sparse layer was given no expert cache".into())
 }

@@ -48,7 +48,7 @@ pub struct PlanInput {
 /// Expert-cache slots at the least: one expert computing while the next is read.
 pub const MIN_EXPERT_SLOTS: usize = 2;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Plan {
     pub budget: u64,
     pub resident_layers: usize,
@@ -101,7 +101,7 @@ pub struct DeviceInput {
 
 /// The device tier: what stays in device memory, and the slots the other tiers' slices are
 /// copied into while the previous slice is computed.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct DevicePlan {
     pub budget: u64,
     pub resident_layers: usize,

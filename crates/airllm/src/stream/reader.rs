@@ -428,10 +428,11 @@ pub struct StreamedMats<'a> {
 
 impl Matrices for StreamedMats<'_> {
     fn matmul(&mut self, role: Role, x: &Tensor) -> Result<Tensor> {
-        let rows =
-            self.schema.get(role).map(|t| t.shape[0]).ok_or_else(|| {
-                Error::Invalid(format!("internal error: the layer has no {role:?}"))
-            })?;
+        let rows = self
+            .schema
+            .get(role)
+            .map(|t| t.shape[0])
+            .ok_or_else(|| Error::Internal(format!("the layer has no {role:?}")))?;
         let (y, read, wait) = self.reader.matmul(
             Target::Layer(self.layer, role),
             rows,

@@ -58,7 +58,7 @@ impl HeldLayer {
             .iter()
             .find(|(r, _)| *r == role)
             .map(|(_, m)| m)
-            .ok_or_else(|| Error::Invalid(format!("internal error: the layer has no {role:?}")))
+            .ok_or_else(|| Error::Internal(format!("the layer has no {role:?}")))
     }
 
     /// The layer's matrices, multiplied where they are held; a sparse layer's experts come

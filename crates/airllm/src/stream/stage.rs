@@ -108,7 +108,7 @@ pub fn cat_columns(mut outs: Vec<Tensor>) -> Result<Tensor> {
     let last = outs
         .first()
         .map(|t| t.rank() - 1)
-        .ok_or_else(|| Error::Invalid("internal error: a matrix with no rows".into()))?;
+        .ok_or_else(|| Error::Internal("a matrix with no rows".into()))?;
     Ok(Tensor::cat(&outs, last)?)
 }
 

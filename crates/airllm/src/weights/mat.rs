@@ -220,8 +220,8 @@ impl Mat {
     pub fn new(form: Form, rows: usize, cols: usize, buf: AlignedBuf, off: usize) -> Result<Self> {
         let need = off + form.row_bytes(cols) * rows;
         if need > buf.capacity() {
-            return Err(Error::Invalid(format!(
-                "internal error: a {rows}×{cols} {} matrix needs {need} bytes, its buffer has {}",
+            return Err(Error::Internal(format!(
+                "a {rows}×{cols} {} matrix needs {need} bytes, its buffer has {}",
                 form.name(),
                 buf.capacity()
             )));
