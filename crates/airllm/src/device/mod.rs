@@ -26,3 +26,17 @@ pub fn parse(s: &str) -> Result<Device> {
     }
     Ok(Device::new_cuda(ordinal)?)
 }
+
+/// Free memory on a GPU.
+#[cfg(feature = "cuda")]
+pub fn free_memory(device: &Device) -> Result<u64> {
+    crate::stream::cuda::free_memory(device)
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn free_memory(_device: &Device) -> Result<u64> {
+    Err(Error::Device(
+        "this build has no GPU support; build with the `cuda` feature (scripts/build_cuda.sh)"
+            .into(),
+    ))
+}

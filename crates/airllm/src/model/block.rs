@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::{Activation, ModelConfig};
 use crate::error::{Error, Result};
 use crate::model::kv::LayerKv;
-use crate::weights::schema::{Kind, LayerSchema, Naming, Role};
+use crate::weights::schema::{Kind, LayerSchema, Role};
 use crate::weights::WeightSource;
 
 /// A layer's norms and biases, f32, read whole (they are small).
@@ -81,67 +81,6 @@ pub trait Matrices {
             "this layer's matrices have no experts".into(),
         ))
     }
-}
-
-/// Checks that every tensor of every layer is present with the shape the config implies, so a
-/// bad checkpoint fails at open rather than midway through a generation. Experts are checked
-/// one by one in transformers' layout and as stacks in GGUF's, and a checkpoint with more
-/// experts than the config names is refused too.
-pub fn validate_layers(cfg: &ModelConfig, src: &dyn WeightSource) -> Result<()> {
-    let naming = src.naming();
-    // Vectors may be stored with extra dimensions of 1 (llama.cpp's converter keeps
-    // Qwen2-MoE's `[1, hidden]` gate 2-D; ours writes it 1-D); they are read whole either way.
-    let squeeze = |s: &[usize]| -> Vec<usize> { s.iter().copied().filter(|&d| d != 1).collect() };
-    let check = |name: &str, want: &[usize], small: bool, what: &str| -> Result<()> {
-        let meta = src
-            .meta(name)
-            .ok_or_else(|| Error::tensor(src.path(), name, "missing from the checkpoint"))?;
-        let same = if small {
-            squeeze(&meta.shape) == squeeze(want)
-        } else {
-            meta.shape == want
-        };
-        if !same {
-            return Err(Error::tensor(
-                src.path(),
-                name,
-                format!(
-                    "shape {:?} disagrees with the config, which implies {want:?}{what}",
-                    meta.shape
-                ),
-            ));
-        }
-        Ok(())
-    };
-    for layer in 0..cfg.num_layers {
-        let schema = LayerSchema::new(cfg, layer);
-        for t in &schema.tensors {
-            let want = t.stored_shape(naming);
-            let experts = cfg.moe.as_ref().map_or(0, |m| m.experts);
-            let counted = format!(" ({experts} experts)");
-            if t.kind != Kind::Expert {
-                let what = if t.role == Role::Router { &counted } else { "" };
-                check(&t.name(naming, layer), &want, t.is_small(), what)?;
-                continue;
-            }
-            if naming == Naming::Gguf {
-                check(&t.name(naming, layer), &want, false, &counted)?;
-                continue;
-            }
-            for e in 0..t.experts {
-                check(&t.expert_name(naming, layer, e).0, &want, false, "")?;
-            }
-            let extra = t.expert_name(naming, layer, t.experts).0;
-            if src.meta(&extra).is_some() {
-                return Err(Error::tensor(
-                    src.path(),
-                    &extra,
-                    format!("is one expert more than the {} the config names", t.experts),
-                ));
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Where one sequence's new tokens sit in the packed batch.

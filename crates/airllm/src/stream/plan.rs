@@ -12,9 +12,15 @@
 
 use std::fmt;
 
+use candle_core::Device;
+
+use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::model::kv::kv_slots;
+use crate::model::matmul::ROW_TILE;
 use crate::util::fmt_bytes;
 use crate::weights::io::read_capacity;
+use crate::weights::model::ModelInfo;
 
 /// Sizes the plan is made from. All "bytes" are in held form unless named `file`.
 #[derive(Debug, Clone)]
@@ -493,6 +499,255 @@ impl Plan {
             fmt_bytes(self.bytes_read_per_token),
             fmt_bytes(d.bytes_moved_per_token)
         )
+    }
+}
+
+// ---- Composition: a model's plan for the options an engine is opened with. ----
+
+/// How the engine is sized. The plan reserves memory for `max_batch` sequences of `context`
+/// tokens and steps of up to `max_step_tokens` new tokens.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// The budget in bytes; `None` takes 90% of the machine's available memory.
+    pub max_memory: Option<u64>,
+    /// Tokens each sequence can hold (prompt plus generated).
+    pub context: usize,
+    pub max_batch: usize,
+    /// Most new tokens in one step, over all sequences (the prefill of the whole batch).
+    pub max_step_tokens: usize,
+    /// Most rows of logits one step returns.
+    pub max_logit_rows: usize,
+    /// Cap on attention-score bytes; long prefills are split into query chunks to stay under it.
+    pub attention_scores_bytes: u64,
+    /// Keep streamed weights in the page cache. By default, when anything is streamed, pages
+    /// are dropped after each read so the cache does not grow past the budget.
+    pub keep_page_cache: bool,
+    /// Bytes the caller holds outside the engine (its tokenizer), counted against the budget.
+    pub reserved_bytes: u64,
+    /// Where the model computes. On a GPU, weights stay in device memory as far as
+    /// `device_memory` allows, and the rest is copied over for every token.
+    pub device: Device,
+    /// The device's budget in bytes: device-resident weights, KV cache, activations and
+    /// staging slots. `None` takes 90% of a GPU's free memory. On the CPU, `Some` simulates a
+    /// device tier with memory of its own (for tests of the tiers without a GPU).
+    pub device_memory: Option<u64>,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            max_memory: None,
+            context: 2048,
+            max_batch: 1,
+            max_step_tokens: 2048,
+            max_logit_rows: 1,
+            attention_scores_bytes: crate::model::block::ATTN_SCORES_BYTES,
+            keep_page_cache: false,
+            reserved_bytes: 0,
+            device: Device::Cpu,
+            device_memory: None,
+        }
+    }
+}
+
+/// The widest activation row: hidden, or an MLP's (dense, expert or shared expert).
+fn widest(cfg: &ModelConfig) -> usize {
+    let moe = cfg.moe.as_ref();
+    cfg.hidden_size
+        .max(cfg.intermediate_size)
+        .max(moe.map_or(0, |m| m.expert_size.max(m.shared_size.unwrap_or(0))))
+}
+
+/// Bytes of activations for the largest step the options allow, generously counted, and the
+/// matmul's scratch (a widened tile of rows per thread).
+fn work_bytes(cfg: &ModelConfig, o: &EngineOptions) -> u64 {
+    let rows = o.max_step_tokens as u64;
+    let qkv = ((2 * cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim) as u64;
+    let mut per_row = 6 * cfg.hidden_size as u64 + 2 * qkv + 3 * cfg.intermediate_size as u64;
+    if let Some(m) = &cfg.moe {
+        // Each row's top-k experts: its gathered input, their activations and weighted
+        // outputs, kept until they are summed in expert order; the router's probabilities;
+        // the shared expert's activations.
+        per_row += (m.top_k * (2 * cfg.hidden_size + 3 * m.expert_size)
+            + 2 * m.experts
+            + 3 * m.shared_size.unwrap_or(0)) as u64;
+    }
+    let per_seq_new = rows.min(o.context as u64);
+    let scores = (4 * cfg.num_heads as u64 * per_seq_new * o.context as u64)
+        .min(o.attention_scores_bytes / 4);
+    let logits = 2 * o.max_logit_rows as u64 * cfg.vocab_size as u64;
+    let widest = widest(cfg) as u64;
+    // Compacting a sliding window copies its keys and values once.
+    let window_copy = cfg
+        .layer_windows
+        .iter()
+        .flatten()
+        .map(|&w| (2 * w * cfg.num_kv_heads * cfg.head_dim) as u64)
+        .max()
+        .unwrap_or(0);
+    // Only our CPU kernels widen tiles into scratch; a GPU's products do not.
+    let scratch = if o.device.is_cpu() && rows > crate::model::matmul::GEMV_MAX_ROWS as u64 {
+        rayon::current_num_threads() as u64 * ROW_TILE as u64 * widest
+    } else {
+        0
+    };
+    4 * (rows * per_row + scores + logits + scratch + window_copy)
+}
+
+/// KV-cache bytes of one sequence: full layers hold the context, sliding ones their window.
+pub fn kv_bytes_per_seq(cfg: &ModelConfig, o: &EngineOptions) -> u64 {
+    cfg.layer_windows
+        .iter()
+        .map(|&w| {
+            (2 * cfg.num_kv_heads * cfg.head_dim * kv_slots(o.context, w, o.max_step_tokens) * 4)
+                as u64
+        })
+        .sum()
+}
+
+impl ModelInfo {
+    /// The plan a budget would give, without loading anything.
+    pub fn plan(&self, opts: &EngineOptions) -> Result<Plan> {
+        validate_options(opts)?;
+        let budget = resolve_budget(opts.max_memory)?;
+        let inp = self.plan_input(opts);
+        let Some(dev_budget) = device_budget(opts)? else {
+            return Plan::new(&inp, budget);
+        };
+        let c = &self.cfg;
+        let dev = DevicePlan::new(
+            &DeviceInput {
+                num_layers: c.num_layers,
+                layer_bytes: self.sizes.layer_bytes,
+                head_bytes: self.sizes.head_bytes,
+                min_slot_bytes: inp.min_slice_bytes,
+                kv_bytes: inp.kv_bytes,
+                // On a GPU, a half-precision product holds its input split in two, scaled,
+                // and widened: up to four f32 copies of the widest activation.
+                work_bytes: inp.work_bytes
+                    + if opts.device.is_cpu() {
+                        0
+                    } else {
+                        16 * opts.max_step_tokens as u64 * widest(c) as u64
+                    },
+                experts: self.sizes.experts_total > 0,
+                extra_slots: usize::from(
+                    !opts.device.is_cpu()
+                        && self
+                            .sizes
+                            .dtypes
+                            .iter()
+                            .any(|d| !matches!(*d, "F32" | "F16" | "BF16")),
+                ),
+                // Streamed layers' norms and biases are kept on a GPU.
+                fixed_bytes: inp.fixed_bytes
+                    + if opts.device.is_cpu() {
+                        0
+                    } else {
+                        c.num_layers as u64 * self.sizes.small_bytes
+                    },
+            },
+            dev_budget,
+        )?;
+        // Experts stay in host memory (the expert cache) and are copied over when they run:
+        // top-k per sparse layer for each token.
+        let mut dev = dev;
+        dev.bytes_moved_per_token += inp.experts_per_token as u64 * self.sizes.expert_file_bytes;
+        // The host holds what the device does not, and only the embedding rows and logits
+        // of the working set.
+        let host_work = 4
+            * (opts.max_step_tokens as u64 * c.hidden_size as u64
+                + 2 * opts.max_logit_rows as u64 * c.vocab_size as u64);
+        let host_inp = PlanInput {
+            num_layers: c.num_layers - dev.resident_layers,
+            head_bytes: if dev.head_resident { 0 } else { inp.head_bytes },
+            head_file_bytes: if dev.head_resident {
+                0
+            } else {
+                inp.head_file_bytes
+            },
+            kv_bytes: 0,
+            work_bytes: host_work,
+            fixed_bytes: 0,
+            ..inp
+        };
+        let mut plan = Plan::new(&host_inp, budget)?;
+        // A slice read from disk must fit a staging slot.
+        if dev.stages() {
+            plan.slice_bytes = plan.slice_bytes.min(dev.slot_bytes);
+        }
+        plan.device = Some(dev);
+        Ok(plan)
+    }
+
+    fn plan_input(&self, opts: &EngineOptions) -> PlanInput {
+        let c = &self.cfg;
+        let half = c.head_dim / 2;
+        PlanInput {
+            num_layers: c.num_layers,
+            layer_bytes: self.sizes.layer_bytes,
+            layer_file_bytes: self.sizes.layer_file_bytes,
+            small_bytes: self.sizes.small_bytes,
+            head_bytes: self.sizes.head_bytes,
+            head_file_bytes: self.sizes.head_file_bytes,
+            min_slice_bytes: ROW_TILE as u64 * self.sizes.max_row_bytes,
+            kv_bytes: kv_bytes_per_seq(c, opts) * opts.max_batch as u64,
+            work_bytes: work_bytes(c, opts),
+            // The final norm and two rope tables.
+            fixed_bytes: (c.hidden_size * 4 + 4 * opts.max_step_tokens * half * 4) as u64,
+            reserved_bytes: opts.reserved_bytes,
+            expert_bytes: self.sizes.expert_bytes,
+            expert_file_bytes: self.sizes.expert_file_bytes,
+            experts_total: self.sizes.experts_total,
+            experts_per_token: c
+                .moe
+                .as_ref()
+                .map_or(0, |m| m.top_k * m.sparse.iter().filter(|&&s| s).count()),
+        }
+    }
+}
+
+fn validate_options(o: &EngineOptions) -> Result<()> {
+    // The upper bound is far beyond any model's context; it keeps the plan's byte arithmetic
+    // from overflowing.
+    const MAX: usize = 1 << 24;
+    for (name, v) in [
+        ("context size", o.context),
+        ("batch", o.max_batch),
+        ("tokens per step", o.max_step_tokens),
+        ("logit rows", o.max_logit_rows),
+    ] {
+        if v == 0 || v > MAX {
+            return Err(Error::Invalid(format!(
+                "{name} {v} is out of range (1 to {MAX})"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The device budget, when computing on a device with memory of its own (or simulating one).
+fn device_budget(opts: &EngineOptions) -> Result<Option<u64>> {
+    if opts.device.is_cpu() {
+        return Ok(opts.device_memory);
+    }
+    match opts.device_memory {
+        Some(b) => Ok(Some(b)),
+        None => crate::device::free_memory(&opts.device).map(|f| Some(f / 10 * 9)),
+    }
+}
+
+/// The default budget: 90% of what the kernel says is available.
+pub fn resolve_budget(max_memory: Option<u64>) -> Result<u64> {
+    match max_memory {
+        Some(b) => Ok(b),
+        None => crate::util::available_memory()
+            .map(|a| a / 10 * 9)
+            .ok_or_else(|| {
+                Error::Invalid(
+                    "cannot read available memory; set a memory budget (max_memory)".into(),
+                )
+            }),
     }
 }
 

@@ -10,6 +10,7 @@ pub mod gguf_tokenizer;
 pub mod gguf_write;
 pub mod io;
 pub mod mat;
+pub mod model;
 pub mod safetensors;
 pub mod schema;
 
