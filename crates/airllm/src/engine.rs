@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use candle_core::{Device, Tensor};
 
 use crate::config::ModelConfig;
+use crate::device::DevMat;
 use crate::error::{Error, Result};
 use crate::model::block::LayerKind;
 use crate::model::block::Small;
@@ -19,7 +20,7 @@ use crate::model::{Block, LayerKv, Rope, SeqRows};
 use crate::stream::experts::ExpertAccess;
 use crate::stream::pool::Pool;
 use crate::stream::reader::{ReadSpec, StreamedMats, Target};
-use crate::stream::stage::{DevMat, Link, SimLink, Stager};
+use crate::stream::stage::Stager;
 use crate::stream::{Charge, HeldLayer, Ledger, Plan, Prefetcher};
 use crate::stream::{ExpertCache, ExpertStats};
 use crate::weights::schema::{Kind, LayerSchema, Naming};
@@ -164,23 +165,6 @@ pub struct Engine {
     pub decode_profile: Profile,
 }
 
-/// The link to the compute device: a GPU's, or the simulated one.
-fn make_link(device: &Device, slots: usize, slot_bytes: u64) -> Result<Box<dyn Link>> {
-    if device.is_cpu() {
-        return Ok(Box::new(SimLink::new(slots, slot_bytes)));
-    }
-    #[cfg(feature = "cuda")]
-    {
-        Ok(Box::new(crate::stream::cuda::CudaLink::new(
-            device, slots, slot_bytes,
-        )?))
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        crate::device::free_memory(device).map(|_| unreachable!("fails without the cuda feature"))
-    }
-}
-
 /// [`crate::model::matmul::exact_rows`] over the matrices of every layer (experts included)
 /// and the head, in the forms they are held in. Only our CPU kernels promise it: on a GPU,
 /// cuBLAS and candle's kernels may sum a row differently beside others, so there it only
@@ -227,7 +211,7 @@ impl Engine {
         // The link comes first: on a GPU it pins every large host buffer allocated after it.
         let stager = match &dplan {
             Some(d) if d.stages() => Some(Stager::new(
-                make_link(&device, d.slots, d.slot_bytes)?,
+                crate::device::tier(&device).link(&device, d.slots, d.slot_bytes)?,
                 d.slot_bytes,
             )),
             _ => None,

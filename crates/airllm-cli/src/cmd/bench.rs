@@ -36,9 +36,10 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let raw_bw = raw_seq.max(raw_queued.unwrap_or(0.0));
     // The GPU's memory in use before the engine holds anything (context, kernels, cuBLAS).
     let device = o.device.clone();
-    let h2d = airllm::bench::device::h2d_bandwidth(&device, 256 << 20)?;
-    let dev_base = airllm::bench::device::used(&device)?;
-    airllm::bench::device::pool_peak(&device, true)?;
+    let backend = airllm::device::of(&device);
+    let h2d = backend.h2d_bandwidth(&device, 256 << 20)?;
+    let dev_base = backend.memory_used(&device)?;
+    backend.pool_peak(&device, true)?;
     let work = a.model.workload(
         Some(a.prompt_len + a.gen + 1),
         a.batch,
@@ -47,7 +48,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let mut s = start(prep, &work)?;
     let mut dev_peak = 0u64;
     let sample = |dev_peak: &mut u64| -> Result<()> {
-        if let (Some(b), Some(u)) = (dev_base, airllm::bench::device::used(&device)?) {
+        if let (Some(b), Some(u)) = (dev_base, backend.memory_used(&device)?) {
             *dev_peak = (*dev_peak).max(u.saturating_sub(b));
         }
         Ok(())
@@ -108,7 +109,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let decode = t_decode.elapsed();
     let engine = s.engine();
     let sched = s.scheduler();
-    let dev_pool_peak = airllm::bench::device::pool_peak(&device, false)?;
+    let dev_pool_peak = backend.pool_peak(&device, false)?;
     let read = engine.bytes_read() - read0;
     let d = &engine.decode_profile;
     let per_step = decode.as_secs_f64() / a.gen as f64;

@@ -1,8 +1,21 @@
-//! The compute device, named once: `cpu`, `cuda` or `cuda:N`.
+//! The compute device behind one trait. A [`Backend`] answers what the rest of the engine asks
+//! of a device: its free memory, a [`Link`] to copy host rows over, loading a matrix to hold
+//! there, the split half-precision product, and its memory figures. There are three: the CPU
+//! (no device tier), a simulated device (the CPU with memory and slots of its own, to test the
+//! tiers without a GPU), and CUDA. `cfg(feature = "cuda")` appears in this module only: the
+//! engine and `stream/` depend on it, and it depends on neither (it takes plain numbers).
 
-use candle_core::Device;
+#[cfg(feature = "cuda")]
+mod cuda;
+mod link;
+
+use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
+use crate::weights::mat::AlignedBuf;
+use crate::weights::WeightSource;
+
+pub use link::{dense_matmul, float_dtype, DevMat, HostRows, Link, ReadRows, SimLink};
 
 /// The compute device `cpu`, `cuda` or `cuda:N` names.
 pub fn parse(s: &str) -> Result<Device> {
@@ -27,16 +40,170 @@ pub fn parse(s: &str) -> Result<Device> {
     Ok(Device::new_cuda(ordinal)?)
 }
 
-/// Free memory on a GPU.
-#[cfg(feature = "cuda")]
-pub fn free_memory(device: &Device) -> Result<u64> {
-    crate::stream::cuda::free_memory(device)
+/// What the engine asks of a compute device.
+pub trait Backend: Sync {
+    /// Free memory a device budget may take by default; `None` where the device has no memory
+    /// of its own to measure.
+    fn free_memory(&self, device: &Device) -> Result<Option<u64>>;
+    /// A link with `slots` staging slots of `slot_bytes` each.
+    fn link(&self, device: &Device, slots: usize, slot_bytes: u64) -> Result<Box<dyn Link>>;
+    /// Matrix `name` held on `device` in its own form, read `chunk_bytes` of rows at a time
+    /// through `scratch`.
+    fn load_matrix(
+        &self,
+        src: &dyn WeightSource,
+        name: &str,
+        device: &Device,
+        chunk_bytes: u64,
+        scratch: &mut AlignedBuf,
+    ) -> Result<DevMat>;
+    /// `x Wᵀ` for f32 `x` and a half-precision `W` on the device, near f32 accuracy.
+    fn split_matmul(&self, x: &Tensor, w: &Tensor) -> Result<Tensor>;
+    /// Bytes in use on the device (the whole process's); `None` where not measured.
+    fn memory_used(&self, device: &Device) -> Result<Option<u64>>;
+    /// The most bytes the device's allocator reserved since the last reset; `reset` starts a
+    /// new high-water mark.
+    fn pool_peak(&self, device: &Device, reset: bool) -> Result<Option<u64>>;
+    /// Host→device bandwidth from pinned memory, bytes per second.
+    fn h2d_bandwidth(&self, device: &Device, bytes: usize) -> Result<Option<f64>>;
+}
+
+/// The CPU: weights and compute in host memory, nothing to copy.
+struct Cpu;
+
+/// The CPU posing as a device with memory of its own.
+struct Simulated;
+
+impl Backend for Cpu {
+    fn free_memory(&self, _: &Device) -> Result<Option<u64>> {
+        Ok(None)
+    }
+    fn link(&self, _: &Device, _: usize, _: u64) -> Result<Box<dyn Link>> {
+        Err(Error::Internal(
+            "a link on the CPU without a simulated device".into(),
+        ))
+    }
+    fn load_matrix(
+        &self,
+        src: &dyn WeightSource,
+        name: &str,
+        _: &Device,
+        _: u64,
+        _: &mut AlignedBuf,
+    ) -> Result<DevMat> {
+        Ok(DevMat::Host(src.load_mat(name)?))
+    }
+    fn split_matmul(&self, _: &Tensor, _: &Tensor) -> Result<Tensor> {
+        Err(Error::Internal("the split product on the CPU".into()))
+    }
+    fn memory_used(&self, _: &Device) -> Result<Option<u64>> {
+        Ok(None)
+    }
+    fn pool_peak(&self, _: &Device, _: bool) -> Result<Option<u64>> {
+        Ok(None)
+    }
+    fn h2d_bandwidth(&self, _: &Device, _: usize) -> Result<Option<f64>> {
+        Ok(None)
+    }
+}
+
+impl Backend for Simulated {
+    fn free_memory(&self, d: &Device) -> Result<Option<u64>> {
+        Cpu.free_memory(d)
+    }
+    fn link(&self, _: &Device, slots: usize, slot_bytes: u64) -> Result<Box<dyn Link>> {
+        Ok(Box::new(SimLink::new(slots, slot_bytes)))
+    }
+    fn load_matrix(
+        &self,
+        src: &dyn WeightSource,
+        name: &str,
+        d: &Device,
+        c: u64,
+        s: &mut AlignedBuf,
+    ) -> Result<DevMat> {
+        Cpu.load_matrix(src, name, d, c, s)
+    }
+    fn split_matmul(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        Cpu.split_matmul(x, w)
+    }
+    fn memory_used(&self, d: &Device) -> Result<Option<u64>> {
+        Cpu.memory_used(d)
+    }
+    fn pool_peak(&self, d: &Device, r: bool) -> Result<Option<u64>> {
+        Cpu.pool_peak(d, r)
+    }
+    fn h2d_bandwidth(&self, d: &Device, b: usize) -> Result<Option<f64>> {
+        Cpu.h2d_bandwidth(d, b)
+    }
+}
+
+/// A GPU in a build without CUDA: every request says so.
+#[cfg(not(feature = "cuda"))]
+struct NoCuda;
+
+#[cfg(not(feature = "cuda"))]
+impl NoCuda {
+    fn refuse<T>(&self) -> Result<T> {
+        Err(Error::Device(
+            "this build has no GPU support; build with the `cuda` feature (scripts/build_cuda.sh)"
+                .into(),
+        ))
+    }
 }
 
 #[cfg(not(feature = "cuda"))]
-pub fn free_memory(_device: &Device) -> Result<u64> {
-    Err(Error::Device(
-        "this build has no GPU support; build with the `cuda` feature (scripts/build_cuda.sh)"
-            .into(),
-    ))
+impl Backend for NoCuda {
+    fn free_memory(&self, _: &Device) -> Result<Option<u64>> {
+        self.refuse()
+    }
+    fn link(&self, _: &Device, _: usize, _: u64) -> Result<Box<dyn Link>> {
+        self.refuse()
+    }
+    fn load_matrix(
+        &self,
+        _: &dyn WeightSource,
+        _: &str,
+        _: &Device,
+        _: u64,
+        _: &mut AlignedBuf,
+    ) -> Result<DevMat> {
+        self.refuse()
+    }
+    fn split_matmul(&self, _: &Tensor, _: &Tensor) -> Result<Tensor> {
+        self.refuse()
+    }
+    fn memory_used(&self, _: &Device) -> Result<Option<u64>> {
+        self.refuse()
+    }
+    fn pool_peak(&self, _: &Device, _: bool) -> Result<Option<u64>> {
+        self.refuse()
+    }
+    fn h2d_bandwidth(&self, _: &Device, _: usize) -> Result<Option<f64>> {
+        self.refuse()
+    }
+}
+
+/// The backend of `device`: the CPU's, or the GPU's.
+pub fn of(device: &Device) -> &'static dyn Backend {
+    if device.is_cpu() {
+        return &Cpu;
+    }
+    #[cfg(feature = "cuda")]
+    {
+        &cuda::Cuda
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        &NoCuda
+    }
+}
+
+/// The backend of a device tier on `device`: the simulated one on the CPU.
+pub fn tier(device: &Device) -> &'static dyn Backend {
+    if device.is_cpu() {
+        &Simulated
+    } else {
+        of(device)
+    }
 }

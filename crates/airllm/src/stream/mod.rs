@@ -1,8 +1,6 @@
 //! Streaming: the plan over memory tiers, the ledger that checks it, the buffer pool, the
 //! background reader of weight slices, and the layers kept resident.
 
-#[cfg(feature = "cuda")]
-pub mod cuda;
 pub mod experts;
 pub mod ledger;
 pub mod plan;

@@ -728,12 +728,12 @@ fn validate_options(o: &EngineOptions) -> Result<()> {
 
 /// The device budget, when computing on a device with memory of its own (or simulating one).
 fn device_budget(opts: &EngineOptions) -> Result<Option<u64>> {
-    if opts.device.is_cpu() {
-        return Ok(opts.device_memory);
-    }
     match opts.device_memory {
         Some(b) => Ok(Some(b)),
-        None => crate::device::free_memory(&opts.device).map(|f| Some(f / 10 * 9)),
+        // The CPU has no memory of its own to measure: no device tier unless one is asked for.
+        None => crate::device::of(&opts.device)
+            .free_memory(&opts.device)
+            .map(|f| f.map(|f| f / 10 * 9)),
     }
 }
 

@@ -42,6 +42,12 @@ impl Slice {
     }
 }
 
+impl crate::device::ReadRows for Slice {
+    fn view(&self) -> crate::weights::mat::MatView<'_> {
+        self.mat().view()
+    }
+}
+
 impl Drop for Slice {
     fn drop(&mut self) {
         if let Some(m) = self.mat.take() {

@@ -3,10 +3,11 @@
 
 use candle_core::{Device, Tensor};
 
+use crate::device::DevMat;
 use crate::error::{Error, Result};
 use crate::model::block::{Matrices, Small};
 use crate::stream::experts::{no_experts, ExpertAccess};
-use crate::stream::stage::{DevMat, Stager};
+use crate::stream::stage::Stager;
 use crate::weights::mat::AlignedBuf;
 use crate::weights::schema::{LayerSchema, Role};
 use crate::weights::WeightSource;

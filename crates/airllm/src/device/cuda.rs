@@ -15,10 +15,8 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, QMatMul};
 use candle_core::{DType, Device, Module, Storage, Tensor};
 
+use super::link::{dense_matmul, float_dtype, DevMat, HostRows, Link, ReadRows};
 use crate::error::{Error, Result};
-use crate::stream::reader::Slice;
-use crate::stream::stage::DevMat;
-use crate::stream::stage::{dense_matmul, float_dtype, HostRows, Link};
 use crate::weights::mat::{set_host_pinning, AlignedBuf, Form, HostPin, MatView};
 use crate::weights::WeightSource;
 
@@ -102,7 +100,7 @@ pub struct CudaLink {
     nslots: usize,
     next: usize,
     /// Read buffers whose copy may still be running, with the event that ends it.
-    pending: VecDeque<(CudaEvent, Slice)>,
+    pending: VecDeque<(CudaEvent, Box<dyn ReadRows>)>,
 }
 
 // SAFETY: the link is used by one thread at a time (the engine's); the raw device pointers it
@@ -527,4 +525,39 @@ pub fn load_matrix(
         start += n;
     }
     Ok(mat)
+}
+
+/// The CUDA backend.
+pub(super) struct Cuda;
+
+impl super::Backend for Cuda {
+    fn free_memory(&self, device: &Device) -> Result<Option<u64>> {
+        free_memory(device).map(Some)
+    }
+    fn link(&self, device: &Device, slots: usize, slot_bytes: u64) -> Result<Box<dyn Link>> {
+        Ok(Box::new(CudaLink::new(device, slots, slot_bytes)?))
+    }
+    fn load_matrix(
+        &self,
+        src: &dyn WeightSource,
+        name: &str,
+        device: &Device,
+        chunk_bytes: u64,
+        scratch: &mut AlignedBuf,
+    ) -> Result<DevMat> {
+        load_matrix(src, name, device, chunk_bytes, scratch)
+    }
+    fn split_matmul(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        split_matmul(x, w)
+    }
+    fn memory_used(&self, device: &Device) -> Result<Option<u64>> {
+        let (free, total) = memory_info(device)?;
+        Ok(Some(total - free))
+    }
+    fn pool_peak(&self, device: &Device, reset: bool) -> Result<Option<u64>> {
+        pool_peak(device, reset).map(Some)
+    }
+    fn h2d_bandwidth(&self, device: &Device, bytes: usize) -> Result<Option<f64>> {
+        h2d_bandwidth(device, bytes).map(Some)
+    }
 }
