@@ -18,6 +18,7 @@ use crate::model::block::LayerKind;
 use crate::model::block::Small;
 use crate::model::{Block, LayerKv, Rope, SeqRows};
 use crate::stream::experts::ExpertAccess;
+use crate::stream::placement::{Placement, Placer};
 use crate::stream::pool::Pool;
 use crate::stream::reader::{ReadSpec, StreamedMats, Target};
 use crate::stream::stage::Stager;
@@ -120,14 +121,6 @@ impl Profile {
     }
 }
 
-/// Where a layer or the head is held while generating.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Tier {
-    Device,
-    Host,
-    Disk,
-}
-
 pub struct Engine {
     /// First, so it is dropped (and its copies in flight finished) before the host buffers
     /// they read from.
@@ -147,7 +140,7 @@ pub struct Engine {
     final_norm: Tensor,
     head_name: String,
     head: Option<DevMat>,
-    head_tier: Tier,
+    head_tier: Placement,
     /// Layers held on the device (the first ones of `resident`).
     device_layers: usize,
     resident: Vec<Option<HeldLayer>>,
@@ -217,11 +210,7 @@ impl Engine {
             _ => None,
         };
         let device_layers = dplan.as_ref().map_or(0, |d| d.resident_layers);
-        let head_tier = match &dplan {
-            Some(d) if d.head_resident => Tier::Device,
-            _ if plan.head_resident => Tier::Host,
-            _ => Tier::Disk,
-        };
+        let head_tier = Placement::of_head(&plan);
         if !device.is_cpu() && dplan.is_none() {
             return Err(Error::Internal("a GPU engine without a device plan".into()));
         }
@@ -242,49 +231,11 @@ impl Engine {
                     + (d.slots + if d.stages() { d.extra_slots } else { 0 }) as u64 * d.slot_bytes,
             ));
         }
-        // Matrices of the host tier stay on the CPU when a device computes.
-        let host = Device::Cpu;
-        // A GPU's resident matrices are read in chunks through one buffer: the room of the
-        // read buffers, which are not allocated yet.
-        let chunk = if plan.slice_bytes > 0 {
-            plan.slice_bytes
-        } else {
-            32 << 20
-        };
-        let mut scratch = crate::weights::mat::AlignedBuf::default();
-        let naming = src.naming();
         let norm_offset = cfg.block.norm_offset;
-        let mut final_norm = src.load(naming.final_norm(), &device)?;
+        let mut final_norm = src.load(src.naming().final_norm(), &device)?;
         if norm_offset != 0.0 {
             final_norm = (final_norm + norm_offset as f64)?;
         }
-        let head = match head_tier {
-            Tier::Device => {
-                let (d, dl) = (dplan.as_ref(), device_ledger.as_ref());
-                if let (Some(d), Some(dl)) = (d, dl) {
-                    held.push(dl.charge(d.head_bytes));
-                }
-                Some(DevMat::load(
-                    src.as_ref(),
-                    &head_name,
-                    &device,
-                    chunk,
-                    &mut scratch,
-                )?)
-            }
-            Tier::Host => {
-                held.push(ledger.charge(plan.head_bytes));
-                let on = if stager.is_some() { &host } else { &device };
-                Some(DevMat::load(
-                    src.as_ref(),
-                    &head_name,
-                    on,
-                    chunk,
-                    &mut scratch,
-                )?)
-            }
-            Tier::Disk => None,
-        };
         // llama.cpp stores Llama 3.1's rope scaling as per-frequency divisors.
         let factors = match src.meta("rope_freqs.weight") {
             Some(_) => Some(src.load("rope_freqs.weight", &device)?.to_vec1::<f32>()?),
@@ -296,50 +247,21 @@ impl Engine {
             ropes.push(Rope::new(local, dim, None, opts.context));
         }
         let schemas = LayerSchema::all(&cfg);
-        let mut resident = Vec::with_capacity(cfg.num_layers);
-        let mut device_small = Vec::with_capacity(cfg.num_layers);
-        let held_layers = device_layers + plan.resident_layers;
-        for (i, schema) in schemas.iter().enumerate() {
-            let on_device = i < device_layers;
-            device_small.push(if i >= held_layers && !device.is_cpu() {
-                Some(Small::load(schema, src.as_ref(), i, norm_offset, &device)?)
-            } else {
-                None
-            });
-            if i < held_layers {
-                held.push(match (&device_ledger, on_device) {
-                    (Some(dl), true) => dl.charge(plan.layer_bytes),
-                    _ => ledger.charge(plan.layer_bytes),
-                });
-                let mat_device = if on_device || stager.is_none() {
-                    &device
-                } else {
-                    &host
-                };
-                let l = HeldLayer::load(
-                    schema,
-                    src.as_ref(),
-                    i,
-                    norm_offset,
-                    &device,
-                    mat_device,
-                    chunk,
-                    &mut scratch,
-                )?;
-                // The plan reserves the largest layer; a layer larger than that would make
-                // the ledger fiction.
-                if l.bytes() > plan.layer_bytes {
-                    return Err(Error::Reader(format!(
-                        "layer {i} holds {} bytes but the plan reserved {}",
-                        l.bytes(),
-                        plan.layer_bytes
-                    )));
-                }
-                resident.push(Some(l));
-            } else {
-                resident.push(None);
-            }
+        let placed = Placer {
+            src: src.as_ref(),
+            schemas: &schemas,
+            head_name: &head_name,
+            norm_offset,
+            plan: &plan,
+            device: &device,
+            staged: stager.is_some(),
+            ledger: &ledger,
+            device_ledger: device_ledger.as_ref(),
         }
+        .load()?;
+        held.extend(placed.held);
+        let (head, resident, device_small) = (placed.head, placed.resident, placed.device_small);
+        let held_layers = device_layers + plan.resident_layers;
         let streamed: Vec<usize> = (held_layers..cfg.num_layers).collect();
         let experts = if plan.experts_total > 0 {
             let charge = ledger.charge(plan.expert_slots as u64 * plan.expert_bytes);
@@ -740,7 +662,7 @@ impl Engine {
         let mut waited = Duration::ZERO;
         let logits = if let Some(w) = &self.head {
             match (w, self.stager.as_mut(), self.head_tier) {
-                (DevMat::Host(m), Some(st), Tier::Host) => st.matmul_held(m.view(), h)?,
+                (DevMat::Host(m), Some(st), Placement::Host) => st.matmul_held(m.view(), h)?,
                 _ => w.matmul(h)?,
             }
         } else {

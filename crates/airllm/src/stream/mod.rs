@@ -3,6 +3,7 @@
 
 pub mod experts;
 pub mod ledger;
+pub mod placement;
 pub mod plan;
 pub mod pool;
 pub mod reader;
