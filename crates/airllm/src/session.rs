@@ -393,6 +393,25 @@ impl Session {
             .run(&mut self.engine, self.tok.as_deref(), reqs, on)
     }
 
+    /// The perplexity of `tokens` in windows of `ctx`: see
+    /// [`crate::generate::perplexity::perplexity`].
+    pub fn perplexity(
+        &mut self,
+        tokens: &[u32],
+        ctx: usize,
+        bos: Option<u32>,
+        on_window: impl FnMut(usize, usize, f64),
+    ) -> Result<crate::generate::perplexity::PerplexityReport> {
+        crate::generate::perplexity::perplexity(
+            &mut self.sched,
+            &mut self.engine,
+            tokens,
+            ctx,
+            bos,
+            on_window,
+        )
+    }
+
     /// Generates for each prompt (token ids) in one batch; `on_text(i, piece)` receives the
     /// text of prompt `i` as it becomes final.
     pub fn generate(

@@ -6,7 +6,6 @@
 use std::path::{Path, PathBuf};
 
 use airllm::convert::{to_gguf, to_hf, Quant};
-use airllm::generate::perplexity::perplexity;
 use airllm::tokenizer::TextTokenizer;
 use airllm::{Engine, EngineOptions, Session};
 
@@ -32,9 +31,7 @@ fn ppl(model: &Path, tok: &TextTokenizer) -> f64 {
         ..Default::default()
     };
     let mut s = Session::new(Engine::open(model, opts).unwrap(), None, None);
-    perplexity(&mut s, &tokens, CTX, bos, |_, _, _| {})
-        .unwrap()
-        .ppl
+    s.perplexity(&tokens, CTX, bos, |_, _, _| {}).unwrap().ppl
 }
 
 #[test]

@@ -34,7 +34,7 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
         ctx
     );
     let t = Instant::now();
-    let r = airllm::generate::perplexity::perplexity(&mut s, &tokens, ctx, bos, |i, n, p| {
+    let r = s.perplexity(&tokens, ctx, bos, |i, n, p| {
         eprint!("[{i}/{n}] {p:.4} ");
     })?;
     eprintln!();

@@ -3,9 +3,9 @@
 //! its first token replaced by BOS (when the model adds one), and only the second half of each
 //! window is scored, so every scored token has at least `ctx / 2` tokens of context.
 
-use super::{Event, GenerationParams, Request};
+use super::{Event, GenerationParams, Hook, Request, Scheduler};
+use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::session::{Hook, Session};
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PerplexityReport {
@@ -23,7 +23,8 @@ pub struct PerplexityReport {
 /// Scores `tokens` (the whole text, tokenized once). `on_window(i, n, running_ppl)` reports
 /// progress.
 pub fn perplexity(
-    session: &mut Session,
+    sched: &mut Scheduler,
+    engine: &mut Engine,
     tokens: &[u32],
     ctx: usize,
     bos: Option<u32>,
@@ -63,7 +64,7 @@ pub fn perplexity(
     let mut per_window: Vec<Option<Vec<f64>>> = vec![None; windows];
     let (mut nll, mut scored, mut next) = (0f64, 0usize, 0usize);
     let mut running = Vec::with_capacity(windows);
-    session.run(reqs, |h| {
+    sched.run(engine, None, reqs, |h| {
         if let Hook::Event(w, Event::Done { completion, .. }) = h {
             per_window[w] = Some(completion.prompt_logprobs.clone());
         }

@@ -13,10 +13,10 @@ use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::block::{Matrices, Small};
-use crate::model::matmul::{matmul_into, with_rows, ROW_TILE};
+use crate::model::matmul::{matmul_into, with_rows};
 use crate::stream::experts::{no_experts, ExpertAccess};
 use crate::stream::pool::Pool;
-use crate::stream::stage::{cat_columns, Stager};
+use crate::stream::stage::{cat_columns, slice_rows, Stager};
 use crate::weights::mat::Mat;
 use crate::weights::schema::{LayerSchema, Role};
 use crate::weights::WeightSource;
@@ -78,13 +78,6 @@ enum Item {
         start: usize,
         rows: usize,
     },
-}
-
-/// Rows per slice of a matrix whose rows take `row_bytes` in a read buffer: whole gemm tiles,
-/// as many as fit in `slice_bytes`.
-pub fn slice_rows(slice_bytes: u64, row_bytes: u64, rows: usize) -> usize {
-    let tiles = (slice_bytes / (row_bytes.max(1) * ROW_TILE as u64)).max(1) as usize;
-    (tiles * ROW_TILE).min(rows.max(1))
 }
 
 /// What the reader reads each step.
@@ -386,7 +379,7 @@ impl Prefetcher {
                 read += r;
                 wait += w;
                 done += s.mat().rows;
-                outs.push(stager.matmul_read(s, x)?);
+                outs.push(stager.matmul_read(Box::new(s), x)?);
             }
             return Ok((cat_columns(outs)?, read, wait));
         }

@@ -8,9 +8,9 @@
 
 use candle_core::Tensor;
 
-use crate::device::{HostRows, Link};
+use crate::device::{HostRows, Link, ReadRows};
 use crate::error::{Error, Result};
-use crate::stream::reader::{slice_rows, Slice};
+use crate::model::matmul::ROW_TILE;
 use crate::weights::mat::MatView;
 
 /// Cuts host matrices into slot-sized pieces for the link and counts what crosses it.
@@ -55,8 +55,8 @@ impl Stager {
     }
 
     /// `x Wᵀ` for one slice the reader delivered.
-    pub fn matmul_read(&mut self, s: Slice, x: &Tensor) -> Result<Tensor> {
-        let bytes = s.mat().view().data.len() as u64;
+    pub fn matmul_read(&mut self, s: Box<dyn ReadRows>, x: &Tensor) -> Result<Tensor> {
+        let bytes = s.view().data.len() as u64;
         if bytes > self.slot_bytes {
             return Err(Error::Reader(format!(
                 "a slice of {bytes} bytes does not fit a staging slot of {}",
@@ -64,7 +64,7 @@ impl Stager {
             )));
         }
         self.moved += bytes;
-        self.link.matmul(HostRows::Read(Box::new(s)), x)
+        self.link.matmul(HostRows::Read(s), x)
     }
 
     pub fn finish(&mut self) -> Result<()> {
@@ -82,4 +82,11 @@ pub fn cat_columns(mut outs: Vec<Tensor>) -> Result<Tensor> {
         .map(|t| t.rank() - 1)
         .ok_or_else(|| Error::Internal("a matrix with no rows".into()))?;
     Ok(Tensor::cat(&outs, last)?)
+}
+
+/// Rows per slice of a matrix whose rows take `row_bytes` in a read buffer: whole gemm tiles,
+/// as many as fit in `slice_bytes`.
+pub fn slice_rows(slice_bytes: u64, row_bytes: u64, rows: usize) -> usize {
+    let tiles = (slice_bytes / (row_bytes.max(1) * ROW_TILE as u64)).max(1) as usize;
+    (tiles * ROW_TILE).min(rows.max(1))
 }

@@ -73,7 +73,7 @@ pub fn pool() -> &'static rayon::ThreadPool {
 }
 
 /// Alignment O_DIRECT needs for offsets, lengths and buffers.
-pub const DIRECT_ALIGN: usize = super::mat::BUF_ALIGN;
+pub const DIRECT_ALIGN: usize = super::buf::BUF_ALIGN;
 
 /// Bytes per read request: several are in flight at once on the I/O pool. 4 MiB read the
 /// 70B-shaped model about 10% faster than 2 MiB on the development machine.
@@ -96,7 +96,7 @@ impl Io {
         direct: Option<&File>,
         at: u64,
         len: usize,
-        buf: &mut super::mat::AlignedBuf,
+        buf: &mut super::buf::AlignedBuf,
     ) -> std::io::Result<usize> {
         use rayon::prelude::*;
         let direct = direct.filter(|_| !self.no_direct.load(Ordering::Relaxed));

@@ -5,6 +5,7 @@
 //! Matrices are held in the file's form (bf16, f16, f32, GGUF blocks), read straight into
 //! aligned buffers; norms and biases, which are small, are read as f32.
 
+pub mod buf;
 pub mod gguf;
 pub mod gguf_tokenizer;
 pub mod gguf_write;
