@@ -440,8 +440,8 @@ impl ModelInfo {
                 let load = |n: &str| -> Result<Vec<f32>> {
                     Ok(g.load(n, &Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
                 };
-                *long_factor = load("rope_factors_long.weight")?;
-                *short_factor = load("rope_factors_short.weight")?;
+                *long_factor = load(Naming::GGUF_ROPE_FACTORS_LONG)?;
+                *short_factor = load(Naming::GGUF_ROPE_FACTORS_SHORT)?;
             }
             (cfg, Arc::new(g))
         } else {
@@ -819,8 +819,11 @@ impl Engine {
             Tier::Disk => None,
         };
         // llama.cpp stores Llama 3.1's rope scaling as per-frequency divisors.
-        let factors = match src.meta("rope_freqs.weight") {
-            Some(_) => Some(src.load("rope_freqs.weight", &device)?.to_vec1::<f32>()?),
+        let factors = match src.meta(Naming::GGUF_ROPE_FREQS) {
+            Some(_) => Some(
+                src.load(Naming::GGUF_ROPE_FREQS, &device)?
+                    .to_vec1::<f32>()?,
+            ),
             None => None,
         };
         let dim = cfg.rotary_dim;

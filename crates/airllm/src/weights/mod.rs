@@ -6,6 +6,8 @@
 //! aligned buffers; norms and biases, which are small, are read as f32.
 
 pub mod gguf;
+mod gguf_config;
+pub mod gguf_keys;
 pub mod gguf_tokenizer;
 pub mod gguf_write;
 pub mod io;
