@@ -9,20 +9,6 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 
-/// Architectures this engine runs, as named in `config.json`'s `architectures`.
-pub const SUPPORTED_ARCHS: &[&str] = &[
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM",
-    "Gemma2ForCausalLM",
-    "Gemma3ForCausalLM",
-    "MixtralForCausalLM",
-    "Qwen2MoeForCausalLM",
-    "Qwen3MoeForCausalLM",
-    "Phi3ForCausalLM",
-];
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
     Llama,
@@ -38,6 +24,31 @@ pub enum Arch {
 }
 
 impl Arch {
+    /// Every architecture, in the order error messages list them.
+    pub const ALL: [Arch; 10] = [
+        Arch::Llama,
+        Arch::Mistral,
+        Arch::Qwen2,
+        Arch::Qwen3,
+        Arch::Gemma2,
+        Arch::Gemma3,
+        Arch::Mixtral,
+        Arch::Qwen2Moe,
+        Arch::Qwen3Moe,
+        Arch::Phi3,
+    ];
+    /// The architecture `config.json` names, by its `architectures` entry or its
+    /// `model_type`: read through the same names it is written with.
+    pub fn from_hf(name: &str) -> Option<Arch> {
+        Arch::ALL
+            .into_iter()
+            .find(|a| a.hf_name() == name || a.model_type() == name)
+    }
+    /// The `architectures` names this engine runs, for error messages.
+    pub fn supported_hf() -> String {
+        Arch::ALL.map(Arch::hf_name).join(", ")
+    }
+    /// The name in `config.json`'s `architectures`.
     pub fn hf_name(self) -> &'static str {
         match self {
             Arch::Llama => "LlamaForCausalLM",
@@ -320,25 +331,11 @@ impl ModelConfig {
                 }
             },
         };
-        let arch = match arch_name.as_str() {
-            "LlamaForCausalLM" | "llama" => Arch::Llama,
-            "MistralForCausalLM" | "mistral" => Arch::Mistral,
-            "Qwen2ForCausalLM" | "qwen2" => Arch::Qwen2,
-            "Qwen3ForCausalLM" | "qwen3" => Arch::Qwen3,
-            "Gemma2ForCausalLM" | "gemma2" => Arch::Gemma2,
-            "Gemma3ForCausalLM" | "gemma3_text" => Arch::Gemma3,
-            "MixtralForCausalLM" | "mixtral" => Arch::Mixtral,
-            "Qwen2MoeForCausalLM" | "qwen2_moe" => Arch::Qwen2Moe,
-            "Qwen3MoeForCausalLM" | "qwen3_moe" => Arch::Qwen3Moe,
-            "Phi3ForCausalLM" | "phi3" => Arch::Phi3,
-            other => {
-                return Err(Error::UnknownArch {
-                    path: path.to_path_buf(),
-                    arch: other.to_string(),
-                    supported: SUPPORTED_ARCHS.join(", "),
-                })
-            }
-        };
+        let arch = Arch::from_hf(&arch_name).ok_or_else(|| Error::UnknownArch {
+            path: path.to_path_buf(),
+            arch: arch_name.clone(),
+            supported: Arch::supported_hf(),
+        })?;
 
         let positive = |key: &str| -> Result<usize> {
             match r.usize_req(key)? {
