@@ -9,20 +9,6 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 
-/// Architectures this engine runs, as named in `config.json`'s `architectures`.
-pub const SUPPORTED_ARCHS: &[&str] = &[
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM",
-    "Gemma2ForCausalLM",
-    "Gemma3ForCausalLM",
-    "MixtralForCausalLM",
-    "Qwen2MoeForCausalLM",
-    "Qwen3MoeForCausalLM",
-    "Phi3ForCausalLM",
-];
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
     Llama,
@@ -38,6 +24,31 @@ pub enum Arch {
 }
 
 impl Arch {
+    /// Every architecture, in the order error messages list them.
+    pub const ALL: [Arch; 10] = [
+        Arch::Llama,
+        Arch::Mistral,
+        Arch::Qwen2,
+        Arch::Qwen3,
+        Arch::Gemma2,
+        Arch::Gemma3,
+        Arch::Mixtral,
+        Arch::Qwen2Moe,
+        Arch::Qwen3Moe,
+        Arch::Phi3,
+    ];
+    /// The architecture `config.json` names, by its `architectures` entry or its
+    /// `model_type`: read through the same names it is written with.
+    pub fn from_hf(name: &str) -> Option<Arch> {
+        Arch::ALL
+            .into_iter()
+            .find(|a| a.hf_name() == name || a.model_type() == name)
+    }
+    /// The `architectures` names this engine runs, for error messages.
+    pub fn supported_hf() -> String {
+        Arch::ALL.map(Arch::hf_name).join(", ")
+    }
+    /// The name in `config.json`'s `architectures`.
     pub fn hf_name(self) -> &'static str {
         match self {
             Arch::Llama => "LlamaForCausalLM",
@@ -74,6 +85,10 @@ impl Arch {
     /// transformers' Llama layout of q/k rows, which llama.cpp's converter permutes.
     pub fn permutes_qk(self) -> bool {
         matches!(self, Arch::Llama | Arch::Mistral | Arch::Mixtral)
+    }
+    /// Whether the architecture routes tokens to experts.
+    pub fn has_experts(self) -> bool {
+        matches!(self, Arch::Mixtral | Arch::Qwen2Moe | Arch::Qwen3Moe)
     }
 }
 
@@ -316,25 +331,11 @@ impl ModelConfig {
                 }
             },
         };
-        let arch = match arch_name.as_str() {
-            "LlamaForCausalLM" | "llama" => Arch::Llama,
-            "MistralForCausalLM" | "mistral" => Arch::Mistral,
-            "Qwen2ForCausalLM" | "qwen2" => Arch::Qwen2,
-            "Qwen3ForCausalLM" | "qwen3" => Arch::Qwen3,
-            "Gemma2ForCausalLM" | "gemma2" => Arch::Gemma2,
-            "Gemma3ForCausalLM" | "gemma3_text" => Arch::Gemma3,
-            "MixtralForCausalLM" | "mixtral" => Arch::Mixtral,
-            "Qwen2MoeForCausalLM" | "qwen2_moe" => Arch::Qwen2Moe,
-            "Qwen3MoeForCausalLM" | "qwen3_moe" => Arch::Qwen3Moe,
-            "Phi3ForCausalLM" | "phi3" => Arch::Phi3,
-            other => {
-                return Err(Error::UnknownArch {
-                    path: path.to_path_buf(),
-                    arch: other.to_string(),
-                    supported: SUPPORTED_ARCHS.join(", "),
-                })
-            }
-        };
+        let arch = Arch::from_hf(&arch_name).ok_or_else(|| Error::UnknownArch {
+            path: path.to_path_buf(),
+            arch: arch_name.clone(),
+            supported: Arch::supported_hf(),
+        })?;
 
         let positive = |key: &str| -> Result<usize> {
             match r.usize_req(key)? {
@@ -808,294 +809,132 @@ fn read_rope(r: &Reader, nested: Option<(&Value, &str)>) -> Result<RopeConfig> {
     Ok(RopeConfig { theta, scaling })
 }
 
-/// GGUF architectures and the metadata prefix they use.
-pub const SUPPORTED_GGUF_ARCHS: &[&str] = &[
-    "llama", "qwen2", "qwen3", "gemma2", "gemma3", "qwen2moe", "qwen3moe", "phi3",
-];
-
 impl ModelConfig {
-    /// The config of a GGUF file, from its `{arch}.*` metadata, mapped onto the same fields as
-    /// a Hugging Face config so the same block runs it. Mistral files use the `llama` keys.
-    pub fn from_gguf(g: &dyn crate::weights::gguf::GgufMeta) -> Result<Self> {
-        use crate::weights::gguf::Value as V;
-        let path = g.path();
-        let a = g
-            .get("general.architecture")
-            .and_then(V::as_str)
-            .ok_or_else(|| {
-                Error::config(path, "general.architecture", "required metadata is missing")
-            })?
-            .to_string();
-        let has_experts = g
-            .get(&format!("{a}.expert_count"))
-            .and_then(V::as_u64)
-            .is_some_and(|n| n > 0);
-        let arch = match a.as_str() {
-            // Mixtral is llama.cpp's `llama` with experts.
-            "llama" if has_experts => Arch::Mixtral,
-            "llama" => Arch::Llama,
-            "qwen2moe" => Arch::Qwen2Moe,
-            "qwen3moe" => Arch::Qwen3Moe,
-            "phi3" => Arch::Phi3,
-            "qwen2" => Arch::Qwen2,
-            "qwen3" => Arch::Qwen3,
-            "gemma2" => Arch::Gemma2,
-            "gemma3" => Arch::Gemma3,
-            other => {
-                return Err(Error::UnknownArch {
-                    path: path.to_path_buf(),
-                    arch: other.to_string(),
-                    supported: SUPPORTED_GGUF_ARCHS.join(", "),
-                })
+    /// The transformers `config.json` of this config, the inverse of [`Self::from_value`]: the
+    /// one writer of that file, for the converter and the synthetic models alike. `dtype` is
+    /// the type the weights are stored in (`float32`, `bfloat16`, ...).
+    pub fn to_hf_json(&self, dtype: &str) -> Value {
+        use serde_json::json;
+        let cfg = self;
+        let rope = |r: &RopeConfig| match &r.scaling {
+            RopeScaling::None => json!({"rope_type": "default", "rope_theta": r.theta}),
+            RopeScaling::Linear { factor } => {
+                json!({"rope_type": "linear", "rope_theta": r.theta, "factor": factor})
             }
-        };
-        let key = |k: &str| format!("{a}.{k}");
-        let req = |k: &str| -> Result<usize> {
-            let full = key(k);
-            match g.get(&full).and_then(V::as_u64) {
-                Some(0) => Err(Error::config(path, &full, "must be at least 1")),
-                Some(n) => Ok(n as usize),
-                None => Err(Error::config(
-                    path,
-                    &full,
-                    "required metadata is missing or not an integer",
-                )),
-            }
-        };
-        let opt_u = |k: &str| g.get(&key(k)).and_then(V::as_u64).map(|n| n as usize);
-        let opt_f = |k: &str| g.get(&key(k)).and_then(V::as_f64);
-        let hidden_size = req("embedding_length")?;
-        let num_layers = req("block_count")?;
-        let intermediate_size = req("feed_forward_length")?;
-        let num_heads = req("attention.head_count")?;
-        let num_kv_heads = opt_u("attention.head_count_kv").unwrap_or(num_heads);
-        if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
-            return Err(Error::config(
-                path,
-                &key("attention.head_count_kv"),
-                format!("{num_kv_heads} does not divide head_count {num_heads}"),
-            ));
-        }
-        let head_dim = opt_u("attention.key_length").unwrap_or(hidden_size / num_heads);
-        if head_dim == 0 || head_dim % 2 == 1 {
-            return Err(Error::config(
-                path,
-                &key("attention.key_length"),
-                format!("{head_dim} must be even and positive"),
-            ));
-        }
-        let count = g.get("tokenizer.ggml.tokens.count").and_then(V::as_u64);
-        let vocab_size = match g
-            .get("tokenizer.ggml.tokens")
-            .and_then(V::as_array)
-            .map(|t| t.len() as u64)
-            .or(count)
-        {
-            Some(t) => t as usize,
-            None => match opt_u("vocab_size") {
-                Some(n) => n,
-                None => match g.tensor_shape("token_embd.weight") {
-                    Some(t) => t[0],
-                    None => {
-                        return Err(Error::config(
-                            path,
-                            "tokenizer.ggml.tokens",
-                            "required metadata is missing",
-                        ))
-                    }
-                },
-            },
-        };
-        let rms_norm_eps = opt_f("attention.layer_norm_rms_epsilon").ok_or_else(|| {
-            Error::config(
-                path,
-                &key("attention.layer_norm_rms_epsilon"),
-                "required metadata is missing",
-            )
-        })?;
-        let theta = opt_f("rope.freq_base").unwrap_or(10000.0) as f32;
-        let scaling = match g.get(&key("rope.scaling.type")).and_then(V::as_str) {
-            None | Some("none") => RopeScaling::None,
-            Some("linear") => RopeScaling::Linear {
-                factor: opt_f("rope.scaling.factor").unwrap_or(1.0) as f32,
-            },
-            Some(other) => {
-                return Err(Error::config(
-                    path,
-                    &key("rope.scaling.type"),
-                    format!("`{other}` is not supported"),
-                ))
-            }
-        };
-        // LongRoPE's factors are tensors (read when the model opens); the rest is metadata.
-        let scaling = if g.tensor_shape("rope_factors_long.weight").is_some() {
             RopeScaling::LongRope {
-                short_factor: vec![],
-                long_factor: vec![],
-                original_max_position_embeddings: opt_u("rope.scaling.original_context_length")
-                    .or(opt_u("context_length"))
-                    .unwrap_or(4096),
-                attention_factor: opt_f("rope.scaling.attn_factor").unwrap_or(1.0) as f32,
-            }
-        } else {
-            scaling
+                short_factor,
+                long_factor,
+                original_max_position_embeddings,
+                attention_factor,
+            } => json!({"rope_type": "longrope", "rope_theta": r.theta,
+                    "short_factor": short_factor, "long_factor": long_factor,
+                    "original_max_position_embeddings": original_max_position_embeddings,
+                    "attention_factor": attention_factor,
+                    "partial_rotary_factor": cfg.rotary_dim as f64 / cfg.head_dim as f64}),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => json!({"rope_type": "llama3", "rope_theta": r.theta, "factor": factor,
+                    "low_freq_factor": low_freq_factor, "high_freq_factor": high_freq_factor,
+                    "original_max_position_embeddings": original_max_position_embeddings}),
         };
-        let rope = RopeConfig { theta, scaling };
-        let rotary_dim = opt_u("rope.dimension_count").unwrap_or(head_dim);
-        if rotary_dim == 0 || rotary_dim % 2 == 1 || rotary_dim > head_dim {
-            return Err(Error::config(
-                path,
-                &key("rope.dimension_count"),
-                format!("{rotary_dim} must be even, positive and at most the head's {head_dim}"),
-            ));
+        let mut v = json!({
+            "architectures": [cfg.arch.hf_name()],
+            "model_type": cfg.arch.model_type(),
+            "hidden_size": cfg.hidden_size,
+            "intermediate_size": cfg.intermediate_size,
+            "num_hidden_layers": cfg.num_layers,
+            "num_attention_heads": cfg.num_heads,
+            "num_key_value_heads": cfg.num_kv_heads,
+            "head_dim": cfg.head_dim,
+            "vocab_size": cfg.vocab_size,
+            "rms_norm_eps": cfg.rms_norm_eps,
+            "max_position_embeddings": cfg.max_position_embeddings,
+            "tie_word_embeddings": cfg.tie_word_embeddings,
+            "bos_token_id": cfg.bos_token_id,
+            "eos_token_id": cfg.eos_token_ids,
+            "dtype": dtype,
+        });
+        if cfg.rotary_dim != cfg.head_dim {
+            v["partial_rotary_factor"] = json!(cfg.rotary_dim as f64 / cfg.head_dim as f64);
         }
-        let mut block = BlockSpec::plain();
-        let window = opt_u("attention.sliding_window").filter(|&w| w > 0);
-        let mut layer_windows = vec![None; num_layers];
-        let mut rope_local = None;
-        let mut attn_scale = 1.0 / (head_dim as f64).sqrt();
-        match arch {
-            Arch::Llama | Arch::Mistral | Arch::Mixtral => {
-                // llama.cpp's converter permutes q/k so that RoPE rotates adjacent pairs.
-                block.rope_interleaved = true;
-                layer_windows = vec![window; num_layers];
+        if let RopeScaling::LongRope {
+            original_max_position_embeddings,
+            ..
+        } = &cfg.rope.scaling
+        {
+            v["original_max_position_embeddings"] = json!(original_max_position_embeddings);
+        }
+        if let Some(m) = &cfg.moe {
+            v["num_experts_per_tok"] = json!(m.top_k);
+            v["norm_topk_prob"] = json!(m.norm_topk);
+            if cfg.arch == Arch::Mixtral {
+                v["num_local_experts"] = json!(m.experts);
+            } else {
+                v["num_experts"] = json!(m.experts);
+                v["moe_intermediate_size"] = json!(m.expert_size);
+                v["decoder_sparse_step"] = json!(1);
+                v["mlp_only_layers"] = json!((0..cfg.num_layers)
+                    .filter(|&l| !m.sparse[l])
+                    .collect::<Vec<_>>());
             }
-            // llama.cpp runs Phi-3 without its sliding window.
-            Arch::Phi3 => {
-                block.fused_qkv = true;
-                block.fused_gate_up = true;
+            if let Some(sh) = m.shared_size {
+                v["shared_expert_intermediate_size"] = json!(sh);
             }
-            Arch::Qwen2 | Arch::Qwen2Moe => block.qkv_bias = true,
-            Arch::Qwen3 | Arch::Qwen3Moe => block.qk_norm = true,
-            Arch::Gemma2 => {
-                block.sandwich_norms = true;
-                block.act = Activation::GeluTanhF16;
-                // As llama.cpp: sliding and global layers alternate, the first sliding.
-                if let Some(w) = window {
-                    layer_windows = (0..num_layers).map(|i| (i % 2 == 0).then_some(w)).collect();
-                }
-                // llama.cpp scales queries by 1/sqrt(head_dim), except for the 27B model
-                // (46 layers), which uses hidden/heads.
-                if num_layers == 46 {
-                    attn_scale = 1.0 / ((hidden_size / num_heads) as f64).sqrt();
-                }
-            }
+        }
+        let windows: Vec<usize> = cfg.layer_windows.iter().flatten().copied().collect();
+        match cfg.arch {
             Arch::Gemma3 => {
-                block.qk_norm = true;
-                block.sandwich_norms = true;
-                block.act = Activation::GeluTanhF16;
-                if let Some(w) = window {
-                    // As llama.cpp: a pattern array, or every n-th layer global (default 6).
-                    let pattern = g.get(&key("attention.sliding_window_pattern"));
-                    layer_windows = match pattern {
-                        Some(V::Array(flags)) if flags.len() == num_layers => flags
-                            .iter()
-                            .map(|f| f.as_bool().unwrap_or(false).then_some(w))
-                            .collect(),
-                        other => {
-                            let n = other.and_then(V::as_u64).unwrap_or(6) as usize;
-                            (0..num_layers)
-                                .map(|i| (n == 0 || i % n < n - 1).then_some(w))
-                                .collect()
-                        }
-                    };
-                    rope_local = Some(RopeConfig {
-                        theta: opt_f("rope.freq_base_swa").unwrap_or(10000.0) as f32,
-                        scaling: RopeScaling::None,
-                    });
-                }
-                // llama.cpp scales queries by 1/sqrt(head_dim), except for the 27B model
-                // (62 layers), which uses hidden/heads.
-                if num_layers == 62 {
-                    attn_scale = 1.0 / ((hidden_size / num_heads) as f64).sqrt();
+                v["hidden_activation"] = json!("gelu_pytorch_tanh");
+                let local = cfg.rope_local.clone().unwrap_or(RopeConfig {
+                    theta: 10000.0,
+                    scaling: RopeScaling::None,
+                });
+                v["rope_parameters"] =
+                    json!({"full_attention": rope(&cfg.rope), "sliding_attention": rope(&local)});
+                v["query_pre_attn_scalar"] = json!(1.0 / (cfg.attn_scale * cfg.attn_scale));
+                v["final_logit_softcapping"] = json!(cfg.final_logit_softcap);
+            }
+            Arch::Gemma2 => {
+                v["hidden_activation"] = json!("gelu_pytorch_tanh");
+                v["rope_parameters"] = rope(&cfg.rope);
+                v["query_pre_attn_scalar"] = json!(1.0 / (cfg.attn_scale * cfg.attn_scale));
+                v["final_logit_softcapping"] = json!(cfg.final_logit_softcap);
+                v["attn_logit_softcapping"] = json!(cfg.attn_logit_softcap);
+            }
+            _ => {
+                v["hidden_act"] = json!("silu");
+                v["rope_parameters"] = rope(&cfg.rope);
+                v["attention_bias"] = json!(cfg.block.qkv_bias);
+                if cfg.arch == Arch::Qwen2Moe {
+                    v["qkv_bias"] = json!(cfg.block.qkv_bias);
                 }
             }
         }
-        // An explicit scale (llama.cpp's `attention.scale`, written by our converter for models
-        // whose scale is not the architecture's default) wins.
-        if let Some(s) = opt_f("attention.scale").filter(|&s| s > 0.0) {
-            attn_scale = s;
-        }
-        // Biases are optional tensors in llama.cpp; their presence is the flag.
-        use crate::weights::schema::{gguf_name, Role};
-        let has = |r: Role| g.tensor_shape(&gguf_name(0, r)).is_some();
-        block.qkv_bias |= has(Role::QBias);
-        block.o_bias |= has(Role::OBias);
-        block.mlp_bias |= has(Role::UpBias);
-        let tokens = |k: &str| g.get(k).and_then(V::as_u64).map(|n| n as u32);
-        let moe = match arch {
-            Arch::Mixtral | Arch::Qwen2Moe | Arch::Qwen3Moe => {
-                let experts = req("expert_count")?;
-                let top_k = req("expert_used_count")?;
-                if top_k > experts {
-                    return Err(Error::config(
-                        path,
-                        &key("expert_used_count"),
-                        format!("{top_k} is more than the {experts} experts"),
-                    ));
-                }
-                let expert_size = if arch == Arch::Mixtral {
-                    intermediate_size
+        if let Some(&w) = windows.first() {
+            v["sliding_window"] = json!(w);
+            v["layer_types"] = json!(cfg
+                .layer_windows
+                .iter()
+                .map(|w| if w.is_some() {
+                    "sliding_attention"
                 } else {
-                    req("expert_feed_forward_length")?
-                };
-                // A layer is sparse when it has a router (llama.cpp's own test).
-                let sparse = (0..num_layers)
-                    .map(|l| g.tensor_shape(&gguf_name(l, Role::Router)).is_some())
-                    .collect();
-                // As llama.cpp: Qwen2-MoE leaves the top-k weights as they are, the others
-                // renormalize them, unless the file says otherwise.
-                let norm_default = arch != Arch::Qwen2Moe;
-                let norm_topk = match g.get(&key("expert_weights_norm")) {
-                    Some(V::Bool(b)) => *b,
-                    _ => norm_default,
-                };
-                Some(MoeSpec {
-                    style: if arch == Arch::Mixtral {
-                        MoeStyle::Mixtral
-                    } else {
-                        MoeStyle::Qwen
-                    },
-                    experts,
-                    top_k,
-                    expert_size,
-                    norm_topk,
-                    shared_size: opt_u("expert_shared_feed_forward_length").filter(|&n| n > 0),
-                    sparse,
+                    "full_attention"
                 })
+                .collect::<Vec<_>>());
+            if matches!(
+                cfg.arch,
+                Arch::Qwen2 | Arch::Qwen3 | Arch::Qwen2Moe | Arch::Qwen3Moe
+            ) {
+                v["use_sliding_window"] = json!(true);
             }
-            _ => None,
-        };
-        Ok(ModelConfig {
-            path: path.to_path_buf(),
-            arch,
-            hidden_size,
-            intermediate_size,
-            num_layers,
-            num_heads,
-            num_kv_heads,
-            head_dim,
-            vocab_size,
-            rms_norm_eps,
-            rope,
-            max_position_embeddings: opt_u("context_length").unwrap_or(4096),
-            tie_word_embeddings: g.tensor_shape("output.weight").is_none(),
-            layer_windows,
-            block,
-            declared_dtype: g
-                .get("general.file_type")
-                .and_then(V::as_u64)
-                .map(|t| format!("gguf file_type {t}")),
-            bos_token_id: tokens("tokenizer.ggml.bos_token_id"),
-            eos_token_ids: tokens("tokenizer.ggml.eos_token_id").into_iter().collect(),
-            attn_scale,
-            embed_scale: arch.is_gemma().then(|| (hidden_size as f64).sqrt()),
-            rope_local,
-            final_logit_softcap: opt_f("final_logit_softcapping").filter(|&c| c > 0.0),
-            attn_logit_softcap: opt_f("attn_logit_softcapping").filter(|&c| c > 0.0),
-            moe,
-            rotary_dim,
-        })
+        } else if cfg.arch.is_gemma() {
+            v["sliding_window"] = json!(cfg.max_position_embeddings);
+            v["layer_types"] = json!(vec!["full_attention"; cfg.num_layers]);
+        }
+        v
     }
 }
 

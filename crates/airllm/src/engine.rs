@@ -237,8 +237,11 @@ impl Engine {
             final_norm = (final_norm + norm_offset as f64)?;
         }
         // llama.cpp stores Llama 3.1's rope scaling as per-frequency divisors.
-        let factors = match src.meta("rope_freqs.weight") {
-            Some(_) => Some(src.load("rope_freqs.weight", &device)?.to_vec1::<f32>()?),
+        let factors = match src.meta(Naming::GGUF_ROPE_FREQS) {
+            Some(_) => Some(
+                src.load(Naming::GGUF_ROPE_FREQS, &device)?
+                    .to_vec1::<f32>()?,
+            ),
             None => None,
         };
         let dim = cfg.rotary_dim;

@@ -14,7 +14,7 @@ use serde_json::json;
 use crate::config::{Arch, ModelConfig};
 use crate::error::{Error, Result};
 use crate::weights::safetensors::DType;
-use crate::weights::schema::{Kind, LayerSchema, Naming, HF_EMBED, HF_FINAL_NORM, HF_LM_HEAD};
+use crate::weights::schema::{Kind, LayerSchema, Naming};
 
 #[derive(Debug, Clone)]
 pub struct SynthShape {
@@ -108,9 +108,9 @@ impl SynthShape {
     /// Every tensor of the checkpoint in execution order, with its shape, as the layer schema
     /// lists them for this shape's config.
     pub fn tensors(&self) -> Result<Vec<(String, Vec<usize>)>> {
-        let cfg = ModelConfig::from_value(Path::new("config.json"), &self.config(DType::BF16))?;
+        let cfg = self.model_config()?;
         let h = self.hidden;
-        let mut t = vec![(HF_EMBED.to_string(), vec![self.vocab, h])];
+        let mut t = vec![(Naming::Hf.embed().to_string(), vec![self.vocab, h])];
         for l in 0..self.layers {
             for spec in LayerSchema::new(&cfg, l).tensors {
                 if spec.kind == Kind::Expert {
@@ -122,17 +122,20 @@ impl SynthShape {
                 }
             }
         }
-        t.push((HF_FINAL_NORM.to_string(), vec![h]));
+        t.push((Naming::Hf.final_norm().to_string(), vec![h]));
         if !self.tie {
-            t.push((HF_LM_HEAD.to_string(), vec![self.vocab, h]));
+            t.push((Naming::Hf.head().to_string(), vec![self.vocab, h]));
         }
         Ok(t)
     }
 
-    fn config(&self, dtype: DType) -> serde_json::Value {
+    /// The shape's config. The shape is described in transformers' terms and read by the
+    /// config reader, so the architecture's defaults apply as they do to a downloaded model;
+    /// `config.json` is then written from the result by the one writer,
+    /// [`ModelConfig::to_hf_json`].
+    fn model_config(&self) -> Result<ModelConfig> {
         let mut v = json!({
             "architectures": [self.arch.hf_name()],
-            "model_type": self.arch.model_type(),
             "hidden_size": self.hidden,
             "intermediate_size": self.intermediate,
             "num_hidden_layers": self.layers,
@@ -146,7 +149,6 @@ impl SynthShape {
             "tie_word_embeddings": self.tie,
             "bos_token_id": 256,
             "eos_token_id": 257,
-            "dtype": match dtype { DType::F32 => "float32", DType::F16 => "float16", DType::BF16 => "bfloat16" },
         });
         if let Some(d) = self.head_dim {
             v["head_dim"] = json!(d);
@@ -159,11 +161,9 @@ impl SynthShape {
                 v["num_experts"] = json!(m.experts);
                 v["moe_intermediate_size"] = json!(m.expert_size);
                 v["norm_topk_prob"] = json!(true);
-                v["decoder_sparse_step"] = json!(1);
-                v["mlp_only_layers"] = json!([]);
             }
         }
-        v
+        ModelConfig::from_value(Path::new("config.json"), &v)
     }
 }
 
@@ -363,7 +363,15 @@ fn write_into(
             &json!({"metadata": {"total_size": total}, "weight_map": weight_map}),
         )?;
     }
-    write_json("config.json", &shape.config(dtype))?;
+    let torch_dtype = match dtype {
+        DType::F32 => "float32",
+        DType::F16 => "float16",
+        DType::BF16 => "bfloat16",
+    };
+    write_json(
+        "config.json",
+        &shape.model_config()?.to_hf_json(torch_dtype),
+    )?;
     write_json(
         "generation_config.json",
         &json!({"bos_token_id": 256, "eos_token_id": 257}),

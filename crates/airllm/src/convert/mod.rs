@@ -21,11 +21,10 @@ use crate::config::{Arch, ModelConfig, RopeConfig, RopeScaling};
 use crate::engine::ModelInfo;
 use crate::error::{Error, Result};
 use crate::weights::gguf::Value;
+use crate::weights::gguf_keys::{self as keys, Key};
 use crate::weights::gguf_write::{GgufPlan, OutFile, TensorPlan};
 use crate::weights::mat::AlignedBuf;
-use crate::weights::schema::{
-    self, Kind, LayerSchema, Naming, Role, HF_EMBED, HF_FINAL_NORM, HF_LM_HEAD,
-};
+use crate::weights::schema::{self, Kind, LayerSchema, Naming, Role};
 use crate::weights::WeightSource;
 
 /// The storage type asked for on the command line.
@@ -207,30 +206,17 @@ pub fn to_gguf(
         tracing::warn!(
             "{}: layers {dense:?} are dense among sparse ones; this engine reads the GGUF file, but llama.cpp expects every layer of a {} model to have experts",
             src.display(),
-            gguf_arch(&info.cfg)
+            keys::arch_name(info.cfg.arch)
         );
     }
     write_gguf(&info, &plan, &items, progress)
 }
 
-fn gguf_arch(cfg: &ModelConfig) -> &'static str {
-    match cfg.arch {
-        Arch::Llama | Arch::Mistral => "llama",
-        Arch::Qwen2 => "qwen2",
-        Arch::Qwen3 => "qwen3",
-        Arch::Gemma2 => "gemma2",
-        Arch::Gemma3 => "gemma3",
-        Arch::Mixtral => "llama",
-        Arch::Qwen2Moe => "qwen2moe",
-        Arch::Qwen3Moe => "qwen3moe",
-        Arch::Phi3 => "phi3",
-    }
-}
-
 fn gguf_plan(info: &ModelInfo, quant: Quant, out: &Path) -> Result<(GgufPlan, Vec<Item>)> {
     let cfg = &info.cfg;
     let src = info.src.as_ref();
-    let a = gguf_arch(cfg);
+    let a = keys::arch_name(cfg.arch);
+    let key = |k: Key| k.of(a);
     let mut plan = GgufPlan::new(out);
     let u = |n: usize| Value::U(n as u64);
     let name = info
@@ -239,41 +225,29 @@ fn gguf_plan(info: &ModelInfo, quant: Quant, out: &Path) -> Result<(GgufPlan, Ve
         .and_then(|n| n.to_str())
         .unwrap_or("model")
         .to_string();
-    plan.set("general.architecture", Value::Str(a.into()));
-    plan.set("general.name", Value::Str(name));
-    plan.set("general.file_type", Value::U(quant.file_type()));
-    plan.set("general.quantization_version", Value::U(2));
-    plan.set(
-        format!("{a}.context_length"),
-        u(cfg.max_position_embeddings),
-    );
-    plan.set(format!("{a}.embedding_length"), u(cfg.hidden_size));
-    plan.set(format!("{a}.block_count"), u(cfg.num_layers));
-    plan.set(format!("{a}.feed_forward_length"), u(cfg.intermediate_size));
-    plan.set(format!("{a}.attention.head_count"), u(cfg.num_heads));
-    plan.set(format!("{a}.attention.head_count_kv"), u(cfg.num_kv_heads));
-    plan.set(format!("{a}.attention.key_length"), u(cfg.head_dim));
-    plan.set(format!("{a}.attention.value_length"), u(cfg.head_dim));
-    plan.set(format!("{a}.rope.dimension_count"), u(cfg.rotary_dim));
-    plan.set(format!("{a}.vocab_size"), u(cfg.vocab_size));
-    plan.set(
-        format!("{a}.attention.layer_norm_rms_epsilon"),
-        Value::F(cfg.rms_norm_eps),
-    );
-    plan.set(
-        format!("{a}.rope.freq_base"),
-        Value::F(cfg.rope.theta as f64),
-    );
+    plan.set(keys::ARCHITECTURE, Value::Str(a.into()));
+    plan.set(keys::NAME, Value::Str(name));
+    plan.set(keys::FILE_TYPE, Value::U(quant.file_type()));
+    plan.set(keys::QUANTIZATION_VERSION, Value::U(2));
+    plan.set(key(Key::ContextLength), u(cfg.max_position_embeddings));
+    plan.set(key(Key::EmbeddingLength), u(cfg.hidden_size));
+    plan.set(key(Key::BlockCount), u(cfg.num_layers));
+    plan.set(key(Key::FeedForwardLength), u(cfg.intermediate_size));
+    plan.set(key(Key::HeadCount), u(cfg.num_heads));
+    plan.set(key(Key::HeadCountKv), u(cfg.num_kv_heads));
+    plan.set(key(Key::KeyLength), u(cfg.head_dim));
+    plan.set(key(Key::ValueLength), u(cfg.head_dim));
+    plan.set(key(Key::RopeDimensionCount), u(cfg.rotary_dim));
+    plan.set(key(Key::VocabSize), u(cfg.vocab_size));
+    plan.set(key(Key::LayerNormRmsEpsilon), Value::F(cfg.rms_norm_eps));
+    plan.set(key(Key::RopeFreqBase), Value::F(cfg.rope.theta as f64));
     let mut rope_freqs = None;
     let mut long_rope = None;
     match &cfg.rope.scaling {
         RopeScaling::None => {}
         &RopeScaling::Linear { factor } => {
-            plan.set(
-                format!("{a}.rope.scaling.type"),
-                Value::Str("linear".into()),
-            );
-            plan.set(format!("{a}.rope.scaling.factor"), Value::F(factor as f64));
+            plan.set(key(Key::RopeScalingType), Value::Str("linear".into()));
+            plan.set(key(Key::RopeScalingFactor), Value::F(factor as f64));
         }
         RopeScaling::Llama3 { .. } => {
             // llama.cpp applies Llama 3.1's rescaling as per-frequency divisors.
@@ -299,11 +273,11 @@ fn gguf_plan(info: &ModelInfo, quant: Quant, out: &Path) -> Result<(GgufPlan, Ve
         } => {
             // llama.cpp keeps the factor sets as tensors and the rest as metadata.
             plan.set(
-                format!("{a}.rope.scaling.original_context_length"),
+                key(Key::RopeScalingOriginalContextLength),
                 u(*original_max_position_embeddings),
             );
             plan.set(
-                format!("{a}.rope.scaling.attn_factor"),
+                key(Key::RopeScalingAttnFactor),
                 Value::F(*attention_factor as f64),
             );
             long_rope = Some((long_factor.clone(), short_factor.clone()));
@@ -311,14 +285,14 @@ fn gguf_plan(info: &ModelInfo, quant: Quant, out: &Path) -> Result<(GgufPlan, Ve
     }
     let windows: Vec<usize> = cfg.layer_windows.iter().flatten().copied().collect();
     if let Some(&w) = windows.first() {
-        plan.set(format!("{a}.attention.sliding_window"), u(w));
+        plan.set(key(Key::SlidingWindow), u(w));
     }
     if cfg.arch == Arch::Gemma3 {
         let every_sixth =
             (0..cfg.num_layers).all(|i| cfg.layer_windows[i].is_some() == (i % 6 < 5));
         if !every_sixth {
             plan.set(
-                format!("{a}.attention.sliding_window_pattern"),
+                key(Key::SlidingWindowPattern),
                 Value::Array(
                     cfg.layer_windows
                         .iter()
@@ -328,10 +302,7 @@ fn gguf_plan(info: &ModelInfo, quant: Quant, out: &Path) -> Result<(GgufPlan, Ve
             );
         }
         if let Some(local) = &cfg.rope_local {
-            plan.set(
-                format!("{a}.rope.freq_base_swa"),
-                Value::F(local.theta as f64),
-            );
+            plan.set(key(Key::RopeFreqBaseSwa), Value::F(local.theta as f64));
         }
     }
     let default_scale = match (cfg.arch, cfg.num_layers) {
@@ -341,26 +312,26 @@ fn gguf_plan(info: &ModelInfo, quant: Quant, out: &Path) -> Result<(GgufPlan, Ve
         _ => 1.0 / (cfg.head_dim as f64).sqrt(),
     };
     if (cfg.attn_scale - default_scale).abs() > 1e-9 {
-        plan.set(format!("{a}.attention.scale"), Value::F(cfg.attn_scale));
+        plan.set(key(Key::AttentionScale), Value::F(cfg.attn_scale));
     }
     if let Some(c) = cfg.final_logit_softcap {
-        plan.set(format!("{a}.final_logit_softcapping"), Value::F(c));
+        plan.set(key(Key::FinalLogitSoftcapping), Value::F(c));
     }
     if let Some(c) = cfg.attn_logit_softcap {
-        plan.set(format!("{a}.attn_logit_softcapping"), Value::F(c));
+        plan.set(key(Key::AttnLogitSoftcapping), Value::F(c));
     }
     if let Some(m) = &cfg.moe {
-        plan.set(format!("{a}.expert_count"), u(m.experts));
-        plan.set(format!("{a}.expert_used_count"), u(m.top_k));
+        plan.set(key(Key::ExpertCount), u(m.experts));
+        plan.set(key(Key::ExpertUsedCount), u(m.top_k));
         if cfg.arch != Arch::Mixtral {
-            plan.set(format!("{a}.expert_feed_forward_length"), u(m.expert_size));
+            plan.set(key(Key::ExpertFeedForwardLength), u(m.expert_size));
         }
         if let Some(sh) = m.shared_size {
-            plan.set(format!("{a}.expert_shared_feed_forward_length"), u(sh));
+            plan.set(key(Key::ExpertSharedFeedForwardLength), u(sh));
         }
         let norm_default = cfg.arch != Arch::Qwen2Moe;
         if m.norm_topk != norm_default {
-            plan.set(format!("{a}.expert_weights_norm"), Value::Bool(m.norm_topk));
+            plan.set(key(Key::ExpertWeightsNorm), Value::Bool(m.norm_topk));
         }
     }
     for (k, v) in tokenizer::gguf_metadata(&info.dir, cfg)? {
@@ -418,19 +389,19 @@ fn gguf_plan(info: &ModelInfo, quant: Quant, out: &Path) -> Result<(GgufPlan, Ve
     add(
         &mut plan,
         &mut items,
-        "token_embd.weight".into(),
-        HF_EMBED,
+        Naming::Gguf.embed().into(),
+        Naming::Hf.embed(),
         tied,
         None,
         Transform::None,
     )?;
     let mut values = vec![];
     if let Some(f) = rope_freqs {
-        values.push(("rope_freqs.weight", f));
+        values.push((Naming::GGUF_ROPE_FREQS, f));
     }
     if let Some((long, short)) = long_rope {
-        values.push(("rope_factors_long.weight", long));
-        values.push(("rope_factors_short.weight", short));
+        values.push((Naming::GGUF_ROPE_FACTORS_LONG, long));
+        values.push((Naming::GGUF_ROPE_FACTORS_SHORT, short));
     }
     for (name, f) in values {
         let out = TensorPlan {
@@ -481,8 +452,8 @@ fn gguf_plan(info: &ModelInfo, quant: Quant, out: &Path) -> Result<(GgufPlan, Ve
     add(
         &mut plan,
         &mut items,
-        "output_norm.weight".into(),
-        HF_FINAL_NORM,
+        Naming::Gguf.final_norm().into(),
+        Naming::Hf.final_norm(),
         false,
         None,
         final_norm_transform(cfg, true),
@@ -491,8 +462,8 @@ fn gguf_plan(info: &ModelInfo, quant: Quant, out: &Path) -> Result<(GgufPlan, Ve
         add(
             &mut plan,
             &mut items,
-            "output.weight".into(),
-            HF_LM_HEAD,
+            Naming::Gguf.head().into(),
+            Naming::Hf.head(),
             true,
             None,
             Transform::None,
@@ -859,8 +830,8 @@ fn write_hf(info: &ModelInfo, dir: &Path, progress: &mut dyn FnMut(u64, u64)) ->
         ));
     };
     push(
-        HF_EMBED.into(),
-        "token_embd.weight".into(),
+        Naming::Hf.embed().into(),
+        Naming::Gguf.embed().into(),
         None,
         Transform::None,
     );
@@ -886,20 +857,20 @@ fn write_hf(info: &ModelInfo, dir: &Path, progress: &mut dyn FnMut(u64, u64)) ->
         }
     }
     push(
-        HF_FINAL_NORM.into(),
-        "output_norm.weight".into(),
+        Naming::Hf.final_norm().into(),
+        Naming::Gguf.final_norm().into(),
         None,
         final_norm_transform(cfg, false),
     );
     if !cfg.tie_word_embeddings {
         push(
-            HF_LM_HEAD.into(),
-            "output.weight".into(),
+            Naming::Hf.head().into(),
+            Naming::Gguf.head().into(),
             None,
             Transform::None,
         );
     }
-    if src.meta("rope_freqs.weight").is_some() {
+    if src.meta(Naming::GGUF_ROPE_FREQS).is_some() {
         return Err(Error::file(
             &info.dir,
             "rope_freqs (Llama 3.1 rescaling) cannot be written back as a transformers config yet",
@@ -1025,130 +996,6 @@ pub fn cached(
         progress,
     )?;
     Ok((file, true))
-}
-
-/// The transformers `config.json` for a config.
-pub fn hf_config_json(cfg: &ModelConfig) -> serde_json::Value {
-    use serde_json::json;
-    let rope = |r: &RopeConfig| match &r.scaling {
-        RopeScaling::None => json!({"rope_type": "default", "rope_theta": r.theta}),
-        RopeScaling::Linear { factor } => {
-            json!({"rope_type": "linear", "rope_theta": r.theta, "factor": factor})
-        }
-        RopeScaling::LongRope {
-            short_factor,
-            long_factor,
-            original_max_position_embeddings,
-            attention_factor,
-        } => json!({"rope_type": "longrope", "rope_theta": r.theta,
-                    "short_factor": short_factor, "long_factor": long_factor,
-                    "original_max_position_embeddings": original_max_position_embeddings,
-                    "attention_factor": attention_factor,
-                    "partial_rotary_factor": cfg.rotary_dim as f64 / cfg.head_dim as f64}),
-        RopeScaling::Llama3 {
-            factor,
-            low_freq_factor,
-            high_freq_factor,
-            original_max_position_embeddings,
-        } => json!({"rope_type": "llama3", "rope_theta": r.theta, "factor": factor,
-                    "low_freq_factor": low_freq_factor, "high_freq_factor": high_freq_factor,
-                    "original_max_position_embeddings": original_max_position_embeddings}),
-    };
-    let mut v = json!({
-        "architectures": [cfg.arch.hf_name()],
-        "model_type": cfg.arch.model_type(),
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
-        "vocab_size": cfg.vocab_size,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
-        "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": cfg.eos_token_ids,
-        "dtype": "float32",
-    });
-    if cfg.rotary_dim != cfg.head_dim {
-        v["partial_rotary_factor"] = json!(cfg.rotary_dim as f64 / cfg.head_dim as f64);
-    }
-    if let RopeScaling::LongRope {
-        original_max_position_embeddings,
-        ..
-    } = &cfg.rope.scaling
-    {
-        v["original_max_position_embeddings"] = json!(original_max_position_embeddings);
-    }
-    if let Some(m) = &cfg.moe {
-        v["num_experts_per_tok"] = json!(m.top_k);
-        v["norm_topk_prob"] = json!(m.norm_topk);
-        if cfg.arch == Arch::Mixtral {
-            v["num_local_experts"] = json!(m.experts);
-        } else {
-            v["num_experts"] = json!(m.experts);
-            v["moe_intermediate_size"] = json!(m.expert_size);
-            v["decoder_sparse_step"] = json!(1);
-            v["mlp_only_layers"] = json!((0..cfg.num_layers)
-                .filter(|&l| !m.sparse[l])
-                .collect::<Vec<_>>());
-        }
-        if let Some(sh) = m.shared_size {
-            v["shared_expert_intermediate_size"] = json!(sh);
-        }
-    }
-    let windows: Vec<usize> = cfg.layer_windows.iter().flatten().copied().collect();
-    match cfg.arch {
-        Arch::Gemma3 => {
-            v["hidden_activation"] = json!("gelu_pytorch_tanh");
-            let local = cfg.rope_local.clone().unwrap_or(RopeConfig {
-                theta: 10000.0,
-                scaling: RopeScaling::None,
-            });
-            v["rope_parameters"] =
-                json!({"full_attention": rope(&cfg.rope), "sliding_attention": rope(&local)});
-            v["query_pre_attn_scalar"] = json!(1.0 / (cfg.attn_scale * cfg.attn_scale));
-            v["final_logit_softcapping"] = json!(cfg.final_logit_softcap);
-        }
-        Arch::Gemma2 => {
-            v["hidden_activation"] = json!("gelu_pytorch_tanh");
-            v["rope_parameters"] = rope(&cfg.rope);
-            v["query_pre_attn_scalar"] = json!(1.0 / (cfg.attn_scale * cfg.attn_scale));
-            v["final_logit_softcapping"] = json!(cfg.final_logit_softcap);
-            v["attn_logit_softcapping"] = json!(cfg.attn_logit_softcap);
-        }
-        _ => {
-            v["hidden_act"] = json!("silu");
-            v["rope_parameters"] = rope(&cfg.rope);
-            v["attention_bias"] = json!(cfg.block.qkv_bias);
-            if cfg.arch == Arch::Qwen2Moe {
-                v["qkv_bias"] = json!(cfg.block.qkv_bias);
-            }
-        }
-    }
-    if let Some(&w) = windows.first() {
-        v["sliding_window"] = json!(w);
-        v["layer_types"] = json!(cfg
-            .layer_windows
-            .iter()
-            .map(|w| if w.is_some() {
-                "sliding_attention"
-            } else {
-                "full_attention"
-            })
-            .collect::<Vec<_>>());
-        if matches!(
-            cfg.arch,
-            Arch::Qwen2 | Arch::Qwen3 | Arch::Qwen2Moe | Arch::Qwen3Moe
-        ) {
-            v["use_sliding_window"] = json!(true);
-        }
-    } else if cfg.arch.is_gemma() {
-        v["sliding_window"] = json!(cfg.max_position_embeddings);
-        v["layer_types"] = json!(vec!["full_attention"; cfg.num_layers]);
-    }
-    v
 }
 
 #[cfg(test)]

@@ -240,5 +240,5 @@ pub fn write_hf_files(gguf: &Path, cfg: &ModelConfig, dir: &Path) -> Result<()> 
     let mut c = cfg.clone();
     c.eos_token_ids = eos;
     c.bos_token_id = tok.bos_id.or(c.bos_token_id);
-    write("config.json", &super::hf_config_json(&c))
+    write("config.json", &c.to_hf_json("float32"))
 }

@@ -7,6 +7,8 @@
 
 pub mod buf;
 pub mod gguf;
+mod gguf_config;
+pub mod gguf_keys;
 pub mod gguf_tokenizer;
 pub mod gguf_write;
 pub mod io;

@@ -186,8 +186,8 @@ impl ModelInfo {
                 let load = |n: &str| -> Result<Vec<f32>> {
                     Ok(g.load(n, &Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
                 };
-                *long_factor = load("rope_factors_long.weight")?;
-                *short_factor = load("rope_factors_short.weight")?;
+                *long_factor = load(Naming::GGUF_ROPE_FACTORS_LONG)?;
+                *short_factor = load(Naming::GGUF_ROPE_FACTORS_SHORT)?;
             }
             (cfg, Arc::new(g))
         } else {

@@ -357,27 +357,29 @@ impl LayerSchema {
 impl Naming {
     pub fn embed(self) -> &'static str {
         match self {
-            Naming::Hf => HF_EMBED,
+            Naming::Hf => "model.embed_tokens.weight",
             Naming::Gguf => "token_embd.weight",
         }
     }
     pub fn final_norm(self) -> &'static str {
         match self {
-            Naming::Hf => HF_FINAL_NORM,
+            Naming::Hf => "model.norm.weight",
             Naming::Gguf => "output_norm.weight",
         }
     }
     pub fn head(self) -> &'static str {
         match self {
-            Naming::Hf => HF_LM_HEAD,
+            Naming::Hf => "lm_head.weight",
             Naming::Gguf => "output.weight",
         }
     }
+    /// llama.cpp's Llama 3.1 RoPE rescaling as per-frequency divisors. GGUF only:
+    /// transformers keeps RoPE scaling in `config.json`.
+    pub const GGUF_ROPE_FREQS: &'static str = "rope_freqs.weight";
+    /// llama.cpp's LongRoPE (Phi-3) factor sets, GGUF only like [`Self::GGUF_ROPE_FREQS`].
+    pub const GGUF_ROPE_FACTORS_LONG: &'static str = "rope_factors_long.weight";
+    pub const GGUF_ROPE_FACTORS_SHORT: &'static str = "rope_factors_short.weight";
 }
-
-pub const HF_EMBED: &str = "model.embed_tokens.weight";
-pub const HF_FINAL_NORM: &str = "model.norm.weight";
-pub const HF_LM_HEAD: &str = "lm_head.weight";
 
 #[cfg(test)]
 mod tests {
