@@ -63,7 +63,7 @@ pub fn write_folder(
     if out.exists() {
         return Err(Error::file(
             out,
-            "already exists; remove it or choose another --out",
+            "already exists; remove it or choose another output",
         ));
     }
     let parent = output_parent(out)?;

@@ -798,7 +798,7 @@ pub fn to_hf(src: &Path, out: &Path, progress: &mut dyn FnMut(u64, u64)) -> Resu
     if !crate::weights::is_gguf(src) {
         return Err(Error::file(
             src,
-            "is not a GGUF file; --dequantize takes a .gguf",
+            "is not a GGUF file; dequantizing takes a .gguf",
         ));
     }
     let info = ModelInfo::open_with(src, true)?;

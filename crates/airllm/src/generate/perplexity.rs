@@ -38,7 +38,7 @@ pub fn perplexity(
     let windows = tokens.len() / ctx;
     if windows == 0 {
         return Err(Error::Invalid(format!(
-            "the text has {} tokens, fewer than one window of --ctx {ctx}",
+            "the text has {} tokens, fewer than one window of {ctx}",
             tokens.len()
         )));
     }
