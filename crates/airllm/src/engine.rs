@@ -13,11 +13,11 @@ use candle_core::{Device, Tensor};
 
 use crate::config::{ModelConfig, RopeScaling};
 use crate::error::{Error, Result};
+use crate::kernels::matmul::ROW_TILE;
 use crate::model::block::validate_layers;
 use crate::model::block::LayerKind;
 use crate::model::block::Small;
 use crate::model::kv::kv_slots;
-use crate::model::matmul::ROW_TILE;
 use crate::model::{Block, LayerKv, Rope, SeqRows};
 use crate::stream::experts::ExpertAccess;
 use crate::stream::pool::Pool;
@@ -366,7 +366,7 @@ fn work_bytes(cfg: &ModelConfig, o: &EngineOptions) -> u64 {
         .max()
         .unwrap_or(0);
     // Only our CPU kernels widen tiles into scratch; a GPU's products do not.
-    let scratch = if o.device.is_cpu() && rows > crate::model::matmul::GEMV_MAX_ROWS as u64 {
+    let scratch = if o.device.is_cpu() && rows > crate::kernels::matmul::GEMV_MAX_ROWS as u64 {
         rayon::current_num_threads() as u64 * ROW_TILE as u64 * widest
     } else {
         0
@@ -682,7 +682,7 @@ fn make_link(device: &Device, slots: usize, slot_bytes: u64) -> Result<Box<dyn L
     }
 }
 
-/// [`crate::model::matmul::exact_rows`] over the matrices of every layer (experts included)
+/// [`crate::kernels::matmul::exact_rows`] over the matrices of every layer (experts included)
 /// and the head, in the forms they are held in. Only our CPU kernels promise it: on a GPU,
 /// cuBLAS and candle's kernels may sum a row differently beside others, so there it only
 /// bounds the rows a verifying sweep carries.
@@ -702,7 +702,7 @@ fn exact_rows(schemas: &[LayerSchema], src: &dyn WeightSource, head: &str) -> us
         })
         .chain(std::iter::once(head.to_string()))
         .filter_map(|name| src.form(&name).ok())
-        .map(crate::model::matmul::exact_rows)
+        .map(crate::kernels::matmul::exact_rows)
         .min()
         .unwrap_or(1)
 }
@@ -1133,10 +1133,9 @@ impl Engine {
         }
         // Prefill: chunks that want few of their rows, or too many for verification. A step
         // whose every row is scored and short is decode, speculative or not.
-        let prefill = seqs
-            .iter()
-            .zip(tails)
-            .any(|(s, &n)| s.len > 1 && (n < s.len || s.len > crate::model::attention::ROW_EXACT));
+        let prefill = seqs.iter().zip(tails).any(|(s, &n)| {
+            s.len > 1 && (n < s.len || s.len > crate::kernels::attention::ROW_EXACT)
+        });
         let mut prof = std::mem::take(if prefill {
             &mut self.prefill_profile
         } else {

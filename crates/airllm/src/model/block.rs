@@ -413,7 +413,7 @@ impl Block {
         }
     }
 
-    /// Attention of every sequence on the CPU ([`super::attention`]): `q` `[rows, nh, hd]`,
+    /// Attention of every sequence on the CPU ([`crate::kernels::attention`]): `q` `[rows, nh, hd]`,
     /// `cached[i]` sequence `i`'s keys and values after this step's append and the position
     /// of its first slot. Returns `[rows, nh * hd]`.
     fn attend_cpu(
@@ -448,7 +448,7 @@ impl Block {
                         .into(),
                 ));
             }
-            parts.push(super::attention::Seq {
+            parts.push(crate::kernels::attention::Seq {
                 row: s.row,
                 len: s.len,
                 pos: s.pos,
@@ -459,7 +459,7 @@ impl Block {
                 k0: *k0,
             });
         }
-        let shape = super::attention::Shape {
+        let shape = crate::kernels::attention::Shape {
             heads: nh,
             kv_heads: self.num_kv_heads,
             head_dim: hd,
@@ -468,7 +468,12 @@ impl Block {
             window,
         };
         let mut out = vec![0f32; rows * nh * hd];
-        super::attention::attend(shape, &cpu(&qg, ql)?[..rows * nh * hd], &parts, &mut out);
+        crate::kernels::attention::attend(
+            shape,
+            &cpu(&qg, ql)?[..rows * nh * hd],
+            &parts,
+            &mut out,
+        );
         drop(parts);
         drop(guards);
         drop(qg);
@@ -618,7 +623,7 @@ fn gelu_f16_table(x: &Tensor) -> Result<Tensor> {
         if table.len() == 1 << 16 {
             use rayon::prelude::*;
             let n = x.dim(x.rank() - 1)?;
-            return super::matmul::with_rows(x, n, |xs, _, y| {
+            return crate::kernels::matmul::with_rows(x, n, |xs, _, y| {
                 y.par_chunks_mut(4096)
                     .zip(xs.par_chunks(4096))
                     .for_each(|(y, xs)| {
