@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Records what llama.cpp does with the GGUF files `airllm convert` writes, for the interop
-test (crates/airllm-cli/tests/convert.rs).
+test (crates/airllm/tests/all/convert.rs).
 
 For each tiny transformers fixture, the test converts it (to Q8_0, or F32 for MoE) with
 `airllm convert`; this

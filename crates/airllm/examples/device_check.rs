@@ -10,7 +10,7 @@
 //! host memory, the rest from disk. Prints one PASS/FAIL line per run and exits
 //! non-zero if any failed.
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../tests/all/common.rs"]
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -108,7 +108,7 @@ fn hf(dir: &Path, device: &Device) -> airllm::Result<bool> {
     Ok(ok)
 }
 
-/// The Q4_K_M criteria of the CPU tests against llama.cpp (tests/gguf_reference.rs), and the
+/// The Q4_K_M criteria of the CPU tests against llama.cpp (tests/all/gguf_reference.rs), and the
 /// device's greedy tokens against the CPU's.
 fn gguf(model: &Path, reference: &Path, device: &Device) -> airllm::Result<bool> {
     let r: serde_json::Value = serde_json::from_str(
@@ -125,7 +125,7 @@ fn gguf(model: &Path, reference: &Path, device: &Device) -> airllm::Result<bool>
     drop(cpu);
     // The margin (top-1 minus top-2 logit) by which the CPU chose each token: at a close call
     // a different rounding of the same weights (the GPU's kernels quantize activations to
-    // q8_1, the CPU's to q8_K) may rightly pick another token, as in tests/gguf_reference.rs.
+    // q8_1, the CPU's to q8_K) may rightly pick another token, as in tests/all/gguf_reference.rs.
     let cpu_margins = {
         let mut e = Engine::open(
             model,

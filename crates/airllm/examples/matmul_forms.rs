@@ -4,7 +4,7 @@
 //! Run: cargo run --release --example matmul_forms
 use std::time::Instant;
 
-use airllm::model::matmul::{matmul_into, Kernel};
+use airllm::kernels::matmul::{matmul_into, Kernel};
 use airllm::weights::mat::{Form, MatView};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};

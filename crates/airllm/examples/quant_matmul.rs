@@ -1,12 +1,12 @@
 //! Which path multiplies a quantized matrix fastest at each row count: integer dot products
-//! on the blocks, or dequantized tiles and gemm (`airllm::model::qmatmul`), with candle's
+//! on the blocks, or dequantized tiles and gemm (`airllm::kernels::qmatmul`), with candle's
 //! `k_quants::matmul` (what the engine called before) for comparison. Picks
 //! `qmatmul::gemm_rows`. Shapes: Gemma 3 270M's MLP (2048×640) and a 7B's (11008×4096, k
 //! whole 256-value blocks).
 //! Run: [SHAPES=NxK,...] cargo run --release --example quant_matmul [ROWS...]
 use std::time::Instant;
 
-use airllm::model::qmatmul::quant_with;
+use airllm::kernels::qmatmul::quant_with;
 use airllm::weights::mat::{Form, MatView};
 use candle_core::quantized::k_quants::{self as kq, GgmlType};
 use candle_core::quantized::{GgmlDType, QTensor};

@@ -158,7 +158,7 @@ pub struct Engine {
     pub decode_profile: Profile,
 }
 
-/// [`crate::model::matmul::exact_rows`] over the matrices of every layer (experts included)
+/// [`crate::kernels::matmul::exact_rows`] over the matrices of every layer (experts included)
 /// and the head, in the forms they are held in. Only our CPU kernels promise it: on a GPU,
 /// cuBLAS and candle's kernels may sum a row differently beside others, so there it only
 /// bounds the rows a verifying sweep carries.
@@ -178,7 +178,7 @@ fn exact_rows(schemas: &[LayerSchema], src: &dyn WeightSource, head: &str) -> us
         })
         .chain(std::iter::once(head.to_string()))
         .filter_map(|name| src.form(&name).ok())
-        .map(crate::model::matmul::exact_rows)
+        .map(crate::kernels::matmul::exact_rows)
         .min()
         .unwrap_or(1)
 }
@@ -525,10 +525,9 @@ impl Engine {
         }
         // Prefill: chunks that want few of their rows, or too many for verification. A step
         // whose every row is scored and short is decode, speculative or not.
-        let prefill = seqs
-            .iter()
-            .zip(tails)
-            .any(|(s, &n)| s.len > 1 && (n < s.len || s.len > crate::model::attention::ROW_EXACT));
+        let prefill = seqs.iter().zip(tails).any(|(s, &n)| {
+            s.len > 1 && (n < s.len || s.len > crate::kernels::attention::ROW_EXACT)
+        });
         let mut prof = std::mem::take(if prefill {
             &mut self.prefill_profile
         } else {

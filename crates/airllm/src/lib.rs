@@ -3,14 +3,15 @@
 //!
 //! The pipeline reads left to right: [`weights`] (checkpoint formats, O_DIRECT reads, the layer
 //! schema) → [`stream`] (budget plan, buffer pool, background slice reader, residency) →
-//! [`model`] (the generic decoder block and its matmul kernels) → [`engine`] (one sweep over the
-//! layers for a batch of sequences) → [`generate`] (sampling and stop rules).
+//! [`model`] (the generic decoder block, on the CPU kernels of [`kernels`]) → [`engine`] (one
+//! sweep over the layers for a batch of sequences) → [`generate`] (sampling and stop rules).
 
 pub mod config;
 pub mod convert;
 pub mod device;
 pub mod engine;
 pub mod error;
+pub mod kernels;
 pub mod model;
 pub mod stream;
 pub mod synth;

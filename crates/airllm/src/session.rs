@@ -125,7 +125,7 @@ pub fn engine_options(
     let mut rows = if work.score_prompts { step } else { seqs };
     // A verifying sweep carries a row per guess, within the rows computed exactly as alone.
     if let Some(g) = &o.guesses {
-        let r = (g.most() + 1).min(crate::model::attention::ROW_EXACT);
+        let r = (g.most() + 1).min(crate::kernels::attention::ROW_EXACT);
         rows = rows.max(r);
         step = step.max(r);
     }

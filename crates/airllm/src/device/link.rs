@@ -7,7 +7,7 @@ use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::error::{Error, Result};
-use crate::model::matmul::mat_tensor;
+use crate::kernels::matmul::mat_tensor;
 use crate::weights::mat::{AlignedBuf, Form, Mat, MatView};
 use crate::weights::WeightSource;
 

@@ -352,7 +352,7 @@ impl Block {
         }
     }
 
-    /// Attention of every sequence on the CPU ([`super::attention`]): `q` `[rows, nh, hd]`,
+    /// Attention of every sequence on the CPU ([`crate::kernels::attention`]): `q` `[rows, nh, hd]`,
     /// `cached[i]` sequence `i`'s keys and values after this step's append and the position
     /// of its first slot. Returns `[rows, nh * hd]`.
     fn attend_cpu(
@@ -384,7 +384,7 @@ impl Block {
                     "the KV cache is not laid out as [heads, slots, head_dim]".into(),
                 ));
             }
-            parts.push(super::attention::Seq {
+            parts.push(crate::kernels::attention::Seq {
                 row: s.row,
                 len: s.len,
                 pos: s.pos,
@@ -395,7 +395,7 @@ impl Block {
                 k0: *k0,
             });
         }
-        let shape = super::attention::Shape {
+        let shape = crate::kernels::attention::Shape {
             heads: nh,
             kv_heads: self.num_kv_heads,
             head_dim: hd,
@@ -404,7 +404,12 @@ impl Block {
             window,
         };
         let mut out = vec![0f32; rows * nh * hd];
-        super::attention::attend(shape, &cpu(&qg, ql)?[..rows * nh * hd], &parts, &mut out);
+        crate::kernels::attention::attend(
+            shape,
+            &cpu(&qg, ql)?[..rows * nh * hd],
+            &parts,
+            &mut out,
+        );
         drop(parts);
         drop(guards);
         drop(qg);
@@ -554,7 +559,7 @@ fn gelu_f16_table(x: &Tensor) -> Result<Tensor> {
         if table.len() == 1 << 16 {
             use rayon::prelude::*;
             let n = x.dim(x.rank() - 1)?;
-            return super::matmul::with_rows(x, n, |xs, _, y| {
+            return crate::kernels::matmul::with_rows(x, n, |xs, _, y| {
                 y.par_chunks_mut(4096)
                     .zip(xs.par_chunks(4096))
                     .for_each(|(y, xs)| {

@@ -1,13 +1,8 @@
-//! The model: one generic decoder block, its matmul over weights in the file's form, RoPE and
-//! the KV cache.
+//! The model: one generic decoder block, RoPE and the KV cache. The kernels the block calls
+//! (matmul over weights in the file's form, attention) are in [`crate::kernels`].
 
-pub mod attention;
 pub mod block;
 pub mod kv;
-pub mod matmul;
-pub mod qmatmul;
-#[cfg(target_arch = "x86_64")]
-mod qmatmul_vnni;
 pub mod rope;
 
 pub use block::{Block, Matrices, SeqRows, Small};

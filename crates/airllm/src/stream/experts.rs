@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use candle_core::Tensor;
 
 use crate::error::{Error, Result};
+use crate::kernels::matmul::mat_tensor;
 use crate::model::block::Matrices;
-use crate::model::matmul::mat_tensor;
 use crate::stream::stage::Stager;
 use crate::stream::Charge;
 use crate::weights::mat::{AlignedBuf, Mat};

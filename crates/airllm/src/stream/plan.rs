@@ -16,8 +16,8 @@ use candle_core::Device;
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::kernels::matmul::ROW_TILE;
 use crate::model::kv::kv_slots;
-use crate::model::matmul::ROW_TILE;
 use crate::util::fmt_bytes;
 use crate::weights::io::read_capacity;
 use crate::weights::model::ModelInfo;
@@ -586,7 +586,7 @@ fn work_bytes(cfg: &ModelConfig, o: &EngineOptions) -> u64 {
         .max()
         .unwrap_or(0);
     // Only our CPU kernels widen tiles into scratch; a GPU's products do not.
-    let scratch = if o.device.is_cpu() && rows > crate::model::matmul::GEMV_MAX_ROWS as u64 {
+    let scratch = if o.device.is_cpu() && rows > crate::kernels::matmul::GEMV_MAX_ROWS as u64 {
         rayon::current_num_threads() as u64 * ROW_TILE as u64 * widest
     } else {
         0

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
+use crate::kernels::matmul::{matmul_into, with_rows};
 use crate::model::block::{Matrices, Small};
-use crate::model::matmul::{matmul_into, with_rows};
 use crate::stream::experts::{no_experts, ExpertAccess};
 use crate::stream::pool::Pool;
 use crate::stream::stage::{cat_columns, slice_rows, Stager};

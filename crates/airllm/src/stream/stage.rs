@@ -10,7 +10,7 @@ use candle_core::Tensor;
 
 use crate::device::{HostRows, Link, ReadRows};
 use crate::error::{Error, Result};
-use crate::model::matmul::ROW_TILE;
+use crate::kernels::matmul::ROW_TILE;
 use crate::weights::mat::MatView;
 
 /// Cuts host matrices into slot-sized pieces for the link and counts what crosses it.

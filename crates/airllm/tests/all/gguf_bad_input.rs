@@ -219,8 +219,7 @@ fn broken_files_give_one_line_errors_naming_the_file() {
 
 /// A copy of the llama.cpp-converted Mixtral fixture with `llama.expert_count` set to `n`.
 fn mixtral_with_expert_count(n: u32) -> Vec<u8> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/gguf/tiny/mixtral-f32.gguf");
+    let path = crate::common::fixture("gguf/tiny/mixtral-f32.gguf");
     let mut bytes = std::fs::read(path).unwrap();
     let key = b"llama.expert_count";
     let at = bytes

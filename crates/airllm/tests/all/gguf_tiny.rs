@@ -3,12 +3,12 @@
 
 use std::path::PathBuf;
 
+use crate::common::{float_list as floats, id_list as ids, last_logits};
 use airllm::generate::argmax;
 use airllm::tokenizer::TextTokenizer;
 use airllm::{Engine, EngineOptions, ModelInfo};
-use common::{float_list as floats, id_list as ids, last_logits};
 
-mod common;
+use crate::common;
 use serde_json::Value;
 
 const MODELS: &[&str] = &[
@@ -29,7 +29,7 @@ const MODELS: &[&str] = &[
 const Q8_MODELS: &[&str] = &["llama", "mistral-as-llama", "qwen2", "qwen3", "gemma3"];
 
 fn dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/gguf/tiny")
+    common::fixture("gguf/tiny")
 }
 
 struct Case {

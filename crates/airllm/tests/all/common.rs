@@ -6,8 +6,16 @@ pub mod broken;
 
 use std::path::PathBuf;
 
+/// `rel` under the repository's `tests/fixtures` (the one place that names the folder).
+pub fn fixture(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(rel)
+}
+
+/// The transformers fixture models.
 pub fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/hf")
+    fixture("hf")
 }
 
 pub const MODELS: &[&str] = &[

@@ -1,11 +1,11 @@
 //! Mixture-of-experts streaming: only routed experts are read, the expert cache keeps hot ones
 //! within the budget, and every budget computes the same tokens.
 
-mod common;
+use crate::common;
 
+use crate::common::{fixtures, reference};
 use airllm::tokenizer::TextTokenizer;
 use airllm::{Engine, EngineOptions, LogitsFor, ModelInfo};
-use common::{fixtures, reference};
 
 const MOE: &[&str] = &[
     "mixtral-moe",

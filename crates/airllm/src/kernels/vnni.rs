@@ -18,7 +18,7 @@ use std::arch::x86_64::*;
 
 use rayon::prelude::*;
 
-use super::matmul::Out;
+use super::common::{q4k_scale_min, Out};
 
 /// Weight rows per packed tile: two registers of 16 lanes.
 const TILE: usize = 32;
@@ -101,7 +101,7 @@ impl Packed {
                 self.d[b * TILE + r] = f16(&blk[0..2]);
                 self.dmin[b * TILE + r] = f16(&blk[2..4]);
                 for j in 0..8 {
-                    let (sc, m) = super::qmatmul::q4k_scale_min(&blk[4..16], j);
+                    let (sc, m) = q4k_scale_min(&blk[4..16], j);
                     self.sc[(b * 8 + j) * TILE + r] = sc as i32;
                     self.m[(b * 8 + j) * TILE + r] = m as f32;
                 }

@@ -1,11 +1,11 @@
 //! The engine against llama.cpp on the default model, Gemma 3 270M Q4_K_M (fetched by
 //! scripts/fetch_default_model.sh; references made by scripts/make_gguf_reference.py).
 
+use crate::common::{float_list as floats, greedy, id_list as ids, last_logits};
 use airllm::tokenizer::TextTokenizer;
 use airllm::{Engine, EngineOptions, ModelInfo};
-use common::{float_list as floats, greedy, id_list as ids, last_logits};
 
-mod common;
+use crate::common;
 use serde_json::Value;
 
 fn model() -> std::path::PathBuf {
@@ -14,8 +14,7 @@ fn model() -> std::path::PathBuf {
 }
 
 fn reference() -> Value {
-    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/gguf/gemma3-270m-reference.json");
+    let p = common::fixture("gguf/gemma3-270m-reference.json");
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 

@@ -3,13 +3,13 @@
 //! every step. Checks the split, the bytes that cross each link, and that the results equal a
 //! plain CPU run's, for every fixture architecture, float and quantized.
 
-mod common;
+use crate::common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+use crate::common::{batch_options, fixtures, last_logits, prompt_ids, reference, tiered, MODELS};
 use airllm::weights::schema::LayerSchema;
 use airllm::{Engine, EngineOptions, LogitsFor, ModelInfo};
-use common::{batch_options, fixtures, last_logits, prompt_ids, reference, tiered, MODELS};
 
 /// Weight bytes one step must copy to the device: every matrix of the layers not on the
 /// device, and the head when it is not there either.
@@ -81,7 +81,7 @@ fn hf_fixtures_tiered_equal_plain() {
 
 #[test]
 fn quantized_gguf_tiered_equal_plain() {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/gguf/tiny");
+    let dir = common::fixture("gguf/tiny");
     for name in ["llama", "gemma3"] {
         let path = dir.join(format!("{name}-q8_0.gguf"));
         let r: serde_json::Value =

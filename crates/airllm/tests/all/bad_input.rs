@@ -1,6 +1,6 @@
 //! Broken checkpoints fail at open with a one-line error naming the file and the problem.
 
-mod common;
+use crate::common;
 
 use airllm::{Engine, EngineOptions};
 

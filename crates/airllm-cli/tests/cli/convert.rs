@@ -3,21 +3,10 @@
 //! midway), none of which may leave a file behind.
 
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/hf")
-        .join(name)
-}
-
-fn airllm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_airllm"))
-        .args(args)
-        .output()
-        .unwrap()
-}
+use crate::support::{airllm, fixture};
 
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();

@@ -1,14 +1,12 @@
 //! The scheduler: requests that join, wait, share sweeps and leave at different times each get
 //! transformers' greedy tokens, as if run alone.
 
-mod common;
-
+use crate::common::{fixtures, reference};
 use airllm::generate::{
     DraftSource, Event, GenerationParams, Request, RequestId, Scheduler, Speculator,
 };
 use airllm::tokenizer::TextTokenizer;
 use airllm::{Engine, EngineOptions, ModelInfo};
-use common::{fixtures, reference};
 
 const NAME: &str = "llama-gqa2-llama3rope";
 

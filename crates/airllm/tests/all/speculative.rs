@@ -3,17 +3,17 @@
 //! windows and experts included), and sampling with a draft that disagrees with the model
 //! still draws from the model's distribution.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 
+use crate::common::{fixtures, reference};
 use airllm::generate::{
     DraftSource, GenerationParams, Request, Sampler, SamplingParams, Scheduler, Speculator,
 };
 use airllm::session::open_draft;
 use airllm::tokenizer::TextTokenizer;
 use airllm::{Engine, EngineOptions, LogitsFor, ModelInfo};
-use common::{fixtures, reference};
 
 fn options(batch: usize) -> EngineOptions {
     EngineOptions {

@@ -1,14 +1,14 @@
 //! The engine against transformers on tiny random-weight models of every architecture
 //! (fixtures made by scripts/make_hf_fixtures.py).
 
-mod common;
+use crate::common;
 
+use crate::common::{fixtures, reference, MODELS};
 use airllm::chat::{ChatTemplate, Message};
 use airllm::generate::{GenerationParams, Scheduler};
 use airllm::tokenizer::TextTokenizer;
 use airllm::weights::mat::Form;
 use airllm::{Engine, EngineOptions, LogitsFor, ModelInfo};
-use common::{fixtures, reference, MODELS};
 
 fn options(budget: Option<u64>, r: &common::Reference) -> EngineOptions {
     let total: usize = r.prompt_ids.iter().map(Vec::len).sum();

@@ -3,7 +3,7 @@
 //! perplexity on a public-domain text must stay within 0.5% (Q8_0) and 5% (Q4_K_M) of the
 //! folder's (the figures of docs/accuracy.md).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use airllm::convert::{to_gguf, to_hf, Quant};
 use airllm::tokenizer::TextTokenizer;
@@ -14,8 +14,7 @@ const CTX: usize = 512;
 const WINDOWS: usize = 6;
 
 fn text() -> String {
-    let p =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/text/alice-ch1-2.txt");
+    let p = crate::common::fixture("text/alice-ch1-2.txt");
     std::fs::read_to_string(p).unwrap()
 }
 

@@ -15,11 +15,10 @@
 use candle_core::Tensor;
 use rayon::prelude::*;
 
+pub use super::common::ROW_TILE;
+use super::common::{gemm_tiles, Out};
 use crate::error::{Error, Result};
 use crate::weights::mat::{Form, MatView};
-
-/// Weight rows per gemm tile. Streamed slices are whole multiples of it.
-pub const ROW_TILE: usize = 128;
 
 /// Up to this many rows of `x` use the GEMV kernel; more use widened tiles and gemm. (The
 /// fewest over the forms: it sizes the tiles' scratch.)
@@ -120,20 +119,6 @@ pub fn with_rows(
     Ok(Tensor::from_vec(y, dims, x.device())?)
 }
 
-/// `y`'s storage, shared by tasks that write disjoint elements.
-#[derive(Clone, Copy)]
-pub(super) struct Out(pub(super) *mut f32);
-// SAFETY: every task writes a disjoint set of elements (its own output columns).
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
-impl Out {
-    /// The element `i` of `y` (a method, so closures capture the whole `Out`, which is `Send`).
-    pub(super) fn at(self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
-    }
-}
-
 fn gemv(x: &[f32], m: usize, w: MatView, y: &mut [f32], ldy: usize, col0: usize) {
     let (n, k) = (w.rows, w.cols);
     let rb = w.form.row_bytes(k);
@@ -160,11 +145,6 @@ fn gemv(x: &[f32], m: usize, w: MatView, y: &mut [f32], ldy: usize, col0: usize)
     });
 }
 
-thread_local! {
-    /// Widened weight tiles for the gemm path, reused across calls.
-    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
 fn tiled(x: &[f32], m: usize, w: MatView, y: &mut [f32], ldy: usize, col0: usize) {
     let (n, k) = (w.rows, w.cols);
     let rb = w.form.row_bytes(k);
@@ -175,104 +155,6 @@ fn tiled(x: &[f32], m: usize, w: MatView, y: &mut [f32], ldy: usize, col0: usize
     gemm_tiles(x, m, n, k, y, ldy, col0, direct, |r, dst| {
         widen(w.form, &data[r * rb..(r + 1) * rb], dst)
     });
-}
-
-/// `x · Wᵀ` into columns `col0 .. col0 + n` of `y`, a tile of [`ROW_TILE`] weight rows per
-/// task: `direct` holds the weights as f32 `[n, k]` where they already are; otherwise
-/// `widen(r, dst)` writes weight row `r` as f32 into a reused per-thread scratch.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn gemm_tiles(
-    x: &[f32],
-    m: usize,
-    n: usize,
-    k: usize,
-    y: &mut [f32],
-    ldy: usize,
-    col0: usize,
-    direct: Option<&[f32]>,
-    widen: impl Fn(usize, &mut [f32]) + Sync,
-) {
-    let out = Out(y.as_mut_ptr());
-    (0..n.div_ceil(ROW_TILE)).into_par_iter().for_each(|t| {
-        let j0 = t * ROW_TILE;
-        let nt = ROW_TILE.min(n - j0);
-        SCRATCH.with(|s| {
-            let mut s = s.borrow_mut();
-            let rhs: *const f32 = match direct {
-                Some(d) => d[j0 * k..].as_ptr(),
-                None => {
-                    if s.len() < nt * k {
-                        s.resize(nt * k, 0.0);
-                    }
-                    for r in 0..nt {
-                        widen(j0 + r, &mut s[r * k..(r + 1) * k]);
-                    }
-                    s.as_ptr()
-                }
-            };
-            // SAFETY: x is [m, k]; rhs holds nt rows of k f32 values (so the product's
-            // (l, j) is rhs[j·k + l]); the destination columns col0 + j0 .. + nt of every row
-            // of y belong to this tile alone.
-            unsafe {
-                gemm1(
-                    m,
-                    nt,
-                    k,
-                    out.at(col0 + j0),
-                    ldy,
-                    false,
-                    x.as_ptr(),
-                    k,
-                    rhs,
-                    1,
-                    k,
-                )
-            };
-        });
-    });
-}
-
-/// `d = a · b`, or `d += a · b` with `add`, on the calling thread: `a` is `[m, k]` with row
-/// stride `lda`; `b`'s element (l, j) is at `b[l · b_rs + j · b_cs]`; `d` is `[m, n]` with row
-/// stride `ldd`.
-///
-/// # Safety
-/// The pointers cover those extents, and `d` overlaps neither `a` nor `b`.
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn gemm1(
-    m: usize,
-    n: usize,
-    k: usize,
-    d: *mut f32,
-    ldd: usize,
-    add: bool,
-    a: *const f32,
-    lda: usize,
-    b: *const f32,
-    b_rs: usize,
-    b_cs: usize,
-) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        d,
-        1,
-        ldd as isize,
-        add,
-        a,
-        1,
-        lda as isize,
-        b,
-        b_cs as isize,
-        b_rs as isize,
-        1.0,
-        1.0,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    );
 }
 
 /// Widens one stored row to f32.
@@ -397,8 +279,9 @@ mod portable {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(super) mod x86 {
+mod x86 {
     use super::*;
+    use crate::kernels::common::hsum;
     use std::arch::x86_64::*;
 
     /// Values ahead of the current one whose cache line is prefetched.
@@ -481,15 +364,6 @@ pub(super) mod x86 {
                 _mm_loadu_si128(p as *const __m128i),
             ))),
         }
-    }
-
-    /// The sum of the eight lanes.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(in crate::model) unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
-        _mm_cvtss_f32(s)
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]

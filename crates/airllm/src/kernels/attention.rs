@@ -7,7 +7,7 @@
 
 use rayon::prelude::*;
 
-use super::matmul::{gemm1, Out};
+use super::common::{gemm1, Out};
 
 /// Query positions per tile (times the query heads of a group, the rows of one gemm).
 const Q_TILE: usize = 32;

@@ -1,23 +1,8 @@
 //! The `airllm` binary end to end on the fixture models: output contracts and bad input.
 
-use std::path::PathBuf;
 use std::process::Command;
 
-#[path = "../../../tests/support/broken.rs"]
-mod broken;
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/hf")
-        .join(name)
-}
-
-fn airllm(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_airllm"))
-        .args(args)
-        .output()
-        .unwrap()
-}
+use crate::support::{airllm, broken, fixture};
 
 fn reference(name: &str) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(fixture(name).join("reference.json")).unwrap())

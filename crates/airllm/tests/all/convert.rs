@@ -6,12 +6,12 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::common::{fixtures, id_list as ids, last_logits, MODELS};
 use airllm::convert::{to_gguf, to_hf, Quant};
 use airllm::tokenizer::TextTokenizer;
 use airllm::Engine;
-use common::{fixtures, id_list as ids, last_logits, MODELS};
 
-mod common;
+use crate::common;
 
 fn engine(path: &Path, prompts: &[Vec<u32>]) -> Engine {
     let opts = common::batch_options(prompts, 96, false);
@@ -67,7 +67,7 @@ fn fnv1a64(path: &Path) -> u64 {
 #[test]
 fn q8_0_conversion_gives_llama_cpp_greedy_tokens() {
     let tmp = tempfile::tempdir().unwrap();
-    let refs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/gguf/convert");
+    let refs = common::fixture("gguf/convert");
     let mut checked = 0;
     let mut total_clear = 0;
     for entry in std::fs::read_dir(&refs).unwrap() {

@@ -4,7 +4,7 @@
 //!
 //! - Few rows (decode): integer dot products straight from the stored blocks (candle's kernels,
 //!   and ours for Q5_0, which candle computes in scalar code), spread over rayon's threads.
-//! - Many rows (prefill): one tile of [`super::matmul::ROW_TILE`] weight rows at a time is dequantized into a
+//! - Many rows (prefill): one tile of `ROW_TILE` weight rows at a time is dequantized into a
 //!   reused per-thread scratch and multiplied with `gemm` against the activations as the dot
 //!   products see them (quantized, then widened). The dequantization costs one pass over the
 //!   weights per call, which the rows amortize; the row count where it starts to pay was
@@ -19,8 +19,8 @@ use candle_core::quantized::GgmlDType;
 use rayon::prelude::*;
 
 #[cfg(test)]
-use super::matmul::ROW_TILE;
-use super::matmul::{gemm_tiles, Out};
+use super::common::ROW_TILE;
+use super::common::{gemm_tiles, Out};
 use crate::error::{Error, Result};
 use crate::weights::mat::MatView;
 
@@ -30,16 +30,16 @@ use crate::weights::mat::MatView;
 /// and 12 rows, the other K-quants (slower to dequantize) between 32 and 48, and Q4_K and Q6_K,
 /// whose dot kernels serve four rows per weight block, between 64 and 96 and between 96 and
 /// 128. With AVX-512 VNNI, Q4_K's and Q6_K's many-row paths stay in integers
-/// (`qmatmul_vnni`) and win from between 16 and 24 rows and between 24 and 32.
+/// (`vnni`) and win from between 16 and 24 rows and between 24 and 32.
 pub fn gemm_rows(t: GgmlDType) -> usize {
     match t {
         GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q8_0 => {
             12
         }
         #[cfg(target_arch = "x86_64")]
-        GgmlDType::Q4K if super::qmatmul_vnni::available() => 20,
+        GgmlDType::Q4K if super::vnni::available() => 20,
         #[cfg(target_arch = "x86_64")]
-        GgmlDType::Q6K if super::qmatmul_vnni::available() => 28,
+        GgmlDType::Q6K if super::vnni::available() => 28,
         GgmlDType::Q4K => 80,
         GgmlDType::Q6K => 112,
         _ => 40,
@@ -145,11 +145,8 @@ fn run<T: GgmlType>(
         rows.with_min_len(4)
             .for_each(|(xr, qr)| T::VecDotType::from_float(xr, qr));
         #[cfg(target_arch = "x86_64")]
-        if gemm
-            && matches!(T::DTYPE, GgmlDType::Q4K | GgmlDType::Q6K)
-            && super::qmatmul_vnni::available()
-        {
-            use super::qmatmul_vnni::Kind;
+        if gemm && matches!(T::DTYPE, GgmlDType::Q4K | GgmlDType::Q6K) && super::vnni::available() {
+            use super::vnni::Kind;
             // Integers all the way (llama.cpp's arithmetic): no widened tiles.
             let kind = if T::DTYPE == GgmlDType::Q4K {
                 Kind::Q4K
@@ -164,7 +161,7 @@ fn run<T: GgmlType>(
                     std::slice::from_raw_parts(wb.as_ptr() as *const u8, std::mem::size_of_val(wb)),
                 )
             };
-            super::qmatmul_vnni::matmul(kind, xb, &aux, m, wbytes, n, kb, y, ldy, col0);
+            super::vnni::matmul(kind, xb, &aux, m, wbytes, n, kb, y, ldy, col0);
             return Ok(());
         }
         if gemm {
@@ -210,18 +207,6 @@ fn block_sums<T: GgmlType>(xq: &[T::VecDotType]) -> Vec<f32> {
             })
             .collect(),
         _ => Vec::new(),
-    }
-}
-
-/// The 6-bit scale and minimum of run `j` from a Q4_K block's 12 packed scale bytes.
-pub(super) fn q4k_scale_min(s: &[u8], j: usize) -> (u8, u8) {
-    if j < 4 {
-        (s[j] & 63, s[j + 4] & 63)
-    } else {
-        (
-            (s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4),
-            (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
-        )
     }
 }
 
@@ -364,7 +349,7 @@ fn dot_rows<T: GgmlType>(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use crate::model::matmul::x86::hsum;
+    use crate::kernels::common::{hsum, q4k_scale_min};
     use std::arch::x86_64::*;
 
     pub fn has_avx2() -> bool {
@@ -443,7 +428,7 @@ mod x86 {
             let mut sc = [0i16; 8];
             let mut mn = [0f32; 8];
             for j in 0..8 {
-                let (a, m) = super::q4k_scale_min(s, j);
+                let (a, m) = q4k_scale_min(s, j);
                 sc[j] = a as i16;
                 mn[j] = m as f32;
             }
