@@ -8,6 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/fetch_default_model.sh
 cargo fmt --all --check
+# No two modules of the library import each other, directly or through others.
+python3 scripts/module_cycles.py crates/airllm/src
 cargo clippy --release --workspace --all-targets -- -D warnings
 # The Python module is tested through its wheel (test_python.sh), not as a Rust test binary.
 cargo test --release --workspace --exclude airllm-py

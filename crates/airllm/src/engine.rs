@@ -1,9 +1,11 @@
 //! The engine: a model opened for streaming under a budget, and the step-level API.
 //!
 //! [`Engine::step`] is one sweep over the layers for a set of sequences, each with its own KV
-//! cache and position, carrying any number of new tokens per sequence. Generation, batching and
-//! (later) serving and speculative decoding are built on it: sequences can join or leave
-//! between sweeps.
+//! cache and position, carrying any number of new tokens per sequence. Generation, batching,
+//! serving and speculative decoding are built on it: sequences can join or leave between
+//! sweeps. Opening and sizes are [`crate::weights::model`]'s, the plan and its options
+//! [`crate::stream::plan`]'s, and what is held where [`crate::stream::placement`]'s; this file
+//! puts them together and runs the sweep.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -2,9 +2,11 @@
 //! of each matrix, held in the file's form.
 //!
 //! The pipeline reads left to right: [`weights`] (checkpoint formats, O_DIRECT reads, the layer
-//! schema) → [`stream`] (budget plan, buffer pool, background slice reader, residency) →
-//! [`model`] (the generic decoder block, on the CPU kernels of [`kernels`]) → [`engine`] (one
-//! sweep over the layers for a batch of sequences) → [`generate`] (sampling and stop rules).
+//! schema, opening a model) → [`stream`] (the plan over tiers, placement, buffer pool,
+//! background slice reader, residency) → [`model`] (the generic decoder block, on the CPU
+//! kernels of [`kernels`]; a GPU behind [`device`]) → [`engine`] (one sweep over the layers for
+//! a batch of sequences) → [`generate`] (the scheduler, sampling and stop rules). A
+//! [`session::Session`] opens a model for a workload and is what every front end drives.
 
 pub mod config;
 pub mod convert;

@@ -1,5 +1,7 @@
-//! Streaming: the plan over memory tiers, the ledger that checks it, the buffer pool, the
-//! background reader of weight slices, and the layers kept resident.
+//! Streaming: the plan over memory tiers (and the options it is made for), the placement of
+//! each layer in a tier, the ledger that checks it, the buffer pool, the background reader of
+//! weight slices, the expert cache, the layers kept resident, and staging slices through a
+//! device link.
 
 pub mod experts;
 pub mod ledger;
