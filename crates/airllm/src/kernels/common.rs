@@ -17,6 +17,7 @@ unsafe impl Sync for Out {}
 
 impl Out {
     /// The element `i` of `y` (a method, so closures capture the whole `Out`, which is `Send`).
+    #[inline]
     pub(super) fn at(self, i: usize) -> *mut f32 {
         self.0.wrapping_add(i)
     }
@@ -125,8 +126,9 @@ pub(super) unsafe fn gemm1(
     );
 }
 
-/// The sum of the eight lanes.
+/// The sum of the eight lanes. Inlined: the kernels that call it live in other modules now.
 #[cfg(target_arch = "x86_64")]
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
     use std::arch::x86_64::*;
@@ -136,7 +138,9 @@ pub(super) unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
-/// The 6-bit scale and minimum of run `j` from a Q4_K block's 12 packed scale bytes.
+/// The 6-bit scale and minimum of run `j` from a Q4_K block's 12 packed scale bytes. Inlined
+/// into the per-block loops of both Q4_K kernels.
+#[inline]
 pub(super) fn q4k_scale_min(s: &[u8], j: usize) -> (u8, u8) {
     if j < 4 {
         (s[j] & 63, s[j + 4] & 63)
