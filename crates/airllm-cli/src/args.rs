@@ -374,6 +374,9 @@ impl SpecArgs {
 impl ModelArgs {
     /// The library's options for these flags (and `spec`'s, when the command speculates).
     pub fn session_options(&self, spec: Option<&SpecArgs>) -> Result<SessionOptions> {
+        if self.batch_size == Some(0) {
+            bail!("--batch-size must be at least 1");
+        }
         Ok(SessionOptions {
             load: airllm::load::LoadOptions {
                 revision: self.revision.clone(),
@@ -439,13 +442,15 @@ pub fn start(mut p: Prepared, work: &Workload) -> Result<Session> {
     p.size(work)?;
     if p.budget_defaulted {
         eprintln!(
-            "no --max-memory given: using 90% of available memory ({})",
-            fmt_bytes(p.opts.max_memory.unwrap_or(0))
+            "no --max-memory given: using 90% of available memory ({}, and the {} the tokenizer holds)",
+            fmt_bytes(p.opts.max_memory.unwrap_or(0).saturating_sub(p.tok_bytes)),
+            fmt_bytes(p.tok_bytes)
         );
     }
-    if let Some((path, _, _)) = &p.draft {
+    if let (Some((path, _, _)), Some(Guesses::Draft { max, .. })) = (&p.draft, &p.options().guesses)
+    {
         eprintln!(
-            "draft: {} ({} resident)",
+            "draft: {} ({} resident, up to {max} guesses per sweep)",
             path.display(),
             fmt_bytes(p.draft_bytes),
         );

@@ -8,13 +8,19 @@
 //! airllm::alloc::LargePageAlloc;`.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 pub struct LargePageAlloc;
 
-/// Bytes allocated through [`LargePageAlloc`] and not yet freed, and whether it is installed.
-static LIVE: AtomicI64 = AtomicI64::new(0);
+/// Whether [`LargePageAlloc`] is the global allocator (it has allocated).
 static INSTALLED: AtomicBool = AtomicBool::new(false);
+
+thread_local! {
+    /// Bytes this thread allocated less those it freed, through [`LargePageAlloc`]: per thread,
+    /// so what other threads do meanwhile does not count in a [`measure`].
+    static LIVE: Cell<i64> = const { Cell::new(0) };
+}
 
 /// What an allocation of `size` takes from the process: whole pages for our mappings; for the
 /// system allocator's chunks, a header word and rounding to 16 bytes (glibc's layout).
@@ -27,20 +33,26 @@ fn footprint(size: usize) -> i64 {
 }
 
 fn count(delta: i64) {
-    LIVE.fetch_add(delta, Ordering::Relaxed);
+    // A thread's locals may be gone while it exits; its last frees need no counting.
+    let _ = LIVE.try_with(|l| l.set(l.get() + delta));
     if !INSTALLED.load(Ordering::Relaxed) {
         INSTALLED.store(true, Ordering::Relaxed);
     }
 }
 
-/// Runs `f` and returns what it left allocated: the allocator's count of live bytes when
-/// [`LargePageAlloc`] is the global allocator (exact, so every process that builds the same
-/// thing counts the same), else the growth of the resident set.
+fn live() -> i64 {
+    LIVE.try_with(Cell::get).unwrap_or(0)
+}
+
+/// Runs `f` on this thread and returns what it left allocated: when [`LargePageAlloc`] is the
+/// global allocator, its count of the bytes `f` allocated and did not free (deterministic, so
+/// every process that builds the same thing counts the same; what `f` has other threads
+/// allocate is not seen), else the growth of the resident set.
 pub fn measure<T>(f: impl FnOnce() -> T) -> (T, u64) {
     if INSTALLED.load(Ordering::Relaxed) {
-        let before = LIVE.load(Ordering::Relaxed);
+        let before = live();
         let r = f();
-        let after = LIVE.load(Ordering::Relaxed);
+        let after = live();
         (r, after.saturating_sub(before).max(0) as u64)
     } else {
         let before = crate::util::rss().unwrap_or(0);
@@ -85,22 +97,34 @@ unsafe fn map(size: usize) -> *mut u8 {
 
 unsafe impl GlobalAlloc for LargePageAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        count(footprint(layout.size()));
         #[cfg(target_os = "linux")]
-        if layout.size() >= LARGE && layout.align() <= HUGE {
-            return map(layout.size());
+        let p = if layout.size() >= LARGE && layout.align() <= HUGE {
+            map(layout.size())
+        } else {
+            System.alloc(layout)
+        };
+        #[cfg(not(target_os = "linux"))]
+        let p = System.alloc(layout);
+        if !p.is_null() {
+            count(footprint(layout.size()));
         }
-        System.alloc(layout)
+        p
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        count(footprint(layout.size()));
         // Fresh anonymous mappings are already zero.
         #[cfg(target_os = "linux")]
-        if layout.size() >= LARGE && layout.align() <= HUGE {
-            return map(layout.size());
+        let p = if layout.size() >= LARGE && layout.align() <= HUGE {
+            map(layout.size())
+        } else {
+            System.alloc_zeroed(layout)
+        };
+        #[cfg(not(target_os = "linux"))]
+        let p = System.alloc_zeroed(layout);
+        if !p.is_null() {
+            count(footprint(layout.size()));
         }
-        System.alloc_zeroed(layout)
+        p
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {

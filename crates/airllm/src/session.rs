@@ -101,14 +101,15 @@ pub fn default_context(cfg: &ModelConfig) -> usize {
     cfg.max_position_embeddings.min(2048)
 }
 
-/// The one sizing rule: the engine options for `work` on a model of config `cfg`, with
-/// `reserved` bytes held outside the engine (the tokenizer and a draft model) counted against
-/// `max_memory`.
+/// The one sizing rule: the engine options for `work` on a model of config `cfg`, with bytes
+/// held outside the engine counted against `max_memory`: `held` already taken from the
+/// process (the tokenizer), and `to_load` about to be (a draft model).
 pub fn engine_options(
     cfg: &ModelConfig,
     o: &SessionOptions,
     work: &Workload,
-    reserved: u64,
+    held: u64,
+    to_load: u64,
 ) -> Result<EngineOptions> {
     if work.sequences == 0 || work.prefill_chunk == 0 {
         return Err(Error::Invalid(format!(
@@ -129,12 +130,14 @@ pub fn engine_options(
         rows = rows.max(r);
         step = step.max(r);
     }
-    // Without a budget, 90% of what is available now; what the caller already holds is no
-    // longer available, so it is added back to be counted like the rest.
+    // Without a budget, 90% of what is available now; what is already held is no longer
+    // available, so it is added back to be counted like the rest (what is still to load is
+    // not: it comes out of what is available).
     let max_memory = match o.max_memory {
         Some(b) => b,
-        None => crate::engine::resolve_budget(None)?.saturating_add(reserved),
+        None => crate::engine::resolve_budget(None)?.saturating_add(held),
     };
+    let reserved = held.saturating_add(to_load);
     Ok(EngineOptions {
         max_memory: Some(max_memory),
         context,
@@ -195,6 +198,8 @@ pub struct Prepared {
     pub budget_defaulted: bool,
     /// The options it was opened with.
     options: SessionOptions,
+    /// [`Prepared::size`] has run.
+    sized: bool,
 }
 
 impl Prepared {
@@ -222,6 +227,7 @@ impl Prepared {
             compressed: at.compressed,
             budget_defaulted: o.max_memory.is_none(),
             options: o.clone(),
+            sized: false,
         })
     }
 
@@ -234,7 +240,7 @@ impl Prepared {
             guesses: None,
             ..o.clone()
         };
-        let base = engine_options(&self.info.cfg, &no_guesses, work, self.tok_bytes)?;
+        let base = engine_options(&self.info.cfg, &no_guesses, work, self.tok_bytes, 0)?;
         self.draft = None;
         self.draft_bytes = 0;
         match &o.guesses {
@@ -265,12 +271,21 @@ impl Prepared {
             }
             _ => {}
         }
-        self.opts = engine_options(&self.info.cfg, o, work, self.tok_bytes + self.draft_bytes)?;
+        self.opts = engine_options(&self.info.cfg, o, work, self.tok_bytes, self.draft_bytes)?;
+        self.sized = true;
         Ok(())
+    }
+
+    /// The options it was opened with.
+    pub fn options(&self) -> &SessionOptions {
+        &self.options
     }
 
     /// The plan the engine would get.
     pub fn plan(&self) -> Result<Plan> {
+        if !self.sized {
+            return Err(Error::Internal("a plan asked for before sizing".into()));
+        }
         self.info.plan(&self.opts)
     }
 }
@@ -303,6 +318,11 @@ impl Session {
 
     /// Builds the engine (and the draft's) that `p` sized.
     pub fn start(p: Prepared) -> Result<Session> {
+        if !p.sized {
+            return Err(Error::Internal(
+                "a session started before it was sized".into(),
+            ));
+        }
         let Prepared {
             info,
             tok,

@@ -47,7 +47,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     );
     let mut s = start(prep, &work)?;
     let mut dev_peak = 0u64;
-    let sample = |dev_peak: &mut u64| -> Result<()> {
+    let sample = |dev_peak: &mut u64| -> airllm::Result<()> {
         if let (Some(b), Some(u)) = (dev_base, backend.memory_used(&device)?) {
             *dev_peak = (*dev_peak).max(u.saturating_sub(b));
         }
@@ -95,7 +95,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 None => {}
                 Some(_) => {
                     sweeps += 1;
-                    sample(&mut dev_peak).map_err(|e| airllm::Error::Invalid(format!("{e:#}")))?;
+                    sample(&mut dev_peak)?;
                 }
             },
             Hook::Event(..) => {}

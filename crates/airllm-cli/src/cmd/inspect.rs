@@ -1,6 +1,6 @@
 //! `airllm inspect`: a model's shape and the plan a session with the same options would make.
 
-use airllm::session::{Prepared, Session};
+use airllm::session::Prepared;
 use airllm::util::fmt_bytes;
 use anyhow::Result;
 
@@ -11,15 +11,17 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
     let work = a.model.workload(None, a.batch, None);
     // The tokenizer is built as `run` builds it, to count what it holds; a folder without one
     // can still be inspected.
-    let p: Prepared = match Session::plan(a.model.model.as_deref(), &o, &work) {
+    let spec = a.model.model.as_deref();
+    let mut p: Prepared = match Prepared::new(spec, &o) {
         Ok(p) => p,
         Err(e) => {
             o.tokenizer = false;
-            let p = Session::plan(a.model.model.as_deref(), &o, &work)?;
-            eprintln!("note: no tokenizer counted in the plan ({e})");
+            let p = Prepared::new(spec, &o)?;
+            eprintln!("note: no tokenizer counted in the plan ({e:#})");
             p
         }
     };
+    p.size(&work)?;
     report_compressed(&p.compressed);
     if a.json {
         let e = &p.opts;
