@@ -40,11 +40,14 @@ pub fn parse(s: &str) -> Result<Device> {
     Ok(Device::new_cuda(ordinal)?)
 }
 
-/// What the engine asks of a compute device.
+/// What the engine asks of a compute device. The defaults are the host's answers: no memory
+/// of its own, matrices held in host memory, no memory figures.
 pub trait Backend: Sync {
     /// Free memory a device budget may take by default; `None` where the device has no memory
     /// of its own to measure.
-    fn free_memory(&self, device: &Device) -> Result<Option<u64>>;
+    fn free_memory(&self, _device: &Device) -> Result<Option<u64>> {
+        Ok(None)
+    }
     /// A link with `slots` staging slots of `slot_bytes` each.
     fn link(&self, device: &Device, slots: usize, slot_bytes: u64) -> Result<Box<dyn Link>>;
     /// Matrix `name` held on `device` in its own form, read `chunk_bytes` of rows at a time
@@ -53,88 +56,48 @@ pub trait Backend: Sync {
         &self,
         src: &dyn WeightSource,
         name: &str,
-        device: &Device,
-        chunk_bytes: u64,
-        scratch: &mut AlignedBuf,
-    ) -> Result<DevMat>;
+        _device: &Device,
+        _chunk_bytes: u64,
+        _scratch: &mut AlignedBuf,
+    ) -> Result<DevMat> {
+        Ok(DevMat::Host(src.load_mat(name)?))
+    }
     /// `x Wᵀ` for f32 `x` and a half-precision `W` on the device, near f32 accuracy.
-    fn split_matmul(&self, x: &Tensor, w: &Tensor) -> Result<Tensor>;
+    fn split_matmul(&self, _x: &Tensor, _w: &Tensor) -> Result<Tensor> {
+        Err(Error::Internal("the split product on the CPU".into()))
+    }
     /// Bytes in use on the device (the whole process's); `None` where not measured.
-    fn memory_used(&self, device: &Device) -> Result<Option<u64>>;
+    fn memory_used(&self, _device: &Device) -> Result<Option<u64>> {
+        Ok(None)
+    }
     /// The most bytes the device's allocator reserved since the last reset; `reset` starts a
     /// new high-water mark.
-    fn pool_peak(&self, device: &Device, reset: bool) -> Result<Option<u64>>;
+    fn pool_peak(&self, _device: &Device, _reset: bool) -> Result<Option<u64>> {
+        Ok(None)
+    }
     /// Host→device bandwidth from pinned memory, bytes per second.
-    fn h2d_bandwidth(&self, device: &Device, bytes: usize) -> Result<Option<f64>>;
+    fn h2d_bandwidth(&self, _device: &Device, _bytes: usize) -> Result<Option<f64>> {
+        Ok(None)
+    }
 }
 
 /// The CPU: weights and compute in host memory, nothing to copy.
 struct Cpu;
 
-/// The CPU posing as a device with memory of its own.
+/// The CPU posing as a device with memory of its own: the host in all but its link.
 struct Simulated;
 
 impl Backend for Cpu {
-    fn free_memory(&self, _: &Device) -> Result<Option<u64>> {
-        Ok(None)
-    }
     fn link(&self, _: &Device, _: usize, _: u64) -> Result<Box<dyn Link>> {
         Err(Error::Internal(
             "a link on the CPU without a simulated device".into(),
         ))
     }
-    fn load_matrix(
-        &self,
-        src: &dyn WeightSource,
-        name: &str,
-        _: &Device,
-        _: u64,
-        _: &mut AlignedBuf,
-    ) -> Result<DevMat> {
-        Ok(DevMat::Host(src.load_mat(name)?))
-    }
-    fn split_matmul(&self, _: &Tensor, _: &Tensor) -> Result<Tensor> {
-        Err(Error::Internal("the split product on the CPU".into()))
-    }
-    fn memory_used(&self, _: &Device) -> Result<Option<u64>> {
-        Ok(None)
-    }
-    fn pool_peak(&self, _: &Device, _: bool) -> Result<Option<u64>> {
-        Ok(None)
-    }
-    fn h2d_bandwidth(&self, _: &Device, _: usize) -> Result<Option<f64>> {
-        Ok(None)
-    }
 }
 
 impl Backend for Simulated {
-    fn free_memory(&self, d: &Device) -> Result<Option<u64>> {
-        Cpu.free_memory(d)
-    }
     fn link(&self, _: &Device, slots: usize, slot_bytes: u64) -> Result<Box<dyn Link>> {
         Ok(Box::new(SimLink::new(slots, slot_bytes)))
-    }
-    fn load_matrix(
-        &self,
-        src: &dyn WeightSource,
-        name: &str,
-        d: &Device,
-        c: u64,
-        s: &mut AlignedBuf,
-    ) -> Result<DevMat> {
-        Cpu.load_matrix(src, name, d, c, s)
-    }
-    fn split_matmul(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-        Cpu.split_matmul(x, w)
-    }
-    fn memory_used(&self, d: &Device) -> Result<Option<u64>> {
-        Cpu.memory_used(d)
-    }
-    fn pool_peak(&self, d: &Device, r: bool) -> Result<Option<u64>> {
-        Cpu.pool_peak(d, r)
-    }
-    fn h2d_bandwidth(&self, d: &Device, b: usize) -> Result<Option<f64>> {
-        Cpu.h2d_bandwidth(d, b)
     }
 }
 
