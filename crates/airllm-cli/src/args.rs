@@ -116,7 +116,8 @@ pub struct BenchArgs {
 #[derive(Args)]
 pub struct SynthArgs {
     /// A named shape: llama-7b, llama-13b, mistral-7b, qwen2-7b, llama-70b, tiny; mixtures of
-    /// experts mixtral-8x7b, qwen3-30b-a3b, tiny-moe.
+    /// experts mixtral-8x7b, qwen3-30b-a3b, tiny-moe, deepseek-v3, kimi-k2, deepseek-v2-lite,
+    /// glm-4.5-air, glm-4.5.
     #[arg(long, default_value = "tiny")]
     pub shape: String,
     /// Override the number of layers (e.g. a 70B shape with fewer layers).
@@ -138,7 +139,8 @@ pub struct SynthArgs {
     /// Experts each token is routed to (MoE shapes only).
     #[arg(long)]
     pub top_k: Option<usize>,
-    /// bf16, f16 or f32.
+    /// bf16, f16, f32, or fp8 (layer matrices in e4m3 with 128×128 block scales, the rest
+    /// bf16, as DeepSeek-V3's official checkpoint).
     #[arg(long, default_value = "bf16")]
     pub dtype: String,
     /// Shard size, like the hub's 5GB.

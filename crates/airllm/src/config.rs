@@ -21,11 +21,19 @@ pub enum Arch {
     Qwen2Moe,
     Qwen3Moe,
     Phi3,
+    /// DeepSeek V2 and V2-Lite: multi-head latent attention, softmax routing.
+    DeepseekV2,
+    /// DeepSeek V3/R1 and Kimi K2: latent attention, sigmoid routing with a correction bias.
+    DeepseekV3,
+    /// GLM-4 (0414) dense: post-attention and post-MLP norms, fused gate-up, partial rotary.
+    Glm4,
+    /// GLM-4.5 and GLM-4.5-Air: DeepSeek-V3's routing on a GQA block with partial rotary.
+    Glm4Moe,
 }
 
 impl Arch {
     /// Every architecture, in the order error messages list them.
-    pub const ALL: [Arch; 10] = [
+    pub const ALL: [Arch; 14] = [
         Arch::Llama,
         Arch::Mistral,
         Arch::Qwen2,
@@ -36,6 +44,10 @@ impl Arch {
         Arch::Qwen2Moe,
         Arch::Qwen3Moe,
         Arch::Phi3,
+        Arch::DeepseekV2,
+        Arch::DeepseekV3,
+        Arch::Glm4,
+        Arch::Glm4Moe,
     ];
     /// The architecture `config.json` names, by its `architectures` entry or its
     /// `model_type`: read through the same names it is written with.
@@ -61,6 +73,10 @@ impl Arch {
             Arch::Qwen2Moe => "Qwen2MoeForCausalLM",
             Arch::Qwen3Moe => "Qwen3MoeForCausalLM",
             Arch::Phi3 => "Phi3ForCausalLM",
+            Arch::DeepseekV2 => "DeepseekV2ForCausalLM",
+            Arch::DeepseekV3 => "DeepseekV3ForCausalLM",
+            Arch::Glm4 => "Glm4ForCausalLM",
+            Arch::Glm4Moe => "Glm4MoeForCausalLM",
         }
     }
     /// Gemma's family traits: norms stored as w and applied as 1 + w (llama.cpp stores 1 + w),
@@ -80,6 +96,10 @@ impl Arch {
             Arch::Qwen2Moe => "qwen2_moe",
             Arch::Qwen3Moe => "qwen3_moe",
             Arch::Phi3 => "phi3",
+            Arch::DeepseekV2 => "deepseek_v2",
+            Arch::DeepseekV3 => "deepseek_v3",
+            Arch::Glm4 => "glm4",
+            Arch::Glm4Moe => "glm4_moe",
         }
     }
     /// transformers' Llama layout of q/k rows, which llama.cpp's converter permutes.
@@ -88,7 +108,19 @@ impl Arch {
     }
     /// Whether the architecture routes tokens to experts.
     pub fn has_experts(self) -> bool {
-        matches!(self, Arch::Mixtral | Arch::Qwen2Moe | Arch::Qwen3Moe)
+        matches!(
+            self,
+            Arch::Mixtral
+                | Arch::Qwen2Moe
+                | Arch::Qwen3Moe
+                | Arch::DeepseekV2
+                | Arch::DeepseekV3
+                | Arch::Glm4Moe
+        )
+    }
+    /// Whether attention is DeepSeek's multi-head latent attention.
+    pub fn is_mla(self) -> bool {
+        matches!(self, Arch::DeepseekV2 | Arch::DeepseekV3)
     }
 }
 
@@ -99,6 +131,73 @@ pub enum MoeStyle {
     Mixtral,
     /// `mlp.gate`, `mlp.experts.N.gate_proj/up_proj/down_proj` (Qwen2-MoE, Qwen3-MoE).
     Qwen,
+    /// Qwen's expert names, with `mlp.shared_experts` (no gate) and the router's
+    /// `e_score_correction_bias` (DeepSeek V2/V3, GLM-4.5).
+    Deepseek,
+}
+
+/// How router logits become expert scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scoring {
+    Softmax,
+    /// Each expert's score is its own sigmoid (DeepSeek V3, GLM-4.5).
+    Sigmoid,
+}
+
+/// Group-limited routing: the experts are split into `groups` equal groups, and a token
+/// chooses only among the experts of its best `top_groups` groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpertGroups {
+    pub groups: usize,
+    pub top_groups: usize,
+    /// A group's score is the sum of its two best choice scores (DeepSeek V3's `noaux_tc`),
+    /// else its best score (V2's `group_limited_greedy`).
+    pub top2_sum: bool,
+}
+
+/// How a sparse layer picks its experts and weighs them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Routing {
+    pub scoring: Scoring,
+    /// `e_score_correction_bias` is added to the scores for the choice only; the weights come
+    /// from the scores without it.
+    pub correction_bias: bool,
+    pub groups: Option<ExpertGroups>,
+    /// The chosen weights are multiplied by this (`routed_scaling_factor`), after any
+    /// renormalization.
+    pub scale: f32,
+}
+
+impl Routing {
+    /// Softmax over every expert, no groups, no scaling (Mixtral, Qwen).
+    pub fn softmax() -> Self {
+        Routing {
+            scoring: Scoring::Softmax,
+            correction_bias: false,
+            groups: None,
+            scale: 1.0,
+        }
+    }
+}
+
+/// DeepSeek's multi-head latent attention. Queries come from `q_proj`, or through the
+/// `q_lora_rank` bottleneck; keys and values from one latent of `kv_lora_rank` values per
+/// token, expanded per head by `kv_b_proj`, plus a `qk_rope_head_dim` RoPE key shared by all
+/// heads. The cache holds only the latent and that key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MlaSpec {
+    pub q_lora_rank: Option<usize>,
+    pub kv_lora_rank: usize,
+    pub qk_nope_head_dim: usize,
+    pub qk_rope_head_dim: usize,
+    pub v_head_dim: usize,
+}
+
+impl MlaSpec {
+    /// Values one token keeps per layer: the latent and the RoPE key.
+    pub fn cache_dim(&self) -> usize {
+        self.kv_lora_rank + self.qk_rope_head_dim
+    }
 }
 
 /// The mixture-of-experts options: each sparse layer routes every token to `top_k` of
@@ -111,8 +210,11 @@ pub struct MoeSpec {
     pub expert_size: usize,
     /// The top-k routing weights are renormalized to sum to 1 (Mixtral, Qwen3-MoE).
     pub norm_topk: bool,
-    /// Width of the always-on shared expert with its sigmoid gate (Qwen2-MoE).
+    /// Width of the always-on shared expert (DeepSeek's `n_shared_experts` of them as one).
     pub shared_size: Option<usize>,
+    /// The shared expert's output is scaled by a sigmoid gate (Qwen2-MoE).
+    pub shared_gated: bool,
+    pub routing: Routing,
     /// Which layers are sparse; the others have the dense MLP of `intermediate_size`.
     pub sparse: Vec<bool>,
 }
@@ -124,6 +226,19 @@ pub enum RopeScaling {
     /// Position interpolation: every frequency divided by `factor`.
     Linear {
         factor: f32,
+    },
+    /// YaRN: frequencies interpolated by `factor` below the band that `beta_fast`/`beta_slow`
+    /// rotations bound, kept above it, and cos/sin scaled by `attention_factor`.
+    Yarn {
+        factor: f32,
+        original_max_position_embeddings: usize,
+        beta_fast: f64,
+        beta_slow: f64,
+        attention_factor: f32,
+        /// Round the band's edges to whole dimensions (transformers' default).
+        truncate: bool,
+        /// DeepSeek's `mscale_all_dim`, which also scales its softmax (kept to write it back).
+        mscale_all_dim: Option<f64>,
     },
     /// Llama 3.1: low frequencies divided by `factor`, high ones kept, a smooth ramp between.
     Llama3 {
@@ -173,6 +288,13 @@ pub struct BlockSpec {
     pub fused_qkv: bool,
     /// gate and up in one `gate_up_proj` matrix, gate rows first (Phi-3).
     pub fused_gate_up: bool,
+    /// DeepSeek's latent attention in place of q/k/v ([`MlaSpec`]), and whether its queries
+    /// go through the `q_lora_rank` bottleneck.
+    pub mla: bool,
+    pub q_lora: bool,
+    /// GLM-4's names for the sandwich norms (`post_self_attn_layernorm`,
+    /// `post_mlp_layernorm`) instead of Gemma's.
+    pub glm_norms: bool,
 }
 
 /// The MLP's gate activation.
@@ -223,6 +345,21 @@ pub struct ModelConfig {
     pub attn_logit_softcap: Option<f64>,
     /// Mixture-of-experts options, for sparse models.
     pub moe: Option<MoeSpec>,
+    /// Latent attention (DeepSeek). `head_dim` is then the query/key head (nope + rope), and
+    /// `rotary_dim` the RoPE part.
+    pub mla: Option<MlaSpec>,
+    /// FP8 block scales the checkpoint declares (`quantization_config`), informational: each
+    /// matrix's own scale tensor is what is read.
+    pub fp8: Option<Fp8Spec>,
+}
+
+/// `quantization_config` of an FP8 checkpoint with block scales.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fp8Spec {
+    /// `e4m3` or `e5m2`.
+    pub fmt: String,
+    /// Rows and columns of one scale block.
+    pub block: [usize; 2],
 }
 
 impl ModelConfig {
@@ -234,6 +371,19 @@ impl ModelConfig {
     /// The RoPE a layer uses: 0 for `rope`, 1 for `rope_local`.
     pub fn layer_rope(&self, layer: usize) -> usize {
         usize::from(self.rope_local.is_some() && self.layer_windows[layer].is_some())
+    }
+
+    /// Values one token keeps in one layer's cache: keys and values, or MLA's latent.
+    pub fn kv_values_per_token(&self) -> usize {
+        match &self.mla {
+            Some(m) => m.cache_dim(),
+            None => 2 * self.num_kv_heads * self.head_dim,
+        }
+    }
+
+    /// Width of one head's attention output (MLA's `v_head_dim`, else `head_dim`).
+    pub fn v_head_dim(&self) -> usize {
+        self.mla.as_ref().map_or(self.head_dim, |m| m.v_head_dim)
     }
 }
 
@@ -356,7 +506,11 @@ impl ModelConfig {
                 format!("{num_kv_heads} does not divide num_attention_heads {num_heads}"),
             ));
         }
+        let mla = read_mla(&r, arch)?;
         let head_dim = match r.usize_opt("head_dim")? {
+            _ if mla.is_some() => mla
+                .as_ref()
+                .map_or(0, |m| m.qk_nope_head_dim + m.qk_rope_head_dim),
             Some(d) if d == 0 || d % 2 == 1 => {
                 return Err(Error::config(
                     path,
@@ -485,6 +639,26 @@ impl ModelConfig {
                 block.norm_offset = 1.0;
                 block.sandwich_norms = true;
             }
+            // DeepSeek's RoPE key and query parts rotate adjacent pairs (transformers permutes
+            // them into halves first, which leaves q·k as it is).
+            Arch::DeepseekV2 | Arch::DeepseekV3 => block.rope_interleaved = true,
+            // GLM-4 rotates adjacent pairs of the first half of each head; its o_proj has no
+            // bias whatever `attention_bias` says.
+            Arch::Glm4 => {
+                block.qkv_bias = attention_bias;
+                block.fused_gate_up = true;
+                block.sandwich_norms = true;
+                block.glm_norms = true;
+                block.rope_interleaved = true;
+            }
+            Arch::Glm4Moe => {
+                block.qkv_bias = attention_bias;
+                block.qk_norm = r.bool_opt("use_qk_norm")?.unwrap_or(false);
+            }
+        }
+        if let Some(m) = &mla {
+            block.mla = true;
+            block.q_lora = m.q_lora_rank.is_some();
         }
         let gemma = arch.is_gemma();
         let act_key = if get(v, "hidden_activation").is_some() {
@@ -510,10 +684,13 @@ impl ModelConfig {
                 ))
             }
         };
-        let attn_scale = match (arch, r.f64_opt(v, "query_pre_attn_scalar")?) {
+        let mut attn_scale = match (arch, r.f64_opt(v, "query_pre_attn_scalar")?) {
             (Arch::Gemma2 | Arch::Gemma3, Some(s)) if s > 0.0 => 1.0 / s.sqrt(),
             _ => 1.0 / (head_dim as f64).sqrt(),
         };
+        if mla.is_some() {
+            attn_scale *= yarn_softmax_mscale(&r)?;
+        }
         let softcap = |key: &str| -> Result<Option<f64>> {
             match r.f64_opt(v, key)? {
                 Some(c) if c < 0.0 || !c.is_finite() => Err(Error::config(
@@ -526,7 +703,11 @@ impl ModelConfig {
         };
 
         let moe = read_moe(&r, arch, num_layers)?;
-        let rotary_dim = read_rotary_dim(&r, head_dim)?;
+        let rotary_dim = match &mla {
+            Some(m) => m.qk_rope_head_dim,
+            None => read_rotary_dim(&r, head_dim)?,
+        };
+        let fp8 = read_fp8(&r)?;
         let declared_dtype = get(v, "dtype")
             .or_else(|| get(v, "torch_dtype"))
             .and_then(|d| d.as_str())
@@ -558,8 +739,134 @@ impl ModelConfig {
             attn_logit_softcap: softcap("attn_logit_softcapping")?,
             moe,
             rotary_dim,
+            mla,
+            fp8,
         })
     }
+}
+
+/// DeepSeek's latent attention options, checked against each other.
+fn read_mla(r: &Reader, arch: Arch) -> Result<Option<MlaSpec>> {
+    if !arch.is_mla() {
+        return Ok(None);
+    }
+    let positive = |key: &str| -> Result<usize> {
+        match r.usize_req(key)? {
+            0 => Err(Error::config(r.path, key, "must be at least 1")),
+            n => Ok(n),
+        }
+    };
+    let m = MlaSpec {
+        q_lora_rank: r.usize_opt("q_lora_rank")?.filter(|&n| n > 0),
+        kv_lora_rank: positive("kv_lora_rank")?,
+        qk_nope_head_dim: positive("qk_nope_head_dim")?,
+        qk_rope_head_dim: positive("qk_rope_head_dim")?,
+        v_head_dim: positive("v_head_dim")?,
+    };
+    if m.qk_rope_head_dim % 2 == 1 {
+        return Err(Error::config(
+            r.path,
+            "qk_rope_head_dim",
+            format!("{} must be even (RoPE rotates pairs)", m.qk_rope_head_dim),
+        ));
+    }
+    Ok(Some(m))
+}
+
+/// DeepSeek's softmax scale correction under YaRN: `mscale(factor, mscale_all_dim)²`, which
+/// its attention multiplies into 1/√head_dim (1 without YaRN or `mscale_all_dim`).
+fn yarn_softmax_mscale(r: &Reader) -> Result<f64> {
+    let Some(p) = get(r.v, "rope_scaling").or_else(|| get(r.v, "rope_parameters")) else {
+        return Ok(1.0);
+    };
+    let kind = get(p, "rope_type")
+        .or_else(|| get(p, "type"))
+        .and_then(|t| t.as_str());
+    if kind != Some("yarn") {
+        return Ok(1.0);
+    }
+    let factor = r.f64_opt(p, "factor")?.unwrap_or(1.0);
+    Ok(match r.f64_opt(p, "mscale_all_dim")? {
+        Some(all) if all != 0.0 => {
+            let m = yarn_mscale(factor, all);
+            m * m
+        }
+        _ => 1.0,
+    })
+}
+
+/// YaRN's magnitude correction, `0.1 · mscale · ln(factor) + 1` for factors above 1.
+pub fn yarn_mscale(factor: f64, mscale: f64) -> f64 {
+    if factor <= 1.0 {
+        1.0
+    } else {
+        0.1 * mscale * factor.ln() + 1.0
+    }
+}
+
+/// The FP8 `quantization_config`: only block-scaled e4m3/e5m2 weights are read; anything
+/// else is refused by name rather than computed wrongly.
+fn read_fp8(r: &Reader) -> Result<Option<Fp8Spec>> {
+    let Some(q) = get(r.v, "quantization_config") else {
+        return Ok(None);
+    };
+    let method = get(q, "quant_method")
+        .and_then(|m| m.as_str())
+        .unwrap_or("");
+    if method != "fp8" {
+        return Err(Error::config(
+            r.path,
+            "quantization_config.quant_method",
+            format!("`{method}` is not supported (supported: fp8 with block scales)"),
+        ));
+    }
+    let fmt = get(q, "fmt").and_then(|f| f.as_str()).unwrap_or("e4m3");
+    if fmt != "e4m3" && fmt != "e5m2" {
+        return Err(Error::config(
+            r.path,
+            "quantization_config.fmt",
+            format!("`{fmt}` is not supported (supported: e4m3, e5m2)"),
+        ));
+    }
+    if let Some(a) = get(q, "activation_scheme").and_then(|a| a.as_str()) {
+        if a != "dynamic" {
+            return Err(Error::config(
+                r.path,
+                "quantization_config.activation_scheme",
+                format!(
+                    "`{a}` is not supported: activations are computed in f32 (supported: dynamic)"
+                ),
+            ));
+        }
+    }
+    let block = match get(q, "weight_block_size") {
+        Some(b) => {
+            let v: Option<Vec<usize>> = b
+                .as_array()
+                .and_then(|a| a.iter().map(|x| x.as_u64().map(|n| n as usize)).collect());
+            match v.as_deref() {
+                Some([br, bc]) if *br > 0 && *bc > 0 => [*br, *bc],
+                _ => {
+                    return Err(Error::config(
+                        r.path,
+                        "quantization_config.weight_block_size",
+                        format!("expected two positive integers, got {b}"),
+                    ))
+                }
+            }
+        }
+        None => {
+            return Err(Error::config(
+                r.path,
+                "quantization_config.weight_block_size",
+                "required field is missing (only block-scaled FP8 is supported)",
+            ))
+        }
+    };
+    Ok(Some(Fp8Spec {
+        fmt: fmt.to_string(),
+        block,
+    }))
 }
 
 /// Head dimensions RoPE rotates: `partial_rotary_factor` (top level or in the RoPE parameters)
@@ -596,6 +903,9 @@ fn read_moe(r: &Reader, arch: Arch, num_layers: usize) -> Result<Option<MoeSpec>
     let style = match arch {
         Arch::Mixtral => MoeStyle::Mixtral,
         Arch::Qwen2Moe | Arch::Qwen3Moe => MoeStyle::Qwen,
+        Arch::DeepseekV2 | Arch::DeepseekV3 | Arch::Glm4Moe => {
+            return read_deepseek_moe(r, arch, num_layers)
+        }
         _ => return Ok(None),
     };
     let experts = match r.usize_opt("num_local_experts")? {
@@ -620,7 +930,7 @@ fn read_moe(r: &Reader, arch: Arch, num_layers: usize) -> Result<Option<MoeSpec>
     }
     let expert_size = match style {
         MoeStyle::Mixtral => r.usize_req("intermediate_size")?,
-        MoeStyle::Qwen => r.usize_req("moe_intermediate_size")?,
+        MoeStyle::Qwen | MoeStyle::Deepseek => r.usize_req("moe_intermediate_size")?,
     };
     let shared_size = match arch {
         Arch::Qwen2Moe => r
@@ -659,8 +969,121 @@ fn read_moe(r: &Reader, arch: Arch, num_layers: usize) -> Result<Option<MoeSpec>
         expert_size,
         // Mixtral's softmax over the top-k logits is the renormalized top-k of the softmax.
         norm_topk: style == MoeStyle::Mixtral || r.bool_opt("norm_topk_prob")?.unwrap_or(false),
+        shared_gated: shared_size.is_some(),
         shared_size,
         sparse,
+        routing: Routing::softmax(),
+    }))
+}
+
+/// DeepSeek's MoE options (also GLM-4.5's): `n_routed_experts` experts of
+/// `moe_intermediate_size`, `n_shared_experts` always-on ones, dense layers before
+/// `first_k_dense_replace` and off the `moe_layer_freq` step, and the routing method.
+fn read_deepseek_moe(r: &Reader, arch: Arch, num_layers: usize) -> Result<Option<MoeSpec>> {
+    let Some(experts) = r.usize_opt("n_routed_experts")?.filter(|&n| n > 0) else {
+        return Ok(None);
+    };
+    let top_k = r.usize_req("num_experts_per_tok")?;
+    if top_k == 0 || top_k > experts {
+        return Err(Error::config(
+            r.path,
+            "num_experts_per_tok",
+            format!("{top_k} must be between 1 and the {experts} experts"),
+        ));
+    }
+    let expert_size = r.usize_req("moe_intermediate_size")?;
+    let shared = r.usize_opt("n_shared_experts")?.unwrap_or(0);
+    let first_dense = r.usize_opt("first_k_dense_replace")?.unwrap_or(0);
+    let freq = r.usize_opt("moe_layer_freq")?.unwrap_or(1).max(1);
+    let sparse = (0..num_layers)
+        .map(|l| l >= first_dense && l % freq == 0)
+        .collect();
+    let v3_like = arch != Arch::DeepseekV2;
+    let scoring = match get(r.v, "scoring_func").and_then(|s| s.as_str()) {
+        None if v3_like => Scoring::Sigmoid,
+        None | Some("softmax") => Scoring::Softmax,
+        Some("sigmoid") => Scoring::Sigmoid,
+        Some(other) => {
+            return Err(Error::config(
+                r.path,
+                "scoring_func",
+                format!("`{other}` is not supported (supported: softmax, sigmoid)"),
+            ))
+        }
+    };
+    let method = get(r.v, "topk_method")
+        .and_then(|m| m.as_str())
+        .unwrap_or(if v3_like { "noaux_tc" } else { "greedy" });
+    let grouped = |top2_sum: bool| -> Result<Option<ExpertGroups>> {
+        let groups = r.usize_opt("n_group")?.unwrap_or(1).max(1);
+        let top_groups = r.usize_opt("topk_group")?.unwrap_or(groups);
+        if experts % groups != 0 {
+            return Err(Error::config(
+                r.path,
+                "n_group",
+                format!("{groups} groups do not divide the {experts} experts"),
+            ));
+        }
+        if top_groups == 0 || top_groups > groups {
+            return Err(Error::config(
+                r.path,
+                "topk_group",
+                format!("{top_groups} must be between 1 and n_group {groups}"),
+            ));
+        }
+        if top_k > top_groups * (experts / groups) {
+            return Err(Error::config(
+                r.path,
+                "num_experts_per_tok",
+                format!(
+                    "{top_k} is more than the {} experts of the topk_group {top_groups} groups",
+                    top_groups * (experts / groups)
+                ),
+            ));
+        }
+        if top2_sum && experts / groups < 2 {
+            return Err(Error::config(
+                r.path,
+                "n_group",
+                "noaux_tc scores a group by its two best experts; groups need at least 2",
+            ));
+        }
+        Ok((groups > 1).then_some(ExpertGroups {
+            groups,
+            top_groups,
+            top2_sum,
+        }))
+    };
+    let (groups, correction_bias) = match method {
+        "greedy" => (None, false),
+        "group_limited_greedy" => (grouped(false)?, false),
+        "noaux_tc" => (grouped(true)?, true),
+        other => {
+            return Err(Error::config(
+                r.path,
+                "topk_method",
+                format!(
+                    "`{other}` is not supported (supported: greedy, group_limited_greedy, noaux_tc)"
+                ),
+            ))
+        }
+    };
+    let scale = r.f64_opt(r.v, "routed_scaling_factor")?.unwrap_or(1.0) as f32;
+    Ok(Some(MoeSpec {
+        style: MoeStyle::Deepseek,
+        experts,
+        top_k,
+        expert_size,
+        norm_topk: r.bool_opt("norm_topk_prob")?.unwrap_or(false),
+        shared_size: (shared > 0).then_some(shared * expert_size),
+        shared_gated: false,
+        sparse,
+        routing: Routing {
+            scoring,
+            correction_bias,
+            groups,
+            scale,
+        },
     }))
 }
 
@@ -678,6 +1101,9 @@ impl BlockSpec {
             rope_interleaved: false,
             fused_qkv: false,
             fused_gate_up: false,
+            glm_norms: false,
+            mla: false,
+            q_lora: false,
         }
     }
 }
@@ -750,6 +1176,33 @@ fn read_rope(r: &Reader, nested: Option<(&Value, &str)>) -> Result<RopeConfig> {
             high_freq_factor: need("high_freq_factor")? as f32,
             original_max_position_embeddings: need("original_max_position_embeddings")? as usize,
         },
+        "yarn" => {
+            let factor = need("factor")?;
+            let original = match r.f64_opt(p, "original_max_position_embeddings")? {
+                Some(n) => n as usize,
+                None => r.usize_opt("max_position_embeddings")?.unwrap_or(4096),
+            };
+            // As transformers: an explicit attention factor wins; else mscale over
+            // mscale_all_dim when both are set, else mscale(factor).
+            let mscale = r.f64_opt(p, "mscale")?;
+            let mscale_all = r.f64_opt(p, "mscale_all_dim")?;
+            let attention_factor = match (r.f64_opt(p, "attention_factor")?, mscale, mscale_all) {
+                (Some(a), _, _) => a,
+                (None, Some(m), Some(a)) if m != 0.0 && a != 0.0 => {
+                    yarn_mscale(factor, m) / yarn_mscale(factor, a)
+                }
+                _ => yarn_mscale(factor, 1.0),
+            } as f32;
+            RopeScaling::Yarn {
+                factor: factor as f32,
+                original_max_position_embeddings: original,
+                beta_fast: r.f64_opt(p, "beta_fast")?.unwrap_or(32.0),
+                beta_slow: r.f64_opt(p, "beta_slow")?.unwrap_or(1.0),
+                attention_factor,
+                truncate: get(p, "truncate").and_then(|t| t.as_bool()).unwrap_or(true),
+                mscale_all_dim: mscale_all,
+            }
+        }
         "longrope" | "su" => {
             let list = |key: &str| -> Result<Vec<f32>> {
                 get(p, key)
@@ -796,15 +1249,13 @@ fn read_rope(r: &Reader, nested: Option<(&Value, &str)>) -> Result<RopeConfig> {
                 attention_factor,
             }
         }
-        other => {
-            return Err(Error::config(
-                r.path,
-                &format!("{field}.rope_type"),
-                format!(
-                    "`{other}` is not supported (supported: default, linear, llama3, longrope)"
-                ),
-            ))
-        }
+        other => return Err(Error::config(
+            r.path,
+            &format!("{field}.rope_type"),
+            format!(
+                "`{other}` is not supported (supported: default, linear, llama3, longrope, yarn)"
+            ),
+        )),
     };
     Ok(RopeConfig { theta, scaling })
 }
@@ -821,6 +1272,19 @@ impl ModelConfig {
             RopeScaling::Linear { factor } => {
                 json!({"rope_type": "linear", "rope_theta": r.theta, "factor": factor})
             }
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings,
+                beta_fast,
+                beta_slow,
+                attention_factor,
+                truncate,
+                mscale_all_dim,
+            } => json!({"rope_type": "yarn", "rope_theta": r.theta, "factor": factor,
+                    "original_max_position_embeddings": original_max_position_embeddings,
+                    "beta_fast": beta_fast, "beta_slow": beta_slow,
+                    "attention_factor": attention_factor, "truncate": truncate,
+                    "mscale_all_dim": mscale_all_dim}),
             RopeScaling::LongRope {
                 short_factor,
                 long_factor,
@@ -857,7 +1321,7 @@ impl ModelConfig {
             "eos_token_id": cfg.eos_token_ids,
             "dtype": dtype,
         });
-        if cfg.rotary_dim != cfg.head_dim {
+        if cfg.rotary_dim != cfg.head_dim && cfg.mla.is_none() {
             v["partial_rotary_factor"] = json!(cfg.rotary_dim as f64 / cfg.head_dim as f64);
         }
         if let RopeScaling::LongRope {
@@ -867,7 +1331,47 @@ impl ModelConfig {
         {
             v["original_max_position_embeddings"] = json!(original_max_position_embeddings);
         }
-        if let Some(m) = &cfg.moe {
+        if let Some(m) = &cfg.mla {
+            v["q_lora_rank"] = json!(m.q_lora_rank);
+            v["kv_lora_rank"] = json!(m.kv_lora_rank);
+            v["qk_nope_head_dim"] = json!(m.qk_nope_head_dim);
+            v["qk_rope_head_dim"] = json!(m.qk_rope_head_dim);
+            v["v_head_dim"] = json!(m.v_head_dim);
+            v.as_object_mut().map(|o| o.remove("head_dim"));
+        }
+        if let Some(f) = &cfg.fp8 {
+            v["quantization_config"] = json!({"quant_method": "fp8", "fmt": f.fmt,
+                "activation_scheme": "dynamic", "weight_block_size": f.block});
+        }
+        if matches!(cfg.arch, Arch::Glm4 | Arch::Glm4Moe) {
+            v["attention_bias"] = json!(cfg.block.qkv_bias);
+        }
+        if cfg.arch == Arch::Glm4Moe {
+            v["use_qk_norm"] = json!(cfg.block.qk_norm);
+        }
+        if let Some(m) = cfg.moe.as_ref().filter(|m| m.style == MoeStyle::Deepseek) {
+            let first_dense = m.sparse.iter().take_while(|s| !**s).count();
+            v["n_routed_experts"] = json!(m.experts);
+            v["num_experts_per_tok"] = json!(m.top_k);
+            v["moe_intermediate_size"] = json!(m.expert_size);
+            v["n_shared_experts"] = json!(m.shared_size.map_or(0, |s| s / m.expert_size.max(1)));
+            v["first_k_dense_replace"] = json!(first_dense);
+            v["moe_layer_freq"] = json!(1);
+            v["norm_topk_prob"] = json!(m.norm_topk);
+            v["routed_scaling_factor"] = json!(m.routing.scale);
+            v["scoring_func"] = json!(match m.routing.scoring {
+                Scoring::Softmax => "softmax",
+                Scoring::Sigmoid => "sigmoid",
+            });
+            let g = m.routing.groups;
+            v["topk_method"] = json!(match (m.routing.correction_bias, g) {
+                (true, _) => "noaux_tc",
+                (false, Some(_)) => "group_limited_greedy",
+                (false, None) => "greedy",
+            });
+            v["n_group"] = json!(g.map_or(1, |g| g.groups));
+            v["topk_group"] = json!(g.map_or(1, |g| g.top_groups));
+        } else if let Some(m) = &cfg.moe {
             v["num_experts_per_tok"] = json!(m.top_k);
             v["norm_topk_prob"] = json!(m.norm_topk);
             if cfg.arch == Arch::Mixtral {

@@ -425,6 +425,9 @@ impl Engine {
             .layer_windows
             .iter()
             .map(|&w| {
+                if let Some(m) = &c.mla {
+                    return LayerKv::latent(o.context, m.cache_dim(), &self.device);
+                }
                 LayerKv::new(
                     c.num_kv_heads,
                     o.context,

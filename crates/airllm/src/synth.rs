@@ -30,6 +30,9 @@ pub struct SynthShape {
     /// When not hidden / heads (Qwen3-MoE).
     pub head_dim: Option<usize>,
     pub moe: Option<SynthMoe>,
+    /// More `config.json` keys in transformers' terms (latent attention, routing groups,
+    /// dense first layers, RoPE scaling), merged over the rest.
+    pub extra: serde_json::Value,
 }
 
 /// The experts of a mixture-of-experts shape.
@@ -55,6 +58,14 @@ pub fn preset(name: &str) -> Option<SynthShape> {
         tie: false,
         head_dim: None,
         moe: None,
+        extra: serde_json::Value::Null,
+    };
+    let moe = |experts, top_k, expert_size| {
+        Some(SynthMoe {
+            experts,
+            top_k,
+            expert_size,
+        })
     };
     Some(match name {
         "llama-7b" => s(Arch::Llama, 4096, 11008, 32, 32, 32, 32000, 10000.0),
@@ -88,6 +99,59 @@ pub fn preset(name: &str) -> Option<SynthShape> {
             }),
             ..s(Arch::Mixtral, 256, 512, 4, 8, 4, 512, 1e6)
         },
+        // DeepSeek-V3/R1 (671B): latent attention, 3 dense layers, 256 experts in 8 groups.
+        "deepseek-v3" => SynthShape {
+            moe: moe(256, 8, 2048),
+            extra: json!({"q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
+                "qk_rope_head_dim": 64, "v_head_dim": 128, "n_shared_experts": 1,
+                "first_k_dense_replace": 3, "n_group": 8, "topk_group": 4,
+                "topk_method": "noaux_tc", "scoring_func": "sigmoid", "norm_topk_prob": true,
+                "routed_scaling_factor": 2.5, "max_position_embeddings": 163840,
+                "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                    "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}}),
+            ..s(Arch::DeepseekV3, 7168, 18432, 61, 128, 128, 129280, 10000.0)
+        },
+        // Kimi K2 (1T): DeepSeek-V3's architecture with 384 experts, 64 heads, one group.
+        "kimi-k2" => SynthShape {
+            moe: moe(384, 8, 2048),
+            extra: json!({"q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
+                "qk_rope_head_dim": 64, "v_head_dim": 128, "n_shared_experts": 1,
+                "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1,
+                "topk_method": "noaux_tc", "scoring_func": "sigmoid", "norm_topk_prob": true,
+                "routed_scaling_factor": 2.827, "max_position_embeddings": 131072,
+                "rope_scaling": {"type": "yarn", "factor": 32, "original_max_position_embeddings": 4096,
+                    "beta_fast": 1, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}}),
+            ..s(Arch::DeepseekV3, 7168, 18432, 61, 64, 64, 163840, 50000.0)
+        },
+        // DeepSeek-V2-Lite (16B): no query bottleneck, softmax routing over 64 experts.
+        "deepseek-v2-lite" => SynthShape {
+            moe: moe(64, 6, 1408),
+            extra: json!({"q_lora_rank": null, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
+                "qk_rope_head_dim": 64, "v_head_dim": 128, "n_shared_experts": 2,
+                "first_k_dense_replace": 1, "topk_method": "greedy", "scoring_func": "softmax",
+                "norm_topk_prob": false, "routed_scaling_factor": 1.0,
+                "max_position_embeddings": 163840,
+                "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                    "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}}),
+            ..s(Arch::DeepseekV2, 2048, 10944, 27, 16, 16, 102400, 10000.0)
+        },
+        // GLM-4.5-Air (106B) and GLM-4.5 (355B).
+        "glm-4.5-air" => SynthShape {
+            head_dim: Some(128),
+            moe: moe(128, 8, 1408),
+            extra: json!({"partial_rotary_factor": 0.5, "attention_bias": true, "use_qk_norm": false,
+                "n_shared_experts": 1, "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1,
+                "norm_topk_prob": true, "routed_scaling_factor": 1.0}),
+            ..s(Arch::Glm4Moe, 4096, 10944, 46, 96, 8, 151552, 1e6)
+        },
+        "glm-4.5" => SynthShape {
+            head_dim: Some(128),
+            moe: moe(160, 8, 1536),
+            extra: json!({"partial_rotary_factor": 0.5, "attention_bias": true, "use_qk_norm": true,
+                "n_shared_experts": 1, "first_k_dense_replace": 3, "n_group": 1, "topk_group": 1,
+                "norm_topk_prob": true, "routed_scaling_factor": 2.5}),
+            ..s(Arch::Glm4Moe, 5120, 12288, 92, 96, 8, 151552, 1e6)
+        },
         _ => return None,
     })
 }
@@ -102,29 +166,69 @@ pub const PRESETS: &[&str] = &[
     "mixtral-8x7b",
     "qwen3-30b-a3b",
     "tiny-moe",
+    "deepseek-v3",
+    "kimi-k2",
+    "deepseek-v2-lite",
+    "glm-4.5-air",
+    "glm-4.5",
 ];
+
+/// Whether a tensor of a synthetic FP8 checkpoint is stored in FP8: the layers' projections
+/// and experts, as DeepSeek-V3's official checkpoint has them (not the routers).
+fn is_fp8_matrix(kind: Kind, role: crate::weights::schema::Role) -> bool {
+    matches!(kind, Kind::Matrix | Kind::Expert) && role != crate::weights::schema::Role::Router
+}
+
+/// The FP8 block of synthetic checkpoints (DeepSeek-V3's).
+pub const FP8_BLOCK: usize = 128;
 
 impl SynthShape {
     /// Every tensor of the checkpoint in execution order, with its shape, as the layer schema
     /// lists them for this shape's config.
     pub fn tensors(&self) -> Result<Vec<(String, Vec<usize>)>> {
-        let cfg = self.model_config()?;
+        Ok(self
+            .typed_tensors(DType::F32)?
+            .into_iter()
+            .map(|(n, s, _)| (n, s))
+            .collect())
+    }
+
+    /// [`Self::tensors`] with each one's stored type for a checkpoint of `dtype`: an FP8
+    /// checkpoint holds its layer matrices in FP8, each followed by its f32 block scales, and
+    /// everything else in bf16.
+    pub fn typed_tensors(&self, dtype: DType) -> Result<Vec<(String, Vec<usize>, DType)>> {
+        let cfg = self.model_config_for(dtype)?;
         let h = self.hidden;
-        let mut t = vec![(Naming::Hf.embed().to_string(), vec![self.vocab, h])];
+        let other = if dtype.is_f8() { DType::BF16 } else { dtype };
+        let mut t = vec![(Naming::Hf.embed().to_string(), vec![self.vocab, h], other)];
+        let mut push = |name: String, shape: Vec<usize>, fp8: bool| {
+            if fp8 && dtype.is_f8() {
+                let scales = vec![shape[0].div_ceil(FP8_BLOCK), shape[1].div_ceil(FP8_BLOCK)];
+                t.push((name.clone(), shape, dtype));
+                t.push((crate::weights::fp8_scale_name(&name), scales, DType::F32));
+            } else {
+                t.push((name, shape, other));
+            }
+        };
         for l in 0..self.layers {
             for spec in LayerSchema::new(&cfg, l).tensors {
+                let fp8 = is_fp8_matrix(spec.kind, spec.role);
                 if spec.kind == Kind::Expert {
                     for e in 0..spec.experts {
-                        t.push((spec.expert_name(Naming::Hf, l, e).0, spec.shape.clone()));
+                        push(
+                            spec.expert_name(Naming::Hf, l, e).0,
+                            spec.shape.clone(),
+                            fp8,
+                        );
                     }
                 } else {
-                    t.push((spec.name(Naming::Hf, l), spec.shape.clone()));
+                    push(spec.name(Naming::Hf, l), spec.shape.clone(), fp8);
                 }
             }
         }
-        t.push((Naming::Hf.final_norm().to_string(), vec![h]));
+        t.push((Naming::Hf.final_norm().to_string(), vec![h], other));
         if !self.tie {
-            t.push((Naming::Hf.head().to_string(), vec![self.vocab, h]));
+            t.push((Naming::Hf.head().to_string(), vec![self.vocab, h], other));
         }
         Ok(t)
     }
@@ -133,7 +237,7 @@ impl SynthShape {
     /// config reader, so the architecture's defaults apply as they do to a downloaded model;
     /// `config.json` is then written from the result by the one writer,
     /// [`ModelConfig::to_hf_json`].
-    fn model_config(&self) -> Result<ModelConfig> {
+    fn model_config_for(&self, dtype: DType) -> Result<ModelConfig> {
         let mut v = json!({
             "architectures": [self.arch.hf_name()],
             "hidden_size": self.hidden,
@@ -155,13 +259,33 @@ impl SynthShape {
         }
         if let Some(m) = &self.moe {
             v["num_experts_per_tok"] = json!(m.top_k);
-            if self.arch == Arch::Mixtral {
+            if matches!(
+                self.arch,
+                Arch::DeepseekV2 | Arch::DeepseekV3 | Arch::Glm4Moe
+            ) {
+                v["n_routed_experts"] = json!(m.experts);
+                v["moe_intermediate_size"] = json!(m.expert_size);
+            } else if self.arch == Arch::Mixtral {
                 v["num_local_experts"] = json!(m.experts);
             } else {
                 v["num_experts"] = json!(m.experts);
                 v["moe_intermediate_size"] = json!(m.expert_size);
                 v["norm_topk_prob"] = json!(true);
             }
+        }
+        if let Some(extra) = self.extra.as_object() {
+            for (k, x) in extra {
+                v[k] = x.clone();
+            }
+            // transformers-4 style RoPE scaling, as DeepSeek's configs have it.
+            if extra.contains_key("rope_scaling") {
+                v.as_object_mut().map(|o| o.remove("rope_parameters"));
+                v["rope_theta"] = json!(self.rope_theta);
+            }
+        }
+        if dtype.is_f8() {
+            v["quantization_config"] = json!({"quant_method": "fp8", "fmt": "e4m3",
+                "activation_scheme": "dynamic", "weight_block_size": [FP8_BLOCK, FP8_BLOCK]});
         }
         ModelConfig::from_value(Path::new("config.json"), &v)
     }
@@ -194,6 +318,7 @@ fn write_values(
     seed: u64,
 ) -> std::io::Result<()> {
     let is_norm = name.ends_with("norm.weight");
+    let is_scale = name.ends_with("_scale_inv");
     let mut rng = Rng(name_seed(seed, name));
     let amp = 0.02f32 * 3f32.sqrt();
     let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
@@ -208,15 +333,37 @@ fn write_values(
                 ((rng.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp
             };
             match dtype {
+                DType::F32 if is_scale => buf.extend_from_slice(&FP8_SCALE.to_le_bytes()),
                 DType::F32 => buf.extend_from_slice(&x.to_le_bytes()),
                 DType::F16 => buf.extend_from_slice(&half::f16::from_f32(x).to_le_bytes()),
                 DType::BF16 => buf.extend_from_slice(&half::bf16::from_f32(x).to_le_bytes()),
+                DType::F8E4M3 => buf.push(e4m3(x / FP8_SCALE)),
+                DType::F8E5M2 => {
+                    buf.push((half::f16::from_f32(x / FP8_SCALE).to_bits() >> 8) as u8)
+                }
             }
         }
         w.write_all(&buf)?;
         left -= n;
     }
     Ok(())
+}
+
+/// The block scale of synthetic FP8 weights: their ±0.035 range over e4m3's ±448.
+const FP8_SCALE: f32 = 0.02 * 1.732_050_8 / 448.0;
+
+/// The e4m3 byte nearest to `x` (saturating at ±448).
+fn e4m3(x: f32) -> u8 {
+    let t = crate::weights::mat::F8Kind::E4M3.table();
+    // Bytes 0..=0x7E are the non-negative finite values, in increasing order.
+    let a = x.abs().min(448.0);
+    let i = t[..0x7F].partition_point(|&v| v < a);
+    let i = if i > 0 && (i == 0x7F || a - t[i - 1] <= t[i] - a) {
+        i - 1
+    } else {
+        i
+    };
+    (i as u8) | if x < 0.0 { 0x80 } else { 0 }
 }
 
 /// A byte-level BPE tokenizer with no merges: every byte is a token, plus `<s>` and `</s>`.
@@ -294,17 +441,14 @@ fn write_into(
     dir: &Path,
     progress: &mut impl FnMut(u64, u64),
 ) -> Result<()> {
-    let tensors = shape.tensors()?;
-    let es = dtype.size() as u64;
-    let total: u64 = tensors
-        .iter()
-        .map(|(_, s)| s.iter().product::<usize>() as u64 * es)
-        .sum();
+    let tensors = shape.typed_tensors(dtype)?;
+    let bytes = |s: &[usize], d: DType| s.iter().product::<usize>() as u64 * d.size() as u64;
+    let total: u64 = tensors.iter().map(|(_, s, d)| bytes(s, *d)).sum();
     // Group tensors into shards of about `shard_bytes`, as transformers' save_pretrained does.
     let mut shards: Vec<Vec<usize>> = vec![vec![]];
     let mut cur = 0u64;
-    for (i, (_, s)) in tensors.iter().enumerate() {
-        let b = s.iter().product::<usize>() as u64 * es;
+    for (i, (_, s, d)) in tensors.iter().enumerate() {
+        let b = bytes(s, *d);
         if cur > 0 && cur + b > shard_bytes {
             shards.push(vec![]);
             cur = 0;
@@ -326,11 +470,11 @@ fn write_into(
         let mut header = serde_json::Map::new();
         let mut off = 0u64;
         for &i in members {
-            let (name, s) = &tensors[i];
-            let b = s.iter().product::<usize>() as u64 * es;
+            let (name, s, d) = &tensors[i];
+            let b = bytes(s, *d);
             header.insert(
                 name.clone(),
-                json!({"dtype": dtype.name(), "shape": s, "data_offsets": [off, off + b]}),
+                json!({"dtype": d.name(), "shape": s, "data_offsets": [off, off + b]}),
             );
             off += b;
             weight_map.insert(name.clone(), json!(fname));
@@ -345,10 +489,10 @@ fn write_into(
             .map_err(|e| io(&path, e))?;
         w.write_all(&h).map_err(|e| io(&path, e))?;
         for &i in members {
-            let (name, s) = &tensors[i];
+            let (name, s, d) = &tensors[i];
             let numel = s.iter().product::<usize>();
-            write_values(&mut w, name, numel, dtype, seed).map_err(|e| io(&path, e))?;
-            done += numel as u64 * es;
+            write_values(&mut w, name, numel, *d, seed).map_err(|e| io(&path, e))?;
+            done += bytes(s, *d);
             progress(done, total);
         }
         w.flush().map_err(|e| io(&path, e))?;
@@ -366,11 +510,11 @@ fn write_into(
     let torch_dtype = match dtype {
         DType::F32 => "float32",
         DType::F16 => "float16",
-        DType::BF16 => "bfloat16",
+        DType::BF16 | DType::F8E4M3 | DType::F8E5M2 => "bfloat16",
     };
     write_json(
         "config.json",
-        &shape.model_config()?.to_hf_json(torch_dtype),
+        &shape.model_config_for(dtype)?.to_hf_json(torch_dtype),
     )?;
     write_json(
         "generation_config.json",

@@ -28,14 +28,15 @@ pub fn synth(a: SynthArgs) -> Result<()> {
         }
         (None, None, None) => {}
         (None, _, _) => bail!(
-            "--experts and --top-k apply to mixture-of-experts shapes (mixtral-8x7b, qwen3-30b-a3b, tiny-moe)"
+            "--experts and --top-k apply to mixture-of-experts shapes (mixtral-8x7b, qwen3-30b-a3b, tiny-moe, deepseek-v3, kimi-k2, deepseek-v2-lite, glm-4.5-air, glm-4.5)"
         ),
     }
     let dtype = match a.dtype.to_ascii_lowercase().as_str() {
         "bf16" | "bfloat16" => DType::BF16,
         "f16" | "float16" => DType::F16,
         "f32" | "float32" => DType::F32,
-        other => bail!("--dtype `{other}`: expected bf16, f16 or f32"),
+        "fp8" | "f8" | "e4m3" | "float8_e4m3fn" => DType::F8E4M3,
+        other => bail!("--dtype `{other}`: expected bf16, f16, f32 or fp8"),
     };
     let shard = parse_size(&a.shard_size).context("--shard-size")?;
     let bar = airllm::load::byte_bar();
@@ -44,10 +45,20 @@ pub fn synth(a: SynthArgs) -> Result<()> {
         bar.set_position(done);
     })?;
     bar.finish_and_clear();
-    eprintln!("wrote {} ({shape:?}, {})", a.out.display(), dtype.name());
+    eprintln!(
+        "wrote {} ({}: {} layers, hidden {}, {} heads, vocab {}; {})",
+        a.out.display(),
+        a.shape,
+        shape.layers,
+        shape.hidden,
+        shape.heads,
+        shape.vocab,
+        dtype.name()
+    );
     if let Some(g) = &a.gguf {
         let quant = match dtype {
-            DType::BF16 => airllm::convert::Quant::BF16,
+            // FP8 is not a GGUF type: its weights are written widened to bf16.
+            DType::BF16 | DType::F8E4M3 | DType::F8E5M2 => airllm::convert::Quant::BF16,
             DType::F16 => airllm::convert::Quant::F16,
             DType::F32 => airllm::convert::Quant::F32,
         };

@@ -34,6 +34,7 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
             "sequences": e.max_batch,
             "tokens_per_sweep": e.max_step_tokens,
             "logit_rows": e.max_logit_rows,
+            "kv_bytes_per_token": kv_per_token(&p.info.cfg),
             "tokenizer_bytes": p.tok_bytes,
             "draft_bytes": p.draft_bytes,
             "plan": p.plan()?,
@@ -72,6 +73,25 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
         .map(|w| w.map_or("full".into(), |w| w.to_string()))
         .collect();
     println!("attention:    {}", windows.join(" "));
+    let kv = match &c.mla {
+        Some(m) => format!(
+            "latent: {} + {} RoPE values per token and layer (q_lora_rank {}, v_head_dim {})",
+            m.kv_lora_rank,
+            m.qk_rope_head_dim,
+            m.q_lora_rank.map_or("none".into(), |r| r.to_string()),
+            m.v_head_dim
+        ),
+        None => format!(
+            "keys and values: 2 × {} heads × {}",
+            c.num_kv_heads, c.head_dim
+        ),
+    };
+    println!(
+        "kv cache:     {} per token ({} × {} layers, f32)",
+        fmt_bytes(kv_per_token(c)),
+        kv,
+        c.num_layers
+    );
     println!("rope:         {:?}", c.rope);
     println!("tied head:    {}", c.tie_word_embeddings);
     let e = &p.opts;
@@ -89,4 +109,10 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
     );
     println!("{}", p.plan()?);
     Ok(())
+}
+
+/// Bytes of cache one token takes in full-attention layers (sliding ones stop growing at
+/// their window).
+fn kv_per_token(c: &airllm::config::ModelConfig) -> u64 {
+    (c.kv_values_per_token() * 4 * c.num_layers) as u64
 }

@@ -249,6 +249,18 @@ fn gguf_plan(info: &ModelInfo, quant: Quant, out: &Path) -> Result<(GgufPlan, Ve
             plan.set(key(Key::RopeScalingType), Value::Str("linear".into()));
             plan.set(key(Key::RopeScalingFactor), Value::F(factor as f64));
         }
+        &RopeScaling::Yarn {
+            factor,
+            original_max_position_embeddings,
+            ..
+        } => {
+            plan.set(key(Key::RopeScalingType), Value::Str("yarn".into()));
+            plan.set(key(Key::RopeScalingFactor), Value::F(factor as f64));
+            plan.set(
+                key(Key::RopeScalingOriginalContextLength),
+                u(original_max_position_embeddings),
+            );
+        }
         RopeScaling::Llama3 { .. } => {
             // llama.cpp applies Llama 3.1's rescaling as per-frequency divisors.
             let plain = RopeConfig {

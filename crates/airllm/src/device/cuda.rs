@@ -249,7 +249,12 @@ impl Link for CudaLink {
                         let q = qtensor_from_ggml(t, v.data, vec![v.rows, v.cols], &self.device)?;
                         QMatMul::from_qtensor(q)?.forward(x)?
                     }
-                    (None, _) => unreachable!("non-float forms are quantized"),
+                    (None, f) => {
+                        return Err(Error::Device(format!(
+                            "{} weights are multiplied on the CPU only in this version",
+                            f.name()
+                        )))
+                    }
                 };
                 let ev = self
                     .compute
@@ -500,7 +505,12 @@ pub fn load_matrix(
                 DevMat::Quant(QMatMul::from_qtensor(qt)?, (rows * row_bytes) as u64),
             )
         }
-        (None, _) => unreachable!("non-float forms are quantized"),
+        (None, f) => {
+            return Err(Error::Device(format!(
+                "{name}: {} weights are held on the CPU only in this version",
+                f.name()
+            )))
+        }
     };
     let per = ((chunk_bytes / row_bytes.max(1) as u64) as usize).clamp(1, rows.max(1));
     let mut start = 0;

@@ -24,6 +24,9 @@ pub struct Shape {
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
+    /// Values per head read from each value row (of `head_dim` values): `head_dim`, or MLA's
+    /// latent rank, whose values are the first columns of its keys.
+    pub v_dim: usize,
     pub scale: f32,
     /// Scores become cap·tanh(score/cap) (Gemma 2).
     pub softcap: Option<f32>,
@@ -46,7 +49,7 @@ pub struct Seq<'a> {
     pub k0: usize,
 }
 
-/// Writes every sequence's attention output into `out` (`[rows, heads · head_dim]`), from the
+/// Writes every sequence's attention output into `out` (`[rows, heads · v_dim]`), from the
 /// packed queries `q` (`[rows, heads, head_dim]`).
 pub fn attend(shape: Shape, q: &[f32], seqs: &[Seq], out: &mut [f32]) {
     let groups = shape.heads / shape.kv_heads;
@@ -80,7 +83,7 @@ fn tile(
     n: usize,
     dst: Out,
 ) {
-    let (nh, hd) = (shape.heads, shape.head_dim);
+    let (nh, hd, vd) = (shape.heads, shape.head_dim, shape.v_dim);
     // Row r of the tile is query head g·groups + r / n at query row i0 + r % n.
     let m = groups * n;
     let mut qt = vec![0f32; m * hd];
@@ -96,7 +99,7 @@ fn tile(
     let hi = (last + 1 - seq.k0).min(seq.total);
     let k = &seq.k[g * seq.head_stride..];
     let v = &seq.v[g * seq.head_stride..];
-    let mut o = vec![0f32; m * hd];
+    let mut o = vec![0f32; m * vd];
     let mut mx = vec![f32::NEG_INFINITY; m];
     let mut sum = vec![0f32; m];
     let mut s = vec![0f32; m * K_TILE];
@@ -153,18 +156,19 @@ fn tile(
             sum[r] = sum[r] * keep + add;
             mx[r] = new;
             if keep != 1.0 {
-                o[r * hd..(r + 1) * hd].iter_mut().for_each(|x| *x *= keep);
+                o[r * vd..(r + 1) * vd].iter_mut().for_each(|x| *x *= keep);
             }
         }
         // O += P V over this key tile.
-        // SAFETY: s holds [m, bk]; values j0 .. j0 + bk are rows of hd within v; o is [m, hd].
+        // SAFETY: s holds [m, bk]; values j0 .. j0 + bk are rows of hd within v, of which the
+        // first vd are read; o is [m, vd].
         unsafe {
             gemm1(
                 m,
-                hd,
+                vd,
                 bk,
                 o.as_mut_ptr(),
-                hd,
+                vd,
                 true,
                 s.as_ptr(),
                 bk,
@@ -178,10 +182,10 @@ fn tile(
     for r in 0..m {
         let (h, i) = (g * groups + r / n, seq.row + i0 + r % n);
         let inv = if sum[r] > 0.0 { 1.0 / sum[r] } else { 0.0 };
-        for d in 0..hd {
+        for d in 0..vd {
             // SAFETY: row i, head h of the output belongs to this task alone (each task has
             // its own KV head's query heads and its own query rows).
-            unsafe { *dst.at(i * nh * hd + h * hd + d) = o[r * hd + d] * inv };
+            unsafe { *dst.at(i * nh * vd + h * vd + d) = o[r * vd + d] * inv };
         }
     }
 }
@@ -254,6 +258,7 @@ mod tests {
                 heads: 4,
                 kv_heads: 2,
                 head_dim: 16,
+                v_dim: 16,
                 scale: 0.25,
                 softcap,
                 window,

@@ -128,12 +128,23 @@ fn gemv(x: &[f32], m: usize, w: MatView, y: &mut [f32], ldy: usize, col0: usize)
     let kernel = Kernel::get();
     (0..n.div_ceil(per)).into_par_iter().for_each(|t| {
         let mut acc = [0f32; 4];
+        // FP8 rows are widened once (with their scales) and dotted as f32.
+        let mut wide = match w.form {
+            Form::F8(..) => vec![0f32; k],
+            _ => vec![],
+        };
         for j in t * per..((t + 1) * per).min(n) {
-            let row = &w.data[j * rb..(j + 1) * rb];
+            let mut row = &w.data[j * rb..(j + 1) * rb];
+            let mut form = w.form;
+            if let Form::F8(kind, block) = w.form {
+                crate::weights::mat::widen_f8(kind, block, k, row, &mut wide);
+                row = bytemuck::cast_slice(&wide);
+                form = Form::F32;
+            }
             let mut i = 0;
             while i < m {
                 let nx = (m - i).min(4);
-                kernel.dot(w.form, row, &x[i * k..(i + nx) * k], k, nx, &mut acc);
+                kernel.dot(form, row, &x[i * k..(i + nx) * k], k, nx, &mut acc);
                 for (r, a) in acc[..nx].iter().enumerate() {
                     // SAFETY: in bounds (checked by the caller); column col0 + j belongs to
                     // this task alone.
@@ -180,6 +191,10 @@ fn widen(form: Form, row: &[u8], dst: &mut [f32]) {
                 // The slice conversion uses F16C where the CPU has it.
                 half::slice::HalfFloatSliceExt::convert_to_f32_slice(h, d);
             }
+        }
+        Form::F8(kind, block) => {
+            let cols = dst.len();
+            crate::weights::mat::widen_f8(kind, block, cols, row, dst)
         }
         Form::Q(_) => unreachable!("quantized rows take the block kernels"),
     }

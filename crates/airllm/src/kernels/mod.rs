@@ -9,6 +9,7 @@
 pub mod attention;
 mod common;
 pub mod matmul;
+pub mod mla;
 pub mod qmatmul;
 #[cfg(target_arch = "x86_64")]
 mod vnni;

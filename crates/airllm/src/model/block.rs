@@ -10,9 +10,10 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::config::{Activation, ModelConfig};
+use crate::config::{Activation, MlaSpec, ModelConfig, Routing, Scoring};
 use crate::error::{Error, Result};
 use crate::model::kv::LayerKv;
+use crate::weights::mat::MatView;
 use crate::weights::schema::{Kind, LayerSchema, Role};
 use crate::weights::WeightSource;
 
@@ -50,7 +51,7 @@ impl Small {
         self.items.iter().find(|(r, _)| *r == role).map(|(_, t)| t)
     }
 
-    fn req(&self, role: Role) -> Result<&Tensor> {
+    pub(crate) fn req(&self, role: Role) -> Result<&Tensor> {
         self.get(role)
             .ok_or_else(|| Error::Internal(format!("the layer has no {role:?}")))
     }
@@ -67,6 +68,17 @@ impl Small {
 pub trait Matrices {
     /// `x Wᵀ` for the layer's matrix `role`, `x` `[rows, in]` f32.
     fn matmul(&mut self, role: Role, x: &Tensor) -> Result<Tensor>;
+
+    /// Calls `f(start, rows)` over the layer's matrix `role` in the order of its rows: once
+    /// with the whole matrix when it is held in host memory, slice by slice as they arrive
+    /// when it is streamed. For the products that are not `x Wᵀ` (latent attention's
+    /// absorbed `kv_b_proj`).
+    fn rows(&mut self, role: Role, f: &mut dyn FnMut(usize, MatView) -> Result<()>) -> Result<()> {
+        let _ = (role, f);
+        Err(Error::Internal(format!(
+            "these matrices cannot lend the rows of {role:?}"
+        )))
+    }
 
     /// Calls `f(e, mats)` for each expert `e` of `experts` (ascending, distinct) once its
     /// matrices are at hand, in whatever order they become so: cached experts first, then
@@ -114,6 +126,11 @@ pub struct Block {
     /// Experts each token is routed to, and whether their weights are renormalized.
     pub top_k: usize,
     pub norm_topk: bool,
+    pub routing: Routing,
+    /// Latent attention (DeepSeek) in place of GQA.
+    pub mla: Option<MlaSpec>,
+    /// Sparse layers have an always-on shared expert.
+    pub has_shared: bool,
 }
 
 /// What differs between the layers of one model.
@@ -142,11 +159,30 @@ impl Block {
             softcap: cfg.attn_logit_softcap,
             top_k: cfg.moe.as_ref().map_or(0, |m| m.top_k),
             norm_topk: cfg.moe.as_ref().is_some_and(|m| m.norm_topk),
+            routing: cfg
+                .moe
+                .as_ref()
+                .map_or_else(Routing::softmax, |m| m.routing.clone()),
+            mla: cfg.mla.clone(),
+            has_shared: cfg.moe.as_ref().is_some_and(|m| m.shared_size.is_some()),
+        }
+    }
+
+    /// The shape the CPU attention kernel runs for GQA.
+    fn gqa_shape(&self, window: Option<usize>) -> crate::kernels::attention::Shape {
+        crate::kernels::attention::Shape {
+            heads: self.num_heads,
+            kv_heads: self.num_kv_heads,
+            head_dim: self.head_dim,
+            v_dim: self.head_dim,
+            scale: self.scale as f32,
+            softcap: self.softcap.map(|c| c as f32),
+            window,
         }
     }
 
     /// `x Wᵀ (+ b)` for a projection and its optional bias.
-    fn linear(
+    pub(crate) fn linear(
         small: &Small,
         mats: &mut dyn Matrices,
         w: Role,
@@ -160,7 +196,7 @@ impl Block {
         })
     }
 
-    fn norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    pub(crate) fn norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         Ok(candle_nn::ops::rms_norm(x, w, self.eps)?)
     }
 
@@ -178,12 +214,54 @@ impl Block {
         sin: &Tensor,
         kind: LayerKind,
     ) -> Result<Tensor> {
-        let window = kind.window;
-        let rows = x.dim(0)?;
-        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-
         // Attention.
         let h = self.norm(x, small.req(Role::AttnNorm)?)?;
+        let attn = match &self.mla {
+            Some(m) => self.latent_attention(m, small, mats, &h, seqs, kv, cos, sin)?,
+            None => self.attention(small, mats, &h, seqs, kv, cos, sin, kind.window)?,
+        };
+        let mut a = Self::linear(small, mats, Role::O, Role::OBias, &attn)?;
+        if let Some(n) = small.get(Role::PostAttnNorm) {
+            a = self.norm(&a, n)?;
+        }
+        let x = (x + a)?;
+
+        // MLP: dense, or a mixture of experts.
+        let h = self.norm(&x, small.req(Role::MlpNorm)?)?;
+        let mut m = if kind.sparse {
+            self.moe(small, mats, &h)?
+        } else {
+            let bias = [Role::GateBias, Role::UpBias, Role::DownBias];
+            let w = if self.fused_gate_up {
+                [Role::GateUp, Role::GateUp, Role::Down]
+            } else {
+                [Role::Gate, Role::Up, Role::Down]
+            };
+            self.gated(small, mats, w, Some(bias), &h)?
+        };
+        if let Some(n) = small.get(Role::PostMlpNorm) {
+            m = self.norm(&m, n)?;
+        }
+        Ok((x + m)?)
+    }
+
+    /// Grouped-query attention of the normed rows `h`: `[rows, heads · head_dim]`, before the
+    /// output projection.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        small: &Small,
+        mats: &mut dyn Matrices,
+        h: &Tensor,
+        seqs: &[SeqRows],
+        kv: &mut [&mut LayerKv],
+        cos: &Tensor,
+        sin: &Tensor,
+        window: Option<usize>,
+    ) -> Result<Tensor> {
+        let rows = h.dim(0)?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let h = h.clone();
         let (q, k, v) = if self.fused_qkv {
             let qkv = mats.matmul(Role::Qkv, &h)?;
             let part =
@@ -216,39 +294,27 @@ impl Block {
             let vs = v.narrow(0, s.row, s.len)?.transpose(0, 1)?;
             cached.push(cache.append(&ks, &vs)?);
         }
-        let attn = if x.device().is_cpu() {
-            self.attend_cpu(&q, seqs, &cached, window)?
-        } else {
-            let mut outs = Vec::with_capacity(seqs.len());
-            for (s, (kall, vall, k0)) in seqs.iter().zip(&cached) {
-                let qs = q.narrow(0, s.row, s.len)?.transpose(0, 1)?.contiguous()?; // [nh, n, hd]
-                outs.push(self.attend(&qs, kall, vall, *k0, s, window)?);
-            }
-            Tensor::cat(&outs, 0)? // [rows, nh*hd]
-        };
-        let mut a = Self::linear(small, mats, Role::O, Role::OBias, &attn)?;
-        if let Some(n) = small.get(Role::PostAttnNorm) {
-            a = self.norm(&a, n)?;
-        }
-        let x = (x + a)?;
+        self.attend_all(&q, seqs, &cached, self.gqa_shape(window))
+    }
 
-        // MLP: dense, or a mixture of experts.
-        let h = self.norm(&x, small.req(Role::MlpNorm)?)?;
-        let mut m = if kind.sparse {
-            self.moe(small, mats, &h)?
-        } else {
-            let bias = [Role::GateBias, Role::UpBias, Role::DownBias];
-            let w = if self.fused_gate_up {
-                [Role::GateUp, Role::GateUp, Role::Down]
-            } else {
-                [Role::Gate, Role::Up, Role::Down]
-            };
-            self.gated(small, mats, w, Some(bias), &h)?
-        };
-        if let Some(n) = small.get(Role::PostMlpNorm) {
-            m = self.norm(&m, n)?;
+    /// Attention of every sequence: on the CPU through the tiled kernel, elsewhere through
+    /// tensor products. `q` `[rows, heads, head_dim]`; returns `[rows, heads · v_dim]`.
+    pub(crate) fn attend_all(
+        &self,
+        q: &Tensor,
+        seqs: &[SeqRows],
+        cached: &[(Tensor, Tensor, usize)],
+        shape: crate::kernels::attention::Shape,
+    ) -> Result<Tensor> {
+        if q.device().is_cpu() {
+            return self.attend_cpu(q, seqs, cached, shape);
         }
-        Ok((x + m)?)
+        let mut outs = Vec::with_capacity(seqs.len());
+        for (s, (kall, vall, k0)) in seqs.iter().zip(cached) {
+            let qs = q.narrow(0, s.row, s.len)?.transpose(0, 1)?.contiguous()?; // [nh, n, hd]
+            outs.push(self.attend(&qs, kall, vall, *k0, s, shape)?);
+        }
+        Ok(Tensor::cat(&outs, 0)?) // [rows, nh*vd]
     }
 
     /// The gated MLP `down(act(gate(x)) · up(x))` over the matrices `[gate, up, down]`, with
@@ -290,10 +356,29 @@ impl Block {
     /// Qwen2-MoE adds a shared expert scaled by a sigmoid gate.
     fn moe(&self, small: &Small, mats: &mut dyn Matrices, h: &Tensor) -> Result<Tensor> {
         let dev = h.device();
-        let probs = candle_nn::ops::softmax_last_dim(&mats.matmul(Role::Router, h)?)?
-            .to_device(&Device::Cpu)?
-            .to_vec2::<f32>()?;
-        let routes = route(&probs, self.top_k, self.norm_topk);
+        let logits = mats.matmul(Role::Router, h)?;
+        let scores = match self.routing.scoring {
+            Scoring::Softmax => candle_nn::ops::softmax_last_dim(&logits)?,
+            Scoring::Sigmoid => candle_nn::ops::sigmoid(&logits)?,
+        }
+        .to_device(&Device::Cpu)?
+        .to_vec2::<f32>()?;
+        let bias = match small.get(Role::RouterBias) {
+            Some(b) => Some(b.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?),
+            None if self.routing.correction_bias => {
+                return Err(Error::Internal(
+                    "the layer has no e_score_correction_bias".into(),
+                ))
+            }
+            None => None,
+        };
+        let routes = choose(
+            &scores,
+            bias.as_deref(),
+            &self.routing,
+            self.top_k,
+            self.norm_topk,
+        );
         let experts: Vec<usize> = routes.keys().copied().collect();
         let expert_roles = [Role::ExpertGate, Role::ExpertUp, Role::ExpertDown];
         let mut outs: Vec<(usize, Tensor, Tensor)> = Vec::with_capacity(experts.len());
@@ -317,13 +402,16 @@ impl Block {
         for (_, idx, y) in &outs {
             out = out.index_add(idx, y, 0)?;
         }
+        let shared = [Role::SharedGate, Role::SharedUp, Role::SharedDown];
         if let Some(sg) = small.get(Role::SharedExpertGate) {
-            let shared = [Role::SharedGate, Role::SharedUp, Role::SharedDown];
             let s = self.gated(small, mats, shared, None, h)?;
             let g = h
                 .matmul(&sg.reshape((h.dim(1)?, 1))?)?
                 .apply(&candle_nn::Activation::Sigmoid)?;
             out = (out + s.broadcast_mul(&g)?)?;
+        } else if self.has_shared {
+            // DeepSeek's and GLM's shared experts are added as they are.
+            out = (out + self.gated(small, mats, shared, None, h)?)?;
         }
         Ok(out)
     }
@@ -341,7 +429,7 @@ impl Block {
         self.rope_full(x, cos, sin)
     }
 
-    fn rope_full(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    pub(crate) fn rope_full(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         if self.rope_interleaved {
             // candle's interleaved kernel wants `[b, heads, rows, hd]`.
             let t = x.transpose(1, 2)?.contiguous()?;
@@ -360,9 +448,9 @@ impl Block {
         q: &Tensor,
         seqs: &[SeqRows],
         cached: &[(Tensor, Tensor, usize)],
-        window: Option<usize>,
+        shape: crate::kernels::attention::Shape,
     ) -> Result<Tensor> {
-        let (nh, hd) = (self.num_heads, self.head_dim);
+        let (nh, hd, vd) = (shape.heads, shape.head_dim, shape.v_dim);
         let rows = q.dim(0)?;
         let q = q.contiguous()?;
         let (qg, ql) = q.storage_and_layout();
@@ -395,15 +483,7 @@ impl Block {
                 k0: *k0,
             });
         }
-        let shape = crate::kernels::attention::Shape {
-            heads: nh,
-            kv_heads: self.num_kv_heads,
-            head_dim: hd,
-            scale: self.scale as f32,
-            softcap: self.softcap.map(|c| c as f32),
-            window,
-        };
-        let mut out = vec![0f32; rows * nh * hd];
+        let mut out = vec![0f32; rows * nh * vd];
         crate::kernels::attention::attend(
             shape,
             &cpu(&qg, ql)?[..rows * nh * hd],
@@ -413,7 +493,7 @@ impl Block {
         drop(parts);
         drop(guards);
         drop(qg);
-        Ok(Tensor::from_vec(out, (rows, nh * hd), q.device())?)
+        Ok(Tensor::from_vec(out, (rows, nh * vd), q.device())?)
     }
 
     /// Scaled dot-product attention of one sequence, `q` `[nh, n, hd]`. Query heads that share a
@@ -427,9 +507,9 @@ impl Block {
         v: &Tensor,
         k0: usize,
         s: &SeqRows,
-        window: Option<usize>,
+        shape: crate::kernels::attention::Shape,
     ) -> Result<Tensor> {
-        let (nh, n) = (self.num_heads, s.len);
+        let (nh, n) = (shape.heads, s.len);
         let total = k.dim(1)?;
         // Soft-capping keeps two more copies of the scores alive (scaled down, then tanh).
         let cap = if self.softcap.is_some() {
@@ -439,14 +519,14 @@ impl Block {
         };
         let chunk = query_chunk(cap, nh, total).min(n);
         if chunk == n {
-            return self.attend_rows(q, k, v, k0, s.pos, window);
+            return self.attend_rows(q, k, v, k0, s.pos, shape);
         }
         let mut outs = Vec::with_capacity(n.div_ceil(chunk));
         let mut i = 0;
         while i < n {
             let c = chunk.min(n - i);
             let qc = q.narrow(1, i, c)?.contiguous()?;
-            outs.push(self.attend_rows(&qc, k, v, k0, s.pos + i, window)?);
+            outs.push(self.attend_rows(&qc, k, v, k0, s.pos + i, shape)?);
             i += c;
         }
         Ok(Tensor::cat(&outs, 0)?)
@@ -461,16 +541,17 @@ impl Block {
         v: &Tensor,
         k0: usize,
         pos: usize,
-        window: Option<usize>,
+        shape: crate::kernels::attention::Shape,
     ) -> Result<Tensor> {
-        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let (nh, nkv, hd, vd) = (shape.heads, shape.kv_heads, shape.head_dim, shape.v_dim);
+        let window = shape.window;
         let n = q.dim(1)?;
         let groups = nh / nkv;
         let total = pos + n - k0;
         let k = k.narrow(1, 0, total)?;
-        let v = v.narrow(1, 0, total)?;
+        let v = v.narrow(1, 0, total)?.narrow(2, 0, vd)?;
         let q = q.reshape((nkv, groups * n, hd))?;
-        let mut scores = (q.matmul(&k.t()?)? * self.scale)?; // [nkv, groups*n, total]
+        let mut scores = (q.matmul(&k.t()?)? * shape.scale as f64)?; // [nkv, groups*n, total]
         if let Some(c) = self.softcap {
             scores = ((scores / c)?.tanh()? * c)?;
         }
@@ -496,10 +577,10 @@ impl Block {
             scores
         };
         let p = candle_nn::ops::softmax_last_dim(&scores)?;
-        let o = p.matmul(&v)?; // [nkv, groups*n, hd]
-        Ok(o.reshape((nh, n, hd))?
+        let o = p.matmul(&v.contiguous()?)?; // [nkv, groups*n, vd]
+        Ok(o.reshape((nh, n, vd))?
             .transpose(0, 1)?
-            .reshape((n, nh * hd))?)
+            .reshape((n, nh * vd))?)
     }
 }
 
@@ -511,14 +592,57 @@ pub fn route(
     top_k: usize,
     norm: bool,
 ) -> std::collections::BTreeMap<usize, (Vec<u32>, Vec<f32>)> {
+    choose(probs, None, &Routing::softmax(), top_k, norm)
+}
+
+/// Each expert's rows and weights under `routing`, from the scores `[rows][experts]`
+/// (softmax or sigmoid of the router's logits):
+/// - the choice ranks `score + bias` (DeepSeek V3's correction bias), or the score;
+/// - with groups, only the experts of the `top_groups` best groups may be chosen, a group
+///   scored by its best choice score or the sum of its best two;
+/// - the `top_k` best are chosen (the lower index first among equals);
+/// - their weights are their scores without the bias, renormalized to sum to 1 when `norm`,
+///   then multiplied by the routing's scale.
+pub fn choose(
+    scores: &[Vec<f32>],
+    bias: Option<&[f32]>,
+    routing: &Routing,
+    top_k: usize,
+    norm: bool,
+) -> std::collections::BTreeMap<usize, (Vec<u32>, Vec<f32>)> {
     let mut routes: std::collections::BTreeMap<usize, (Vec<u32>, Vec<f32>)> = Default::default();
-    for (r, p) in probs.iter().enumerate() {
+    let best_first = |v: &[f32], a: usize, b: usize| v[b].total_cmp(&v[a]).then(a.cmp(&b));
+    for (r, p) in scores.iter().enumerate() {
+        let mut choice: Vec<f32> = match bias {
+            Some(b) => p.iter().zip(b).map(|(s, b)| s + b).collect(),
+            None => p.clone(),
+        };
+        if let Some(g) = routing.groups {
+            let per = p.len() / g.groups;
+            let group_score: Vec<f32> = choice
+                .chunks(per)
+                .map(|c| {
+                    let mut c = c.to_vec();
+                    c.sort_by(|a, b| b.total_cmp(a));
+                    if g.top2_sum {
+                        c[0] + c[1]
+                    } else {
+                        c[0]
+                    }
+                })
+                .collect();
+            let mut order: Vec<usize> = (0..g.groups).collect();
+            order.sort_by(|&a, &b| best_first(&group_score, a, b));
+            for &dropped in &order[g.top_groups..] {
+                choice[dropped * per..(dropped + 1) * per].fill(f32::NEG_INFINITY);
+            }
+        }
         let mut order: Vec<usize> = (0..p.len()).collect();
-        order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+        order.sort_by(|&a, &b| best_first(&choice, a, b));
         order.truncate(top_k);
         let sum: f32 = order.iter().map(|&e| p[e]).sum();
         for e in order {
-            let w = if norm { p[e] / sum } else { p[e] };
+            let w = if norm { p[e] / sum } else { p[e] } * routing.scale;
             let slot = routes.entry(e).or_default();
             slot.0.push(r as u32);
             slot.1.push(w);

@@ -11,7 +11,8 @@ use crate::error::{Error, Result};
 
 pub struct LayerKv {
     k: Tensor,
-    v: Tensor,
+    /// `None` for a latent cache (MLA), whose values are the first columns of its keys.
+    v: Option<Tensor>,
     /// Absolute position of the token in slot 0.
     start: usize,
     /// Slots in use.
@@ -52,7 +53,7 @@ impl LayerKv {
         let shape = (kv_heads, kv_slots(context, window, max_step), head_dim);
         Ok(LayerKv {
             k: Tensor::zeros(shape, DType::F32, device)?,
-            v: Tensor::zeros(shape, DType::F32, device)?,
+            v: Some(Tensor::zeros(shape, DType::F32, device)?),
             start: 0,
             len: 0,
             context,
@@ -60,9 +61,46 @@ impl LayerKv {
         })
     }
 
+    /// A latent cache (DeepSeek's MLA): one `[1, context, dim]` tensor of each token's
+    /// normalized latent and RoPE key, from which attention reads both keys and values.
+    pub fn latent(context: usize, dim: usize, device: &Device) -> Result<Self> {
+        Ok(LayerKv {
+            k: Tensor::zeros((1, context, dim), DType::F32, device)?,
+            v: None,
+            start: 0,
+            len: 0,
+            context,
+            window: None,
+        })
+    }
+
+    /// Appends `[1, n, dim]` latents to a latent cache and returns a view of everything cached.
+    pub fn append_latent(&mut self, c: &Tensor) -> Result<Tensor> {
+        if self.v.is_some() {
+            return Err(Error::Internal("a latent appended to a KV cache".into()));
+        }
+        let n = c.dim(1)?;
+        if self.pos() + n > self.context {
+            return Err(Error::Invalid(format!(
+                "context full: {} tokens cached + {n} new exceeds the context size of {}",
+                self.pos(),
+                self.context
+            )));
+        }
+        self.k.slice_set(&c.contiguous()?, 1, self.len)?;
+        self.len += n;
+        Ok(self.k.narrow(1, 0, self.len)?)
+    }
+
     /// Appends `[kv_heads, n, head_dim]` keys and values and returns views of everything cached
     /// and the absolute position of its first token.
     pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor, usize)> {
+        let Some(vc) = self.v.as_ref() else {
+            return Err(Error::Internal(
+                "keys and values appended to a latent cache".into(),
+            ));
+        };
+        let vc = vc.clone();
         let n = k.dim(1)?;
         let cap = self.k.dim(1)?;
         if self.pos() + n > self.context {
@@ -83,19 +121,19 @@ impl LayerKv {
             }
             if keep > 0 {
                 let k = detached(&self.k.narrow(1, drop, keep)?)?;
-                let v = detached(&self.v.narrow(1, drop, keep)?)?;
+                let v = detached(&vc.narrow(1, drop, keep)?)?;
                 self.k.slice_set(&k, 1, 0)?;
-                self.v.slice_set(&v, 1, 0)?;
+                vc.slice_set(&v, 1, 0)?;
             }
             self.start += drop;
             self.len = keep;
         }
         self.k.slice_set(&k.contiguous()?, 1, self.len)?;
-        self.v.slice_set(&v.contiguous()?, 1, self.len)?;
+        vc.slice_set(&v.contiguous()?, 1, self.len)?;
         self.len += n;
         Ok((
             self.k.narrow(1, 0, self.len)?,
-            self.v.narrow(1, 0, self.len)?,
+            vc.narrow(1, 0, self.len)?,
             self.start,
         ))
     }
@@ -121,7 +159,8 @@ impl LayerKv {
 
     /// Bytes of keys and values held.
     pub fn bytes(&self) -> u64 {
-        2 * (self.k.elem_count() * 4) as u64
+        let v = self.v.as_ref().map_or(0, |v| v.elem_count());
+        ((self.k.elem_count() + v) * 4) as u64
     }
 }
 

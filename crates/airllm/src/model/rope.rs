@@ -26,6 +26,36 @@ impl Rope {
         match &cfg.scaling {
             RopeScaling::None => {}
             RopeScaling::Linear { factor } => inv_freq.iter_mut().for_each(|f| *f /= factor),
+            &RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings,
+                beta_fast,
+                beta_slow,
+                attention_factor,
+                truncate,
+                ..
+            } => {
+                // As transformers: the band's edges in f64, the blend in f32.
+                let d = dim as f64;
+                let base = cfg.theta as f64;
+                let orig = original_max_position_embeddings as f64;
+                let edge = |rot: f64| {
+                    d * (orig / (rot * 2.0 * std::f64::consts::PI)).ln() / (2.0 * base.ln())
+                };
+                let (mut lo, mut hi) = (edge(beta_fast), edge(beta_slow));
+                if truncate {
+                    (lo, hi) = (lo.floor(), hi.ceil());
+                }
+                let (lo, hi) = (lo.max(0.0) as f32, hi.min(d - 1.0) as f32);
+                let hi = if lo == hi { hi + 0.001 } else { hi };
+                for (i, f) in inv_freq.iter_mut().enumerate() {
+                    let ramp = ((i as f32 - lo) / (hi - lo)).clamp(0.0, 1.0);
+                    let keep = 1.0 - ramp;
+                    let pos = cfg.theta.powf((2 * i) as f32 / dim as f32);
+                    *f = 1.0 / (factor * pos) * (1.0 - keep) + 1.0 / pos * keep;
+                }
+                scale = attention_factor;
+            }
             RopeScaling::LongRope {
                 short_factor,
                 long_factor,

@@ -564,6 +564,23 @@ fn work_bytes(cfg: &ModelConfig, o: &EngineOptions) -> u64 {
     let rows = o.max_step_tokens as u64;
     let qkv = ((2 * cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim) as u64;
     let mut per_row = 6 * cfg.hidden_size as u64 + 2 * qkv + 3 * cfg.intermediate_size as u64;
+    // Latent attention's copies per row: the queries and their RoPE part, the latent queries
+    // and their concatenation with it, the bottleneck, the latent, the attention output in
+    // latent space twice (as given and per head) and after W_UV.
+    let mut mla_fixed = 0;
+    if let Some(m) = &cfg.mla {
+        let nh = cfg.num_heads;
+        let qd = m.qk_nope_head_dim + m.qk_rope_head_dim;
+        per_row += (3 * nh * qd
+            + 3 * nh * m.cache_dim()
+            + m.q_lora_rank.unwrap_or(0)
+            + 3 * m.cache_dim()
+            + 2 * nh * m.kv_lora_rank
+            + nh * m.v_head_dim) as u64;
+        // kv_b_proj's value rows, kept for after attention (counted as f32, their widest
+        // form), and one chunk of its key rows widened.
+        mla_fixed = ((nh * m.v_head_dim + 64) * m.kv_lora_rank) as u64;
+    }
     if let Some(m) = &cfg.moe {
         // Each row's top-k experts: its gathered input, their activations and weighted
         // outputs, kept until they are summed in expert order; the router's probabilities;
@@ -582,7 +599,7 @@ fn work_bytes(cfg: &ModelConfig, o: &EngineOptions) -> u64 {
         .layer_windows
         .iter()
         .flatten()
-        .map(|&w| (2 * w * cfg.num_kv_heads * cfg.head_dim) as u64)
+        .map(|&w| (w * cfg.kv_values_per_token()) as u64)
         .max()
         .unwrap_or(0);
     // Only our CPU kernels widen tiles into scratch; a GPU's products do not.
@@ -591,7 +608,7 @@ fn work_bytes(cfg: &ModelConfig, o: &EngineOptions) -> u64 {
     } else {
         0
     };
-    4 * (rows * per_row + scores + logits + scratch + window_copy)
+    4 * (rows * per_row + scores + logits + scratch + window_copy + mla_fixed)
 }
 
 /// KV-cache bytes of one sequence: full layers hold the context, sliding ones their window.
@@ -599,8 +616,7 @@ pub fn kv_bytes_per_seq(cfg: &ModelConfig, o: &EngineOptions) -> u64 {
     cfg.layer_windows
         .iter()
         .map(|&w| {
-            (2 * cfg.num_kv_heads * cfg.head_dim * kv_slots(o.context, w, o.max_step_tokens) * 4)
-                as u64
+            (cfg.kv_values_per_token() * kv_slots(o.context, w, o.max_step_tokens) * 4) as u64
         })
         .sum()
 }

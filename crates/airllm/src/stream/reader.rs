@@ -360,6 +360,27 @@ impl Prefetcher {
         Ok((s, d.read, wait))
     }
 
+    /// Calls `f(start, slice)` for each slice of a streamed matrix of `rows` rows, in order,
+    /// as the slices arrive. Returns the read and wait times.
+    pub fn rows(
+        &self,
+        target: Target,
+        rows: usize,
+        f: &mut dyn FnMut(usize, crate::weights::mat::MatView) -> Result<()>,
+    ) -> Result<(Duration, Duration)> {
+        let (mut read, mut wait) = (Duration::ZERO, Duration::ZERO);
+        let mut done = 0;
+        while done < rows {
+            let (s, r, w) = self.next_slice(target, done)?;
+            read += r;
+            wait += w;
+            let v = s.mat().view();
+            f(done, v)?;
+            done += v.rows;
+        }
+        Ok((read, wait))
+    }
+
     /// `x Wᵀ` for a streamed matrix of `rows` output rows, computed slice by slice as the
     /// slices arrive: on the CPU, or on the device through `stager`. Returns the product and
     /// the read and wait times.
@@ -441,6 +462,27 @@ impl Matrices for StreamedMats<'_> {
         self.read += read;
         self.wait += wait;
         Ok(y)
+    }
+
+    fn rows(
+        &mut self,
+        role: Role,
+        f: &mut dyn FnMut(usize, crate::weights::mat::MatView) -> Result<()>,
+    ) -> Result<()> {
+        if self.stager.is_some() {
+            return Err(Error::Device(format!(
+                "{role:?} streams to the GPU, and latent attention's absorbed products run on the CPU only in this version"
+            )));
+        }
+        let rows = self
+            .schema
+            .get(role)
+            .map(|t| t.shape[0])
+            .ok_or_else(|| Error::Internal(format!("the layer has no {role:?}")))?;
+        let (read, wait) = self.reader.rows(Target::Layer(self.layer, role), rows, f)?;
+        self.read += read;
+        self.wait += wait;
+        Ok(())
     }
 
     fn experts(

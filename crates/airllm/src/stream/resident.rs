@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use crate::model::block::{Matrices, Small};
 use crate::stream::experts::{no_experts, ExpertAccess};
 use crate::stream::stage::Stager;
-use crate::weights::mat::AlignedBuf;
+use crate::weights::mat::{AlignedBuf, MatView};
 use crate::weights::schema::{LayerSchema, Role};
 use crate::weights::WeightSource;
 
@@ -98,9 +98,25 @@ pub struct HeldMats<'a> {
     stager: Option<&'a mut Stager>,
 }
 
+impl HeldLayer {
+    /// [`Matrices::rows`] of a held matrix: host memory only.
+    fn rows(&self, role: Role, f: &mut dyn FnMut(usize, MatView) -> Result<()>) -> Result<()> {
+        match self.mat(role)? {
+            DevMat::Host(m) => f(0, m.view()),
+            _ => Err(Error::Device(format!(
+                "{role:?} is held on the GPU, and latent attention's absorbed products run on the CPU only in this version"
+            ))),
+        }
+    }
+}
+
 impl Matrices for HeldMats<'_> {
     fn matmul(&mut self, role: Role, x: &Tensor) -> Result<Tensor> {
         self.layer.mat(role)?.matmul(x)
+    }
+
+    fn rows(&mut self, role: Role, f: &mut dyn FnMut(usize, MatView) -> Result<()>) -> Result<()> {
+        self.layer.rows(role, f)
     }
 
     fn experts(
@@ -126,6 +142,10 @@ impl Matrices for StagedMats<'_> {
             DevMat::Host(m) => self.stager.matmul_held(m.view(), x),
             other => other.matmul(x),
         }
+    }
+
+    fn rows(&mut self, role: Role, f: &mut dyn FnMut(usize, MatView) -> Result<()>) -> Result<()> {
+        self.layer.rows(role, f)
     }
 
     fn experts(

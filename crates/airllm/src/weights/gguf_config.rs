@@ -3,7 +3,7 @@
 //! module, so that the config module depends on no weight format.
 
 use crate::config::{
-    Activation, Arch, BlockSpec, ModelConfig, MoeSpec, MoeStyle, RopeConfig, RopeScaling,
+    Activation, Arch, BlockSpec, ModelConfig, MoeSpec, MoeStyle, RopeConfig, RopeScaling, Routing,
 };
 use crate::error::{Error, Result};
 use crate::weights::gguf::{GgufMeta, Value as V};
@@ -145,6 +145,13 @@ impl ModelConfig {
                 block.fused_qkv = true;
                 block.fused_gate_up = true;
             }
+            Arch::DeepseekV2 | Arch::DeepseekV3 | Arch::Glm4 | Arch::Glm4Moe => {
+                return Err(Error::UnknownArch {
+                    path: path.to_path_buf(),
+                    arch: a.clone(),
+                    supported: keys::supported_archs(),
+                })
+            }
             Arch::Qwen2 | Arch::Qwen2Moe => block.qkv_bias = true,
             Arch::Qwen3 | Arch::Qwen3Moe => block.qk_norm = true,
             Arch::Gemma2 => {
@@ -240,7 +247,9 @@ impl ModelConfig {
                     expert_size,
                     norm_topk,
                     shared_size: opt_u(Key::ExpertSharedFeedForwardLength).filter(|&n| n > 0),
+                    shared_gated: arch == Arch::Qwen2Moe,
                     sparse,
+                    routing: Routing::softmax(),
                 })
             }
             _ => None,
@@ -274,6 +283,8 @@ impl ModelConfig {
             attn_logit_softcap: opt_f(Key::AttnLogitSoftcapping).filter(|&c| c > 0.0),
             moe,
             rotary_dim,
+            mla: None,
+            fp8: None,
         })
     }
 }

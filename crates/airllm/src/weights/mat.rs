@@ -13,6 +13,69 @@ pub enum Form {
     BF16,
     /// GGUF blocks of a quantized type.
     Q(GgmlDType),
+    /// FP8 with block scales, one byte a weight: each row is its `cols` bytes (padded to 4),
+    /// then one f32 scale per `block` columns, its block row's, copied in when it is read.
+    F8(F8Kind, usize),
+}
+
+/// The two FP8 formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum F8Kind {
+    /// float8_e4m3fn: 4 exponent bits, 3 mantissa bits, no infinities.
+    E4M3,
+    /// float8_e5m2: the top byte of an f16.
+    E5M2,
+}
+
+impl F8Kind {
+    /// The value of each byte, widened once.
+    pub fn table(self) -> &'static [f32; 256] {
+        static E4M3: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
+        static E5M2: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
+        match self {
+            F8Kind::E4M3 => E4M3.get_or_init(|| {
+                std::array::from_fn(|b| {
+                    let (e, m) = ((b >> 3) & 0xF, b & 7);
+                    let v = if e == 15 && m == 7 {
+                        f32::NAN
+                    } else if e == 0 {
+                        m as f32 / 8.0 * (-6f32).exp2()
+                    } else {
+                        (1.0 + m as f32 / 8.0) * (e as f32 - 7.0).exp2()
+                    };
+                    if b & 0x80 != 0 {
+                        -v
+                    } else {
+                        v
+                    }
+                })
+            }),
+            F8Kind::E5M2 => E5M2.get_or_init(|| {
+                std::array::from_fn(|b| half::f16::from_bits((b as u16) << 8).to_f32())
+            }),
+        }
+    }
+}
+
+/// Widens one FP8 row (its bytes and scales, as [`Form::F8`] lays them out) to f32.
+pub fn widen_f8(kind: F8Kind, block: usize, cols: usize, row: &[u8], dst: &mut [f32]) {
+    let t = kind.table();
+    let scales = &row[cols.next_multiple_of(4)..];
+    for (j, (d, b)) in dst[..cols]
+        .chunks_mut(block)
+        .zip(row[..cols].chunks(block))
+        .enumerate()
+    {
+        let s = f32::from_le_bytes([
+            scales[4 * j],
+            scales[4 * j + 1],
+            scales[4 * j + 2],
+            scales[4 * j + 3],
+        ]);
+        for (d, &b) in d.iter_mut().zip(b) {
+            *d = t[b as usize] * s;
+        }
+    }
 }
 
 impl Form {
@@ -22,6 +85,7 @@ impl Form {
             Form::F32 => 4 * cols,
             Form::F16 | Form::BF16 => 2 * cols,
             Form::Q(t) => cols / t.block_size() * t.type_size(),
+            Form::F8(_, block) => cols.next_multiple_of(4) + 4 * cols.div_ceil(block),
         }
     }
     pub fn name(self) -> &'static str {
@@ -30,6 +94,8 @@ impl Form {
             Form::F16 => "F16",
             Form::BF16 => "BF16",
             Form::Q(t) => crate::weights::gguf::type_name(t),
+            Form::F8(F8Kind::E4M3, _) => "F8_E4M3",
+            Form::F8(F8Kind::E5M2, _) => "F8_E5M2",
         }
     }
     /// The form of a GGUF tensor type.
@@ -72,6 +138,14 @@ impl MatView<'_> {
                 .chunks_exact(2)
                 .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
                 .collect(),
+            Form::F8(kind, block) => {
+                let rb = self.form.row_bytes(self.cols);
+                let mut out = vec![0f32; n];
+                for (r, dst) in out.chunks_mut(self.cols.max(1)).enumerate() {
+                    widen_f8(kind, block, self.cols, &d[r * rb..(r + 1) * rb], dst);
+                }
+                out
+            }
             Form::Q(t) => {
                 let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
                     t,

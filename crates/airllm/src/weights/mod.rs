@@ -131,17 +131,69 @@ pub struct SafetensorsSource {
     /// Matrices `f16` leaves in f32: MoE routers, which are small and whose top-k choice a
     /// rounding can flip.
     pub keep_f32: std::collections::HashSet<String>,
+    /// Rows and columns of an FP8 checkpoint's scale blocks (`weight_block_size`).
+    fp8_block: [usize; 2],
+}
+
+/// The scale tensor of an FP8 matrix: `weight` → `weight_scale_inv`.
+pub fn fp8_scale_name(name: &str) -> String {
+    format!("{name}_scale_inv")
 }
 
 impl SafetensorsSource {
     pub fn open(dir: &Path) -> Result<Self> {
-        Ok(SafetensorsSource {
+        let set = SafetensorsSet::open_dir(dir)?;
+        let fp8_block = if set.tensors.values().any(|t| t.dtype.is_f8()) {
+            fp8_block_size(dir)?
+        } else {
+            [0, 0]
+        };
+        let src = SafetensorsSource {
             dir: dir.to_path_buf(),
-            set: SafetensorsSet::open_dir(dir)?,
+            set,
             io: io::Io::default(),
             f16: false,
             keep_f32: Default::default(),
-        })
+            fp8_block,
+        };
+        src.check_fp8_scales()?;
+        Ok(src)
+    }
+
+    /// Every FP8 matrix has a scale tensor of one value per block, in f32 or bf16.
+    fn check_fp8_scales(&self) -> Result<()> {
+        let [br, bc] = self.fp8_block;
+        for (name, t) in self.set.tensors.iter().filter(|(_, t)| t.dtype.is_f8()) {
+            let path = &self.set.shards[t.shard].path;
+            let [rows, cols] = t.shape[..] else {
+                return Err(Error::tensor(
+                    path,
+                    name,
+                    format!("an FP8 tensor must be a matrix, got shape {:?}", t.shape),
+                ));
+            };
+            let sname = fp8_scale_name(name);
+            let Some(s) = self.set.tensors.get(&sname) else {
+                return Err(Error::tensor(
+                    path,
+                    &sname,
+                    format!("missing: the FP8 matrix {name} needs its block scales"),
+                ));
+            };
+            let want = vec![rows.div_ceil(br), cols.div_ceil(bc)];
+            if s.shape != want || s.dtype.is_f8() || s.dtype == safetensors::DType::F16 {
+                return Err(Error::tensor(
+                    &self.set.shards[s.shard].path,
+                    &sname,
+                    format!(
+                        "is {} {:?}, but a {rows}×{cols} matrix in blocks of {br}×{bc} (quantization_config.weight_block_size) needs F32 or BF16 {want:?}",
+                        s.dtype.name(),
+                        s.shape
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn get(&self, name: &str) -> Result<(&TensorInfo, &safetensors::Shard)> {
@@ -170,7 +222,69 @@ impl SafetensorsSource {
             safetensors::DType::F32 => Form::F32,
             safetensors::DType::F16 => Form::F16,
             safetensors::DType::BF16 => Form::BF16,
+            safetensors::DType::F8E4M3 => Form::F8(mat::F8Kind::E4M3, self.fp8_block[1]),
+            safetensors::DType::F8E5M2 => Form::F8(mat::F8Kind::E5M2, self.fp8_block[1]),
         }
+    }
+
+    /// Lays out rows `start .. start + len` of an FP8 matrix, read packed at `off`, as
+    /// [`Form::F8`] holds them: each row spread to its padded width, then its block row's
+    /// scales after it.
+    fn spread_fp8(
+        &self,
+        name: &str,
+        start: usize,
+        len: usize,
+        cols: usize,
+        buf: &mut AlignedBuf,
+        off: usize,
+    ) -> Result<()> {
+        let [br, bc] = self.fp8_block;
+        let form = Form::F8(mat::F8Kind::E4M3, bc);
+        let rb = form.row_bytes(cols);
+        let nb = cols.div_ceil(bc);
+        let sname = fp8_scale_name(name);
+        let (sinfo, sshard) = self.get(&sname)?;
+        let b0 = start / br;
+        let b1 = (start + len).div_ceil(br);
+        let scales = read_f32(&self.io, sshard, &sname, sinfo, b0 * nb, (b1 - b0) * nb)?;
+        let bytes = buf.bytes_mut(off + len * rb);
+        // Last row first: each row moves up (rb >= cols), over rows already moved.
+        for r in (0..len).rev() {
+            bytes.copy_within(off + r * cols..off + (r + 1) * cols, off + r * rb);
+            let at = off + r * rb;
+            bytes[at + cols..at + cols.next_multiple_of(4)].fill(0);
+            let b = (start + r) / br - b0;
+            let dst = &mut bytes[at + cols.next_multiple_of(4)..at + rb];
+            dst.copy_from_slice(bytemuck::cast_slice(&scales[b * nb..(b + 1) * nb]));
+        }
+        Ok(())
+    }
+}
+
+/// `quantization_config.weight_block_size` of the folder's config.json (DeepSeek's 128×128
+/// when it says none).
+fn fp8_block_size(dir: &Path) -> Result<[usize; 2]> {
+    let path = dir.join("config.json");
+    let v: serde_json::Value = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    let Some(b) = v.pointer("/quantization_config/weight_block_size") else {
+        return Ok([128, 128]);
+    };
+    match b
+        .as_array()
+        .map(|a| a.iter().map(|x| x.as_u64()).collect::<Vec<_>>())
+    {
+        Some(a) if a.len() == 2 && a.iter().all(|x| x.is_some_and(|n| n > 0)) => {
+            Ok([a[0].unwrap_or(1) as usize, a[1].unwrap_or(1) as usize])
+        }
+        _ => Err(Error::config(
+            &path,
+            "quantization_config.weight_block_size",
+            format!("expected two positive integers, got {b}"),
+        )),
     }
 }
 
@@ -255,6 +369,9 @@ impl WeightSource for SafetensorsSource {
         check_range(&shard.path, name, start, len, info.shape[0])?;
         let es = info.dtype.size();
         let at = info.offset + (start * cols * es) as u64;
+        let form = self.held(name, info);
+        // Room for the held form first: FP8 rows grow by their scales once read.
+        buf.ensure(io::read_capacity(form.row_bytes(cols) * len));
         let off = self
             .io
             .read_into(
@@ -265,7 +382,9 @@ impl WeightSource for SafetensorsSource {
                 &mut buf,
             )
             .map_err(|e| Error::tensor(&shard.path, name, format!("read failed: {e}")))?;
-        let form = self.held(name, info);
+        if info.dtype.is_f8() {
+            self.spread_fp8(name, start, len, cols, &mut buf, off)?;
+        }
         if form == Form::F16 && info.dtype == safetensors::DType::F32 {
             let n = len * cols;
             f32_to_f16_in_place(&mut buf.bytes_mut(off + 4 * n)[off..], n);

@@ -19,6 +19,9 @@ pub enum DType {
     F32,
     F16,
     BF16,
+    /// FP8 matrices, read with their `_scale_inv` block scales.
+    F8E4M3,
+    F8E5M2,
 }
 
 impl DType {
@@ -26,6 +29,7 @@ impl DType {
         match self {
             DType::F32 => 4,
             DType::F16 | DType::BF16 => 2,
+            DType::F8E4M3 | DType::F8E5M2 => 1,
         }
     }
     pub fn name(self) -> &'static str {
@@ -33,7 +37,12 @@ impl DType {
             DType::F32 => "F32",
             DType::F16 => "F16",
             DType::BF16 => "BF16",
+            DType::F8E4M3 => "F8_E4M3",
+            DType::F8E5M2 => "F8_E5M2",
         }
+    }
+    pub fn is_f8(self) -> bool {
+        matches!(self, DType::F8E4M3 | DType::F8E5M2)
     }
 }
 
@@ -115,9 +124,11 @@ pub fn open_shard(path: &Path, shard_idx: usize) -> Result<(Shard, Vec<(String, 
             Some("F32") => DType::F32,
             Some("F16") => DType::F16,
             Some("BF16") => DType::BF16,
+            Some("F8_E4M3") => DType::F8E4M3,
+            Some("F8_E5M2") => DType::F8E5M2,
             Some(other) => {
                 return Err(bad(format!(
-                    "unsupported dtype `{other}` (supported: F32, F16, BF16)"
+                    "unsupported dtype `{other}` (supported: F32, F16, BF16, F8_E4M3, F8_E5M2)"
                 )))
             }
             None => return Err(bad("missing dtype".into())),
@@ -188,6 +199,16 @@ pub fn read_f32(
     elem_offset: usize,
     count: usize,
 ) -> Result<Vec<f32>> {
+    if info.dtype.is_f8() {
+        return Err(Error::tensor(
+            &shard.path,
+            name,
+            format!(
+                "is {}: FP8 is read for layer matrices only (with their block scales)",
+                info.dtype.name()
+            ),
+        ));
+    }
     let es = info.dtype.size();
     let at = info.offset + (elem_offset * es) as u64;
     let mut raw = vec![0u8; count * es];

@@ -47,6 +47,17 @@ pub enum Role {
     SharedUp,
     SharedDown,
     SharedExpertGate,
+    /// DeepSeek's `e_score_correction_bias` `[experts]`, added to the scores for the choice.
+    RouterBias,
+    /// Latent attention: the query bottleneck and its norm, its expansion to the heads.
+    QA,
+    QANorm,
+    QB,
+    /// The joint latent and RoPE key `[kv_lora_rank + rope, hidden]`, the latent's norm, and
+    /// its per-head expansion to keys and values `[heads · (nope + v), kv_lora_rank]`.
+    KvA,
+    KvANorm,
+    KvB,
 }
 
 /// The part of the block a tensor belongs to (attention, MLP; later router and experts), so
@@ -106,13 +117,26 @@ struct Dims {
     ne: usize,
     ex: usize,
     sh: usize,
+    /// Attention output width (heads × v_head_dim).
+    o: usize,
+    /// Latent attention: query rank, latent rank, RoPE key width, rows of `kv_b_proj`.
+    qr: usize,
+    kr: usize,
+    rope: usize,
+    kvb: usize,
 }
 
 /// What a layer's MLP is: the options an entry's `when` tests besides the block's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LayerMlp {
     Dense,
-    Sparse { style: MoeStyle, shared: bool },
+    /// `gated`: the shared expert has a sigmoid gate; `bias`: the router has a correction bias.
+    Sparse {
+        style: MoeStyle,
+        shared: bool,
+        gated: bool,
+        bias: bool,
+    },
 }
 
 impl LayerMlp {
@@ -124,6 +148,12 @@ impl LayerMlp {
     }
     fn shared(self) -> bool {
         matches!(self, LayerMlp::Sparse { shared: true, .. })
+    }
+    fn gated(self) -> bool {
+        matches!(self, LayerMlp::Sparse { gated: true, .. })
+    }
+    fn bias(self) -> bool {
+        matches!(self, LayerMlp::Sparse { bias: true, .. })
     }
 }
 
@@ -161,7 +191,7 @@ const fn e(
 
 use Group::{Attention as A, Experts as X, Mlp as M, Router as R};
 use Kind::{Bias, Expert, Matrix, Norm};
-use MoeStyle::{Mixtral as MX, Qwen as QW};
+use MoeStyle::{Deepseek as DS, Mixtral as MX, Qwen as QW};
 
 /// Every layer tensor, in the order the block uses them (which is also the order the
 /// converter lays them out and the streamer reads them).
@@ -169,21 +199,28 @@ use MoeStyle::{Mixtral as MX, Qwen as QW};
 const TABLE: &[Entry] = &[
     e(Role::AttnNorm, A, Norm, "input_layernorm.weight", "attn_norm.weight", |d| vec![d.h], |_, _| true),
     e(Role::Qkv, A, Matrix, "self_attn.qkv_proj.weight", "attn_qkv.weight", |d| vec![d.q + 2 * d.kv, d.h], |b, _| b.fused_qkv),
-    e(Role::Q, A, Matrix, "self_attn.q_proj.weight", "attn_q.weight", |d| vec![d.q, d.h], |b, _| !b.fused_qkv),
+    e(Role::Q, A, Matrix, "self_attn.q_proj.weight", "attn_q.weight", |d| vec![d.q, d.h], |b, _| !b.fused_qkv && !b.q_lora),
     e(Role::QBias, A, Bias, "self_attn.q_proj.bias", "attn_q.bias", |d| vec![d.q], |b, _| b.qkv_bias),
-    e(Role::K, A, Matrix, "self_attn.k_proj.weight", "attn_k.weight", |d| vec![d.kv, d.h], |b, _| !b.fused_qkv),
+    e(Role::QA, A, Matrix, "self_attn.q_a_proj.weight", "attn_q_a.weight", |d| vec![d.qr, d.h], |b, _| b.q_lora),
+    e(Role::QANorm, A, Norm, "self_attn.q_a_layernorm.weight", "attn_q_a_norm.weight", |d| vec![d.qr], |b, _| b.q_lora),
+    e(Role::QB, A, Matrix, "self_attn.q_b_proj.weight", "attn_q_b.weight", |d| vec![d.q, d.qr], |b, _| b.q_lora),
+    e(Role::KvA, A, Matrix, "self_attn.kv_a_proj_with_mqa.weight", "attn_kv_a_mqa.weight", |d| vec![d.kr + d.rope, d.h], |b, _| b.mla),
+    e(Role::KvANorm, A, Norm, "self_attn.kv_a_layernorm.weight", "attn_kv_a_norm.weight", |d| vec![d.kr], |b, _| b.mla),
+    e(Role::KvB, A, Matrix, "self_attn.kv_b_proj.weight", "attn_kv_b.weight", |d| vec![d.kvb, d.kr], |b, _| b.mla),
+    e(Role::K, A, Matrix, "self_attn.k_proj.weight", "attn_k.weight", |d| vec![d.kv, d.h], |b, _| !b.fused_qkv && !b.mla),
     e(Role::KBias, A, Bias, "self_attn.k_proj.bias", "attn_k.bias", |d| vec![d.kv], |b, _| b.qkv_bias),
-    e(Role::V, A, Matrix, "self_attn.v_proj.weight", "attn_v.weight", |d| vec![d.kv, d.h], |b, _| !b.fused_qkv),
+    e(Role::V, A, Matrix, "self_attn.v_proj.weight", "attn_v.weight", |d| vec![d.kv, d.h], |b, _| !b.fused_qkv && !b.mla),
     e(Role::VBias, A, Bias, "self_attn.v_proj.bias", "attn_v.bias", |d| vec![d.kv], |b, _| b.qkv_bias),
     e(Role::QNorm, A, Norm, "self_attn.q_norm.weight", "attn_q_norm.weight", |d| vec![d.hd], |b, _| b.qk_norm),
     e(Role::KNorm, A, Norm, "self_attn.k_norm.weight", "attn_k_norm.weight", |d| vec![d.hd], |b, _| b.qk_norm),
-    e(Role::O, A, Matrix, "self_attn.o_proj.weight", "attn_output.weight", |d| vec![d.h, d.q], |_, _| true),
+    e(Role::O, A, Matrix, "self_attn.o_proj.weight", "attn_output.weight", |d| vec![d.h, d.o], |_, _| true),
     e(Role::OBias, A, Bias, "self_attn.o_proj.bias", "attn_output.bias", |d| vec![d.h], |b, _| b.o_bias),
     // In transformers' names Gemma 3's attention-output norm takes the name Llama uses for its
     // pre-MLP norm.
-    e(Role::PostAttnNorm, A, Norm, "post_attention_layernorm.weight", "post_attention_norm.weight", |d| vec![d.h], |b, _| b.sandwich_norms),
-    e(Role::MlpNorm, M, Norm, "pre_feedforward_layernorm.weight", "ffn_norm.weight", |d| vec![d.h], |b, _| b.sandwich_norms),
-    e(Role::MlpNorm, M, Norm, "post_attention_layernorm.weight", "ffn_norm.weight", |d| vec![d.h], |b, _| !b.sandwich_norms),
+    e(Role::PostAttnNorm, A, Norm, "post_attention_layernorm.weight", "post_attention_norm.weight", |d| vec![d.h], |b, _| b.sandwich_norms && !b.glm_norms),
+    e(Role::PostAttnNorm, A, Norm, "post_self_attn_layernorm.weight", "post_attention_norm.weight", |d| vec![d.h], |b, _| b.glm_norms),
+    e(Role::MlpNorm, M, Norm, "pre_feedforward_layernorm.weight", "ffn_norm.weight", |d| vec![d.h], |b, _| b.sandwich_norms && !b.glm_norms),
+    e(Role::MlpNorm, M, Norm, "post_attention_layernorm.weight", "ffn_norm.weight", |d| vec![d.h], |b, _| !b.sandwich_norms || b.glm_norms),
     e(Role::GateUp, M, Matrix, "mlp.gate_up_proj.weight", "ffn_up.weight", |d| vec![2 * d.im, d.h], |b, m| b.fused_gate_up && !m.sparse()),
     e(Role::Gate, M, Matrix, "mlp.gate_proj.weight", "ffn_gate.weight", |d| vec![d.im, d.h], |b, m| !b.fused_gate_up && !m.sparse()),
     e(Role::GateBias, M, Bias, "mlp.gate_proj.bias", "ffn_gate.bias", |d| vec![d.im], |b, m| b.mlp_bias && !m.sparse()),
@@ -192,11 +229,15 @@ const TABLE: &[Entry] = &[
     e(Role::Down, M, Matrix, "mlp.down_proj.weight", "ffn_down.weight", |d| vec![d.h, d.im], |_, m| !m.sparse()),
     e(Role::DownBias, M, Bias, "mlp.down_proj.bias", "ffn_down.bias", |d| vec![d.h], |b, m| b.mlp_bias && !m.sparse()),
     e(Role::Router, R, Matrix, "block_sparse_moe.gate.weight", "ffn_gate_inp.weight", |d| vec![d.ne, d.h], |_, m| m.style(MX)),
-    e(Role::Router, R, Matrix, "mlp.gate.weight", "ffn_gate_inp.weight", |d| vec![d.ne, d.h], |_, m| m.style(QW)),
-    e(Role::SharedGate, R, Matrix, "mlp.shared_expert.gate_proj.weight", "ffn_gate_shexp.weight", |d| vec![d.sh, d.h], |_, m| m.shared()),
-    e(Role::SharedUp, R, Matrix, "mlp.shared_expert.up_proj.weight", "ffn_up_shexp.weight", |d| vec![d.sh, d.h], |_, m| m.shared()),
-    e(Role::SharedDown, R, Matrix, "mlp.shared_expert.down_proj.weight", "ffn_down_shexp.weight", |d| vec![d.h, d.sh], |_, m| m.shared()),
-    e(Role::SharedExpertGate, R, Bias, "mlp.shared_expert_gate.weight", "ffn_gate_inp_shexp.weight", |d| vec![1, d.h], |_, m| m.shared()),
+    e(Role::Router, R, Matrix, "mlp.gate.weight", "ffn_gate_inp.weight", |d| vec![d.ne, d.h], |_, m| m.style(QW) || m.style(DS)),
+    e(Role::RouterBias, R, Bias, "mlp.gate.e_score_correction_bias", "exp_probs_b.bias", |d| vec![d.ne], |_, m| m.bias()),
+    e(Role::SharedGate, R, Matrix, "mlp.shared_expert.gate_proj.weight", "ffn_gate_shexp.weight", |d| vec![d.sh, d.h], |_, m| m.shared() && !m.style(DS)),
+    e(Role::SharedUp, R, Matrix, "mlp.shared_expert.up_proj.weight", "ffn_up_shexp.weight", |d| vec![d.sh, d.h], |_, m| m.shared() && !m.style(DS)),
+    e(Role::SharedDown, R, Matrix, "mlp.shared_expert.down_proj.weight", "ffn_down_shexp.weight", |d| vec![d.h, d.sh], |_, m| m.shared() && !m.style(DS)),
+    e(Role::SharedGate, R, Matrix, "mlp.shared_experts.gate_proj.weight", "ffn_gate_shexp.weight", |d| vec![d.sh, d.h], |_, m| m.shared() && m.style(DS)),
+    e(Role::SharedUp, R, Matrix, "mlp.shared_experts.up_proj.weight", "ffn_up_shexp.weight", |d| vec![d.sh, d.h], |_, m| m.shared() && m.style(DS)),
+    e(Role::SharedDown, R, Matrix, "mlp.shared_experts.down_proj.weight", "ffn_down_shexp.weight", |d| vec![d.h, d.sh], |_, m| m.shared() && m.style(DS)),
+    e(Role::SharedExpertGate, R, Bias, "mlp.shared_expert_gate.weight", "ffn_gate_inp_shexp.weight", |d| vec![1, d.h], |_, m| m.gated()),
     // Experts: `{e}` is the expert's index in transformers' names; GGUF stacks them.
     e(Role::ExpertGate, X, Expert, "block_sparse_moe.experts.{e}.w1.weight", "ffn_gate_exps.weight", |d| vec![d.ex, d.h], |_, m| m.style(MX)),
     e(Role::ExpertUp, X, Expert, "block_sparse_moe.experts.{e}.w3.weight", "ffn_up_exps.weight", |d| vec![d.ex, d.h], |_, m| m.style(MX)),
@@ -204,7 +245,11 @@ const TABLE: &[Entry] = &[
     e(Role::ExpertGate, X, Expert, "mlp.experts.{e}.gate_proj.weight", "ffn_gate_exps.weight", |d| vec![d.ex, d.h], |_, m| m.style(QW)),
     e(Role::ExpertUp, X, Expert, "mlp.experts.{e}.up_proj.weight", "ffn_up_exps.weight", |d| vec![d.ex, d.h], |_, m| m.style(QW)),
     e(Role::ExpertDown, X, Expert, "mlp.experts.{e}.down_proj.weight", "ffn_down_exps.weight", |d| vec![d.h, d.ex], |_, m| m.style(QW)),
-    e(Role::PostMlpNorm, M, Norm, "post_feedforward_layernorm.weight", "post_ffw_norm.weight", |d| vec![d.h], |b, _| b.sandwich_norms),
+    e(Role::ExpertGate, X, Expert, "mlp.experts.{e}.gate_proj.weight", "ffn_gate_exps.weight", |d| vec![d.ex, d.h], |_, m| m.style(DS)),
+    e(Role::ExpertUp, X, Expert, "mlp.experts.{e}.up_proj.weight", "ffn_up_exps.weight", |d| vec![d.ex, d.h], |_, m| m.style(DS)),
+    e(Role::ExpertDown, X, Expert, "mlp.experts.{e}.down_proj.weight", "ffn_down_exps.weight", |d| vec![d.h, d.ex], |_, m| m.style(DS)),
+    e(Role::PostMlpNorm, M, Norm, "post_feedforward_layernorm.weight", "post_ffw_norm.weight", |d| vec![d.h], |b, _| b.sandwich_norms && !b.glm_norms),
+    e(Role::PostMlpNorm, M, Norm, "post_mlp_layernorm.weight", "post_ffw_norm.weight", |d| vec![d.h], |b, _| b.glm_norms),
 ];
 
 /// One tensor of a layer, as a given model has it.
@@ -278,6 +323,7 @@ impl LayerSchema {
     /// Layer `layer`'s tensors (MoE models mix sparse and dense layers).
     pub fn new(cfg: &ModelConfig, layer: usize) -> Self {
         let moe = cfg.moe.as_ref();
+        let mla = cfg.mla.as_ref();
         let d = Dims {
             h: cfg.hidden_size,
             q: cfg.num_heads * cfg.head_dim,
@@ -287,11 +333,18 @@ impl LayerSchema {
             ne: moe.map_or(0, |m| m.experts),
             ex: moe.map_or(0, |m| m.expert_size),
             sh: moe.and_then(|m| m.shared_size).unwrap_or(0),
+            o: cfg.num_heads * cfg.v_head_dim(),
+            qr: mla.and_then(|m| m.q_lora_rank).unwrap_or(0),
+            kr: mla.map_or(0, |m| m.kv_lora_rank),
+            rope: mla.map_or(0, |m| m.qk_rope_head_dim),
+            kvb: mla.map_or(0, |m| cfg.num_heads * (m.qk_nope_head_dim + m.v_head_dim)),
         };
         let mlp = match cfg.sparse_layer(layer) {
             Some(m) => LayerMlp::Sparse {
                 style: m.style,
                 shared: m.shared_size.is_some(),
+                gated: m.shared_gated && m.shared_size.is_some(),
+                bias: m.routing.correction_bias,
             },
             None => LayerMlp::Dense,
         };
@@ -392,10 +445,20 @@ mod tests {
             LayerMlp::Sparse {
                 style: MX,
                 shared: false,
+                gated: false,
+                bias: false,
             },
             LayerMlp::Sparse {
                 style: QW,
                 shared: true,
+                gated: true,
+                bias: false,
+            },
+            LayerMlp::Sparse {
+                style: DS,
+                shared: true,
+                gated: false,
+                bias: true,
             },
         ];
         for (sandwich, mlp) in [false, true].into_iter().flat_map(|s| mlps.map(|m| (s, m))) {
