@@ -8,8 +8,9 @@ generation_config.json, and:
   reference.safetensors  logits_0, logits_1: transformers' logits for every prompt token, computed
                          for both prompts in one right-padded batch
 
-Reference math is float32. For the bf16 checkpoint the reference is the bf16 weights widened to
-float32, which is exactly what the engine computes with on CPU.
+Reference math is float32 (float64 for mixture-of-experts models). For the bf16 checkpoint the
+reference is the bf16 weights widened to float32, which is exactly what the engine computes with on
+CPU; for the block-FP8 checkpoints it is the plain model on the dequantized weights, q.float() * scale.
 
 Versions are pinned in scripts/requirements-fixtures.txt. Run:
     python3 -m venv .venv-fixtures && .venv-fixtures/bin/pip install -r scripts/requirements-fixtures.txt
@@ -17,12 +18,13 @@ Versions are pinned in scripts/requirements-fixtures.txt. Run:
 """
 import json
 import os
+import re
 import shutil
 import sys
 
 import torch
 import transformers
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
@@ -105,8 +107,123 @@ def to_old_keys(cfg: dict) -> dict:
     return out
 
 
+def randomize_score_bias(model, std=0.5):
+    """DeepSeek-V3 / GLM-4.5 routers keep `e_score_correction_bias` as a buffer, which randomize()
+    (parameters only) leaves at zero: give it random values so the checkpoint exercises it."""
+    g = torch.Generator().manual_seed(4321)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(std * torch.randn(b.shape, generator=g))
+
+
+def soften_softmax_router(model, scale=0.25, seed=3):
+    """randomize()'s router spread saturates a softmax over 8 experts (every weight past the first is
+    near 0, and choices among them near-ties): redraw softmax-scored routers narrower, from a seed
+    picked so no token's choice is near a tie (see router_gaps)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.copy_(scale * torch.randn(p.shape, generator=g))
+
+
+FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+
+
+def quantize_fp8_block(w, dtype, block):
+    """Block-wise FP8 as in DeepSeek-V3's checkpoints: one float32 scale per [br, bc] block (edge
+    blocks partial), scale = amax(|block|) / fp8_max, q = w / scale. Returns the fp8 weight, the
+    `weight_scale_inv` grid (the scale itself: w ≈ q * scale_inv) and the dequantized float32 weight,
+    q.float() * scale_inv, which is what the reference runs on."""
+    br, bc = block
+    rows, cols = w.shape
+    gr, gc = -(-rows // br), -(-cols // bc)
+    w = w.float()
+    scale = torch.empty(gr, gc, dtype=torch.float32)
+    for i in range(gr):
+        for j in range(gc):
+            amax = w[i * br : (i + 1) * br, j * bc : (j + 1) * bc].abs().max()
+            scale[i, j] = amax / FP8_MAX[dtype] if amax > 0 else 1.0
+    full = scale.repeat_interleave(br, 0)[:rows].repeat_interleave(bc, 1)[:, :cols]
+    q = (w / full).clamp(-FP8_MAX[dtype], FP8_MAX[dtype]).to(dtype)
+    deq = q.float() * full
+    return q, scale, deq
+
+
+def router_gaps(model):
+    """Forward hooks on the DeepSeek/GLM-4.5 group-limited routers that record the smallest gap, in
+    float64, between the last chosen and first rejected group, and the last chosen and first rejected
+    expert (in scores for sigmoid routers, in logits for softmax ones), so a near-tie that float
+    rounding could flip shows up when the fixture is made."""
+    gaps = {"group": float("inf"), "expert": float("inf")}
+
+    def hook(mod, args, _out):
+        h = args[0].reshape(-1, mod.hidden_dim).double()
+        logits = h @ mod.weight.double().t()
+        ng, e = mod.num_group, mod.num_experts
+        if hasattr(mod, "e_score_correction_bias"):  # DeepSeek-V3 / GLM-4.5: sigmoid + bias, top-2 sum
+            s = logits.sigmoid() + mod.e_score_correction_bias.double()
+            gs = s.view(-1, ng, e // ng).topk(2, dim=-1)[0].sum(-1)
+            fill = float("-inf")
+        else:  # DeepSeek-V2: softmax, group max (or plain greedy); gaps in logits, which the softmax keeps in order
+            s = logits
+            gs = s.view(-1, ng, e // ng).max(-1).values if mod.topk_method == "group_limited_greedy" else None
+            fill = float("-inf")
+        if gs is not None and mod.topk_group < ng:
+            srt = gs.sort(-1, descending=True).values
+            gaps["group"] = min(gaps["group"], float((srt[:, mod.topk_group - 1] - srt[:, mod.topk_group]).min()))
+            keep = torch.zeros_like(gs).scatter_(1, gs.topk(mod.topk_group, -1)[1], 1.0)
+            s = s.masked_fill(~keep.repeat_interleave(e // ng, 1).bool(), fill)
+        srt = s.sort(-1, descending=True).values
+        gaps["expert"] = min(gaps["expert"], float((srt[:, mod.top_k - 1] - srt[:, mod.top_k]).min()))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if hasattr(m, "num_group") and hasattr(m, "top_k")]
+    return gaps, handles
+
+
+def quantize_checkpoint(out, fp8_dtype, block, pick):
+    """Rewrites out/model.safetensors with the weights `pick` selects in block FP8 and adds the
+    quantization_config that DeepSeek-V3's official config.json carries. Returns a temporary folder
+    holding the unquantized config and the dequantized float32 weights, for the reference."""
+    path = os.path.join(out, "model.safetensors")
+    weights = load_file(path)
+    stored, deq = {}, {}
+    for k, w in weights.items():
+        if pick(k):
+            assert k.endswith(".weight") and w.dim() == 2, k
+            q, scale_inv, d = quantize_fp8_block(w, fp8_dtype, block)
+            stored[k] = q.contiguous()
+            stored[k + "_scale_inv"] = scale_inv.contiguous()
+            deq[k] = d.contiguous()
+        else:
+            stored[k] = w
+            deq[k] = w
+    src = out.rstrip("/") + ".dequantized.tmp"
+    shutil.rmtree(src, ignore_errors=True)
+    shutil.copytree(out, src)
+    save_file(deq, os.path.join(src, "model.safetensors"), metadata={"format": "pt"})
+    save_file(stored, path, metadata={"format": "pt"})
+    cfg_path = os.path.join(out, "config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg["quantization_config"] = {
+        "activation_scheme": "dynamic",
+        "fmt": {torch.float8_e4m3fn: "e4m3", torch.float8_e5m2: "e5m2"}[fp8_dtype],
+        "quant_method": "fp8",
+        "weight_block_size": list(block),
+    }
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f, indent=2)
+    return src
+
+
 def make(name, arch, extra, *, tie, bos_post, add_bos, dtype=torch.float32, shard=None, old_keys=False, chat=False,
-         f64=False):
+         f64=False, post=None, fp8=None):
+    """post: called on the randomized model before it is saved (e.g. randomize_score_bias).
+    fp8: (torch fp8 dtype, [br, bc], predicate on tensor names): those weights are stored block-quantized
+    (weight + weight_scale_inv, quantization_config in config.json) and the reference runs the plain
+    model on the dequantized weights."""
     out = os.path.join(ROOT, name)
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
@@ -146,20 +263,27 @@ def make(name, arch, extra, *, tie, bos_post, add_bos, dtype=torch.float32, shar
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").float()
     randomize(model)
+    if post:
+        post(model)
     if tie:
         model.tie_weights()
     model.eval()
 
     # Save in the checkpoint dtype, then compute the reference from exactly the saved weights.
     model.to(dtype).save_pretrained(out, max_shard_size=shard or "5GB")
+    src = out
+    if fp8:
+        src = quantize_checkpoint(out, *fp8)
     if f64:
         # Mixture-of-experts references are the exact function, computed in float64 with the
         # per-expert loop: transformers' f32 grouped-matmul path is itself up to ~1e-4 off it.
         model = AutoModelForCausalLM.from_pretrained(
-            out, dtype=dtype, attn_implementation="eager", experts_implementation="eager"
+            src, dtype=dtype, attn_implementation="eager", experts_implementation="eager"
         ).double().eval()
     else:
-        model = AutoModelForCausalLM.from_pretrained(out, dtype=dtype, attn_implementation="eager").float().eval()
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, attn_implementation="eager").float().eval()
+    if src != out:
+        shutil.rmtree(src)
     if old_keys:
         p = os.path.join(out, "config.json")
         with open(p) as f:
@@ -177,6 +301,7 @@ def make(name, arch, extra, *, tie, bos_post, add_bos, dtype=torch.float32, shar
     with torch.no_grad():
         logits = model(input_ids=batch, attention_mask=mask).logits
         tensors = {f"logits_{b}": logits[b, : lens[b]].float().contiguous() for b in range(len(ids))}
+        gaps, handles = router_gaps(model)
         greedy = []
         margins = []
         for i in ids:
@@ -187,6 +312,8 @@ def make(name, arch, extra, *, tie, bos_post, add_bos, dtype=torch.float32, shar
                 margins.append(float(top[0] - top[1]))
                 seq.append(int(last.argmax()))
             greedy.append(seq[len(i):])
+        for h in handles:
+            h.remove()
     save_file(tensors, os.path.join(out, "reference.safetensors"))
     ref = {
         "transformers": transformers.__version__,
@@ -205,6 +332,8 @@ def make(name, arch, extra, *, tie, bos_post, add_bos, dtype=torch.float32, shar
     with open(os.path.join(out, "reference.json"), "w") as f:
         json.dump(ref, f, indent=1)
     print(f"{name}: prompt lengths {lens}, min greedy margin {min(margins):.4f}", file=sys.stderr)
+    if handles:
+        print(f"{name}: min router gap: group {gaps['group']:.4g}, expert {gaps['expert']:.4g}", file=sys.stderr)
 
 
 def main():
@@ -413,6 +542,191 @@ def main():
         bos_post=True,
         add_bos=True,
     )
+
+    # DeepSeek-V2: MLA with a plain q_proj (no q LoRA), v_head_dim unlike qk_nope_head_dim, softmax
+    # routing with group-limited greedy selection (group score = its best expert; 3 experts from the
+    # best 2 of 4 groups), no renormalization
+    # (V2 ignores norm_topk_prob) and routed_scaling_factor on the top-k weights; one shared expert.
+    make(
+        "deepseek-v2-mla-grouped",
+        "deepseek_v2",
+        DEEPSEEK_V2,
+        tie=False,
+        bos_post=True,
+        add_bos=True,
+        f64=True,
+        post=soften_softmax_router,
+    )
+    # DeepSeek-V3: MLA with q LoRA, sigmoid routing with e_score_correction_bias for the choice only,
+    # group score = sum of its top-2, renormalized top-k times routed_scaling_factor, YaRN with
+    # mscale_all_dim (softmax scale × mscale²), rope_interleave.
+    make(
+        "deepseek-v3-mla-noaux-yarn",
+        "deepseek_v3",
+        DEEPSEEK_V3_YARN,
+        tie=False,
+        bos_post=False,
+        add_bos=False,
+        f64=True,
+        post=randomize_score_bias,
+    )
+    # GLM-4.5 (Glm4MoeForCausalLM): partial rotary (half-split, first half of each head), q/k/v bias,
+    # per-head q/k RMSNorm, DeepSeek-V3-style sigmoid router with e_score_correction_bias.
+    make(
+        "glm4moe-partial-rotary",
+        "glm4_moe",
+        dict(
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            partial_rotary_factor=0.5,
+            attention_bias=True,
+            use_qk_norm=True,
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            first_k_dense_replace=1,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            norm_topk_prob=True,
+            routed_scaling_factor=1.8,
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5),
+        ),
+        tie=False,
+        bos_post=True,
+        add_bos=True,
+        f64=True,
+        post=randomize_score_bias,
+    )
+    # GLM-4-0414 dense (Glm4ForCausalLM): partial rotary on interleaved pairs of the first half of each
+    # head, q/k/v bias, fused gate_up_proj, extra post_self_attn / post_mlp RMSNorms.
+    make(
+        "glm4-dense",
+        "glm4",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            intermediate_size=96,
+            partial_rotary_factor=0.5,
+            attention_bias=True,
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5),
+        ),
+        tie=False,
+        bos_post=False,
+        add_bos=False,
+    )
+    # Block-FP8 checkpoints (DeepSeek-V3's format: weight in fp8, weight_scale_inv one f32 per block,
+    # quantization_config.weight_block_size). The references run the plain model on the dequantized
+    # weights. [32, 48] leaves partial edge blocks in both directions.
+    make(
+        "qwen3-fp8-block",
+        "qwen3",
+        QWEN3_FP8,
+        tie=False,
+        bos_post=False,
+        add_bos=False,
+        fp8=(torch.float8_e4m3fn, [32, 48], is_layer_matrix),
+    )
+    make(
+        "qwen3-fp8-e5m2",
+        "qwen3",
+        dict(QWEN3_FP8, num_hidden_layers=2),
+        tie=False,
+        bos_post=True,
+        add_bos=True,
+        fp8=(torch.float8_e5m2, [16, 16], is_layer_matrix),
+    )
+    make(
+        "deepseek-v3-fp8-block",
+        "deepseek_v3",
+        dict(DEEPSEEK_V3_YARN, rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+        tie=False,
+        bos_post=True,
+        add_bos=True,
+        f64=True,
+        post=randomize_score_bias,
+        fp8=(torch.float8_e4m3fn, [32, 32], is_layer_matrix),
+    )
+
+
+def is_layer_matrix(name):
+    """The projection matrices inside the decoder layers (attention, dense MLP, experts, shared
+    experts); not routers (mlp.gate.weight), norms, biases, embeddings or lm_head."""
+    return re.fullmatch(r"model\.layers\.\d+\..*_proj(_with_mqa)?\.weight", name) is not None
+
+
+QWEN3_FP8 = dict(
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=32,
+    intermediate_size=96,
+    rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
+)
+
+DEEPSEEK_V2 = dict(
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    q_lora_rank=None,
+    kv_lora_rank=32,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=16,
+    v_head_dim=24,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    first_k_dense_replace=1,
+    moe_layer_freq=1,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    num_experts_per_tok=3,  # > topk_group: with group score = its max, top_k <= topk_group never binds
+    topk_method="group_limited_greedy",
+    scoring_func="softmax",
+    n_group=4,
+    topk_group=2,
+    routed_scaling_factor=1.5,
+    norm_topk_prob=False,
+    rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+)
+
+DEEPSEEK_V3_YARN = dict(
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    q_lora_rank=24,
+    kv_lora_rank=32,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=16,
+    v_head_dim=16,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    first_k_dense_replace=1,
+    moe_layer_freq=1,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    topk_method="noaux_tc",
+    scoring_func="sigmoid",
+    n_group=4,
+    topk_group=2,
+    norm_topk_prob=True,
+    routed_scaling_factor=2.5,
+    rope_interleave=True,
+    max_position_embeddings=256,
+    rope_parameters=dict(
+        rope_type="yarn",
+        rope_theta=10000.0,
+        factor=4.0,
+        original_max_position_embeddings=64,
+        beta_fast=32,
+        beta_slow=1,
+        mscale=1.0,
+        mscale_all_dim=1.0,
+    ),
+)
 
 
 if __name__ == "__main__":

@@ -136,7 +136,7 @@ pub fn cases() -> Vec<(&'static str, tempfile::TempDir, PathBuf, Vec<String>)> {
     let mut name = String::new();
     edit_header(&f, |h| {
         name = a_tensor(h);
-        h[&name]["dtype"] = serde_json::json!("F8_E4M3");
+        h[&name]["dtype"] = serde_json::json!("F8_E8M0");
     });
     out.push((
         "unknown dtype",
@@ -145,7 +145,7 @@ pub fn cases() -> Vec<(&'static str, tempfile::TempDir, PathBuf, Vec<String>)> {
         vec![
             "model.safetensors".into(),
             name,
-            "unsupported dtype `F8_E4M3`".into(),
+            "unsupported dtype `F8_E8M0`".into(),
         ],
     ));
 

@@ -641,7 +641,9 @@ impl ModelConfig {
             }
             // DeepSeek's RoPE key and query parts rotate adjacent pairs (transformers permutes
             // them into halves first, which leaves q·k as it is).
-            Arch::DeepseekV2 | Arch::DeepseekV3 => block.rope_interleaved = true,
+            Arch::DeepseekV2 | Arch::DeepseekV3 => {
+                block.rope_interleaved = r.bool_opt("rope_interleave")?.unwrap_or(true)
+            }
             // GLM-4 rotates adjacent pairs of the first half of each head; its o_proj has no
             // bias whatever `attention_bias` says.
             Arch::Glm4 => {
@@ -999,8 +1001,9 @@ fn read_deepseek_moe(r: &Reader, arch: Arch, num_layers: usize) -> Result<Option
         .map(|l| l >= first_dense && l % freq == 0)
         .collect();
     let v3_like = arch != Arch::DeepseekV2;
+    // transformers runs V3 and GLM-4.5 as sigmoid + noaux_tc whatever the config says.
     let scoring = match get(r.v, "scoring_func").and_then(|s| s.as_str()) {
-        None if v3_like => Scoring::Sigmoid,
+        _ if v3_like => Scoring::Sigmoid,
         None | Some("softmax") => Scoring::Softmax,
         Some("sigmoid") => Scoring::Sigmoid,
         Some(other) => {
@@ -1011,9 +1014,13 @@ fn read_deepseek_moe(r: &Reader, arch: Arch, num_layers: usize) -> Result<Option
             ))
         }
     };
-    let method = get(r.v, "topk_method")
-        .and_then(|m| m.as_str())
-        .unwrap_or(if v3_like { "noaux_tc" } else { "greedy" });
+    let method = if v3_like {
+        "noaux_tc"
+    } else {
+        get(r.v, "topk_method")
+            .and_then(|m| m.as_str())
+            .unwrap_or("greedy")
+    };
     let grouped = |top2_sum: bool| -> Result<Option<ExpertGroups>> {
         let groups = r.usize_opt("n_group")?.unwrap_or(1).max(1);
         let top_groups = r.usize_opt("topk_group")?.unwrap_or(groups);
@@ -1074,7 +1081,8 @@ fn read_deepseek_moe(r: &Reader, arch: Arch, num_layers: usize) -> Result<Option
         experts,
         top_k,
         expert_size,
-        norm_topk: r.bool_opt("norm_topk_prob")?.unwrap_or(false),
+        // As transformers: V2 never renormalizes, whatever `norm_topk_prob` says.
+        norm_topk: v3_like && r.bool_opt("norm_topk_prob")?.unwrap_or(false),
         shared_size: (shared > 0).then_some(shared * expert_size),
         shared_gated: false,
         sparse,
@@ -1249,13 +1257,15 @@ fn read_rope(r: &Reader, nested: Option<(&Value, &str)>) -> Result<RopeConfig> {
                 attention_factor,
             }
         }
-        other => return Err(Error::config(
-            r.path,
-            &format!("{field}.rope_type"),
-            format!(
+        other => {
+            return Err(Error::config(
+                r.path,
+                &format!("{field}.rope_type"),
+                format!(
                 "`{other}` is not supported (supported: default, linear, llama3, longrope, yarn)"
             ),
-        )),
+            ))
+        }
     };
     Ok(RopeConfig { theta, scaling })
 }

@@ -206,7 +206,7 @@ pub fn to_gguf(
         tracing::warn!(
             "{}: layers {dense:?} are dense among sparse ones; this engine reads the GGUF file, but llama.cpp expects every layer of a {} model to have experts",
             src.display(),
-            keys::arch_name(info.cfg.arch)
+            keys::arch_name(info.cfg.arch).unwrap_or("")
         );
     }
     write_gguf(&info, &plan, &items, progress)
@@ -215,7 +215,16 @@ pub fn to_gguf(
 fn gguf_plan(info: &ModelInfo, quant: Quant, out: &Path) -> Result<(GgufPlan, Vec<Item>)> {
     let cfg = &info.cfg;
     let src = info.src.as_ref();
-    let a = keys::arch_name(cfg.arch);
+    let a = keys::arch_name(cfg.arch).ok_or_else(|| {
+        Error::config(
+            &cfg.path,
+            "architectures",
+            format!(
+                "{} cannot be written to GGUF by this version (it runs from the Hugging Face folder)",
+                cfg.arch.hf_name()
+            ),
+        )
+    })?;
     let key = |k: Key| k.of(a);
     let mut plan = GgufPlan::new(out);
     let u = |n: usize| Value::U(n as u64);

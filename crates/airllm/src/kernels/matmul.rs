@@ -449,7 +449,7 @@ mod tests {
                 .iter()
                 .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
                 .collect(),
-            Form::Q(_) => unreachable!(),
+            Form::Q(_) | Form::F8(..) => unreachable!(),
         }
     }
 
@@ -513,6 +513,73 @@ mod tests {
                         assert_eq!(&whole[i * n..(i + 1) * n], &alone[..], "{form:?} m={m}");
                     }
                 }
+            }
+        }
+    }
+
+    /// FP8 rows with block scales: every path against the f64 product of the widened values
+    /// (the table and the scale), and slices bit-identical to the whole, with a partial last
+    /// column block.
+    #[test]
+    fn fp8_rows_widen_with_their_block_scales() {
+        use crate::weights::mat::F8Kind;
+        let t = F8Kind::E4M3.table();
+        assert_eq!(
+            (t[0x7E], t[0x08], t[0x01], t[0xC0]),
+            (448.0, 0.015625, 0.001953125, -2.0)
+        );
+        assert!(t[0x7F].is_nan());
+        assert_eq!(F8Kind::E5M2.table()[0x3C], 1.0);
+        let (n, k, block) = (3 * ROW_TILE + 5, 77, 32);
+        for kind in [F8Kind::E4M3, F8Kind::E5M2] {
+            let form = Form::F8(kind, block);
+            let rb = form.row_bytes(k);
+            let mut w = vec![0u8; n * rb];
+            for (j, row) in w.chunks_mut(rb).enumerate() {
+                for (l, b) in row[..k].iter_mut().enumerate() {
+                    // Finite values of both formats: below 0x7C in magnitude.
+                    *b = ((j * 31 + l * 17) % 0x7C) as u8 | if (j + l) % 3 == 0 { 0x80 } else { 0 };
+                }
+                for (c, sc) in row[k.next_multiple_of(4)..].chunks_mut(4).enumerate() {
+                    sc.copy_from_slice(&(0.01 * (1 + j % 5 + c) as f32).to_le_bytes());
+                }
+            }
+            let view = MatView {
+                form,
+                rows: n,
+                cols: k,
+                data: &w,
+            };
+            let wide = view.to_f32().unwrap();
+            for m in [1, 3, 12] {
+                let x: Vec<f32> = (0..m * k)
+                    .map(|i| ((i * 13 % 29) as f32 - 14.0) / 8.0)
+                    .collect();
+                let mut whole = vec![0f32; m * n];
+                matmul_into(&x, m, view, &mut whole, n, 0).unwrap();
+                for i in 0..m {
+                    for j in 0..n {
+                        let want: f64 = (0..k)
+                            .map(|l| x[i * k + l] as f64 * wide[j * k + l] as f64)
+                            .sum();
+                        let got = whole[i * n + j] as f64;
+                        assert!(
+                            (got - want).abs() < 1e-3 * want.abs().max(1.0),
+                            "{kind:?} m={m}: {got} vs {want}"
+                        );
+                    }
+                }
+                let mut sliced = vec![0f32; m * n];
+                for (s, len) in [(0, ROW_TILE), (ROW_TILE, 2 * ROW_TILE + 5)] {
+                    let v = MatView {
+                        form,
+                        rows: len,
+                        cols: k,
+                        data: &w[s * rb..(s + len) * rb],
+                    };
+                    matmul_into(&x, m, v, &mut sliced, n, s).unwrap();
+                }
+                assert_eq!(whole, sliced, "{kind:?} m={m}");
             }
         }
     }

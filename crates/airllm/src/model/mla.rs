@@ -44,7 +44,7 @@ impl Block {
         // Queries, through the low-rank bottleneck when the model has one.
         let q = if m.q_lora_rank.is_some() {
             let a = mats.matmul(Role::QA, h)?;
-            let a = self.norm(&a, small.req(Role::QANorm)?)?;
+            let a = latent_norm(&a, small.req(Role::QANorm)?)?;
             mats.matmul(Role::QB, &a)?
         } else {
             Self::linear(small, mats, Role::Q, Role::QBias, h)?
@@ -56,7 +56,7 @@ impl Block {
 
         // The latent, normed, and the shared RoPE key: what the cache keeps.
         let kv_a = mats.matmul(Role::KvA, h)?;
-        let c = self.norm(
+        let c = latent_norm(
             &kv_a.narrow(1, 0, rank)?.contiguous()?,
             small.req(Role::KvANorm)?,
         )?;
@@ -124,4 +124,10 @@ impl Block {
         }
         Ok(Tensor::from_vec(y, (rows, nh * vd), h.device())?)
     }
+}
+
+/// The bottleneck norms (`q_a_layernorm`, `kv_a_layernorm`) use their class's eps of 1e-6,
+/// not the config's `rms_norm_eps`, in DeepSeek's code and in transformers.
+fn latent_norm(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::ops::rms_norm(x, w, 1e-6)?)
 }

@@ -23,13 +23,10 @@ const ARCHS: &[(Arch, &str)] = &[
     (Arch::Phi3, "phi3"),
 ];
 
-/// The GGUF name an architecture is written under.
-pub fn arch_name(arch: Arch) -> &'static str {
-    ARCHS
-        .iter()
-        .find(|(a, _)| *a == arch)
-        .map(|(_, n)| *n)
-        .expect("every architecture has a GGUF name")
+/// The GGUF name an architecture is written under, `None` for those this version reads only
+/// from Hugging Face folders.
+pub fn arch_name(arch: Arch) -> Option<&'static str> {
+    ARCHS.iter().find(|(a, _)| *a == arch).map(|(_, n)| *n)
 }
 
 /// The architecture a file of GGUF architecture `name` is read as; `has_experts` is whether
@@ -157,7 +154,7 @@ mod tests {
                 arch
             };
             assert_eq!(back, expect, "{name}");
-            assert_eq!(arch_name(arch), name);
+            assert_eq!(arch_name(arch), Some(name));
         }
         assert_eq!(arch_of("qwen2moe", false), Some(Arch::Qwen2Moe));
         assert_eq!(arch_of("gpt2", false), None);

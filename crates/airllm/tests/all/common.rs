@@ -31,6 +31,13 @@ pub const MODELS: &[&str] = &[
     "mixtral-moe",
     "qwen3moe-sparse",
     "phi-three-longrope-partial",
+    "deepseek-v2-mla-grouped",
+    "deepseek-v3-mla-noaux-yarn",
+    "deepseek-v3-fp8-block",
+    "glm4moe-partial-rotary",
+    "glm4-dense",
+    "qwen3-fp8-block",
+    "qwen3-fp8-e5m2",
 ];
 
 pub struct Reference {

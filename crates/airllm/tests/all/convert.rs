@@ -34,7 +34,7 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 #[test]
 fn f32_conversion_computes_what_the_source_does() {
     let tmp = tempfile::tempdir().unwrap();
-    for name in MODELS {
+    for name in MODELS.iter().filter(|n| has_gguf_arch(n)) {
         let r = common::reference(name);
         let gguf = convert(name, Quant::F32, tmp.path());
         let ours = last_logits(&mut engine(&gguf, &r.prompt_ids), &r.prompt_ids);
@@ -163,4 +163,11 @@ fn dequantized_folder_computes_what_the_gguf_does() {
             assert_eq!(&tok.encode(p).unwrap(), want, "{name}");
         }
     }
+}
+
+/// Whether the fixture's architecture has a GGUF form in this version (DeepSeek and GLM run
+/// from their folders only).
+fn has_gguf_arch(name: &str) -> bool {
+    let info = airllm::ModelInfo::open(&fixtures().join(name)).unwrap();
+    airllm::weights::gguf_keys::arch_name(info.cfg.arch).is_some()
 }

@@ -82,7 +82,7 @@ fn logits_match_transformers_resident_and_streamed() {
         let budget = minimum_budget(name, &r);
         let mut streamed = Engine::open(&dir, options(Some(budget), &r)).unwrap();
         assert!(
-            streamed.plan().streamed_layers >= 3,
+            streamed.plan().streamed_layers >= streamed.config().num_layers.min(3),
             "{name}: {}",
             streamed.plan()
         );
@@ -226,7 +226,12 @@ fn f16_form_halves_f32_checkpoints_and_stays_close() {
         if f32_info.sizes.dtypes != ["F32"] {
             // 16-bit checkpoints are held in their own form either way.
             assert_eq!(a.compute_bytes, b.compute_bytes, "{name}");
-            assert_eq!(a.compute_bytes, a.file_bytes, "{name}");
+            if a.dtype.starts_with("F8") {
+                // FP8 rows are held with their block scales beside them.
+                assert!(a.compute_bytes > a.file_bytes, "{name}");
+            } else {
+                assert_eq!(a.compute_bytes, a.file_bytes, "{name}");
+            }
             continue;
         }
         assert_eq!(2 * b.compute_bytes, a.compute_bytes, "{name}");
