@@ -634,7 +634,7 @@ def main():
     make(
         "qwen3-fp8-e5m2",
         "qwen3",
-        dict(QWEN3_FP8, num_hidden_layers=2),
+        dict(QWEN3_FP8, num_hidden_layers=4),
         tie=False,
         bos_post=True,
         add_bos=True,

@@ -25,7 +25,7 @@ fn expected_moved(e: &Engine, path: &Path) -> u64 {
             .matrices()
             .filter(|t| t.role != airllm::weights::Role::KvB)
         {
-            n += info.src.meta(&t.name(naming, layer)).unwrap().file_bytes;
+            n += info.src.meta(&t.name(naming, layer)).unwrap().compute_bytes;
         }
     }
     if !dp.head_resident {
@@ -53,7 +53,22 @@ fn check(name: &str, path: &Path, base: EngineOptions, prompts: &[Vec<u32>]) {
     );
     let per_step = expected_moved(&e, path);
     // Experts stay in host memory and are copied over each time they run.
-    let expert_bytes = ModelInfo::open(path).unwrap().sizes.expert_file_bytes;
+    // In their held form (an FP8 expert's rows carry their block scales).
+    let info = ModelInfo::open(path).unwrap();
+    let expert_bytes = info
+        .cfg
+        .moe
+        .as_ref()
+        .and_then(|m| m.sparse.iter().position(|&s| s))
+        .map_or(0, |l| {
+            LayerSchema::new(&info.cfg, l)
+                .experts()
+                .map(|t| {
+                    let name = t.expert_name(info.src.naming(), l, 0).0;
+                    info.src.meta(&name).unwrap().compute_bytes
+                })
+                .sum()
+        });
     let mut want_moved = 0;
     for _ in 1..=2u64 {
         let before = e.expert_stats().unwrap_or_default();
