@@ -236,5 +236,50 @@ pub fn cases() -> Vec<(&'static str, tempfile::TempDir, PathBuf, Vec<String>)> {
         vec!["config.json".into(), "num_experts_per_tok".into()],
     ));
 
+    // FP8 block scales transposed: the same bytes, the wrong shape.
+    let (t, d) = copy_fixture("qwen3-fp8-block");
+    let scale = "model.layers.0.self_attn.q_proj.weight_scale_inv";
+    edit_header(&d.join("model.safetensors"), |h| {
+        let s = h[scale]["shape"].as_array().unwrap().clone();
+        h[scale]["shape"] = serde_json::json!([s[1], s[0]]);
+    });
+    out.push((
+        "FP8 scales of the wrong shape",
+        t,
+        d,
+        vec![
+            "model.safetensors".into(),
+            scale.into(),
+            "weight_block_size".into(),
+        ],
+    ));
+
+    // DeepSeek-V3 without its correction bias: the tensor is named.
+    let (t, d) = copy_fixture("deepseek-v3-mla-noaux-yarn");
+    edit_header(&d.join("model.safetensors"), |h| {
+        let o = h.as_object_mut().unwrap();
+        let bias = "model.layers.1.mlp.gate.e_score_correction_bias";
+        let v = o.remove(bias).unwrap();
+        o.insert(format!("{bias}_renamed"), v);
+    });
+    out.push((
+        "missing correction bias",
+        t,
+        d,
+        vec!["model.layers.1.mlp.gate.e_score_correction_bias".into()],
+    ));
+
+    // A latent rank that disagrees with the tensors.
+    let (t, d) = copy_fixture("deepseek-v2-mla-grouped");
+    edit_json(&d.join("config.json"), |c| {
+        c["kv_lora_rank"] = serde_json::json!(16)
+    });
+    out.push((
+        "latent rank against the tensors",
+        t,
+        d,
+        vec!["kv_a_proj_with_mqa".into()],
+    ));
+
     out
 }

@@ -1586,6 +1586,81 @@ mod tests {
     }
 
     #[test]
+    fn deepseek_configs_read_latent_attention_routing_and_yarn() {
+        let mut v = base();
+        v["architectures"] = json!(["DeepseekV3ForCausalLM"]);
+        v["num_hidden_layers"] = json!(4);
+        v["num_key_value_heads"] = json!(4);
+        for (k, x) in [
+            ("q_lora_rank", json!(24)),
+            ("kv_lora_rank", json!(32)),
+            ("qk_nope_head_dim", json!(16)),
+            ("qk_rope_head_dim", json!(8)),
+            ("v_head_dim", json!(16)),
+            ("n_routed_experts", json!(8)),
+            ("num_experts_per_tok", json!(2)),
+            ("moe_intermediate_size", json!(32)),
+            ("n_shared_experts", json!(1)),
+            ("first_k_dense_replace", json!(1)),
+            ("n_group", json!(4)),
+            ("topk_group", json!(2)),
+            ("norm_topk_prob", json!(true)),
+            ("routed_scaling_factor", json!(2.5)),
+            (
+                "rope_scaling",
+                json!({"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 64,
+                "mscale": 1.0, "mscale_all_dim": 1.0}),
+            ),
+        ] {
+            v[k] = x;
+        }
+        let c = ModelConfig::from_value(Path::new("c.json"), &v).unwrap();
+        let m = c.mla.clone().unwrap();
+        assert_eq!((c.head_dim, c.rotary_dim, m.cache_dim()), (24, 8, 40));
+        assert_eq!(c.kv_values_per_token(), 40);
+        let moe = c.moe.clone().unwrap();
+        assert_eq!(moe.sparse, vec![false, true, true, true]);
+        assert_eq!(moe.shared_size, Some(32));
+        assert!(moe.routing.correction_bias && moe.routing.scoring == Scoring::Sigmoid);
+        // 1/sqrt(24) · (0.1 ln 40 + 1)².
+        let want = (0.1f64 * 40f64.ln() + 1.0).powi(2) / 24f64.sqrt();
+        assert!((c.attn_scale - want).abs() < 1e-12, "{}", c.attn_scale);
+        // The config written back reads the same.
+        let back = ModelConfig::from_value(Path::new("c.json"), &c.to_hf_json("bfloat16")).unwrap();
+        assert_eq!(
+            (back.mla, back.moe, back.rope),
+            (c.mla.clone(), c.moe.clone(), c.rope.clone())
+        );
+        assert!((back.attn_scale - c.attn_scale).abs() < 1e-12);
+        for (key, bad, needle) in [
+            ("n_group", json!(3), "n_group"),
+            ("topk_group", json!(5), "topk_group"),
+            ("kv_lora_rank", json!(0), "kv_lora_rank"),
+        ] {
+            let mut b = v.clone();
+            b[key] = bad;
+            let e = ModelConfig::from_value(Path::new("m/config.json"), &b)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("m/config.json") && e.contains(needle) && !e.contains('\n'),
+                "{e}"
+            );
+        }
+        let mut q = v.clone();
+        q["quantization_config"] = json!({"quant_method": "fp8", "weight_block_size": [128]});
+        let e = ModelConfig::from_value(Path::new("c.json"), &q)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("quantization_config.weight_block_size"), "{e}");
+        q["quantization_config"] = json!({"quant_method": "awq"});
+        let e = ModelConfig::from_value(Path::new("c.json"), &q)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("quantization_config.quant_method"), "{e}");
+    }
+
+    #[test]
     fn unknown_arch_lists_supported() {
         let mut v = base();
         v["architectures"] = json!(["FooForCausalLM"]);
