@@ -429,6 +429,18 @@ impl Reader<'_> {
             }),
         }
     }
+    /// `num_experts_per_tok`, between 1 and `experts`.
+    fn top_k(&self, experts: usize) -> Result<usize> {
+        let top_k = self.usize_req("num_experts_per_tok")?;
+        if top_k == 0 || top_k > experts {
+            return Err(Error::config(
+                self.path,
+                "num_experts_per_tok",
+                format!("{top_k} must be between 1 and the {experts} experts"),
+            ));
+        }
+        Ok(top_k)
+    }
     fn bool_opt(&self, key: &str) -> Result<Option<bool>> {
         match get(self.v, key) {
             None => Ok(None),
@@ -922,14 +934,7 @@ fn read_moe(r: &Reader, arch: Arch, num_layers: usize) -> Result<Option<MoeSpec>
     if experts == 0 {
         return Err(Error::config(r.path, key, "must be at least 1"));
     }
-    let top_k = r.usize_req("num_experts_per_tok")?;
-    if top_k == 0 || top_k > experts {
-        return Err(Error::config(
-            r.path,
-            "num_experts_per_tok",
-            format!("{top_k} must be between 1 and the {experts} experts"),
-        ));
-    }
+    let top_k = r.top_k(experts)?;
     let expert_size = match style {
         MoeStyle::Mixtral => r.usize_req("intermediate_size")?,
         MoeStyle::Qwen | MoeStyle::Deepseek => r.usize_req("moe_intermediate_size")?,
@@ -985,14 +990,7 @@ fn read_deepseek_moe(r: &Reader, arch: Arch, num_layers: usize) -> Result<Option
     let Some(experts) = r.usize_opt("n_routed_experts")?.filter(|&n| n > 0) else {
         return Ok(None);
     };
-    let top_k = r.usize_req("num_experts_per_tok")?;
-    if top_k == 0 || top_k > experts {
-        return Err(Error::config(
-            r.path,
-            "num_experts_per_tok",
-            format!("{top_k} must be between 1 and the {experts} experts"),
-        ));
-    }
+    let top_k = r.top_k(experts)?;
     let expert_size = r.usize_req("moe_intermediate_size")?;
     let shared = r.usize_opt("n_shared_experts")?.unwrap_or(0);
     let first_dense = r.usize_opt("first_k_dense_replace")?.unwrap_or(0);

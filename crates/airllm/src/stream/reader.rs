@@ -405,15 +405,9 @@ impl Prefetcher {
             return Ok((cat_columns(outs)?, read, wait));
         }
         let y = with_rows(x, rows, |xs, m, y| {
-            let mut done = 0;
-            while done < rows {
-                let (s, r, w) = self.next_slice(target, done)?;
-                read += r;
-                wait += w;
-                let v = s.mat().view();
-                matmul_into(xs, m, v, y, rows, done)?;
-                done += v.rows;
-            }
+            (read, wait) = self.rows(target, rows, &mut |done, v| {
+                matmul_into(xs, m, v, y, rows, done)
+            })?;
             Ok(())
         })?;
         Ok((y, read, wait))
