@@ -557,6 +557,37 @@ def main():
         f64=True,
         post=soften_softmax_router,
     )
+    # DeepSeek-V2-Lite's shape, small: no query LoRA, softmax routing without groups, and 27 layers,
+    # the count by which llama.cpp's runtime takes a deepseek2 file without q_lora_rank to be a
+    # V2-Lite (so that its GGUF form, made by llama.cpp's converter, loads there).
+    make(
+        "deepseek-v2-lite-27l",
+        "deepseek_v2",
+        dict(
+            DEEPSEEK_V2,
+            hidden_size=32,
+            num_hidden_layers=27,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            kv_lora_rank=16,
+            qk_rope_head_dim=4,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            topk_method="greedy",
+            n_group=1,
+            topk_group=1,
+            rms_norm_eps=1e-6,
+        ),
+        tie=False,
+        bos_post=True,
+        add_bos=True,
+        f64=True,
+        post=soften_softmax_router,
+    )
     # DeepSeek-V3: MLA with q LoRA, sigmoid routing with e_score_correction_bias for the choice only,
     # group score = sum of its top-2, renormalized top-k times routed_scaling_factor, YaRN with
     # mscale_all_dim (softmax scale × mscale²), rope_interleave.

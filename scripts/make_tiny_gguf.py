@@ -38,11 +38,16 @@ MODELS = [
     ("qwen2moe", "qwen2moe-shared-expert"),
     ("qwen3moe", "qwen3moe-sparse"),
     ("phi3", "phi-three-longrope-partial"),
+    ("deepseek2-lite", "deepseek-v2-lite-27l"),
+    ("deepseek2-v3", "deepseek-v3-mla-noaux-yarn"),
+    ("glm4moe", "glm4moe-partial-rotary"),
+    ("glm4", "glm4-dense"),
 ]
 
 # The later fixtures get F32 only: the llama-cpp-python build of the machine that made them stops
 # on an illegal instruction in Q8_0 files (the earlier Q8_0 fixtures came from another machine).
-F32_ONLY = {"gemma2", "mixtral", "qwen2moe", "qwen3moe", "phi3"}
+F32_ONLY = {"gemma2", "mixtral", "qwen2moe", "qwen3moe", "phi3", "deepseek2-lite", "deepseek2-v3",
+            "glm4moe", "glm4"}
 
 TOKENIZE = [
     "Hello world",
@@ -68,6 +73,10 @@ import conversion.phi as ph
 _p3_vocab = ph.Phi3MiniModel.set_vocab
 ph.Phi3MiniModel.set_vocab = lambda self: (
     _p3_vocab(self) if (self.dir_model / "tokenizer.model").is_file() else self._set_vocab_gpt2())
+# GLM's converters look up GLM's own special tokens, which the fixtures' tokenizer lacks.
+import conversion.glm as gl
+gl.Glm4Model.set_vocab = lambda self: self._set_vocab_gpt2()
+gl.Glm4MoeModel.set_vocab = lambda self: self._set_vocab_gpt2()
 # transformers 5 picks Qwen2Tokenizer for a qwen2 folder, which adds tokens of its own; the
 # fixture's tokenizer.json is the whole truth.
 import os, transformers

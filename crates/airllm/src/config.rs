@@ -191,6 +191,9 @@ pub struct MlaSpec {
     pub qk_nope_head_dim: usize,
     pub qk_rope_head_dim: usize,
     pub v_head_dim: usize,
+    /// Epsilon of the bottleneck norms: 1e-6 in DeepSeek's code and transformers whatever
+    /// `rms_norm_eps` says; llama.cpp (and so a GGUF file) uses `rms_norm_eps`.
+    pub norm_eps: f64,
 }
 
 impl MlaSpec {
@@ -292,9 +295,14 @@ pub struct BlockSpec {
     /// go through the `q_lora_rank` bottleneck.
     pub mla: bool,
     pub q_lora: bool,
+    /// Latent attention's `kv_b_proj` comes split per head into `attn_k_b` and `attn_v_b`
+    /// (llama.cpp's current GGUF form) rather than whole.
+    pub kv_b_split: bool,
     /// GLM-4's names for the sandwich norms (`post_self_attn_layernorm`,
     /// `post_mlp_layernorm`) instead of Gemma's.
     pub glm_norms: bool,
+    /// llama.cpp names GLM-4.5's pre-MLP norm `post_attention_norm`, not `ffn_norm`.
+    pub mlp_norm_post_attention: bool,
 }
 
 /// The MLP's gate activation.
@@ -668,6 +676,7 @@ impl ModelConfig {
             Arch::Glm4Moe => {
                 block.qkv_bias = attention_bias;
                 block.qk_norm = r.bool_opt("use_qk_norm")?.unwrap_or(false);
+                block.mlp_norm_post_attention = true;
             }
         }
         if let Some(m) = &mla {
@@ -776,6 +785,7 @@ fn read_mla(r: &Reader, arch: Arch) -> Result<Option<MlaSpec>> {
         qk_nope_head_dim: positive("qk_nope_head_dim")?,
         qk_rope_head_dim: positive("qk_rope_head_dim")?,
         v_head_dim: positive("v_head_dim")?,
+        norm_eps: 1e-6,
     };
     if m.qk_rope_head_dim % 2 == 1 {
         return Err(Error::config(
@@ -1108,8 +1118,10 @@ impl BlockSpec {
             fused_qkv: false,
             fused_gate_up: false,
             glm_norms: false,
+            mlp_norm_post_attention: false,
             mla: false,
             q_lora: false,
+            kv_b_split: false,
         }
     }
 }

@@ -17,7 +17,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
-use crate::config::{Arch, ModelConfig, RopeConfig, RopeScaling};
+use crate::config::{Arch, ModelConfig, MoeSpec, MoeStyle, RopeConfig, RopeScaling, Scoring};
 use crate::engine::ModelInfo;
 use crate::error::{Error, Result};
 use crate::weights::gguf::Value;
@@ -157,6 +157,73 @@ enum Data {
     /// Source matrices of one shape, stacked along a new first axis (a layer's experts).
     Stack(Vec<String>),
     Values(Vec<f32>),
+    /// Latent attention's `kv_b_proj` (`[heads · (nope + v), rank]`) as llama.cpp's split
+    /// `attn_k_b` (each head's key rows transposed, `[rank, nope]`) or `attn_v_b` (its value
+    /// rows); or, from GGUF, the whole built back from the two.
+    KvBPart(String, Latent, bool),
+    KvBJoin(String, String, Latent),
+}
+
+/// The shape of latent attention's `kv_b_proj`.
+#[derive(Debug, Clone, Copy)]
+struct Latent {
+    heads: usize,
+    nope: usize,
+    v: usize,
+    rank: usize,
+}
+
+impl Latent {
+    fn of(cfg: &ModelConfig) -> Option<Latent> {
+        cfg.mla.as_ref().map(|m| Latent {
+            heads: cfg.num_heads,
+            nope: m.qk_nope_head_dim,
+            v: m.v_head_dim,
+            rank: m.kv_lora_rank,
+        })
+    }
+
+    /// Output rows per head of the item `data` makes.
+    fn rows_per_head(self, data: &Data) -> usize {
+        match data {
+            Data::KvBPart(_, _, true) => self.rank,
+            Data::KvBPart(_, _, false) => self.v,
+            _ => self.nope + self.v,
+        }
+    }
+
+    /// Heads `h0 .. h0 + n` of the item `data` makes, as f32 rows.
+    fn heads(self, src: &dyn WeightSource, data: &Data, h0: usize, n: usize) -> Result<Vec<f32>> {
+        let (nope, v, rank) = (self.nope, self.v, self.rank);
+        let per = nope + v;
+        let mut out = Vec::with_capacity(n * self.rows_per_head(data) * rank.max(nope));
+        for h in h0..h0 + n {
+            match data {
+                Data::KvBPart(name, _, key) => {
+                    let shape = [self.heads * per, rank];
+                    if *key {
+                        let k = read_f32(src, name, &shape, h * per, nope)?;
+                        // [nope, rank] → [rank, nope]
+                        for r in 0..rank {
+                            out.extend((0..nope).map(|j| k[j * rank + r]));
+                        }
+                    } else {
+                        out.extend(read_f32(src, name, &shape, h * per + nope, v)?);
+                    }
+                }
+                Data::KvBJoin(kb, vb, _) => {
+                    let k = read_f32(src, kb, &[self.heads * rank, nope], h * rank, rank)?;
+                    // [rank, nope] → [nope, rank]
+                    for j in 0..nope {
+                        out.extend((0..rank).map(|r| k[r * nope + j]));
+                    }
+                    out.extend(read_f32(src, vb, &[self.heads * v, rank], h * v, v)?);
+                }
+                _ => return Err(Error::Internal("not a latent attention item".into())),
+            }
+        }
+        Ok(out)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -347,13 +414,46 @@ fn gguf_plan(info: &ModelInfo, quant: Quant, out: &Path) -> Result<(GgufPlan, Ve
         if cfg.arch != Arch::Mixtral {
             plan.set(key(Key::ExpertFeedForwardLength), u(m.expert_size));
         }
-        if let Some(sh) = m.shared_size {
-            plan.set(key(Key::ExpertSharedFeedForwardLength), u(sh));
+        if m.style == MoeStyle::Deepseek {
+            deepseek_moe_keys(&mut plan, cfg, m, a)?;
+        } else {
+            if let Some(sh) = m.shared_size {
+                plan.set(key(Key::ExpertSharedFeedForwardLength), u(sh));
+            }
+            let norm_default = cfg.arch != Arch::Qwen2Moe;
+            if m.norm_topk != norm_default {
+                plan.set(key(Key::ExpertWeightsNorm), Value::Bool(m.norm_topk));
+            }
         }
-        let norm_default = cfg.arch != Arch::Qwen2Moe;
-        if m.norm_topk != norm_default {
-            plan.set(key(Key::ExpertWeightsNorm), Value::Bool(m.norm_topk));
+    }
+    if let Some(m) = &cfg.mla {
+        // llama.cpp's absorbed form: one KV head of the latent's width, the model's head
+        // widths under the `_mla` keys.
+        plan.set(key(Key::HeadCountKv), u(1));
+        plan.set(key(Key::KeyLength), u(m.cache_dim()));
+        plan.set(key(Key::ValueLength), u(m.kv_lora_rank));
+        plan.set(key(Key::KeyLengthMla), u(cfg.head_dim));
+        plan.set(key(Key::ValueLengthMla), u(m.v_head_dim));
+        plan.set(key(Key::KvLoraRank), u(m.kv_lora_rank));
+        if let Some(q) = m.q_lora_rank {
+            plan.set(key(Key::QLoraRank), u(q));
         }
+        if let RopeScaling::Yarn {
+            mscale_all_dim: Some(all),
+            ..
+        } = cfg.rope.scaling
+        {
+            plan.set(key(Key::RopeScalingYarnLogMul), Value::F(0.1 * all));
+        }
+    }
+    if let RopeScaling::Yarn {
+        beta_fast,
+        beta_slow,
+        ..
+    } = cfg.rope.scaling
+    {
+        plan.set(key(Key::RopeScalingYarnBetaFast), Value::F(beta_fast));
+        plan.set(key(Key::RopeScalingYarnBetaSlow), Value::F(beta_slow));
     }
     for (k, v) in tokenizer::gguf_metadata(&info.dir, cfg)? {
         plan.set(k, v);
@@ -437,8 +537,35 @@ fn gguf_plan(info: &ModelInfo, quant: Quant, out: &Path) -> Result<(GgufPlan, Ve
             transform: Transform::None,
         });
     }
+    // Latent attention's kv_b_proj is written split, as llama.cpp's converter does.
+    let split_cfg = cfg.mla.is_some().then(|| {
+        let mut c = cfg.clone();
+        c.block.kv_b_split = true;
+        c
+    });
     for l in 0..cfg.num_layers {
         for t in &LayerSchema::new(cfg, l).tensors {
+            if let (Role::KvB, Some(sc), Some(lat)) = (t.role, &split_cfg, Latent::of(cfg)) {
+                let schema = LayerSchema::new(sc, l);
+                for (role, key) in [(Role::KB, true), (Role::VB, false)] {
+                    let part = schema.get(role).ok_or_else(|| {
+                        Error::Internal(format!("no {role:?} in a split latent layer"))
+                    })?;
+                    let shape = part.stored_shape(Naming::Gguf);
+                    let out = TensorPlan {
+                        name: part.name(Naming::Gguf, l),
+                        dtype: matrix_type(quant, shape[2], false, false),
+                        shape,
+                    };
+                    plan.add_tensor(out.clone())?;
+                    items.push(Item {
+                        out,
+                        data: Data::KvBPart(t.name(Naming::Hf, l), lat, key),
+                        transform: Transform::None,
+                    });
+                }
+                continue;
+            }
             if t.kind == Kind::Expert {
                 // llama.cpp stacks a layer's experts in one tensor.
                 let shape = t.stored_shape(Naming::Gguf);
@@ -491,6 +618,53 @@ fn gguf_plan(info: &ModelInfo, quant: Quant, out: &Path) -> Result<(GgufPlan, Ve
         )?;
     }
     Ok((plan, items))
+}
+
+/// DeepSeek's (and GLM-4.5's) routing in llama.cpp's keys.
+fn deepseek_moe_keys(plan: &mut GgufPlan, cfg: &ModelConfig, m: &MoeSpec, a: &str) -> Result<()> {
+    let key = |k: Key| k.of(a);
+    let u = |n: usize| Value::U(n as u64);
+    if let Some(sh) = m.shared_size {
+        if sh % m.expert_size != 0 {
+            return Err(Error::config(
+                &cfg.path,
+                "n_shared_experts",
+                format!(
+                    "a shared expert of {sh} is not a whole number of {}-wide experts, as llama.cpp counts them",
+                    m.expert_size
+                ),
+            ));
+        }
+        plan.set(key(Key::ExpertSharedCount), u(sh / m.expert_size));
+    } else {
+        plan.set(key(Key::ExpertSharedCount), u(0));
+    }
+    let dense = m.sparse.iter().take_while(|&&s| !s).count();
+    plan.set(key(Key::LeadingDenseBlockCount), u(dense));
+    if m.sparse[dense..].contains(&false) {
+        return Err(Error::config(
+            &cfg.path,
+            "moe_layer_freq",
+            "llama.cpp's GGUF form has only leading dense layers",
+        ));
+    }
+    plan.set(key(Key::ExpertWeightsNorm), Value::Bool(m.norm_topk));
+    if m.routing.scale != 1.0 {
+        plan.set(
+            key(Key::ExpertWeightsScale),
+            Value::F(m.routing.scale as f64),
+        );
+    }
+    let gating = match m.routing.scoring {
+        Scoring::Softmax => 1,
+        Scoring::Sigmoid => 2,
+    };
+    plan.set(key(Key::ExpertGatingFunc), u(gating));
+    if let Some(gr) = &m.routing.groups {
+        plan.set(key(Key::ExpertGroupCount), u(gr.groups));
+        plan.set(key(Key::ExpertGroupUsedCount), u(gr.top_groups));
+    }
+    Ok(())
 }
 
 /// Gemma's final norm is stored as w by transformers and as 1 + w by llama.cpp, like its
@@ -698,8 +872,11 @@ fn stream_items(
         s.spawn(move || {
             for (i, it) in items.iter().enumerate() {
                 let (rows, cols, matrix) = shapes_r[i];
-                let align = match it.transform {
-                    Transform::Permute { head_dim, .. } => head_dim,
+                let align = match (&it.data, it.transform) {
+                    (Data::KvBPart(_, l, _) | Data::KvBJoin(_, _, l), _) => {
+                        l.rows_per_head(&it.data)
+                    }
+                    (_, Transform::Permute { head_dim, .. }) => head_dim,
                     _ => 1,
                 };
                 let chunks = match &it.data {
@@ -729,6 +906,10 @@ fn stream_items(
                                 let per = rows / names.len().max(1);
                                 let shape = [per, cols];
                                 read_f32(src, &names[start / per], &shape, start % per, n)?
+                            }
+                            Data::KvBPart(_, l, _) | Data::KvBJoin(_, _, l) => {
+                                let per = l.rows_per_head(&it.data);
+                                l.heads(src, &it.data, start / per, n / per)?
                             }
                         };
                         // Vectors are permuted as columns of one value each.
@@ -830,6 +1011,8 @@ fn write_hf(info: &ModelInfo, dir: &Path, progress: &mut dyn FnMut(u64, u64)) ->
     let cfg = &info.cfg;
     let src = info.src.as_ref();
     let mut items: Vec<(String, Item)> = Vec::new();
+    // Latent attention's kv_b_proj, joined from llama.cpp's split form.
+    let mut joins: Vec<(String, Item)> = Vec::new();
     let mut push = |hf: String, gg: String, first: Option<(usize, Vec<usize>)>, transform| {
         let Some(m) = src.meta(&gg) else { return };
         let (shape, data) = match first {
@@ -867,6 +1050,37 @@ fn write_hf(info: &ModelInfo, dir: &Path, progress: &mut dyn FnMut(u64, u64)) ->
                 }
                 continue;
             }
+            if let (Role::KB, Some(lat)) = (t.role, Latent::of(cfg)) {
+                // llama.cpp's split kv_b, joined back into transformers' one matrix.
+                let kb = t.name(Naming::Gguf, l);
+                let vb = LayerSchema::new(cfg, l)
+                    .get(Role::VB)
+                    .map(|v| v.name(Naming::Gguf, l))
+                    .ok_or_else(|| Error::Internal("attn_k_b without attn_v_b".into()))?;
+                let mut joined = cfg.clone();
+                joined.block.kv_b_split = false;
+                let hf = LayerSchema::new(&joined, l)
+                    .get(Role::KvB)
+                    .map(|k| k.name(Naming::Hf, l))
+                    .ok_or_else(|| Error::Internal("no kv_b_proj in a latent layer".into()))?;
+                let shape = vec![lat.heads * (lat.nope + lat.v), lat.rank];
+                joins.push((
+                    hf.clone(),
+                    Item {
+                        out: TensorPlan {
+                            name: hf,
+                            shape,
+                            dtype: GgmlDType::F32,
+                        },
+                        data: Data::KvBJoin(kb, vb, lat),
+                        transform: Transform::None,
+                    },
+                ));
+                continue;
+            }
+            if t.role == Role::VB {
+                continue;
+            }
             // transformers keeps 1-row vectors (Qwen2-MoE's shared-expert gate) 2-D.
             let shape = (t.is_small() && t.shape.len() > 1).then(|| (0, t.shape.clone()));
             push(
@@ -891,6 +1105,7 @@ fn write_hf(info: &ModelInfo, dir: &Path, progress: &mut dyn FnMut(u64, u64)) ->
             Transform::None,
         );
     }
+    items.extend(joins);
     if src.meta(Naming::GGUF_ROPE_FREQS).is_some() {
         return Err(Error::file(
             &info.dir,

@@ -22,12 +22,14 @@ pub struct Latent {
     pub rank: usize,
 }
 
-/// The value rows of `kv_b_proj` (`heads · v_dim` rows of `rank`), gathered in their stored
-/// form while its key rows are absorbed.
+/// Rows of a latent-attention matrix gathered in their stored form as they arrive: the value
+/// rows of `kv_b_proj` while its key rows are absorbed, or all of `attn_k_b` / `attn_v_b`.
 pub struct ValueRows {
     form: Option<Form>,
     buf: AlignedBuf,
     row_bytes: usize,
+    /// Rows the store is sized for, and rows put so far.
+    total: usize,
     rows: usize,
 }
 
@@ -37,29 +39,65 @@ impl ValueRows {
             form: None,
             buf: AlignedBuf::default(),
             row_bytes: 0,
+            total: 0,
             rows: 0,
         }
     }
 
-    /// Head `h`'s `v_dim` value rows.
-    pub fn head(&self, s: Latent, h: usize) -> Result<MatView<'_>> {
-        let form = self
-            .form
-            .ok_or_else(|| Error::Internal("kv_b_proj's value rows were never read".into()))?;
-        if self.rows != s.heads * s.v_dim {
+    /// Copies the slice `w` to rows `at ..` of a store of `total` rows.
+    pub fn put(&mut self, at: usize, total: usize, w: MatView) -> Result<()> {
+        let rb = w.form.row_bytes(w.cols);
+        match self.form {
+            None => {
+                self.form = Some(w.form);
+                self.row_bytes = rb;
+                self.total = total;
+                self.buf.ensure(total * rb);
+            }
+            Some(f) if f != w.form || rb != self.row_bytes || total != self.total => {
+                return Err(Error::Internal(
+                    "latent attention rows of mixed forms or shapes".into(),
+                ))
+            }
+            Some(_) => {}
+        }
+        if at + w.rows > total {
             return Err(Error::Internal(format!(
-                "{} of kv_b_proj's {} value rows were read",
-                self.rows,
-                s.heads * s.v_dim
+                "rows {at}..{} outside the {total} of a latent attention matrix",
+                at + w.rows
             )));
         }
-        let n = s.v_dim * self.row_bytes;
+        self.buf.bytes_mut(total * rb)[at * rb..(at + w.rows) * rb]
+            .copy_from_slice(&w.data[..w.rows * rb]);
+        self.rows += w.rows;
+        Ok(())
+    }
+
+    /// Rows `start .. start + n` of `cols` columns, once all rows are in.
+    pub fn view(&self, start: usize, n: usize, cols: usize) -> Result<MatView<'_>> {
+        let form = self
+            .form
+            .ok_or_else(|| Error::Internal("latent attention rows were never read".into()))?;
+        if self.rows != self.total || start + n > self.total {
+            return Err(Error::Internal(format!(
+                "{} of {} latent attention rows were read; rows {start}..{} asked for",
+                self.rows,
+                self.total,
+                start + n
+            )));
+        }
+        let rb = self.row_bytes;
         Ok(MatView {
             form,
-            rows: s.v_dim,
-            cols: s.rank,
-            data: &self.buf.bytes(self.rows * self.row_bytes)[h * n..(h + 1) * n],
+            rows: n,
+            cols,
+            data: &self.buf.bytes(self.total * rb)[start * rb..(start + n) * rb],
         })
+    }
+
+    /// Head `h`'s `v_dim` value rows.
+    pub fn head(&self, s: Latent, h: usize) -> Result<MatView<'_>> {
+        self.view(h * s.v_dim, s.v_dim, s.rank)
     }
 }
 
@@ -97,11 +135,6 @@ pub fn absorb(
         )));
     }
     let rb = w.form.row_bytes(w.cols);
-    if values.form.is_none() {
-        values.form = Some(w.form);
-        values.row_bytes = rb;
-        values.buf.ensure(s.heads * s.v_dim * rb);
-    }
     let mut wide = vec![0f32; CHUNK * s.rank];
     let mut r = 0;
     while r < w.rows {
@@ -110,10 +143,13 @@ pub fn absorb(
         if j >= s.nope {
             // Value rows: kept as stored, in head order.
             let n = (per_head - j).min(w.rows - r);
-            let at = (h * s.v_dim + j - s.nope) * rb;
-            values.buf.bytes_mut(s.heads * s.v_dim * rb)[at..at + n * rb]
-                .copy_from_slice(&w.data[r * rb..(r + n) * rb]);
-            values.rows += n;
+            let sub = MatView {
+                form: w.form,
+                rows: n,
+                cols: w.cols,
+                data: &w.data[r * rb..(r + n) * rb],
+            };
+            values.put(h * s.v_dim + j - s.nope, s.heads * s.v_dim, sub)?;
             r += n;
             continue;
         }

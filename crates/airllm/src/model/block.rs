@@ -127,8 +127,10 @@ pub struct Block {
     pub top_k: usize,
     pub norm_topk: bool,
     pub routing: Routing,
-    /// Latent attention (DeepSeek) in place of GQA.
+    /// Latent attention (DeepSeek) in place of GQA, and whether its `kv_b_proj` comes split
+    /// per head (`attn_k_b`, `attn_v_b`).
     pub mla: Option<MlaSpec>,
+    pub kv_b_split: bool,
     /// Sparse layers have an always-on shared expert.
     pub has_shared: bool,
 }
@@ -164,6 +166,7 @@ impl Block {
                 .as_ref()
                 .map_or_else(Routing::softmax, |m| m.routing.clone()),
             mla: cfg.mla.clone(),
+            kv_b_split: cfg.block.kv_b_split,
             has_shared: cfg.moe.as_ref().is_some_and(|m| m.shared_size.is_some()),
         }
     }

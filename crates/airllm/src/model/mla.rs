@@ -44,7 +44,7 @@ impl Block {
         // Queries, through the low-rank bottleneck when the model has one.
         let q = if m.q_lora_rank.is_some() {
             let a = mats.matmul(Role::QA, h)?;
-            let a = latent_norm(&a, small.req(Role::QANorm)?)?;
+            let a = latent_norm(&a, small.req(Role::QANorm)?, m.norm_eps)?;
             mats.matmul(Role::QB, &a)?
         } else {
             Self::linear(small, mats, Role::Q, Role::QBias, h)?
@@ -59,6 +59,7 @@ impl Block {
         let c = latent_norm(
             &kv_a.narrow(1, 0, rank)?.contiguous()?,
             small.req(Role::KvANorm)?,
+            m.norm_eps,
         )?;
         let k_pe = kv_a
             .narrow(1, rank, rope)?
@@ -77,9 +78,27 @@ impl Block {
         let qn = q_nope.flatten_all()?.to_vec1::<f32>()?;
         let mut q_lat = vec![0f32; rows * nh * rank];
         let mut values = ValueRows::new();
-        mats.rows(Role::KvB, &mut |start, w| {
-            absorb(shape, start, w, &qn, rows, &mut q_lat, &mut values)
-        })?;
+        if self.kv_b_split {
+            // llama.cpp's split form: each head's key part is stored transposed, `[rank,
+            // nope]`, so the absorption is a plain product per head.
+            let mut kb = ValueRows::new();
+            mats.rows(Role::KB, &mut |start, w| kb.put(start, nh * rank, w))?;
+            let mut x = vec![0f32; rows * nope];
+            for hh in 0..nh {
+                for i in 0..rows {
+                    let at = (i * nh + hh) * nope;
+                    x[i * nope..(i + 1) * nope].copy_from_slice(&qn[at..at + nope]);
+                }
+                let w = kb.view(hh * rank, rank, nope)?;
+                matmul_into(&x, rows, w, &mut q_lat, nh * rank, hh * rank)?;
+            }
+            let vrows = nh * m.v_head_dim;
+            mats.rows(Role::VB, &mut |start, w| values.put(start, vrows, w))?;
+        } else {
+            mats.rows(Role::KvB, &mut |start, w| {
+                absorb(shape, start, w, &qn, rows, &mut q_lat, &mut values)
+            })?;
+        }
         let q_lat = Tensor::from_vec(q_lat, (rows, nh, rank), h.device())?;
         let q_full = Tensor::cat(&[&q_lat, &q_pe], 2)?.contiguous()?; // [rows, nh, rank + rope]
 
@@ -126,8 +145,7 @@ impl Block {
     }
 }
 
-/// The bottleneck norms (`q_a_layernorm`, `kv_a_layernorm`) use their class's eps of 1e-6,
-/// not the config's `rms_norm_eps`, in DeepSeek's code and in transformers.
-fn latent_norm(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    Ok(candle_nn::ops::rms_norm(x, w, 1e-6)?)
+/// The bottleneck norms (`q_a_layernorm`, `kv_a_layernorm`), with [`MlaSpec::norm_eps`].
+fn latent_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    Ok(candle_nn::ops::rms_norm(x, w, eps as f32)?)
 }

@@ -3,7 +3,8 @@
 //! module, so that the config module depends on no weight format.
 
 use crate::config::{
-    Activation, Arch, BlockSpec, ModelConfig, MoeSpec, MoeStyle, RopeConfig, RopeScaling, Routing,
+    yarn_mscale, Activation, Arch, BlockSpec, ExpertGroups, MlaSpec, ModelConfig, MoeSpec,
+    MoeStyle, RopeConfig, RopeScaling, Routing, Scoring,
 };
 use crate::error::{Error, Result};
 use crate::weights::gguf::{GgufMeta, Value as V};
@@ -30,6 +31,24 @@ impl ModelConfig {
             arch: a.clone(),
             supported: keys::supported_archs(),
         })?;
+        // `deepseek2` is V3 when it routes by sigmoid (llama.cpp's gating function 2).
+        let sigmoid = match g.get(&key(Key::ExpertGatingFunc)).and_then(V::as_u64) {
+            Some(2) => true,
+            Some(0) | None => arch == Arch::Glm4Moe,
+            Some(1) => false,
+            Some(other) => {
+                return Err(Error::config(
+                    path,
+                    &key(Key::ExpertGatingFunc),
+                    format!("{other} is not supported (supported: 1 softmax, 2 sigmoid)"),
+                ))
+            }
+        };
+        let arch = if arch == Arch::DeepseekV2 && sigmoid {
+            Arch::DeepseekV3
+        } else {
+            arch
+        };
         let req = |k: Key| -> Result<usize> {
             let full = key(k);
             match g.get(&full).and_then(V::as_u64) {
@@ -45,10 +64,21 @@ impl ModelConfig {
         let opt_u = |k: Key| g.get(&key(k)).and_then(V::as_u64).map(|n| n as usize);
         let opt_f = |k: Key| g.get(&key(k)).and_then(V::as_f64);
         let hidden_size = req(Key::EmbeddingLength)?;
+        // Multi-token-prediction layers (GLM-4.5) follow the trunk in `block_count`; they are
+        // not run.
         let num_layers = req(Key::BlockCount)?;
+        let nextn = opt_u(Key::NextnPredictLayers).unwrap_or(0);
+        if nextn >= num_layers {
+            return Err(Error::config(
+                path,
+                &key(Key::NextnPredictLayers),
+                format!("{nextn} leaves none of the {num_layers} blocks to run"),
+            ));
+        }
+        let num_layers = num_layers - nextn;
         let intermediate_size = req(Key::FeedForwardLength)?;
         let num_heads = req(Key::HeadCount)?;
-        let num_kv_heads = opt_u(Key::HeadCountKv).unwrap_or(num_heads);
+        let mut num_kv_heads = opt_u(Key::HeadCountKv).unwrap_or(num_heads);
         if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
             return Err(Error::config(
                 path,
@@ -56,7 +86,7 @@ impl ModelConfig {
                 format!("{num_kv_heads} does not divide head_count {num_heads}"),
             ));
         }
-        let head_dim = opt_u(Key::KeyLength).unwrap_or(hidden_size / num_heads);
+        let mut head_dim = opt_u(Key::KeyLength).unwrap_or(hidden_size / num_heads);
         if head_dim == 0 || head_dim % 2 == 1 {
             return Err(Error::config(
                 path,
@@ -99,6 +129,32 @@ impl ModelConfig {
             Some("linear") => RopeScaling::Linear {
                 factor: opt_f(Key::RopeScalingFactor).unwrap_or(1.0) as f32,
             },
+            Some("yarn") => {
+                let factor = opt_f(Key::RopeScalingFactor).unwrap_or(1.0) as f32;
+                let original = opt_u(Key::RopeScalingOriginalContextLength).ok_or_else(|| {
+                    Error::config(
+                        path,
+                        &key(Key::RopeScalingOriginalContextLength),
+                        "required by YaRN scaling",
+                    )
+                })?;
+                let all = opt_f(Key::RopeScalingYarnLogMul).map(|m| m / 0.1);
+                RopeScaling::Yarn {
+                    factor,
+                    original_max_position_embeddings: original,
+                    beta_fast: opt_f(Key::RopeScalingYarnBetaFast).unwrap_or(32.0),
+                    beta_slow: opt_f(Key::RopeScalingYarnBetaSlow).unwrap_or(1.0),
+                    // As llama.cpp: DeepSeek's cos/sin are left as they are (its scale goes
+                    // into the softmax); otherwise YaRN's mscale(factor).
+                    attention_factor: if all.is_some() {
+                        1.0
+                    } else {
+                        yarn_mscale(factor as f64, 1.0) as f32
+                    } * opt_f(Key::RopeScalingAttnFactor).unwrap_or(1.0) as f32,
+                    truncate: true,
+                    mscale_all_dim: all,
+                }
+            }
             Some(other) => {
                 return Err(Error::config(
                     path,
@@ -134,6 +190,7 @@ impl ModelConfig {
         let mut layer_windows = vec![None; num_layers];
         let mut rope_local = None;
         let mut attn_scale = 1.0 / (head_dim as f64).sqrt();
+        let mut mla = None;
         match arch {
             Arch::Llama | Arch::Mistral | Arch::Mixtral => {
                 // llama.cpp's converter permutes q/k so that RoPE rotates adjacent pairs.
@@ -145,12 +202,41 @@ impl ModelConfig {
                 block.fused_qkv = true;
                 block.fused_gate_up = true;
             }
-            Arch::DeepseekV2 | Arch::DeepseekV3 | Arch::Glm4 | Arch::Glm4Moe => {
-                return Err(Error::UnknownArch {
-                    path: path.to_path_buf(),
-                    arch: a.clone(),
-                    supported: keys::supported_archs(),
-                })
+            Arch::DeepseekV2 | Arch::DeepseekV3 => {
+                let m = read_mla(g, &a, rotary_dim, rms_norm_eps)?;
+                // llama.cpp's converter writes the absorbed form's shapes (one KV head of the
+                // latent's width); the config keeps the model's heads, as transformers has it.
+                num_kv_heads = num_heads;
+                head_dim = m.qk_nope_head_dim + m.qk_rope_head_dim;
+                block.mla = true;
+                block.q_lora = m.q_lora_rank.is_some();
+                block.kv_b_split = g.tensor_shape(&gguf_name(0, Role::KB)).is_some();
+                // llama.cpp's NORM rope: adjacent pairs, as DeepSeek's `rope_interleave`.
+                block.rope_interleaved = true;
+                attn_scale = 1.0 / (head_dim as f64).sqrt();
+                // YaRN: llama.cpp takes DeepSeek's `mscale` equal to `mscale_all_dim`, so
+                // cos/sin are not rescaled and the softmax scale gains mscale(all)².
+                if let RopeScaling::Yarn {
+                    factor,
+                    mscale_all_dim: Some(all),
+                    ..
+                } = rope.scaling
+                {
+                    let ms = yarn_mscale(factor as f64, all);
+                    attn_scale *= ms * ms;
+                }
+                mla = Some(m);
+            }
+            // GLM-4 rotates adjacent pairs (llama.cpp's NORM rope), GLM-4.5 the halves.
+            Arch::Glm4 => {
+                block.fused_gate_up = true;
+                block.sandwich_norms = true;
+                block.glm_norms = true;
+                block.rope_interleaved = true;
+            }
+            Arch::Glm4Moe => {
+                block.qk_norm = has_tensor(g, 0, Role::QNorm);
+                block.mlp_norm_post_attention = true;
             }
             Arch::Qwen2 | Arch::Qwen2Moe => block.qkv_bias = true,
             Arch::Qwen3 | Arch::Qwen3Moe => block.qk_norm = true,
@@ -210,6 +296,9 @@ impl ModelConfig {
         block.mlp_bias |= has(Role::UpBias);
         let tokens = |k: &str| g.get(k).and_then(V::as_u64).map(|n| n as u32);
         let moe = match arch {
+            Arch::DeepseekV2 | Arch::DeepseekV3 | Arch::Glm4Moe => {
+                read_deepseek_moe(g, &a, num_layers, intermediate_size, sigmoid)?
+            }
             Arch::Mixtral | Arch::Qwen2Moe | Arch::Qwen3Moe => {
                 let experts = req(Key::ExpertCount)?;
                 let top_k = req(Key::ExpertUsedCount)?;
@@ -282,9 +371,149 @@ impl ModelConfig {
             final_logit_softcap: opt_f(Key::FinalLogitSoftcapping).filter(|&c| c > 0.0),
             attn_logit_softcap: opt_f(Key::AttnLogitSoftcapping).filter(|&c| c > 0.0),
             moe,
-            rotary_dim,
-            mla: None,
+            rotary_dim: mla.as_ref().map_or(rotary_dim, |m| m.qk_rope_head_dim),
+            mla,
             fp8: None,
         })
     }
+}
+
+/// Whether layer `layer` of the file has the tensor of `role`.
+fn has_tensor(g: &dyn GgufMeta, layer: usize, role: Role) -> bool {
+    g.tensor_shape(&gguf_name(layer, role)).is_some()
+}
+
+/// Latent attention's shapes from llama.cpp's keys: `key_length_mla`/`value_length_mla` in
+/// current files (whose `key_length` is the latent's), `key_length`/`value_length` in older
+/// ones. The RoPE part is `rope.dimension_count`.
+fn read_mla(g: &dyn GgufMeta, a: &str, rope: usize, eps: f64) -> Result<MlaSpec> {
+    let path = g.path();
+    let u = |k: Key| g.get(&k.of(a)).and_then(V::as_u64).map(|n| n as usize);
+    let need = |k: Key| -> Result<usize> {
+        u(k).filter(|&n| n > 0).ok_or_else(|| {
+            Error::config(
+                path,
+                &k.of(a),
+                "required metadata is missing or zero (latent attention)",
+            )
+        })
+    };
+    let (k_key, v_key) = if u(Key::KeyLengthMla).is_some() {
+        (Key::KeyLengthMla, Key::ValueLengthMla)
+    } else {
+        (Key::KeyLength, Key::ValueLength)
+    };
+    let head_k = need(k_key)?;
+    if head_k <= rope {
+        return Err(Error::config(
+            path,
+            &k_key.of(a),
+            format!("{head_k} leaves no room beside the {rope} RoPE dimensions"),
+        ));
+    }
+    Ok(MlaSpec {
+        q_lora_rank: u(Key::QLoraRank).filter(|&n| n > 0),
+        kv_lora_rank: need(Key::KvLoraRank)?,
+        qk_nope_head_dim: head_k - rope,
+        qk_rope_head_dim: rope,
+        v_head_dim: need(v_key)?,
+        norm_eps: eps,
+    })
+}
+
+/// DeepSeek's (and GLM-4.5's) routing from llama.cpp's keys. Sparse layers are those with a
+/// router; the correction bias is present or not as a tensor. Groups are scored by their two
+/// best experts for sigmoid routing (V3's `noaux_tc`, as llama.cpp does), by their best one
+/// for softmax routing (V2's `group_limited_greedy`, where llama.cpp also takes two).
+fn read_deepseek_moe(
+    g: &dyn GgufMeta,
+    a: &str,
+    num_layers: usize,
+    intermediate_size: usize,
+    sigmoid: bool,
+) -> Result<Option<MoeSpec>> {
+    let path = g.path();
+    let key = |k: Key| k.of(a);
+    let u = |k: Key| g.get(&key(k)).and_then(V::as_u64).map(|n| n as usize);
+    let Some(experts) = u(Key::ExpertCount).filter(|&n| n > 0) else {
+        return Ok(None);
+    };
+    let top_k = u(Key::ExpertUsedCount).unwrap_or(0);
+    if top_k == 0 || top_k > experts {
+        return Err(Error::config(
+            path,
+            &key(Key::ExpertUsedCount),
+            format!("{top_k} must be between 1 and the {experts} experts"),
+        ));
+    }
+    let expert_size = u(Key::ExpertFeedForwardLength)
+        .filter(|&n| n > 0)
+        .unwrap_or(intermediate_size);
+    let sparse: Vec<bool> = (0..num_layers)
+        .map(|l| has_tensor(g, l, Role::Router))
+        .collect();
+    let first = sparse.iter().position(|&s| s);
+    let correction_bias = first.is_some_and(|l| has_tensor(g, l, Role::RouterBias));
+    let groups = u(Key::ExpertGroupCount).unwrap_or(1).max(1);
+    let groups = if groups > 1 {
+        let top_groups = u(Key::ExpertGroupUsedCount).unwrap_or(groups);
+        if experts % groups != 0 {
+            return Err(Error::config(
+                path,
+                &key(Key::ExpertGroupCount),
+                format!("{groups} groups do not divide the {experts} experts"),
+            ));
+        }
+        if top_groups == 0 || top_groups > groups {
+            return Err(Error::config(
+                path,
+                &key(Key::ExpertGroupUsedCount),
+                format!("{top_groups} must be between 1 and the {groups} groups"),
+            ));
+        }
+        if top_k > top_groups * (experts / groups) {
+            return Err(Error::config(
+                path,
+                &key(Key::ExpertUsedCount),
+                format!(
+                    "{top_k} is more than the {} experts of the {top_groups} chosen groups",
+                    top_groups * (experts / groups)
+                ),
+            ));
+        }
+        Some(ExpertGroups {
+            groups,
+            top_groups,
+            top2_sum: sigmoid,
+        })
+    } else {
+        None
+    };
+    let shared = u(Key::ExpertSharedCount).unwrap_or(0);
+    let norm_topk = matches!(g.get(&key(Key::ExpertWeightsNorm)), Some(V::Bool(true)));
+    let scale = g
+        .get(&key(Key::ExpertWeightsScale))
+        .and_then(V::as_f64)
+        .filter(|&s| s > 0.0)
+        .unwrap_or(1.0) as f32;
+    Ok(Some(MoeSpec {
+        style: MoeStyle::Deepseek,
+        experts,
+        top_k,
+        expert_size,
+        norm_topk,
+        shared_size: (shared > 0).then_some(shared * expert_size),
+        shared_gated: false,
+        sparse,
+        routing: Routing {
+            scoring: if sigmoid {
+                Scoring::Sigmoid
+            } else {
+                Scoring::Softmax
+            },
+            correction_bias,
+            groups,
+            scale,
+        },
+    }))
 }

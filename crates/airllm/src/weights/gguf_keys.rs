@@ -21,6 +21,12 @@ const ARCHS: &[(Arch, &str)] = &[
     (Arch::Qwen2Moe, "qwen2moe"),
     (Arch::Qwen3Moe, "qwen3moe"),
     (Arch::Phi3, "phi3"),
+    // DeepSeek V2 and V3 share llama.cpp's `deepseek2`; reading tells them apart by the
+    // gating function (softmax for V2, sigmoid for V3).
+    (Arch::DeepseekV2, "deepseek2"),
+    (Arch::DeepseekV3, "deepseek2"),
+    (Arch::Glm4, "glm4"),
+    (Arch::Glm4Moe, "glm4moe"),
 ];
 
 /// The GGUF name an architecture is written under, `None` for those this version reads only
@@ -98,6 +104,30 @@ pub enum Key {
     ExpertSharedFeedForwardLength,
     /// Whether the top-k routing weights are renormalized.
     ExpertWeightsNorm,
+    /// DeepSeek's `routed_scaling_factor`.
+    ExpertWeightsScale,
+    /// 1 softmax, 2 sigmoid (llama.cpp's `llama_expert_gating_func_type`).
+    ExpertGatingFunc,
+    ExpertSharedCount,
+    /// Group-limited routing: `n_group` and `topk_group`.
+    ExpertGroupCount,
+    ExpertGroupUsedCount,
+    /// Layers before the first sparse one (`first_k_dense_replace`).
+    LeadingDenseBlockCount,
+    /// Latent attention ranks; absent `q_lora_rank` means queries through `attn_q`.
+    QLoraRank,
+    KvLoraRank,
+    /// The per-head query/key and value widths of latent attention. llama.cpp's
+    /// `key_length`/`value_length` then describe the latent (`rank + rope`, `rank`); files
+    /// without these keys are the older kind with one `attn_kv_b`.
+    KeyLengthMla,
+    ValueLengthMla,
+    /// `0.1 · mscale_all_dim`, as llama.cpp's converter writes it for DeepSeek.
+    RopeScalingYarnLogMul,
+    RopeScalingYarnBetaFast,
+    RopeScalingYarnBetaSlow,
+    /// Multi-token-prediction layers counted in `block_count` after the trunk (GLM-4.5).
+    NextnPredictLayers,
 }
 
 impl Key {
@@ -130,6 +160,20 @@ impl Key {
             Key::ExpertFeedForwardLength => "expert_feed_forward_length",
             Key::ExpertSharedFeedForwardLength => "expert_shared_feed_forward_length",
             Key::ExpertWeightsNorm => "expert_weights_norm",
+            Key::ExpertWeightsScale => "expert_weights_scale",
+            Key::ExpertGatingFunc => "expert_gating_func",
+            Key::ExpertSharedCount => "expert_shared_count",
+            Key::ExpertGroupCount => "expert_group_count",
+            Key::ExpertGroupUsedCount => "expert_group_used_count",
+            Key::LeadingDenseBlockCount => "leading_dense_block_count",
+            Key::QLoraRank => "attention.q_lora_rank",
+            Key::KvLoraRank => "attention.kv_lora_rank",
+            Key::KeyLengthMla => "attention.key_length_mla",
+            Key::ValueLengthMla => "attention.value_length_mla",
+            Key::RopeScalingYarnLogMul => "rope.scaling.yarn_log_multiplier",
+            Key::RopeScalingYarnBetaFast => "rope.scaling.yarn_beta_fast",
+            Key::RopeScalingYarnBetaSlow => "rope.scaling.yarn_beta_slow",
+            Key::NextnPredictLayers => "nextn_predict_layers",
         }
     }
 
@@ -147,11 +191,12 @@ mod tests {
     fn names_round_trip() {
         for &(arch, name) in ARCHS {
             let back = arch_of(name, arch.has_experts()).unwrap();
-            // Mistral is written as llama and read back as Llama.
-            let expect = if arch == Arch::Mistral {
-                Arch::Llama
-            } else {
-                arch
+            // Mistral is written as llama and read back as Llama; DeepSeek V3 is told from
+            // V2 by its metadata, not its name.
+            let expect = match arch {
+                Arch::Mistral => Arch::Llama,
+                Arch::DeepseekV3 => Arch::DeepseekV2,
+                a => a,
             };
             assert_eq!(back, expect, "{name}");
             assert_eq!(arch_name(arch), Some(name));
@@ -160,7 +205,7 @@ mod tests {
         assert_eq!(arch_of("gpt2", false), None);
         assert_eq!(
             supported_archs(),
-            "llama, qwen2, qwen3, gemma2, gemma3, qwen2moe, qwen3moe, phi3"
+            "llama, qwen2, qwen3, gemma2, gemma3, qwen2moe, qwen3moe, phi3, deepseek2, glm4, glm4moe"
         );
         assert_eq!(Key::BlockCount.of("qwen3"), "qwen3.block_count");
     }

@@ -58,6 +58,11 @@ pub enum Role {
     KvA,
     KvANorm,
     KvB,
+    /// `kv_b_proj` as llama.cpp's converter splits it for the absorbed form: per head, the
+    /// key part transposed (`[rank, nope]`) and the value part (`[v, rank]`), stacked over
+    /// the heads (GGUF only).
+    KB,
+    VB,
 }
 
 /// The part of the block a tensor belongs to (attention, MLP; later router and experts), so
@@ -119,11 +124,15 @@ struct Dims {
     sh: usize,
     /// Attention output width (heads × v_head_dim).
     o: usize,
-    /// Latent attention: query rank, latent rank, RoPE key width, rows of `kv_b_proj`.
+    /// Latent attention: query rank, latent rank, RoPE key width, rows of `kv_b_proj`,
+    /// heads, and a head's key (nope) and value widths.
     qr: usize,
     kr: usize,
     rope: usize,
     kvb: usize,
+    nh: usize,
+    nope: usize,
+    vd: usize,
 }
 
 /// What a layer's MLP is: the options an entry's `when` tests besides the block's.
@@ -206,7 +215,9 @@ const TABLE: &[Entry] = &[
     e(Role::QB, A, Matrix, "self_attn.q_b_proj.weight", "attn_q_b.weight", |d| vec![d.q, d.qr], |b, _| b.q_lora),
     e(Role::KvA, A, Matrix, "self_attn.kv_a_proj_with_mqa.weight", "attn_kv_a_mqa.weight", |d| vec![d.kr + d.rope, d.h], |b, _| b.mla),
     e(Role::KvANorm, A, Norm, "self_attn.kv_a_layernorm.weight", "attn_kv_a_norm.weight", |d| vec![d.kr], |b, _| b.mla),
-    e(Role::KvB, A, Matrix, "self_attn.kv_b_proj.weight", "attn_kv_b.weight", |d| vec![d.kvb, d.kr], |b, _| b.mla),
+    e(Role::KvB, A, Matrix, "self_attn.kv_b_proj.weight", "attn_kv_b.weight", |d| vec![d.kvb, d.kr], |b, _| b.mla && !b.kv_b_split),
+    e(Role::KB, A, Matrix, "self_attn.k_b_proj.weight", "attn_k_b.weight", |d| vec![d.nh * d.kr, d.nope], |b, _| b.mla && b.kv_b_split),
+    e(Role::VB, A, Matrix, "self_attn.v_b_proj.weight", "attn_v_b.weight", |d| vec![d.nh * d.vd, d.kr], |b, _| b.mla && b.kv_b_split),
     e(Role::K, A, Matrix, "self_attn.k_proj.weight", "attn_k.weight", |d| vec![d.kv, d.h], |b, _| !b.fused_qkv && !b.mla),
     e(Role::KBias, A, Bias, "self_attn.k_proj.bias", "attn_k.bias", |d| vec![d.kv], |b, _| b.qkv_bias),
     e(Role::V, A, Matrix, "self_attn.v_proj.weight", "attn_v.weight", |d| vec![d.kv, d.h], |b, _| !b.fused_qkv && !b.mla),
@@ -220,7 +231,8 @@ const TABLE: &[Entry] = &[
     e(Role::PostAttnNorm, A, Norm, "post_attention_layernorm.weight", "post_attention_norm.weight", |d| vec![d.h], |b, _| b.sandwich_norms && !b.glm_norms),
     e(Role::PostAttnNorm, A, Norm, "post_self_attn_layernorm.weight", "post_attention_norm.weight", |d| vec![d.h], |b, _| b.glm_norms),
     e(Role::MlpNorm, M, Norm, "pre_feedforward_layernorm.weight", "ffn_norm.weight", |d| vec![d.h], |b, _| b.sandwich_norms && !b.glm_norms),
-    e(Role::MlpNorm, M, Norm, "post_attention_layernorm.weight", "ffn_norm.weight", |d| vec![d.h], |b, _| !b.sandwich_norms || b.glm_norms),
+    e(Role::MlpNorm, M, Norm, "post_attention_layernorm.weight", "ffn_norm.weight", |d| vec![d.h], |b, _| (!b.sandwich_norms || b.glm_norms) && !b.mlp_norm_post_attention),
+    e(Role::MlpNorm, M, Norm, "post_attention_layernorm.weight", "post_attention_norm.weight", |d| vec![d.h], |b, _| b.mlp_norm_post_attention),
     e(Role::GateUp, M, Matrix, "mlp.gate_up_proj.weight", "ffn_up.weight", |d| vec![2 * d.im, d.h], |b, m| b.fused_gate_up && !m.sparse()),
     e(Role::Gate, M, Matrix, "mlp.gate_proj.weight", "ffn_gate.weight", |d| vec![d.im, d.h], |b, m| !b.fused_gate_up && !m.sparse()),
     e(Role::GateBias, M, Bias, "mlp.gate_proj.bias", "ffn_gate.bias", |d| vec![d.im], |b, m| b.mlp_bias && !m.sparse()),
@@ -264,6 +276,8 @@ pub struct TensorSpec {
     pub transform: Transform,
     /// Experts in the layer (for an expert's tensor; 0 otherwise).
     pub experts: usize,
+    /// Heads a per-head matrix is stacked over in GGUF (`attn_k_b`, `attn_v_b`; 0 otherwise).
+    pub heads: usize,
 }
 
 impl TensorSpec {
@@ -296,6 +310,9 @@ impl TensorSpec {
             }
             (Naming::Gguf, Kind::Bias | Kind::Norm) => {
                 self.shape.iter().copied().filter(|&d| d != 1).collect()
+            }
+            (Naming::Gguf, _) if self.heads > 0 => {
+                vec![self.heads, self.shape[0] / self.heads, self.shape[1]]
             }
             _ => self.shape.clone(),
         }
@@ -338,6 +355,9 @@ impl LayerSchema {
             kr: mla.map_or(0, |m| m.kv_lora_rank),
             rope: mla.map_or(0, |m| m.qk_rope_head_dim),
             kvb: mla.map_or(0, |m| cfg.num_heads * (m.qk_nope_head_dim + m.v_head_dim)),
+            nh: cfg.num_heads,
+            nope: mla.map_or(0, |m| m.qk_nope_head_dim),
+            vd: cfg.v_head_dim(),
         };
         let mlp = match cfg.sparse_layer(layer) {
             Some(m) => LayerMlp::Sparse {
@@ -371,6 +391,11 @@ impl LayerSchema {
                     _ => Transform::None,
                 },
                 experts: if t.kind == Kind::Expert { d.ne } else { 0 },
+                heads: if matches!(t.role, Role::KB | Role::VB) {
+                    d.nh
+                } else {
+                    0
+                },
             })
             .collect();
         LayerSchema { tensors }

@@ -32,6 +32,7 @@ pub const MODELS: &[&str] = &[
     "qwen3moe-sparse",
     "phi-three-longrope-partial",
     "deepseek-v2-mla-grouped",
+    "deepseek-v2-lite-27l",
     "deepseek-v3-mla-noaux-yarn",
     "deepseek-v3-fp8-block",
     "glm4moe-partial-rotary",

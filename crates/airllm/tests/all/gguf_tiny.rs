@@ -22,11 +22,24 @@ const MODELS: &[&str] = &[
     "qwen2moe",
     "qwen3moe",
     "phi3",
+    "deepseek2-lite",
+    "deepseek2-v3",
+    "glm4moe",
+    "glm4",
 ];
 /// The Q8_0 references. Gemma 2, the MoE models and Phi-3 have none yet: the llama-cpp-python
 /// 0.3.36 build of the machine that made them stopped with an illegal instruction on Q8_0 files
 /// (the F32 ones ran).
 const Q8_MODELS: &[&str] = &["llama", "mistral-as-llama", "qwen2", "qwen3", "gemma3"];
+
+/// Files whose llama.cpp logits depart from transformers', with the transformers fixture they
+/// were converted from. llama.cpp 0.3.36's `glm4moe` graph gives other logits than
+/// transformers at a few tokens of each prompt (by up to 5) whenever fewer than all experts
+/// are routed; routing all experts, the two agree exactly, and the same routing code gives
+/// transformers' numbers for DeepSeek-V3 (docs/benchmarks.md, issue 25). The engine computes
+/// transformers' function, so these files are checked against transformers (its 16 greedy
+/// tokens are also llama.cpp's first ones).
+const LOGITS_FROM_TRANSFORMERS: &[(&str, &str)] = &[("glm4moe", "glm4moe-partial-rotary")];
 
 fn dir() -> PathBuf {
     common::fixture("gguf/tiny")
@@ -105,8 +118,20 @@ fn f32_files_give_llama_cpp_logits_and_greedy_tokens() {
     for name in MODELS {
         let mut c = open(name, "f32");
         let ours = last_logits(&mut c.engine, &c.prompts);
-        for (i, want) in c.r["logits"].as_array().unwrap().iter().enumerate() {
-            let want = floats(want);
+        let wants: Vec<Vec<f32>> = match LOGITS_FROM_TRANSFORMERS.iter().find(|(n, _)| n == name) {
+            Some((_, hf)) => {
+                let r = common::reference(hf);
+                assert_eq!(r.prompt_ids, c.prompts, "{name}: the same prompts");
+                r.logits.iter().map(|l| l.last().unwrap().clone()).collect()
+            }
+            None => c.r["logits"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(floats)
+                .collect(),
+        };
+        for (i, want) in wants.into_iter().enumerate() {
             let d = ours[i]
                 .iter()
                 .zip(&want)
@@ -115,8 +140,12 @@ fn f32_files_give_llama_cpp_logits_and_greedy_tokens() {
             assert!(d <= 1e-3, "{name}: prompt {i}: max abs logit diff {d}");
         }
         let got = greedy_of(&mut c);
-        for (g, want) in got.iter().zip(c.r["greedy"].as_array().unwrap()) {
-            assert_eq!(g, &ids(want), "{name}: greedy tokens");
+        let wants: Vec<Vec<u32>> = match LOGITS_FROM_TRANSFORMERS.iter().find(|(n, _)| n == name) {
+            Some((_, hf)) => common::reference(hf).greedy,
+            None => c.r["greedy"].as_array().unwrap().iter().map(ids).collect(),
+        };
+        for (g, want) in got.iter().zip(&wants) {
+            assert_eq!(&g[..want.len()], &want[..], "{name}: greedy tokens");
         }
     }
 }

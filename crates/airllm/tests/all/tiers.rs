@@ -21,10 +21,10 @@ fn expected_moved(e: &Engine, path: &Path) -> u64 {
     for layer in dp.resident_layers..info.cfg.num_layers {
         // Latent attention's kv_b_proj is absorbed on the host, as read: it never crosses.
         let crossing = LayerSchema::new(&info.cfg, layer);
-        for t in crossing
-            .matrices()
-            .filter(|t| t.role != airllm::weights::Role::KvB)
-        {
+        for t in crossing.matrices().filter(|t| {
+            use airllm::weights::Role;
+            !matches!(t.role, Role::KvB | Role::KB | Role::VB)
+        }) {
             n += info.src.meta(&t.name(naming, layer)).unwrap().compute_bytes;
         }
     }
