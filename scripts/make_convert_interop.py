@@ -44,6 +44,14 @@ FIXTURES = [
     ("qwen2moe-shared-expert", "f32"),
     ("qwen3moe-sparse", "f32"),
     ("phi-three-longrope-partial", "f32"),
+    # DeepSeek as llama.cpp's deepseek2 (split attn_k_b/attn_v_b), the FP8 one widened to F32;
+    # GLM-4. Left out: deepseek-v2-mla-grouped (llama.cpp needs q_lora_rank unless a deepseek2
+    # has 27 layers, and scores V2's groups by their best two experts, not their best one) and
+    # glm4moe-partial-rotary (llama.cpp's glm4moe departs from transformers; see gguf_tiny.rs).
+    ("deepseek-v2-lite-27l", "f32"),
+    ("deepseek-v3-mla-noaux-yarn", "f32"),
+    ("deepseek-v3-fp8-block", "f32"),
+    ("glm4-dense", "f32"),
 ]
 PROMPTS = ["Hello world, this is", "The quick brown fox jumps over"]
 STEPS = 24

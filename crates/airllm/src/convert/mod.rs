@@ -268,7 +268,13 @@ pub fn to_gguf(
         plan.set(k.clone(), v.clone());
     }
     check_round_trip(&info.cfg, &plan)?;
-    if let Some(m) = info.cfg.moe.as_ref().filter(|m| m.sparse.contains(&false)) {
+    // DeepSeek's GGUF form has leading dense layers (others are refused in the plan).
+    if let Some(m) = info
+        .cfg
+        .moe
+        .as_ref()
+        .filter(|m| m.sparse.contains(&false) && m.style != MoeStyle::Deepseek)
+    {
         let dense: Vec<usize> = (0..m.sparse.len()).filter(|&l| !m.sparse[l]).collect();
         tracing::warn!(
             "{}: layers {dense:?} are dense among sparse ones; this engine reads the GGUF file, but llama.cpp expects every layer of a {} model to have experts",

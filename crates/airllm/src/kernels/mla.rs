@@ -2,9 +2,9 @@
 //! token's latent `c` (`rank` values) to each head's key part (`nope` rows) and value
 //! (`v_dim` rows). Instead of expanding every cached latent, the key rows are folded into
 //! the query (`q_lat = W_UKᵀ q_nope`, a product by `W`, not `Wᵀ`) and the value rows are
-//! applied to the attention output in the latent space afterwards. Both read `kv_b_proj`
-//! as it arrives, in its file's form: key rows are widened a few at a time, value rows are
-//! kept as stored for the second product.
+//! applied to the attention output in the latent space afterwards. `kv_b_proj` is gathered
+//! as it arrives, in its file's form (it is small: 32 MiB in bf16 for DeepSeek-V3), so that
+//! queries can then be taken a chunk at a time; key rows are widened a few at a time.
 
 use super::common::gemm1;
 use crate::error::{Error, Result};
@@ -94,11 +94,6 @@ impl ValueRows {
             data: &self.buf.bytes(self.total * rb)[start * rb..(start + n) * rb],
         })
     }
-
-    /// Head `h`'s `v_dim` value rows.
-    pub fn head(&self, s: Latent, h: usize) -> Result<MatView<'_>> {
-        self.view(h * s.v_dim, s.v_dim, s.rank)
-    }
 }
 
 impl Default for ValueRows {
@@ -107,80 +102,60 @@ impl Default for ValueRows {
     }
 }
 
-/// Folds rows `start ..` of `kv_b_proj` (the slice `w`) into the latent queries and keeps its
-/// value rows. `q_nope` is `[t, heads, nope]`, `q_lat` `[t, heads, rank]` (accumulated).
-pub fn absorb(
+/// Folds each head's key rows of `kv_b_proj` (`w`, all its rows as stored) into the latent
+/// queries: `q_lat[:, h] = q_nope[:, h] · W_UK[h]`, a product by `W`, not `Wᵀ`, with the key
+/// rows widened [`CHUNK`] at a time. `q_nope` is `[t, heads, nope]`, `q_lat` `[t, heads, rank]`.
+pub fn absorb_keys(
     s: Latent,
-    start: usize,
     w: MatView,
     q_nope: &[f32],
     t: usize,
     q_lat: &mut [f32],
-    values: &mut ValueRows,
 ) -> Result<()> {
     let per_head = s.nope + s.v_dim;
     if w.cols != s.rank
-        || start + w.rows > s.heads * per_head
+        || w.rows != s.heads * per_head
         || q_nope.len() < t * s.heads * s.nope
         || q_lat.len() < t * s.heads * s.rank
     {
         return Err(Error::Internal(format!(
-            "kv_b_proj rows {start}..{} of {} columns do not fit latent attention of {} heads × ({} + {}) rows × {}",
-            start + w.rows,
-            w.cols,
-            s.heads,
-            s.nope,
-            s.v_dim,
-            s.rank
+            "kv_b_proj of {} rows × {} does not fit latent attention of {} heads × ({} + {}) rows × {}",
+            w.rows, w.cols, s.heads, s.nope, s.v_dim, s.rank
         )));
     }
+    q_lat[..t * s.heads * s.rank].fill(0.0);
     let rb = w.form.row_bytes(w.cols);
-    let mut wide = vec![0f32; CHUNK * s.rank];
-    let mut r = 0;
-    while r < w.rows {
-        let g = start + r;
-        let (h, j) = (g / per_head, g % per_head);
-        if j >= s.nope {
-            // Value rows: kept as stored, in head order.
-            let n = (per_head - j).min(w.rows - r);
-            let sub = MatView {
+    for h in 0..s.heads {
+        let mut j = 0;
+        while j < s.nope {
+            let n = (s.nope - j).min(CHUNK);
+            let r = h * per_head + j;
+            let wide = MatView {
                 form: w.form,
                 rows: n,
                 cols: w.cols,
                 data: &w.data[r * rb..(r + n) * rb],
+            }
+            .to_f32()?;
+            // SAFETY: q_lat's head h of row i is at (i · heads + h) · rank, `rank` values, for
+            // i < t; q_nope's is at (i · heads + h) · nope + j, `n` values; `wide` is [n, rank].
+            unsafe {
+                gemm1(
+                    t,
+                    s.rank,
+                    n,
+                    q_lat.as_mut_ptr().add(h * s.rank),
+                    s.heads * s.rank,
+                    true,
+                    q_nope.as_ptr().add(h * s.nope + j),
+                    s.heads * s.nope,
+                    wide.as_ptr(),
+                    s.rank,
+                    1,
+                )
             };
-            values.put(h * s.v_dim + j - s.nope, s.heads * s.v_dim, sub)?;
-            r += n;
-            continue;
+            j += n;
         }
-        // Key rows j .. j + n of head h: q_lat[:, h] += q_nope[:, h, j..j + n] · W[rows].
-        let n = (s.nope - j).min(w.rows - r).min(CHUNK);
-        let sub = MatView {
-            form: w.form,
-            rows: n,
-            cols: w.cols,
-            data: &w.data[r * rb..(r + n) * rb],
-        };
-        let v = sub.to_f32()?;
-        wide[..n * s.rank].copy_from_slice(&v);
-        // SAFETY: q_lat's head h of row i is at (i · heads + h) · rank, `rank` values, for
-        // i < t; q_nope's is at (i · heads + h) · nope + j, `n` values; `wide` is [n, rank].
-        unsafe {
-            gemm1(
-                t,
-                s.rank,
-                n,
-                q_lat.as_mut_ptr().add(h * s.rank),
-                s.heads * s.rank,
-                true,
-                q_nope.as_ptr().add(h * s.nope + j),
-                s.heads * s.nope,
-                wide.as_ptr(),
-                s.rank,
-                1,
-            )
-        };
-        r += n;
     }
     Ok(())
 }

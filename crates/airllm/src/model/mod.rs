@@ -3,7 +3,7 @@
 
 pub mod block;
 pub mod kv;
-mod mla;
+pub(crate) mod mla;
 pub mod rope;
 
 pub use block::{Block, Matrices, SeqRows, Small};

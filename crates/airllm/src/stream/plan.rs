@@ -562,24 +562,32 @@ fn widest(cfg: &ModelConfig) -> usize {
 /// matmul's scratch (a widened tile of rows per thread).
 fn work_bytes(cfg: &ModelConfig, o: &EngineOptions) -> u64 {
     let rows = o.max_step_tokens as u64;
-    let qkv = ((2 * cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim) as u64;
+    // Latent attention has no expanded keys and values; its copies are counted below.
+    let qkv = if cfg.mla.is_some() {
+        0
+    } else {
+        ((2 * cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim) as u64
+    };
     let mut per_row = 6 * cfg.hidden_size as u64 + 2 * qkv + 3 * cfg.intermediate_size as u64;
-    // Latent attention's copies per row: the queries and their RoPE part, the latent queries
-    // and their concatenation with it, the bottleneck, the latent, the attention output in
-    // latent space twice (as given and per head) and after W_UV.
+    // Latent attention's copies per row: the queries and their parts (the no-RoPE part as
+    // f32 values, the RoPE part rotated), the bottleneck and its norm, the latent and its
+    // RoPE key, and the output after W_UV. The latent-space work runs a chunk of query rows
+    // at a time: its copies, and kv_b_proj gathered (counted as f32, its widest form), are
+    // fixed.
     let mut mla_fixed = 0;
     if let Some(m) = &cfg.mla {
         let nh = cfg.num_heads;
         let qd = m.qk_nope_head_dim + m.qk_rope_head_dim;
-        per_row += (3 * nh * qd
-            + 3 * nh * m.cache_dim()
-            + m.q_lora_rank.unwrap_or(0)
+        let (rank, rope) = (m.kv_lora_rank, m.qk_rope_head_dim);
+        per_row += (2 * nh * qd
+            + nh * rope
+            + 2 * m.q_lora_rank.unwrap_or(0)
             + 3 * m.cache_dim()
-            + 2 * nh * m.kv_lora_rank
             + nh * m.v_head_dim) as u64;
-        // kv_b_proj's value rows, kept for after attention (counted as f32, their widest
-        // form), and one chunk of its key rows widened.
-        mla_fixed = ((nh * m.v_head_dim + 64) * m.kv_lora_rank) as u64;
+        let chunk = crate::model::mla::mla_chunk_rows(o.attention_scores_bytes, nh, rank, rope);
+        mla_fixed = (nh * (m.qk_nope_head_dim + m.v_head_dim) * rank
+            + chunk * (m.qk_nope_head_dim + 6 * nh * (rank + rope))
+            + 64 * rank) as u64;
     }
     if let Some(m) = &cfg.moe {
         // Each row's top-k experts: its gathered input, their activations and weighted

@@ -79,12 +79,14 @@ pub trait WeightSource: Send + Sync {
     /// The files the weights live in, for measuring raw read bandwidth.
     fn files(&self) -> Vec<PathBuf>;
 
-    /// Reads a whole matrix into a buffer of its own.
+    /// Reads a whole matrix into a buffer of its own; a stack of matrices (GGUF's per-head
+    /// `attn_k_b`) as its rows laid end to end.
     fn load_mat(&self, name: &str) -> Result<Mat> {
-        let rows = self
+        let shape = self
             .meta(name)
             .ok_or_else(|| Error::tensor(self.path(), name, "missing from the checkpoint"))?
-            .shape[0];
+            .shape;
+        let rows = flat_rows(&shape).1;
         Ok(self
             .read_rows(name, 0, rows, AlignedBuf::default())?
             .compact())

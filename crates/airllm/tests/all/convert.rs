@@ -123,7 +123,7 @@ fn q8_0_conversion_gives_llama_cpp_greedy_tokens() {
         }
         checked += 1;
     }
-    assert_eq!(checked, 9, "expected nine interop references");
+    assert_eq!(checked, 13, "expected thirteen interop references");
     assert!(total_clear >= 60, "only {total_clear} steps compared");
 }
 
@@ -142,6 +142,11 @@ fn dequantized_folder_computes_what_the_gguf_does() {
         ("qwen3moe-dense-layer", 1e-4),
         // LongRoPE's factor sets travel as tensors, its partial rotary as a dimension count.
         ("phi-three-longrope-partial", 1e-4),
+        // Latent attention: kv_b_proj split per head into attn_k_b/attn_v_b and joined back;
+        // YaRN's mscale_all_dim as llama.cpp's log multiplier. GLM's norms and fused gate-up.
+        ("deepseek-v3-mla-noaux-yarn", 1e-4),
+        ("glm4moe-partial-rotary", 1e-4),
+        ("glm4-dense", 1e-4),
     ] {
         let tmp = tempfile::tempdir().unwrap();
         let r = common::reference(name);
@@ -165,8 +170,7 @@ fn dequantized_folder_computes_what_the_gguf_does() {
     }
 }
 
-/// Whether the fixture's architecture has a GGUF form in this version (DeepSeek and GLM run
-/// from their folders only).
+/// Whether the fixture's architecture has a GGUF form in this version.
 fn has_gguf_arch(name: &str) -> bool {
     let info = airllm::ModelInfo::open(&fixtures().join(name)).unwrap();
     airllm::weights::gguf_keys::arch_name(info.cfg.arch).is_some()

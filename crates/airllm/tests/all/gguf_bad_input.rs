@@ -217,20 +217,66 @@ fn broken_files_give_one_line_errors_naming_the_file() {
     }
 }
 
-/// A copy of the llama.cpp-converted Mixtral fixture with `llama.expert_count` set to `n`.
-fn mixtral_with_expert_count(n: u32) -> Vec<u8> {
-    let path = crate::common::fixture("gguf/tiny/mixtral-f32.gguf");
+/// A copy of the llama.cpp-converted fixture `file` with the u32 metadata `key` set to `n`.
+fn with_u32(file: &str, key: &str, n: u32) -> Vec<u8> {
+    let path = crate::common::fixture(&format!("gguf/tiny/{file}"));
     let mut bytes = std::fs::read(path).unwrap();
-    let key = b"llama.expert_count";
+    let k = key.as_bytes();
     let at = bytes
-        .windows(key.len())
-        .position(|w| w == key)
-        .expect("the fixture has llama.expert_count")
-        + key.len();
+        .windows(k.len())
+        .position(|w| w == k)
+        .unwrap_or_else(|| panic!("{file} has {key}"))
+        + k.len();
     // The value's type (u32 = 4), then the value.
-    assert_eq!(bytes[at..at + 4], 4u32.to_le_bytes());
+    assert_eq!(bytes[at..at + 4], 4u32.to_le_bytes(), "{key} is a u32");
     bytes[at + 4..at + 8].copy_from_slice(&n.to_le_bytes());
     bytes
+}
+
+fn mixtral_with_expert_count(n: u32) -> Vec<u8> {
+    with_u32("mixtral-f32.gguf", "llama.expert_count", n)
+}
+
+#[test]
+fn deepseek_routing_and_latent_ranks_that_do_not_fit_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = "deepseek2-v3-f32.gguf";
+    assert_eq!(
+        open(
+            &with_u32(f, "deepseek2.expert_group_count", 4),
+            tmp.path(),
+            "ok.gguf"
+        ),
+        "OK"
+    );
+    for (key, n, name, needle) in [
+        (
+            "deepseek2.expert_group_count",
+            3,
+            "groups.gguf",
+            "3 groups do not divide the 8 experts",
+        ),
+        (
+            "deepseek2.expert_group_used_count",
+            5,
+            "used.gguf",
+            "5 must be between 1 and the 4 groups",
+        ),
+        (
+            "deepseek2.attention.kv_lora_rank",
+            30,
+            "rank.gguf",
+            "blk.0.attn_kv_a_mqa.weight",
+        ),
+    ] {
+        let e = open(&with_u32(f, key, n), tmp.path(), name);
+        assert!(e.contains(name), "{key}: {e}");
+        assert!(e.contains(needle), "{key}: `{e}` does not say `{needle}`");
+        if !key.ends_with("kv_lora_rank") {
+            assert!(e.contains(key), "{key}: {e}");
+        }
+        assert!(!e.contains('\n'), "{key}: {e}");
+    }
 }
 
 #[test]
