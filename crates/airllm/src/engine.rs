@@ -58,6 +58,10 @@ impl Sequence {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Bytes its KV cache holds (allocated for the whole context), over all layers.
+    pub fn kv_bytes(&self) -> u64 {
+        self.kv.iter().map(LayerKv::bytes).sum()
+    }
     /// Drops cached tokens from `len` on, so a shared prefix can be reused. Returns the length
     /// kept, which is shorter when a sliding-window layer has already dropped keys the next
     /// token would need; the caller feeds the tokens from there again.

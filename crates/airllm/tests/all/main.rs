@@ -8,6 +8,7 @@ mod convert;
 mod gguf_bad_input;
 mod gguf_reference;
 mod gguf_tiny;
+mod latent;
 mod moe;
 mod reference;
 mod scheduler;
