@@ -57,9 +57,9 @@ impl F8Kind {
     }
 }
 
-/// Widens one FP8 row (its bytes and scales, as [`Form::F8`] lays them out) to f32.
+/// Widens one FP8 row (its bytes and scales, as [`Form::F8`] lays them out) to f32: each
+/// value times its block's scale, exactly as the byte table gives it (see [`widen_f8_block`]).
 pub fn widen_f8(kind: F8Kind, block: usize, cols: usize, row: &[u8], dst: &mut [f32]) {
-    let t = kind.table();
     let scales = &row[cols.next_multiple_of(4)..];
     for (j, (d, b)) in dst[..cols]
         .chunks_mut(block)
@@ -72,10 +72,63 @@ pub fn widen_f8(kind: F8Kind, block: usize, cols: usize, row: &[u8], dst: &mut [
             scales[4 * j + 2],
             scales[4 * j + 3],
         ]);
-        for (d, &b) in d.iter_mut().zip(b) {
-            *d = t[b as usize] * s;
+        widen_f8_block(kind, b, s, d);
+    }
+}
+
+/// `dst[i] = value(src[i]) · s`. On x86 with F16C, eight at a time: an e5m2 byte is the top
+/// byte of an f16, and an e4m3 byte's bits, moved into an f16's exponent and mantissa, give
+/// its value / 256 (normal and subnormal alike, since f16's exponent bias is 8 more), so the
+/// scale is taken × 256. Both products are of the same real number, so they round to the
+/// table's result; only e4m3's NaN byte (0x7f) widens to a finite value on that path.
+pub fn widen_f8_block(kind: F8Kind, src: &[u8], s: f32, dst: &mut [f32]) {
+    let n = dst.len().min(src.len());
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    {
+        static F16C: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let ok = *F16C.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("f16c")
+        });
+        if ok {
+            // SAFETY: the CPU has AVX2 and F16C; `n` is within both slices.
+            done = unsafe { widen_f8_f16c(kind, &src[..n], s, &mut dst[..n]) };
         }
     }
+    let t = kind.table();
+    for (d, &b) in dst[done..n].iter_mut().zip(&src[done..n]) {
+        *d = t[b as usize] * s;
+    }
+}
+
+/// The F16C path of [`widen_f8_block`] over whole groups of eight; returns the values done.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn widen_f8_f16c(kind: F8Kind, src: &[u8], s: f32, dst: &mut [f32]) -> usize {
+    use std::arch::x86_64::*;
+    let n = src.len() / 8 * 8;
+    let e4m3 = kind == F8Kind::E4M3;
+    let sv = _mm256_set1_ps(if e4m3 { s * 256.0 } else { s });
+    let (low, sign) = (_mm_set1_epi16(0x7f), _mm_set1_epi16(0x80));
+    let mut i = 0;
+    while i < n {
+        let b = _mm_cvtepu8_epi16(_mm_loadl_epi64(src.as_ptr().add(i) as *const __m128i));
+        let h = if e4m3 {
+            _mm_or_si128(
+                _mm_slli_epi16(_mm_and_si128(b, low), 7),
+                _mm_slli_epi16(_mm_and_si128(b, sign), 8),
+            )
+        } else {
+            _mm_slli_epi16(b, 8)
+        };
+        _mm256_storeu_ps(
+            dst.as_mut_ptr().add(i),
+            _mm256_mul_ps(_mm256_cvtph_ps(h), sv),
+        );
+        i += 8;
+    }
+    n
 }
 
 impl Form {
@@ -222,5 +275,33 @@ impl Mat {
     /// Gives the buffer back (to a pool).
     pub fn into_buf(self) -> AlignedBuf {
         self.buf
+    }
+}
+
+#[cfg(test)]
+mod f8_tests {
+    use super::*;
+
+    /// Every byte but e4m3's NaN, at several scales, widens to the table's value times the
+    /// scale, bit for bit, on whichever path this CPU takes.
+    #[test]
+    fn the_fast_widening_is_the_table_bit_for_bit() {
+        for kind in [F8Kind::E4M3, F8Kind::E5M2] {
+            let t = kind.table();
+            let bytes: Vec<u8> = (0..=255u8)
+                .filter(|&b| kind == F8Kind::E5M2 || b & 0x7f != 0x7f)
+                .collect();
+            for s in [1.0f32, 3.7e-3, 0.125, 1.9e-7, 41.5] {
+                let mut d = vec![0f32; bytes.len()];
+                widen_f8_block(kind, &bytes, s, &mut d);
+                for (&b, &v) in bytes.iter().zip(&d) {
+                    let want = t[b as usize] * s;
+                    assert!(
+                        v.to_bits() == want.to_bits() || (v.is_nan() && want.is_nan()),
+                        "{kind:?} byte {b:#04x} scale {s}: {v} against {want}"
+                    );
+                }
+            }
+        }
     }
 }
