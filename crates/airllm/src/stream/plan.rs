@@ -636,7 +636,9 @@ impl ModelInfo {
         let budget = resolve_budget(opts.max_memory)?;
         let inp = self.plan_input(opts);
         let Some(dev_budget) = device_budget(opts)? else {
-            return Plan::new(&inp, budget);
+            let mut plan = Plan::new(&inp, budget)?;
+            self.count_streamed_layers(&mut plan, 0);
+            return Ok(plan);
         };
         let c = &self.cfg;
         let dev = DevicePlan::new(
@@ -700,8 +702,25 @@ impl ModelInfo {
         if dev.stages() {
             plan.slice_bytes = plan.slice_bytes.min(dev.slot_bytes);
         }
+        self.count_streamed_layers(&mut plan, dev.resident_layers);
         plan.device = Some(dev);
         Ok(plan)
+    }
+
+    /// Planned bytes per token with each streamed layer at its own size: the plan sizes its
+    /// buffers for the largest layer, but a model whose layers differ (DeepSeek's dense first
+    /// layers) reads less. The streamed layers are the last ones, after `device_layers` on a
+    /// device and the plan's resident ones.
+    fn count_streamed_layers(&self, plan: &mut Plan, device_layers: usize) {
+        let from = device_layers + plan.resident_layers;
+        let files = &self.sizes.layer_files;
+        if files.len() != self.cfg.num_layers || from > files.len() {
+            return;
+        }
+        let largest = plan.streamed_layers as u64 * self.sizes.layer_file_bytes;
+        let each: u64 = files[from..].iter().sum();
+        plan.bytes_read_per_token =
+            plan.bytes_read_per_token - largest.min(plan.bytes_read_per_token) + each;
     }
 
     fn plan_input(&self, opts: &EngineOptions) -> PlanInput {

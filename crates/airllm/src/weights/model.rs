@@ -20,6 +20,8 @@ pub struct ModelSizes {
     pub params: u64,
     pub file_bytes: u64,
     pub layer_file_bytes: u64,
+    /// Each layer's bytes on disk, its routed experts left out.
+    pub layer_files: Vec<u64>,
     /// The largest layer's bytes as held (the file's form, or f16 for `--f16`).
     pub layer_bytes: u64,
     /// One layer's norms and biases (f32).
@@ -42,6 +44,7 @@ impl ModelSizes {
             params: 0,
             file_bytes: 0,
             layer_file_bytes: 0,
+            layer_files: vec![],
             layer_bytes: 0,
             small_bytes: 0,
             max_row_bytes: 0,
@@ -83,6 +86,7 @@ impl ModelSizes {
             // Quantized files may mix types across layers; plan for the largest layer.
             s.layer_bytes = s.layer_bytes.max(held);
             s.layer_file_bytes = s.layer_file_bytes.max(file);
+            s.layer_files.push(file);
             s.small_bytes = s.small_bytes.max(small);
             // Experts: each is read whole into a cache slot, one buffer per matrix; a slot's
             // buffer for a role serves every layer, so it grows to that role's largest.
