@@ -20,20 +20,46 @@ const NORMAL: u64 = 1;
 const CONTROL: u64 = 3;
 const USER_DEFINED: u64 = 4;
 
-fn gpt2_regex(pre: &str) -> Option<&'static str> {
+/// The pre-tokenizer regexes llama.cpp uses for a `gpt2` file's `tokenizer.ggml.pre`, applied
+/// one after another (each splits the pieces the one before left, keeping both sides), as
+/// llama.cpp's `unicode_regex_split` does.
+fn gpt2_regexes(pre: &str) -> Option<&'static [&'static str]> {
     Some(match pre {
         "gpt2" | "default" | "gpt-2" => {
-            r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+            &[r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"]
         }
-        "qwen2" => {
-            r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-        }
-        "llama-bpe" | "llama3" => {
-            r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-        }
+        "qwen2" => &[
+            r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+        ],
+        "llama-bpe" | "llama3" => &[
+            r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+        ],
+        // DeepSeek-V2 and the first DeepSeek LLMs (the character classes are DeepSeek's).
+        "deepseek-llm" => DSLLM,
+        // DeepSeek-V3/R1.
+        "deepseek-v3" => DSV3,
+        // GLM-4 and GLM-4.5.
+        "glm4" | "glm5" | "chatglm-bpe" => GLM4,
         _ => return None,
     })
 }
+
+const DSLLM: &[&str] = &[
+            "[\r\n]",
+            "\\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-ώᾀ-ᾴᾶ-ᾼιῂ-ῄῆ-ῌῐ-ΐῖ-Ίῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤΩℨK-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+",
+            "\\s?[!-/:-~！-／：-～‘-‟　-。]+",
+            "\\s+$",
+            "[一-龥ࠀ-一가-퟿]+",
+            "\\p{N}+",
+        ];
+const DSV3: &[&str] = &[
+            "\\p{N}{1,3}",
+            "[一-龥぀-ゟ゠-ヿ]+",
+            "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+",
+        ];
+const GLM4: &[&str] = &[
+            "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+",
+        ];
 
 /// Builds the tokenizer, and returns it with the BOS and EOS/EOT ids llama.cpp would use.
 pub fn from_gguf(g: &GgufFile) -> Result<tokenizers::Tokenizer> {
@@ -179,15 +205,20 @@ pub fn from_gguf(g: &GgufFile) -> Result<tokenizers::Tokenizer> {
                     .get("tokenizer.ggml.pre")
                     .and_then(Value::as_str)
                     .unwrap_or("default");
-                let regex = gpt2_regex(pre).ok_or_else(|| {
+                let regexes = gpt2_regexes(pre).ok_or_else(|| {
                     Error::config(
                         path,
                         "tokenizer.ggml.pre",
                         format!(
-                            "`{pre}` is not supported (supported: gpt2, default, qwen2, llama-bpe)"
+                            "`{pre}` is not supported (supported: gpt2, default, qwen2, llama-bpe, deepseek-llm, deepseek-v3, glm4)"
                         ),
                     )
                 })?;
+                let mut pretokenizers: Vec<J> = regexes
+                    .iter()
+                    .map(|r| json!({"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": false}))
+                    .collect();
+                pretokenizers.push(json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}));
                 let merges: Vec<(String, String)> = g
                     .get("tokenizer.ggml.merges")
                     .and_then(Value::as_array)
@@ -204,10 +235,7 @@ pub fn from_gguf(g: &GgufFile) -> Result<tokenizers::Tokenizer> {
                         "version": "1.0", "truncation": null, "padding": null,
                         "added_tokens": [],
                         "normalizer": null,
-                        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-                            {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
-                            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}
-                        ]},
+                        "pre_tokenizer": {"type": "Sequence", "pretokenizers": pretokenizers},
                         "post_processor": post,
                         "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false},
                         "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
