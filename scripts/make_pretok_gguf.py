@@ -22,7 +22,7 @@ from llama_cpp import Llama
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.join(HERE, "..", "tests", "fixtures", "gguf", "tiny", "deepseek2-v3-f32.gguf")
 OUT = os.path.join(HERE, "..", "tests", "fixtures", "gguf", "pretok")
-PRES = ["deepseek-v3", "deepseek-llm", "glm4"]
+PRES = ["deepseek-v3", "deepseek-llm", "glm4", "kimi-k2"]
 TEXTS = [
     "Hello world, it's 2026: 1234567 apples and 3.14159 pies!",
     "  leading spaces\tand tabs\n\nnew lines\r\nend  ",

@@ -40,6 +40,10 @@ fn gpt2_regexes(pre: &str) -> Option<&'static [&'static str]> {
         "deepseek-v3" => DSV3,
         // GLM-4 and GLM-4.5.
         "glm4" | "glm5" | "chatglm-bpe" => GLM4,
+        // Kimi K2 (tiktoken's pattern; Han runs apart from other letters).
+        "kimi-k2" => &[
+            r"[\p{Han}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+        ],
         _ => return None,
     })
 }
@@ -210,7 +214,7 @@ pub fn from_gguf(g: &GgufFile) -> Result<tokenizers::Tokenizer> {
                         path,
                         "tokenizer.ggml.pre",
                         format!(
-                            "`{pre}` is not supported (supported: gpt2, default, qwen2, llama-bpe, deepseek-llm, deepseek-v3, glm4)"
+                            "`{pre}` is not supported (supported: gpt2, default, qwen2, llama-bpe, deepseek-llm, deepseek-v3, glm4, kimi-k2)"
                         ),
                     )
                 })?;

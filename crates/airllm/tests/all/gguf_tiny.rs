@@ -180,12 +180,13 @@ fn q8_0_files_agree_on_every_clear_top_1() {
     }
 }
 
-/// DeepSeek's and GLM's pre-tokenizers (`deepseek-llm`, `deepseek-v3`, `glm4`) split text as
+/// DeepSeek's, GLM's and Kimi K2's pre-tokenizers (`deepseek-llm`, `deepseek-v3`, `glm4`,
+/// `kimi-k2`) split text as
 /// llama.cpp does: vocabulary-only files whose merges cross every kind of boundary
 /// (scripts/make_pretok_gguf.py).
 #[test]
 fn deepseek_and_glm_pre_tokenizers_match_llama_cpp() {
-    for pre in ["deepseek-llm", "deepseek-v3", "glm4"] {
+    for pre in ["deepseek-llm", "deepseek-v3", "glm4", "kimi-k2"] {
         let path = common::fixture(&format!("gguf/pretok/{pre}.gguf"));
         let r: Value =
             serde_json::from_str(&std::fs::read_to_string(path.with_extension("json")).unwrap())
