@@ -106,7 +106,7 @@ impl Block {
 
         // Queries a chunk of rows at a time, so that the latent-space copies (heads × rank
         // per row, several times) stay small however long the prefill.
-        let chunk = mla_chunk_rows(self.scores_bytes, nh, rank, rope);
+        let chunk = mla_chunk_rows(self.scores_bytes, nh, rank, rope).min(rows.max(1));
         let mut y = vec![0f32; rows * nh * vd];
         let shape_attn = Shape {
             heads: nh,

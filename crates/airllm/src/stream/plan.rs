@@ -584,7 +584,9 @@ fn work_bytes(cfg: &ModelConfig, o: &EngineOptions) -> u64 {
             + 2 * m.q_lora_rank.unwrap_or(0)
             + 3 * m.cache_dim()
             + nh * m.v_head_dim) as u64;
-        let chunk = crate::model::mla::mla_chunk_rows(o.attention_scores_bytes, nh, rank, rope);
+        // A chunk is never more rows than a sweep has.
+        let chunk = crate::model::mla::mla_chunk_rows(o.attention_scores_bytes, nh, rank, rope)
+            .min(o.max_step_tokens.max(1));
         mla_fixed = (nh * (m.qk_nope_head_dim + m.v_head_dim) * rank
             + chunk * (m.qk_nope_head_dim + 6 * nh * (rank + rope))
             + 64 * rank) as u64;
