@@ -993,6 +993,44 @@ fn read_moe(r: &Reader, arch: Arch, num_layers: usize) -> Result<Option<MoeSpec>
     }))
 }
 
+/// The field at fault in group-limited routing.
+pub(crate) enum GroupFault {
+    Groups,
+    TopGroups,
+    TopK,
+}
+
+/// Why `top_k` of `experts` cannot be routed through `top_groups` of `groups` groups, if they
+/// cannot: shared by the transformers and GGUF readers, which name the fields their own way.
+pub(crate) fn group_fault(
+    experts: usize,
+    groups: usize,
+    top_groups: usize,
+    top_k: usize,
+) -> Option<(GroupFault, String)> {
+    if groups == 0 || !experts.is_multiple_of(groups) {
+        return Some((
+            GroupFault::Groups,
+            format!("{groups} groups do not divide the {experts} experts"),
+        ));
+    }
+    if top_groups == 0 || top_groups > groups {
+        return Some((
+            GroupFault::TopGroups,
+            format!("{top_groups} must be between 1 and the {groups} groups"),
+        ));
+    }
+    let reachable = top_groups * (experts / groups);
+    (top_k > reachable).then(|| {
+        (
+            GroupFault::TopK,
+            format!(
+                "{top_k} is more than the {reachable} experts of the {top_groups} chosen groups"
+            ),
+        )
+    })
+}
+
 /// DeepSeek's MoE options (also GLM-4.5's): `n_routed_experts` experts of
 /// `moe_intermediate_size`, `n_shared_experts` always-on ones, dense layers before
 /// `first_k_dense_replace` and off the `moe_layer_freq` step, and the routing method.
@@ -1032,29 +1070,13 @@ fn read_deepseek_moe(r: &Reader, arch: Arch, num_layers: usize) -> Result<Option
     let grouped = |top2_sum: bool| -> Result<Option<ExpertGroups>> {
         let groups = r.usize_opt("n_group")?.unwrap_or(1).max(1);
         let top_groups = r.usize_opt("topk_group")?.unwrap_or(groups);
-        if experts % groups != 0 {
-            return Err(Error::config(
-                r.path,
-                "n_group",
-                format!("{groups} groups do not divide the {experts} experts"),
-            ));
-        }
-        if top_groups == 0 || top_groups > groups {
-            return Err(Error::config(
-                r.path,
-                "topk_group",
-                format!("{top_groups} must be between 1 and n_group {groups}"),
-            ));
-        }
-        if top_k > top_groups * (experts / groups) {
-            return Err(Error::config(
-                r.path,
-                "num_experts_per_tok",
-                format!(
-                    "{top_k} is more than the {} experts of the topk_group {top_groups} groups",
-                    top_groups * (experts / groups)
-                ),
-            ));
+        if let Some((fault, why)) = group_fault(experts, groups, top_groups, top_k) {
+            let key = match fault {
+                GroupFault::Groups => "n_group",
+                GroupFault::TopGroups => "topk_group",
+                GroupFault::TopK => "num_experts_per_tok",
+            };
+            return Err(Error::config(r.path, key, why));
         }
         if top2_sum && experts / groups < 2 {
             return Err(Error::config(

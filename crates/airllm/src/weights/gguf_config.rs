@@ -3,8 +3,8 @@
 //! module, so that the config module depends on no weight format.
 
 use crate::config::{
-    yarn_mscale, Activation, Arch, BlockSpec, ExpertGroups, MlaSpec, ModelConfig, MoeSpec,
-    MoeStyle, RopeConfig, RopeScaling, Routing, Scoring,
+    group_fault, yarn_mscale, Activation, Arch, BlockSpec, ExpertGroups, GroupFault, MlaSpec,
+    ModelConfig, MoeSpec, MoeStyle, RopeConfig, RopeScaling, Routing, Scoring,
 };
 use crate::error::{Error, Result};
 use crate::weights::gguf::{GgufMeta, Value as V};
@@ -457,29 +457,13 @@ fn read_deepseek_moe(
     let groups = u(Key::ExpertGroupCount).unwrap_or(1).max(1);
     let groups = if groups > 1 {
         let top_groups = u(Key::ExpertGroupUsedCount).unwrap_or(groups);
-        if experts % groups != 0 {
-            return Err(Error::config(
-                path,
-                &key(Key::ExpertGroupCount),
-                format!("{groups} groups do not divide the {experts} experts"),
-            ));
-        }
-        if top_groups == 0 || top_groups > groups {
-            return Err(Error::config(
-                path,
-                &key(Key::ExpertGroupUsedCount),
-                format!("{top_groups} must be between 1 and the {groups} groups"),
-            ));
-        }
-        if top_k > top_groups * (experts / groups) {
-            return Err(Error::config(
-                path,
-                &key(Key::ExpertUsedCount),
-                format!(
-                    "{top_k} is more than the {} experts of the {top_groups} chosen groups",
-                    top_groups * (experts / groups)
-                ),
-            ));
+        if let Some((fault, why)) = group_fault(experts, groups, top_groups, top_k) {
+            let k = match fault {
+                GroupFault::Groups => Key::ExpertGroupCount,
+                GroupFault::TopGroups => Key::ExpertGroupUsedCount,
+                GroupFault::TopK => Key::ExpertUsedCount,
+            };
+            return Err(Error::config(path, &key(k), why));
         }
         Some(ExpertGroups {
             groups,
