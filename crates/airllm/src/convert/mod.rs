@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::weights::gguf::Value;
 use crate::weights::gguf_keys::{self as keys, Key};
 use crate::weights::gguf_write::{GgufPlan, OutFile, TensorPlan};
-use crate::weights::mat::AlignedBuf;
+use crate::weights::mat::{AlignedBuf, Form};
 use crate::weights::schema::{self, Kind, LayerSchema, Naming, Role};
 use crate::weights::WeightSource;
 
@@ -502,7 +502,7 @@ fn gguf_plan(info: &ModelInfo, quant: Quant, out: &Path) -> Result<(GgufPlan, Ve
         let out = TensorPlan {
             name: out_name,
             shape,
-            dtype,
+            form: Form::of_ggml(dtype),
         };
         plan.add_tensor(out.clone())?;
         items.push(Item {
@@ -534,7 +534,7 @@ fn gguf_plan(info: &ModelInfo, quant: Quant, out: &Path) -> Result<(GgufPlan, Ve
         let out = TensorPlan {
             name: name.into(),
             shape: vec![f.len()],
-            dtype: GgmlDType::F32,
+            form: Form::of_ggml(GgmlDType::F32),
         };
         plan.add_tensor(out.clone())?;
         items.push(Item {
@@ -560,7 +560,7 @@ fn gguf_plan(info: &ModelInfo, quant: Quant, out: &Path) -> Result<(GgufPlan, Ve
                     let shape = part.stored_shape(Naming::Gguf);
                     let out = TensorPlan {
                         name: part.name(Naming::Gguf, l),
-                        dtype: matrix_type(quant, shape[2], false, false),
+                        form: Form::of_ggml(matrix_type(quant, shape[2], false, false)),
                         shape,
                     };
                     plan.add_tensor(out.clone())?;
@@ -577,7 +577,12 @@ fn gguf_plan(info: &ModelInfo, quant: Quant, out: &Path) -> Result<(GgufPlan, Ve
                 let shape = t.stored_shape(Naming::Gguf);
                 let out = TensorPlan {
                     name: t.name(Naming::Gguf, l),
-                    dtype: matrix_type(quant, shape[2], false, more_bits(Some((l, t.role)))),
+                    form: Form::of_ggml(matrix_type(
+                        quant,
+                        shape[2],
+                        false,
+                        more_bits(Some((l, t.role))),
+                    )),
                     shape,
                 };
                 plan.add_tensor(out.clone())?;
@@ -809,7 +814,13 @@ impl Transform {
 }
 
 /// Encodes f32 rows in a GGUF tensor type.
-fn encode(v: Vec<f32>, rows: usize, cols: usize, t: GgmlDType) -> Result<Vec<u8>> {
+fn encode(v: Vec<f32>, rows: usize, cols: usize, form: Form) -> Result<Vec<u8>> {
+    let Form::Q(t) = form else {
+        return Err(Error::Internal(format!(
+            "the converter does not write {}",
+            form.name()
+        )));
+    };
     Ok(match t {
         GgmlDType::F32 => bytemuck::cast_slice(&v).to_vec(),
         GgmlDType::F16 => v
@@ -966,7 +977,7 @@ fn stream_items(
                 .map(|raw| {
                     let it = &items[raw.item];
                     let cols = shapes[raw.item].1;
-                    Ok((raw.item, encode(raw.v, raw.rows, cols, it.out.dtype)?))
+                    Ok((raw.item, encode(raw.v, raw.rows, cols, it.out.form)?))
                 })
                 .collect();
             for e in encoded {
@@ -1032,7 +1043,7 @@ fn write_hf(info: &ModelInfo, dir: &Path, progress: &mut dyn FnMut(u64, u64)) ->
                 out: TensorPlan {
                     name: hf,
                     shape,
-                    dtype: GgmlDType::F32,
+                    form: Form::of_ggml(GgmlDType::F32),
                 },
                 data,
                 transform,
@@ -1076,7 +1087,7 @@ fn write_hf(info: &ModelInfo, dir: &Path, progress: &mut dyn FnMut(u64, u64)) ->
                         out: TensorPlan {
                             name: hf,
                             shape,
-                            dtype: GgmlDType::F32,
+                            form: Form::of_ggml(GgmlDType::F32),
                         },
                         data: Data::KvBJoin(kb, vb, lat),
                         transform: Transform::None,

@@ -138,7 +138,7 @@ pub fn float_dtype(f: Form) -> Option<DType> {
         Form::F32 => Some(DType::F32),
         Form::F16 => Some(DType::F16),
         Form::BF16 => Some(DType::BF16),
-        Form::Q(_) | Form::F8(..) => None,
+        Form::Q(_) | Form::F8(..) | Form::Mxfp4 { .. } => None,
     }
 }
 

@@ -43,6 +43,7 @@ pub fn gemv_max_rows(form: Form) -> usize {
 pub fn exact_rows(form: Form) -> usize {
     match form {
         Form::Q(t) => super::qmatmul::gemm_rows(t) - 1,
+        Form::Mxfp4 { q8: true } => super::mxfp4::GEMM_ROWS - 1,
         f => gemv_max_rows(f),
     }
     .min(super::attention::ROW_EXACT)
@@ -75,6 +76,9 @@ pub fn matmul_into(
     match w.form {
         Form::Q(t) => {
             super::qmatmul::quant_with(x, m, w, t, y, ldy, col0, m >= super::qmatmul::gemm_rows(t))
+        }
+        Form::Mxfp4 { q8: true } => {
+            super::mxfp4::matmul_q8(x, m, w, y, ldy, col0, m >= super::mxfp4::GEMM_ROWS)
         }
         _ if m <= gemv_max_rows(w.form) => {
             gemv(x, m, w, y, ldy, col0);
@@ -128,9 +132,9 @@ fn gemv(x: &[f32], m: usize, w: MatView, y: &mut [f32], ldy: usize, col0: usize)
     let kernel = Kernel::get();
     (0..n.div_ceil(per)).into_par_iter().for_each(|t| {
         let mut acc = [0f32; 4];
-        // FP8 rows are widened once (with their scales) and dotted as f32.
+        // FP8 and MXFP4 rows are widened once (with their scales) and dotted as f32.
         let mut wide = match w.form {
-            Form::F8(..) => vec![0f32; k],
+            Form::F8(..) | Form::Mxfp4 { .. } => vec![0f32; k],
             _ => vec![],
         };
         for j in t * per..((t + 1) * per).min(n) {
@@ -138,6 +142,10 @@ fn gemv(x: &[f32], m: usize, w: MatView, y: &mut [f32], ldy: usize, col0: usize)
             let mut form = w.form;
             if let Form::F8(kind, block) = w.form {
                 crate::weights::mat::widen_f8(kind, block, k, row, &mut wide);
+                row = bytemuck::cast_slice(&wide);
+                form = Form::F32;
+            } else if let Form::Mxfp4 { .. } = w.form {
+                crate::weights::mat::widen_mxfp4(row, &mut wide);
                 row = bytemuck::cast_slice(&wide);
                 form = Form::F32;
             }
@@ -196,6 +204,7 @@ fn widen(form: Form, row: &[u8], dst: &mut [f32]) {
             let cols = dst.len();
             crate::weights::mat::widen_f8(kind, block, cols, row, dst)
         }
+        Form::Mxfp4 { .. } => crate::weights::mat::widen_mxfp4(row, dst),
         Form::Q(_) => unreachable!("quantized rows take the block kernels"),
     }
 }
@@ -449,7 +458,7 @@ mod tests {
                 .iter()
                 .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
                 .collect(),
-            Form::Q(_) | Form::F8(..) => unreachable!(),
+            Form::Q(_) | Form::F8(..) | Form::Mxfp4 { .. } => unreachable!(),
         }
     }
 

@@ -10,6 +10,7 @@ pub mod attention;
 mod common;
 pub mod matmul;
 pub mod mla;
+pub mod mxfp4;
 pub mod qmatmul;
 #[cfg(target_arch = "x86_64")]
 mod vnni;

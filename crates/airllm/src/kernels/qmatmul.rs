@@ -347,6 +347,13 @@ fn dot_rows<T: GgmlType>(
     }
 }
 
+/// Whether our AVX2 kernels run here (not when `AIRLLM_PORTABLE_KERNEL` asks for the
+/// portable ones).
+#[cfg(target_arch = "x86_64")]
+pub(super) fn has_avx2() -> bool {
+    x86::has_avx2()
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use crate::kernels::common::{hsum, q4k_scale_min};

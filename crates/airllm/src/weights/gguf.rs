@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::quantized::GgmlDType;
 
+use super::mat::Form;
+
 use crate::error::{Error, Result};
 
 /// A metadata value.
@@ -63,7 +65,8 @@ impl Value {
 pub struct GgufTensor {
     /// Shape in row-major order (GGUF stores it innermost first; this is reversed).
     pub shape: Vec<usize>,
-    pub dtype: GgmlDType,
+    /// The stored type, as the form it is held in.
+    pub form: Form,
     /// Absolute offset in the file.
     pub offset: u64,
     pub nbytes: u64,
@@ -75,8 +78,7 @@ impl GgufTensor {
     }
     /// Bytes of one row (the innermost dimension).
     pub fn row_bytes(&self) -> usize {
-        let cols = *self.shape.last().unwrap_or(&1);
-        cols / self.dtype.block_size() * self.dtype.type_size()
+        self.form.row_bytes(*self.shape.last().unwrap_or(&1))
     }
 }
 
@@ -305,15 +307,16 @@ impl GgufFile {
         let mut tensors = HashMap::new();
         let mut order = Vec::new();
         for (name, dims, ty, off) in infos {
-            let (dtype, tname) = ggml_type(ty).ok_or_else(|| {
+            let form = Form::of_gguf_id(ty).ok_or_else(|| {
                 Error::tensor(
                     path,
                     &name,
                     format!("unknown or unsupported quantization type {ty}"),
                 )
             })?;
+            let tname = form.name();
             let numel = dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
-            let bs = dtype.block_size() as u64;
+            let bs = form.block_size() as u64;
             let inner = dims[0];
             if inner % bs != 0 {
                 return Err(Error::tensor(
@@ -325,7 +328,7 @@ impl GgufFile {
                 ));
             }
             let nbytes = numel
-                .and_then(|n| (n / bs).checked_mul(dtype.type_size() as u64))
+                .and_then(|n| (n / bs).checked_mul(form.row_bytes(bs as usize) as u64))
                 .ok_or_else(|| {
                     Error::tensor(path, &name, format!("shape {dims:?} is too large"))
                 })?;
@@ -347,7 +350,7 @@ impl GgufFile {
                 name,
                 GgufTensor {
                     shape: dims.iter().rev().map(|&d| d as usize).collect(),
-                    dtype,
+                    form,
                     offset: data_start + off,
                     nbytes,
                 },

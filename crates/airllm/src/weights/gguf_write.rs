@@ -10,9 +10,8 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::GgmlDType;
-
 use super::gguf::{GgufMeta, Value};
+use super::mat::Form;
 use crate::error::{Error, Result};
 
 /// Data offsets are aligned to this (GGUF's default `general.alignment`).
@@ -24,13 +23,14 @@ pub struct TensorPlan {
     pub name: String,
     /// Row-major shape, outermost first (the reverse of GGUF's `ne`).
     pub shape: Vec<usize>,
-    pub dtype: GgmlDType,
+    /// The stored type (a GGUF type: FP8 has none).
+    pub form: Form,
 }
 
 impl TensorPlan {
     pub fn bytes(&self) -> u64 {
         let n: usize = self.shape.iter().product();
-        (n / self.dtype.block_size() * self.dtype.type_size()) as u64
+        (n / self.form.block_size() * self.form.row_bytes(self.form.block_size())) as u64
     }
 }
 
@@ -69,14 +69,14 @@ impl GgufPlan {
 
     pub fn add_tensor(&mut self, t: TensorPlan) -> Result<()> {
         let cols = *t.shape.last().unwrap_or(&1);
-        if !cols.is_multiple_of(t.dtype.block_size()) {
+        if !cols.is_multiple_of(t.form.block_size()) || t.form.gguf_id().is_none() {
             return Err(Error::tensor(
                 &self.path,
                 &t.name,
                 format!(
-                    "rows of {cols} values cannot be stored as {:?} (blocks of {})",
-                    t.dtype,
-                    t.dtype.block_size()
+                    "rows of {cols} values cannot be stored as {} (blocks of {})",
+                    t.form.name(),
+                    t.form.block_size()
                 ),
             ));
         }
@@ -103,7 +103,8 @@ impl GgufPlan {
             for &d in t.shape.iter().rev() {
                 h.extend_from_slice(&(d as u64).to_le_bytes());
             }
-            h.extend_from_slice(&ggml_id(t.dtype).to_le_bytes());
+            // Checked by `add_tensor`.
+            h.extend_from_slice(&t.form.gguf_id().unwrap_or(0).to_le_bytes());
             h.extend_from_slice(&off.to_le_bytes());
             off = align(off + t.bytes());
         }
@@ -133,12 +134,6 @@ impl GgufMeta for GgufPlan {
 
 fn align(n: u64) -> u64 {
     n.div_ceil(ALIGN) * ALIGN
-}
-
-fn ggml_id(t: GgmlDType) -> u32 {
-    (0..31)
-        .find(|&id| super::gguf::ggml_type(id).is_some_and(|(d, _)| d == t))
-        .expect("every type we write has a GGUF id")
 }
 
 fn put_str(h: &mut Vec<u8>, s: &str) {
@@ -381,13 +376,13 @@ mod tests {
         plan.add_tensor(TensorPlan {
             name: "a".into(),
             shape: vec![3],
-            dtype: GgmlDType::F32,
+            form: Form::F32,
         })
         .unwrap();
         plan.add_tensor(TensorPlan {
             name: "b".into(),
             shape: vec![2, 32],
-            dtype: GgmlDType::Q8_0,
+            form: Form::Q(candle_core::quantized::GgmlDType::Q8_0),
         })
         .unwrap();
         let mut out = OutFile::create(&path, plan.file_bytes()).unwrap();

@@ -16,6 +16,70 @@ pub enum Form {
     /// FP8 with block scales, one byte a weight: each row is its `cols` bytes (padded to 4),
     /// then one f32 scale per `block` columns, its block row's, copied in when it is read.
     F8(F8Kind, usize),
+    /// MXFP4 (OCP microscaling FP4): blocks of 32 e2m1 values sharing one e8m0 scale, in
+    /// GGUF's layout of 17 bytes a block (the scale byte, then 16 bytes whose low nibbles are
+    /// values 0..16 and high nibbles values 16..32). Checkpoints in transformers' layout are
+    /// repacked to it when read. `q8`: products in llama.cpp's arithmetic (activations
+    /// quantized to Q8_0, as for GGUF files); otherwise the f32 products of the exact values,
+    /// as transformers computes them.
+    Mxfp4 {
+        q8: bool,
+    },
+}
+
+/// Values of the 16 e2m1 codes, doubled so that they are integers (llama.cpp's table).
+pub const E2M1_X2: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
+
+/// Bytes of one MXFP4 block of 32 values.
+pub const MXFP4_BLOCK_BYTES: usize = 17;
+
+/// Half the value of an e8m0 scale byte, 2^(e − 128), exactly (subnormal for e < 2): the
+/// factor of the doubled table [`E2M1_X2`].
+#[inline]
+pub fn e8m0_half(e: u8) -> f32 {
+    if e < 2 {
+        f32::from_bits(0x0020_0000 << e)
+    } else {
+        f32::from_bits(((e as u32) - 1) << 23)
+    }
+}
+
+/// Widens one MXFP4 block (17 bytes) to its 32 values.
+#[inline]
+pub fn widen_mxfp4_block(b: &[u8], dst: &mut [f32]) {
+    let s = e8m0_half(b[0]);
+    for j in 0..16 {
+        let q = b[1 + j];
+        dst[j] = E2M1_X2[(q & 15) as usize] as f32 * s;
+        dst[j + 16] = E2M1_X2[(q >> 4) as usize] as f32 * s;
+    }
+}
+
+/// Widens a row of MXFP4 blocks.
+pub fn widen_mxfp4(row: &[u8], dst: &mut [f32]) {
+    for (d, b) in dst
+        .chunks_exact_mut(32)
+        .zip(row.chunks_exact(MXFP4_BLOCK_BYTES))
+    {
+        widen_mxfp4_block(b, d);
+    }
+}
+
+/// Repacks rows of MXFP4 from transformers' layout (per row, `cols / 2` bytes whose low
+/// nibble is the even value and high nibble the odd one, and `cols / 32` scale bytes
+/// elsewhere) into [`Form::Mxfp4`]'s blocks.
+pub fn repack_hf_mxfp4(blocks: &[u8], scales: &[u8], dst: &mut [u8]) {
+    for ((d, b), &e) in dst
+        .chunks_exact_mut(MXFP4_BLOCK_BYTES)
+        .zip(blocks.chunks_exact(16))
+        .zip(scales)
+    {
+        d[0] = e;
+        let nib = |i: usize| (b[i / 2] >> (4 * (i % 2))) & 15;
+        for j in 0..16 {
+            d[1 + j] = nib(j) | (nib(j + 16) << 4);
+        }
+    }
 }
 
 /// The two FP8 formats.
@@ -139,6 +203,36 @@ impl Form {
             Form::F16 | Form::BF16 => 2 * cols,
             Form::Q(t) => cols / t.block_size() * t.type_size(),
             Form::F8(_, block) => cols.next_multiple_of(4) + 4 * cols.div_ceil(block),
+            Form::Mxfp4 { .. } => cols / 32 * MXFP4_BLOCK_BYTES,
+        }
+    }
+    /// Values per storage block (1 for the float forms).
+    pub fn block_size(self) -> usize {
+        match self {
+            Form::Q(t) => t.block_size(),
+            Form::Mxfp4 { .. } => 32,
+            _ => 1,
+        }
+    }
+    /// Whether values are stored in blocks that share a scale (GGUF's quantized types).
+    pub fn is_quantized(self) -> bool {
+        matches!(self, Form::Q(_) | Form::Mxfp4 { .. } | Form::F8(..))
+    }
+    /// The form of GGUF type id `id`, for the types this engine computes with.
+    pub fn of_gguf_id(id: u32) -> Option<Form> {
+        if id == MXFP4_GGUF_ID {
+            return Some(Form::Mxfp4 { q8: true });
+        }
+        crate::weights::gguf::ggml_type(id).map(|(t, _)| Form::of_ggml(t))
+    }
+    /// The GGUF type id of this form (none for FP8, which GGUF does not have).
+    pub fn gguf_id(self) -> Option<u32> {
+        match self {
+            Form::Mxfp4 { .. } => Some(MXFP4_GGUF_ID),
+            Form::F8(..) => None,
+            f => (0..31).find(|&id| {
+                crate::weights::gguf::ggml_type(id).is_some_and(|(d, _)| Form::of_ggml(d) == f)
+            }),
         }
     }
     pub fn name(self) -> &'static str {
@@ -149,6 +243,7 @@ impl Form {
             Form::Q(t) => crate::weights::gguf::type_name(t),
             Form::F8(F8Kind::E4M3, _) => "F8_E4M3",
             Form::F8(F8Kind::E5M2, _) => "F8_E5M2",
+            Form::Mxfp4 { .. } => "MXFP4",
         }
     }
     /// The form of a GGUF tensor type.
@@ -161,6 +256,9 @@ impl Form {
         }
     }
 }
+
+/// GGML's type id of MXFP4 (which candle does not have).
+pub const MXFP4_GGUF_ID: u32 = 39;
 
 pub use super::buf::{set_host_pinning, AlignedBuf, HostPin, BUF_ALIGN};
 
@@ -196,6 +294,14 @@ impl MatView<'_> {
                 let mut out = vec![0f32; n];
                 for (r, dst) in out.chunks_mut(self.cols.max(1)).enumerate() {
                     widen_f8(kind, block, self.cols, &d[r * rb..(r + 1) * rb], dst);
+                }
+                out
+            }
+            Form::Mxfp4 { .. } => {
+                let rb = self.form.row_bytes(self.cols);
+                let mut out = vec![0f32; n];
+                for (r, dst) in out.chunks_mut(self.cols.max(1)).enumerate() {
+                    widen_mxfp4(&d[r * rb..(r + 1) * rb], dst);
                 }
                 out
             }

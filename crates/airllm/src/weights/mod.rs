@@ -20,7 +20,6 @@ pub mod schema;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
@@ -421,10 +420,6 @@ pub struct GgufSource {
     pub dequantize: bool,
 }
 
-fn is_float(t: GgmlDType) -> bool {
-    matches!(t, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
-}
-
 impl GgufSource {
     pub fn open(path: &Path) -> Result<Self> {
         Ok(GgufSource {
@@ -441,10 +436,10 @@ impl GgufSource {
     }
 
     fn held(&self, t: &GgufTensor) -> Form {
-        if self.dequantize && !is_float(t.dtype) {
+        if self.dequantize && t.form.is_quantized() {
             Form::F32
         } else {
-            Form::of_ggml(t.dtype)
+            t.form
         }
     }
 
@@ -455,7 +450,7 @@ impl GgufSource {
             .file
             .read(name, t.offset + (start * rb) as u64, rows * rb)?;
         MatView {
-            form: Form::of_ggml(t.dtype),
+            form: t.form,
             rows,
             cols: *t.shape.last().unwrap_or(&1),
             data: &bytes,
@@ -493,7 +488,7 @@ impl WeightSource for GgufSource {
             } else {
                 t.numel() as u64 * 4
             },
-            dtype: gguf::type_name(t.dtype),
+            dtype: t.form.name(),
         })
     }
 
@@ -544,9 +539,9 @@ impl WeightSource for GgufSource {
             )
             .map_err(|e| Error::tensor(path, name, format!("read failed: {e}")))?;
         let form = self.held(t);
-        if form != Form::of_ggml(t.dtype) {
+        if form != t.form {
             // Dequantized for reference checks: widened once, into a buffer of its own.
-            let v = Mat::new(Form::of_ggml(t.dtype), len, cols, buf, off)?
+            let v = Mat::new(t.form, len, cols, buf, off)?
                 .view()
                 .to_f32()
                 .map_err(|e| Error::tensor(path, name, e.to_string()))?;
