@@ -51,13 +51,13 @@ PROMPTS = [
 ]
 
 
-def build_tokenizer(bos_post_processor: bool) -> Tokenizer:
+def build_tokenizer(bos_post_processor: bool, specials=SPECIALS) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=320,
-        special_tokens=SPECIALS,
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -182,6 +182,105 @@ def router_gaps(model):
     return gaps, handles
 
 
+FP4_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def mxfp4_codes(w):
+    """MXFP4 as OCP defines it, along the last axis of w: per block of 32 values one e8m0 exponent
+    (the smallest with amax / 2^e <= 6) and e2m1 codes, each value's nearest (ties to the lower
+    code). Returns (codes uint8 [..., K], biased exponents uint8 [..., K / 32])."""
+    b = w.float().reshape(*w.shape[:-1], -1, 32)
+    amax = b.abs().amax(-1)
+    e = torch.ceil(torch.log2(amax.clamp_min(2.0**-100) / 6.0)).clamp(-127, 127)
+    scaled = b / torch.pow(2.0, e)[..., None]
+    idx = (scaled.abs()[..., None] - FP4_VALUES[:8]).abs().argmin(-1)
+    codes = torch.where((scaled < 0) & (idx > 0), idx + 8, idx)
+    return codes.to(torch.uint8).reshape(w.shape), (e + 127).to(torch.uint8)
+
+
+def mxfp4_values(codes, exps):
+    v = FP4_VALUES[codes.long()].reshape(*codes.shape[:-1], -1, 32)
+    return (v * torch.pow(2.0, exps.float() - 127)[..., None]).reshape(codes.shape)
+
+
+def gpt_oss_post(model):
+    """GPT-OSS: routers with a wide spread (see randomize), gate/up scaled up so that the SwiGLU's
+    clamp at 7 is reached, and every expert weight rounded to MXFP4, so the float model is exactly
+    the one its MXFP4 checkpoint holds."""
+    g = torch.Generator().manual_seed(99)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.router.weight"):
+                p.copy_(torch.randn(p.shape, generator=g))
+            if name.endswith("self_attn.sinks"):
+                p.copy_(torch.randn(p.shape, generator=g))
+            if name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+                if name.endswith("gate_up_proj"):
+                    p.mul_(4.0)
+                # [experts, in, out] as transformers holds them; blocks run along `in`.
+                t = p.transpose(1, 2)
+                c, e = mxfp4_codes(t)
+                p.copy_(mxfp4_values(c, e).transpose(1, 2))
+
+
+def mxfp4_checkpoint(out):
+    """Rewrites out/model.safetensors with the experts in MXFP4 as openai/gpt-oss ships them:
+    `*_blocks` [experts, out, in / 32, 16] (value 2k in byte k's low nibble, 2k + 1 in its high one)
+    and `*_scales` [experts, out, in / 32], and adds its quantization_config."""
+    path = os.path.join(out, "model.safetensors")
+    weights = load_file(path)
+    stored = {}
+    for k, w in weights.items():
+        if k.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+            c, e = mxfp4_codes(w.transpose(1, 2).contiguous())
+            packed = c[..., 0::2] | (c[..., 1::2] << 4)
+            stored[k + "_blocks"] = packed.reshape(*c.shape[:-1], -1, 16).contiguous()
+            stored[k + "_scales"] = e.contiguous()
+        else:
+            stored[k] = w
+    save_file(stored, path, metadata={"format": "pt"})
+    cfg_path = os.path.join(out, "config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"],
+    }
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f, indent=2)
+
+
+HARMONY_SPECIALS = SPECIALS + ["<|start|>", "<|message|>", "<|channel|>", "<|return|>", "<|constrain|>", "<|call|>"]
+
+
+# llama-cpp-python 0.3.36's sdist on PyPI (the version scripts/requirements-llamacpp.txt pins).
+LLAMA_CPP_SDIST = (
+    "https://files.pythonhosted.org/packages/ec/e9/e7de2b0463ea3ffbf0ede6cb21b58c1258a8f6521aae45ca773a59fe7cf3/"
+    "llama_cpp_python-0.3.36.tar.gz"
+)
+
+
+def gpt_oss_template():
+    """The harmony chat template (openai/gpt-oss's chat_template.jinja), as llama.cpp ships it in
+    models/templates/, from the pinned llama-cpp-python sdist on PyPI (no model hub is needed)."""
+    import io
+    import tarfile
+    import urllib.request
+
+    data = urllib.request.urlopen(LLAMA_CPP_SDIST).read()
+    with tarfile.open(fileobj=io.BytesIO(data)) as t:
+        m = next(m for m in t.getmembers() if m.name.endswith("models/templates/openai-gpt-oss-120b.jinja"))
+        return t.extractfile(m).read().decode()
+
+
+GPT_OSS_CHAT = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "What is 2 + 2?"},
+    {"role": "assistant", "content": "4", "thinking": "Two plus two is four."},
+    {"role": "user", "content": "And 3 + 3?"},
+]
+
+
 def quantize_checkpoint(out, fp8_dtype, block, pick):
     """Rewrites out/model.safetensors with the weights `pick` selects in block FP8 and adds the
     quantization_config that DeepSeek-V3's official config.json carries. Returns a temporary folder
@@ -219,7 +318,8 @@ def quantize_checkpoint(out, fp8_dtype, block, pick):
 
 
 def make(name, arch, extra, *, tie, bos_post, add_bos, dtype=torch.float32, shard=None, old_keys=False, chat=False,
-         f64=False, post=None, fp8=None):
+         f64=False, post=None, fp8=None, mxfp4=False, specials=SPECIALS, template=CHAT_TEMPLATE, chat_messages=None,
+         chat_kwargs=None, noise=False):
     """post: called on the randomized model before it is saved (e.g. randomize_score_bias).
     fp8: (torch fp8 dtype, [br, bc], predicate on tensor names): those weights are stored block-quantized
     (weight + weight_scale_inv, quantization_config in config.json) and the reference runs the plain
@@ -227,7 +327,7 @@ def make(name, arch, extra, *, tie, bos_post, add_bos, dtype=torch.float32, shar
     out = os.path.join(ROOT, name)
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
-    tok = build_tokenizer(bos_post)
+    tok = build_tokenizer(bos_post, specials)
     tok.save(os.path.join(out, "tokenizer.json"))
     tc = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -238,7 +338,7 @@ def make(name, arch, extra, *, tie, bos_post, add_bos, dtype=torch.float32, shar
         "model_max_length": 4096,
     }
     if chat:
-        tc["chat_template"] = CHAT_TEMPLATE
+        tc["chat_template"] = template
     with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
         json.dump(tc, f, indent=2)
 
@@ -274,6 +374,8 @@ def make(name, arch, extra, *, tie, bos_post, add_bos, dtype=torch.float32, shar
     src = out
     if fp8:
         src = quantize_checkpoint(out, *fp8)
+    if mxfp4:
+        mxfp4_checkpoint(out)
     if f64:
         # Mixture-of-experts references are the exact function, computed in float64 with the
         # per-expert loop: transformers' f32 grouped-matmul path is itself up to ~1e-4 off it.
@@ -315,6 +417,16 @@ def make(name, arch, extra, *, tie, bos_post, add_bos, dtype=torch.float32, shar
         for h in handles:
             h.remove()
     save_file(tensors, os.path.join(out, "reference.safetensors"))
+    f32_noise = None
+    if noise:
+        # How far transformers' own float32 run lands from the float64 reference: for models whose
+        # tiny random form is badly conditioned (GPT-OSS's), the bound an f32 engine can meet.
+        m32 = AutoModelForCausalLM.from_pretrained(
+            out, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager"
+        ).eval()
+        with torch.no_grad():
+            l32 = m32(input_ids=batch, attention_mask=mask).logits
+        f32_noise = max(float((l32[b, : lens[b]] - tensors[f"logits_{b}"]).abs().max()) for b in range(len(ids)))
     ref = {
         "transformers": transformers.__version__,
         "torch": torch.__version__,
@@ -323,10 +435,20 @@ def make(name, arch, extra, *, tie, bos_post, add_bos, dtype=torch.float32, shar
         "greedy_token_ids": greedy,
         "min_greedy_margin": min(margins),
     }
+    if f32_noise is not None:
+        ref["transformers_f32_max_abs_diff"] = f32_noise
     if chat:
-        msgs = [{"role": "user", "content": "Hello there"}]
+        msgs = chat_messages or [{"role": "user", "content": "Hello there"}]
         ref["chat_messages"] = msgs
-        ref["chat_token_ids"] = hf_tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        kw = dict(chat_kwargs or {})
+        if "today" in kw:
+            # A fixed date for templates that print today's (harmony's "Current date"), which the
+            # test sets on its side too.
+            today = kw.pop("today")
+            kw["chat_template"] = template.replace('strftime_now("%Y-%m-%d")', json.dumps(today))
+            ref["chat_today"] = today
+        ref["chat_kwargs"] = {k: v for k, v in kw.items() if k != "chat_template"}
+        ref["chat_token_ids"] = hf_tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, **kw)
         if not isinstance(ref["chat_token_ids"], list):
             ref["chat_token_ids"] = list(ref["chat_token_ids"]["input_ids"])
     with open(os.path.join(out, "reference.json"), "w") as f:
@@ -682,6 +804,35 @@ def main():
         post=randomize_score_bias,
         fp8=(torch.float8_e4m3fn, [32, 32], is_layer_matrix),
     )
+    if not only or only & {"gpt-oss-mxfp4", "gpt-oss-bf16-experts"}:
+        gpt_oss_fixtures()
+
+
+def gpt_oss_fixtures():
+    """GPT-OSS: MXFP4 experts (as shipped, and dequantized as some repos publish them), sinks,
+    sliding windows of 4 on alternate layers, YaRN without truncation, the clamped SwiGLU, biases
+    everywhere, softmax over the top-2 router logits; the harmony template for the chat check."""
+    cfg = dict(
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=64,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        attention_bias=True,
+        swiglu_limit=7.0,
+        rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=4.0, beta_fast=32.0, beta_slow=1.0,
+                             original_max_position_embeddings=64, truncate=False),
+    )
+    template = gpt_oss_template()
+    for name, q in [("gpt-oss-mxfp4", True), ("gpt-oss-bf16-experts", False)]:
+        make(name, "gpt_oss", cfg, tie=False, bos_post=False, add_bos=False, f64=True, post=gpt_oss_post,
+             mxfp4=q, dtype=torch.float32 if q else torch.bfloat16, specials=HARMONY_SPECIALS,
+             chat=q, template=template, chat_messages=GPT_OSS_CHAT,
+             chat_kwargs={"today": "2026-01-15", "reasoning_effort": "high"}, noise=True)
 
 
 def is_layer_matrix(name):

@@ -29,11 +29,14 @@ pub enum Arch {
     Glm4,
     /// GLM-4.5 and GLM-4.5-Air: DeepSeek-V3's routing on a GQA block with partial rotary.
     Glm4Moe,
+    /// GPT-OSS 20B and 120B: attention sinks, alternating sliding windows, MXFP4 experts with
+    /// biases and a clamped SwiGLU, softmax over the top-k router logits.
+    GptOss,
 }
 
 impl Arch {
     /// Every architecture, in the order error messages list them.
-    pub const ALL: [Arch; 14] = [
+    pub const ALL: [Arch; 15] = [
         Arch::Llama,
         Arch::Mistral,
         Arch::Qwen2,
@@ -48,6 +51,7 @@ impl Arch {
         Arch::DeepseekV3,
         Arch::Glm4,
         Arch::Glm4Moe,
+        Arch::GptOss,
     ];
     /// The architecture `config.json` names, by its `architectures` entry or its
     /// `model_type`: read through the same names it is written with.
@@ -77,6 +81,7 @@ impl Arch {
             Arch::DeepseekV3 => "DeepseekV3ForCausalLM",
             Arch::Glm4 => "Glm4ForCausalLM",
             Arch::Glm4Moe => "Glm4MoeForCausalLM",
+            Arch::GptOss => "GptOssForCausalLM",
         }
     }
     /// Gemma's family traits: norms stored as w and applied as 1 + w (llama.cpp stores 1 + w),
@@ -100,6 +105,7 @@ impl Arch {
             Arch::DeepseekV3 => "deepseek_v3",
             Arch::Glm4 => "glm4",
             Arch::Glm4Moe => "glm4_moe",
+            Arch::GptOss => "gpt_oss",
         }
     }
     /// transformers' Llama layout of q/k rows, which llama.cpp's converter permutes.
@@ -116,6 +122,7 @@ impl Arch {
                 | Arch::DeepseekV2
                 | Arch::DeepseekV3
                 | Arch::Glm4Moe
+                | Arch::GptOss
         )
     }
     /// Whether attention is DeepSeek's multi-head latent attention.
@@ -134,6 +141,9 @@ pub enum MoeStyle {
     /// Qwen's expert names, with `mlp.shared_experts` (no gate) and the router's
     /// `e_score_correction_bias` (DeepSeek V2/V3, GLM-4.5).
     Deepseek,
+    /// `mlp.router` with a bias, and a layer's experts stacked in `mlp.experts.gate_up_proj`
+    /// (gate and up rows interleaved) and `mlp.experts.down_proj`, with biases (GPT-OSS).
+    GptOss,
 }
 
 /// How router logits become expert scores.
@@ -142,6 +152,16 @@ pub enum Scoring {
     Softmax,
     /// Each expert's score is its own sigmoid (DeepSeek V3, GLM-4.5).
     Sigmoid,
+    /// The top-k logits are chosen, and their softmax is the weights (GPT-OSS).
+    TopKSoftmax,
+}
+
+/// GPT-OSS's clamped SwiGLU: the gate is clamped above at `limit` and the up projection to
+/// ±`limit`, and the output is `(up + 1) · gate · σ(alpha · gate)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ClampedSwiglu {
+    pub alpha: f32,
+    pub limit: f32,
 }
 
 /// Group-limited routing: the experts are split into `groups` equal groups, and a token
@@ -220,6 +240,8 @@ pub struct MoeSpec {
     pub routing: Routing,
     /// Which layers are sparse; the others have the dense MLP of `intermediate_size`.
     pub sparse: Vec<bool>,
+    /// The experts' gate is GPT-OSS's clamped SwiGLU (and their projections have biases).
+    pub clamped: Option<ClampedSwiglu>,
 }
 
 /// How rotary frequencies are rescaled for long context.
@@ -303,6 +325,12 @@ pub struct BlockSpec {
     pub glm_norms: bool,
     /// llama.cpp names GLM-4.5's pre-MLP norm `post_attention_norm`, not `ffn_norm`.
     pub mlp_norm_post_attention: bool,
+    /// A learned logit per head joins each softmax's denominator (GPT-OSS's sinks).
+    pub sinks: bool,
+    /// A layer's experts come stacked with gate and up rows interleaved in one matrix
+    /// (transformers' GPT-OSS checkpoints), rather than as separate gate and up stacks
+    /// (llama.cpp's form).
+    pub gate_up_interleaved: bool,
 }
 
 /// The MLP's gate activation.
@@ -678,6 +706,13 @@ impl ModelConfig {
                 block.qk_norm = r.bool_opt("use_qk_norm")?.unwrap_or(false);
                 block.mlp_norm_post_attention = true;
             }
+            Arch::GptOss => {
+                block.qkv_bias = attention_bias;
+                block.o_bias = attention_bias;
+                block.sinks = true;
+                block.gate_up_interleaved = true;
+                block.mlp_norm_post_attention = true;
+            }
         }
         if let Some(m) = &mla {
             block.mla = true;
@@ -837,11 +872,15 @@ fn read_fp8(r: &Reader) -> Result<Option<Fp8Spec>> {
     let method = get(q, "quant_method")
         .and_then(|m| m.as_str())
         .unwrap_or("");
+    // MXFP4 (GPT-OSS's experts) is read from each tensor's own blocks and scales.
+    if method == "mxfp4" {
+        return Ok(None);
+    }
     if method != "fp8" {
         return Err(Error::config(
             r.path,
             "quantization_config.quant_method",
-            format!("`{method}` is not supported (supported: fp8 with block scales)"),
+            format!("`{method}` is not supported (supported: fp8 with block scales, mxfp4)"),
         ));
     }
     let fmt = get(q, "fmt").and_then(|f| f.as_str()).unwrap_or("e4m3");
@@ -930,6 +969,7 @@ fn read_moe(r: &Reader, arch: Arch, num_layers: usize) -> Result<Option<MoeSpec>
         Arch::DeepseekV2 | Arch::DeepseekV3 | Arch::Glm4Moe => {
             return read_deepseek_moe(r, arch, num_layers)
         }
+        Arch::GptOss => return read_gpt_oss_moe(r, num_layers).map(Some),
         _ => return Ok(None),
     };
     let experts = match r.usize_opt("num_local_experts")? {
@@ -947,7 +987,9 @@ fn read_moe(r: &Reader, arch: Arch, num_layers: usize) -> Result<Option<MoeSpec>
     let top_k = r.top_k(experts)?;
     let expert_size = match style {
         MoeStyle::Mixtral => r.usize_req("intermediate_size")?,
-        MoeStyle::Qwen | MoeStyle::Deepseek => r.usize_req("moe_intermediate_size")?,
+        MoeStyle::Qwen | MoeStyle::Deepseek | MoeStyle::GptOss => {
+            r.usize_req("moe_intermediate_size")?
+        }
     };
     let shared_size = match arch {
         Arch::Qwen2Moe => r
@@ -990,7 +1032,55 @@ fn read_moe(r: &Reader, arch: Arch, num_layers: usize) -> Result<Option<MoeSpec>
         shared_size,
         sparse,
         routing: Routing::softmax(),
+        clamped: None,
     }))
+}
+
+/// GPT-OSS's experts: `num_local_experts` of `intermediate_size` in every layer, softmax over
+/// the top-k logits, and the clamped SwiGLU. Official configs give `swiglu_limit` but not
+/// `swiglu_alpha`, which transformers fixes at 1.702.
+fn read_gpt_oss_moe(r: &Reader, num_layers: usize) -> Result<MoeSpec> {
+    let experts = match r.usize_req("num_local_experts")? {
+        0 => {
+            return Err(Error::config(
+                r.path,
+                "num_local_experts",
+                "must be at least 1",
+            ))
+        }
+        n => n,
+    };
+    let positive = |key: &str, v: Option<f64>| -> Result<f32> {
+        match v {
+            None => Err(Error::config(r.path, key, "required field is missing")),
+            Some(x) if x > 0.0 && x.is_finite() => Ok(x as f32),
+            Some(x) => Err(Error::config(
+                r.path,
+                key,
+                format!("{x} must be a positive number"),
+            )),
+        }
+    };
+    let alpha = positive(
+        "swiglu_alpha",
+        Some(r.f64_opt(r.v, "swiglu_alpha")?.unwrap_or(1.702)),
+    )?;
+    let limit = positive("swiglu_limit", r.f64_opt(r.v, "swiglu_limit")?)?;
+    Ok(MoeSpec {
+        style: MoeStyle::GptOss,
+        experts,
+        top_k: r.top_k(experts)?,
+        expert_size: r.usize_req("intermediate_size")?,
+        norm_topk: false,
+        shared_size: None,
+        shared_gated: false,
+        sparse: vec![true; num_layers],
+        routing: Routing {
+            scoring: Scoring::TopKSoftmax,
+            ..Routing::softmax()
+        },
+        clamped: Some(ClampedSwiglu { alpha, limit }),
+    })
 }
 
 /// The field at fault in group-limited routing.
@@ -1122,6 +1212,7 @@ fn read_deepseek_moe(r: &Reader, arch: Arch, num_layers: usize) -> Result<Option
             groups,
             scale,
         },
+        clamped: None,
     }))
 }
 
@@ -1141,6 +1232,8 @@ impl BlockSpec {
             fused_gate_up: false,
             glm_norms: false,
             mlp_norm_post_attention: false,
+            sinks: false,
+            gate_up_interleaved: false,
             mla: false,
             q_lora: false,
             kv_b_split: false,
@@ -1402,7 +1495,7 @@ impl ModelConfig {
             v["norm_topk_prob"] = json!(m.norm_topk);
             v["routed_scaling_factor"] = json!(m.routing.scale);
             v["scoring_func"] = json!(match m.routing.scoring {
-                Scoring::Softmax => "softmax",
+                Scoring::Softmax | Scoring::TopKSoftmax => "softmax",
                 Scoring::Sigmoid => "sigmoid",
             });
             let g = m.routing.groups;
@@ -1416,7 +1509,7 @@ impl ModelConfig {
         } else if let Some(m) = &cfg.moe {
             v["num_experts_per_tok"] = json!(m.top_k);
             v["norm_topk_prob"] = json!(m.norm_topk);
-            if cfg.arch == Arch::Mixtral {
+            if matches!(cfg.arch, Arch::Mixtral | Arch::GptOss) {
                 v["num_local_experts"] = json!(m.experts);
             } else {
                 v["num_experts"] = json!(m.experts);
@@ -1428,6 +1521,10 @@ impl ModelConfig {
             }
             if let Some(sh) = m.shared_size {
                 v["shared_expert_intermediate_size"] = json!(sh);
+            }
+            if let Some(c) = m.clamped {
+                v["swiglu_limit"] = json!(c.limit);
+                v["swiglu_alpha"] = json!(c.alpha);
             }
         }
         let windows: Vec<usize> = cfg.layer_windows.iter().flatten().copied().collect();

@@ -152,8 +152,45 @@ pub fn preset(name: &str) -> Option<SynthShape> {
                 "norm_topk_prob": true, "routed_scaling_factor": 2.5}),
             ..s(Arch::Glm4Moe, 5120, 12288, 92, 96, 8, 151552, 1e6)
         },
+        // GPT-OSS 20B and 120B: MXFP4 experts, sinks, windows of 128 on every other layer.
+        "gpt-oss-20b" => gpt_oss(24, 32),
+        "gpt-oss-120b" => gpt_oss(36, 128),
         _ => return None,
     })
+}
+
+/// GPT-OSS's shape with `layers` layers of `experts` experts (its two sizes differ only so).
+fn gpt_oss(layers: usize, experts: usize) -> SynthShape {
+    let windows: Vec<&str> = (0..layers)
+        .map(|l| {
+            if l % 2 == 0 {
+                "sliding_attention"
+            } else {
+                "full_attention"
+            }
+        })
+        .collect();
+    SynthShape {
+        arch: Arch::GptOss,
+        hidden: 2880,
+        intermediate: 2880,
+        layers,
+        heads: 64,
+        kv_heads: 8,
+        vocab: 201088,
+        rope_theta: 150000.0,
+        tie: false,
+        head_dim: Some(64),
+        moe: Some(SynthMoe {
+            experts,
+            top_k: 4,
+            expert_size: 2880,
+        }),
+        extra: json!({"attention_bias": true, "sliding_window": 128, "layer_types": windows,
+            "swiglu_limit": 7.0, "max_position_embeddings": 131072,
+            "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                "original_max_position_embeddings": 4096, "truncate": false}}),
+    }
 }
 
 pub const PRESETS: &[&str] = &[
@@ -171,6 +208,8 @@ pub const PRESETS: &[&str] = &[
     "deepseek-v2-lite",
     "glm-4.5-air",
     "glm-4.5",
+    "gpt-oss-20b",
+    "gpt-oss-120b",
 ];
 
 /// Whether a tensor of a synthetic FP8 checkpoint is stored in FP8: the layers' projections
@@ -202,7 +241,9 @@ impl SynthShape {
         let other = if dtype.is_f8() { DType::BF16 } else { dtype };
         let mut t = vec![(Naming::Hf.embed().to_string(), vec![self.vocab, h], other)];
         let mut push = |name: String, shape: Vec<usize>, fp8: bool| {
-            if fp8 && dtype.is_f8() {
+            if name.ends_with("_blocks") || name.ends_with("_scales") {
+                t.push((name, shape, DType::U8));
+            } else if fp8 && dtype.is_f8() {
                 let scales = vec![shape[0].div_ceil(FP8_BLOCK), shape[1].div_ceil(FP8_BLOCK)];
                 t.push((name.clone(), shape, dtype));
                 t.push((crate::weights::fp8_scale_name(&name), scales, DType::F32));
@@ -213,7 +254,15 @@ impl SynthShape {
         for l in 0..self.layers {
             for spec in LayerSchema::new(&cfg, l).tensors {
                 let fp8 = is_fp8_matrix(spec.kind, spec.role);
-                if spec.kind == Kind::Expert {
+                if spec.kind == Kind::Expert && spec.hf_stacked() {
+                    // GPT-OSS's stacked experts, in MXFP4 as its checkpoints have them.
+                    let [e, r, c] = spec.stored_shape(Naming::Hf)[..] else {
+                        return Err(Error::Internal("a stack of experts is 3-D".into()));
+                    };
+                    let name = spec.name(Naming::Hf, l);
+                    push(format!("{name}_blocks"), vec![e, r, c / 32, 16], false);
+                    push(format!("{name}_scales"), vec![e, r, c / 32], false);
+                } else if spec.kind == Kind::Expert {
                     for e in 0..spec.experts {
                         push(
                             spec.expert_name(Naming::Hf, l, e).0,
@@ -283,6 +332,10 @@ impl SynthShape {
                 v["rope_theta"] = json!(self.rope_theta);
             }
         }
+        if self.arch == Arch::GptOss {
+            v["num_local_experts"] = json!(self.moe.as_ref().map_or(0, |m| m.experts));
+            v["quantization_config"] = json!({"quant_method": "mxfp4"});
+        }
         if dtype.is_f8() {
             v["quantization_config"] = json!({"quant_method": "fp8", "fmt": "e4m3",
                 "activation_scheme": "dynamic", "weight_block_size": [FP8_BLOCK, FP8_BLOCK]});
@@ -320,6 +373,24 @@ fn write_values(
     let is_norm = name.ends_with("norm.weight");
     let is_scale = name.ends_with("_scale_inv");
     let mut rng = Rng(name_seed(seed, name));
+    if dtype == DType::U8 {
+        // MXFP4: random codes under scales of 2^-7, so weights have a std of about 0.02.
+        let mut left = numel;
+        let mut buf = vec![0u8; numel.min(1 << 20)];
+        while left > 0 {
+            let n = left.min(buf.len());
+            for b in &mut buf[..n] {
+                *b = if name.ends_with("_scales") {
+                    120
+                } else {
+                    (rng.next() >> 32) as u8
+                };
+            }
+            w.write_all(&buf[..n])?;
+            left -= n;
+        }
+        return Ok(());
+    }
     let amp = 0.02f32 * 3f32.sqrt();
     let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
     let mut left = numel;
@@ -341,6 +412,7 @@ fn write_values(
                 DType::F8E5M2 => {
                     buf.push((half::f16::from_f32(x / FP8_SCALE).to_bits() >> 8) as u8)
                 }
+                DType::U8 => unreachable!("written above"),
             }
         }
         w.write_all(&buf)?;
@@ -510,7 +582,7 @@ fn write_into(
     let torch_dtype = match dtype {
         DType::F32 => "float32",
         DType::F16 => "float16",
-        DType::BF16 | DType::F8E4M3 | DType::F8E5M2 => "bfloat16",
+        DType::BF16 | DType::F8E4M3 | DType::F8E5M2 | DType::U8 => "bfloat16",
     };
     write_json(
         "config.json",

@@ -669,6 +669,8 @@ fn deepseek_moe_keys(plan: &mut GgufPlan, cfg: &ModelConfig, m: &MoeSpec, a: &st
     let gating = match m.routing.scoring {
         Scoring::Softmax => 1,
         Scoring::Sigmoid => 2,
+        // llama.cpp's softmax over the chosen logits.
+        Scoring::TopKSoftmax => 3,
     };
     plan.set(key(Key::ExpertGatingFunc), u(gating));
     if let Some(gr) = &m.routing.groups {

@@ -50,8 +50,9 @@ pub struct Seq<'a> {
 }
 
 /// Writes every sequence's attention output into `out` (`[rows, heads · v_dim]`), from the
-/// packed queries `q` (`[rows, heads, head_dim]`).
-pub fn attend(shape: Shape, q: &[f32], seqs: &[Seq], out: &mut [f32]) {
+/// packed queries `q` (`[rows, heads, head_dim]`). `sinks` holds a logit per query head that
+/// joins each softmax's denominator and attends to nothing (GPT-OSS).
+pub fn attend(shape: Shape, q: &[f32], seqs: &[Seq], sinks: Option<&[f32]>, out: &mut [f32]) {
     let groups = shape.heads / shape.kv_heads;
     let tasks: Vec<(usize, usize, usize)> = seqs
         .iter()
@@ -67,7 +68,7 @@ pub fn attend(shape: Shape, q: &[f32], seqs: &[Seq], out: &mut [f32]) {
         let seq = &seqs[s];
         let rows = if seq.len <= ROW_EXACT { 1 } else { Q_TILE };
         let n = rows.min(seq.len - i0);
-        tile(shape, groups, q, seq, g, i0, n, dst);
+        tile(shape, groups, q, seq, g, i0, n, sinks, dst);
     });
 }
 
@@ -81,6 +82,7 @@ fn tile(
     g: usize,
     i0: usize,
     n: usize,
+    sinks: Option<&[f32]>,
     dst: Out,
 ) {
     let (nh, hd, vd) = (shape.heads, shape.head_dim, shape.v_dim);
@@ -181,7 +183,16 @@ fn tile(
     }
     for r in 0..m {
         let (h, i) = (g * groups + r / n, seq.row + i0 + r % n);
-        let inv = if sum[r] > 0.0 { 1.0 / sum[r] } else { 0.0 };
+        let (keep, total) = match sinks {
+            // The sink's term, e^(sink − max) with the max taken over it too.
+            Some(z) => {
+                let top = mx[r].max(z[h]);
+                let keep = (mx[r] - top).exp();
+                (keep, sum[r] * keep + (z[h] - top).exp())
+            }
+            None => (1.0, sum[r]),
+        };
+        let inv = if total > 0.0 { keep / total } else { 0.0 };
         for d in 0..vd {
             // SAFETY: row i, head h of the output belongs to this task alone (each task has
             // its own KV head's query heads and its own query rows).
@@ -206,6 +217,7 @@ mod tests {
         pos: usize,
         k0: usize,
         total: usize,
+        sinks: Option<&[f32]>,
     ) -> Vec<f32> {
         let (nh, hd) = (shape.heads, shape.head_dim);
         let groups = nh / shape.kv_heads;
@@ -230,9 +242,14 @@ mod tests {
                         };
                     }
                 }
-                let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let sink = sinks.map(|z| z[h] as f64);
+                let mx = sc
+                    .iter()
+                    .cloned()
+                    .chain(sink)
+                    .fold(f64::NEG_INFINITY, f64::max);
                 let e: Vec<f64> = sc.iter().map(|s| (s - mx).exp()).collect();
-                let z: f64 = e.iter().sum();
+                let z: f64 = e.iter().sum::<f64>() + sink.map_or(0.0, |s| (s - mx).exp());
                 for d in 0..hd {
                     let o: f64 = (0..total)
                         .map(|j| e[j] / z * v[(g * slots + j) * hd + d] as f64)
@@ -247,13 +264,19 @@ mod tests {
     #[test]
     fn tiles_agree_with_the_definition() {
         let val = |i: usize, f: f32| (i as f32 * f).sin() * 2.0;
-        for (window, softcap, n, pos, k0) in [
-            (None, None, 1, 300, 0),
-            (None, None, 70, 0, 0),
-            (None, Some(50.0), 40, 230, 0),
-            (Some(100), None, 45, 260, 180),
-            (Some(7), None, 1, 40, 34),
+        // Sinks around the scores' scale, and one far above them (which takes nearly all).
+        let sinks = [0.3f32, -1.2, 2.5, 40.0];
+        for (window, softcap, n, pos, k0, sink) in [
+            (None, None, 1, 300, 0, false),
+            (None, None, 70, 0, 0, false),
+            (None, Some(50.0), 40, 230, 0, false),
+            (Some(100), None, 45, 260, 180, false),
+            (Some(7), None, 1, 40, 34, false),
+            (None, None, 1, 300, 0, true),
+            (Some(4), None, 37, 0, 0, true),
+            (Some(100), None, 45, 260, 180, true),
         ] {
+            let sinks = sink.then_some(&sinks[..]);
             let shape = Shape {
                 heads: 4,
                 kv_heads: 2,
@@ -269,7 +292,7 @@ mod tests {
             let q: Vec<f32> = (0..n * nh * hd).map(|i| val(i, 0.37)).collect();
             let k: Vec<f32> = (0..nkv * slots * hd).map(|i| val(i, 0.11)).collect();
             let v: Vec<f32> = (0..nkv * slots * hd).map(|i| val(i, 0.23)).collect();
-            let want = naive(shape, &q, &k, &v, slots, n, pos, k0, total);
+            let want = naive(shape, &q, &k, &v, slots, n, pos, k0, total, sinks);
             let mut got = vec![0f32; n * nh * hd];
             let seq = Seq {
                 row: 0,
@@ -281,11 +304,11 @@ mod tests {
                 total,
                 k0,
             };
-            attend(shape, &q, &[seq], &mut got);
+            attend(shape, &q, &[seq], sinks, &mut got);
             for (a, b) in got.iter().zip(&want) {
                 assert!(
                     (a - b).abs() < 1e-4,
-                    "{window:?} {softcap:?} n={n}: {a} vs {b}"
+                    "{window:?} {softcap:?} n={n} sinks {sink}: {a} vs {b}"
                 );
             }
         }

@@ -10,7 +10,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::config::{Activation, MlaSpec, ModelConfig, Routing, Scoring};
+use crate::config::{Activation, ClampedSwiglu, MlaSpec, ModelConfig, Routing, Scoring};
 use crate::error::{Error, Result};
 use crate::model::kv::LayerKv;
 use crate::weights::mat::MatView;
@@ -133,6 +133,8 @@ pub struct Block {
     pub kv_b_split: bool,
     /// Sparse layers have an always-on shared expert.
     pub has_shared: bool,
+    /// The experts' gate is GPT-OSS's clamped SwiGLU, with biases on their projections.
+    pub clamped: Option<ClampedSwiglu>,
 }
 
 /// What differs between the layers of one model.
@@ -168,6 +170,7 @@ impl Block {
             mla: cfg.mla.clone(),
             kv_b_split: cfg.block.kv_b_split,
             has_shared: cfg.moe.as_ref().is_some_and(|m| m.shared_size.is_some()),
+            clamped: cfg.moe.as_ref().and_then(|m| m.clamped),
         }
     }
 
@@ -297,25 +300,36 @@ impl Block {
             let vs = v.narrow(0, s.row, s.len)?.transpose(0, 1)?;
             cached.push(cache.append(&ks, &vs)?);
         }
-        self.attend_all(&q, seqs, &cached, self.gqa_shape(window))
+        self.attend_all(
+            &q,
+            seqs,
+            &cached,
+            self.gqa_shape(window),
+            small.get(Role::Sinks),
+        )
     }
 
     /// Attention of every sequence: on the CPU through the tiled kernel, elsewhere through
     /// tensor products. `q` `[rows, heads, head_dim]`; returns `[rows, heads · v_dim]`.
+    /// `sinks` `[heads]`: a logit per head that joins each softmax's denominator.
     pub(crate) fn attend_all(
         &self,
         q: &Tensor,
         seqs: &[SeqRows],
         cached: &[(Tensor, Tensor, usize)],
         shape: crate::kernels::attention::Shape,
+        sinks: Option<&Tensor>,
     ) -> Result<Tensor> {
         if q.device().is_cpu() {
-            return self.attend_cpu(q, seqs, cached, shape);
+            let sinks = sinks
+                .map(|t| t.flatten_all()?.to_vec1::<f32>())
+                .transpose()?;
+            return self.attend_cpu(q, seqs, cached, shape, sinks.as_deref());
         }
         let mut outs = Vec::with_capacity(seqs.len());
         for (s, (kall, vall, k0)) in seqs.iter().zip(cached) {
             let qs = q.narrow(0, s.row, s.len)?.transpose(0, 1)?.contiguous()?; // [nh, n, hd]
-            outs.push(self.attend(&qs, kall, vall, *k0, s, shape)?);
+            outs.push(self.attend(&qs, kall, vall, *k0, s, shape, sinks)?);
         }
         Ok(Tensor::cat(&outs, 0)?) // [rows, nh*vd]
     }
@@ -359,10 +373,14 @@ impl Block {
     /// Qwen2-MoE adds a shared expert scaled by a sigmoid gate.
     fn moe(&self, small: &Small, mats: &mut dyn Matrices, h: &Tensor) -> Result<Tensor> {
         let dev = h.device();
-        let logits = mats.matmul(Role::Router, h)?;
+        let mut logits = mats.matmul(Role::Router, h)?;
+        if let Some(b) = small.get(Role::RouterLogitBias) {
+            logits = logits.broadcast_add(b)?;
+        }
         let scores = match self.routing.scoring {
             Scoring::Softmax => candle_nn::ops::softmax_last_dim(&logits)?,
             Scoring::Sigmoid => candle_nn::ops::sigmoid(&logits)?,
+            Scoring::TopKSoftmax => logits,
         }
         .to_device(&Device::Cpu)?
         .to_vec2::<f32>()?;
@@ -383,12 +401,11 @@ impl Block {
             self.norm_topk,
         );
         let experts: Vec<usize> = routes.keys().copied().collect();
-        let expert_roles = [Role::ExpertGate, Role::ExpertUp, Role::ExpertDown];
         let mut outs: Vec<(usize, Tensor, Tensor)> = Vec::with_capacity(experts.len());
         mats.experts(&experts, &mut |e, em| {
             let (rows, weights) = &routes[&e];
             let idx = Tensor::new(rows.as_slice(), dev)?;
-            let y = self.gated(small, em, expert_roles, None, &h.index_select(&idx, 0)?)?;
+            let y = self.expert(small, em, e, &h.index_select(&idx, 0)?)?;
             let w = Tensor::from_slice(weights, (weights.len(), 1), dev)?;
             outs.push((e, idx, y.broadcast_mul(&w)?));
             Ok(())
@@ -417,6 +434,41 @@ impl Block {
             out = (out + self.gated(small, mats, shared, None, h)?)?;
         }
         Ok(out)
+    }
+
+    /// Expert `e` on its rows `x`: the gated MLP, or GPT-OSS's clamped SwiGLU with each
+    /// projection's bias (its row `e` of the layer's stacked biases), gate and up from one
+    /// interleaved matrix (transformers' layout) or two (llama.cpp's).
+    fn expert(&self, small: &Small, em: &mut dyn Matrices, e: usize, x: &Tensor) -> Result<Tensor> {
+        let Some(c) = self.clamped else {
+            let roles = [Role::ExpertGate, Role::ExpertUp, Role::ExpertDown];
+            return self.gated(small, em, roles, None, x);
+        };
+        let add = |y: Tensor, bias: Role| -> Result<Tensor> {
+            Ok(match small.get(bias) {
+                Some(b) => y.broadcast_add(&b.get(e)?)?,
+                None => y,
+            })
+        };
+        let (g, u) = if small.get(Role::ExpertGateUpBias).is_some() {
+            let y = add(em.matmul(Role::ExpertGateUp, x)?, Role::ExpertGateUpBias)?;
+            let (rows, w) = y.dims2()?;
+            let y = y.reshape((rows, w / 2, 2))?;
+            (
+                y.narrow(2, 0, 1)?.squeeze(2)?,
+                y.narrow(2, 1, 1)?.squeeze(2)?,
+            )
+        } else {
+            (
+                add(em.matmul(Role::ExpertGate, x)?, Role::ExpertGateBias)?,
+                add(em.matmul(Role::ExpertUp, x)?, Role::ExpertUpBias)?,
+            )
+        };
+        let g = g.clamp(f32::NEG_INFINITY, c.limit)?;
+        let u = u.clamp(-c.limit, c.limit)?;
+        let glu = (&g * candle_nn::ops::sigmoid(&(&g * c.alpha as f64)?)?)?;
+        let mid = ((u + 1.0)? * glu)?.contiguous()?;
+        add(em.matmul(Role::ExpertDown, &mid)?, Role::ExpertDownBias)
     }
 
     /// RoPE on `[1, rows, heads, hd]`, returning `[rows, heads, hd]`. With a partial rotary
@@ -452,6 +504,7 @@ impl Block {
         seqs: &[SeqRows],
         cached: &[(Tensor, Tensor, usize)],
         shape: crate::kernels::attention::Shape,
+        sinks: Option<&[f32]>,
     ) -> Result<Tensor> {
         let (nh, hd, vd) = (shape.heads, shape.head_dim, shape.v_dim);
         let rows = q.dim(0)?;
@@ -491,6 +544,7 @@ impl Block {
             shape,
             &cpu(&qg, ql)?[..rows * nh * hd],
             &parts,
+            sinks,
             &mut out,
         );
         drop(parts);
@@ -511,6 +565,7 @@ impl Block {
         k0: usize,
         s: &SeqRows,
         shape: crate::kernels::attention::Shape,
+        sinks: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (nh, n) = (shape.heads, s.len);
         let total = k.dim(1)?;
@@ -522,14 +577,14 @@ impl Block {
         };
         let chunk = query_chunk(cap, nh, total).min(n);
         if chunk == n {
-            return self.attend_rows(q, k, v, k0, s.pos, shape);
+            return self.attend_rows(q, k, v, k0, s.pos, shape, sinks);
         }
         let mut outs = Vec::with_capacity(n.div_ceil(chunk));
         let mut i = 0;
         while i < n {
             let c = chunk.min(n - i);
             let qc = q.narrow(1, i, c)?.contiguous()?;
-            outs.push(self.attend_rows(&qc, k, v, k0, s.pos + i, shape)?);
+            outs.push(self.attend_rows(&qc, k, v, k0, s.pos + i, shape, sinks)?);
             i += c;
         }
         Ok(Tensor::cat(&outs, 0)?)
@@ -545,6 +600,7 @@ impl Block {
         k0: usize,
         pos: usize,
         shape: crate::kernels::attention::Shape,
+        sinks: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (nh, nkv, hd, vd) = (shape.heads, shape.kv_heads, shape.head_dim, shape.v_dim);
         let window = shape.window;
@@ -579,7 +635,20 @@ impl Block {
         } else {
             scores
         };
-        let p = candle_nn::ops::softmax_last_dim(&scores)?;
+        let p = match sinks {
+            // Each head's sink joins the softmax as one more column, then is dropped.
+            Some(z) => {
+                let z = z
+                    .reshape((nkv, groups, 1, 1))?
+                    .broadcast_as((nkv, groups, n, 1))?
+                    .reshape((nkv, groups * n, 1))?;
+                let all = Tensor::cat(&[&scores, &z.to_dtype(scores.dtype())?], 2)?;
+                candle_nn::ops::softmax_last_dim(&all)?
+                    .narrow(2, 0, total)?
+                    .contiguous()?
+            }
+            None => candle_nn::ops::softmax_last_dim(&scores)?,
+        };
         let o = p.matmul(&v.contiguous()?)?; // [nkv, groups*n, vd]
         Ok(o.reshape((nh, n, vd))?
             .transpose(0, 1)?
@@ -643,9 +712,16 @@ pub fn choose(
         let mut order: Vec<usize> = (0..p.len()).collect();
         order.sort_by(|&a, &b| best_first(&choice, a, b));
         order.truncate(top_k);
-        let sum: f32 = order.iter().map(|&e| p[e]).sum();
+        // Softmax over the chosen logits (GPT-OSS); the first chosen is the largest.
+        let top = order.first().map_or(0.0, |&e| p[e]);
+        let weight = |e: usize| match routing.scoring {
+            Scoring::TopKSoftmax => (p[e] - top).exp(),
+            _ => p[e],
+        };
+        let sum: f32 = order.iter().map(|&e| weight(e)).sum();
+        let norm = norm || routing.scoring == Scoring::TopKSoftmax;
         for e in order {
-            let w = if norm { p[e] / sum } else { p[e] } * routing.scale;
+            let w = if norm { weight(e) / sum } else { weight(e) } * routing.scale;
             let slot = routes.entry(e).or_default();
             slot.0.push(r as u32);
             slot.1.push(w);

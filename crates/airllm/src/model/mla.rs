@@ -150,7 +150,7 @@ impl Block {
                     pos: s.pos + off,
                 };
                 let out_lat =
-                    self.attend_all(&q_full, &[sub], std::slice::from_ref(c), shape_attn)?;
+                    self.attend_all(&q_full, &[sub], std::slice::from_ref(c), shape_attn, None)?;
                 // Each head's latent output through its W_UV rows.
                 let per_head = out_lat
                     .reshape((n, nh, rank))?

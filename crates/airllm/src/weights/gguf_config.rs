@@ -3,8 +3,8 @@
 //! module, so that the config module depends on no weight format.
 
 use crate::config::{
-    group_fault, yarn_mscale, Activation, Arch, BlockSpec, ExpertGroups, GroupFault, MlaSpec,
-    ModelConfig, MoeSpec, MoeStyle, RopeConfig, RopeScaling, Routing, Scoring,
+    group_fault, yarn_mscale, Activation, Arch, BlockSpec, ClampedSwiglu, ExpertGroups, GroupFault,
+    MlaSpec, ModelConfig, MoeSpec, MoeStyle, RopeConfig, RopeScaling, Routing, Scoring,
 };
 use crate::error::{Error, Result};
 use crate::weights::gguf::{GgufMeta, Value as V};
@@ -33,6 +33,8 @@ impl ModelConfig {
         })?;
         // `deepseek2` is V3 when it routes by sigmoid (llama.cpp's gating function 2).
         let sigmoid = match g.get(&key(Key::ExpertGatingFunc)).and_then(V::as_u64) {
+            // GPT-OSS's gating (llama.cpp's 3, softmax over the chosen) is the architecture's.
+            _ if arch == Arch::GptOss => false,
             Some(2) => true,
             Some(0) | None => arch == Arch::Glm4Moe,
             Some(1) => false,
@@ -238,6 +240,16 @@ impl ModelConfig {
                 block.qk_norm = has_tensor(g, 0, Role::QNorm);
                 block.mlp_norm_post_attention = true;
             }
+            // GPT-OSS: sinks, llama.cpp's `post_attention_norm` before the MLP, separate gate
+            // and up stacks, and sliding layers every other one from the first (a pattern
+            // array, or every n-th layer global, as llama.cpp reads it).
+            Arch::GptOss => {
+                block.sinks = true;
+                block.mlp_norm_post_attention = true;
+                if let Some(w) = window {
+                    layer_windows = swa_pattern(g, &a, num_layers, w, 2);
+                }
+            }
             Arch::Qwen2 | Arch::Qwen2Moe => block.qkv_bias = true,
             Arch::Qwen3 | Arch::Qwen3Moe => block.qk_norm = true,
             Arch::Gemma2 => {
@@ -259,19 +271,7 @@ impl ModelConfig {
                 block.act = Activation::GeluTanhF16;
                 if let Some(w) = window {
                     // As llama.cpp: a pattern array, or every n-th layer global (default 6).
-                    let pattern = g.get(&key(Key::SlidingWindowPattern));
-                    layer_windows = match pattern {
-                        Some(V::Array(flags)) if flags.len() == num_layers => flags
-                            .iter()
-                            .map(|f| f.as_bool().unwrap_or(false).then_some(w))
-                            .collect(),
-                        other => {
-                            let n = other.and_then(V::as_u64).unwrap_or(6) as usize;
-                            (0..num_layers)
-                                .map(|i| (n == 0 || i % n < n - 1).then_some(w))
-                                .collect()
-                        }
-                    };
+                    layer_windows = swa_pattern(g, &a, num_layers, w, 6);
                     rope_local = Some(RopeConfig {
                         theta: opt_f(Key::RopeFreqBaseSwa).unwrap_or(10000.0) as f32,
                         scaling: RopeScaling::None,
@@ -298,6 +298,36 @@ impl ModelConfig {
         let moe = match arch {
             Arch::DeepseekV2 | Arch::DeepseekV3 | Arch::Glm4Moe => {
                 read_deepseek_moe(g, &a, num_layers, intermediate_size, sigmoid)?
+            }
+            Arch::GptOss => {
+                let experts = req(Key::ExpertCount)?;
+                let top_k = req(Key::ExpertUsedCount)?;
+                if top_k > experts {
+                    return Err(Error::config(
+                        path,
+                        &key(Key::ExpertUsedCount),
+                        format!("{top_k} is more than the {experts} experts"),
+                    ));
+                }
+                Some(MoeSpec {
+                    style: MoeStyle::GptOss,
+                    experts,
+                    top_k,
+                    expert_size: req(Key::ExpertFeedForwardLength)?,
+                    norm_topk: false,
+                    shared_size: None,
+                    shared_gated: false,
+                    sparse: vec![true; num_layers],
+                    routing: Routing {
+                        scoring: Scoring::TopKSoftmax,
+                        ..Routing::softmax()
+                    },
+                    // llama.cpp's constants for this architecture (GGUF has no keys for them).
+                    clamped: Some(ClampedSwiglu {
+                        alpha: 1.702,
+                        limit: 7.0,
+                    }),
+                })
             }
             Arch::Mixtral | Arch::Qwen2Moe | Arch::Qwen3Moe => {
                 let experts = req(Key::ExpertCount)?;
@@ -339,6 +369,7 @@ impl ModelConfig {
                     shared_gated: arch == Arch::Qwen2Moe,
                     sparse,
                     routing: Routing::softmax(),
+                    clamped: None,
                 })
             }
             _ => None,
@@ -499,5 +530,29 @@ fn read_deepseek_moe(
             groups,
             scale,
         },
+        clamped: None,
     }))
+}
+
+/// Which layers slide, as llama.cpp reads it: `sliding_window_pattern` as one flag per layer,
+/// or as n (every n-th layer global), else every `default`-th layer global.
+fn swa_pattern(
+    g: &dyn GgufMeta,
+    arch: &str,
+    num_layers: usize,
+    w: usize,
+    default: u64,
+) -> Vec<Option<usize>> {
+    match g.get(&Key::SlidingWindowPattern.of(arch)) {
+        Some(V::Array(flags)) if flags.len() == num_layers => flags
+            .iter()
+            .map(|f| f.as_bool().unwrap_or(false).then_some(w))
+            .collect(),
+        other => {
+            let n = other.and_then(V::as_u64).unwrap_or(default) as usize;
+            (0..num_layers)
+                .map(|i| (n == 0 || i % n < n - 1).then_some(w))
+                .collect()
+        }
+    }
 }

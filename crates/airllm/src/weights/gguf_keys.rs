@@ -27,6 +27,7 @@ const ARCHS: &[(Arch, &str)] = &[
     (Arch::DeepseekV3, "deepseek2"),
     (Arch::Glm4, "glm4"),
     (Arch::Glm4Moe, "glm4moe"),
+    (Arch::GptOss, "gpt-oss"),
 ];
 
 /// The GGUF name an architecture is written under, `None` for those this version reads only

@@ -136,6 +136,21 @@ pub struct SafetensorsSource {
     fp8_block: [usize; 2],
 }
 
+/// A stack of experts stored under one name (GPT-OSS), and how.
+struct Stacked<'a> {
+    /// `[experts, rows, cols]` as served.
+    shape: [usize; 3],
+    kind: StackedKind<'a>,
+}
+
+enum StackedKind<'a> {
+    Mxfp4 {
+        blocks: &'a TensorInfo,
+        scales: &'a TensorInfo,
+    },
+    Transposed(&'a TensorInfo),
+}
+
 /// The scale tensor of an FP8 matrix: `weight` → `weight_scale_inv`.
 pub fn fp8_scale_name(name: &str) -> String {
     format!("{name}_scale_inv")
@@ -225,6 +240,132 @@ impl SafetensorsSource {
             safetensors::DType::BF16 => Form::BF16,
             safetensors::DType::F8E4M3 => Form::F8(mat::F8Kind::E4M3, self.fp8_block[1]),
             safetensors::DType::F8E5M2 => Form::F8(mat::F8Kind::E5M2, self.fp8_block[1]),
+            // Only MXFP4's blocks and scales are bytes; they are read through `stacked`.
+            safetensors::DType::U8 => Form::Mxfp4 { q8: false },
+        }
+    }
+
+    /// A stack of experts under one name (GPT-OSS): MXFP4 as `{name}_blocks`
+    /// `[experts, rows, cols / 32, 16]` and `{name}_scales` `[experts, rows, cols / 32]`, or a
+    /// float tensor `[experts, cols, rows]` (transformers keeps each expert's matrix
+    /// transposed). Either is served as `[experts, rows, cols]`.
+    fn stacked(&self, name: &str) -> Result<Option<Stacked<'_>>> {
+        if let Some(t) = self.set.tensors.get(name) {
+            return Ok(match t.shape[..] {
+                [e, c, r] => Some(Stacked {
+                    shape: [e, r, c],
+                    kind: StackedKind::Transposed(t),
+                }),
+                _ => None,
+            });
+        }
+        let (Some(b), Some(sc)) = (
+            self.set.tensors.get(&format!("{name}_blocks")),
+            self.set.tensors.get(&format!("{name}_scales")),
+        ) else {
+            return Ok(None);
+        };
+        let path = &self.set.shards[b.shard].path;
+        let bad = |which: &str, t: &TensorInfo, why: String| {
+            Error::tensor(
+                path,
+                &format!("{name}_{which}"),
+                format!("is {} {:?}: {why}", t.dtype.name(), t.shape),
+            )
+        };
+        let [e, r, g, 16] = b.shape[..] else {
+            return Err(bad(
+                "blocks",
+                b,
+                "MXFP4 blocks must be U8 [experts, rows, blocks, 16]".into(),
+            ));
+        };
+        if b.dtype != safetensors::DType::U8 {
+            return Err(bad("blocks", b, "MXFP4 blocks must be U8".into()));
+        }
+        if sc.dtype != safetensors::DType::U8 || sc.shape != [e, r, g] {
+            return Err(bad(
+                "scales",
+                sc,
+                format!("the blocks {:?} need U8 scales [{e}, {r}, {g}]", b.shape),
+            ));
+        }
+        Ok(Some(Stacked {
+            shape: [e, r, 32 * g],
+            kind: StackedKind::Mxfp4 {
+                blocks: b,
+                scales: sc,
+            },
+        }))
+    }
+
+    /// Rows `start .. start + len` of a stack of experts (rows of all experts laid end to end).
+    fn read_stacked(
+        &self,
+        name: &str,
+        st: Stacked,
+        start: usize,
+        len: usize,
+        mut buf: AlignedBuf,
+    ) -> Result<Mat> {
+        let [e, r, c] = st.shape;
+        match st.kind {
+            StackedKind::Mxfp4 { blocks, scales } => {
+                let shard = &self.set.shards[blocks.shard];
+                check_range(&shard.path, name, start, len, e * r)?;
+                let g = c / 32;
+                let raw = |t: &TensorInfo, per: usize| -> Result<Vec<u8>> {
+                    let sh = &self.set.shards[t.shard];
+                    let mut v = vec![0u8; len * per];
+                    self.io
+                        .read_at(&sh.file, &mut v, t.offset + (start * per) as u64)
+                        .map_err(|e| Error::tensor(&sh.path, name, format!("read failed: {e}")))?;
+                    Ok(v)
+                };
+                let (bl, sc) = (raw(blocks, 16 * g)?, raw(scales, g)?);
+                let form = Form::Mxfp4 { q8: false };
+                let n = form.row_bytes(c) * len;
+                buf.ensure(n);
+                mat::repack_hf_mxfp4(&bl, &sc, buf.bytes_mut(n));
+                Mat::new(form, len, c, buf, 0)
+            }
+            StackedKind::Transposed(t) => {
+                let shard = &self.set.shards[t.shard];
+                check_range(&shard.path, name, start, len, e * r)?;
+                if start % r != 0 || len % r != 0 {
+                    return Err(Error::tensor(
+                        &shard.path,
+                        name,
+                        format!(
+                            "rows {start}..{} are not whole experts of {r} rows",
+                            start + len
+                        ),
+                    ));
+                }
+                let form = self.held(name, t);
+                let es = t.dtype.size();
+                let mut raw = vec![0u8; len * c * es];
+                self.io
+                    .read_at(&shard.file, &mut raw, t.offset + (start * c * es) as u64)
+                    .map_err(|e| Error::tensor(&shard.path, name, format!("read failed: {e}")))?;
+                let n = len * c * es;
+                buf.ensure(n);
+                let dst = buf.bytes_mut(n);
+                // Each expert's [c, r] matrix becomes [r, c].
+                for x in 0..len / r {
+                    let (src, out) = (&raw[x * r * c * es..], &mut dst[x * r * c * es..]);
+                    for i in 0..c {
+                        for j in 0..r {
+                            let (a, b) = ((i * r + j) * es, (j * c + i) * es);
+                            out[b..b + es].copy_from_slice(&src[a..a + es]);
+                        }
+                    }
+                }
+                if form == Form::F16 && t.dtype == safetensors::DType::F32 {
+                    f32_to_f16_in_place(dst, len * c);
+                }
+                Mat::new(form, len, c, buf, 0)
+            }
         }
     }
 
@@ -325,6 +466,23 @@ impl WeightSource for SafetensorsSource {
     }
 
     fn meta(&self, name: &str) -> Option<TensorMeta> {
+        if let Ok(Some(st)) = self.stacked(name) {
+            let [e, r, c] = st.shape;
+            let (form, file_bytes, dtype) = match st.kind {
+                StackedKind::Mxfp4 { blocks, scales } => (
+                    Form::Mxfp4 { q8: false },
+                    blocks.nbytes + scales.nbytes,
+                    "MXFP4",
+                ),
+                StackedKind::Transposed(t) => (self.held(name, t), t.nbytes, t.dtype.name()),
+            };
+            return Some(TensorMeta {
+                shape: st.shape.to_vec(),
+                file_bytes,
+                compute_bytes: (form.row_bytes(c) * e * r) as u64,
+                dtype,
+            });
+        }
         self.set.tensors.get(name).map(|i| TensorMeta {
             shape: i.shape.clone(),
             file_bytes: i.nbytes,
@@ -361,10 +519,19 @@ impl WeightSource for SafetensorsSource {
     }
 
     fn form(&self, name: &str) -> Result<Form> {
+        if let Some(st) = self.stacked(name)? {
+            return Ok(match st.kind {
+                StackedKind::Mxfp4 { .. } => Form::Mxfp4 { q8: false },
+                StackedKind::Transposed(t) => self.held(name, t),
+            });
+        }
         Ok(self.held(name, self.get(name)?.0))
     }
 
     fn read_rows(&self, name: &str, start: usize, len: usize, mut buf: AlignedBuf) -> Result<Mat> {
+        if let Some(st) = self.stacked(name)? {
+            return self.read_stacked(name, st, start, len, buf);
+        }
         let (info, shard) = self.get(name)?;
         let cols = self.cols(name, info, shard)?;
         check_range(&shard.path, name, start, len, info.shape[0])?;

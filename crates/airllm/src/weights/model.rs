@@ -76,8 +76,11 @@ impl ModelSizes {
                 let m = add(&t.name(naming, layer), &mut s)?;
                 file += m.file_bytes;
                 if t.is_small() {
-                    small += m.compute_bytes;
-                    held += m.compute_bytes;
+                    // Norms and biases are held in f32 whatever their shape (GPT-OSS's expert
+                    // biases are 2-D).
+                    let f32_bytes = m.numel() as u64 * 4;
+                    small += f32_bytes;
+                    held += f32_bytes;
                 } else {
                     held += m.buffer_bytes();
                     s.max_row_bytes = s.max_row_bytes.max(m.buffer_row_bytes());
@@ -95,8 +98,10 @@ impl ModelSizes {
                 n = t.experts;
                 // transformers has a tensor per expert; GGUF one stack of them all.
                 let (names, stacked): (Vec<String>, u64) = match naming {
-                    Naming::Gguf => (vec![t.name(naming, layer)], t.experts as u64),
-                    Naming::Hf => (
+                    _ if naming == Naming::Gguf || t.hf_stacked() => {
+                        (vec![t.name(naming, layer)], t.experts as u64)
+                    }
+                    _ => (
                         (0..t.experts)
                             .map(|e| t.expert_name(naming, layer, e).0)
                             .collect(),
@@ -312,7 +317,7 @@ pub fn validate_layers(cfg: &ModelConfig, src: &dyn WeightSource) -> Result<()> 
                 check(&t.name(naming, layer), &want, t.is_small(), what)?;
                 continue;
             }
-            if naming == Naming::Gguf {
+            if naming == Naming::Gguf || t.hf_stacked() {
                 check(&t.name(naming, layer), &want, false, &counted)?;
                 continue;
             }

@@ -22,6 +22,8 @@ pub enum DType {
     /// FP8 matrices, read with their `_scale_inv` block scales.
     F8E4M3,
     F8E5M2,
+    /// Bytes: MXFP4's packed values and e8m0 scales (`*_blocks`, `*_scales`).
+    U8,
 }
 
 impl DType {
@@ -29,7 +31,7 @@ impl DType {
         match self {
             DType::F32 => 4,
             DType::F16 | DType::BF16 => 2,
-            DType::F8E4M3 | DType::F8E5M2 => 1,
+            DType::F8E4M3 | DType::F8E5M2 | DType::U8 => 1,
         }
     }
     pub fn name(self) -> &'static str {
@@ -39,6 +41,7 @@ impl DType {
             DType::BF16 => "BF16",
             DType::F8E4M3 => "F8_E4M3",
             DType::F8E5M2 => "F8_E5M2",
+            DType::U8 => "U8",
         }
     }
     pub fn is_f8(self) -> bool {
@@ -126,6 +129,7 @@ pub fn open_shard(path: &Path, shard_idx: usize) -> Result<(Shard, Vec<(String, 
             Some("BF16") => DType::BF16,
             Some("F8_E4M3") => DType::F8E4M3,
             Some("F8_E5M2") => DType::F8E5M2,
+            Some("U8") => DType::U8,
             Some(other) => {
                 return Err(bad(format!(
                     "unsupported dtype `{other}` (supported: F32, F16, BF16, F8_E4M3, F8_E5M2)"
@@ -199,12 +203,12 @@ pub fn read_f32(
     elem_offset: usize,
     count: usize,
 ) -> Result<Vec<f32>> {
-    if info.dtype.is_f8() {
+    if info.dtype.is_f8() || info.dtype == DType::U8 {
         return Err(Error::tensor(
             &shard.path,
             name,
             format!(
-                "is {}: FP8 is read for layer matrices only (with their block scales)",
+                "is {}: it is read for layer matrices only (FP8 with its block scales, MXFP4 blocks with their scales)",
                 info.dtype.name()
             ),
         ));

@@ -63,6 +63,18 @@ pub enum Role {
     /// the heads (GGUF only).
     KB,
     VB,
+    /// GPT-OSS: each head's sink logit `[heads]`, which joins its softmax's denominator.
+    Sinks,
+    /// GPT-OSS: the router's own bias `[experts]`, added to its logits.
+    RouterLogitBias,
+    /// GPT-OSS in transformers' layout: an expert's gate and up rows interleaved in one
+    /// matrix (gate row j is row 2j, up row j is row 2j + 1), and its bias `[experts, 2·width]`.
+    ExpertGateUp,
+    ExpertGateUpBias,
+    /// GPT-OSS: the experts' biases, `[experts, rows]` for a layer.
+    ExpertGateBias,
+    ExpertUpBias,
+    ExpertDownBias,
 }
 
 /// The part of the block a tensor belongs to (attention, MLP; later router and experts), so
@@ -200,7 +212,7 @@ const fn e(
 
 use Group::{Attention as A, Experts as X, Mlp as M, Router as R};
 use Kind::{Bias, Expert, Matrix, Norm};
-use MoeStyle::{Deepseek as DS, Mixtral as MX, Qwen as QW};
+use MoeStyle::{Deepseek as DS, GptOss as GO, Mixtral as MX, Qwen as QW};
 
 /// Every layer tensor, in the order the block uses them (which is also the order the
 /// converter lays them out and the streamer reads them).
@@ -229,6 +241,7 @@ const TABLE: &[Entry] = &[
     // In transformers' names Gemma 3's attention-output norm takes the name Llama uses for its
     // pre-MLP norm.
     e(Role::PostAttnNorm, A, Norm, "post_attention_layernorm.weight", "post_attention_norm.weight", |d| vec![d.h], |b, _| b.sandwich_norms && !b.glm_norms),
+    e(Role::Sinks, A, Bias, "self_attn.sinks", "attn_sinks.weight", |d| vec![d.nh], |b, _| b.sinks),
     e(Role::PostAttnNorm, A, Norm, "post_self_attn_layernorm.weight", "post_attention_norm.weight", |d| vec![d.h], |b, _| b.glm_norms),
     e(Role::MlpNorm, M, Norm, "pre_feedforward_layernorm.weight", "ffn_norm.weight", |d| vec![d.h], |b, _| b.sandwich_norms && !b.glm_norms),
     e(Role::MlpNorm, M, Norm, "post_attention_layernorm.weight", "ffn_norm.weight", |d| vec![d.h], |b, _| (!b.sandwich_norms || b.glm_norms) && !b.mlp_norm_post_attention),
@@ -242,6 +255,12 @@ const TABLE: &[Entry] = &[
     e(Role::DownBias, M, Bias, "mlp.down_proj.bias", "ffn_down.bias", |d| vec![d.h], |b, m| b.mlp_bias && !m.sparse()),
     e(Role::Router, R, Matrix, "block_sparse_moe.gate.weight", "ffn_gate_inp.weight", |d| vec![d.ne, d.h], |_, m| m.style(MX)),
     e(Role::Router, R, Matrix, "mlp.gate.weight", "ffn_gate_inp.weight", |d| vec![d.ne, d.h], |_, m| m.style(QW) || m.style(DS)),
+    e(Role::Router, R, Matrix, "mlp.router.weight", "ffn_gate_inp.weight", |d| vec![d.ne, d.h], |_, m| m.style(GO)),
+    e(Role::RouterLogitBias, R, Bias, "mlp.router.bias", "ffn_gate_inp.bias", |d| vec![d.ne], |_, m| m.style(GO)),
+    e(Role::ExpertGateUpBias, R, Bias, "mlp.experts.gate_up_proj_bias", "ffn_gate_up_exps.bias", |d| vec![d.ne, 2 * d.ex], |b, m| m.style(GO) && b.gate_up_interleaved),
+    e(Role::ExpertGateBias, R, Bias, "mlp.experts.gate_proj_bias", "ffn_gate_exps.bias", |d| vec![d.ne, d.ex], |b, m| m.style(GO) && !b.gate_up_interleaved),
+    e(Role::ExpertUpBias, R, Bias, "mlp.experts.up_proj_bias", "ffn_up_exps.bias", |d| vec![d.ne, d.ex], |b, m| m.style(GO) && !b.gate_up_interleaved),
+    e(Role::ExpertDownBias, R, Bias, "mlp.experts.down_proj_bias", "ffn_down_exps.bias", |d| vec![d.ne, d.h], |_, m| m.style(GO)),
     e(Role::RouterBias, R, Bias, "mlp.gate.e_score_correction_bias", "exp_probs_b.bias", |d| vec![d.ne], |_, m| m.bias()),
     e(Role::SharedGate, R, Matrix, "mlp.shared_expert.gate_proj.weight", "ffn_gate_shexp.weight", |d| vec![d.sh, d.h], |_, m| m.shared() && !m.style(DS)),
     e(Role::SharedUp, R, Matrix, "mlp.shared_expert.up_proj.weight", "ffn_up_shexp.weight", |d| vec![d.sh, d.h], |_, m| m.shared() && !m.style(DS)),
@@ -260,6 +279,11 @@ const TABLE: &[Entry] = &[
     e(Role::ExpertGate, X, Expert, "mlp.experts.{e}.gate_proj.weight", "ffn_gate_exps.weight", |d| vec![d.ex, d.h], |_, m| m.style(DS)),
     e(Role::ExpertUp, X, Expert, "mlp.experts.{e}.up_proj.weight", "ffn_up_exps.weight", |d| vec![d.ex, d.h], |_, m| m.style(DS)),
     e(Role::ExpertDown, X, Expert, "mlp.experts.{e}.down_proj.weight", "ffn_down_exps.weight", |d| vec![d.h, d.ex], |_, m| m.style(DS)),
+    // GPT-OSS stacks a layer's experts in transformers' checkpoints too (no `{e}`).
+    e(Role::ExpertGateUp, X, Expert, "mlp.experts.gate_up_proj", "ffn_gate_up_exps.weight", |d| vec![2 * d.ex, d.h], |b, m| m.style(GO) && b.gate_up_interleaved),
+    e(Role::ExpertGate, X, Expert, "mlp.experts.gate_proj", "ffn_gate_exps.weight", |d| vec![d.ex, d.h], |b, m| m.style(GO) && !b.gate_up_interleaved),
+    e(Role::ExpertUp, X, Expert, "mlp.experts.up_proj", "ffn_up_exps.weight", |d| vec![d.ex, d.h], |b, m| m.style(GO) && !b.gate_up_interleaved),
+    e(Role::ExpertDown, X, Expert, "mlp.experts.down_proj", "ffn_down_exps.weight", |d| vec![d.h, d.ex], |_, m| m.style(GO)),
     e(Role::PostMlpNorm, M, Norm, "post_feedforward_layernorm.weight", "post_ffw_norm.weight", |d| vec![d.h], |b, _| b.sandwich_norms && !b.glm_norms),
     e(Role::PostMlpNorm, M, Norm, "post_mlp_layernorm.weight", "post_ffw_norm.weight", |d| vec![d.h], |b, _| b.glm_norms),
 ];
@@ -290,6 +314,10 @@ impl TensorSpec {
     /// stacks a layer's experts in one tensor of `experts × rows` rows).
     pub fn expert_name(&self, naming: Naming, layer: usize, expert: usize) -> (String, usize) {
         match naming {
+            Naming::Hf if self.kind == Kind::Expert && self.hf_stacked() => (
+                format!("model.layers.{layer}.{}", self.hf),
+                expert * self.shape[0],
+            ),
             Naming::Hf => (
                 format!(
                     "model.layers.{layer}.{}",
@@ -300,9 +328,19 @@ impl TensorSpec {
             Naming::Gguf => (format!("blk.{layer}.{}", self.gguf), expert * self.shape[0]),
         }
     }
+    /// Whether transformers' checkpoint stacks a layer's experts in this one tensor (GPT-OSS),
+    /// rather than one tensor per expert.
+    pub fn hf_stacked(&self) -> bool {
+        !self.hf.contains("{e}")
+    }
     /// The stored shape under `naming`: GGUF stacks experts, and keeps 1-row vectors 1-D.
     pub fn stored_shape(&self, naming: Naming) -> Vec<usize> {
         match (naming, self.kind) {
+            (Naming::Hf, Kind::Expert) if self.hf_stacked() => {
+                let mut s = vec![self.experts];
+                s.extend(&self.shape);
+                s
+            }
             (Naming::Gguf, Kind::Expert) => {
                 let mut s = vec![self.experts];
                 s.extend(&self.shape);

@@ -39,6 +39,8 @@ pub const MODELS: &[&str] = &[
     "glm4-dense",
     "qwen3-fp8-block",
     "qwen3-fp8-e5m2",
+    "gpt-oss-mxfp4",
+    "gpt-oss-bf16-experts",
 ];
 
 pub struct Reference {

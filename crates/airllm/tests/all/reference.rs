@@ -75,9 +75,17 @@ fn logits_match_transformers_resident_and_streamed() {
         assert_eq!(resident.plan().streamed_layers, 0);
         let got = batched_logits(&mut resident, &r);
         let diff = max_abs_diff(&got, &r.logits);
-        // f32 math on both sides; bf16 checkpoints are compared against transformers running
-        // the same bf16 weights widened to f32, so the same bound holds.
-        assert!(diff <= 1e-4, "{name}: max abs logit diff {diff}");
+        // f32 math on both sides, within 1e-4 (bf16 checkpoints against transformers running
+        // the same weights widened); a fixture whose tiny random form is so badly
+        // conditioned that transformers' own f32 run misses that (GPT-OSS's) records how far
+        // it lands, and the engine may be half as far again.
+        let bound = r.json["transformers_f32_max_abs_diff"]
+            .as_f64()
+            .map_or(1e-4, |n| (1.5 * n).max(1e-4)) as f32;
+        assert!(
+            diff <= bound,
+            "{name}: max abs logit diff {diff} (bound {bound})"
+        );
 
         let budget = minimum_budget(name, &r);
         let mut streamed = Engine::open(&dir, options(Some(budget), &r)).unwrap();
@@ -223,7 +231,7 @@ fn f16_form_halves_f32_checkpoints_and_stays_close() {
             .unwrap()
             .name(airllm::weights::Naming::Hf, 0);
         let (a, b) = (f32_info.src.meta(q).unwrap(), f16_info.src.meta(q).unwrap());
-        if f32_info.sizes.dtypes != ["F32"] {
+        if a.dtype != "F32" {
             // 16-bit checkpoints are held in their own form either way.
             assert_eq!(a.compute_bytes, b.compute_bytes, "{name}");
             if a.dtype.starts_with("F8") {
