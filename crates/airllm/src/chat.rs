@@ -9,6 +9,10 @@ use crate::error::{Error, Result};
 pub struct Message {
     pub role: String,
     pub content: String,
+    /// An assistant turn's reasoning, which templates that keep it apart (GPT-OSS's harmony
+    /// `analysis` channel) read as `thinking`; absent from the template's view when `None`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub thinking: Option<String>,
 }
 
 impl Message {
@@ -16,7 +20,13 @@ impl Message {
         Message {
             role: role.to_string(),
             content: content.to_string(),
+            thinking: None,
         }
+    }
+    /// The same message with its reasoning.
+    pub fn with_thinking(mut self, thinking: Option<String>) -> Self {
+        self.thinking = thinking.filter(|t| !t.is_empty());
+        self
     }
 }
 
@@ -24,6 +34,8 @@ pub struct ChatTemplate {
     env: minijinja::Environment<'static>,
     bos: String,
     eos: String,
+    /// The date `strftime_now` gives, when fixed (for reproducible prompts); else today's.
+    today: Option<(i64, u32, u32)>,
 }
 
 impl ChatTemplate {
@@ -40,7 +52,7 @@ impl ChatTemplate {
             },
         );
         env.add_function("strftime_now", |fmt: String| -> String {
-            strftime_today(&fmt)
+            strftime_on(&fmt, today())
         });
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| Error::Template(e.to_string()))?;
@@ -48,22 +60,50 @@ impl ChatTemplate {
             env,
             bos: bos.unwrap_or_default().to_string(),
             eos: eos.unwrap_or_default().to_string(),
+            today: None,
         })
+    }
+
+    /// Fixes the date templates print (`strftime_now`), as (year, month, day).
+    pub fn set_today(&mut self, date: (i64, u32, u32)) {
+        self.today = Some(date);
     }
 
     /// Renders the conversation, ending with the assistant's turn opened.
     pub fn render(&self, messages: &[Message]) -> Result<String> {
+        self.render_with(messages, &serde_json::Map::new())
+    }
+
+    /// [`Self::render`] with more variables for the template, as transformers'
+    /// `apply_chat_template(**kwargs)` passes them (`reasoning_effort` for GPT-OSS,
+    /// `enable_thinking` for Qwen3).
+    pub fn render_with(
+        &self,
+        messages: &[Message],
+        kwargs: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<String> {
         let t = self
             .env
             .get_template("chat")
             .map_err(|e| Error::Template(e.to_string()))?;
-        t.render(minijinja::context! {
+        let extra = minijinja::Value::from_serialize(kwargs);
+        // A fixed date shadows the global `strftime_now`.
+        let fixed = match self.today {
+            Some(d) => minijinja::context! {
+                strftime_now => minijinja::Value::from_function(move |fmt: String| -> String {
+                    strftime_on(&fmt, d)
+                })
+            },
+            None => minijinja::context! {},
+        };
+        let base = minijinja::context! {
             messages => messages,
             add_generation_prompt => true,
             bos_token => self.bos,
             eos_token => self.eos,
-        })
-        .map_err(|e| Error::Template(e.to_string()))
+        };
+        t.render(minijinja::value::merge_maps([base, fixed, extra]))
+            .map_err(|e| Error::Template(e.to_string()))
     }
 }
 
@@ -88,12 +128,16 @@ impl ChatTemplate {
     }
 }
 
-/// Today's date (UTC) formatted with the strftime codes chat templates use (%d %m %Y %b %B %y).
-fn strftime_today(fmt: &str) -> String {
+/// Today's date (UTC).
+fn today() -> (i64, u32, u32) {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
+    civil_from_days((secs / 86_400) as i64)
+}
+
+/// A date formatted with the strftime codes chat templates use (%d %m %Y %b %B %y).
+fn strftime_on(fmt: &str, (y, m, d): (i64, u32, u32)) -> String {
     const MONTHS: [&str; 12] = [
         "January",
         "February",

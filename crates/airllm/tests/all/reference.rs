@@ -175,6 +175,43 @@ fn chat_template_matches_transformers() {
     assert_eq!(ids, want);
 }
 
+/// GPT-OSS's harmony template (the official one) renders a two-turn conversation with a
+/// system prompt, an earlier answer's reasoning and `reasoning_effort` to transformers' ids.
+#[test]
+fn harmony_template_matches_transformers() {
+    let name = "gpt-oss-mxfp4";
+    let r = reference(name);
+    let tok = TextTokenizer::from_dir(&fixtures().join(name)).unwrap();
+    let msgs: Vec<Message> = r.json["chat_messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            Message::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap())
+                .with_thinking(m["thinking"].as_str().map(str::to_string))
+        })
+        .collect();
+    let mut t = ChatTemplate::of(&tok).unwrap();
+    let today: Vec<u32> = r.json["chat_today"]
+        .as_str()
+        .unwrap()
+        .split('-')
+        .map(|x| x.parse().unwrap())
+        .collect();
+    t.set_today((today[0] as i64, today[1], today[2]));
+    let kwargs = r.json["chat_kwargs"].as_object().unwrap();
+    let text = t.render_with(&msgs, kwargs).unwrap();
+    assert!(text.contains("Reasoning: high"), "{text}");
+    let ids = tok.encode_special(&text).unwrap();
+    let want: Vec<u32> = r.json["chat_token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(ids, want, "{text}");
+}
+
 #[test]
 fn streams_in_slices_under_less_than_a_layer() {
     let name = "llama-gqa2-llama3rope";
