@@ -42,12 +42,15 @@ MODELS = [
     ("deepseek2-v3", "deepseek-v3-mla-noaux-yarn"),
     ("glm4moe", "glm4moe-partial-rotary"),
     ("glm4", "glm4-dense"),
+    # GPT-OSS: MXFP4 experts as the converter repacks them, and all-F32 from the dequantized form.
+    ("gpt-oss-mxfp4", "gpt-oss-mxfp4"),
+    ("gpt-oss", "gpt-oss-bf16-experts"),
 ]
 
 # The later fixtures get F32 only: the llama-cpp-python build of the machine that made them stops
 # on an illegal instruction in Q8_0 files (the earlier Q8_0 fixtures came from another machine).
 F32_ONLY = {"gemma2", "mixtral", "qwen2moe", "qwen3moe", "phi3", "deepseek2-lite", "deepseek2-v3",
-            "glm4moe", "glm4"}
+            "glm4moe", "glm4", "gpt-oss-mxfp4", "gpt-oss"}
 
 TOKENIZE = [
     "Hello world",

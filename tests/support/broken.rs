@@ -281,5 +281,53 @@ pub fn cases() -> Vec<(&'static str, tempfile::TempDir, PathBuf, Vec<String>)> {
         vec!["kv_a_proj_with_mqa".into()],
     ));
 
+    // GPT-OSS: MXFP4 scales that do not match their blocks, blocks of the wrong layout, sinks
+    // of the wrong length, and a SwiGLU limit missing from the config.
+    let gu = "model.layers.0.mlp.experts.gate_up_proj";
+    let (t, d) = copy_fixture("gpt-oss-mxfp4");
+    edit_header(&d.join("model.safetensors"), |h| {
+        let s = &mut h[format!("{gu}_scales")];
+        let [e, r, g] = [0, 1, 2].map(|i| s["shape"][i].as_u64().unwrap());
+        s["shape"] = serde_json::json!([e, r / 2, g * 2]);
+    });
+    out.push((
+        "MXFP4 scales against their blocks",
+        t,
+        d,
+        vec![format!("{gu}_scales"), "need U8 scales".into()],
+    ));
+    let (t, d) = copy_fixture("gpt-oss-mxfp4");
+    edit_header(&d.join("model.safetensors"), |h| {
+        let b = &mut h[format!("{gu}_blocks")];
+        let [e, r, g, k] = [0, 1, 2, 3].map(|i| b["shape"][i].as_u64().unwrap());
+        b["shape"] = serde_json::json!([e, r, g * k]);
+    });
+    out.push((
+        "MXFP4 blocks of the wrong layout",
+        t,
+        d,
+        vec![format!("{gu}_blocks"), "[experts, rows, blocks, 16]".into()],
+    ));
+    let (t, d) = copy_fixture("gpt-oss-mxfp4");
+    edit_header(&d.join("model.safetensors"), |h| {
+        h["model.layers.1.self_attn.sinks"]["shape"] = serde_json::json!([2, 2]);
+    });
+    out.push((
+        "sinks of the wrong shape",
+        t,
+        d,
+        vec!["model.layers.1.self_attn.sinks".into(), "[4]".into()],
+    ));
+    let (t, d) = copy_fixture("gpt-oss-mxfp4");
+    edit_json(&d.join("config.json"), |c| {
+        c.as_object_mut().unwrap().remove("swiglu_limit");
+    });
+    out.push((
+        "SwiGLU limit missing",
+        t,
+        d,
+        vec!["config.json".into(), "swiglu_limit".into()],
+    ));
+
     out
 }

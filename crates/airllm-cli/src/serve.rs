@@ -11,7 +11,7 @@ use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use airllm::chat::{ChatTemplate, Message};
+use airllm::chat::{ChatTemplate, Harmony, Message};
 use airllm::generate::{
     Event, GenerationParams, Request, RequestId, RequestStats, SamplingParams, TokenLogprob,
 };
@@ -56,7 +56,7 @@ struct Job {
 /// is dropped there, so its KV cache is free for the next sweep's admissions.
 enum Msg {
     Tokens {
-        count: usize,
+        ids: Vec<u32>,
         text: String,
         logprobs: Vec<TokenLogprob>,
     },
@@ -76,7 +76,7 @@ impl From<Event> for Msg {
                 logprobs,
                 ..
             } => Msg::Tokens {
-                count: tokens.len(),
+                ids: tokens,
                 text,
                 logprobs,
             },
@@ -91,6 +91,8 @@ impl From<Event> for Msg {
 struct App {
     tok: Arc<TextTokenizer>,
     template: ChatTemplate,
+    /// GPT-OSS's harmony format: chat answers split into `reasoning_content` and `content`.
+    harmony: Option<Harmony>,
     model_id: String,
     context: usize,
     /// Token ids a prompt may hold: the tokenizer's and the embedding's, whichever is smaller.
@@ -188,6 +190,7 @@ pub fn serve(session: Session, cfg: Config, addr: std::net::SocketAddr) -> anyho
             FALLBACK_TEMPLATE.to_string()
         }
     };
+    let harmony = Harmony::of(&tok);
     let template = ChatTemplate::new(
         &template_src,
         tok.bos_token.as_deref(),
@@ -205,6 +208,7 @@ pub fn serve(session: Session, cfg: Config, addr: std::net::SocketAddr) -> anyho
     let app = Arc::new(App {
         tok,
         template,
+        harmony,
         model_id: cfg.model_id,
         context,
         vocab,
@@ -420,6 +424,10 @@ struct ContentPart {
 struct ChatMessage {
     role: String,
     content: Option<Content>,
+    /// An earlier answer's reasoning, as this server (and vLLM) returns it; `reasoning` is
+    /// the name some clients send it back under.
+    #[serde(alias = "reasoning")]
+    reasoning_content: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -427,6 +435,10 @@ struct ChatBody {
     messages: Vec<ChatMessage>,
     logprobs: Option<bool>,
     top_logprobs: Option<usize>,
+    /// How long a reasoning model thinks (`low`, `medium`, `high`), for templates that take it.
+    reasoning_effort: Option<String>,
+    /// More variables for the chat template (vLLM's extension), e.g. `enable_thinking`.
+    chat_template_kwargs: Option<serde_json::Map<String, Value>>,
     #[serde(flatten)]
     common: Common,
 }
@@ -720,9 +732,22 @@ fn chat_request(app: &App, body: &Body) -> Result<Prepared, ApiError> {
                 t
             }
         };
-        msgs.push(Message::new(&m.role, &text));
+        msgs.push(Message::new(&m.role, &text).with_thinking(m.reasoning_content.clone()));
     }
-    let rendered = app.template.render(&msgs).map_err(|e| {
+    let mut kwargs = b.chat_template_kwargs.clone().unwrap_or_default();
+    match b.reasoning_effort.as_deref() {
+        None => {}
+        Some(e @ ("low" | "medium" | "high")) => {
+            kwargs.insert("reasoning_effort".into(), json!(e));
+        }
+        Some(other) => {
+            return Err(ApiError::bad(
+                format!("reasoning_effort `{other}` is not one of low, medium, high"),
+                Some("reasoning_effort"),
+            ))
+        }
+    }
+    let rendered = app.template.render_with(&msgs, &kwargs).map_err(|e| {
         ApiError::bad(
             format!("the chat template refused the messages: {e}"),
             Some("messages"),
@@ -797,6 +822,9 @@ async fn prepared(
 #[derive(Default)]
 struct Choice {
     text: String,
+    /// The generated ids (for the harmony split), and the bytes of each part already sent.
+    ids: Vec<u32>,
+    shown: (usize, usize),
     tokens: usize,
     logprobs: Vec<TokenLogprob>,
     finish: Option<&'static str>,
@@ -881,17 +909,19 @@ async fn respond(app: Arc<App>, p: Prepared) -> Response {
 fn apply(c: &mut Choice, ev: Msg) -> Result<(String, Vec<TokenLogprob>), String> {
     match ev {
         Msg::Tokens {
-            count,
+            ids,
             text,
             logprobs,
         } => {
-            c.tokens += count;
+            c.tokens += ids.len();
+            c.ids.extend(ids);
             c.text.push_str(&text);
             c.logprobs.extend(logprobs.iter().cloned());
             Ok((text, logprobs))
         }
         Msg::Done { completion, stats } => {
             c.tokens = completion.token_ids.len();
+            c.ids.clone_from(&completion.token_ids);
             // The final text may release what was held back for a stop string.
             let rest = completion
                 .text
@@ -905,6 +935,33 @@ fn apply(c: &mut Choice, ev: Msg) -> Result<(String, Vec<TokenLogprob>), String>
         }
         Msg::Failed(e) => Err(e),
     }
+}
+
+/// The reasoning and answer of a harmony choice that are new since the last call; a trailing
+/// half character waits for the rest unless the choice has finished.
+fn harmony_delta(app: &App, h: &Harmony, c: &mut Choice) -> (String, String) {
+    let Ok(s) = h.split(&app.tok, &c.ids) else {
+        return Default::default();
+    };
+    let done = c.finish.is_some();
+    let part = |all: &str, shown: &mut usize| {
+        let safe = if done {
+            all.len()
+        } else {
+            all.trim_end_matches('\u{FFFD}').len()
+        };
+        let new = all
+            .get(*shown..safe)
+            .filter(|_| safe > *shown)
+            .unwrap_or_default()
+            .to_string();
+        *shown = (*shown).max(safe);
+        new
+    };
+    let (mut r, mut t) = c.shown;
+    let out = (part(&s.reasoning, &mut r), part(&s.content, &mut t));
+    c.shown = (r, t);
+    out
 }
 
 fn usage(meta: &Meta, choices: &[Choice]) -> Value {
@@ -1021,12 +1078,18 @@ async fn whole_response(
             } else {
                 Value::Null
             };
-            match meta.kind {
-                Kind::Chat => {
+            match (meta.kind, &app.harmony) {
+                (Kind::Chat, Some(h)) => {
+                    let s = h.split(&app.tok, &c.ids).unwrap_or_default();
+                    json!({"index": i, "message": {"role": "assistant", "content": s.content,
+                                "reasoning_content": s.reasoning},
+                           "logprobs": lp, "finish_reason": c.finish})
+                }
+                (Kind::Chat, None) => {
                     json!({"index": i, "message": {"role": "assistant", "content": c.text},
                                      "logprobs": lp, "finish_reason": c.finish})
                 }
-                Kind::Text => json!({"index": i, "text": c.text, "logprobs": lp,
+                (Kind::Text, _) => json!({"index": i, "text": c.text, "logprobs": lp,
                                      "finish_reason": c.finish}),
             }
         })
@@ -1132,7 +1195,15 @@ fn stream_response(
                 }
                 Ok((text, lps)) => {
                     let finish = c.finish;
-                    if text.is_empty() && lps.is_empty() && finish.is_none() {
+                    let harmony = match (&st.app.harmony, st.meta.kind) {
+                        (Some(h), Kind::Chat) => Some(harmony_delta(&st.app, h, c)),
+                        _ => None,
+                    };
+                    let quiet = match &harmony {
+                        Some((r, t)) => r.is_empty() && t.is_empty(),
+                        None => text.is_empty(),
+                    };
+                    if quiet && lps.is_empty() && finish.is_none() {
                         continue;
                     }
                     let lp = if st.meta.logprobs && !lps.is_empty() {
@@ -1142,11 +1213,19 @@ fn stream_response(
                     };
                     let choice = match st.meta.kind {
                         Kind::Chat => {
-                            let delta = if text.is_empty() {
-                                json!({})
-                            } else {
-                                json!({"content": text})
-                            };
+                            let mut delta = json!({});
+                            match harmony {
+                                Some((r, t)) => {
+                                    if !r.is_empty() {
+                                        delta["reasoning_content"] = json!(r);
+                                    }
+                                    if !t.is_empty() {
+                                        delta["content"] = json!(t);
+                                    }
+                                }
+                                None if !text.is_empty() => delta["content"] = json!(text),
+                                None => {}
+                            }
                             json!({"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish})
                         }
                         Kind::Text => {

@@ -128,6 +128,77 @@ impl ChatTemplate {
     }
 }
 
+/// GPT-OSS's harmony format on the output side: a turn is messages
+/// `<|channel|>NAME<|message|>TEXT<|end|>`, each after `<|start|>assistant`, and the turn ends
+/// with `<|return|>` (or `<|call|>` for a tool call). The `analysis` channel is the model's
+/// reasoning; the others (`final`, `commentary`) are the answer.
+pub struct Harmony {
+    start: u32,
+    channel: u32,
+    message: u32,
+    ends: [u32; 3],
+}
+
+/// Generated text split into the reasoning and the answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Split {
+    pub reasoning: String,
+    pub content: String,
+}
+
+impl Harmony {
+    /// The format's tokens in this vocabulary, if it has them all.
+    pub fn of(tok: &crate::tokenizer::TextTokenizer) -> Option<Self> {
+        let id = |t: &str| tok.token_id(t);
+        Some(Harmony {
+            start: id("<|start|>")?,
+            channel: id("<|channel|>")?,
+            message: id("<|message|>")?,
+            ends: [id("<|end|>")?, id("<|return|>")?, id("<|call|>")?],
+        })
+    }
+
+    /// Splits generated ids (what follows the prompt's `<|start|>assistant`). Output with
+    /// none of the format's tokens (a model that does not write it) is all answer; a header
+    /// not yet closed by `<|message|>` shows nothing.
+    pub fn split(&self, tok: &crate::tokenizer::TextTokenizer, ids: &[u32]) -> Result<Split> {
+        let mut out = Split::default();
+        if !ids
+            .iter()
+            .any(|t| [self.start, self.channel, self.message].contains(t))
+        {
+            out.content = tok.decode(ids)?;
+            return Ok(out);
+        }
+        let mut i = 0;
+        while i < ids.len() {
+            // A header: up to `<|message|>`; its channel is the first word after `<|channel|>`.
+            let Some(m) = ids[i..].iter().position(|&t| t == self.message) else {
+                break;
+            };
+            let header = &ids[i..i + m];
+            let channel = match header.iter().position(|&t| t == self.channel) {
+                Some(c) => tok.decode(&header[c + 1..])?,
+                None => String::new(),
+            };
+            let body0 = i + m + 1;
+            let body_len = ids[body0..]
+                .iter()
+                .position(|t| self.ends.contains(t) || *t == self.start)
+                .unwrap_or(ids.len() - body0);
+            let text = tok.decode(&ids[body0..body0 + body_len])?;
+            let dst = if channel.split_whitespace().next() == Some("analysis") {
+                &mut out.reasoning
+            } else {
+                &mut out.content
+            };
+            dst.push_str(&text);
+            i = body0 + body_len + 1;
+        }
+        Ok(out)
+    }
+}
+
 /// Today's date (UTC).
 fn today() -> (i64, u32, u32) {
     let secs = std::time::SystemTime::now()
@@ -201,6 +272,30 @@ mod tests {
         let t = ChatTemplate::new(src, Some("<s>"), None).unwrap();
         let out = t.render(&[Message::new("user", "  hi ")]).unwrap();
         assert_eq!(out, "<s><|user|>hi\n<|assistant|>");
+    }
+
+    #[test]
+    fn harmony_splits_reasoning_from_the_answer() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/hf/gpt-oss-mxfp4");
+        let tok = crate::tokenizer::TextTokenizer::from_dir(&dir).unwrap();
+        let h = Harmony::of(&tok).unwrap();
+        let text = "<|channel|>analysis<|message|>Two and two.<|end|><|start|>assistant<|channel|>final<|message|>It is 4.<|return|>";
+        let ids = tok.encode_special(text).unwrap();
+        let want = Split {
+            reasoning: "Two and two.".into(),
+            content: "It is 4.".into(),
+        };
+        assert_eq!(h.split(&tok, &ids).unwrap(), want);
+        // Every prefix splits into prefixes of the whole (what streaming relies on).
+        for n in 0..ids.len() {
+            let s = h.split(&tok, &ids[..n]).unwrap();
+            assert!(want.reasoning.starts_with(&s.reasoning), "{n}: {s:?}");
+            assert!(want.content.starts_with(&s.content), "{n}: {s:?}");
+        }
+        // A model that ignores the format: all of it is the answer.
+        let plain = tok.encode_special("just text").unwrap();
+        assert_eq!(h.split(&tok, &plain).unwrap().content, "just text");
     }
 
     #[test]

@@ -206,6 +206,11 @@ impl TextTokenizer {
         self.tok.get_vocab_size(true)
     }
 
+    /// The id of a token given by its text (a special token's, say).
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.tok.token_to_id(token)
+    }
+
     /// How `other` differs from this tokenizer, if it does: the vocabulary (every token's
     /// text and id) and the special ids generation depends on. A draft model must match, or
     /// its guesses would mean other text.

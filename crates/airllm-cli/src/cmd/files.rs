@@ -58,7 +58,7 @@ pub fn synth(a: SynthArgs) -> Result<()> {
     if let Some(g) = &a.gguf {
         let quant = match dtype {
             // FP8 is not a GGUF type: its weights are written widened to bf16.
-            DType::BF16 | DType::F8E4M3 | DType::F8E5M2 => airllm::convert::Quant::BF16,
+            DType::BF16 | DType::F8E4M3 | DType::F8E5M2 | DType::U8 => airllm::convert::Quant::BF16,
             DType::F16 => airllm::convert::Quant::F16,
             DType::F32 => airllm::convert::Quant::F32,
         };

@@ -44,6 +44,10 @@ fn gpt2_regexes(pre: &str) -> Option<&'static [&'static str]> {
         "kimi-k2" => &[
             r"[\p{Han}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
         ],
+        // GPT-OSS's o200k_harmony and GPT-4o's o200k (tokenizer.json's pattern).
+        "gpt-4o" | "minimax-m2" => &[
+            r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+        ],
         _ => return None,
     })
 }
@@ -296,13 +300,20 @@ pub fn stop_ids(g: &GgufFile) -> Vec<u32> {
         .filter_map(|k| g.get(k).and_then(Value::as_u64).map(|v| v as u32))
         .collect();
     if let Some(tokens) = g.get("tokenizer.ggml.tokens").and_then(Value::as_array) {
+        // In GPT-OSS's harmony vocabulary `<|end|>` closes a message (the reasoning, say) and
+        // the turn goes on; `<|return|>` and `<|call|>` end it, as llama.cpp has it.
+        let harmony = tokens.iter().any(|t| t.as_str() == Some("<|return|>"));
         for (i, t) in tokens.iter().enumerate() {
-            if let Some(
-                "<end_of_turn>" | "<|eot_id|>" | "<|im_end|>" | "<|endoftext|>" | "<|end|>",
-            ) = t.as_str()
-            {
-                ids.push(i as u32);
+            match t.as_str() {
+                Some("<end_of_turn>" | "<|eot_id|>" | "<|im_end|>" | "<|endoftext|>") => {}
+                Some("<|end|>") if !harmony => {}
+                Some("<|return|>" | "<|call|>") => {}
+                _ => continue,
             }
+            ids.push(i as u32);
+        }
+        if harmony {
+            ids.retain(|&i| tokens.get(i as usize).and_then(Value::as_str) != Some("<|end|>"));
         }
     }
     ids.sort_unstable();

@@ -173,7 +173,32 @@ impl SafetensorsSource {
             fp8_block,
         };
         src.check_fp8_scales()?;
+        src.check_mxfp4()?;
         Ok(src)
+    }
+
+    /// Every MXFP4 stack has blocks and scales of shapes that go together.
+    fn check_mxfp4(&self) -> Result<()> {
+        for (name, t) in &self.set.tensors {
+            let base = name
+                .strip_suffix("_blocks")
+                .or_else(|| name.strip_suffix("_scales"));
+            if let (Some(base), safetensors::DType::U8) = (base, t.dtype) {
+                if self.stacked(base)?.is_none() {
+                    let other = if name.ends_with("_blocks") {
+                        "scales"
+                    } else {
+                        "blocks"
+                    };
+                    return Err(Error::tensor(
+                        &self.set.shards[t.shard].path,
+                        name,
+                        format!("MXFP4 data without its {other} ({base}_{other})"),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Every FP8 matrix has a scale tensor of one value per block, in f32 or bf16.
