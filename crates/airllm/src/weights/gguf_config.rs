@@ -153,6 +153,9 @@ impl ModelConfig {
                     } else {
                         yarn_mscale(factor as f64, 1.0) as f32
                     } * opt_f(Key::RopeScalingAttnFactor).unwrap_or(1.0) as f32,
+                    // llama.cpp always rounds the correction band to whole dimensions, also
+                    // for GPT-OSS, whose definition does not (`truncate: false`); a GGUF
+                    // file computes llama.cpp's function (tests/all/gguf_tiny.rs).
                     truncate: true,
                     mscale_all_dim: all,
                 }

@@ -26,6 +26,8 @@ const MODELS: &[&str] = &[
     "deepseek2-v3",
     "glm4moe",
     "glm4",
+    "gpt-oss-mxfp4",
+    "gpt-oss",
 ];
 /// The Q8_0 references. Gemma 2, the MoE models and Phi-3 have none yet: the llama-cpp-python
 /// 0.3.36 build of the machine that made them stopped with an illegal instruction on Q8_0 files
@@ -201,4 +203,36 @@ fn deepseek_and_glm_pre_tokenizers_match_llama_cpp() {
             );
         }
     }
+}
+
+/// GPT-OSS's config turns off YaRN's rounding of its correction band to whole dimensions
+/// (`truncate: false`, as OpenAI's reference computes it); llama.cpp always rounds, which is
+/// why its greedy tokens leave transformers' after a few steps on the tiny model. A GGUF file
+/// computes llama.cpp's function (the test above); with the rounding turned off, the same F32
+/// file gives transformers' tokens exactly.
+#[test]
+fn gpt_oss_departs_from_transformers_by_yarn_rounding_alone() {
+    let path = dir().join("gpt-oss-f32.gguf");
+    let r = common::reference("gpt-oss-bf16-experts");
+    let total: usize = r.prompt_ids.iter().map(Vec::len).sum();
+    let opts = EngineOptions {
+        max_memory: Some(1 << 30),
+        context: 96,
+        max_batch: r.prompt_ids.len(),
+        max_step_tokens: total,
+        max_logit_rows: r.prompt_ids.len(),
+        ..Default::default()
+    };
+    let tok = TextTokenizer::open(&path).unwrap();
+    let run = |truncate: bool| {
+        let mut info = ModelInfo::open(&path).unwrap();
+        match &mut info.cfg.rope.scaling {
+            airllm::config::RopeScaling::Yarn { truncate: t, .. } => *t = truncate,
+            other => panic!("expected YaRN, got {other:?}"),
+        }
+        let mut e = Engine::from_info(info, opts.clone()).unwrap();
+        common::greedy(&mut e, &tok, &r.prompt_ids, 16)
+    };
+    assert_eq!(run(false), r.greedy);
+    assert_ne!(run(true), r.greedy);
 }
