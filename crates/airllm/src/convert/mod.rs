@@ -162,6 +162,11 @@ enum Data {
     /// rows); or, from GGUF, the whole built back from the two.
     KvBPart(String, Latent, bool),
     KvBJoin(String, String, Latent),
+    /// Every other row (`odd`: from the second) of a stack of experts whose gate and up rows
+    /// are interleaved (GPT-OSS in transformers), giving llama.cpp's separate gate or up stack.
+    Alternate(String, bool),
+    /// Every other column of a `[experts, 2 · width]` bias, likewise.
+    AlternateCols(String, bool),
 }
 
 /// The shape of latent attention's `kv_b_proj`.
@@ -381,10 +386,12 @@ fn gguf_plan(info: &ModelInfo, quant: Quant, out: &Path) -> Result<(GgufPlan, Ve
     if let Some(&w) = windows.first() {
         plan.set(key(Key::SlidingWindow), u(w));
     }
-    if cfg.arch == Arch::Gemma3 {
-        let every_sixth =
-            (0..cfg.num_layers).all(|i| cfg.layer_windows[i].is_some() == (i % 6 < 5));
-        if !every_sixth {
+    if matches!(cfg.arch, Arch::Gemma3 | Arch::GptOss) {
+        // llama.cpp's default pattern: every 6th (Gemma 3) or 2nd (GPT-OSS) layer global.
+        let every = if cfg.arch == Arch::Gemma3 { 6 } else { 2 };
+        let default_pattern =
+            (0..cfg.num_layers).all(|i| cfg.layer_windows[i].is_some() == (i % every < every - 1));
+        if !default_pattern {
             plan.set(
                 key(Key::SlidingWindowPattern),
                 Value::Array(
@@ -543,6 +550,13 @@ fn gguf_plan(info: &ModelInfo, quant: Quant, out: &Path) -> Result<(GgufPlan, Ve
             transform: Transform::None,
         });
     }
+    // GPT-OSS's interleaved gate/up experts and their biases are written split, as
+    // llama.cpp's converter does; MXFP4 experts stay MXFP4.
+    let split_gate_up = cfg.block.gate_up_interleaved.then(|| {
+        let mut c = cfg.clone();
+        c.block.gate_up_interleaved = false;
+        c
+    });
     // Latent attention's kv_b_proj is written split, as llama.cpp's converter does.
     let split_cfg = cfg.mla.is_some().then(|| {
         let mut c = cfg.clone();
@@ -551,6 +565,59 @@ fn gguf_plan(info: &ModelInfo, quant: Quant, out: &Path) -> Result<(GgufPlan, Ve
     });
     for l in 0..cfg.num_layers {
         for t in &LayerSchema::new(cfg, l).tensors {
+            if let (Role::ExpertGateUp | Role::ExpertGateUpBias, Some(sc)) =
+                (t.role, &split_gate_up)
+            {
+                let schema = LayerSchema::new(sc, l);
+                let parts = if t.role == Role::ExpertGateUp {
+                    [Role::ExpertGate, Role::ExpertUp]
+                } else {
+                    [Role::ExpertGateBias, Role::ExpertUpBias]
+                };
+                for (role, odd) in parts.into_iter().zip([false, true]) {
+                    let part = schema.get(role).ok_or_else(|| {
+                        Error::Internal(format!("no {role:?} in a split GPT-OSS layer"))
+                    })?;
+                    let shape = part.stored_shape(Naming::Gguf);
+                    let hf = t.name(Naming::Hf, l);
+                    let (form, data) = if t.role == Role::ExpertGateUp {
+                        (
+                            expert_form(src, &hf, quant, shape[2])?,
+                            Data::Alternate(hf, odd),
+                        )
+                    } else {
+                        (Form::F32, Data::AlternateCols(hf, odd))
+                    };
+                    let out = TensorPlan {
+                        name: part.name(Naming::Gguf, l),
+                        form,
+                        shape,
+                    };
+                    plan.add_tensor(out.clone())?;
+                    items.push(Item {
+                        out,
+                        data,
+                        transform: Transform::None,
+                    });
+                }
+                continue;
+            }
+            if t.kind == Kind::Expert && t.hf_stacked() {
+                let shape = t.stored_shape(Naming::Gguf);
+                let hf = t.name(Naming::Hf, l);
+                let out = TensorPlan {
+                    name: t.name(Naming::Gguf, l),
+                    form: expert_form(src, &hf, quant, shape[2])?,
+                    shape,
+                };
+                plan.add_tensor(out.clone())?;
+                items.push(Item {
+                    out,
+                    data: Data::Source(hf),
+                    transform: Transform::None,
+                });
+                continue;
+            }
             if let (Role::KvB, Some(sc), Some(lat)) = (t.role, &split_cfg, Latent::of(cfg)) {
                 let schema = LayerSchema::new(sc, l);
                 for (role, key) in [(Role::KB, true), (Role::VB, false)] {
@@ -629,6 +696,15 @@ fn gguf_plan(info: &ModelInfo, quant: Quant, out: &Path) -> Result<(GgufPlan, Ve
         )?;
     }
     Ok((plan, items))
+}
+
+/// The GGUF form of a stack of experts: MXFP4 stays MXFP4 (as llama.cpp's converter keeps
+/// GPT-OSS's); otherwise the requested type.
+fn expert_form(src: &dyn WeightSource, name: &str, quant: Quant, cols: usize) -> Result<Form> {
+    Ok(match src.form(name)? {
+        Form::Mxfp4 { .. } => Form::Mxfp4 { q8: true },
+        _ => Form::of_ggml(matrix_type(quant, cols, false, false)),
+    })
 }
 
 /// DeepSeek's (and GLM-4.5's) routing in llama.cpp's keys.
@@ -752,6 +828,26 @@ fn check_round_trip(cfg: &ModelConfig, plan: &GgufPlan) -> Result<()> {
                 ..
             },
         ) if a == b && (x - y).abs() <= 1e-6 * x.abs() => {}
+        // llama.cpp always rounds YaRN's band to whole dimensions (GPT-OSS's config says not
+        // to): the file computes llama.cpp's function, slightly off the model's.
+        (
+            RopeScaling::Yarn {
+                truncate: false, ..
+            },
+            RopeScaling::Yarn { truncate: true, .. },
+        ) if {
+            let mut t = cfg.rope.scaling.clone();
+            if let RopeScaling::Yarn { truncate, .. } = &mut t {
+                *truncate = true;
+            }
+            t == g.rope.scaling
+        } =>
+        {
+            tracing::warn!(
+                "{}: llama.cpp rounds YaRN's correction band to whole dimensions, which this model's config turns off; the GGUF file computes llama.cpp's function",
+                cfg.path.display()
+            );
+        }
         _ => same!(rope.scaling),
     }
     if cfg.rope_local.is_some() {
@@ -817,6 +913,15 @@ impl Transform {
 
 /// Encodes f32 rows in a GGUF tensor type.
 fn encode(v: Vec<f32>, rows: usize, cols: usize, form: Form) -> Result<Vec<u8>> {
+    if let Form::Mxfp4 { .. } = form {
+        return Ok(crate::weights::mat::quantize_mxfp4(&v));
+    }
+    let form = match form {
+        Form::F32 => Form::Q(GgmlDType::F32),
+        Form::F16 => Form::Q(GgmlDType::F16),
+        Form::BF16 => Form::Q(GgmlDType::BF16),
+        f => f,
+    };
     let Form::Q(t) = form else {
         return Err(Error::Internal(format!(
             "the converter does not write {}",
@@ -930,6 +1035,20 @@ fn stream_items(
                                 let per = l.rows_per_head(&it.data);
                                 l.heads(src, &it.data, start / per, n / per)?
                             }
+                            Data::Alternate(name, odd) => {
+                                // Output rows start..start+n are source rows 2r (+1).
+                                let v = read_f32(src, name, &[2 * rows, cols], 2 * start, 2 * n)?;
+                                v.chunks_exact(cols)
+                                    .skip(usize::from(*odd))
+                                    .step_by(2)
+                                    .flatten()
+                                    .copied()
+                                    .collect()
+                            }
+                            Data::AlternateCols(name, odd) => {
+                                let v = src.load(name, &Device::Cpu)?.flatten_all()?.to_vec1()?;
+                                v.into_iter().skip(usize::from(*odd)).step_by(2).collect()
+                            }
                         };
                         // Vectors are permuted as columns of one value each.
                         let v = it.transform.apply(v, if matrix { cols } else { 1 });
@@ -1023,6 +1142,14 @@ pub fn to_hf(src: &Path, out: &Path, progress: &mut dyn FnMut(u64, u64)) -> Resu
         ));
     }
     let info = ModelInfo::open_with(src, true)?;
+    if info.cfg.arch == Arch::GptOss {
+        // transformers keeps GPT-OSS's experts stacked, gate and up interleaved and each
+        // transposed: a layout of its own that this writer does not produce.
+        return Err(Error::file(
+            src,
+            "a GPT-OSS GGUF file cannot be written back as a transformers folder by this version; run the .gguf itself",
+        ));
+    }
     crate::util::write_folder(out, |tmp| write_hf(&info, tmp, progress))
 }
 

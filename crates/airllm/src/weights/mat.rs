@@ -65,6 +65,40 @@ pub fn widen_mxfp4(row: &[u8], dst: &mut [f32]) {
     }
 }
 
+/// MXFP4 blocks of `v` (whole blocks of 32), by OCP's rule: each block's scale is the least
+/// power of two that brings its largest magnitude within ±6, and each value takes its nearest
+/// e2m1 code (the lower magnitude on a tie). Values already on that grid (as from MXFP4) come
+/// back exactly.
+pub fn quantize_mxfp4(v: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(v.len() / 32 * MXFP4_BLOCK_BYTES);
+    const MAGS: [f32; 8] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
+    for b in v.chunks_exact(32) {
+        let amax = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let e = if amax > 0.0 {
+            ((amax / 6.0).log2().ceil() as i32).clamp(-127, 127)
+        } else {
+            -127
+        };
+        // Exactly 2^-e (as two factors: 2^127 alone overflows f32's normal range).
+        let inv = (-(e as f32) / 2.0).exp2() * (-(e as f32) / 2.0).exp2();
+        let code = |x: f32| -> u8 {
+            let a = (x * inv).abs();
+            let mut best = 0;
+            for (i, m) in MAGS.iter().enumerate() {
+                if (a - m).abs() < (a - MAGS[best]).abs() {
+                    best = i;
+                }
+            }
+            best as u8 | if x < 0.0 && best > 0 { 8 } else { 0 }
+        };
+        out.push((e + 127) as u8);
+        for j in 0..16 {
+            out.push(code(b[j]) | (code(b[j + 16]) << 4));
+        }
+    }
+    out
+}
+
 /// Repacks rows of MXFP4 from transformers' layout (per row, `cols / 2` bytes whose low
 /// nibble is the even value and high nibble the odd one, and `cols / 32` scale bytes
 /// elsewhere) into [`Form::Mxfp4`]'s blocks.
@@ -387,6 +421,23 @@ impl Mat {
 #[cfg(test)]
 mod f8_tests {
     use super::*;
+
+    /// MXFP4 values quantize back to themselves, at every scale and code.
+    #[test]
+    fn mxfp4_values_round_trip() {
+        let mut blocks = vec![];
+        for (k, e) in [1u8, 60, 120, 127, 200, 254].into_iter().enumerate() {
+            blocks.push(e);
+            blocks.extend((0..16).map(|j| ((j * 7 + k) % 256) as u8));
+        }
+        let mut wide = vec![0f32; blocks.len() / 17 * 32];
+        widen_mxfp4(&blocks, &mut wide);
+        let back = quantize_mxfp4(&wide);
+        let mut again = vec![0f32; wide.len()];
+        widen_mxfp4(&back, &mut again);
+        // Equal as numbers (−0 may come back as +0).
+        assert_eq!(wide, again);
+    }
 
     /// Every byte but e4m3's NaN, at several scales, widens to the table's value times the
     /// scale, bit for bit, on whichever path this CPU takes.
