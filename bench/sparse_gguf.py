@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Writes the header of a full-size DeepSeek-V3 (671B) or Kimi K2 GGUF file, as llama.cpp's
-converter lays it out (deepseek2, split attn_k_b/attn_v_b), with Q4_K_M's tensor types, and
-extends the file to its full size as a sparse file: no weight bytes are written or stored.
+converter lays it out (deepseek2, split attn_k_b/attn_v_b), with Q4_K_M's tensor types, or of
+GPT-OSS 120B or 20B (gpt-oss, MXFP4 experts, BF16 elsewhere, as llama.cpp's converter writes
+the official checkpoint), and extends the file to its full size as a sparse file: no weight
+bytes are written or stored.
 
 `airllm inspect` reads only the header and tensor table, so this gives the plan a real 671B
 Q4_K_M file would get, on a machine without 400 GB of disk (issue 25's inspect target). The
@@ -9,6 +11,7 @@ weights read as zeros; do not run the file.
 
     .venv-llamacpp/bin/python bench/sparse_gguf.py /tmp/dsv3-q4km.gguf [--shape kimi-k2]
     airllm inspect -m /tmp/dsv3-q4km.gguf -c 4096 --max-memory 1GiB
+    .venv-llamacpp/bin/python bench/sparse_gguf.py /tmp/gpt-oss-120b.gguf --shape gpt-oss-120b
 """
 import argparse
 
@@ -36,11 +39,71 @@ def q4_k_m(cols, more_bits, down_like):
     return t
 
 
+# GPT-OSS: layers, experts (hidden 2880, 64 heads of 64, 8 KV heads, experts of 2880, top-4).
+GPT_OSS = {"gpt-oss-120b": (36, 128), "gpt-oss-20b": (24, 32)}
+
+
+def tensor_info(w, name, shape, qtype):
+    # shape in row-major order (rows last but one), as numpy would hold it
+    n = int(np.prod(shape))
+    bs, ts = gguf.GGML_QUANT_SIZES[qtype]
+    w.add_tensor_info(name, shape, np.dtype(np.float32), n // bs * ts, raw_dtype=qtype)
+
+
+def gpt_oss(w, name):
+    n, e = GPT_OSS[name]
+    h, heads, kv, hd, ex, vocab = 2880, 64, 8, 64, 2880, 201088
+    w.add_name(name)
+    w.add_file_type(38)  # MOSTLY_MXFP4_MOE
+    w.add_quantization_version(2)
+    w.add_context_length(131072)
+    w.add_embedding_length(h)
+    w.add_block_count(n)
+    w.add_feed_forward_length(ex)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_key_length(hd)
+    w.add_value_length(hd)
+    w.add_rope_dimension_count(hd)
+    w.add_rope_freq_base(150000.0)
+    w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    w.add_rope_scaling_factor(32.0)
+    w.add_rope_scaling_orig_ctx_len(4096)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_sliding_window(128)
+    w.add_expert_count(e)
+    w.add_expert_used_count(4)
+    w.add_expert_feed_forward_length(ex)
+    w.add_vocab_size(vocab)
+    tensor_info(w, "token_embd.weight", [vocab, h], T.BF16)
+    for i in range(n):
+        b = f"blk.{i}."
+        tensor_info(w, b + "attn_norm.weight", [h], T.F32)
+        for t, rows in [("attn_q", heads * hd), ("attn_k", kv * hd), ("attn_v", kv * hd)]:
+            tensor_info(w, b + t + ".weight", [rows, h], T.BF16)
+            tensor_info(w, b + t + ".bias", [rows], T.F32)
+        tensor_info(w, b + "attn_output.weight", [h, heads * hd], T.BF16)
+        tensor_info(w, b + "attn_output.bias", [h], T.F32)
+        tensor_info(w, b + "attn_sinks.weight", [heads], T.F32)
+        tensor_info(w, b + "post_attention_norm.weight", [h], T.F32)
+        tensor_info(w, b + "ffn_gate_inp.weight", [e, h], T.F32)
+        tensor_info(w, b + "ffn_gate_inp.bias", [e], T.F32)
+        for t, shape in [("ffn_gate_exps", [e, ex, h]), ("ffn_up_exps", [e, ex, h]), ("ffn_down_exps", [e, h, ex])]:
+            tensor_info(w, b + t + ".weight", shape, T.MXFP4)
+            tensor_info(w, b + t + ".bias", shape[:2], T.F32)
+    tensor_info(w, "output_norm.weight", [h], T.F32)
+    tensor_info(w, "output.weight", [vocab, h], T.BF16)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
-    ap.add_argument("--shape", default="deepseek-v3", choices=sorted(SHAPES))
+    ap.add_argument("--shape", default="deepseek-v3", choices=sorted(SHAPES) + sorted(GPT_OSS))
     a = ap.parse_args()
+    if a.shape in GPT_OSS:
+        w = gguf.GGUFWriter(a.out, "gpt-oss")
+        gpt_oss(w, a.shape)
+        return finish(w, a.out)
     s = SHAPES[a.shape]
     arch = "deepseek2"
     w = gguf.GGUFWriter(a.out, arch)
@@ -119,7 +182,10 @@ def main():
             tensor(b + "ffn_down_shexp.weight", [h, sh], q4_k_m(sh, more, True))
     tensor("output_norm.weight", [h], T.F32)
     tensor("output.weight", [s["vocab"], h], T.Q6_K)
+    finish(w, a.out)
 
+
+def finish(w, out):
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
@@ -132,7 +198,7 @@ def main():
     fout.truncate(start + data)
     fout.close()
     params = sum(int(np.prod(ti.shape)) for ti in w.tensors[0].values())
-    print(f"{a.out}: {params / 1e9:.1f}B parameters, {(start + data) / 2**30:.1f} GiB (sparse)")
+    print(f"{out}: {params / 1e9:.1f}B parameters, {(start + data) / 2**30:.1f} GiB (sparse)")
 
 
 if __name__ == "__main__":

@@ -380,13 +380,23 @@ impl Plan {
         }
         writeln!(
             f,
-            "  experts: {} of {} cached ({} each, {}), up to {} read per token",
+            "  experts: {} of {} cached ({} each, {}), up to {} read per token (cold cache), {} warm with uniform routing",
             self.expert_slots,
             self.experts_total,
             fmt_bytes(self.expert_bytes),
             fmt_bytes(self.expert_slots as u64 * self.expert_bytes),
-            fmt_bytes(self.expert_read_per_token)
+            fmt_bytes(self.expert_read_per_token),
+            fmt_bytes(self.expert_read_warm())
         )
+    }
+
+    /// Expert bytes read per token at batch 1 once the cache is warm, if every expert is
+    /// equally likely: each use misses with the share of experts not cached. (Real routing
+    /// is skewed, so a frequency-aware cache does better than this.)
+    pub fn expert_read_warm(&self) -> u64 {
+        let total = self.experts_total.max(1) as f64;
+        let miss = 1.0 - (self.expert_slots as f64 / total).min(1.0);
+        (self.expert_read_per_token as f64 * miss) as u64
     }
 }
 
