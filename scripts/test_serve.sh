@@ -57,3 +57,6 @@ serve_and_test "--parallel 8"
 echo "with --lookup 8:"
 serve_and_test "--parallel 4 --lookup 8" test_chat_stream test_seed_repeats \
   test_greedy_matches_run test_logprobs test_64_concurrent_clients test_disconnect_mid_stream
+# GPT-OSS's harmony format (the tiny fixture): reasoning_content split out, streamed and whole.
+echo "GPT-OSS (harmony):"
+serve_and_test "-m tests/fixtures/hf/gpt-oss-mxfp4 --parallel 2" test_harmony_reasoning

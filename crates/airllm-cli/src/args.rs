@@ -292,6 +292,13 @@ pub struct ChatArgs {
     /// A system message that opens the conversation.
     #[arg(long)]
     pub system: Option<String>,
+    /// For reasoning models (GPT-OSS): do not show the reasoning, only the answer. Shown by
+    /// default, dimmed, on stderr.
+    #[arg(long)]
+    pub hide_reasoning: bool,
+    /// For templates that take it (GPT-OSS): low, medium or high.
+    #[arg(long, value_parser = ["low", "medium", "high"])]
+    pub reasoning_effort: Option<String>,
     #[command(flatten)]
     pub spec: SpecArgs,
 }

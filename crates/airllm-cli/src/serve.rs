@@ -974,7 +974,8 @@ fn usage(meta: &Meta, choices: &[Choice]) -> Value {
 /// `offset` is where the first token's text starts in the completion (a stream's later chunks
 /// go on from the earlier ones); it comes back advanced past these tokens.
 fn logprobs_json(app: &App, kind: Kind, lps: &[TokenLogprob], offset: &mut usize) -> Value {
-    let text = |t: u32| app.tok.decode(&[t]).unwrap_or_default();
+    // A special token shows as its text (`<|channel|>`), as vLLM reports it.
+    let text = |t: u32| app.tok.decode_special(&[t]).unwrap_or_default();
     match kind {
         Kind::Chat => {
             let entry = |t: u32, lp: f32| {

@@ -326,6 +326,13 @@ impl SynthShape {
             for (k, x) in extra {
                 v[k] = x.clone();
             }
+            // A shape's layer pattern repeats over however many layers `--layers` asks for.
+            if let Some(types) = extra.get("layer_types").and_then(|t| t.as_array()) {
+                let n = types.len().max(1);
+                v["layer_types"] = json!((0..self.layers)
+                    .map(|l| types[l % n].clone())
+                    .collect::<Vec<_>>());
+            }
             // transformers-4 style RoPE scaling, as DeepSeek's configs have it.
             if extra.contains_key("rope_scaling") {
                 v.as_object_mut().map(|o| o.remove("rope_parameters"));

@@ -3,7 +3,7 @@
 use std::io::{BufRead, Write};
 use std::time::Instant;
 
-use airllm::chat::{ChatTemplate, Message};
+use airllm::chat::{ChatTemplate, Harmony, Message};
 use airllm::generate::{Caches, Event, Request};
 use airllm::session::Hook;
 use anyhow::{bail, Result};
@@ -24,6 +24,14 @@ pub fn chat(a: ChatArgs) -> Result<()> {
         bail!("internal error: a chat session without a tokenizer");
     };
     let template = ChatTemplate::of(&tok)?;
+    // GPT-OSS's harmony format: the reasoning goes to stderr (dimmed on a terminal), the
+    // answer to stdout.
+    let harmony = Harmony::of(&tok);
+    let dim = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut kwargs = serde_json::Map::new();
+    if let Some(e) = &a.reasoning_effort {
+        kwargs.insert("reasoning_effort".into(), serde_json::json!(e));
+    }
     let mut messages: Vec<Message> = a.system.iter().map(|s| Message::new("system", s)).collect();
     // The conversation's sequence between turns, and the token ids whose keys and values it
     // holds, to reuse the shared prefix each turn.
@@ -48,7 +56,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
             _ => {}
         }
         messages.push(Message::new("user", line));
-        let prompt = template.prompt(&tok, &messages)?;
+        let prompt = tok.encode_special(&template.render_with(&messages, &kwargs)?)?;
         let keep = cached
             .iter()
             .zip(&prompt)
@@ -66,10 +74,40 @@ pub fn chat(a: ChatArgs) -> Result<()> {
         };
         let mut stdout = std::io::stdout();
         let t = Instant::now();
+        let (mut ids, mut shown) = (Vec::new(), (0usize, 0usize));
+        let hide = a.hide_reasoning;
         let out = s.run(vec![req], |h| {
-            if let Hook::Event(_, Event::Tokens { text, .. }) = h {
-                let _ = stdout.write_all(text.as_bytes());
-                let _ = stdout.flush();
+            if let Hook::Event(_, Event::Tokens { text, tokens, .. }) = h {
+                let Some(hm) = &harmony else {
+                    let _ = stdout.write_all(text.as_bytes());
+                    let _ = stdout.flush();
+                    return Ok(());
+                };
+                ids.extend_from_slice(tokens);
+                let split = hm.split(&tok, &ids)?;
+                let fresh = |all: &str, at: &mut usize| {
+                    let safe = all.trim_end_matches('\u{FFFD}').len();
+                    let new = all.get(*at..safe).unwrap_or_default().to_string();
+                    *at = (*at).max(safe);
+                    new
+                };
+                let r = fresh(&split.reasoning, &mut shown.0);
+                if !r.is_empty() && !hide {
+                    let (on, off) = if dim {
+                        ("\x1b[2m", "\x1b[0m")
+                    } else {
+                        ("", "")
+                    };
+                    eprint!("{on}{r}{off}");
+                }
+                let c = fresh(&split.content, &mut shown.1);
+                if !c.is_empty() {
+                    if shown.0 > 0 && shown.1 == c.len() && !hide {
+                        eprintln!();
+                    }
+                    let _ = stdout.write_all(c.as_bytes());
+                    let _ = stdout.flush();
+                }
             }
             Ok(())
         });
@@ -92,7 +130,14 @@ pub fn chat(a: ChatArgs) -> Result<()> {
         cached.extend(&c.token_ids);
         // The last sampled token was never fed through the model.
         cached.pop();
-        messages.push(Message::new("assistant", &c.text));
+        let reply = match &harmony {
+            Some(h) => {
+                let split = h.split(&tok, &c.token_ids)?;
+                Message::new("assistant", &split.content).with_thinking(Some(split.reasoning))
+            }
+            None => Message::new("assistant", &c.text),
+        };
+        messages.push(reply);
     }
     if a.model.profile {
         report::profile(s.engine());
