@@ -969,11 +969,46 @@ fn dims(it: &Item) -> Result<(usize, usize, bool)> {
     }
 }
 
-/// A chunk of rows, read and transformed, waiting to be encoded.
+/// A chunk of rows, read and transformed, waiting to be encoded; or already in the output's
+/// form (MXFP4 copied as it is held).
 struct Raw {
     item: usize,
     rows: usize,
     v: Vec<f32>,
+    held: Option<Vec<u8>>,
+}
+
+/// Rows of an MXFP4 stack as held (which is GGUF's block layout), every row or every other
+/// one from `first`, when the output keeps them as MXFP4; `None` otherwise.
+fn held_mxfp4(
+    src: &dyn WeightSource,
+    it: &Item,
+    start: usize,
+    n: usize,
+) -> Result<Option<Vec<u8>>> {
+    let Form::Mxfp4 { .. } = it.out.form else {
+        return Ok(None);
+    };
+    let (name, step, odd) = match &it.data {
+        Data::Source(name) => (name, 1, 0),
+        Data::Alternate(name, odd) => (name, 2, usize::from(*odd)),
+        _ => return Ok(None),
+    };
+    if !matches!(src.form(name)?, Form::Mxfp4 { .. }) {
+        return Ok(None);
+    }
+    let m = src.read_rows(name, step * start, step * n, AlignedBuf::default())?;
+    let v = m.view();
+    let rb = v.form.row_bytes(v.cols);
+    Ok(Some(
+        v.data
+            .chunks_exact(rb)
+            .skip(odd)
+            .step_by(step)
+            .flatten()
+            .copied()
+            .collect(),
+    ))
 }
 
 /// Writes the items' data to `out` in order. A reader thread reads and transforms row chunks
@@ -1020,6 +1055,14 @@ fn stream_items(
                 };
                 for (start, n) in chunks {
                     let r = (|| -> Result<Raw> {
+                        if let Some(bytes) = held_mxfp4(src, it, start, n)? {
+                            return Ok(Raw {
+                                item: i,
+                                rows: n,
+                                v: Vec::new(),
+                                held: Some(bytes),
+                            });
+                        }
                         let v = match &it.data {
                             Data::Values(v) => v.clone(),
                             Data::Source(name) => read_f32(src, name, &it.out.shape, start, n)?,
@@ -1056,6 +1099,7 @@ fn stream_items(
                             item: i,
                             rows: if matrix { n } else { 1 },
                             v,
+                            held: None,
                         })
                     })();
                     let failed = r.is_err();
@@ -1098,7 +1142,10 @@ fn stream_items(
                 .map(|raw| {
                     let it = &items[raw.item];
                     let cols = shapes[raw.item].1;
-                    Ok((raw.item, encode(raw.v, raw.rows, cols, it.out.form)?))
+                    Ok(match raw.held {
+                        Some(bytes) => (raw.item, bytes),
+                        None => (raw.item, encode(raw.v, raw.rows, cols, it.out.form)?),
+                    })
                 })
                 .collect();
             for e in encoded {
