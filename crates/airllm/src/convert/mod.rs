@@ -501,7 +501,16 @@ fn gguf_plan(info: &ModelInfo, quant: Quant, out: &Path) -> Result<(GgufPlan, Ve
         } else {
             m.shape.clone()
         };
-        let dtype = if shape.len() == 1 || matches!(at, Some((_, Role::Router))) {
+        // GPT-OSS's expert biases are `[experts, rows]`, and f32 too (llama.cpp adds them
+        // in f32 only).
+        let small = matches!(
+            at,
+            Some((
+                _,
+                Role::Router | Role::ExpertDownBias | Role::ExpertGateBias | Role::ExpertUpBias
+            ))
+        );
+        let dtype = if shape.len() == 1 || small {
             GgmlDType::F32
         } else {
             matrix_type(quant, *shape.last().unwrap(), is_head, more_bits(at))
