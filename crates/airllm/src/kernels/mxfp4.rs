@@ -158,17 +158,17 @@ mod x86 {
             let hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(q, 4), low));
             let w = _mm256_set_m128i(hi, lo);
             let aw = _mm256_sign_epi8(w, w);
-            for r in 0..nx {
+            for (r, sum) in sums[..nx].iter_mut().enumerate() {
                 let y =
                     _mm256_loadu_si256(xq.as_ptr().add((r * kb + b) * Q8 + 2) as *const __m256i);
                 let prod =
                     _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(y, w)), ones);
                 let d = _mm256_set1_ps(s * *xd.get_unchecked(r * kb + b));
-                sums[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(prod), sums[r]);
+                *sum = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(prod), *sum);
             }
         }
-        for r in 0..nx {
-            acc[r] = crate::kernels::common::hsum(sums[r]);
+        for (a, s) in acc[..nx].iter_mut().zip(&sums) {
+            *a = crate::kernels::common::hsum(*s);
         }
     }
 }

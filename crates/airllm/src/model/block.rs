@@ -557,6 +557,7 @@ impl Block {
     /// KV head are stacked along the row axis so the cached keys are used without being repeated.
     /// Long prefills are split into query chunks so the score matrices stay under
     /// `scores_bytes`.
+    #[allow(clippy::too_many_arguments)]
     fn attend(
         &self,
         q: &Tensor,
@@ -592,6 +593,7 @@ impl Block {
 
     /// Attention for `n` query rows starting at absolute position `pos`, against the cached
     /// keys up to `pos + n`; key 0 is at absolute position `k0`. Returns `[n, nh * hd]`.
+    #[allow(clippy::too_many_arguments)]
     fn attend_rows(
         &self,
         q: &Tensor,

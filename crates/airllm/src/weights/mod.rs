@@ -357,7 +357,7 @@ impl SafetensorsSource {
             StackedKind::Transposed(t) => {
                 let shard = &self.set.shards[t.shard];
                 check_range(&shard.path, name, start, len, e * r)?;
-                if start % r != 0 || len % r != 0 {
+                if !start.is_multiple_of(r) || !len.is_multiple_of(r) {
                     return Err(Error::tensor(
                         &shard.path,
                         name,
