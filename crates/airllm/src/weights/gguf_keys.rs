@@ -206,7 +206,7 @@ mod tests {
         assert_eq!(arch_of("gpt2", false), None);
         assert_eq!(
             supported_archs(),
-            "llama, qwen2, qwen3, gemma2, gemma3, qwen2moe, qwen3moe, phi3, deepseek2, glm4, glm4moe"
+            "llama, qwen2, qwen3, gemma2, gemma3, qwen2moe, qwen3moe, phi3, deepseek2, glm4, glm4moe, gpt-oss"
         );
         assert_eq!(Key::BlockCount.of("qwen3"), "qwen3.block_count");
     }
