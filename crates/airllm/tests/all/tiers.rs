@@ -65,7 +65,10 @@ fn check(name: &str, path: &Path, base: EngineOptions, prompts: &[Vec<u32>]) {
                 .experts()
                 .map(|t| {
                     let name = t.expert_name(info.src.naming(), l, 0).0;
-                    info.src.meta(&name).unwrap().compute_bytes
+                    let m = info.src.meta(&name).unwrap();
+                    // A stack of experts (GGUF, GPT-OSS) holds them all under one name.
+                    let stacked = if m.shape.len() == 3 { m.shape[0] } else { 1 };
+                    m.compute_bytes / stacked as u64
                 })
                 .sum()
         });
