@@ -1066,21 +1066,40 @@ fn read_gpt_oss_moe(r: &Reader, num_layers: usize) -> Result<MoeSpec> {
         Some(r.f64_opt(r.v, "swiglu_alpha")?.unwrap_or(1.702)),
     )?;
     let limit = positive("swiglu_limit", r.f64_opt(r.v, "swiglu_limit")?)?;
-    Ok(MoeSpec {
-        style: MoeStyle::GptOss,
+    Ok(MoeSpec::gpt_oss(
         experts,
-        top_k: r.top_k(experts)?,
-        expert_size: r.usize_req("intermediate_size")?,
-        norm_topk: false,
-        shared_size: None,
-        shared_gated: false,
-        sparse: vec![true; num_layers],
-        routing: Routing {
-            scoring: Scoring::TopKSoftmax,
-            ..Routing::softmax()
-        },
-        clamped: Some(ClampedSwiglu { alpha, limit }),
-    })
+        r.top_k(experts)?,
+        r.usize_req("intermediate_size")?,
+        num_layers,
+        ClampedSwiglu { alpha, limit },
+    ))
+}
+
+impl MoeSpec {
+    /// GPT-OSS's experts in every layer (read from transformers' config or GGUF's keys).
+    pub fn gpt_oss(
+        experts: usize,
+        top_k: usize,
+        expert_size: usize,
+        num_layers: usize,
+        clamped: ClampedSwiglu,
+    ) -> Self {
+        MoeSpec {
+            style: MoeStyle::GptOss,
+            experts,
+            top_k,
+            expert_size,
+            norm_topk: false,
+            shared_size: None,
+            shared_gated: false,
+            sparse: vec![true; num_layers],
+            routing: Routing {
+                scoring: Scoring::TopKSoftmax,
+                ..Routing::softmax()
+            },
+            clamped: Some(clamped),
+        }
+    }
 }
 
 /// The field at fault in group-limited routing.

@@ -312,25 +312,13 @@ impl ModelConfig {
                         format!("{top_k} is more than the {experts} experts"),
                     ));
                 }
-                Some(MoeSpec {
-                    style: MoeStyle::GptOss,
-                    experts,
-                    top_k,
-                    expert_size: req(Key::ExpertFeedForwardLength)?,
-                    norm_topk: false,
-                    shared_size: None,
-                    shared_gated: false,
-                    sparse: vec![true; num_layers],
-                    routing: Routing {
-                        scoring: Scoring::TopKSoftmax,
-                        ..Routing::softmax()
-                    },
-                    // llama.cpp's constants for this architecture (GGUF has no keys for them).
-                    clamped: Some(ClampedSwiglu {
-                        alpha: 1.702,
-                        limit: 7.0,
-                    }),
-                })
+                // llama.cpp's constants for this architecture (GGUF has no keys for them).
+                let clamp = ClampedSwiglu {
+                    alpha: 1.702,
+                    limit: 7.0,
+                };
+                let size = req(Key::ExpertFeedForwardLength)?;
+                Some(MoeSpec::gpt_oss(experts, top_k, size, num_layers, clamp))
             }
             Arch::Mixtral | Arch::Qwen2Moe | Arch::Qwen3Moe => {
                 let experts = req(Key::ExpertCount)?;
