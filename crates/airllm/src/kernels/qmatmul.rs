@@ -83,7 +83,7 @@ pub fn quant_with(
         GgmlDType::Q6K => run::<kq::BlockQ6K>(x, m, w, y, ldy, col0, gemm),
         other => Err(Error::Invalid(format!(
             "matrices of type {} cannot be multiplied",
-            crate::weights::gguf::type_name(other)
+            crate::weights::mat::type_name(other)
         ))),
     }
 }

@@ -7,8 +7,6 @@ use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::GgmlDType;
-
 use super::mat::Form;
 
 use crate::error::{Error, Result};
@@ -114,33 +112,6 @@ impl GgufMeta for GgufFile {
     fn tensor_shape(&self, name: &str) -> Option<&[usize]> {
         self.tensors.get(name).map(|t| t.shape.as_slice())
     }
-}
-
-/// GGML type ids we can compute with, and their names for messages.
-pub fn ggml_type(id: u32) -> Option<(GgmlDType, &'static str)> {
-    Some(match id {
-        0 => (GgmlDType::F32, "F32"),
-        1 => (GgmlDType::F16, "F16"),
-        2 => (GgmlDType::Q4_0, "Q4_0"),
-        3 => (GgmlDType::Q4_1, "Q4_1"),
-        6 => (GgmlDType::Q5_0, "Q5_0"),
-        7 => (GgmlDType::Q5_1, "Q5_1"),
-        8 => (GgmlDType::Q8_0, "Q8_0"),
-        10 => (GgmlDType::Q2K, "Q2_K"),
-        11 => (GgmlDType::Q3K, "Q3_K"),
-        12 => (GgmlDType::Q4K, "Q4_K"),
-        13 => (GgmlDType::Q5K, "Q5_K"),
-        14 => (GgmlDType::Q6K, "Q6_K"),
-        30 => (GgmlDType::BF16, "BF16"),
-        _ => return None,
-    })
-}
-
-pub fn type_name(t: GgmlDType) -> &'static str {
-    (0..31)
-        .filter_map(ggml_type)
-        .find(|(d, _)| *d == t)
-        .map_or("?", |(_, n)| n)
 }
 
 struct Cursor<'a> {

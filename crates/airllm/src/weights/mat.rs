@@ -257,16 +257,14 @@ impl Form {
         if id == MXFP4_GGUF_ID {
             return Some(Form::Mxfp4 { q8: true });
         }
-        crate::weights::gguf::ggml_type(id).map(|(t, _)| Form::of_ggml(t))
+        ggml_type(id).map(|(t, _)| Form::of_ggml(t))
     }
     /// The GGUF type id of this form (none for FP8, which GGUF does not have).
     pub fn gguf_id(self) -> Option<u32> {
         match self {
             Form::Mxfp4 { .. } => Some(MXFP4_GGUF_ID),
             Form::F8(..) => None,
-            f => (0..31).find(|&id| {
-                crate::weights::gguf::ggml_type(id).is_some_and(|(d, _)| Form::of_ggml(d) == f)
-            }),
+            f => (0..31).find(|&id| ggml_type(id).is_some_and(|(d, _)| Form::of_ggml(d) == f)),
         }
     }
     pub fn name(self) -> &'static str {
@@ -274,7 +272,7 @@ impl Form {
             Form::F32 => "F32",
             Form::F16 => "F16",
             Form::BF16 => "BF16",
-            Form::Q(t) => crate::weights::gguf::type_name(t),
+            Form::Q(t) => type_name(t),
             Form::F8(F8Kind::E4M3, _) => "F8_E4M3",
             Form::F8(F8Kind::E5M2, _) => "F8_E5M2",
             Form::Mxfp4 { .. } => "MXFP4",
@@ -289,6 +287,33 @@ impl Form {
             q => Form::Q(q),
         }
     }
+}
+
+/// GGML type ids we can compute with, and their names for messages.
+pub fn ggml_type(id: u32) -> Option<(GgmlDType, &'static str)> {
+    Some(match id {
+        0 => (GgmlDType::F32, "F32"),
+        1 => (GgmlDType::F16, "F16"),
+        2 => (GgmlDType::Q4_0, "Q4_0"),
+        3 => (GgmlDType::Q4_1, "Q4_1"),
+        6 => (GgmlDType::Q5_0, "Q5_0"),
+        7 => (GgmlDType::Q5_1, "Q5_1"),
+        8 => (GgmlDType::Q8_0, "Q8_0"),
+        10 => (GgmlDType::Q2K, "Q2_K"),
+        11 => (GgmlDType::Q3K, "Q3_K"),
+        12 => (GgmlDType::Q4K, "Q4_K"),
+        13 => (GgmlDType::Q5K, "Q5_K"),
+        14 => (GgmlDType::Q6K, "Q6_K"),
+        30 => (GgmlDType::BF16, "BF16"),
+        _ => return None,
+    })
+}
+
+pub fn type_name(t: GgmlDType) -> &'static str {
+    (0..31)
+        .filter_map(ggml_type)
+        .find(|(d, _)| *d == t)
+        .map_or("?", |(_, n)| n)
 }
 
 /// GGML's type id of MXFP4 (which candle does not have).
