@@ -154,6 +154,16 @@ pub struct SynthArgs {
     /// Also write the same weights as a GGUF file (in --dtype), for llama.cpp and GGUF runs.
     #[arg(long)]
     pub gguf: Option<PathBuf>,
+    /// A mixture's routing: random (independent weights), or correlated, a stand-in for real
+    /// models' routing in which consecutive layers choose alike, so that the next layer's
+    /// experts can be guessed from the current hidden state (about 97% right on the Mixtral
+    /// shape, as reported for real models).
+    #[arg(long, default_value = "random")]
+    pub routing: String,
+    /// Under correlated routing, the weight of each token's embedding along its experts'
+    /// shared directions: higher makes routing more predictable.
+    #[arg(long)]
+    pub routing_strength: Option<f32>,
 }
 
 #[derive(Args, Clone)]
@@ -205,6 +215,15 @@ pub struct ModelArgs {
     /// form, so it changes nothing for them; GGUF files keep their own types.
     #[arg(long)]
     f16: bool,
+    /// Do not read a mixture's experts ahead on a guess. By default the next layer's experts
+    /// are guessed while a layer computes and read early wherever the guesses pay (the
+    /// tokens are the same either way).
+    #[arg(long)]
+    pub no_expert_lookahead: bool,
+    /// Write each sparse layer's choice of experts to FILE, one JSON line per layer and step
+    /// (`{"step", "layer", "experts"}`), to study routing and the cache's policy.
+    #[arg(long, value_name = "FILE")]
+    pub trace_experts: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -403,6 +422,8 @@ impl ModelArgs {
             device: airllm::device::parse(&self.device).context("--device")?,
             device_memory: size("--gpu-memory", &self.gpu_memory)?,
             guesses: spec.map(SpecArgs::guesses).transpose()?.flatten(),
+            expert_lookahead: !self.no_expert_lookahead,
+            expert_trace: self.trace_experts.clone(),
             ..Default::default()
         })
     }

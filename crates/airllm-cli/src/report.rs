@@ -95,9 +95,18 @@ fn print_phase(name: &str, p: &Profile) {
         eprintln!(
             "  experts per step: {:.1} used, {:.1} read ({}), cache hit rate {:.0}%",
             used as f64 / n as f64,
-            e.misses as f64 / n as f64,
+            e.reads() as f64 / n as f64,
             fmt_bytes(e.bytes_read / n as u64),
             100.0 * rate
+        );
+    }
+    if let Some(p) = e.precision() {
+        eprintln!(
+            "  expert look-ahead per step: precision {:.0}%, read ahead {:.1} ({}), wasted {}",
+            100.0 * p,
+            e.read_ahead as f64 / n as f64,
+            fmt_bytes(e.ahead_bytes / n as u64),
+            fmt_bytes(e.wasted_bytes / n as u64)
         );
     }
     let wall = p.wall.as_secs_f64();

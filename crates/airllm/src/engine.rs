@@ -20,6 +20,7 @@ use crate::model::block::LayerKind;
 use crate::model::block::Small;
 use crate::model::{Block, LayerKv, Rope, SeqRows};
 use crate::stream::experts::ExpertAccess;
+use crate::stream::lookahead::Lookahead;
 use crate::stream::placement::{Placement, Placer};
 use crate::stream::pool::Pool;
 use crate::stream::reader::{ReadSpec, StreamedMats, Target};
@@ -281,6 +282,13 @@ impl Engine {
                 plan.expert_bytes,
                 charge,
             )?;
+            if let Some(path) = &opts.expert_trace {
+                cache.trace_to(path)?;
+            }
+            if let (true, Some(m)) = (plan.lookahead_bytes > 0, &cfg.moe) {
+                let look = Lookahead::new(src.as_ref(), &schemas, m.routing.clone(), m.top_k)?;
+                cache.set_lookahead(look, ledger.charge(plan.lookahead_bytes));
+            }
             if plan.expert_slots == plan.experts_total {
                 let sparse: Vec<usize> = (0..cfg.num_layers)
                     .filter(|&l| schemas[l].is_sparse())
@@ -656,9 +664,7 @@ impl Engine {
         prof.wall += t0.elapsed();
         prof.moved += self.bytes_moved() - moved0;
         let e = self.expert_stats().unwrap_or_default().since(&experts0);
-        prof.experts.hits += e.hits;
-        prof.experts.misses += e.misses;
-        prof.experts.bytes_read += e.bytes_read;
+        prof.experts += e;
         *(if prefill {
             &mut self.prefill_profile
         } else {

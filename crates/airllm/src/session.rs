@@ -54,6 +54,10 @@ pub struct SessionOptions {
     pub keep_page_cache: bool,
     /// Build the tokenizer. Without one, requests get token ids and no text.
     pub tokenizer: bool,
+    /// See [`EngineOptions::expert_lookahead`].
+    pub expert_lookahead: bool,
+    /// See [`EngineOptions::expert_trace`].
+    pub expert_trace: Option<std::path::PathBuf>,
 }
 
 impl Default for SessionOptions {
@@ -66,6 +70,8 @@ impl Default for SessionOptions {
             guesses: None,
             keep_page_cache: false,
             tokenizer: true,
+            expert_lookahead: true,
+            expert_trace: None,
         }
     }
 }
@@ -148,6 +154,8 @@ pub fn engine_options(
         reserved_bytes: reserved,
         device: o.device.clone(),
         device_memory: o.device_memory,
+        expert_lookahead: o.expert_lookahead,
+        expert_trace: o.expert_trace.clone(),
         ..Default::default()
     })
 }

@@ -33,7 +33,28 @@ pub struct SynthShape {
     /// More `config.json` keys in transformers' terms (latent attention, routing groups,
     /// dense first layers, RoPE scaling), merged over the rest.
     pub extra: serde_json::Value,
+    /// How a mixture's routers and embeddings relate (random weights by default).
+    pub routing: SynthRouting,
 }
+
+/// A stand-in for real routing, since no real mixture's weights can be fetched here.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum SynthRouting {
+    /// Every weight independent: consecutive layers route unrelatedly, and a guess of the next
+    /// layer's experts is right about top-k / experts of the time.
+    #[default]
+    Random,
+    /// The routers of all layers share one direction per expert (each router row is mostly
+    /// that direction), and each token's embedding carries a component of `strength` along
+    /// a few of them, so the hidden state keeps choosing alike from layer to layer, as real
+    /// models' do: with the default strength, guessing the next layer's experts from the
+    /// current hidden state is right about 97% of the time on the Mixtral shape, the figure
+    /// Fate (arXiv 2502.12224) reports for real models.
+    Correlated { strength: f32 },
+}
+
+/// The default strength of [`SynthRouting::Correlated`].
+pub const CORRELATED_STRENGTH: f32 = 0.5;
 
 /// The experts of a mixture-of-experts shape.
 #[derive(Debug, Clone)]
@@ -47,6 +68,7 @@ pub struct SynthMoe {
 /// Named shapes of well-known models.
 pub fn preset(name: &str) -> Option<SynthShape> {
     let s = |arch, hidden, intermediate, layers, heads, kv_heads, vocab, rope_theta| SynthShape {
+        routing: SynthRouting::Random,
         arch,
         hidden,
         intermediate,
@@ -171,6 +193,7 @@ fn gpt_oss(layers: usize, experts: usize) -> SynthShape {
         })
         .collect();
     SynthShape {
+        routing: SynthRouting::Random,
         arch: Arch::GptOss,
         hidden: 2880,
         intermediate: 2880,
@@ -282,6 +305,34 @@ impl SynthShape {
         Ok(t)
     }
 
+    /// The tensors whose values correlated routing shapes: every router, and the embedding.
+    fn special_values(&self, dtype: DType) -> Result<Vec<(String, Values)>> {
+        let (SynthRouting::Correlated { strength }, Some(m)) = (self.routing, &self.moe) else {
+            return Ok(vec![]);
+        };
+        let cfg = self.model_config_for(dtype)?;
+        let mut v = vec![(
+            Naming::Hf.embed().to_string(),
+            Values::Embed {
+                hidden: self.hidden,
+                experts: m.experts,
+                picks: 2 * m.top_k,
+                strength,
+            },
+        )];
+        for l in 0..self.layers {
+            if let Some(r) = LayerSchema::new(&cfg, l).get(crate::weights::schema::Role::Router) {
+                v.push((
+                    r.name(Naming::Hf, l),
+                    Values::Router {
+                        hidden: self.hidden,
+                    },
+                ));
+            }
+        }
+        Ok(v)
+    }
+
     /// The shape's config. The shape is described in transformers' terms and read by the
     /// config reader, so the architecture's defaults apply as they do to a downloaded model;
     /// `config.json` is then written from the result by the one writer,
@@ -369,13 +420,49 @@ fn name_seed(seed: u64, name: &str) -> u64 {
     crate::util::fnv1a64(name.as_bytes()) ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
-/// Writes `numel` values of tensor `name`: norms are 1, everything else uniform with std 0.02.
+/// What a tensor's values are, beyond its name's noise.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Values {
+    Plain,
+    /// A router of correlated routing: `[experts, hidden]`.
+    Router {
+        hidden: usize,
+    },
+    /// The embedding under correlated routing: `[vocab, hidden]`, each row with a component
+    /// along the directions of `picks` of the `experts`.
+    Embed {
+        hidden: usize,
+        experts: usize,
+        picks: usize,
+        strength: f32,
+    },
+}
+
+/// How much of a correlated router row is its expert's shared direction.
+const ROUTER_SHARE: f32 = 0.9;
+
+/// Expert `e`'s direction under correlated routing, at column `j`: the same in every layer,
+/// with unit variance.
+fn direction(seed: u64, hidden: usize, e: usize, j: usize) -> f32 {
+    let mut r =
+        Rng(seed ^ 0xD1EC_7104 ^ ((e * hidden + j) as u64).wrapping_mul(0xA24B_AED4_963E_E407));
+    unit(r.next()) * 3f32.sqrt()
+}
+
+/// A uniform value in [-1, 1) from 64 random bits.
+fn unit(bits: u64) -> f32 {
+    (bits >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+}
+
+/// Writes `numel` values of tensor `name`: norms are 1, everything else uniform with std 0.02
+/// (plus, under correlated routing, the routers' and the embedding's shared directions).
 fn write_values(
     w: &mut impl Write,
     name: &str,
     numel: usize,
     dtype: DType,
     seed: u64,
+    values: Values,
 ) -> std::io::Result<()> {
     let is_norm = name.ends_with("norm.weight");
     let is_scale = name.ends_with("_scale_inv");
@@ -399,7 +486,46 @@ fn write_values(
         return Ok(());
     }
     let amp = 0.02f32 * 3f32.sqrt();
+    // The embedding row being written, and its experts and their weights.
+    let mut row = usize::MAX;
+    let mut picked: Vec<(usize, f32)> = vec![];
+    let mut value = |i: usize, noise: f32| -> f32 {
+        match values {
+            Values::Plain => noise * amp,
+            Values::Router { hidden } => {
+                let (e, j) = (i / hidden, i % hidden);
+                0.02 * (ROUTER_SHARE * direction(seed, hidden, e, j)
+                    + (1.0 - ROUTER_SHARE * ROUTER_SHARE).sqrt() * noise * 3f32.sqrt())
+            }
+            Values::Embed {
+                hidden,
+                experts,
+                picks,
+                strength,
+            } => {
+                let (t, j) = (i / hidden, i % hidden);
+                if t != row {
+                    row = t;
+                    let mut r = Rng(name_seed(seed, "correlated routing") ^ t as u64);
+                    picked.clear();
+                    while picked.len() < picks.min(experts) {
+                        let e = (r.next() % experts as u64) as usize;
+                        if picked.iter().all(|&(p, _)| p != e) {
+                            picked.push((e, 0.5 + 0.5 * unit(r.next()).abs()));
+                        }
+                    }
+                }
+                noise * amp
+                    + strength
+                        * picked
+                            .iter()
+                            .map(|&(e, c)| c * direction(seed, hidden, e, j))
+                            .sum::<f32>()
+            }
+        }
+    };
     let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
+    let mut i = 0;
     let mut left = numel;
     while left > 0 {
         let n = left.min(1 << 18);
@@ -408,8 +534,9 @@ fn write_values(
             let x = if is_norm {
                 1.0
             } else {
-                ((rng.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp
+                value(i, unit(rng.next()))
             };
+            i += 1;
             match dtype {
                 DType::F32 if is_scale => buf.extend_from_slice(&FP8_SCALE.to_le_bytes()),
                 DType::F32 => buf.extend_from_slice(&x.to_le_bytes()),
@@ -521,6 +648,7 @@ fn write_into(
     progress: &mut impl FnMut(u64, u64),
 ) -> Result<()> {
     let tensors = shape.typed_tensors(dtype)?;
+    let values = shape.special_values(dtype)?;
     let bytes = |s: &[usize], d: DType| s.iter().product::<usize>() as u64 * d.size() as u64;
     let total: u64 = tensors.iter().map(|(_, s, d)| bytes(s, *d)).sum();
     // Group tensors into shards of about `shard_bytes`, as transformers' save_pretrained does.
@@ -570,7 +698,11 @@ fn write_into(
         for &i in members {
             let (name, s, d) = &tensors[i];
             let numel = s.iter().product::<usize>();
-            write_values(&mut w, name, numel, *d, seed).map_err(|e| io(&path, e))?;
+            let v = values
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or(Values::Plain, |(_, v)| *v);
+            write_values(&mut w, name, numel, *d, seed, v).map_err(|e| io(&path, e))?;
             done += bytes(s, *d);
             progress(done, total);
         }

@@ -174,7 +174,17 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         extra["expert_cache_bytes"] = (plan.expert_slots as u64 * plan.expert_bytes).into();
         extra["expert_hit_rate"] = e.hit_rate().into();
         extra["experts_used_per_token"] = per(e.hits + e.misses).into();
-        extra["experts_read_per_token"] = per(e.misses).into();
+        extra["experts_read_per_token"] = per(e.reads()).into();
+        extra["expert_lookahead"] = if plan.lookahead_bytes > 0 {
+            "where it pays"
+        } else {
+            "off"
+        }
+        .into();
+        extra["lookahead_precision"] = e.precision().into();
+        extra["lookahead_experts_read_per_token"] = per(e.read_ahead).into();
+        extra["lookahead_bytes_read_per_token"] = (e.ahead_bytes / a.gen as u64).into();
+        extra["lookahead_bytes_wasted_per_token"] = (e.wasted_bytes / a.gen as u64).into();
         extra["expert_bytes_read_per_token"] = (e.bytes_read / a.gen as u64).into();
         extra["cold_cache_bytes_read_per_token"] = plan.bytes_read_per_token.into();
     }
@@ -280,6 +290,22 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 "| expert bytes read per token | {} |",
                 fmt_bytes(report["expert_bytes_read_per_token"].as_u64().unwrap_or(0))
             );
+            if let Some(p) = report["lookahead_precision"].as_f64() {
+                println!(
+                    "| look-ahead: precision, read ahead, wasted per token | {:.0}%, {}, {} |",
+                    100.0 * p,
+                    fmt_bytes(
+                        report["lookahead_bytes_read_per_token"]
+                            .as_u64()
+                            .unwrap_or(0)
+                    ),
+                    fmt_bytes(
+                        report["lookahead_bytes_wasted_per_token"]
+                            .as_u64()
+                            .unwrap_or(0)
+                    )
+                );
+            }
         }
         println!(
             "| compute waiting for I/O | {:.0}% |",

@@ -31,6 +31,21 @@ pub fn synth(a: SynthArgs) -> Result<()> {
             "--experts and --top-k apply to mixture-of-experts shapes (mixtral-8x7b, qwen3-30b-a3b, tiny-moe, deepseek-v3, kimi-k2, deepseek-v2-lite, glm-4.5-air, glm-4.5)"
         ),
     }
+    shape.routing = match (a.routing.as_str(), a.routing_strength) {
+        ("random", None) => airllm::synth::SynthRouting::Random,
+        ("random", Some(_)) => bail!("--routing-strength applies to --routing correlated"),
+        ("correlated", s) => {
+            let strength = s.unwrap_or(airllm::synth::CORRELATED_STRENGTH);
+            if !(strength.is_finite() && strength >= 0.0) {
+                bail!("--routing-strength {strength}: expected a number of 0 or more");
+            }
+            if shape.moe.is_none() {
+                bail!("--routing correlated applies to mixture-of-experts shapes");
+            }
+            airllm::synth::SynthRouting::Correlated { strength }
+        }
+        (other, _) => bail!("--routing `{other}`: expected random or correlated"),
+    };
     let dtype = match a.dtype.to_ascii_lowercase().as_str() {
         "bf16" | "bfloat16" => DType::BF16,
         "f16" | "float16" => DType::F16,

@@ -82,13 +82,15 @@ pub trait Matrices {
 
     /// Calls `f(e, mats)` for each expert `e` of `experts` (ascending, distinct) once its
     /// matrices are at hand, in whatever order they become so: cached experts first, then
-    /// the others as they are read. `mats` multiplies that expert's matrices.
+    /// the others as they are read. `mats` multiplies that expert's matrices. `input` is the
+    /// layer's MoE input, from which the next layer's experts may be guessed.
     fn experts(
         &mut self,
         experts: &[usize],
+        input: &Tensor,
         f: &mut dyn FnMut(usize, &mut dyn Matrices) -> Result<()>,
     ) -> Result<()> {
-        let _ = (experts, f);
+        let _ = (experts, input, f);
         Err(Error::Internal(
             "this layer's matrices have no experts".into(),
         ))
@@ -373,17 +375,6 @@ impl Block {
     /// Qwen2-MoE adds a shared expert scaled by a sigmoid gate.
     fn moe(&self, small: &Small, mats: &mut dyn Matrices, h: &Tensor) -> Result<Tensor> {
         let dev = h.device();
-        let mut logits = mats.matmul(Role::Router, h)?;
-        if let Some(b) = small.get(Role::RouterLogitBias) {
-            logits = logits.broadcast_add(b)?;
-        }
-        let scores = match self.routing.scoring {
-            Scoring::Softmax => candle_nn::ops::softmax_last_dim(&logits)?,
-            Scoring::Sigmoid => candle_nn::ops::sigmoid(&logits)?,
-            Scoring::TopKSoftmax => logits,
-        }
-        .to_device(&Device::Cpu)?
-        .to_vec2::<f32>()?;
         let bias = match small.get(Role::RouterBias) {
             Some(b) => Some(b.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?),
             None if self.routing.correction_bias => {
@@ -393,16 +384,17 @@ impl Block {
             }
             None => None,
         };
-        let routes = choose(
-            &scores,
+        let routes = route_logits(
+            mats.matmul(Role::Router, h)?,
+            small.get(Role::RouterLogitBias),
             bias.as_deref(),
             &self.routing,
             self.top_k,
             self.norm_topk,
-        );
+        )?;
         let experts: Vec<usize> = routes.keys().copied().collect();
         let mut outs: Vec<(usize, Tensor, Tensor)> = Vec::with_capacity(experts.len());
-        mats.experts(&experts, &mut |e, em| {
+        mats.experts(&experts, h, &mut |e, em| {
             let (rows, weights) = &routes[&e];
             let idx = Tensor::new(rows.as_slice(), dev)?;
             let y = self.expert(small, em, e, &h.index_select(&idx, 0)?)?;
@@ -658,14 +650,37 @@ impl Block {
     }
 }
 
+/// Each chosen expert's rows and their router weights, by expert.
+pub type Routes = std::collections::BTreeMap<usize, (Vec<u32>, Vec<f32>)>;
+
+/// Each expert's rows and weights from the router's logits `[rows, experts]`: `logit_bias`
+/// added (GPT-OSS), scored as `routing` says, then picked by [`choose`] with the correction
+/// `bias`.
+pub fn route_logits(
+    mut logits: Tensor,
+    logit_bias: Option<&Tensor>,
+    bias: Option<&[f32]>,
+    routing: &Routing,
+    top_k: usize,
+    norm: bool,
+) -> Result<Routes> {
+    if let Some(b) = logit_bias {
+        logits = logits.broadcast_add(b)?;
+    }
+    let scores = match routing.scoring {
+        Scoring::Softmax => candle_nn::ops::softmax_last_dim(&logits)?,
+        Scoring::Sigmoid => candle_nn::ops::sigmoid(&logits)?,
+        Scoring::TopKSoftmax => logits,
+    }
+    .to_device(&Device::Cpu)?
+    .to_vec2::<f32>()?;
+    Ok(choose(&scores, bias, routing, top_k, norm))
+}
+
 /// Each expert's rows and router weights, from the router's probabilities `[rows][experts]`:
 /// the `top_k` largest per row (the lower index first among equals), renormalized to sum to 1
 /// when `norm`.
-pub fn route(
-    probs: &[Vec<f32>],
-    top_k: usize,
-    norm: bool,
-) -> std::collections::BTreeMap<usize, (Vec<u32>, Vec<f32>)> {
+pub fn route(probs: &[Vec<f32>], top_k: usize, norm: bool) -> Routes {
     choose(probs, None, &Routing::softmax(), top_k, norm)
 }
 
@@ -683,8 +698,8 @@ pub fn choose(
     routing: &Routing,
     top_k: usize,
     norm: bool,
-) -> std::collections::BTreeMap<usize, (Vec<u32>, Vec<f32>)> {
-    let mut routes: std::collections::BTreeMap<usize, (Vec<u32>, Vec<f32>)> = Default::default();
+) -> Routes {
+    let mut routes = Routes::new();
     let best_first = |v: &[f32], a: usize, b: usize| v[b].total_cmp(&v[a]).then(a.cmp(&b));
     for (r, p) in scores.iter().enumerate() {
         let mut choice: Vec<f32> = match bias {

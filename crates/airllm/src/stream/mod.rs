@@ -5,6 +5,7 @@
 
 pub mod experts;
 pub mod ledger;
+pub mod lookahead;
 pub mod placement;
 pub mod plan;
 pub mod pool;

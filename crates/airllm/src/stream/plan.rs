@@ -49,6 +49,8 @@ pub struct PlanInput {
     pub expert_file_bytes: u64,
     pub experts_total: usize,
     pub experts_per_token: usize,
+    /// Copies of the sparse layers' routers for expert look-ahead (0 when it is not wanted).
+    pub router_bytes: u64,
 }
 
 /// Expert-cache slots at the least: one expert computing while the next is read.
@@ -82,6 +84,9 @@ pub struct Plan {
     pub experts_total: usize,
     /// Expert bytes read per token at batch 1 with a cold cache (every used expert read).
     pub expert_read_per_token: u64,
+    /// Bytes of the routers' copies that expert look-ahead guesses with; 0 when it is off
+    /// (not wanted, nothing to guess for, or no room once the working slots are in).
+    pub lookahead_bytes: u64,
     /// The device tier, when computing on a device with memory of its own.
     pub device: Option<DevicePlan>,
 }
@@ -259,6 +264,7 @@ impl Plan {
             expert_bytes: inp.expert_bytes,
             experts_total: inp.experts_total,
             expert_read_per_token: 0,
+            lookahead_bytes: 0,
             device: None,
         };
         if all_resident <= budget {
@@ -314,6 +320,20 @@ impl Plan {
         if head_resident {
             left -= inp.head_bytes;
         }
+        // Look-ahead's routers come before more slots: they are small beside an expert, and
+        // they hide the router's wait on every miss. When every expert fits there is nothing
+        // to guess.
+        let fits_all = |left: u64| {
+            MIN_EXPERT_SLOTS as u64 + left / inp.expert_bytes.max(1) >= inp.experts_total as u64
+        };
+        if inp.experts_total > 0
+            && inp.router_bytes > 0
+            && left >= inp.router_bytes
+            && !fits_all(left)
+        {
+            plan.lookahead_bytes = inp.router_bytes;
+            left -= inp.router_bytes;
+        }
         // Dense parts and the head first: each of their bytes is read every token, an
         // expert's only when routing picks it.
         let expert_slots = if inp.experts_total == 0 {
@@ -355,6 +375,7 @@ impl Plan {
     pub fn total_bytes(&self) -> u64 {
         self.resident_layers as u64 * self.layer_bytes
             + self.expert_slots as u64 * self.expert_bytes
+            + self.lookahead_bytes
             + self.inflight_bytes
             + self.kv_bytes
             + self.work_bytes
@@ -387,7 +408,18 @@ impl Plan {
             fmt_bytes(self.expert_slots as u64 * self.expert_bytes),
             fmt_bytes(self.expert_read_per_token),
             fmt_bytes(self.expert_read_warm())
-        )
+        )?;
+        if self.expert_slots < self.experts_total {
+            match self.lookahead_bytes {
+                0 => writeln!(f, "  expert look-ahead: off")?,
+                b => writeln!(
+                    f,
+                    "  expert look-ahead: where it pays (routers' copies {})",
+                    fmt_bytes(b)
+                )?,
+            }
+        }
+        Ok(())
     }
 
     /// Expert bytes read per token at batch 1 once the cache is warm, if every expert is
@@ -541,6 +573,11 @@ pub struct EngineOptions {
     /// staging slots. `None` takes 90% of a GPU's free memory. On the CPU, `Some` simulates a
     /// device tier with memory of its own (for tests of the tiers without a GPU).
     pub device_memory: Option<u64>,
+    /// Guess the next sparse layer's experts while a layer computes and read them early, for
+    /// the layers where the guesses pay. It changes when experts are read, never the tokens.
+    pub expert_lookahead: bool,
+    /// Write each sparse layer's choice of experts to this file, one JSON line each.
+    pub expert_trace: Option<std::path::PathBuf>,
 }
 
 impl Default for EngineOptions {
@@ -556,6 +593,8 @@ impl Default for EngineOptions {
             reserved_bytes: 0,
             device: Device::Cpu,
             device_memory: None,
+            expert_lookahead: true,
+            expert_trace: None,
         }
     }
 }
@@ -758,6 +797,11 @@ impl ModelInfo {
                 .moe
                 .as_ref()
                 .map_or(0, |m| m.top_k * m.sparse.iter().filter(|&&s| s).count()),
+            router_bytes: if opts.expert_lookahead {
+                self.sizes.router_bytes
+            } else {
+                0
+            },
         }
     }
 }
@@ -827,6 +871,7 @@ mod tests {
             expert_file_bytes: 0,
             experts_total: 0,
             experts_per_token: 0,
+            router_bytes: 0,
         }
     }
 

@@ -478,9 +478,10 @@ impl Matrices for StreamedMats<'_> {
     fn experts(
         &mut self,
         experts: &[usize],
+        input: &Tensor,
         f: &mut dyn FnMut(usize, &mut dyn Matrices) -> Result<()>,
     ) -> Result<()> {
         let access = self.experts.as_mut().ok_or_else(no_experts)?;
-        access.run(experts, self.stager.as_deref_mut(), f)
+        access.run(experts, input, self.stager.as_deref_mut(), f)
     }
 }

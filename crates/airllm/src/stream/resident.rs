@@ -122,10 +122,11 @@ impl Matrices for HeldMats<'_> {
     fn experts(
         &mut self,
         experts: &[usize],
+        input: &Tensor,
         f: &mut dyn FnMut(usize, &mut dyn Matrices) -> Result<()>,
     ) -> Result<()> {
         let access = self.experts.as_mut().ok_or_else(no_experts)?;
-        access.run(experts, self.stager.as_deref_mut(), f)
+        access.run(experts, input, self.stager.as_deref_mut(), f)
     }
 }
 
@@ -151,9 +152,10 @@ impl Matrices for StagedMats<'_> {
     fn experts(
         &mut self,
         experts: &[usize],
+        input: &Tensor,
         f: &mut dyn FnMut(usize, &mut dyn Matrices) -> Result<()>,
     ) -> Result<()> {
         let access = self.experts.as_mut().ok_or_else(no_experts)?;
-        access.run(experts, Some(self.stager), f)
+        access.run(experts, input, Some(self.stager), f)
     }
 }

@@ -36,6 +36,9 @@ pub struct ModelSizes {
     pub expert_file_bytes: u64,
     /// Experts over all sparse layers.
     pub experts_total: usize,
+    /// The sparse layers' routers and their biases as held, over all layers: what expert
+    /// look-ahead keeps a copy of.
+    pub router_bytes: u64,
 }
 
 impl ModelSizes {
@@ -54,6 +57,7 @@ impl ModelSizes {
             expert_bytes: 0,
             expert_file_bytes: 0,
             experts_total: 0,
+            router_bytes: 0,
         };
         let add = |name: &str, s: &mut ModelSizes| -> Result<crate::weights::TensorMeta> {
             let m = src
@@ -75,6 +79,16 @@ impl ModelSizes {
             for t in schema.tensors.iter().filter(|t| t.kind != Kind::Expert) {
                 let m = add(&t.name(naming, layer), &mut s)?;
                 file += m.file_bytes;
+                if matches!(
+                    t.role,
+                    Role::Router | Role::RouterBias | Role::RouterLogitBias
+                ) {
+                    s.router_bytes += if t.is_small() {
+                        m.numel() as u64 * 4
+                    } else {
+                        m.buffer_bytes()
+                    };
+                }
                 if t.is_small() {
                     // Norms and biases are held in f32 whatever their shape (GPT-OSS's expert
                     // biases are 2-D).

@@ -9,6 +9,7 @@ mod gguf_bad_input;
 mod gguf_reference;
 mod gguf_tiny;
 mod latent;
+mod lookahead;
 mod moe;
 mod reference;
 mod scheduler;
