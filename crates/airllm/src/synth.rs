@@ -54,7 +54,7 @@ pub enum SynthRouting {
 }
 
 /// The default strength of [`SynthRouting::Correlated`].
-pub const CORRELATED_STRENGTH: f32 = 0.5;
+pub const CORRELATED_STRENGTH: f32 = 2.5;
 
 /// The experts of a mixture-of-experts shape.
 #[derive(Debug, Clone)]
