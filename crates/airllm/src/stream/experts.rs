@@ -327,9 +327,27 @@ impl ExpertCache {
         let r = (|| -> Result<()> {
             self.issue(layer, &mut pending, &mut waiting, stager.as_deref_mut())?;
             if let (Some(x), Some(look)) = (input, self.look.as_mut()) {
-                if let Some((next, guess, read)) = look.guess(layer, x, self.slots.len())? {
-                    if read {
-                        self.queue.extend(guess.into_iter().map(|e| (next, e)));
+                match look.guess(layer, x, self.slots.len()) {
+                    Ok(Some((next, guess, true))) => {
+                        for e in guess {
+                            let key = (next, e);
+                            match self.index.get(&key) {
+                                // Already cached: kept from other guesses' eviction, as if
+                                // read ahead (for nothing).
+                                Some(&s) => {
+                                    self.clock += 1;
+                                    self.slots[s].used = self.clock;
+                                    self.ahead.entry(key).or_insert(0);
+                                }
+                                None => self.queue.push_back(key),
+                            }
+                        }
+                    }
+                    Ok(_) => {}
+                    // A guess that cannot be made costs the step nothing: look-ahead stops.
+                    Err(e) => {
+                        tracing::warn!("expert look-ahead turned off: {e}");
+                        self.look = None;
                     }
                 }
             }
@@ -440,18 +458,11 @@ impl ExpertCache {
         layer: usize,
         pending: &mut VecDeque<usize>,
         waiting: &mut HashSet<usize>,
-        stager: Option<&mut Stager>,
+        mut stager: Option<&mut Stager>,
     ) -> Result<()> {
-        // A slot computed on a device may still be the source of a copy in flight: those
-        // copies finish before any slot is read into again.
-        if (!pending.is_empty() || !self.queue.is_empty()) && self.unsynced {
-            if let Some(st) = stager {
-                st.finish()?;
-            }
-            self.unsynced = false;
-        }
         while let Some(&e) = pending.front() {
             let Some(v) = self.victim(false) else { break };
+            self.sync(stager.as_deref_mut())?;
             pending.pop_front();
             waiting.insert(v);
             self.start(v, (layer, e), true)?;
@@ -465,11 +476,24 @@ impl ExpertCache {
                 continue;
             }
             let Some(v) = self.victim(true) else { break };
+            self.sync(stager.as_deref_mut())?;
             self.queue.pop_front();
             let bytes = self.start(v, key, false)?;
             self.ahead.insert(key, bytes);
             self.stats.read_ahead += 1;
             self.stats.ahead_bytes += bytes;
+        }
+        Ok(())
+    }
+
+    /// A slot computed on a device may still be the source of a copy in flight: those copies
+    /// finish before any slot is read into again.
+    fn sync(&mut self, stager: Option<&mut Stager>) -> Result<()> {
+        if self.unsynced {
+            if let Some(st) = stager {
+                st.finish()?;
+            }
+            self.unsynced = false;
         }
         Ok(())
     }
@@ -492,7 +516,8 @@ impl ExpertCache {
         let slot = &mut self.slots[v];
         if let Some(k) = slot.key.take() {
             self.index.remove(&k);
-            self.ahead.remove(&k);
+            // Read on a guess and evicted before its layer ran: wasted.
+            self.stats.wasted_bytes += self.ahead.remove(&k).unwrap_or(0);
         }
         let mut bufs = std::mem::take(&mut slot.spare);
         bufs.extend(

@@ -192,14 +192,17 @@ impl Lookahead {
         }
     }
 
-    /// The share of `layer`'s latest guesses that were right.
+    /// The share of `layer`'s latest guesses that were right, each guess weighed alike (a
+    /// prefill's guess of many experts, nearly all right, does not outweigh the decode's).
     pub fn precision(&self, layer: usize) -> Option<f64> {
         let t = self.tracks.get(layer)?;
-        let (g, r) = t
+        let shares: Vec<f64> = t
             .scored
             .iter()
-            .fold((0u64, 0u64), |(g, r), &(a, b)| (g + a as u64, r + b as u64));
-        (g > 0).then(|| r as f64 / g as f64)
+            .filter(|(g, _)| *g > 0)
+            .map(|&(g, r)| r as f64 / g as f64)
+            .collect();
+        (!shares.is_empty()).then(|| shares.iter().sum::<f64>() / shares.len() as f64)
     }
 
     /// Whether `layer`'s guesses are read: enough of them scored, right often enough.
@@ -285,6 +288,11 @@ mod tests {
         // Random routing over 8 experts, top-2: a quarter right.
         la.tracks[0].scored = VecDeque::from(vec![(2, 1), (2, 0), (2, 0), (2, 1)]);
         assert_eq!(la.precision(0), Some(0.25));
+        assert!(!la.pays(0));
+        // A prefill's guess of many experts weighs as one guess.
+        la.tracks[0].scored = VecDeque::from(vec![(2, 1); WINDOW - 1]);
+        la.tracks[0].scored.push_front((128, 128));
+        assert!((la.precision(0).unwrap() - 8.5 / 16.0).abs() < 1e-9);
         assert!(!la.pays(0));
     }
 

@@ -105,13 +105,15 @@ fn random_weights_give_the_same_tokens_and_read_ahead_only_where_layers_are_pred
         assert_eq!(got, want, "budget {budget}");
         assert_eq!(off.guessed, 0);
         assert_eq!(planned, on.guessed > 0, "budget {budget}: {on:?}");
+        // Besides its wrong guesses, a read ahead may evict an expert a later step uses: two
+        // experts' worth over a warm cache's handful of reads.
+        let expert = ModelInfo::open(&dir).unwrap().sizes.expert_file_bytes;
         assert!(
-            on.bytes_read <= off.bytes_read + on.wasted_bytes + off.bytes_read / 50,
+            on.bytes_read <= off.bytes_read + on.wasted_bytes + off.bytes_read / 50 + 2 * expert,
             "budget {budget}: {on:?} against {off:?}"
         );
         // A fifth of the read-ahead at most, past the first couple of guesses a warm cache
         // reads at all.
-        let expert = ModelInfo::open(&dir).unwrap().sizes.expert_file_bytes;
         assert!(
             on.wasted_bytes * 5 <= on.ahead_bytes + 10 * expert,
             "budget {budget}: {on:?}"
