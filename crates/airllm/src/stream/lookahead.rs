@@ -211,21 +211,6 @@ impl Lookahead {
             && self.precision(layer).is_some_and(|p| p >= self.threshold())
     }
 
-    /// Bytes of the routers' copies.
-    pub fn bytes(&self) -> u64 {
-        self.routers
-            .iter()
-            .flatten()
-            .map(|r| {
-                r.w.view().data.len() as u64
-                    + r.logit_bias
-                        .as_ref()
-                        .map_or(0, |b| b.elem_count() as u64 * 4)
-                    + r.bias.as_ref().map_or(0, |b| b.len() as u64 * 4)
-            })
-            .sum()
-    }
-
     /// Forgets open guesses (after an error, a step's guesses are moot).
     pub fn forget_open(&mut self) {
         for t in &mut self.tracks {
