@@ -319,7 +319,7 @@ def quantize_checkpoint(out, fp8_dtype, block, pick):
 
 def make(name, arch, extra, *, tie, bos_post, add_bos, dtype=torch.float32, shard=None, old_keys=False, chat=False,
          f64=False, post=None, fp8=None, mxfp4=False, specials=SPECIALS, template=CHAT_TEMPLATE, chat_messages=None,
-         chat_kwargs=None, noise=False):
+         chat_kwargs=None, noise=False, prompts=None):
     """post: called on the randomized model before it is saved (e.g. randomize_score_bias).
     fp8: (torch fp8 dtype, [br, bc], predicate on tensor names): those weights are stored block-quantized
     (weight + weight_scale_inv, quantization_config in config.json) and the reference runs the plain
@@ -394,7 +394,8 @@ def make(name, arch, extra, *, tie, bos_post, add_bos, dtype=torch.float32, shar
             json.dump(to_old_keys(cfg), f, indent=2)
 
     hf_tok = AutoTokenizer.from_pretrained(out)
-    ids = [hf_tok(p)["input_ids"] for p in PROMPTS]
+    prompts = prompts or PROMPTS
+    ids = [hf_tok(p)["input_ids"] for p in prompts]
     lens = [len(i) for i in ids]
     width = max(lens)
     pad = tok.token_to_id("<pad>")
@@ -430,7 +431,7 @@ def make(name, arch, extra, *, tie, bos_post, add_bos, dtype=torch.float32, shar
     ref = {
         "transformers": transformers.__version__,
         "torch": torch.__version__,
-        "prompts": PROMPTS,
+        "prompts": prompts,
         "prompt_token_ids": ids,
         "greedy_token_ids": greedy,
         "min_greedy_margin": min(margins),
@@ -806,6 +807,82 @@ def main():
     )
     if not only or only & {"gpt-oss-mxfp4", "gpt-oss-bf16-experts"}:
         gpt_oss_fixtures()
+    hybrid_fixtures(make)
+
+
+# Longer than one 64-token chunk of the delta rule, so that prefill runs the chunked form over a
+# whole chunk and a partial one, and the second prompt stays within one chunk.
+LONG_PROMPTS = [
+    "Once upon a time there was a little model that wanted to read every page of the world. It read "
+    "one page at a time, and every page taught it something new.",
+    "The quick brown fox",
+]
+
+
+def offset_norms(model):
+    """Qwen3-Next's and Qwen3.5's RMSNorms scale by (1 + w): randomize() put their weights near 1,
+    which would double every norm (and so quadruple the attention scores through q_norm and k_norm);
+    near 0 their scale is near 1 as in the other fixtures. The gated norm is a plain scale."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") and not name.endswith("linear_attn.norm.weight"):
+                p.sub_(1.0)
+
+
+def exact_f64():
+    """transformers' delta rule and Qwen's RMSNorms compute in float32 whatever the model's dtype;
+    for a float64 reference they are rebuilt from their own source with float64 in place of
+    float32 (and .float() as .double())."""
+    import inspect
+    import textwrap
+    from transformers.models.qwen3_5 import modeling_qwen3_5
+    from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe
+    from transformers.models.qwen3_next import modeling_qwen3_next
+
+    def rebuild(fn, env):
+        src = textwrap.dedent(inspect.getsource(inspect.unwrap(fn)))
+        src = "\n".join(l for l in src.split("\n") if not l.startswith("@"))
+        src = src.replace("torch.float32", "torch.float64").replace(".float()", ".double()")
+        scope = {}
+        exec(src, env, scope)
+        return next(iter(scope.values()))
+
+    for mod in (modeling_qwen3_next, modeling_qwen3_5, modeling_qwen3_5_moe):
+        env = vars(mod)
+        for name in ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule"):
+            setattr(mod, name, rebuild(getattr(mod, name), env))
+        for cls in vars(mod).values():
+            if isinstance(cls, type) and cls.__name__.endswith(("RMSNorm", "RMSNormGated")):
+                for meth in ("forward", "_norm"):
+                    if meth in vars(cls):
+                        setattr(cls, meth, rebuild(vars(cls)[meth], env))
+
+
+def hybrid_fixtures(make):
+    """Gated DeltaNet hybrids: Qwen3-Next (fused, per-key-head qkvz/ba projections, a dense layer
+    among the sparse ones), Qwen3.5-MoE (separate qkv/z/b/a, as many value heads as key heads) and
+    the dense Qwen3.5. Three linear layers to a full one with an output gate and partial rotary. The
+    references are float64 throughout (see exact_f64), and record how far transformers' own float32
+    run lands from them."""
+    exact_f64()
+    linear = dict(linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=8,
+                  linear_num_key_heads=2, linear_num_value_heads=4)
+    attn = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.25))
+    moe = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+               shared_expert_intermediate_size=48)
+    common = dict(f64=True, prompts=LONG_PROMPTS, noise=True, post=offset_norms)
+    make("qwen3next-hybrid", "qwen3_next",
+         dict(**linear, **attn, **moe, norm_topk_prob=True, mlp_only_layers=[1],
+              layer_types=["linear_attention"] * 3 + ["full_attention"]),
+         tie=False, bos_post=False, add_bos=False, **common)
+    make("qwen3_5moe-hybrid", "qwen3_5_moe_text",
+         dict(linear, linear_num_value_heads=2, linear_value_head_dim=16, **attn, **moe,
+              layer_types=["linear_attention", "full_attention"] * 2),
+         tie=True, bos_post=True, add_bos=True, **common)
+    make("qwen3_5-dense-hybrid", "qwen3_5_text",
+         dict(**linear, **attn, num_hidden_layers=4, layer_types=["linear_attention"] * 3 + ["full_attention"]),
+         tie=False, bos_post=False, add_bos=False, **common)
 
 
 def gpt_oss_fixtures():

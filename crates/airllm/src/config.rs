@@ -32,11 +32,18 @@ pub enum Arch {
     /// GPT-OSS 20B and 120B: attention sinks, alternating sliding windows, MXFP4 experts with
     /// biases and a clamped SwiGLU, softmax over the top-k router logits.
     GptOss,
+    /// Qwen3-Next: three Gated DeltaNet layers to one gated full-attention layer, experts with
+    /// a gated shared expert; q/k/v/z and b/a come fused and grouped by key head.
+    Qwen3Next,
+    /// Qwen3.5's mixtures: Qwen3-Next's layers with separate q/k/v, z, b and a projections.
+    Qwen35Moe,
+    /// The dense Qwen3.5: the same hybrid layers with a dense MLP.
+    Qwen35,
 }
 
 impl Arch {
     /// Every architecture, in the order error messages list them.
-    pub const ALL: [Arch; 15] = [
+    pub const ALL: [Arch; 18] = [
         Arch::Llama,
         Arch::Mistral,
         Arch::Qwen2,
@@ -52,6 +59,9 @@ impl Arch {
         Arch::Glm4,
         Arch::Glm4Moe,
         Arch::GptOss,
+        Arch::Qwen3Next,
+        Arch::Qwen35Moe,
+        Arch::Qwen35,
     ];
     /// The architecture `config.json` names, by its `architectures` entry or its
     /// `model_type`: read through the same names it is written with.
@@ -82,6 +92,9 @@ impl Arch {
             Arch::Glm4 => "Glm4ForCausalLM",
             Arch::Glm4Moe => "Glm4MoeForCausalLM",
             Arch::GptOss => "GptOssForCausalLM",
+            Arch::Qwen3Next => "Qwen3NextForCausalLM",
+            Arch::Qwen35Moe => "Qwen3_5MoeForCausalLM",
+            Arch::Qwen35 => "Qwen3_5ForCausalLM",
         }
     }
     /// Gemma's family traits: norms stored as w and applied as 1 + w (llama.cpp stores 1 + w),
@@ -106,6 +119,9 @@ impl Arch {
             Arch::Glm4 => "glm4",
             Arch::Glm4Moe => "glm4_moe",
             Arch::GptOss => "gpt_oss",
+            Arch::Qwen3Next => "qwen3_next",
+            Arch::Qwen35Moe => "qwen3_5_moe_text",
+            Arch::Qwen35 => "qwen3_5_text",
         }
     }
     /// transformers' Llama layout of q/k rows, which llama.cpp's converter permutes.
@@ -123,7 +139,22 @@ impl Arch {
                 | Arch::DeepseekV3
                 | Arch::Glm4Moe
                 | Arch::GptOss
+                | Arch::Qwen3Next
+                | Arch::Qwen35Moe
         )
+    }
+    /// Whether most layers are Gated DeltaNet linear attention ([`LinearSpec`]).
+    pub fn is_hybrid(self) -> bool {
+        matches!(self, Arch::Qwen3Next | Arch::Qwen35Moe | Arch::Qwen35)
+    }
+    /// The multimodal wrapper whose `text_config` holds this text model's config (Qwen3.5's
+    /// releases), so that its language model runs on its own.
+    fn wrapper_hf_name(self) -> Option<&'static str> {
+        match self {
+            Arch::Qwen35Moe => Some("Qwen3_5MoeForConditionalGeneration"),
+            Arch::Qwen35 => Some("Qwen3_5ForConditionalGeneration"),
+            _ => None,
+        }
     }
     /// Whether attention is DeepSeek's multi-head latent attention.
     pub fn is_mla(self) -> bool {
@@ -220,6 +251,35 @@ impl MlaSpec {
     /// Values one token keeps per layer: the latent and the RoPE key.
     pub fn cache_dim(&self) -> usize {
         self.kv_lora_rank + self.qk_rope_head_dim
+    }
+}
+
+/// Gated DeltaNet, the linear attention of Qwen3-Next and Qwen3.5: in place of a KV cache each
+/// sequence keeps, per layer, a `key_dim × value_dim` state for each value head and the last
+/// `conv_kernel - 1` inputs of the short causal convolution over q, k and v.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinearSpec {
+    pub key_heads: usize,
+    pub value_heads: usize,
+    pub key_dim: usize,
+    pub value_dim: usize,
+    pub conv_kernel: usize,
+    /// q, k, v and z come from one projection and b and a from another, both grouped by key
+    /// head (Qwen3-Next's `in_proj_qkvz`, `in_proj_ba`), rather than from four (Qwen3.5).
+    pub fused: bool,
+    /// Which layers are linear; the others are full attention.
+    pub layers: Vec<bool>,
+}
+
+impl LinearSpec {
+    /// Channels of the convolution: q, k and v side by side.
+    pub fn conv_dim(&self) -> usize {
+        2 * self.key_heads * self.key_dim + self.value_heads * self.value_dim
+    }
+    /// f32 values one sequence's state holds in one linear layer: the recurrent state and the
+    /// convolution's window.
+    pub fn state_values(&self) -> usize {
+        self.value_heads * self.key_dim * self.value_dim + self.conv_dim() * (self.conv_kernel - 1)
     }
 }
 
@@ -331,6 +391,9 @@ pub struct BlockSpec {
     /// (transformers' GPT-OSS checkpoints), rather than as separate gate and up stacks
     /// (llama.cpp's form).
     pub gate_up_interleaved: bool,
+    /// `q_proj` also gives a gate per head (each head's query rows, then its gate rows), and
+    /// the attention output is scaled by its sigmoid (Qwen3-Next).
+    pub attn_gate: bool,
 }
 
 /// The MLP's gate activation.
@@ -387,6 +450,8 @@ pub struct ModelConfig {
     /// FP8 block scales the checkpoint declares (`quantization_config`), informational: each
     /// matrix's own scale tensor is what is read.
     pub fp8: Option<Fp8Spec>,
+    /// Gated DeltaNet layers (Qwen3-Next, Qwen3.5).
+    pub linear: Option<LinearSpec>,
 }
 
 /// `quantization_config` of an FP8 checkpoint with block scales.
@@ -407,6 +472,11 @@ impl ModelConfig {
     /// The RoPE a layer uses: 0 for `rope`, 1 for `rope_local`.
     pub fn layer_rope(&self, layer: usize) -> usize {
         usize::from(self.rope_local.is_some() && self.layer_windows[layer].is_some())
+    }
+
+    /// Whether layer `layer` is Gated DeltaNet (a recurrent state, no KV cache).
+    pub fn is_linear(&self, layer: usize) -> bool {
+        self.linear.as_ref().is_some_and(|l| l.layers[layer])
     }
 
     /// Values one token keeps in one layer's cache: keys and values, or MLA's latent.
@@ -529,6 +599,26 @@ impl ModelConfig {
                 }
             },
         };
+        if let Some(text) = Arch::ALL
+            .into_iter()
+            .find(|a| a.wrapper_hf_name() == Some(arch_name.as_str()))
+        {
+            // A multimodal release: its language model's config is `text_config`, with the
+            // token ids and the head's tying at the top level when they are not inside it.
+            let mut t = get(v, "text_config")
+                .filter(|t| t.is_object())
+                .cloned()
+                .ok_or_else(|| {
+                    Error::config(path, "text_config", "required by a multimodal config")
+                })?;
+            for key in ["bos_token_id", "eos_token_id", "tie_word_embeddings"] {
+                if let (None, Some(x)) = (get(&t, key), get(v, key)) {
+                    t[key] = x.clone();
+                }
+            }
+            t["architectures"] = serde_json::json!([text.hf_name()]);
+            return Self::from_value(path, &t);
+        }
         let arch = Arch::from_hf(&arch_name).ok_or_else(|| Error::UnknownArch {
             path: path.to_path_buf(),
             arch: arch_name.clone(),
@@ -590,6 +680,7 @@ impl ModelConfig {
         // layer and Qwen2/3 on the layers from `max_window_layers` when `use_sliding_window` is set.
         // Qwen2-MoE writes 0 when sliding is off; a 0 that a layer would use is refused below.
         let sliding_window = r.usize_opt("sliding_window")?;
+        let mut linear_layers = vec![false; num_layers];
         let layer_windows = if let Some(types) = get(v, "layer_types") {
             let arr = types
                 .as_array()
@@ -602,8 +693,18 @@ impl ModelConfig {
                 ));
             }
             arr.iter()
-                .map(|t| match t.as_str() {
+                .zip(linear_layers.iter_mut())
+                .map(|(t, linear)| match t.as_str() {
                     Some("full_attention") => Ok(None),
+                    Some("linear_attention") if arch.is_hybrid() => {
+                        *linear = true;
+                        Ok(None)
+                    }
+                    Some("linear_attention") => Err(Error::config(
+                        path,
+                        "layer_types",
+                        format!("linear_attention layers are not part of {}", arch.hf_name()),
+                    )),
                     Some("sliding_attention") => sliding_window.map(Some).ok_or_else(|| {
                         Error::config(
                             path,
@@ -647,9 +748,18 @@ impl ModelConfig {
                         .map(|i| if i >= from { sliding_window } else { None })
                         .collect()
                 }
+                _ if arch.is_hybrid() => {
+                    // Qwen3-Next's older configs: every n-th layer is full attention.
+                    let n = r.usize_opt("full_attention_interval")?.unwrap_or(4).max(1);
+                    for (i, l) in linear_layers.iter_mut().enumerate() {
+                        *l = (i + 1) % n != 0;
+                    }
+                    vec![None; num_layers]
+                }
                 _ => vec![None; num_layers],
             }
         };
+        let linear = read_linear(&r, arch, linear_layers)?;
 
         if layer_windows.contains(&Some(0)) {
             return Err(Error::config(
@@ -705,6 +815,15 @@ impl ModelConfig {
                 block.qkv_bias = attention_bias;
                 block.qk_norm = r.bool_opt("use_qk_norm")?.unwrap_or(false);
                 block.mlp_norm_post_attention = true;
+            }
+            // Their RMSNorms scale by (1 + w), like Gemma's; the gated norm of the linear
+            // layers does not (it is read as a plain f32 vector).
+            Arch::Qwen3Next | Arch::Qwen35Moe | Arch::Qwen35 => {
+                block.qkv_bias = attention_bias;
+                block.o_bias = attention_bias;
+                block.qk_norm = true;
+                block.norm_offset = 1.0;
+                block.attn_gate = true;
             }
             Arch::GptOss => {
                 block.qkv_bias = attention_bias;
@@ -763,7 +882,8 @@ impl ModelConfig {
         let moe = read_moe(&r, arch, num_layers)?;
         let rotary_dim = match &mla {
             Some(m) => m.qk_rope_head_dim,
-            None => read_rotary_dim(&r, head_dim)?,
+            // transformers defaults Qwen3-Next's and Qwen3.5's factor to 1/4.
+            None => read_rotary_dim(&r, head_dim, if arch.is_hybrid() { 0.25 } else { 1.0 })?,
         };
         let fp8 = read_fp8(&r)?;
         let declared_dtype = get(v, "dtype")
@@ -799,8 +919,43 @@ impl ModelConfig {
             rotary_dim,
             mla,
             fp8,
+            linear,
         })
     }
+}
+
+/// Gated DeltaNet's sizes, for a hybrid architecture: each must be positive, and the value
+/// heads a multiple of the key heads (each key head serves a run of value heads).
+fn read_linear(r: &Reader, arch: Arch, layers: Vec<bool>) -> Result<Option<LinearSpec>> {
+    if !arch.is_hybrid() {
+        return Ok(None);
+    }
+    let positive = |key: &str| -> Result<usize> {
+        match r.usize_req(key)? {
+            0 => Err(Error::config(r.path, key, "must be at least 1")),
+            n => Ok(n),
+        }
+    };
+    let spec = LinearSpec {
+        key_heads: positive("linear_num_key_heads")?,
+        value_heads: positive("linear_num_value_heads")?,
+        key_dim: positive("linear_key_head_dim")?,
+        value_dim: positive("linear_value_head_dim")?,
+        conv_kernel: positive("linear_conv_kernel_dim")?,
+        fused: arch == Arch::Qwen3Next,
+        layers,
+    };
+    if spec.value_heads % spec.key_heads != 0 {
+        return Err(Error::config(
+            r.path,
+            "linear_num_value_heads",
+            format!(
+                "{} is not a multiple of linear_num_key_heads {}",
+                spec.value_heads, spec.key_heads
+            ),
+        ));
+    }
+    Ok(Some(spec))
 }
 
 /// DeepSeek's latent attention options, checked against each other.
@@ -934,18 +1089,18 @@ fn read_fp8(r: &Reader) -> Result<Option<Fp8Spec>> {
 
 /// Head dimensions RoPE rotates: `partial_rotary_factor` (top level or in the RoPE parameters)
 /// of the head, as transformers rounds it.
-fn read_rotary_dim(r: &Reader, head_dim: usize) -> Result<usize> {
+fn read_rotary_dim(r: &Reader, head_dim: usize, default: f64) -> Result<usize> {
     let nested = ["rope_parameters", "rope_scaling"]
         .into_iter()
         .find_map(|k| get(r.v, k).map(|p| (k, p)));
     let (key, f) = match nested {
         Some((k, p)) if get(p, "partial_rotary_factor").is_some() => (
             format!("{k}.partial_rotary_factor"),
-            r.f64_opt(p, "partial_rotary_factor")?.unwrap_or(1.0),
+            r.f64_opt(p, "partial_rotary_factor")?.unwrap_or(default),
         ),
         _ => (
             "partial_rotary_factor".to_string(),
-            r.f64_opt(r.v, "partial_rotary_factor")?.unwrap_or(1.0),
+            r.f64_opt(r.v, "partial_rotary_factor")?.unwrap_or(default),
         ),
     };
     let key = key.as_str();
@@ -965,7 +1120,7 @@ fn read_rotary_dim(r: &Reader, head_dim: usize) -> Result<usize> {
 fn read_moe(r: &Reader, arch: Arch, num_layers: usize) -> Result<Option<MoeSpec>> {
     let style = match arch {
         Arch::Mixtral => MoeStyle::Mixtral,
-        Arch::Qwen2Moe | Arch::Qwen3Moe => MoeStyle::Qwen,
+        Arch::Qwen2Moe | Arch::Qwen3Moe | Arch::Qwen3Next | Arch::Qwen35Moe => MoeStyle::Qwen,
         Arch::DeepseekV2 | Arch::DeepseekV3 | Arch::Glm4Moe => {
             return read_deepseek_moe(r, arch, num_layers)
         }
@@ -992,7 +1147,7 @@ fn read_moe(r: &Reader, arch: Arch, num_layers: usize) -> Result<Option<MoeSpec>
         }
     };
     let shared_size = match arch {
-        Arch::Qwen2Moe => r
+        Arch::Qwen2Moe | Arch::Qwen3Next | Arch::Qwen35Moe => r
             .usize_opt("shared_expert_intermediate_size")?
             .filter(|&n| n > 0),
         _ => None,
@@ -1027,7 +1182,10 @@ fn read_moe(r: &Reader, arch: Arch, num_layers: usize) -> Result<Option<MoeSpec>
         top_k,
         expert_size,
         // Mixtral's softmax over the top-k logits is the renormalized top-k of the softmax.
-        norm_topk: style == MoeStyle::Mixtral || r.bool_opt("norm_topk_prob")?.unwrap_or(false),
+        // Qwen3.5 always renormalizes (its config has no such key).
+        norm_topk: style == MoeStyle::Mixtral
+            || arch == Arch::Qwen35Moe
+            || r.bool_opt("norm_topk_prob")?.unwrap_or(false),
         shared_gated: shared_size.is_some(),
         shared_size,
         sparse,
@@ -1253,6 +1411,7 @@ impl BlockSpec {
             mlp_norm_post_attention: false,
             sinks: false,
             gate_up_interleaved: false,
+            attn_gate: false,
             mla: false,
             q_lora: false,
             kv_b_split: false,
@@ -1545,6 +1704,22 @@ impl ModelConfig {
                 v["swiglu_limit"] = json!(c.limit);
                 v["swiglu_alpha"] = json!(c.alpha);
             }
+        }
+        if let Some(l) = &cfg.linear {
+            v["linear_num_key_heads"] = json!(l.key_heads);
+            v["linear_num_value_heads"] = json!(l.value_heads);
+            v["linear_key_head_dim"] = json!(l.key_dim);
+            v["linear_value_head_dim"] = json!(l.value_dim);
+            v["linear_conv_kernel_dim"] = json!(l.conv_kernel);
+            v["layer_types"] = json!(l
+                .layers
+                .iter()
+                .map(|&lin| if lin {
+                    "linear_attention"
+                } else {
+                    "full_attention"
+                })
+                .collect::<Vec<_>>());
         }
         let windows: Vec<usize> = cfg.layer_windows.iter().flatten().copied().collect();
         match cfg.arch {

@@ -49,6 +49,8 @@ pub enum LogitsFor {
 pub struct Sequence {
     kv: Vec<LayerKv>,
     _charge: Charge,
+    /// The recurrent states' charge to the host when the KV cache is on a device.
+    _state_charge: Option<Charge>,
 }
 
 impl Sequence {
@@ -67,16 +69,21 @@ impl Sequence {
     /// kept, which is shorter when a sliding-window layer has already dropped keys the next
     /// token would need; the caller feeds the tokens from there again.
     pub fn truncate(&mut self, len: usize) -> usize {
-        let keep = self
-            .kv
-            .iter_mut()
-            .map(|k| k.truncate(len))
-            .min()
-            .unwrap_or(0);
-        self.kv.iter_mut().for_each(|k| {
-            k.truncate(keep);
-        });
-        keep
+        // Until every layer agrees: a layer that keeps less makes the others go back further
+        // (and a linear layer that cannot go back to that point starts over).
+        let mut keep = len;
+        loop {
+            let k = self
+                .kv
+                .iter_mut()
+                .map(|kv| kv.truncate(keep))
+                .min()
+                .unwrap_or(0);
+            if k == keep || self.kv.iter().all(|kv| kv.pos() == k) {
+                return k;
+            }
+            keep = k;
+        }
     }
 }
 
@@ -419,11 +426,26 @@ impl Engine {
         let c = &self.cfg;
         let o = &self.opts;
         // The KV cache lives with the compute: on the device when there is one.
-        let charge = self
-            .device_ledger
-            .as_ref()
-            .unwrap_or(&self.ledger)
-            .try_charge(crate::stream::plan::kv_bytes_per_seq(c, o))
+        // Recurrent states stay in host memory; the KV cache lives with the compute (on the
+        // device when there is one).
+        let states = crate::stream::plan::state_bytes_per_seq(c, o);
+        let (kv_ledger, state_charge) = match &self.device_ledger {
+            Some(d) if states > 0 => {
+                let charge = self.ledger.try_charge(states).ok_or_else(|| {
+                    Error::NoRoom(format!(
+                        "no room in the budget for another sequence's recurrent state of {}",
+                        crate::util::fmt_bytes(states)
+                    ))
+                })?;
+                (d, Some(charge))
+            }
+            Some(d) => (d, None),
+            None => (&self.ledger, None),
+        };
+        let kv_bytes = crate::stream::plan::kv_bytes_per_seq(c, o)
+            - if state_charge.is_some() { states } else { 0 };
+        let charge = kv_ledger
+            .try_charge(kv_bytes)
             .ok_or_else(|| {
                 Error::NoRoom(format!(
                 "no room in the budget for another sequence's KV cache of {} (planned for {} sequences of {} tokens; {} of {} held)",
@@ -436,7 +458,15 @@ impl Engine {
         let kv = c
             .layer_windows
             .iter()
-            .map(|&w| {
+            .enumerate()
+            .map(|(layer, &w)| {
+                if let Some(l) = c.linear.as_ref().filter(|_| c.is_linear(layer)) {
+                    return LayerKv::recurrent(
+                        crate::stream::plan::linear_shape(l),
+                        o.context,
+                        o.rollback_rows,
+                    );
+                }
                 if let Some(m) = &c.mla {
                     return LayerKv::latent(o.context, m.cache_dim(), &self.device);
                 }
@@ -453,6 +483,7 @@ impl Engine {
         Ok(Sequence {
             kv,
             _charge: charge,
+            _state_charge: state_charge,
         })
     }
 
@@ -571,6 +602,7 @@ impl Engine {
                 let kind = LayerKind {
                     window: self.cfg.layer_windows[layer],
                     sparse: self.schemas[layer].is_sparse(),
+                    linear: self.cfg.is_linear(layer),
                 };
                 let (cos, sin) = &tables[self.cfg.layer_rope(layer)];
                 let mut kv: Vec<&mut LayerKv> =

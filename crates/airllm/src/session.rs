@@ -156,6 +156,9 @@ pub fn engine_options(
         device_memory: o.device_memory,
         expert_lookahead: o.expert_lookahead,
         expert_trace: o.expert_trace.clone(),
+        rollback_rows: o.guesses.as_ref().map_or(0, |g| {
+            (g.most() + 1).min(crate::kernels::attention::ROW_EXACT)
+        }),
         ..Default::default()
     })
 }

@@ -10,7 +10,9 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::config::{Activation, ClampedSwiglu, MlaSpec, ModelConfig, Routing, Scoring};
+use crate::config::{
+    Activation, ClampedSwiglu, LinearSpec, MlaSpec, ModelConfig, Routing, Scoring,
+};
 use crate::error::{Error, Result};
 use crate::model::kv::LayerKv;
 use crate::weights::mat::MatView;
@@ -137,6 +139,10 @@ pub struct Block {
     pub has_shared: bool,
     /// The experts' gate is GPT-OSS's clamped SwiGLU, with biases on their projections.
     pub clamped: Option<ClampedSwiglu>,
+    /// Gated DeltaNet, on the layers whose [`LayerKind::linear`] is set.
+    pub linear: Option<LinearSpec>,
+    /// Attention's output is scaled by the sigmoid of a gate `q_proj` also gives.
+    pub attn_gate: bool,
 }
 
 /// What differs between the layers of one model.
@@ -146,6 +152,8 @@ pub struct LayerKind {
     pub window: Option<usize>,
     /// The MLP is a mixture of experts.
     pub sparse: bool,
+    /// Gated DeltaNet in place of attention.
+    pub linear: bool,
 }
 
 impl Block {
@@ -173,6 +181,8 @@ impl Block {
             kv_b_split: cfg.block.kv_b_split,
             has_shared: cfg.moe.as_ref().is_some_and(|m| m.shared_size.is_some()),
             clamped: cfg.moe.as_ref().and_then(|m| m.clamped),
+            linear: cfg.linear.clone(),
+            attn_gate: cfg.block.attn_gate,
         }
     }
 
@@ -224,9 +234,10 @@ impl Block {
     ) -> Result<Tensor> {
         // Attention.
         let h = self.norm(x, small.req(Role::AttnNorm)?)?;
-        let attn = match &self.mla {
-            Some(m) => self.latent_attention(m, small, mats, &h, seqs, kv, cos, sin)?,
-            None => self.attention(small, mats, &h, seqs, kv, cos, sin, kind.window)?,
+        let attn = match (&self.mla, &self.linear) {
+            (_, Some(l)) if kind.linear => self.linear_attention(l, small, mats, &h, seqs, kv)?,
+            (Some(m), _) => self.latent_attention(m, small, mats, &h, seqs, kv, cos, sin)?,
+            _ => self.attention(small, mats, &h, seqs, kv, cos, sin, kind.window)?,
         };
         let mut a = Self::linear(small, mats, Role::O, Role::OBias, &attn)?;
         if let Some(n) = small.get(Role::PostAttnNorm) {
@@ -270,6 +281,7 @@ impl Block {
         let rows = h.dim(0)?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let h = h.clone();
+        let mut gate = None;
         let (q, k, v) = if self.fused_qkv {
             let qkv = mats.matmul(Role::Qkv, &h)?;
             let part =
@@ -278,6 +290,15 @@ impl Block {
                 part(0, nh * hd)?,
                 part(nh * hd, nkv * hd)?,
                 part((nh + nkv) * hd, nkv * hd)?,
+            )
+        } else if self.attn_gate {
+            // Each head's query rows, then its gate rows.
+            let qg = mats.matmul(Role::Q, &h)?.reshape((rows, nh, 2 * hd))?;
+            gate = Some(qg.narrow(2, hd, hd)?.reshape((rows, nh * hd))?);
+            (
+                qg.narrow(2, 0, hd)?.contiguous()?,
+                Self::linear(small, mats, Role::K, Role::KBias, &h)?,
+                Self::linear(small, mats, Role::V, Role::VBias, &h)?,
             )
         } else {
             (
@@ -302,13 +323,17 @@ impl Block {
             let vs = v.narrow(0, s.row, s.len)?.transpose(0, 1)?;
             cached.push(cache.append(&ks, &vs)?);
         }
-        self.attend_all(
+        let out = self.attend_all(
             &q,
             seqs,
             &cached,
             self.gqa_shape(window),
             small.get(Role::Sinks),
-        )
+        )?;
+        Ok(match gate {
+            Some(g) => (out * candle_nn::ops::sigmoid(&g)?)?,
+            None => out,
+        })
     }
 
     /// Attention of every sequence: on the CPU through the tiled kernel, elsewhere through

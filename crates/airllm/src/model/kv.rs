@@ -4,10 +4,14 @@
 //! A sliding-window layer keeps only what its window can still see: room for `window - 1` old
 //! tokens plus one step's new tokens. When a step would overflow it, the oldest tokens are
 //! dropped, so its size no longer grows with the context.
+//!
+//! A Gated DeltaNet layer keeps no keys or values at all: its cache is a fixed-size recurrent
+//! state ([`crate::kernels::delta::State`]), whatever the context.
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
+use crate::kernels::delta;
 
 pub struct LayerKv {
     k: Tensor,
@@ -20,6 +24,8 @@ pub struct LayerKv {
     /// Tokens the sequence may hold in all.
     context: usize,
     window: Option<usize>,
+    /// A linear layer's recurrent state, in place of keys and values.
+    linear: Option<Box<(delta::Shape, delta::State)>>,
 }
 
 /// Slots a layer's cache needs for `context` tokens and steps of up to `max_step` tokens.
@@ -58,7 +64,40 @@ impl LayerKv {
             len: 0,
             context,
             window,
+            linear: None,
         })
+    }
+
+    /// A linear layer's cache: its recurrent state and convolution window, in host memory
+    /// (the recurrence runs on the CPU).
+    pub fn recurrent(shape: delta::Shape, context: usize, rollback_rows: usize) -> Result<Self> {
+        Ok(LayerKv {
+            k: Tensor::zeros((1, 0, 1), DType::F32, &Device::Cpu)?,
+            v: None,
+            start: 0,
+            len: 0,
+            context,
+            window: None,
+            linear: Some(Box::new((shape, delta::State::new(&shape, rollback_rows)))),
+        })
+    }
+
+    /// The recurrent state of a linear layer, checked against the context size for `n` new
+    /// tokens.
+    pub fn state_for(&mut self, n: usize) -> Result<&mut delta::State> {
+        let context = self.context;
+        let Some(l) = self.linear.as_mut() else {
+            return Err(Error::Internal(
+                "a linear layer's step on a KV cache".into(),
+            ));
+        };
+        if l.1.pos + n > context {
+            return Err(Error::Invalid(format!(
+                "context full: {} tokens cached + {n} new exceeds the context size of {context}",
+                l.1.pos
+            )));
+        }
+        Ok(&mut l.1)
     }
 
     /// A latent cache (DeepSeek's MLA): one `[1, context, dim]` tensor of each token's
@@ -71,6 +110,7 @@ impl LayerKv {
             len: 0,
             context,
             window: None,
+            linear: None,
         })
     }
 
@@ -140,13 +180,22 @@ impl LayerKv {
 
     /// Tokens processed, which is also the position of the next token.
     pub fn pos(&self) -> usize {
-        self.start + self.len
+        match &self.linear {
+            Some(l) => l.1.pos,
+            None => self.start + self.len,
+        }
     }
 
     /// Forgets everything from `len` on, keeping the allocation (for reusing a shared prefix),
     /// and returns the length kept: less than `len` when a sliding layer has already dropped
     /// keys that a token at `len` would see.
+    /// A linear layer can only go back within its last short step (see
+    /// [`delta::State::truncate`]); otherwise it starts over from 0.
     pub fn truncate(&mut self, len: usize) -> usize {
+        if let Some(l) = self.linear.as_mut() {
+            let (shape, state) = &mut **l;
+            return state.truncate(shape, len);
+        }
         let need_from = self.window.map_or(0, |w| len.saturating_sub(w - 1));
         if self.start > need_from {
             self.start = 0;
@@ -159,6 +208,9 @@ impl LayerKv {
 
     /// Bytes of keys and values held.
     pub fn bytes(&self) -> u64 {
+        if let Some(l) = &self.linear {
+            return l.1.bytes();
+        }
         let v = self.v.as_ref().map_or(0, |v| v.elem_count());
         ((self.k.elem_count() + v) * 4) as u64
     }

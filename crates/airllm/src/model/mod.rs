@@ -3,6 +3,7 @@
 
 pub mod block;
 pub mod kv;
+pub(crate) mod linear;
 pub(crate) mod mla;
 pub mod rope;
 

@@ -578,6 +578,10 @@ pub struct EngineOptions {
     pub expert_lookahead: bool,
     /// Write each sparse layer's choice of experts to this file, one JSON line each.
     pub expert_trace: Option<std::path::PathBuf>,
+    /// The most guessed tokens one step may carry and then take back (speculative
+    /// verification): a linear layer keeps its state before such a step and the step's
+    /// inputs, so that it can replay the kept tokens rather than start over.
+    pub rollback_rows: usize,
 }
 
 impl Default for EngineOptions {
@@ -595,6 +599,7 @@ impl Default for EngineOptions {
             device_memory: None,
             expert_lookahead: true,
             expert_trace: None,
+            rollback_rows: 0,
         }
     }
 }
@@ -670,14 +675,42 @@ fn work_bytes(cfg: &ModelConfig, o: &EngineOptions) -> u64 {
     4 * (rows * per_row + scores + logits + scratch + window_copy + mla_fixed)
 }
 
-/// KV-cache bytes of one sequence: full layers hold the context, sliding ones their window.
+/// KV-cache bytes of one sequence: full layers hold the context, sliding ones their window,
+/// linear ones their fixed recurrent state ([`state_bytes_per_seq`]).
 pub fn kv_bytes_per_seq(cfg: &ModelConfig, o: &EngineOptions) -> u64 {
-    cfg.layer_windows
+    let kv: u64 = cfg
+        .layer_windows
         .iter()
-        .map(|&w| {
+        .enumerate()
+        .filter(|&(l, _)| !cfg.is_linear(l))
+        .map(|(_, &w)| {
             (cfg.kv_values_per_token() * kv_slots(o.context, w, o.max_step_tokens) * 4) as u64
         })
-        .sum()
+        .sum();
+    kv + state_bytes_per_seq(cfg, o)
+}
+
+/// The recurrent states' bytes of one sequence over the linear layers (with what a step
+/// needs to be taken back, when speculation may take one back).
+pub fn state_bytes_per_seq(cfg: &ModelConfig, o: &EngineOptions) -> u64 {
+    match &cfg.linear {
+        Some(l) => {
+            let per = crate::kernels::delta::State::max_bytes(&linear_shape(l), o.rollback_rows);
+            per * l.layers.iter().filter(|&&x| x).count() as u64
+        }
+        None => 0,
+    }
+}
+
+/// The kernel's shape of a model's linear layers.
+pub fn linear_shape(l: &crate::config::LinearSpec) -> crate::kernels::delta::Shape {
+    crate::kernels::delta::Shape {
+        key_heads: l.key_heads,
+        value_heads: l.value_heads,
+        key_dim: l.key_dim,
+        value_dim: l.value_dim,
+        kernel: l.conv_kernel,
+    }
 }
 
 impl ModelInfo {
@@ -692,13 +725,16 @@ impl ModelInfo {
             return Ok(plan);
         };
         let c = &self.cfg;
+        // The recurrent states live in host memory (their recurrence runs on the CPU); the
+        // KV caches of attention layers on the device.
+        let states = state_bytes_per_seq(c, opts) * opts.max_batch as u64;
         let dev = DevicePlan::new(
             &DeviceInput {
                 num_layers: c.num_layers,
                 layer_bytes: self.sizes.layer_bytes,
                 head_bytes: self.sizes.head_bytes,
                 min_slot_bytes: inp.min_slice_bytes,
-                kv_bytes: inp.kv_bytes,
+                kv_bytes: inp.kv_bytes - states,
                 // On a GPU, a half-precision product holds its input split in two, scaled,
                 // and widened: up to four f32 copies of the widest activation.
                 work_bytes: inp.work_bytes
@@ -743,7 +779,7 @@ impl ModelInfo {
             } else {
                 inp.head_file_bytes
             },
-            kv_bytes: 0,
+            kv_bytes: states,
             work_bytes: host_work,
             fixed_bytes: 0,
             ..inp

@@ -197,6 +197,13 @@ impl ModelConfig {
         let mut attn_scale = 1.0 / (head_dim as f64).sqrt();
         let mut mla = None;
         match arch {
+            // Gated DeltaNet's GGUF form is not read yet (`gguf_keys` names no such file).
+            Arch::Qwen3Next | Arch::Qwen35Moe | Arch::Qwen35 => {
+                return Err(Error::file(
+                    path,
+                    format!("{} in GGUF is not supported yet", arch.hf_name()),
+                ))
+            }
             Arch::Llama | Arch::Mistral | Arch::Mixtral => {
                 // llama.cpp's converter permutes q/k so that RoPE rotates adjacent pairs.
                 block.rope_interleaved = true;
@@ -396,6 +403,7 @@ impl ModelConfig {
             rotary_dim: mla.as_ref().map_or(rotary_dim, |m| m.qk_rope_head_dim),
             mla,
             fp8: None,
+            linear: None,
         })
     }
 }

@@ -75,6 +75,23 @@ pub enum Role {
     ExpertGateBias,
     ExpertUpBias,
     ExpertDownBias,
+    /// Gated DeltaNet (Qwen3-Next): q, k, v and z in one matrix, grouped by key head (each
+    /// head's q, k, then its value heads' v and z), and b and a likewise.
+    LinQkvz,
+    LinBa,
+    /// Gated DeltaNet (Qwen3.5): q, k and v (each over all heads) in one matrix; z, b and a
+    /// in their own.
+    LinQkv,
+    LinZ,
+    LinB,
+    LinA,
+    /// The short causal convolution over q, k and v `[channels, 1, kernel]`, the decay's
+    /// `A_log` and `dt_bias` `[value heads]`, and the gated output norm `[value_dim]` (a
+    /// plain scale, not Qwen's 1 + w).
+    LinConv,
+    LinALog,
+    LinDtBias,
+    LinNorm,
 }
 
 /// The part of the block a tensor belongs to (attention, MLP; later router and experts), so
@@ -145,6 +162,16 @@ struct Dims {
     nh: usize,
     nope: usize,
     vd: usize,
+    /// Rows of `q_proj`: the queries, and as many gate rows with an output gate.
+    qg: usize,
+    /// Gated DeltaNet: all key heads' width, all value heads' width, value heads, conv
+    /// channels and kernel, one value head's width.
+    lk: usize,
+    lv: usize,
+    lnv: usize,
+    lc: usize,
+    lkern: usize,
+    ldv: usize,
 }
 
 /// What a layer's MLP is: the options an entry's `when` tests besides the block's.
@@ -160,21 +187,35 @@ pub enum LayerMlp {
     },
 }
 
-impl LayerMlp {
+/// What an entry's `when` tests of one layer besides the block's options: its MLP, and
+/// whether its attention is Gated DeltaNet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerOpts {
+    pub mlp: LayerMlp,
+    pub linear: bool,
+    /// Gated DeltaNet's projections come fused (Qwen3-Next) rather than four (Qwen3.5).
+    pub fused_linear: bool,
+}
+
+impl LayerOpts {
     fn sparse(self) -> bool {
-        self != LayerMlp::Dense
+        self.mlp != LayerMlp::Dense
     }
     fn style(self, s: MoeStyle) -> bool {
-        matches!(self, LayerMlp::Sparse { style, .. } if style == s)
+        matches!(self.mlp, LayerMlp::Sparse { style, .. } if style == s)
     }
     fn shared(self) -> bool {
-        matches!(self, LayerMlp::Sparse { shared: true, .. })
+        matches!(self.mlp, LayerMlp::Sparse { shared: true, .. })
     }
     fn gated(self) -> bool {
-        matches!(self, LayerMlp::Sparse { gated: true, .. })
+        matches!(self.mlp, LayerMlp::Sparse { gated: true, .. })
     }
     fn bias(self) -> bool {
-        matches!(self, LayerMlp::Sparse { bias: true, .. })
+        matches!(self.mlp, LayerMlp::Sparse { bias: true, .. })
+    }
+    /// Softmax attention (with a KV cache), not Gated DeltaNet.
+    fn attn(self) -> bool {
+        !self.linear
     }
 }
 
@@ -187,7 +228,7 @@ struct Entry {
     gguf: &'static str,
     shape: fn(&Dims) -> Vec<usize>,
     /// Whether a layer with these options has the tensor.
-    when: fn(&BlockSpec, LayerMlp) -> bool,
+    when: fn(&BlockSpec, LayerOpts) -> bool,
 }
 
 const fn e(
@@ -197,7 +238,7 @@ const fn e(
     hf: &'static str,
     gguf: &'static str,
     shape: fn(&Dims) -> Vec<usize>,
-    when: fn(&BlockSpec, LayerMlp) -> bool,
+    when: fn(&BlockSpec, LayerOpts) -> bool,
 ) -> Entry {
     Entry {
         role,
@@ -219,29 +260,41 @@ use MoeStyle::{Deepseek as DS, GptOss as GO, Mixtral as MX, Qwen as QW};
 #[rustfmt::skip]
 const TABLE: &[Entry] = &[
     e(Role::AttnNorm, A, Norm, "input_layernorm.weight", "attn_norm.weight", |d| vec![d.h], |_, _| true),
-    e(Role::Qkv, A, Matrix, "self_attn.qkv_proj.weight", "attn_qkv.weight", |d| vec![d.q + 2 * d.kv, d.h], |b, _| b.fused_qkv),
-    e(Role::Q, A, Matrix, "self_attn.q_proj.weight", "attn_q.weight", |d| vec![d.q, d.h], |b, _| !b.fused_qkv && !b.q_lora),
-    e(Role::QBias, A, Bias, "self_attn.q_proj.bias", "attn_q.bias", |d| vec![d.q], |b, _| b.qkv_bias),
-    e(Role::QA, A, Matrix, "self_attn.q_a_proj.weight", "attn_q_a.weight", |d| vec![d.qr, d.h], |b, _| b.q_lora),
-    e(Role::QANorm, A, Norm, "self_attn.q_a_layernorm.weight", "attn_q_a_norm.weight", |d| vec![d.qr], |b, _| b.q_lora),
-    e(Role::QB, A, Matrix, "self_attn.q_b_proj.weight", "attn_q_b.weight", |d| vec![d.q, d.qr], |b, _| b.q_lora),
-    e(Role::KvA, A, Matrix, "self_attn.kv_a_proj_with_mqa.weight", "attn_kv_a_mqa.weight", |d| vec![d.kr + d.rope, d.h], |b, _| b.mla),
-    e(Role::KvANorm, A, Norm, "self_attn.kv_a_layernorm.weight", "attn_kv_a_norm.weight", |d| vec![d.kr], |b, _| b.mla),
-    e(Role::KvB, A, Matrix, "self_attn.kv_b_proj.weight", "attn_kv_b.weight", |d| vec![d.kvb, d.kr], |b, _| b.mla && !b.kv_b_split),
-    e(Role::KB, A, Matrix, "self_attn.k_b_proj.weight", "attn_k_b.weight", |d| vec![d.nh * d.kr, d.nope], |b, _| b.mla && b.kv_b_split),
-    e(Role::VB, A, Matrix, "self_attn.v_b_proj.weight", "attn_v_b.weight", |d| vec![d.nh * d.vd, d.kr], |b, _| b.mla && b.kv_b_split),
-    e(Role::K, A, Matrix, "self_attn.k_proj.weight", "attn_k.weight", |d| vec![d.kv, d.h], |b, _| !b.fused_qkv && !b.mla),
-    e(Role::KBias, A, Bias, "self_attn.k_proj.bias", "attn_k.bias", |d| vec![d.kv], |b, _| b.qkv_bias),
-    e(Role::V, A, Matrix, "self_attn.v_proj.weight", "attn_v.weight", |d| vec![d.kv, d.h], |b, _| !b.fused_qkv && !b.mla),
-    e(Role::VBias, A, Bias, "self_attn.v_proj.bias", "attn_v.bias", |d| vec![d.kv], |b, _| b.qkv_bias),
-    e(Role::QNorm, A, Norm, "self_attn.q_norm.weight", "attn_q_norm.weight", |d| vec![d.hd], |b, _| b.qk_norm),
-    e(Role::KNorm, A, Norm, "self_attn.k_norm.weight", "attn_k_norm.weight", |d| vec![d.hd], |b, _| b.qk_norm),
-    e(Role::O, A, Matrix, "self_attn.o_proj.weight", "attn_output.weight", |d| vec![d.h, d.o], |_, _| true),
-    e(Role::OBias, A, Bias, "self_attn.o_proj.bias", "attn_output.bias", |d| vec![d.h], |b, _| b.o_bias),
+    e(Role::Qkv, A, Matrix, "self_attn.qkv_proj.weight", "attn_qkv.weight", |d| vec![d.q + 2 * d.kv, d.h], |b, m| m.attn() && b.fused_qkv),
+    e(Role::Q, A, Matrix, "self_attn.q_proj.weight", "attn_q.weight", |d| vec![d.qg, d.h], |b, m| m.attn() && !b.fused_qkv && !b.q_lora),
+    e(Role::QBias, A, Bias, "self_attn.q_proj.bias", "attn_q.bias", |d| vec![d.q], |b, m| m.attn() && b.qkv_bias),
+    e(Role::QA, A, Matrix, "self_attn.q_a_proj.weight", "attn_q_a.weight", |d| vec![d.qr, d.h], |b, m| m.attn() && b.q_lora),
+    e(Role::QANorm, A, Norm, "self_attn.q_a_layernorm.weight", "attn_q_a_norm.weight", |d| vec![d.qr], |b, m| m.attn() && b.q_lora),
+    e(Role::QB, A, Matrix, "self_attn.q_b_proj.weight", "attn_q_b.weight", |d| vec![d.q, d.qr], |b, m| m.attn() && b.q_lora),
+    e(Role::KvA, A, Matrix, "self_attn.kv_a_proj_with_mqa.weight", "attn_kv_a_mqa.weight", |d| vec![d.kr + d.rope, d.h], |b, m| m.attn() && b.mla),
+    e(Role::KvANorm, A, Norm, "self_attn.kv_a_layernorm.weight", "attn_kv_a_norm.weight", |d| vec![d.kr], |b, m| m.attn() && b.mla),
+    e(Role::KvB, A, Matrix, "self_attn.kv_b_proj.weight", "attn_kv_b.weight", |d| vec![d.kvb, d.kr], |b, m| m.attn() && b.mla && !b.kv_b_split),
+    e(Role::KB, A, Matrix, "self_attn.k_b_proj.weight", "attn_k_b.weight", |d| vec![d.nh * d.kr, d.nope], |b, m| m.attn() && b.mla && b.kv_b_split),
+    e(Role::VB, A, Matrix, "self_attn.v_b_proj.weight", "attn_v_b.weight", |d| vec![d.nh * d.vd, d.kr], |b, m| m.attn() && b.mla && b.kv_b_split),
+    e(Role::K, A, Matrix, "self_attn.k_proj.weight", "attn_k.weight", |d| vec![d.kv, d.h], |b, m| m.attn() && !b.fused_qkv && !b.mla),
+    e(Role::KBias, A, Bias, "self_attn.k_proj.bias", "attn_k.bias", |d| vec![d.kv], |b, m| m.attn() && b.qkv_bias),
+    e(Role::V, A, Matrix, "self_attn.v_proj.weight", "attn_v.weight", |d| vec![d.kv, d.h], |b, m| m.attn() && !b.fused_qkv && !b.mla),
+    e(Role::VBias, A, Bias, "self_attn.v_proj.bias", "attn_v.bias", |d| vec![d.kv], |b, m| m.attn() && b.qkv_bias),
+    e(Role::QNorm, A, Norm, "self_attn.q_norm.weight", "attn_q_norm.weight", |d| vec![d.hd], |b, m| m.attn() && b.qk_norm),
+    e(Role::KNorm, A, Norm, "self_attn.k_norm.weight", "attn_k_norm.weight", |d| vec![d.hd], |b, m| m.attn() && b.qk_norm),
+    e(Role::O, A, Matrix, "self_attn.o_proj.weight", "attn_output.weight", |d| vec![d.h, d.o], |_, m| m.attn()),
+    e(Role::OBias, A, Bias, "self_attn.o_proj.bias", "attn_output.bias", |d| vec![d.h], |b, m| m.attn() && b.o_bias),
+    // Gated DeltaNet in place of attention. llama.cpp's names for Qwen3-Next.
+    e(Role::LinQkvz, A, Matrix, "linear_attn.in_proj_qkvz.weight", "ssm_in.weight", |d| vec![2 * d.lk + 2 * d.lv, d.h], |_, m| m.linear && m.fused_linear),
+    e(Role::LinBa, A, Matrix, "linear_attn.in_proj_ba.weight", "ssm_ba.weight", |d| vec![2 * d.lnv, d.h], |_, m| m.linear && m.fused_linear),
+    e(Role::LinQkv, A, Matrix, "linear_attn.in_proj_qkv.weight", "attn_qkv.weight", |d| vec![2 * d.lk + d.lv, d.h], |_, m| m.linear && !m.fused_linear),
+    e(Role::LinZ, A, Matrix, "linear_attn.in_proj_z.weight", "attn_gate.weight", |d| vec![d.lv, d.h], |_, m| m.linear && !m.fused_linear),
+    e(Role::LinB, A, Matrix, "linear_attn.in_proj_b.weight", "ssm_beta.weight", |d| vec![d.lnv, d.h], |_, m| m.linear && !m.fused_linear),
+    e(Role::LinA, A, Matrix, "linear_attn.in_proj_a.weight", "ssm_alpha.weight", |d| vec![d.lnv, d.h], |_, m| m.linear && !m.fused_linear),
+    e(Role::LinConv, A, Bias, "linear_attn.conv1d.weight", "ssm_conv1d.weight", |d| vec![d.lc, 1, d.lkern], |_, m| m.linear),
+    e(Role::LinALog, A, Bias, "linear_attn.A_log", "ssm_a", |d| vec![d.lnv], |_, m| m.linear),
+    e(Role::LinDtBias, A, Bias, "linear_attn.dt_bias", "ssm_dt.bias", |d| vec![d.lnv], |_, m| m.linear),
+    e(Role::LinNorm, A, Bias, "linear_attn.norm.weight", "ssm_norm.weight", |d| vec![d.ldv], |_, m| m.linear),
+    e(Role::O, A, Matrix, "linear_attn.out_proj.weight", "ssm_out.weight", |d| vec![d.h, d.lv], |_, m| m.linear),
     // In transformers' names Gemma 3's attention-output norm takes the name Llama uses for its
     // pre-MLP norm.
     e(Role::PostAttnNorm, A, Norm, "post_attention_layernorm.weight", "post_attention_norm.weight", |d| vec![d.h], |b, _| b.sandwich_norms && !b.glm_norms),
-    e(Role::Sinks, A, Bias, "self_attn.sinks", "attn_sinks.weight", |d| vec![d.nh], |b, _| b.sinks),
+    e(Role::Sinks, A, Bias, "self_attn.sinks", "attn_sinks.weight", |d| vec![d.nh], |b, m| m.attn() && b.sinks),
     e(Role::PostAttnNorm, A, Norm, "post_self_attn_layernorm.weight", "post_attention_norm.weight", |d| vec![d.h], |b, _| b.glm_norms),
     e(Role::MlpNorm, M, Norm, "pre_feedforward_layernorm.weight", "ffn_norm.weight", |d| vec![d.h], |b, _| b.sandwich_norms && !b.glm_norms),
     e(Role::MlpNorm, M, Norm, "post_attention_layernorm.weight", "ffn_norm.weight", |d| vec![d.h], |b, _| (!b.sandwich_norms || b.glm_norms) && !b.mlp_norm_post_attention),
@@ -379,6 +432,7 @@ impl LayerSchema {
     pub fn new(cfg: &ModelConfig, layer: usize) -> Self {
         let moe = cfg.moe.as_ref();
         let mla = cfg.mla.as_ref();
+        let lin = cfg.linear.as_ref();
         let d = Dims {
             h: cfg.hidden_size,
             q: cfg.num_heads * cfg.head_dim,
@@ -396,6 +450,13 @@ impl LayerSchema {
             nh: cfg.num_heads,
             nope: mla.map_or(0, |m| m.qk_nope_head_dim),
             vd: cfg.v_head_dim(),
+            qg: cfg.num_heads * cfg.head_dim * if cfg.block.attn_gate { 2 } else { 1 },
+            lk: lin.map_or(0, |l| l.key_heads * l.key_dim),
+            lv: lin.map_or(0, |l| l.value_heads * l.value_dim),
+            lnv: lin.map_or(0, |l| l.value_heads),
+            lc: lin.map_or(0, |l| l.conv_dim()),
+            lkern: lin.map_or(0, |l| l.conv_kernel),
+            ldv: lin.map_or(0, |l| l.value_dim),
         };
         let mlp = match cfg.sparse_layer(layer) {
             Some(m) => LayerMlp::Sparse {
@@ -406,10 +467,15 @@ impl LayerSchema {
             },
             None => LayerMlp::Dense,
         };
+        let opts = LayerOpts {
+            mlp,
+            linear: cfg.is_linear(layer),
+            fused_linear: lin.is_some_and(|l| l.fused),
+        };
         let permute = cfg.arch.permutes_qk();
         let tensors = TABLE
             .iter()
-            .filter(|t| (t.when)(&cfg.block, mlp))
+            .filter(|t| (t.when)(&cfg.block, opts))
             .map(|t| TensorSpec {
                 role: t.role,
                 group: t.group,
@@ -533,9 +599,14 @@ mod tests {
             b.qk_norm = true;
             b.fused_qkv = sandwich;
             b.fused_gate_up = sandwich;
+            let opts = LayerOpts {
+                mlp,
+                linear: false,
+                fused_linear: false,
+            };
             let roles: Vec<Role> = TABLE
                 .iter()
-                .filter(|t| (t.when)(&b, mlp))
+                .filter(|t| (t.when)(&b, opts))
                 .map(|t| t.role)
                 .collect();
             let mut dedup = roles.clone();

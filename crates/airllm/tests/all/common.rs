@@ -41,6 +41,9 @@ pub const MODELS: &[&str] = &[
     "qwen3-fp8-e5m2",
     "gpt-oss-mxfp4",
     "gpt-oss-bf16-experts",
+    "qwen3next-hybrid",
+    "qwen3_5moe-hybrid",
+    "qwen3_5-dense-hybrid",
 ];
 
 pub struct Reference {
@@ -198,9 +201,11 @@ pub fn batch_options(
     all_rows: bool,
 ) -> airllm::EngineOptions {
     let total: usize = prompts.iter().map(Vec::len).sum();
+    // Room for the longest prompt and 16 new tokens.
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     airllm::EngineOptions {
         max_memory: Some(1 << 30),
-        context,
+        context: context.max(longest + 16),
         max_batch: prompts.len(),
         max_step_tokens: total,
         max_logit_rows: if all_rows { total } else { prompts.len() },
