@@ -117,7 +117,8 @@ pub struct BenchArgs {
 pub struct SynthArgs {
     /// A named shape: llama-7b, llama-13b, mistral-7b, qwen2-7b, llama-70b, tiny; mixtures of
     /// experts mixtral-8x7b, qwen3-30b-a3b, tiny-moe, deepseek-v3, kimi-k2, deepseek-v2-lite,
-    /// glm-4.5-air, glm-4.5.
+    /// glm-4.5-air, glm-4.5, gpt-oss-20b, gpt-oss-120b; Gated DeltaNet hybrids
+    /// qwen3-next-80b-a3b, qwen3.5-35b-a3b.
     #[arg(long, default_value = "tiny")]
     pub shape: String,
     /// Override the number of layers (e.g. a 70B shape with fewer layers).
@@ -164,6 +165,10 @@ pub struct SynthArgs {
     /// shared directions: higher makes routing more predictable.
     #[arg(long)]
     pub routing_strength: Option<f32>,
+    /// Write only the safetensors headers, with each shard a sparse file of its full size
+    /// (reading as zeros): for `inspect` and plans of full-size shapes.
+    #[arg(long)]
+    pub sparse: bool,
 }
 
 #[derive(Args, Clone)]

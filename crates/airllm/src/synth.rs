@@ -177,8 +177,32 @@ pub fn preset(name: &str) -> Option<SynthShape> {
         // GPT-OSS 20B and 120B: MXFP4 experts, sinks, windows of 128 on every other layer.
         "gpt-oss-20b" => gpt_oss(24, 32),
         "gpt-oss-120b" => gpt_oss(36, 128),
+        // Qwen3-Next-80B-A3B and Qwen3.5-35B-A3B: three Gated DeltaNet layers to one gated
+        // full-attention layer, 512 (256) experts of which 10 (8) per token and a gated
+        // shared expert.
+        "qwen3-next-80b-a3b" => SynthShape {
+            head_dim: Some(256),
+            moe: moe(512, 10, 512),
+            extra: hybrid_extra(262144),
+            ..s(Arch::Qwen3Next, 2048, 5120, 48, 16, 2, 151936, 1e7)
+        },
+        "qwen3.5-35b-a3b" => SynthShape {
+            head_dim: Some(256),
+            moe: moe(256, 8, 512),
+            extra: hybrid_extra(262144),
+            ..s(Arch::Qwen35Moe, 2048, 5120, 40, 16, 2, 248320, 1e7)
+        },
         _ => return None,
     })
+}
+
+/// The Gated DeltaNet options Qwen3-Next and Qwen3.5-35B-A3B share.
+fn hybrid_extra(context: usize) -> serde_json::Value {
+    json!({"shared_expert_intermediate_size": 512, "linear_num_key_heads": 16,
+        "linear_num_value_heads": 32, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
+        "linear_conv_kernel_dim": 4, "partial_rotary_factor": 0.25,
+        "layer_types": ["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+        "max_position_embeddings": context})
 }
 
 /// GPT-OSS's shape with `layers` layers of `experts` experts (its two sizes differ only so).
@@ -233,6 +257,8 @@ pub const PRESETS: &[&str] = &[
     "glm-4.5",
     "gpt-oss-20b",
     "gpt-oss-120b",
+    "qwen3-next-80b-a3b",
+    "qwen3.5-35b-a3b",
 ];
 
 /// Whether a tensor of a synthetic FP8 checkpoint is stored in FP8: the layers' projections
@@ -614,6 +640,21 @@ pub fn write_hf(
     seed: u64,
     shard_bytes: u64,
     out: &Path,
+    progress: impl FnMut(u64, u64),
+) -> Result<()> {
+    write_hf_as(shape, dtype, seed, shard_bytes, out, false, progress)
+}
+
+/// [`write_hf`], or with `sparse` only the headers: each shard is extended to its full size
+/// as a hole that reads as zeros, so that a full-size shape can be inspected and planned
+/// without writing its bytes.
+pub fn write_hf_as(
+    shape: &SynthShape,
+    dtype: DType,
+    seed: u64,
+    shard_bytes: u64,
+    out: &Path,
+    sparse: bool,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<()> {
     if shape.heads == 0
@@ -635,7 +676,7 @@ pub fn write_hf(
         }
     }
     crate::util::write_folder(out, |tmp| {
-        write_into(shape, dtype, seed, shard_bytes, tmp, &mut progress)
+        write_into(shape, dtype, seed, shard_bytes, tmp, sparse, &mut progress)
     })
 }
 
@@ -645,6 +686,7 @@ fn write_into(
     seed: u64,
     shard_bytes: u64,
     dir: &Path,
+    sparse: bool,
     progress: &mut impl FnMut(u64, u64),
 ) -> Result<()> {
     let tensors = shape.typed_tensors(dtype)?;
@@ -695,6 +737,14 @@ fn write_into(
         w.write_all(&(h.len() as u64).to_le_bytes())
             .map_err(|e| io(&path, e))?;
         w.write_all(&h).map_err(|e| io(&path, e))?;
+        if sparse {
+            let f = w.into_inner().map_err(|e| io(&path, e.into_error()))?;
+            f.set_len(8 + h.len() as u64 + off)
+                .map_err(|e| io(&path, e))?;
+            done += off;
+            progress(done, total);
+            continue;
+        }
         for &i in members {
             let (name, s, d) = &tensors[i];
             let numel = s.iter().product::<usize>();

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use crate::args::{ConvertArgs, PullArgs, SynthArgs};
 
 pub fn synth(a: SynthArgs) -> Result<()> {
-    use airllm::synth::{preset, write_hf, PRESETS};
+    use airllm::synth::{preset, write_hf_as, PRESETS};
     use airllm::weights::safetensors::DType;
     let mut shape = preset(&a.shape)
         .with_context(|| format!("--shape `{}` is not one of {}", a.shape, PRESETS.join(", ")))?;
@@ -28,7 +28,7 @@ pub fn synth(a: SynthArgs) -> Result<()> {
         }
         (None, None, None) => {}
         (None, _, _) => bail!(
-            "--experts and --top-k apply to mixture-of-experts shapes (mixtral-8x7b, qwen3-30b-a3b, tiny-moe, deepseek-v3, kimi-k2, deepseek-v2-lite, glm-4.5-air, glm-4.5)"
+            "--experts and --top-k apply to mixture-of-experts shapes (mixtral-8x7b, qwen3-30b-a3b, tiny-moe, deepseek-v3, kimi-k2, deepseek-v2-lite, glm-4.5-air, glm-4.5, gpt-oss-20b, gpt-oss-120b, qwen3-next-80b-a3b, qwen3.5-35b-a3b)"
         ),
     }
     shape.routing = match (a.routing.as_str(), a.routing_strength) {
@@ -55,7 +55,10 @@ pub fn synth(a: SynthArgs) -> Result<()> {
     };
     let shard = parse_size(&a.shard_size).context("--shard-size")?;
     let bar = airllm::load::byte_bar();
-    write_hf(&shape, dtype, a.seed, shard, &a.out, |done, total| {
+    if a.sparse && a.gguf.is_some() {
+        bail!("--sparse writes no weights, so it cannot also write --gguf");
+    }
+    write_hf_as(&shape, dtype, a.seed, shard, &a.out, a.sparse, |done, total| {
         bar.set_length(total);
         bar.set_position(done);
     })?;

@@ -35,6 +35,9 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
             "tokens_per_sweep": e.max_step_tokens,
             "logit_rows": e.max_logit_rows,
             "kv_bytes_per_token": kv_per_token(&p.info.cfg),
+            "kv_bytes_per_sequence": airllm::stream::plan::kv_bytes_per_seq(&p.info.cfg, e)
+                - airllm::stream::plan::state_bytes_per_seq(&p.info.cfg, e),
+            "state_bytes_per_sequence": airllm::stream::plan::state_bytes_per_seq(&p.info.cfg, e),
             "tokenizer_bytes": p.tok_bytes,
             "draft_bytes": p.draft_bytes,
             "plan": p.plan()?,
@@ -70,7 +73,12 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
     let windows: Vec<String> = c
         .layer_windows
         .iter()
-        .map(|w| w.map_or("full".into(), |w| w.to_string()))
+        .enumerate()
+        .map(|(l, w)| match w {
+            _ if c.is_linear(l) => "linear".into(),
+            Some(w) => w.to_string(),
+            None => "full".into(),
+        })
         .collect();
     println!("attention:    {}", windows.join(" "));
     let kv = match &c.mla {
@@ -86,15 +94,37 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
             c.num_kv_heads, c.head_dim
         ),
     };
+    let e = &p.opts;
+    let states = airllm::stream::plan::state_bytes_per_seq(c, e);
+    let kv_seq = airllm::stream::plan::kv_bytes_per_seq(c, e) - states;
     println!(
-        "kv cache:     {} per token ({} × {} layers, f32)",
+        "kv cache:     {} per token ({} × {} layers, f32); {} per sequence at context {}",
         fmt_bytes(kv_per_token(c)),
         kv,
-        c.num_layers
+        c.num_layers - c.linear.as_ref().map_or(0, |l| l.layers.iter().filter(|&&x| x).count()),
+        fmt_bytes(kv_seq),
+        e.context
     );
+    if let Some(l) = &c.linear {
+        let n = l.layers.iter().filter(|&&x| x).count();
+        println!(
+            "states:       {} per sequence, whatever the context ({} Gated DeltaNet layers: {} value heads × {} × {} state, conv window {} × {}{})",
+            fmt_bytes(states),
+            n,
+            l.value_heads,
+            l.key_dim,
+            l.value_dim,
+            l.conv_kernel - 1,
+            l.conv_dim(),
+            if e.rollback_rows > 1 {
+                format!(", and a journal of {} rows to take guesses back", e.rollback_rows)
+            } else {
+                String::new()
+            }
+        );
+    }
     println!("rope:         {:?}", c.rope);
     println!("tied head:    {}", c.tie_word_embeddings);
-    let e = &p.opts;
     println!(
         "workload:     context {}, {} sequence(s), {} tokens per sweep; tokenizer {}{}",
         e.context,
@@ -112,7 +142,8 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
 }
 
 /// Bytes of cache one token takes in full-attention layers (sliding ones stop growing at
-/// their window).
+/// their window; linear ones keep a fixed state instead).
 fn kv_per_token(c: &airllm::config::ModelConfig) -> u64 {
-    (c.kv_values_per_token() * 4 * c.num_layers) as u64
+    let attn = (0..c.num_layers).filter(|&l| !c.is_linear(l)).count();
+    (c.kv_values_per_token() * 4 * attn) as u64
 }

@@ -22,6 +22,8 @@ fn options(batch: usize) -> EngineOptions {
         max_batch: batch,
         max_step_tokens: 128,
         max_logit_rows: 16,
+        // As a session speculating 15 tokens sets it: linear layers can take a step back.
+        rollback_rows: 16,
         ..Default::default()
     }
 }
@@ -81,6 +83,10 @@ fn greedy_output_with_guesses_is_transformers_greedy() {
         ("gemma3-sliding-global", "gemma2-softcap-alternating"),
         ("mixtral-moe", "qwen3moe-sparse"),
         ("qwen2-bias-mha-sharded", "llama-mqa-tied-linear-bf16"),
+        // Recurrent states rolled back, as the target and as the draft.
+        ("qwen3next-hybrid", "qwen3_5-dense-hybrid"),
+        ("qwen3_5moe-hybrid", "llama-gqa2-llama3rope"),
+        ("llama-gqa2-llama3rope", "qwen3next-hybrid"),
     ];
     let (mut drafted, mut accepted) = (0, 0);
     for (target, d) in pairs {
@@ -101,6 +107,8 @@ fn greedy_output_with_guesses_is_transformers_greedy() {
         "llama-gqa2-llama3rope",
         "gemma3-sliding-global",
         "qwen3moe-sparse",
+        "qwen3next-hybrid",
+        "qwen3_5moe-hybrid",
     ] {
         let (a, b) = check_greedy(name, |_| Speculator::new(DraftSource::Lookup, 8));
         drafted += a;
@@ -110,6 +118,62 @@ fn greedy_output_with_guesses_is_transformers_greedy() {
         accepted > 0 && accepted < drafted,
         "lookup: want both outcomes, {accepted} of {drafted} guesses accepted"
     );
+}
+
+/// A hybrid model's sequence takes back rejected guesses by replaying the kept ones from the
+/// state before the verifying step, not by starting over, and then computes what plain
+/// decoding does, bit for bit. Without room for that (`rollback_rows` 0) it starts over.
+#[test]
+fn a_recurrent_state_takes_back_guesses_without_starting_over() {
+    let name = "qwen3next-hybrid";
+    let r = reference(name);
+    let prompt = &r.prompt_ids[0];
+    let guesses = &r.greedy[0][..5];
+    let mut engine = Engine::open(&fixtures().join(name), options(1)).unwrap();
+    // Plain: the prompt, then the first two greedy tokens one at a time.
+    let mut plain = engine.new_sequence().unwrap();
+    engine
+        .step(&mut [(&mut plain, &prompt[..])], LogitsFor::Last)
+        .unwrap();
+    engine
+        .step(&mut [(&mut plain, &guesses[..1])], LogitsFor::Last)
+        .unwrap();
+    let want = engine
+        .step(&mut [(&mut plain, &guesses[1..2])], LogitsFor::Last)
+        .unwrap()[0]
+        .to_vec2::<f32>()
+        .unwrap();
+    // Speculative: five guesses verified in one step, two kept.
+    let mut spec = engine.new_sequence().unwrap();
+    engine
+        .step(&mut [(&mut spec, &prompt[..])], LogitsFor::Last)
+        .unwrap();
+    engine
+        .step(&mut [(&mut spec, guesses)], LogitsFor::All)
+        .unwrap();
+    let keep = prompt.len() + 1;
+    assert_eq!(spec.truncate(keep), keep);
+    let got = engine
+        .step(&mut [(&mut spec, &guesses[1..2])], LogitsFor::Last)
+        .unwrap()[0]
+        .to_vec2::<f32>()
+        .unwrap();
+    assert_eq!(got, want);
+    // With no journal the state cannot go back: the sequence starts over.
+    let mut engine = Engine::open(
+        &fixtures().join(name),
+        EngineOptions {
+            rollback_rows: 0,
+            ..options(1)
+        },
+    )
+    .unwrap();
+    let mut s = engine.new_sequence().unwrap();
+    engine
+        .step(&mut [(&mut s, &prompt[..])], LogitsFor::Last)
+        .unwrap();
+    engine.step(&mut [(&mut s, guesses)], LogitsFor::All).unwrap();
+    assert_eq!(s.truncate(keep), 0);
 }
 
 /// A small uniform generator for the randomized probability integral transform.
