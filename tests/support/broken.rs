@@ -329,5 +329,55 @@ pub fn cases() -> Vec<(&'static str, tempfile::TempDir, PathBuf, Vec<String>)> {
         vec!["config.json".into(), "swiglu_limit".into()],
     ));
 
+    // Gated DeltaNet hybrids.
+    let (t, d) = copy_fixture("qwen3next-hybrid");
+    edit_json(&d.join("config.json"), |c| {
+        c["layer_types"][1] = serde_json::json!("mamba");
+    });
+    out.push((
+        "an unknown layer type",
+        t,
+        d,
+        vec!["config.json".into(), "layer_types".into(), "mamba".into()],
+    ));
+    let (t, d) = copy_fixture("qwen3_5moe-hybrid");
+    edit_json(&d.join("config.json"), |c| {
+        c["linear_key_head_dim"] = serde_json::json!(8);
+    });
+    out.push((
+        "a state dimension the tensors disagree with",
+        t,
+        d,
+        vec![
+            "model.layers.0.linear_attn.in_proj_qkv.weight".into(),
+            "disagrees with the config".into(),
+        ],
+    ));
+    for (what, name) in [
+        ("A_log missing", "model.layers.2.linear_attn.A_log"),
+        ("dt_bias missing", "model.layers.0.linear_attn.dt_bias"),
+    ] {
+        let (t, d) = copy_fixture("qwen3next-hybrid");
+        edit_header(&d.join("model.safetensors"), |h| {
+            h.as_object_mut().unwrap().remove(name);
+        });
+        out.push((
+            what,
+            t,
+            d,
+            vec![name.into(), "missing from the checkpoint".into()],
+        ));
+    }
+    let (t, d) = copy_fixture("qwen3next-hybrid");
+    edit_json(&d.join("config.json"), |c| {
+        c["linear_num_value_heads"] = serde_json::json!(3);
+    });
+    out.push((
+        "value heads that do not divide into key heads",
+        t,
+        d,
+        vec!["config.json".into(), "linear_num_value_heads".into()],
+    ));
+
     out
 }

@@ -58,10 +58,18 @@ pub fn synth(a: SynthArgs) -> Result<()> {
     if a.sparse && a.gguf.is_some() {
         bail!("--sparse writes no weights, so it cannot also write --gguf");
     }
-    write_hf_as(&shape, dtype, a.seed, shard, &a.out, a.sparse, |done, total| {
-        bar.set_length(total);
-        bar.set_position(done);
-    })?;
+    write_hf_as(
+        &shape,
+        dtype,
+        a.seed,
+        shard,
+        &a.out,
+        a.sparse,
+        |done, total| {
+            bar.set_length(total);
+            bar.set_position(done);
+        },
+    )?;
     bar.finish_and_clear();
     eprintln!(
         "wrote {} ({}: {} layers, hidden {}, {} heads, vocab {}; {})",

@@ -101,7 +101,10 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
         "kv cache:     {} per token ({} × {} layers, f32); {} per sequence at context {}",
         fmt_bytes(kv_per_token(c)),
         kv,
-        c.num_layers - c.linear.as_ref().map_or(0, |l| l.layers.iter().filter(|&&x| x).count()),
+        c.num_layers
+            - c.linear
+                .as_ref()
+                .map_or(0, |l| l.layers.iter().filter(|&&x| x).count()),
         fmt_bytes(kv_seq),
         e.context
     );

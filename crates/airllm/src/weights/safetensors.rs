@@ -305,6 +305,18 @@ impl SafetensorsSet {
             shards.push(shard);
             tensors.extend(list);
         }
+        // A multimodal release (Qwen3.5's) keeps its language model under
+        // `model.language_model.`: read it by the text model's names.
+        const INNER: &str = "model.language_model.";
+        if tensors.keys().any(|k| k.starts_with(INNER)) {
+            tensors = tensors
+                .into_iter()
+                .map(|(k, v)| match k.strip_prefix(INNER) {
+                    Some(rest) => (format!("model.{rest}"), v),
+                    None => (k, v),
+                })
+                .collect();
+        }
         Ok(SafetensorsSet { shards, tensors })
     }
 }

@@ -8,6 +8,7 @@ mod convert;
 mod gguf_bad_input;
 mod gguf_reference;
 mod gguf_tiny;
+mod hybrid;
 mod latent;
 mod lookahead;
 mod moe;

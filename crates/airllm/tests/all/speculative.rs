@@ -172,7 +172,9 @@ fn a_recurrent_state_takes_back_guesses_without_starting_over() {
     engine
         .step(&mut [(&mut s, &prompt[..])], LogitsFor::Last)
         .unwrap();
-    engine.step(&mut [(&mut s, guesses)], LogitsFor::All).unwrap();
+    engine
+        .step(&mut [(&mut s, guesses)], LogitsFor::All)
+        .unwrap();
     assert_eq!(s.truncate(keep), 0);
 }
 

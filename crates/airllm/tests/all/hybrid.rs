@@ -1,0 +1,111 @@
+//! Gated DeltaNet hybrids beyond the transformers fixtures: a multimodal release runs its
+//! language model, and a sequence's recurrent states are charged beside its KV cache.
+
+use crate::common::{self, broken, fixtures, reference};
+use airllm::{Engine, EngineOptions, LogitsFor, ModelInfo};
+
+fn options() -> EngineOptions {
+    EngineOptions {
+        max_memory: Some(1 << 30),
+        context: 128,
+        max_batch: 2,
+        max_step_tokens: 128,
+        max_logit_rows: 128,
+        ..Default::default()
+    }
+}
+
+/// Qwen3.5's releases are `Qwen3_5MoeForConditionalGeneration`: the text model's config in
+/// `text_config` and its weights under `model.language_model.`, beside a vision tower.
+#[test]
+fn a_multimodal_release_runs_its_language_model() {
+    let name = "qwen3_5moe-hybrid";
+    let r = reference(name);
+    let (_tmp, dir) = broken::copy_fixture(name);
+    broken::edit_json(&dir.join("config.json"), |c| {
+        let mut text = c.clone();
+        text.as_object_mut().unwrap().remove("architectures");
+        text["model_type"] = serde_json::json!("qwen3_5_moe_text");
+        *c = serde_json::json!({
+            "architectures": ["Qwen3_5MoeForConditionalGeneration"],
+            "model_type": "qwen3_5_moe",
+            "text_config": text,
+            "vision_config": {"depth": 1, "hidden_size": 8},
+            "tie_word_embeddings": true,
+        });
+    });
+    broken::edit_header(&dir.join("model.safetensors"), |h| {
+        let o = h.as_object_mut().unwrap();
+        let old: Vec<(String, serde_json::Value)> = std::mem::take(o).into_iter().collect();
+        for (k, v) in old {
+            let k = match k.strip_prefix("model.") {
+                Some(rest) => format!("model.language_model.{rest}"),
+                None => k,
+            };
+            o.insert(k, v);
+        }
+        o.insert(
+            "model.visual.patch_embed.proj.weight".into(),
+            serde_json::json!({"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}),
+        );
+    });
+    let info = ModelInfo::open(&dir).unwrap();
+    assert_eq!(info.cfg.arch.hf_name(), "Qwen3_5MoeForCausalLM");
+    let mut wrapped = Engine::open(&dir, options()).unwrap();
+    let mut plain = Engine::open(&fixtures().join(name), options()).unwrap();
+    let a = common::step_prompts(&mut wrapped, &r.prompt_ids, LogitsFor::All);
+    let b = common::step_prompts(&mut plain, &r.prompt_ids, LogitsFor::All);
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(
+            x.to_vec2::<f32>().unwrap(),
+            y.to_vec2::<f32>().unwrap(),
+            "the wrapped release computes otherwise"
+        );
+    }
+}
+
+/// Each sequence is charged its full-attention layers' KV cache and its linear layers' fixed
+/// states; the budget a plan for two sequences asks for admits two and no third.
+#[test]
+fn states_are_charged_with_the_kv_cache() {
+    let dir = fixtures().join("qwen3next-hybrid");
+    let info = ModelInfo::open(&dir).unwrap();
+    let c = &info.cfg;
+    let o = options();
+    let l = c.linear.as_ref().unwrap();
+    let state = (l.value_heads * l.key_dim * l.value_dim + l.conv_dim() * (l.conv_kernel - 1)) * 4;
+    let kv = 2 * c.num_kv_heads * c.head_dim * o.context * 4;
+    assert_eq!(
+        airllm::stream::plan::kv_bytes_per_seq(c, &o),
+        (3 * state + kv) as u64,
+        "three linear layers and one full"
+    );
+    // Speculation's journal adds a copy of the state and the rows it may take back.
+    let spec = EngineOptions {
+        rollback_rows: 8,
+        ..o.clone()
+    };
+    assert!(
+        airllm::stream::plan::state_bytes_per_seq(c, &spec)
+            > 2 * airllm::stream::plan::state_bytes_per_seq(c, &o)
+    );
+    let min = common::minimum(
+        &info,
+        &EngineOptions {
+            max_memory: Some(1),
+            ..o.clone()
+        },
+    );
+    let e = Engine::open(
+        &dir,
+        EngineOptions {
+            max_memory: Some(min),
+            ..o
+        },
+    )
+    .unwrap();
+    let a = e.new_sequence().unwrap();
+    let b = e.new_sequence().unwrap();
+    assert!(matches!(e.new_sequence(), Err(airllm::Error::NoRoom(_))));
+    drop((a, b));
+}
