@@ -945,7 +945,7 @@ fn read_linear(r: &Reader, arch: Arch, layers: Vec<bool>) -> Result<Option<Linea
         fused: arch == Arch::Qwen3Next,
         layers,
     };
-    if spec.value_heads % spec.key_heads != 0 {
+    if !spec.value_heads.is_multiple_of(spec.key_heads) {
         return Err(Error::config(
             r.path,
             "linear_num_value_heads",
