@@ -10,7 +10,7 @@
 #
 # usage: bench/hybrid.sh      (root is needed for the cgroup and for dropping caches)
 # env:   SHAPE (qwen3-next-80b-a3b), LAYERS (4), GEN (8), PROMPT_LEN (16), ROUNDS (2),
-#        WORK (/tmp/airllm-hybrid)
+#        CTX (2048), WORK (/tmp/airllm-hybrid)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SHAPE=${SHAPE:-qwen3-next-80b-a3b}
@@ -19,6 +19,7 @@ GEN=${GEN:-8}
 PROMPT_LEN=${PROMPT_LEN:-16}
 ROUNDS=${ROUNDS:-2}
 WORK=${WORK:-/tmp/airllm-hybrid}
+CTX=${CTX:-2048}
 PY=python3
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 BIN=$CARGO_TARGET_DIR/release/airllm
@@ -34,13 +35,13 @@ MODEL=$WORK/$SHAPE-${LAYERS}l
 [ -d "$MODEL" ] || "$BIN" synth --shape "$SHAPE" --layers "$LAYERS" --dtype bf16 --out "$MODEL"
 
 # The minimum budget the plan accepts for this workload, from its refusal of 1 MiB.
-MIN=$("$BIN" inspect -m "$MODEL" --max-memory 1MiB 2>&1 | sed -n 's/.*minimum of \([0-9.]*\) MiB.*/\1/p')
+MIN=$({ "$BIN" inspect -m "$MODEL" -c "$CTX" -b "$PROMPT_LEN" --max-memory 1MiB 2>&1 || true; } | sed -n 's/.*minimum of \([0-9.]*\) MiB.*/\1/p')
 BUDGET=$("$PY" -c "import math; print(math.ceil($MIN) + 1)")
 CAP=$((BUDGET + 512))
 echo "minimum budget ${MIN} MiB: running at ${BUDGET} MiB in a ${CAP} MiB cgroup" >&2
 for round in $(seq "$ROUNDS"); do
   run "$SHAPE ${LAYERS} layers at ${BUDGET} MiB, round $round" "$CAP" \
-    "$BIN" bench -m "$MODEL" --prompt-len "$PROMPT_LEN" --gen "$GEN" --raw-bytes 2GiB --json \
+    "$BIN" bench -m "$MODEL" -c "$CTX" -b "$PROMPT_LEN" --prompt-len "$PROMPT_LEN" --gen "$GEN" --raw-bytes 2GiB --json \
     --max-memory "${BUDGET}MiB"
 done
 
