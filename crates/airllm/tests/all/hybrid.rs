@@ -109,3 +109,45 @@ fn states_are_charged_with_the_kv_cache() {
     assert!(matches!(e.new_sequence(), Err(airllm::Error::NoRoom(_))));
     drop((a, b));
 }
+
+/// A chat turn continues from the recurrent state the last turn left, as it does from a KV
+/// cache; a turn whose prompt leaves the cached tokens earlier starts over (a linear layer
+/// cannot go back), and both give what a fresh run of the whole prompt gives.
+#[test]
+fn a_conversation_continues_from_its_state() {
+    use airllm::generate::{GenerationParams, Request, Scheduler};
+    let name = "qwen3next-hybrid";
+    let r = reference(name);
+    let dir = fixtures().join(name);
+    let mut e = Engine::open(&dir, options()).unwrap();
+    let mut sched = Scheduler::new();
+    let p = GenerationParams {
+        max_new_tokens: 4,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let turn = |e: &mut Engine, s: &mut Scheduler, prompt: &[u32], resume| {
+        let req = Request {
+            resume,
+            ..Request::new(prompt.to_vec(), p.clone())
+        };
+        s.run(e, None, vec![req], |_| Ok(())).unwrap().remove(0)
+    };
+    let first = r.prompt_ids[1].clone();
+    let (c1, caches) = turn(&mut e, &mut sched, &first, None);
+    let mut next: Vec<u32> = first.iter().chain(&c1.token_ids).copied().collect();
+    next.extend(&r.prompt_ids[0][..10]);
+    let fresh = turn(&mut e, &mut sched, &next, None).0.token_ids;
+    // Every token but the last sampled one is in the state.
+    let held = first.len() + c1.token_ids.len() - 1;
+    let mut seq = caches.seq;
+    assert_eq!(seq.len(), held);
+    // What the scheduler asks of a resumed sequence: it keeps all it holds.
+    assert_eq!(seq.truncate(held), held);
+    let (c2, caches) = turn(&mut e, &mut sched, &next, Some((seq, held)));
+    assert_eq!(c2.token_ids, fresh, "continued from the state");
+    assert_eq!(caches.seq.len(), next.len() + 3);
+    // A prompt that differs inside the cached tokens: the state starts over.
+    let (c3, _) = turn(&mut e, &mut sched, &next, Some((caches.seq, 5)));
+    assert_eq!(c3.token_ids, fresh, "started over");
+}
