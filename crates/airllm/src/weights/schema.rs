@@ -599,20 +599,24 @@ mod tests {
             b.qk_norm = true;
             b.fused_qkv = sandwich;
             b.fused_gate_up = sandwich;
-            let opts = LayerOpts {
-                mlp,
-                linear: false,
-                fused_linear: false,
-            };
-            let roles: Vec<Role> = TABLE
-                .iter()
-                .filter(|t| (t.when)(&b, opts))
-                .map(|t| t.role)
-                .collect();
-            let mut dedup = roles.clone();
-            dedup.sort_by_key(|r| format!("{r:?}"));
-            dedup.dedup();
-            assert_eq!(roles.len(), dedup.len(), "sandwich {sandwich}");
+            // Attention, and Gated DeltaNet in both its layouts.
+            for (linear, fused_linear) in [(false, false), (true, false), (true, true)] {
+                let opts = LayerOpts {
+                    mlp,
+                    linear,
+                    fused_linear,
+                };
+                let roles: Vec<Role> = TABLE
+                    .iter()
+                    .filter(|t| (t.when)(&b, opts))
+                    .map(|t| t.role)
+                    .collect();
+                let mut dedup = roles.clone();
+                dedup.sort_by_key(|r| format!("{r:?}"));
+                dedup.dedup();
+                assert_eq!(roles.len(), dedup.len(), "sandwich {sandwich}, {opts:?}");
+                assert!(roles.contains(&Role::O), "{opts:?}: no output projection");
+            }
         }
     }
 }
