@@ -1185,7 +1185,8 @@ fn read_moe(r: &Reader, arch: Arch, num_layers: usize) -> Result<Option<MoeSpec>
         // Qwen3.5 always renormalizes (its config has no such key).
         norm_topk: style == MoeStyle::Mixtral
             || arch == Arch::Qwen35Moe
-            || r.bool_opt("norm_topk_prob")?.unwrap_or(false),
+            // transformers defaults Qwen3-Next's to true.
+            || r.bool_opt("norm_topk_prob")?.unwrap_or(arch == Arch::Qwen3Next),
         shared_gated: shared_size.is_some(),
         shared_size,
         sparse,

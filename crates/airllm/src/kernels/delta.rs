@@ -191,6 +191,8 @@ impl State {
                 j.s.copy_from_slice(&self.s);
                 j.window = window;
                 j.rows.clear();
+                // Exactly what the plan counts (`max_bytes`), not a doubled capacity.
+                j.rows.reserve_exact(n * (2 * c + 2 * nv));
                 for t in 0..n {
                     j.rows.extend_from_slice(&inp.qkv[t * c..(t + 1) * c]);
                     j.rows.extend_from_slice(&x[t * c..(t + 1) * c]);
