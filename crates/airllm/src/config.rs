@@ -503,6 +503,14 @@ struct Reader<'a> {
 }
 
 impl Reader<'_> {
+    /// A required count of at least one.
+    fn positive(&self, key: &str) -> Result<usize> {
+        match self.usize_req(key)? {
+            0 => Err(Error::config(self.path, key, "must be at least 1")),
+            n => Ok(n),
+        }
+    }
+
     fn usize_req(&self, key: &str) -> Result<usize> {
         match get(self.v, key) {
             None => Err(Error::config(self.path, key, "required field is missing")),
@@ -625,12 +633,7 @@ impl ModelConfig {
             supported: Arch::supported_hf(),
         })?;
 
-        let positive = |key: &str| -> Result<usize> {
-            match r.usize_req(key)? {
-                0 => Err(Error::config(path, key, "must be at least 1")),
-                n => Ok(n),
-            }
-        };
+        let positive = |key: &str| r.positive(key);
         let hidden_size = positive("hidden_size")?;
         let intermediate_size = positive("intermediate_size")?;
         let num_layers = positive("num_hidden_layers")?;
@@ -930,12 +933,7 @@ fn read_linear(r: &Reader, arch: Arch, layers: Vec<bool>) -> Result<Option<Linea
     if !arch.is_hybrid() {
         return Ok(None);
     }
-    let positive = |key: &str| -> Result<usize> {
-        match r.usize_req(key)? {
-            0 => Err(Error::config(r.path, key, "must be at least 1")),
-            n => Ok(n),
-        }
-    };
+    let positive = |key: &str| r.positive(key);
     let spec = LinearSpec {
         key_heads: positive("linear_num_key_heads")?,
         value_heads: positive("linear_num_value_heads")?,
@@ -963,12 +961,7 @@ fn read_mla(r: &Reader, arch: Arch) -> Result<Option<MlaSpec>> {
     if !arch.is_mla() {
         return Ok(None);
     }
-    let positive = |key: &str| -> Result<usize> {
-        match r.usize_req(key)? {
-            0 => Err(Error::config(r.path, key, "must be at least 1")),
-            n => Ok(n),
-        }
-    };
+    let positive = |key: &str| r.positive(key);
     let m = MlaSpec {
         q_lora_rank: r.usize_opt("q_lora_rank")?.filter(|&n| n > 0),
         kv_lora_rank: positive("kv_lora_rank")?,

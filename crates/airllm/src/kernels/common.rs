@@ -103,6 +103,29 @@ pub(super) unsafe fn gemm1(
     b_rs: usize,
     b_cs: usize,
 ) {
+    gemm_strided(m, n, k, d, ldd, add, a, lda, 1, b, b_rs, b_cs);
+}
+
+/// [`gemm1`] for any element type and any strides of `a`: element (i, l) of `a` is at
+/// `a[i · a_rs + l · a_cs]`.
+///
+/// # Safety
+/// As for [`gemm1`].
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn gemm_strided<T: 'static + From<f32>>(
+    m: usize,
+    n: usize,
+    k: usize,
+    d: *mut T,
+    ldd: usize,
+    add: bool,
+    a: *const T,
+    a_rs: usize,
+    a_cs: usize,
+    b: *const T,
+    b_rs: usize,
+    b_cs: usize,
+) {
     gemm::gemm(
         m,
         n,
@@ -112,13 +135,13 @@ pub(super) unsafe fn gemm1(
         ldd as isize,
         add,
         a,
-        1,
-        lda as isize,
+        a_cs as isize,
+        a_rs as isize,
         b,
         b_cs as isize,
         b_rs as isize,
-        1.0,
-        1.0,
+        T::from(1.0),
+        T::from(1.0),
         false,
         false,
         false,

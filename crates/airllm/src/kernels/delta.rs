@@ -12,6 +12,7 @@
 //! The state is S `[dk, dv]` per value head, read as `o = qᵀS` after the update
 //! `S ← e^g S + k ⊗ β (v − e^g kᵀS)` (transformers' and FLA's convention).
 
+use super::common::gemm_strided;
 use rayon::prelude::*;
 
 /// Tokens per chunk of the chunked form (transformers' and FLA's chunk size).
@@ -234,10 +235,19 @@ impl State {
                 let v = gather(x, c, n, 2 * shape.key_heads * dk + h * dv, dv);
                 let g: Vec<f32> = (0..n).map(|t| g[t * nv + h]).collect();
                 let b: Vec<f32> = (0..n).map(|t| beta[t * nv + h]).collect();
+                let rows = HeadRows {
+                    q: &q,
+                    k: &k,
+                    v: &v,
+                    g: &g,
+                    beta: &b,
+                    dk,
+                    dv,
+                };
                 *o = if recurrent {
-                    step_rows(s, &q, &k, &v, &g, &b, dk, dv)
+                    step_rows(s, &rows)
                 } else {
-                    chunked(s, &q, &k, &v, &g, &b, dk, dv)
+                    chunked(s, &rows)
                 };
             });
         for (h, o) in heads.iter().enumerate() {
@@ -316,18 +326,29 @@ fn gather(x: &[f32], c: usize, n: usize, at: usize, w: usize) -> Vec<f32> {
     out
 }
 
+/// One value head's inputs over `n` rows, each packed: q and k `[n, dk]`, v `[n, dv]`, the
+/// log decay g and β `[n]`.
+pub struct HeadRows<'a> {
+    pub q: &'a [f32],
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub g: &'a [f32],
+    pub beta: &'a [f32],
+    pub dk: usize,
+    pub dv: usize,
+}
+
 /// The recurrent form for one head over `n` rows: returns `[n, dv]`.
-#[allow(clippy::too_many_arguments)]
-pub fn step_rows(
-    s: &mut [f32],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    g: &[f32],
-    beta: &[f32],
-    dk: usize,
-    dv: usize,
-) -> Vec<f32> {
+pub fn step_rows(s: &mut [f32], r: &HeadRows) -> Vec<f32> {
+    let HeadRows {
+        q,
+        k,
+        v,
+        g,
+        beta,
+        dk,
+        dv,
+    } = *r;
     let n = g.len();
     let mut out = vec![0.0f32; n * dv];
     let mut mem = vec![0.0f32; dv];
@@ -387,26 +408,19 @@ fn mm(
     // SAFETY: the asserts above bound every element the product reads and writes, and `d`
     // is a distinct mutable slice.
     unsafe {
-        gemm::gemm(
+        gemm_strided(
             m,
             n,
             k,
             d.as_mut_ptr(),
-            1,
-            n as isize,
+            n,
             add,
             a.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
+            a_rs,
+            a_cs,
             b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
+            b_rs,
+            b_cs,
         );
     }
 }
@@ -422,20 +436,10 @@ fn mm(
 /// and in f32 that moved a hybrid model's logits by up to 3e-4 from an exact reference
 /// (where the recurrent form stays within 1e-4); the state's products are a small part of a
 /// layer's work.
-#[allow(clippy::too_many_arguments)]
-fn chunked(
-    s32: &mut [f32],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    g: &[f32],
-    beta: &[f32],
-    dk: usize,
-    dv: usize,
-) -> Vec<f32> {
-    let n = g.len();
+fn chunked(s32: &mut [f32], r: &HeadRows) -> Vec<f32> {
+    let (dk, dv, g, n) = (r.dk, r.dv, r.g, r.g.len());
     let wide = |x: &[f32]| -> Vec<f64> { x.iter().map(|&v| v as f64).collect() };
-    let (q, k, v, beta) = (wide(q), wide(k), wide(v), wide(beta));
+    let (q, k, v, beta) = (wide(r.q), wide(r.k), wide(r.v), wide(r.beta));
     let mut s = wide(s32);
     let mut out = vec![0.0f64; n * dv];
     let mut kk = vec![0.0f64; CHUNK * CHUNK];
@@ -477,21 +481,8 @@ fn chunked(
                 }
             }
         }
-        for i in 0..l {
-            let e = gc[i].exp();
-            for (x, &y) in rhs_v[i * dv..(i + 1) * dv]
-                .iter_mut()
-                .zip(&vc[i * dv..(i + 1) * dv])
-            {
-                *x = bc[i] * y;
-            }
-            for (x, &y) in rhs_k[i * dk..(i + 1) * dk]
-                .iter_mut()
-                .zip(&kc[i * dk..(i + 1) * dk])
-            {
-                *x = bc[i] * e * y;
-            }
-        }
+        scale_rows(&mut rhs_v, vc, dv, l, |i| bc[i]);
+        scale_rows(&mut rhs_k, kc, dk, l, |i| bc[i] * gc[i].exp());
         mm(&mut u, &t_inv, l, 1, &rhs_v, dv, 1, l, dv, l, false);
         mm(&mut w, &t_inv, l, 1, &rhs_k, dk, 1, l, dk, l, false);
         // V' = U − W S (into u).
@@ -500,15 +491,7 @@ fn chunked(
         }
         mm(&mut u, &w, dk, 1, &s, dv, 1, l, dv, dk, true);
         // out = diag(e^G) Q S + causal(Q Kᵀ ⊙ Γ) V'.
-        for i in 0..l {
-            let e = gc[i].exp();
-            for (x, &y) in qs[i * dk..(i + 1) * dk]
-                .iter_mut()
-                .zip(&qc[i * dk..(i + 1) * dk])
-            {
-                *x = e * y;
-            }
-        }
+        scale_rows(&mut qs, qc, dk, l, |i| gc[i].exp());
         let oc = &mut out[t0 * dv..(t0 + l) * dv];
         mm(oc, &qs, dk, 1, &s, dv, 1, l, dv, dk, false);
         mm(&mut kk, qc, dk, 1, kc, 1, dk, l, l, dk, false);
@@ -525,15 +508,7 @@ fn chunked(
         mm(oc, &kk, l, 1, &u, dv, 1, l, dv, l, true);
         // S ← e^(G_L) S + (diag(e^(G_L − G)) K)ᵀ V'.
         let last = gc[l - 1];
-        for i in 0..l {
-            let e = (last - gc[i]).exp();
-            for (x, &y) in kd[i * dk..(i + 1) * dk]
-                .iter_mut()
-                .zip(&kc[i * dk..(i + 1) * dk])
-            {
-                *x = e * y;
-            }
-        }
+        scale_rows(&mut kd, kc, dk, l, |i| (last - gc[i]).exp());
         let el = last.exp();
         s.iter_mut().for_each(|x| *x *= el);
         // (kd)ᵀ is [dk, l]: element (d, i) at kd[i·dk + d].
@@ -542,6 +517,19 @@ fn chunked(
     }
     s32.iter_mut().zip(&s).for_each(|(x, &y)| *x = y as f32);
     out.iter().map(|&x| x as f32).collect()
+}
+
+/// Row i of `dst` is row i of `src` times `f(i)`, for `l` rows of width `w`.
+fn scale_rows(dst: &mut [f64], src: &[f64], w: usize, l: usize, f: impl Fn(usize) -> f64) {
+    for (i, (x, y)) in dst
+        .chunks_exact_mut(w)
+        .zip(src.chunks_exact(w))
+        .take(l)
+        .enumerate()
+    {
+        let e = f(i);
+        x.iter_mut().zip(y).for_each(|(x, &y)| *x = e * y);
+    }
 }
 
 /// The gated RMSNorm on each value head's output: `rmsnorm(o) · w · silu(z)`, in place over
@@ -591,8 +579,17 @@ mod tests {
             let b: Vec<f32> = rand(n, &mut seed).iter().map(|x| x + 0.5).collect();
             let s0 = rand(dk * dv, &mut seed);
             let (mut s1, mut s2) = (s0.clone(), s0.clone());
-            let a = step_rows(&mut s1, &q, &k, &v, &g, &b, dk, dv);
-            let c = chunked(&mut s2, &q, &k, &v, &g, &b, dk, dv);
+            let rows = HeadRows {
+                q: &q,
+                k: &k,
+                v: &v,
+                g: &g,
+                beta: &b,
+                dk,
+                dv,
+            };
+            let a = step_rows(&mut s1, &rows);
+            let c = chunked(&mut s2, &rows);
             let worst = |x: &[f32], y: &[f32]| {
                 x.iter()
                     .zip(y)

@@ -203,14 +203,37 @@ pub fn batch_options(
     let total: usize = prompts.iter().map(Vec::len).sum();
     // Room for the longest prompt and 16 new tokens.
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let rows = if all_rows { total } else { prompts.len() };
+    small_options(context.max(longest + 16), prompts.len(), total, rows)
+}
+
+/// Options with a 1 GiB budget and the given context, batch, tokens per step and logit rows.
+pub fn small_options(
+    context: usize,
+    max_batch: usize,
+    max_step_tokens: usize,
+    max_logit_rows: usize,
+) -> airllm::EngineOptions {
     airllm::EngineOptions {
         max_memory: Some(1 << 30),
-        context: context.max(longest + 16),
-        max_batch: prompts.len(),
-        max_step_tokens: total,
-        max_logit_rows: if all_rows { total } else { prompts.len() },
+        context,
+        max_batch,
+        max_step_tokens,
+        max_logit_rows,
         ..Default::default()
     }
+}
+
+/// One step of one sequence over `tokens`: its logits, one row per row asked for.
+pub fn feed(
+    e: &mut airllm::Engine,
+    seq: &mut airllm::Sequence,
+    tokens: &[u32],
+    rows: airllm::LogitsFor,
+) -> Vec<Vec<f32>> {
+    e.step(&mut [(seq, tokens)], rows).unwrap()[0]
+        .to_vec2::<f32>()
+        .unwrap()
 }
 
 /// The smallest budget the plan accepts for `opts`, found by asking with a budget of one byte.

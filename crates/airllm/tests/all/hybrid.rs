@@ -5,14 +5,7 @@ use crate::common::{self, broken, fixtures, reference};
 use airllm::{Engine, EngineOptions, LogitsFor, ModelInfo};
 
 fn options() -> EngineOptions {
-    EngineOptions {
-        max_memory: Some(1 << 30),
-        context: 128,
-        max_batch: 2,
-        max_step_tokens: 128,
-        max_logit_rows: 128,
-        ..Default::default()
-    }
+    common::small_options(128, 2, 128, 128)
 }
 
 /// Qwen3.5's releases are `Qwen3_5MoeForConditionalGeneration`: the text model's config in

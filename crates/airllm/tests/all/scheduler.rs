@@ -1,7 +1,7 @@
 //! The scheduler: requests that join, wait, share sweeps and leave at different times each get
 //! transformers' greedy tokens, as if run alone.
 
-use crate::common::{fixtures, reference};
+use crate::common::{self, fixtures, reference};
 use airllm::generate::{
     DraftSource, Event, GenerationParams, Request, RequestId, Scheduler, Speculator,
 };
@@ -106,15 +106,7 @@ fn bad_requests_fail_alone() {
     let r = reference(NAME);
     let dir = fixtures().join(NAME);
     let tok = TextTokenizer::from_dir(&dir).unwrap();
-    let opts = EngineOptions {
-        max_memory: Some(1 << 30),
-        context: 32,
-        max_batch: 2,
-        max_step_tokens: 16,
-        max_logit_rows: 2,
-        ..Default::default()
-    };
-    let mut engine = Engine::open(&dir, opts).unwrap();
+    let mut engine = Engine::open(&dir, common::small_options(32, 2, 16, 2)).unwrap();
     let mut sched = Scheduler::new();
     let long = sched.submit(Request::new(vec![1; 40], greedy(4)));
     let empty = sched.submit(Request::new(vec![], greedy(4)));

@@ -7,7 +7,7 @@ use crate::common;
 
 use std::path::Path;
 
-use crate::common::{fixtures, reference};
+use crate::common::{feed, fixtures, reference};
 use airllm::generate::{
     DraftSource, GenerationParams, Request, Sampler, SamplingParams, Scheduler, Speculator,
 };
@@ -132,32 +132,16 @@ fn a_recurrent_state_takes_back_guesses_without_starting_over() {
     let mut engine = Engine::open(&fixtures().join(name), options(1)).unwrap();
     // Plain: the prompt, then the first two greedy tokens one at a time.
     let mut plain = engine.new_sequence().unwrap();
-    engine
-        .step(&mut [(&mut plain, &prompt[..])], LogitsFor::Last)
-        .unwrap();
-    engine
-        .step(&mut [(&mut plain, &guesses[..1])], LogitsFor::Last)
-        .unwrap();
-    let want = engine
-        .step(&mut [(&mut plain, &guesses[1..2])], LogitsFor::Last)
-        .unwrap()[0]
-        .to_vec2::<f32>()
-        .unwrap();
+    feed(&mut engine, &mut plain, prompt, LogitsFor::Last);
+    feed(&mut engine, &mut plain, &guesses[..1], LogitsFor::Last);
+    let want = feed(&mut engine, &mut plain, &guesses[1..2], LogitsFor::Last);
     // Speculative: five guesses verified in one step, two kept.
     let mut spec = engine.new_sequence().unwrap();
-    engine
-        .step(&mut [(&mut spec, &prompt[..])], LogitsFor::Last)
-        .unwrap();
-    engine
-        .step(&mut [(&mut spec, guesses)], LogitsFor::All)
-        .unwrap();
+    feed(&mut engine, &mut spec, prompt, LogitsFor::Last);
+    feed(&mut engine, &mut spec, guesses, LogitsFor::All);
     let keep = prompt.len() + 1;
     assert_eq!(spec.truncate(keep), keep);
-    let got = engine
-        .step(&mut [(&mut spec, &guesses[1..2])], LogitsFor::Last)
-        .unwrap()[0]
-        .to_vec2::<f32>()
-        .unwrap();
+    let got = feed(&mut engine, &mut spec, &guesses[1..2], LogitsFor::Last);
     assert_eq!(got, want);
     // With no journal the state cannot go back: the sequence starts over.
     let mut engine = Engine::open(
@@ -169,12 +153,8 @@ fn a_recurrent_state_takes_back_guesses_without_starting_over() {
     )
     .unwrap();
     let mut s = engine.new_sequence().unwrap();
-    engine
-        .step(&mut [(&mut s, &prompt[..])], LogitsFor::Last)
-        .unwrap();
-    engine
-        .step(&mut [(&mut s, guesses)], LogitsFor::All)
-        .unwrap();
+    feed(&mut engine, &mut s, prompt, LogitsFor::Last);
+    feed(&mut engine, &mut s, guesses, LogitsFor::All);
     assert_eq!(s.truncate(keep), 0);
 }
 
