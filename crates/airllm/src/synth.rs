@@ -363,7 +363,7 @@ impl SynthShape {
     /// config reader, so the architecture's defaults apply as they do to a downloaded model;
     /// `config.json` is then written from the result by the one writer,
     /// [`ModelConfig::to_hf_json`].
-    fn model_config_for(&self, dtype: DType) -> Result<ModelConfig> {
+    pub(crate) fn model_config_for(&self, dtype: DType) -> Result<ModelConfig> {
         let mut v = json!({
             "architectures": [self.arch.hf_name()],
             "hidden_size": self.hidden,

@@ -653,6 +653,14 @@ fn work_bytes(cfg: &ModelConfig, o: &EngineOptions) -> u64 {
             + 2 * m.experts
             + 3 * m.shared_size.unwrap_or(0)) as u64;
     }
+    let threads = rayon::current_num_threads() as u64;
+    let mut linear_fixed = 0;
+    if let Some(l) = &cfg.linear {
+        let (row, fixed) = linear_work(l, threads);
+        // A linear layer's copies replace attention's, which run in other layers.
+        per_row += row.saturating_sub(2 * qkv);
+        linear_fixed = fixed;
+    }
     let per_seq_new = rows.min(o.context as u64);
     let scores = (4 * cfg.num_heads as u64 * per_seq_new * o.context as u64)
         .min(o.attention_scores_bytes / 4);
@@ -668,11 +676,37 @@ fn work_bytes(cfg: &ModelConfig, o: &EngineOptions) -> u64 {
         .unwrap_or(0);
     // Only our CPU kernels widen tiles into scratch; a GPU's products do not.
     let scratch = if o.device.is_cpu() && rows > crate::kernels::matmul::GEMV_MAX_ROWS as u64 {
-        rayon::current_num_threads() as u64 * ROW_TILE as u64 * widest
+        threads * ROW_TILE as u64 * widest
     } else {
         0
     };
-    4 * (rows * per_row + scores + logits + scratch + window_copy + mla_fixed)
+    4 * (rows * per_row + scores + logits + scratch + window_copy + mla_fixed + linear_fixed)
+}
+
+/// Gated DeltaNet's values per row at the layer's peak, and its fixed per-thread buffers,
+/// counted in f32 values (an f64 counts as two). The peak is the largest of three phases:
+/// unfusing (the fused products beside their split copies), the convolution (its input with
+/// the window, and its output), and the delta rule (each head's gathered rows, widened to f64
+/// in the chunked form, with every head's output). The fixed part is the chunked form's
+/// per-chunk matrices and its f64 copy of the state, one set per thread.
+fn linear_work(l: &crate::config::LinearSpec, threads: u64) -> (u64, u64) {
+    let shape = linear_shape(l);
+    let (c, nv, dk, dv) = (
+        shape.channels() as u64,
+        l.value_heads as u64,
+        l.key_dim as u64,
+        l.value_dim as u64,
+    );
+    let zw = nv * dv;
+    // q|k|v, z, b and a, then β and the decay.
+    let split = c + zw + 4 * nv;
+    let unfuse = if l.fused { 2 * (c + zw + 2 * nv) } else { 0 };
+    let convolve = split + zw + 2 * c;
+    let head = 3 * (2 * dk + dv + 1) + 3 * dv;
+    let rule = split + 2 * zw + c + threads * head;
+    let chunk = crate::kernels::delta::CHUNK as u64;
+    let fixed = threads * 2 * (2 * chunk * chunk + 2 * chunk * dv + 4 * chunk * dk + dk * dv);
+    (unfuse.max(convolve).max(rule), fixed)
 }
 
 /// KV-cache bytes of one sequence: full layers hold the context, sliding ones their window,
@@ -889,6 +923,35 @@ pub fn resolve_budget(max_memory: Option<u64>) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Qwen3-Next's linear layer (16 key heads, 32 value heads, 128 × 128) peaks in its
+    /// convolution: q|k|v (8192), z (4096), b, a, β and the decay (4 × 32), the head
+    /// outputs (4096), and the convolution's input and output (2 × 8192); its fixed part is
+    /// the chunked form's f64 matrices. Attention's 2 × 9216 per row are not enough for it.
+    #[test]
+    fn the_working_set_counts_a_linear_layers_copies() {
+        let cfg = crate::synth::preset("qwen3-next-80b-a3b")
+            .unwrap()
+            .model_config_for(crate::weights::safetensors::DType::BF16)
+            .unwrap();
+        let l = cfg.linear.as_ref().unwrap();
+        let (row, fixed) = linear_work(l, 1);
+        assert_eq!(row, 12416 + 4096 + 2 * 8192);
+        assert_eq!(
+            fixed,
+            2 * (2 * 64 * 64 + 2 * 64 * 128 + 4 * 64 * 128 + 128 * 128)
+        );
+        let o = EngineOptions {
+            max_step_tokens: 512,
+            context: 8192,
+            ..Default::default()
+        };
+        let attention_only = ModelConfig {
+            linear: None,
+            ..cfg.clone()
+        };
+        assert!(work_bytes(&cfg, &o) >= work_bytes(&attention_only, &o) + 4 * 512 * (row - 18432));
+    }
 
     fn input() -> PlanInput {
         PlanInput {
