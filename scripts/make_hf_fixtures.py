@@ -880,8 +880,10 @@ def hybrid_fixtures(make):
          dict(linear, linear_num_value_heads=2, linear_value_head_dim=16, **attn, **moe,
               layer_types=["linear_attention", "full_attention"] * 2),
          tie=True, bos_post=True, add_bos=True, **common)
+    # With attention_bias, q_proj's bias covers the gate rows as well as the queries.
     make("qwen3_5-dense-hybrid", "qwen3_5_text",
-         dict(**linear, **attn, num_hidden_layers=4, layer_types=["linear_attention"] * 3 + ["full_attention"]),
+         dict(**linear, **attn, num_hidden_layers=4, attention_bias=True,
+              layer_types=["linear_attention"] * 3 + ["full_attention"]),
          tie=False, bos_post=False, add_bos=False, **common)
 
 

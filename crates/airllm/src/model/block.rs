@@ -293,7 +293,8 @@ impl Block {
             )
         } else if self.attn_gate {
             // Each head's query rows, then its gate rows.
-            let qg = mats.matmul(Role::Q, &h)?.reshape((rows, nh, 2 * hd))?;
+            let qg =
+                Self::linear(small, mats, Role::Q, Role::QBias, &h)?.reshape((rows, nh, 2 * hd))?;
             gate = Some(qg.narrow(2, hd, hd)?.reshape((rows, nh * hd))?);
             (
                 qg.narrow(2, 0, hd)?.contiguous()?,

@@ -262,7 +262,7 @@ const TABLE: &[Entry] = &[
     e(Role::AttnNorm, A, Norm, "input_layernorm.weight", "attn_norm.weight", |d| vec![d.h], |_, _| true),
     e(Role::Qkv, A, Matrix, "self_attn.qkv_proj.weight", "attn_qkv.weight", |d| vec![d.q + 2 * d.kv, d.h], |b, m| m.attn() && b.fused_qkv),
     e(Role::Q, A, Matrix, "self_attn.q_proj.weight", "attn_q.weight", |d| vec![d.qg, d.h], |b, m| m.attn() && !b.fused_qkv && !b.q_lora),
-    e(Role::QBias, A, Bias, "self_attn.q_proj.bias", "attn_q.bias", |d| vec![d.q], |b, m| m.attn() && b.qkv_bias),
+    e(Role::QBias, A, Bias, "self_attn.q_proj.bias", "attn_q.bias", |d| vec![d.qg], |b, m| m.attn() && b.qkv_bias),
     e(Role::QA, A, Matrix, "self_attn.q_a_proj.weight", "attn_q_a.weight", |d| vec![d.qr, d.h], |b, m| m.attn() && b.q_lora),
     e(Role::QANorm, A, Norm, "self_attn.q_a_layernorm.weight", "attn_q_a_norm.weight", |d| vec![d.qr], |b, m| m.attn() && b.q_lora),
     e(Role::QB, A, Matrix, "self_attn.q_b_proj.weight", "attn_q_b.weight", |d| vec![d.q, d.qr], |b, m| m.attn() && b.q_lora),
