@@ -148,11 +148,12 @@ impl Arch {
         matches!(self, Arch::Qwen3Next | Arch::Qwen35Moe | Arch::Qwen35)
     }
     /// The multimodal wrapper whose `text_config` holds this text model's config (Qwen3.5's
-    /// releases), so that its language model runs on its own.
-    fn wrapper_hf_name(self) -> Option<&'static str> {
+    /// releases), so that its language model runs on its own: its architecture name and its
+    /// `model_type`, for a config that names only the latter.
+    fn wrapper_names(self) -> Option<[&'static str; 2]> {
         match self {
-            Arch::Qwen35Moe => Some("Qwen3_5MoeForConditionalGeneration"),
-            Arch::Qwen35 => Some("Qwen3_5ForConditionalGeneration"),
+            Arch::Qwen35Moe => Some(["Qwen3_5MoeForConditionalGeneration", "qwen3_5_moe"]),
+            Arch::Qwen35 => Some(["Qwen3_5ForConditionalGeneration", "qwen3_5"]),
             _ => None,
         }
     }
@@ -607,10 +608,10 @@ impl ModelConfig {
                 }
             },
         };
-        if let Some(text) = Arch::ALL
-            .into_iter()
-            .find(|a| a.wrapper_hf_name() == Some(arch_name.as_str()))
-        {
+        if let Some(text) = Arch::ALL.into_iter().find(|a| {
+            a.wrapper_names()
+                .is_some_and(|w| w.contains(&arch_name.as_str()))
+        }) {
             // A multimodal release: its language model's config is `text_config`, with the
             // token ids and the head's tying at the top level when they are not inside it.
             let mut t = get(v, "text_config")

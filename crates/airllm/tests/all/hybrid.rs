@@ -44,6 +44,20 @@ fn a_multimodal_release_runs_its_language_model() {
     });
     let info = ModelInfo::open(&dir).unwrap();
     assert_eq!(info.cfg.arch.hf_name(), "Qwen3_5MoeForCausalLM");
+    // A config that names only its model_type is the same release.
+    let (_tmp2, bare) = broken::copy_fixture(name);
+    std::fs::copy(
+        dir.join("model.safetensors"),
+        bare.join("model.safetensors"),
+    )
+    .unwrap();
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    c.as_object_mut().unwrap().remove("architectures");
+    std::fs::write(bare.join("config.json"), c.to_string()).unwrap();
+    let mut bare_cfg = ModelInfo::open(&bare).unwrap().cfg;
+    bare_cfg.path = info.cfg.path.clone();
+    assert_eq!(format!("{bare_cfg:?}"), format!("{:?}", info.cfg));
     let mut wrapped = Engine::open(&dir, options()).unwrap();
     let mut plain = Engine::open(&fixtures().join(name), options()).unwrap();
     let a = common::step_prompts(&mut wrapped, &r.prompt_ids, LogitsFor::All);
