@@ -197,7 +197,11 @@ impl ModelConfig {
         let mut attn_scale = 1.0 / (head_dim as f64).sqrt();
         let mut mla = None;
         match arch {
-            // Gated DeltaNet's GGUF form is not read yet (`gguf_keys` names no such file).
+            // Gated DeltaNet's GGUF form is not read yet. llama.cpp's converter (0.3.36) writes
+            // A_log as ssm_a = -exp(A_log), dt_bias as ssm_dt.bias, the conv squeezed, +1 baked
+            // into every RMSNorm but ssm_norm; Qwen3-Next's qkvz split into attn_qkv and
+            // attn_gate (ssm_ba stays fused per key head); Qwen3.5's value heads reordered from
+            // grouped to tiled (value head h under key head h mod key_heads).
             Arch::Qwen3Next | Arch::Qwen35Moe | Arch::Qwen35 => {
                 return Err(Error::file(
                     path,
